@@ -1,0 +1,134 @@
+"""Files: atomic writes to paths, and paths or binary file objects handled alike."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from typing import BinaryIO
+
+TEMP_SUFFIX = '.gpuserial-tmp'
+
+
+def is_path(file) -> bool:
+    return isinstance(file, (str, bytes, os.PathLike))
+
+
+def display_name(file) -> str:
+    """How messages name ``file``: its path, or the name of a file object, or its type."""
+    if is_path(file):
+        return os.fsdecode(file)
+    name = getattr(file, 'name', None)
+    return name if isinstance(name, str) else f'<{type(file).__name__}>'
+
+
+def _temp_prefix(path: str) -> str:
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f'.{name}.')
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str) -> None:
+    """Removes temporary files left beside ``path`` by saves whose process has died."""
+    prefix = _temp_prefix(path)
+    directory = os.path.dirname(prefix) or '.'
+    base = os.path.basename(prefix)
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            if not (entry.name.startswith(base) and entry.name.endswith(TEMP_SUFFIX)):
+                continue
+            pid = entry.name[len(base):-len(TEMP_SUFFIX)].split('-')[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
+def _fsync_directory(directory: str) -> None:
+    with contextlib.suppress(OSError):  # some file systems cannot open or sync a directory
+        fd = os.open(directory or '.', os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path, *, durable: bool = True) -> Iterator[str]:
+    """A temporary path beside ``path`` that replaces it only when the block succeeds.
+
+    The target then holds either the old file or the whole new one. With ``durable`` the
+    temporary file is fsync'd before the rename and the directory after it, so the new file
+    also survives a power cut; without it the rename is still atomic for other processes, but
+    after a crash of the machine the file may be old or empty. On any exception (Ctrl-C too)
+    the temporary file is removed and the target is left as it was. A temporary file left by a
+    process that died is removed by the next save to the same path.
+    """
+    path = os.fsdecode(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f'cannot save to {path!r}: it is a directory')
+    remove_stale_temporaries(path)
+    prefix = _temp_prefix(path)
+    fd, temp = tempfile.mkstemp(prefix=f'{os.path.basename(prefix)}{os.getpid()}-',
+                                suffix=TEMP_SUFFIX, dir=os.path.dirname(prefix) or '.')
+    os.close(fd)
+    try:
+        yield temp
+        if durable:
+            fd = os.open(temp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        with contextlib.suppress(OSError):  # keep the old file's permission bits
+            os.chmod(temp, os.stat(path).st_mode & 0o7777 if os.path.exists(path)
+                     else 0o666 & ~_UMASK)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    if durable:
+        _fsync_directory(os.path.dirname(path))
+
+
+@contextlib.contextmanager
+def atomic_output(file, *, durable: bool = True) -> Iterator[BinaryIO]:
+    """A binary file to write into that replaces ``file`` only when the block succeeds.
+
+    For a path, as :func:`atomic_path` says. A file object is written as it is, with no such
+    guarantee.
+    """
+    if not is_path(file):
+        yield file
+        return
+    with atomic_path(file, durable=durable) as temp, open(temp, 'wb') as out:
+        yield out
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once, at import: os.umask is process-wide and not thread-safe
+
+
+@contextlib.contextmanager
+def open_input(file) -> Iterator[BinaryIO]:
+    """``file`` opened for reading when it is a path, else the file object itself."""
+    if not is_path(file):
+        yield file
+        return
+    with open(file, 'rb') as f:
+        yield f

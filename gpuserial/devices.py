@@ -1,0 +1,398 @@
+"""Array modules and devices: the one module that imports cupy.
+
+Everything that asks "which array library is this?" or "which device?" asks here. CuPy arrays
+are recognised through ``sys.modules``, so NumPy-only use never imports cupy, and a GPU counts
+as usable only when ``cupy.is_available()`` says so.
+
+The transfer engine and the formats are handed a :class:`Backend` (the NumPy one, the CuPy one,
+or a stand-in a test registers) and never test array types themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+import sys
+from collections.abc import Iterator
+from types import ModuleType
+
+import numpy
+
+from gpuserial.errors import DeviceError
+
+__all__ = ['Backend', 'CpuDevice', 'CudaDevice', 'Device', 'backend_of', 'get_array_module',
+           'get_device', 'gpu_available', 'is_array', 'register_backend']
+
+
+@functools.cache
+def _usable_cupy() -> ModuleType | None:
+    """The cupy module when it imports and a GPU is usable, else None (asked once)."""
+    try:
+        import cupy
+    except ImportError:
+        return None
+    try:
+        return cupy if cupy.is_available() else None
+    except Exception:  # a broken driver or runtime: no usable GPU
+        return None
+
+
+def gpu_available() -> bool:
+    """Whether cupy is installed and at least one GPU is usable."""
+    return _usable_cupy() is not None
+
+
+def _is_cupy_array(x) -> bool:
+    cupy = sys.modules.get('cupy')
+    return cupy is not None and isinstance(x, cupy.ndarray)
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices
+
+
+class Device:
+    """A place where arrays live: knows its array module, sends arrays to itself."""
+
+    backend: Backend
+    name: str
+
+    @property
+    def xp(self) -> ModuleType:
+        """The array module of this device (numpy or cupy)."""
+        return self.backend.xp
+
+    def send(self, array):
+        """Returns ``array`` on this device: itself if it is there already, else a copy."""
+        return self.backend.send(array, self)
+
+    def use(self) -> contextlib.AbstractContextManager:
+        """A context manager making this device current."""
+        return contextlib.nullcontext()
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Device) and self.name == other.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        return f'<Device {self.name}>'
+
+
+class CpuDevice(Device):
+    """The host, with NumPy arrays."""
+
+    name = '@numpy'
+
+    @property
+    def backend(self) -> Backend:
+        return NUMPY
+
+
+class CudaDevice(Device):
+    """GPU ``id``, with CuPy arrays."""
+
+    def __init__(self, id: int):
+        self.id = id
+        self.name = f'@cupy:{id}'
+
+    @property
+    def backend(self) -> Backend:
+        return CUPY
+
+    def use(self) -> contextlib.AbstractContextManager:
+        return _usable_cupy().cuda.Device(self.id)
+
+
+_SPEC = re.compile(r'(?:cuda|@cupy|gpu)(?::(\d+))?')
+
+
+def get_device(spec) -> Device:
+    """The Device a spec names.
+
+    Args:
+        spec: ``'cpu'``, ``'@numpy'``, ``'cuda'``, ``'cuda:N'``, ``'@cupy:N'``, an int (``-1`` is
+            the CPU, ``N >= 0`` is GPU N), a ``cupy.cuda.Device``, or a Device.
+
+    Raises:
+        DeviceError: the spec is unknown, or names a GPU that is not usable here.
+    """
+    if isinstance(spec, Device):
+        return spec
+    cupy = sys.modules.get('cupy')
+    if cupy is not None and isinstance(spec, cupy.cuda.Device):
+        spec = spec.id
+    if isinstance(spec, (int, numpy.integer)) and not isinstance(spec, bool):
+        if spec == -1:
+            return CPU
+        if spec < 0:
+            raise DeviceError(f'unknown device {spec!r}: use -1 for the CPU or N >= 0 for GPU N')
+        return _cuda_device(int(spec), spec)
+    if isinstance(spec, str):
+        if spec in ('cpu', '@numpy', 'numpy'):
+            return CPU
+        match = _SPEC.fullmatch(spec)
+        if match:
+            return _cuda_device(int(match.group(1) or 0), spec)
+    raise DeviceError(f"unknown device {spec!r}: expected 'cpu', '@numpy', 'cuda', 'cuda:N', "
+                      f"'@cupy:N', an int, a cupy.cuda.Device or a Device")
+
+
+def _cuda_device(id: int, spec) -> CudaDevice:
+    cupy = _usable_cupy()
+    if cupy is None:
+        raise DeviceError(f'device {spec!r} is not usable: no GPU is available '
+                          f'(cupy missing, or cupy.is_available() is False)')
+    count = cupy.cuda.runtime.getDeviceCount()
+    if id >= count:
+        raise DeviceError(f'device {spec!r} is not usable: this machine has {count} GPU(s)')
+    return CudaDevice(id)
+
+
+def default_device() -> Device:
+    """GPU 0's current device when a GPU is usable, else the CPU."""
+    cupy = _usable_cupy()
+    return CudaDevice(cupy.cuda.Device().id) if cupy is not None else CPU
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends
+
+
+class Backend:
+    """What the transfer engine needs from an array library.
+
+    Arrays are handled as flat byte views (``as_bytes``) so that chunks are byte ranges.
+    ``is_host`` backends hand out their arrays' own memory; the others are copied through
+    pinned host buffers on streams.
+    """
+
+    xp: ModuleType
+    is_host: bool = False
+
+    def owns(self, array) -> bool:
+        """Whether ``array`` is one of this backend's arrays."""
+        raise NotImplementedError
+
+    def device_of(self, array) -> Device:
+        raise NotImplementedError
+
+    def empty(self, shape: tuple, dtype, device: Device):
+        raise NotImplementedError
+
+    def send(self, array, device: Device):
+        """``array`` (host or any backend) on ``device``; itself when it is there already."""
+        raise NotImplementedError
+
+    def is_contiguous(self, array) -> bool:
+        return bool(array.flags.c_contiguous)
+
+    def contiguous(self, array):
+        """A C-contiguous copy of ``array`` on its own device."""
+        raise NotImplementedError
+
+    def as_bytes(self, array):
+        """A flat uint8 view of a C-contiguous array."""
+        return array.reshape(-1).view(numpy.uint8)
+
+    def assign(self, dst, src) -> None:
+        """``dst[...] = src`` for two arrays of this backend on one device."""
+        dst[...] = src
+
+    def stream(self, device: Device):
+        """A stream on ``device`` for the engine's copies (one per device, reused)."""
+        return None
+
+    def pinned(self, nbytes: int) -> numpy.ndarray:
+        """A page-locked host buffer of ``nbytes`` (uint8)."""
+        return numpy.empty(nbytes, numpy.uint8)
+
+    def to_host_async(self, src_bytes, start: int, host: numpy.ndarray, stream):
+        """Starts copying ``src_bytes[start:start+len(host)]`` into ``host``; returns an event."""
+        raise NotImplementedError
+
+    def from_host_async(self, host: numpy.ndarray, dst_bytes, start: int, stream):
+        """Starts copying ``host`` into ``dst_bytes[start:start+len(host)]``; returns an event."""
+        raise NotImplementedError
+
+    def wait(self, event) -> None:
+        """Blocks until the copy that returned ``event`` has completed."""
+
+    def order_after_current(self, stream, device: Device) -> None:
+        """Makes ``stream`` wait for the work queued so far on ``device``'s current stream."""
+
+    def order_current_after(self, stream, device: Device) -> None:
+        """Makes ``device``'s current stream wait for the copies queued on ``stream``."""
+
+    def to_numpy(self, array) -> numpy.ndarray:
+        """A whole host copy of ``array``."""
+        raise NotImplementedError
+
+
+class _NumpyBackend(Backend):
+    xp = numpy
+    is_host = True
+
+    def owns(self, array) -> bool:
+        return isinstance(array, numpy.ndarray)
+
+    def device_of(self, array) -> Device:
+        return CPU
+
+    def empty(self, shape, dtype, device):
+        return numpy.empty(shape, dtype)
+
+    def send(self, array, device):
+        source = backend_of(array)
+        if source is None or source is self:
+            return numpy.asarray(array)
+        return source.to_numpy(array)
+
+    def contiguous(self, array):
+        return numpy.ascontiguousarray(array)
+
+
+class _CupyBackend(Backend):
+    """CuPy arrays: copies with cudaMemcpyAsync through pinned buffers, one stream per GPU."""
+
+    def __init__(self):
+        self._streams: dict[int, object] = {}
+
+    @property
+    def xp(self):
+        return _usable_cupy()
+
+    def owns(self, array) -> bool:
+        return _is_cupy_array(array)
+
+    def device_of(self, array) -> Device:
+        return CudaDevice(array.device.id)
+
+    def empty(self, shape, dtype, device):
+        cupy = _usable_cupy()
+        with cupy.cuda.Device(device.id):
+            return cupy.empty(shape, dtype)
+
+    def send(self, array, device):
+        cupy = _usable_cupy()
+        if self.owns(array) and array.device.id == device.id:
+            return array
+        with cupy.cuda.Device(device.id):
+            if self.owns(array):
+                return array.copy()  # peer copy between GPUs
+            host = NUMPY.send(array, CPU)
+            out = cupy.empty(host.shape, host.dtype)
+            out.set(numpy.ascontiguousarray(host))
+            return out
+
+    def to_numpy(self, array):
+        with _usable_cupy().cuda.Device(array.device.id):
+            return array.get()
+
+    def contiguous(self, array):
+        with _usable_cupy().cuda.Device(array.device.id):
+            return _usable_cupy().ascontiguousarray(array)
+
+    def assign(self, dst, src) -> None:
+        with _usable_cupy().cuda.Device(dst.device.id):
+            dst[...] = src
+
+    def stream(self, device):
+        if device.id not in self._streams:
+            cupy = _usable_cupy()
+            with cupy.cuda.Device(device.id):
+                self._streams[device.id] = cupy.cuda.Stream(non_blocking=True)
+        return self._streams[device.id]
+
+    def pinned(self, nbytes):
+        cupy = _usable_cupy()
+        memory = cupy.cuda.PinnedMemory(max(nbytes, 1), cupy.cuda.runtime.hostAllocPortable)
+        return numpy.frombuffer(memory, numpy.uint8, nbytes)  # keeps `memory` alive
+
+    def _copy(self, dst_ptr, src_ptr, nbytes, kind, stream, device_id):
+        cupy = _usable_cupy()
+        with cupy.cuda.Device(device_id):
+            cupy.cuda.runtime.memcpyAsync(dst_ptr, src_ptr, nbytes, kind, stream.ptr)
+            event = cupy.cuda.Event(block=False, disable_timing=True)
+            event.record(stream)
+        return event
+
+    def to_host_async(self, src_bytes, start, host, stream):
+        return self._copy(host.ctypes.data, src_bytes.data.ptr + start, host.nbytes,
+                          2, stream, src_bytes.device.id)  # cudaMemcpyDeviceToHost
+
+    def from_host_async(self, host, dst_bytes, start, stream):
+        # The caller orders this stream after the device's current stream (see `transfer`).
+        return self._copy(dst_bytes.data.ptr + start, host.ctypes.data, host.nbytes,
+                          1, stream, dst_bytes.device.id)  # cudaMemcpyHostToDevice
+
+    def wait(self, event):
+        event.synchronize()
+
+    def order_after_current(self, stream, device):
+        cupy = _usable_cupy()
+        with cupy.cuda.Device(device.id):
+            stream.wait_event(cupy.cuda.get_current_stream().record())
+
+    def order_current_after(self, stream, device):
+        cupy = _usable_cupy()
+        with cupy.cuda.Device(device.id):
+            cupy.cuda.get_current_stream().wait_event(stream.record())
+
+
+NUMPY = _NumpyBackend()
+CUPY = _CupyBackend()
+CPU = CpuDevice()
+_backends: list[Backend] = [NUMPY, CUPY]
+
+
+def register_backend(backend: Backend) -> contextlib.AbstractContextManager:
+    """Adds ``backend`` (asked before the built-in ones); the returned context removes it."""
+    _backends.insert(0, backend)
+    return _unregister_on_exit(backend)
+
+
+@contextlib.contextmanager
+def _unregister_on_exit(backend: Backend) -> Iterator[Backend]:
+    try:
+        yield backend
+    finally:
+        _backends.remove(backend)
+
+
+def backend_of(array) -> Backend | None:
+    """The backend owning ``array``, or None when it is not an array (a scalar, None, ...)."""
+    for backend in _backends:
+        if backend.owns(array):
+            return backend
+    return None
+
+
+def is_array(value) -> bool:
+    """Whether ``value`` is an array of some backend (NumPy, CuPy, a registered stand-in)."""
+    return backend_of(value) is not None
+
+
+def get_array_module(*arrays) -> ModuleType:
+    """The array module of the first non-NumPy array among ``arrays``, else numpy."""
+    for array in arrays:
+        backend = backend_of(array)
+        if backend is not None and backend is not NUMPY:
+            return backend.xp
+    return numpy
+
+
+def device_of(array) -> Device:
+    """The device ``array`` lives on (the CPU for anything that is not a device array)."""
+    backend = backend_of(array)
+    return CPU if backend is None else backend.device_of(array)
+
+
+def to_host(value):
+    """A NumPy copy of a device array; host arrays and non-arrays come back as they are."""
+    backend = backend_of(value)
+    if backend is None or backend.is_host:
+        return value
+    return NUMPY.send(value, CPU)

@@ -1,0 +1,39 @@
+"""The error hierarchy: one base class, each kind also the standard exception a caller catches."""
+
+
+class GpuserialError(Exception):
+    """Base class of every error gpuserial raises."""
+
+
+class KeyNotFoundError(GpuserialError, KeyError):
+    """A key the target asks for is not in the file."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ''
+
+
+class MismatchError(GpuserialError, ValueError):
+    """A stored array's shape or dtype does not fit the target."""
+
+
+class CorruptFileError(GpuserialError, ValueError):
+    """A file is not a valid NPZ/HDF5 file, is truncated, or fails its checksum."""
+
+
+class UnsafeFileError(CorruptFileError):
+    """A file holds something that loading would have to execute (a pickle)."""
+
+
+class UnsafeCastError(GpuserialError, TypeError):
+    """A stored scalar does not cast safely to the target's type."""
+
+
+class DeviceError(GpuserialError, ValueError):
+    """A device spec is unknown, or names a device that is not usable here."""
+
+
+def where(file: object, key: str | None = None) -> str:
+    """The `file 'x', key 'y'` phrase every message starts with."""
+    name = getattr(file, 'name', file)
+    text = f'{name!r}' if isinstance(name, str) else f'<{type(file).__name__}>'
+    return f'{text}, key {key!r}' if key is not None else text

@@ -1,0 +1,215 @@
+"""HDF5: Chainer's ``HDF5Serializer``/``HDF5Deserializer`` over h5py, device arrays in chunks.
+
+One group per path, one dataset per entry, gzip at the given level for entries larger than one
+element, ``None`` as ``h5py.Empty('f')``, as Chainer writes them. Device arrays are written and
+read in C-contiguous hyperslabs through the staging engine.
+"""
+
+from __future__ import annotations
+
+import os
+
+import h5py
+import numpy
+
+from gpuserial import devices, loading, transfer
+from gpuserial._fileio import atomic_path, display_name, is_path
+from gpuserial.errors import CorruptFileError, MismatchError, UnsafeFileError
+from gpuserial.serializer import Serializer, as_serializable
+
+__all__ = ['HDF5Deserializer', 'HDF5Serializer', 'load_hdf5', 'save_hdf5']
+
+
+class HDF5Serializer(Serializer):
+    """Serializer for HDF5 files, as Chainer's.
+
+    Args:
+        group: the h5py file or group to write into.
+        compression: the gzip level (0 to 9) for entries of more than one element.
+    """
+
+    def __init__(self, group: h5py.Group, compression: int = 4):
+        self.group = group
+        self.compression = compression
+
+    def __getitem__(self, key: str) -> HDF5Serializer:
+        return HDF5Serializer(self.group.require_group(key.strip('/')), self.compression)
+
+    def __call__(self, key: str, value):
+        key = key.lstrip('/')
+        if value is None:
+            self.group.create_dataset(key, data=h5py.Empty('f'))
+        elif isinstance(value, str):
+            self.group.create_dataset(key, data=value)
+        elif devices.is_array(value):
+            write_dataset(self.group, key, value, self.compression)
+        else:
+            self.group.create_dataset(key, data=numpy.asarray(value))
+        return value
+
+
+def _block_shape(shape: tuple, index: tuple) -> tuple:
+    """The shape of ``array[index]`` for an index from :func:`transfer.hyperslabs`."""
+    if not index:
+        return ()
+    last = index[-1]
+    return (last.stop - last.start, *shape[len(index):])
+
+
+def write_dataset(group: h5py.Group, key: str, array, compression: int | None) -> None:
+    """Creates dataset ``key`` holding ``array``, streamed in hyperslabs unless on the host."""
+    compression = compression if array.size > 1 and compression else None
+    if devices.backend_of(array).is_host and array.flags.c_contiguous:
+        group.create_dataset(key, data=array, compression=compression)
+        return
+    blocks = list(transfer.hyperslabs(array.shape, array.dtype.itemsize))
+    chunks = _block_shape(array.shape, blocks[0][0]) if compression and array.size else None
+    dataset = group.create_dataset(key, shape=array.shape, dtype=array.dtype,
+                                   compression=compression, chunks=chunks)
+    spans = [(start, stop) for _, start, stop in blocks]
+    for (index, _, _), chunk in zip(blocks, transfer.host_chunks(array, spans=spans), strict=True):
+        block = numpy.frombuffer(chunk, array.dtype).reshape(_block_shape(array.shape, index))
+        dataset.write_direct(block, dest_sel=index if index else None)
+
+
+class _GroupReader(loading.Reader):
+    """Datasets of an HDF5 group, by path."""
+
+    def __init__(self, group: h5py.Group, name: str):
+        self.group = group
+        self.name = name
+
+    def entry(self, key: str) -> loading.Entry | None:
+        where = self.where(key)
+        try:
+            found = self.group.get(key)
+        except (OSError, KeyError, ValueError) as error:
+            raise CorruptFileError(f'{where}: {error}') from None
+        if found is None:
+            return None
+        if not isinstance(found, h5py.Dataset):
+            raise MismatchError(f'{where}: is an HDF5 {type(found).__name__.lower()}, '
+                                f'not a dataset')
+        if found.shape is None:
+            return loading.Entry(key, None, None, found)
+        dtype = found.dtype
+        if dtype.hasobject and h5py.check_string_dtype(dtype) is None:
+            raise UnsafeFileError(f'{where}: datasets of type {dtype} (object references, '
+                                  f'variable-length arrays) are refused')
+        return loading.Entry(key, tuple(found.shape), dtype, found)
+
+    def read_scalar(self, entry: loading.Entry) -> numpy.ndarray:
+        dataset = entry.token
+        if h5py.check_string_dtype(dataset.dtype) is not None:
+            return numpy.asarray(self._guard(entry, lambda: dataset.asstr()[()]))
+        return numpy.asarray(self._guard(entry, lambda: dataset[()]))
+
+    def read_into(self, entry: loading.Entry, dst) -> None:
+        dataset = entry.token
+        if dst.size == 0:
+            return
+        if devices.backend_of(dst).is_host and dst.flags.c_contiguous:
+            self._guard(entry, lambda: dataset.read_direct(dst))
+            return
+        blocks = list(transfer.hyperslabs(dst.shape, dst.dtype.itemsize))
+        position = iter(blocks)
+
+        def read_into(buffer: memoryview) -> None:
+            index, _, _ = next(position)
+            block = numpy.frombuffer(buffer, dst.dtype).reshape(_block_shape(dst.shape, index))
+            if index:
+                self._guard(entry, lambda: dataset.read_direct(block, source_sel=index))
+            else:
+                block[...] = self._guard(entry, lambda: dataset[()])
+
+        transfer.fill(dst, read_into, dst.dtype, spans=[(a, b) for _, a, b in blocks])
+
+    def _guard(self, entry: loading.Entry, read):
+        try:
+            return read()
+        except (OSError, TypeError, ValueError) as error:
+            raise CorruptFileError(f'{self.where(entry.key)}: {error}') from None
+
+
+class HDF5Deserializer(loading.ReaderDeserializer):
+    """Deserializer for HDF5 files, as Chainer's.
+
+    Args:
+        group: the h5py file or group to read from.
+        strict: whether a missing key is an error (a ``KeyError``), else it is skipped.
+        path: keyword-only; the base path that deserialization starts from.
+        ignore_names: keyword-only; a string, a callable on the full key, or a list of them.
+        device: keyword-only; where arrays end up (None: in place on their own devices).
+    """
+
+    def __init__(self, group: h5py.Group, strict: bool = True, *, path: str = '',
+                 ignore_names=None, device=None, dry_run: bool = False):
+        reader = group if isinstance(group, _GroupReader) else _GroupReader(
+            group, display_name(group.file.filename) if group.file else '<hdf5>')
+        super().__init__(reader, path, strict, ignore_names, device=device, dry_run=dry_run)
+
+
+def save_hdf5(filename, obj, compression: int = 4, *, durable: bool = True) -> None:
+    """Saves an object to a file in HDF5 format.
+
+    Args:
+        filename: a path (str or os.PathLike) or a binary file object to write into.
+        obj: a serializable object, or a dict of arrays (nested dicts become groups).
+        compression: the gzip level (0 to 9; 0 is none) for entries of more than one element.
+        durable: for a path, fsync the file and its directory so the save survives a machine
+            crash; ``False`` still replaces the file atomically but skips the fsyncs.
+
+    A save to a path goes to a temporary file beside it that replaces the target only once
+    complete: a failed save leaves the old file as it was.
+    """
+    target = as_serializable(obj)
+    if not is_path(filename):
+        with h5py.File(filename, 'w') as f:
+            HDF5Serializer(f, compression).save(target)
+        return
+    with atomic_path(filename, durable=durable) as temp:
+        with h5py.File(temp, 'w') as f:
+            HDF5Serializer(f, compression).save(target)
+
+
+def open_hdf5(filename) -> h5py.File:
+    """Opens an HDF5 file for reading, with clear errors."""
+    name = display_name(filename)
+    if is_path(filename):
+        if not os.path.exists(filename):
+            raise FileNotFoundError(f'{name!r}: no such file')
+        if os.path.isdir(filename):
+            raise IsADirectoryError(f'{name!r}: is a directory, not an HDF5 file')
+    try:
+        return h5py.File(filename, 'r')
+    except (OSError, ValueError) as error:
+        raise CorruptFileError(f'{name!r}: not an HDF5 file: {error}') from None
+
+
+def load_hdf5(filename, obj, *, path: str = '', strict: bool = True, ignore_names=None,
+              device=None) -> None:
+    """Loads an object from a file in HDF5 format.
+
+    Every key, shape and cast is checked before anything is changed, so a load that fails
+    leaves ``obj`` as it was.
+
+    Args:
+        filename: a path (str or os.PathLike) or a binary file object to read from.
+        obj: a serializable object, or a dict of arrays to fill.
+        path: keyword-only; the base path that deserialization starts from.
+        strict: keyword-only; whether a missing key is an error (a ``KeyError``).
+        ignore_names: keyword-only; a string, a callable on the full key, or a list of them.
+        device: keyword-only; the device the target's arrays end up on, loaded there directly.
+
+    Raises:
+        FileNotFoundError: no such file.
+        gpuserial.errors.KeyNotFoundError: a key is missing (also a ``KeyError``).
+        gpuserial.errors.MismatchError: a shape or dtype does not fit (also a ``ValueError``).
+        gpuserial.errors.CorruptFileError: the file is not valid HDF5 (also a ``ValueError``).
+        gpuserial.errors.UnsafeCastError: a scalar does not cast safely (also a ``TypeError``).
+    """
+    with open_hdf5(filename) as f:
+        reader = _GroupReader(f, display_name(filename))
+        loading.load(obj, lambda **kw: HDF5Deserializer(reader, strict, path=path,
+                                                        ignore_names=ignore_names, **kw),
+                     device)

@@ -1,0 +1,370 @@
+"""NPZ: Chainer's ``DictionarySerializer``/``NpzDeserializer`` over zip members streamed in chunks.
+
+Files are standard zips that ``numpy.load`` opens, one ``<key>.npy`` member per entry. Members
+are written and read chunk by chunk (device arrays through the staging engine), never as a
+whole-file or whole-model buffer, and every member's checksum is checked on reading.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+import zipfile
+import zlib
+from collections.abc import Mapping
+from typing import BinaryIO
+
+import numpy
+
+from gpuserial import _npy, devices, loading, transfer
+from gpuserial._fileio import atomic_output, display_name, is_path, open_input
+from gpuserial.errors import CorruptFileError, UnsafeFileError
+from gpuserial.serializer import Serializer, as_serializable, child_path, entry_key
+
+try:  # ISA-L's CRC is several times faster than zlib's; both give the same value
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - isal is an optional speed-up
+    from zlib import crc32
+
+__all__ = ['DictionarySerializer', 'NpzDeserializer', 'load_npz', 'save_npz', 'serialize']
+
+SUFFIX = '.npy'
+MAX_DEFLATE_RATIO = 1032  # deflate cannot expand data more than this: bounds a member's claims
+_LOCAL_HEADER = struct.Struct('<4s2B4HL2L2H')  # a zip member's local header, as zipfile reads it
+
+
+class DictionarySerializer(Serializer):
+    """Serializer that collects entries into a flat dict, as Chainer's does.
+
+    Args:
+        target: the dict to fill (a new one by default).
+        path: the base path of the keys.
+        keep_device: keep device arrays as they are (the streaming save uses this); by default
+            they are copied to the host, so that ``target`` holds NumPy arrays as in Chainer.
+    """
+
+    def __init__(self, target: dict | None = None, path: str = '', *, keep_device: bool = False):
+        self.target = {} if target is None else target
+        self.path = path
+        self.keep_device = keep_device
+
+    def __getitem__(self, key: str) -> DictionarySerializer:
+        return DictionarySerializer(self.target, child_path(self.path, key),
+                                    keep_device=self.keep_device)
+
+    def __call__(self, key: str, value):
+        stored = value
+        if not devices.is_array(value):
+            stored = numpy.asarray(value)
+        elif not self.keep_device:
+            stored = devices.to_host(value)
+        self.target[entry_key(self.path, key)] = stored
+        return value
+
+
+def serialize(obj) -> dict:
+    """Serializes ``obj`` (a serializable object or a dict) into a flat dict of NumPy arrays."""
+    serializer = DictionarySerializer()
+    serializer.save(as_serializable(obj))
+    return serializer.target
+
+
+def save_npz(file, obj, compression: bool = True, *, durable: bool = True) -> None:
+    """Saves an object to a file in NPZ format.
+
+    Args:
+        file: a path (str or os.PathLike) or a binary file object to write into.
+        obj: a serializable object, or a dict of arrays (nested dicts flatten to ``a/b``).
+        compression: deflate the members (else store them).
+        durable: for a path, fsync the file and its directory so the save survives a machine
+            crash; ``False`` still replaces the file atomically but skips the fsyncs.
+
+    A save to a path goes to a temporary file beside it that replaces the target only once
+    complete: a failed save leaves the old file as it was.
+    """
+    serializer = DictionarySerializer(keep_device=True)
+    serializer.save(as_serializable(obj))
+    with atomic_output(file, durable=durable) as out:
+        write_npz(out, serializer.target, compression)
+
+
+def write_npz(out: BinaryIO, entries: Mapping[str, object], compression: bool) -> None:
+    """Writes ``entries`` (arrays of any backend, or 0-d object arrays holding None) as NPZ."""
+    method = zipfile.ZIP_DEFLATED if compression else zipfile.ZIP_STORED
+    date_time = time.localtime()[:6]
+    with zipfile.ZipFile(out, 'w', compression=method, allowZip64=True) as archive:
+        for key, array in entries.items():
+            info = zipfile.ZipInfo(key + SUFFIX, date_time=date_time)
+            info.compress_type = method
+            if _is_stored_none(array):
+                archive.writestr(info, _npy.none_member())
+                continue
+            if array.dtype.hasobject:
+                raise TypeError(f'cannot save key {key!r}: object arrays other than None '
+                                f'are not supported')
+            header = _npy.encode_header(array.dtype, array.shape)
+            info.file_size = len(header) + array.nbytes  # lets zipfile pick ZIP64 up front
+            with archive.open(info, 'w') as member:
+                member.write(header)
+                for chunk in transfer.host_chunks(array):
+                    member.write(chunk)
+
+
+def _is_stored_none(array) -> bool:
+    return (isinstance(array, numpy.ndarray) and array.dtype.hasobject and array.shape == ()
+            and array[()] is None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+class _ZipReader(loading.Reader):
+    """Entries of an NPZ zip, read member by member; headers parsed once and checked."""
+
+    def __init__(self, archive: zipfile.ZipFile, name: str):
+        self.archive = archive
+        self.name = name
+        self._infos = {info.filename[:-len(SUFFIX)]: info for info in archive.infolist()
+                       if info.filename.endswith(SUFFIX)}
+        self._entries: dict[str, loading.Entry | None] = {}
+        self._file_size = _stream_size(archive.fp)
+
+    def keys(self) -> list[str]:
+        return list(self._infos)
+
+    def entry(self, key: str) -> loading.Entry | None:
+        if key not in self._entries:
+            info = self._infos.get(key)
+            self._entries[key] = None if info is None else self._parse(key, info)
+        return self._entries[key]
+
+    def _parse(self, key: str, info: zipfile.ZipInfo) -> loading.Entry:
+        where = self.where(key)
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise CorruptFileError(f'{where}: unsupported compression method '
+                                   f'{info.compress_type}')
+        if info.header_offset + info.compress_size > self._file_size:
+            raise CorruptFileError(f'{where}: the member runs past the end of the file '
+                                   f'({self._file_size} bytes): truncated?')
+        with self._open(key, info) as member:
+            prefix = _read_exactly(member, _npy.PREFIX_LEN + 4, where, allow_short=True)
+            try:
+                length = _npy.header_length(prefix)
+                header = _npy.decode_header(
+                    prefix + _read_exactly(member, length - len(prefix), where))
+            except _npy.HeaderError as error:
+                raise CorruptFileError(f'{where}: {error}') from None
+            if header.is_object:
+                payload = member.read(_npy.NONE_PICKLE_MAX_LEN + 1)
+                if _npy.is_chainer_none(header, payload):
+                    return loading.Entry(key, None, None, info)
+                raise UnsafeFileError(f'{where}: holds a pickled object array of dtype '
+                                      f'{header.dtype} and shape {header.shape}; gpuserial never '
+                                      f'unpickles (only Chainer\'s None is accepted)')
+        if header.dtype.itemsize == 0 and header.size:
+            raise CorruptFileError(f'{where}: zero-size items of dtype {header.dtype}')
+        expected = header.length + header.nbytes
+        if info.file_size != expected:
+            raise CorruptFileError(f'{where}: the member holds {info.file_size} bytes but its '
+                                   f'header claims {expected} (dtype {header.dtype}, shape '
+                                   f'{header.shape}): truncated or corrupt')
+        return loading.Entry(key, header.shape, header.dtype, (info, header))
+
+    def _open(self, key: str, info: zipfile.ZipInfo):
+        try:
+            return self.archive.open(info)
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as error:
+            raise CorruptFileError(f'{self.where(key)}: {error}') from None
+
+    def check_allocation(self, entry: loading.Entry) -> None:
+        info, header = entry.token
+        if header.nbytes > max(info.compress_size, 1) * MAX_DEFLATE_RATIO:
+            raise CorruptFileError(f'{self.where(entry.key)}: header claims {header.nbytes} '
+                                   f'bytes, more than {info.compress_size} stored bytes can hold')
+
+    def read_into(self, entry: loading.Entry, dst) -> None:
+        info, header = entry.token
+        target = dst.T if header.fortran_order else dst
+        try:
+            if info.compress_type == zipfile.ZIP_STORED and hasattr(self.archive.fp, 'readinto'):
+                self._read_stored(entry.key, info, header, target)
+            else:
+                self._read_member(entry.key, info, header, target)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:
+            raise CorruptFileError(f'{self.where(entry.key)}: {error}') from None
+
+    def _read_member(self, key, info, header: _npy.Header, dst) -> None:
+        where = self.where(key)
+        with self._open(key, info) as member:
+            _read_exactly(member, header.length, where)
+            transfer.fill(dst, lambda buffer: _readinto_exactly(member, buffer, where),
+                          header.dtype)
+            if member.read(1):  # also makes zipfile check the CRC at the end of the member
+                raise CorruptFileError(f'{where}: data past the end the header claims')
+
+    def _read_stored(self, key, info, header: _npy.Header, dst) -> None:
+        """Reads an uncompressed member straight from the file, with our own CRC check."""
+        where = self.where(key)
+        fp = self.archive.fp
+        fp.seek(info.header_offset)
+        signature, *_, name_length, extra_length = _LOCAL_HEADER.unpack(
+            _read_exactly(fp, _LOCAL_HEADER.size, where))
+        if signature != b'PK\x03\x04':
+            raise CorruptFileError(f'{where}: bad local file header')
+        name = _read_exactly(fp, name_length, where)
+        if name.decode('utf-8' if info.flag_bits & 0x800 else 'cp437') != info.filename:
+            raise CorruptFileError(f'{where}: the zip directory and the local header name '
+                                   f'different members')
+        fp.seek(extra_length, os.SEEK_CUR)
+        crc = crc32(_read_exactly(fp, header.length, where))
+
+        def read_into(buffer: memoryview) -> None:
+            nonlocal crc
+            _readinto_exactly(fp, buffer, where)
+            crc = crc32(buffer, crc)
+
+        transfer.fill(dst, read_into, header.dtype)
+        if crc != info.CRC:
+            raise CorruptFileError(f'{where}: CRC mismatch (stored {info.CRC:08x}, data '
+                                   f'{crc:08x}): the file is corrupt')
+
+
+def _stream_size(fp) -> int:
+    position = fp.tell()
+    size = fp.seek(0, os.SEEK_END)
+    fp.seek(position)
+    return size
+
+
+def _read_exactly(stream, count: int, where: str, *, allow_short: bool = False) -> bytes:
+    chunks, left = [], count
+    while left > 0:
+        chunk = stream.read(left)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    data = b''.join(chunks)
+    if left > 0 and not (allow_short and data):
+        raise CorruptFileError(f'{where}: truncated: {len(data)} of {count} bytes')
+    return data
+
+
+def _readinto_exactly(stream, buffer: memoryview, where: str) -> None:
+    done, total = 0, len(buffer)
+    while done < total:
+        count = stream.readinto(buffer[done:])
+        if not count:
+            raise CorruptFileError(f'{where}: truncated: the data ends {total - done} bytes '
+                                   f'early')
+        done += count
+
+
+class _MappingReader(loading.Reader):
+    """Entries of a plain mapping of arrays (``serialize`` output, or any dict)."""
+
+    def __init__(self, mapping: Mapping, name: str = '<mapping>'):
+        self.mapping = mapping
+        self.name = name
+
+    def keys(self) -> list[str]:
+        return list(self.mapping)
+
+    def entry(self, key: str) -> loading.Entry | None:
+        if key not in self.mapping:
+            return None
+        array = numpy.asarray(self.mapping[key])
+        if array.dtype.hasobject:
+            if array.shape == () and array[()] is None:
+                return loading.Entry(key, None, None)
+            raise UnsafeFileError(f'{self.where(key)}: object arrays other than None are '
+                                  f'refused')
+        return loading.Entry(key, array.shape, array.dtype, array)
+
+    def read_into(self, entry: loading.Entry, dst) -> None:
+        source = numpy.ascontiguousarray(entry.token).reshape(-1).view(numpy.uint8)
+        position = 0
+
+        def read_into(buffer: memoryview) -> None:
+            nonlocal position
+            buffer[:] = source[position:position + len(buffer)]
+            position += len(buffer)
+
+        transfer.fill(dst, read_into, entry.dtype)
+
+
+def _reader_of(npz, name: str | None = None) -> loading.Reader:
+    if isinstance(npz, loading.Reader):
+        return npz
+    archive = getattr(npz, 'zip', None)  # numpy.load()'s NpzFile
+    if isinstance(npz, zipfile.ZipFile):
+        archive = npz
+    if isinstance(archive, zipfile.ZipFile):
+        return _ZipReader(archive, name or display_name(archive.fp))
+    if isinstance(npz, Mapping):
+        return _MappingReader(npz)
+    raise TypeError(f'NpzDeserializer needs an NPZ file opened by gpuserial or numpy.load, a '
+                    f'zipfile.ZipFile, or a mapping; got {type(npz).__name__}')
+
+
+class NpzDeserializer(loading.ReaderDeserializer):
+    """Deserializer for NPZ files, as Chainer's.
+
+    Args:
+        npz: an open NPZ file: a ``numpy.load()`` result, a ``zipfile.ZipFile``, or any mapping
+            of keys to arrays.
+        path: the base path that deserialization starts from.
+        strict: whether a missing key is an error (a ``KeyError``), else it is skipped.
+        ignore_names: a string, a callable on the full key, or a list of them: entries to skip.
+        device: keyword-only; where arrays end up (None: in place on their own devices).
+    """
+
+    def __init__(self, npz, path: str = '', strict: bool = True, ignore_names=None, *,
+                 device=None, dry_run: bool = False):
+        super().__init__(_reader_of(npz), path, strict, ignore_names, device=device,
+                         dry_run=dry_run)
+
+
+def open_npz(file) -> zipfile.ZipFile:
+    """Opens an NPZ file (a path or a binary file object) as a zip, with clear errors."""
+    name = display_name(file)
+    try:
+        return zipfile.ZipFile(file if not is_path(file) else os.fspath(file))
+    except FileNotFoundError:
+        raise FileNotFoundError(f'{name!r}: no such file') from None
+    except IsADirectoryError:
+        raise IsADirectoryError(f'{name!r}: is a directory, not an NPZ file') from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError) as error:
+        raise CorruptFileError(f'{name!r}: not an NPZ (zip) file: {error}') from None
+
+
+def load_npz(file, obj, path: str = '', strict: bool = True, ignore_names=None, *,
+             device=None) -> None:
+    """Loads an object from a file in NPZ format.
+
+    Every key, shape and cast is checked before anything is changed, so a load that fails on
+    a missing key, a mismatch or a truncated member leaves ``obj`` as it was (a checksum
+    mismatch found while reading data raises too, naming the member).
+
+    Args:
+        file: a path (str or os.PathLike) or a binary file object to read from.
+        obj: a serializable object, or a dict of arrays to fill.
+        path: the base path that deserialization starts from (loads a sub-tree).
+        strict: whether a missing key is an error (a ``KeyError``), else it is skipped.
+        ignore_names: a string, a callable on the full key, or a list of them: entries to skip.
+        device: keyword-only; the device the target's arrays end up on, loaded there directly
+            (None: in place on each array's own device).
+
+    Raises:
+        FileNotFoundError: no such file.
+        gpuserial.errors.KeyNotFoundError: a key is missing (also a ``KeyError``).
+        gpuserial.errors.MismatchError: a shape or dtype does not fit (also a ``ValueError``).
+        gpuserial.errors.CorruptFileError: the file is not valid NPZ (also a ``ValueError``).
+        gpuserial.errors.UnsafeCastError: a scalar does not cast safely (also a ``TypeError``).
+    """
+    with open_input(file) as stream, open_npz(stream) as archive:
+        reader = _ZipReader(archive, display_name(file))
+        loading.load(obj, lambda **kw: NpzDeserializer(reader, path, strict, ignore_names, **kw),
+                     device)

@@ -1,0 +1,66 @@
+"""The device fixture (CPU, the stand-in, real GPUs) and the ``gpu`` marker's skip."""
+
+from __future__ import annotations
+
+import numpy
+import pytest
+
+from gpuserial import devices, transfer
+from tests import standin
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _standin_backend():
+    with devices.register_backend(standin.BACKEND):
+        yield
+
+
+def _gpu_count() -> int:
+    if not devices.gpu_available():
+        return 0
+    import cupy
+    return cupy.cuda.runtime.getDeviceCount()
+
+
+def pytest_collection_modifyitems(config, items):
+    if devices.gpu_available():
+        return
+    skip = pytest.mark.skip(reason='no usable GPU (cupy missing or cupy.is_available() False)')
+    for item in items:
+        if 'gpu' in item.keywords:
+            item.add_marker(skip)
+
+
+DEVICE_PARAMS = [
+    pytest.param('cpu', id='cpu'),
+    pytest.param('standin:0', id='standin0'),
+    pytest.param('standin:1', id='standin1'),
+    pytest.param('cuda:0', id='cuda0', marks=pytest.mark.gpu),
+    pytest.param('cuda:1', id='cuda1', marks=pytest.mark.gpu),
+]
+
+
+def make_device(spec: str) -> devices.Device:
+    if spec.startswith('standin:'):
+        return standin.StandInDevice(int(spec.split(':')[1]))
+    if spec == 'cuda:1' and _gpu_count() < 2:
+        pytest.skip('needs two GPUs')
+    return devices.get_device(spec)
+
+
+@pytest.fixture(params=DEVICE_PARAMS)
+def device(request) -> devices.Device:
+    """Each place arrays can live: the CPU, two stand-in devices, and GPUs 0 and 1."""
+    return make_device(request.param)
+
+
+@pytest.fixture
+def small_chunks():
+    """Chunks of 64 bytes and 2 buffers, so that small arrays cross many chunk boundaries."""
+    with transfer.configure(chunk_bytes=64, buffers=2):
+        yield 64
+
+
+def host(array) -> numpy.ndarray:
+    """A NumPy copy of an array of any device, for comparisons."""
+    return numpy.asarray(devices.to_host(array))
