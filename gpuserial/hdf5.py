@@ -63,7 +63,10 @@ def write_dataset(group: h5py.Group, key: str, array, compression: int | None) -
         group.create_dataset(key, data=array, compression=compression)
         return
     blocks = list(transfer.hyperslabs(array.shape, array.dtype.itemsize))
-    chunks = _block_shape(array.shape, blocks[0][0]) if compression and array.size else None
+    chunks = None
+    if compression and array.size:  # one HDF5 chunk per block, so that no chunk is rewritten
+        index = blocks[0][0]
+        chunks = (1,) * (len(index) - 1) + _block_shape(array.shape, index)
     dataset = group.create_dataset(key, shape=array.shape, dtype=array.dtype,
                                    compression=compression, chunks=chunks)
     spans = [(start, stop) for _, start, stop in blocks]

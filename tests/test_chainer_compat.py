@@ -1,0 +1,142 @@
+"""Files move between real Chainer 7.8.1 and gpuserial, both ways.
+
+Chainer-written reference files (tests/data/chainer, with the script that made them) load into
+gpuserial with the values Chainer recorded. The other way, gpuserial writes the same entries and
+real Chainer loads them; that half needs Chainer's own environment, which ``ci/test.sh`` builds
+and names in GPUSERIAL_CHAINER_PYTHON.
+"""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import zipfile
+
+import h5py
+import numpy
+import pytest
+
+from gpuserial import serializers
+
+DATA = pathlib.Path(__file__).parent / 'data' / 'chainer'
+EXPECTED = json.loads((DATA / 'expected.json').read_text())
+CHAINER_PYTHON = os.environ.get('GPUSERIAL_CHAINER_PYTHON')
+SCALAR_TYPES = {'int64': int, 'float64': float, 'bool': bool}
+
+
+def _target(entries: dict, scalars_as_python: bool) -> dict:
+    """A nested dict of zeroed targets shaped like the file's entries."""
+    root: dict = {}
+    for key, entry in entries.items():
+        *parents, name = key.split('/')
+        node = root
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        if entry['is_none']:
+            node[name] = numpy.ones(1)  # a stored None comes back as None
+        elif entry['shape'] == [] and scalars_as_python and entry['dtype'] in SCALAR_TYPES:
+            node[name] = SCALAR_TYPES[entry['dtype']]()
+        else:
+            node[name] = numpy.zeros(entry['shape'], entry['dtype'])
+    return root
+
+
+def _flat(tree: dict, prefix: str = '') -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f'{prefix}{key}/'))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _load(name: str, target) -> None:
+    load = serializers.load_npz if name.endswith('.npz') else serializers.load_hdf5
+    load(DATA / name, target)
+
+
+@pytest.mark.parametrize('name', sorted(EXPECTED))
+@pytest.mark.parametrize('scalars_as_python', [False, True], ids=['0d', 'python'])
+def test_chainer_files_load_with_chainers_values(name, scalars_as_python):
+    entries = EXPECTED[name]
+    target = _target(entries, scalars_as_python)
+    _load(name, target)
+    loaded = _flat(target)
+    assert loaded.keys() == entries.keys()
+    for key, entry in entries.items():
+        value = loaded[key]
+        if entry['is_none']:
+            assert value is None, key
+            continue
+        if 'value' in entry:
+            assert value == entry['value'] and numpy.ndim(value) == 0, key
+        if 'values' in entry:
+            assert numpy.asarray(value).tolist() == entry['values'], key
+        total = numpy.asarray(value).astype(numpy.complex128).sum()
+        assert math.isclose(total.real, entry['sum'], rel_tol=1e-12, abs_tol=1e-12), key
+        if 'sum_imag' in entry:
+            assert math.isclose(total.imag, entry['sum_imag'], rel_tol=1e-12, abs_tol=1e-12)
+
+
+def test_a_fortran_order_member_loads_in_c_order():
+    with numpy.load(DATA / 'numpy_plain.npz') as npz:
+        fortran = [key for key in npz.files if npz[key].flags.f_contiguous and npz[key].ndim > 1]
+        assert fortran, 'the reference file should hold a Fortran-order array'
+        expected = {key: npz[key] for key in fortran}
+    target = {key: numpy.zeros(value.shape, value.dtype) for key, value in expected.items()}
+    serializers.load_npz(DATA / 'numpy_plain.npz', target, strict=True)
+    for key, value in expected.items():
+        numpy.testing.assert_array_equal(target[key], value)
+
+
+def _resave(name: str, directory: pathlib.Path) -> pathlib.Path:
+    """Loads a reference file with gpuserial and writes it again with gpuserial."""
+    target = _target(EXPECTED[name], scalars_as_python=False)
+    _load(name, target)
+    path = directory / name
+    if name.endswith('.npz'):
+        with zipfile.ZipFile(DATA / name) as reference:
+            deflated = any(i.compress_type == zipfile.ZIP_DEFLATED for i in reference.infolist())
+        serializers.save_npz(path, target, compression=deflated)
+    else:
+        serializers.save_hdf5(path, target)
+    return path
+
+
+@pytest.mark.parametrize('name', sorted(EXPECTED))
+def test_gpuserial_files_match_chainers_layout(tmp_path, name):
+    path = _resave(name, tmp_path)
+    if name.endswith('.npz'):
+        with zipfile.ZipFile(path) as ours, zipfile.ZipFile(DATA / name) as theirs:
+            assert sorted(ours.namelist()) == sorted(theirs.namelist())
+            for info in ours.infolist():
+                assert info.compress_type == theirs.getinfo(info.filename).compress_type
+        has_none = any(entry['is_none'] for entry in EXPECTED[name].values())
+        with numpy.load(path, allow_pickle=has_none) as npz, numpy.load(DATA / name,
+                                                                         allow_pickle=has_none) \
+                as reference:
+            for key in reference.files:
+                assert npz[key].dtype == reference[key].dtype
+                numpy.testing.assert_array_equal(npz[key], reference[key])
+    else:
+        with h5py.File(path, 'r') as ours, h5py.File(DATA / name, 'r') as theirs:
+            for key in EXPECTED[name]:
+                assert ours[key].shape == theirs[key].shape
+                assert ours[key].compression == theirs[key].compression
+                if theirs[key].shape is not None:
+                    numpy.testing.assert_array_equal(ours[key][()], theirs[key][()])
+
+
+@pytest.mark.skipif(not CHAINER_PYTHON, reason='needs GPUSERIAL_CHAINER_PYTHON (ci/test.sh sets '
+                                               'it up with real Chainer 7.8.1)')
+def test_real_chainer_loads_gpuserial_files(tmp_path):
+    names = [name for name in EXPECTED if name != 'numpy_plain.npz']
+    for name in names:
+        _resave(name, tmp_path)
+    result = subprocess.run([CHAINER_PYTHON, str(DATA / 'check_gpuserial_files.py'),
+                             str(tmp_path), '--compare'], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    loaded = json.loads(result.stdout)
+    assert sorted(loaded) == sorted(names)

@@ -1,0 +1,113 @@
+"""Devices and array modules: spec forms, clear errors, the fallback, and the import promise."""
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import numpy
+import pytest
+
+import gpuserial
+from gpuserial import devices
+from gpuserial.errors import DeviceError
+from tests.conftest import host
+from tests.standin import StandInArray, StandInDevice
+
+
+@pytest.mark.parametrize('spec', ['cpu', '@numpy', -1, numpy.int64(-1)])
+def test_cpu_specs(spec):
+    assert gpuserial.get_device(spec) == devices.CPU
+    assert gpuserial.get_device(spec).xp is numpy
+
+
+@pytest.mark.parametrize('spec', ['tpu', 'cuda:x', '@cupy:-1', -2, 1.5, None, True])
+def test_unknown_specs_are_named(spec):
+    with pytest.raises(DeviceError, match=f'unknown device {spec!r}'.replace('(', r'\(')
+                       .replace(')', r'\)').replace('.', r'\.')):
+        gpuserial.get_device(spec)
+
+
+@pytest.mark.skipif(devices.gpu_available(), reason='checks the no-GPU fallback')
+@pytest.mark.parametrize('spec', ['cuda', 'cuda:0', '@cupy:1', 0, 3])
+def test_gpu_specs_without_a_gpu_are_clear_errors(spec):
+    with pytest.raises(DeviceError, match=f'device {spec!r} is not usable: no GPU'):
+        gpuserial.get_device(spec)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('spec', ['cuda', 'cuda:0', '@cupy:0', 0])
+def test_gpu_specs(spec):
+    import cupy
+    device = gpuserial.get_device(spec)
+    assert device == devices.CudaDevice(0) and device.xp is cupy
+    assert gpuserial.get_device(cupy.cuda.Device(0)) == device
+
+
+@pytest.mark.gpu
+def test_gpu_beyond_count_is_named():
+    import cupy
+    count = cupy.cuda.runtime.getDeviceCount()
+    with pytest.raises(DeviceError, match=f'cuda:{count}'):
+        gpuserial.get_device(f'cuda:{count}')
+
+
+def test_a_device_passes_through():
+    device = StandInDevice(1)
+    assert gpuserial.get_device(device) is device
+
+
+def test_get_array_module():
+    assert gpuserial.get_array_module(numpy.ones(1), 3, None) is numpy
+    assert gpuserial.get_array_module() is numpy
+
+
+def test_device_send_and_device_of(device):
+    array = device.send(numpy.arange(5))
+    assert devices.device_of(array) == device
+    assert device.send(array) is array
+    numpy.testing.assert_array_equal(host(array), numpy.arange(5))
+    back = devices.CPU.send(array)
+    assert isinstance(back, numpy.ndarray)
+
+
+def test_send_between_standin_devices():
+    a = StandInDevice(0).send(numpy.arange(3))
+    b = StandInDevice(1).send(a)
+    assert isinstance(b, StandInArray) and b.device == StandInDevice(1) and b is not a
+    numpy.testing.assert_array_equal(b.get(), [0, 1, 2])
+
+
+def test_device_use_is_a_context_manager(device):
+    with device.use():
+        pass
+
+
+def test_register_backend_context_removes_it():
+    class Fake(devices.Backend):
+        def owns(self, array):
+            return array == 'fake'
+
+    with devices.register_backend(Fake()) as fake:
+        assert devices.backend_of('fake') is fake
+    assert devices.backend_of('fake') is None
+
+
+def test_importing_gpuserial_does_not_import_cupy():
+    code = ('import sys, numpy, gpuserial, gpuserial.serializers;'
+            'gpuserial.save_npz(__import__("io").BytesIO(), {"a": numpy.ones(2)});'
+            'print("cupy" in sys.modules)')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == 'False'
+
+
+def test_only_devices_imports_cupy():
+    package = pathlib.Path(gpuserial.__file__).parent
+    importers = set()
+    for path in package.rglob('*.py'):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ''] if isinstance(node, ast.ImportFrom) else [])
+            if any(name.split('.')[0] == 'cupy' for name in names):
+                importers.add(path.name)
+    assert importers == {'devices.py'}

@@ -1,0 +1,245 @@
+"""Both formats, on every device: round trips, in-place loads, ``device=``, paths and file objects."""
+
+import io
+
+import numpy
+import pytest
+
+from gpuserial import devices, serializers
+from tests.conftest import host, make_device
+from tests.standin import StandInArray, StandInDevice
+
+FORMATS = {
+    'npz': (serializers.save_npz, serializers.load_npz, '.npz'),
+    'npz-stored': (lambda f, o: serializers.save_npz(f, o, compression=False),
+                   serializers.load_npz, '.npz'),
+    'hdf5': (serializers.save_hdf5, serializers.load_hdf5, '.h5'),
+}
+
+
+@pytest.fixture(params=list(FORMATS))
+def fmt(request):
+    return FORMATS[request.param]
+
+
+DTYPES = ['?', 'i1', 'u1', '<i2', '<u2', '<i4', '<u4', '<i8', '<u8', '<f2', '<f4', '<f8',
+          '<c8', '<c16']
+
+
+def _tree(device, dtype='<f4'):
+    rng = numpy.random.default_rng(0)
+
+    def arr(shape, dt=dtype):
+        values = rng.standard_normal(shape) * 100
+        return device.send(numpy.asarray(values).astype(dt))
+    return {'w': arr((3, 5)), 'scalar0d': arr(()), 'empty': arr((0, 4)), 'big': arr((300, 7)),
+            'child': {'b': arr((5,)), 'deep': {'v': arr((2, 3, 4))}}}
+
+
+def _zeros_like(tree):
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out[key] = _zeros_like(value)
+        else:
+            out[key] = devices.device_of(value).send(numpy.zeros(value.shape, value.dtype))
+    return out
+
+
+def _assert_tree_equal(got, expected):
+    assert got.keys() == expected.keys()
+    for key in got:
+        if isinstance(got[key], dict):
+            _assert_tree_equal(got[key], expected[key])
+        else:
+            assert host(got[key]).tobytes() == host(expected[key]).tobytes(), key
+            assert host(got[key]).dtype == host(expected[key]).dtype
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_round_trip_every_dtype(tmp_path, device, small_chunks, fmt, dtype):
+    save, load, ext = fmt
+    source = _tree(device, dtype)
+    save(tmp_path / f'm{ext}', source)
+    target = _zeros_like(source)
+    identities = {key: id(value) for key, value in target.items()}
+    load(tmp_path / f'm{ext}', target)
+    _assert_tree_equal(target, source)
+    assert {key: id(value) for key, value in target.items()} == identities  # in place
+
+
+def test_round_trip_non_contiguous_sources(tmp_path, device, small_chunks, fmt):
+    save, load, ext = fmt
+    base = numpy.arange(11 * 17, dtype=numpy.float64).reshape(11, 17)
+    views = {'t': base.T, 'sliced': base[1::2, ::3], 'f': numpy.asfortranarray(base)}
+    source = {k: device.send(numpy.ascontiguousarray(v)) if device.name != '@numpy' else v
+              for k, v in views.items()}
+    if device.name != '@numpy':
+        source['t'] = device.send(base).T
+    save(tmp_path / f'm{ext}', source)
+    target = {k: numpy.zeros(v.shape) for k, v in views.items()}
+    load(tmp_path / f'm{ext}', target)
+    for key, view in views.items():
+        numpy.testing.assert_array_equal(target[key], view)
+
+
+def test_load_into_non_contiguous_targets(tmp_path, small_chunks, fmt):
+    save, load, ext = fmt
+    values = numpy.arange(30, dtype=numpy.float32).reshape(5, 6)
+    save(tmp_path / f'm{ext}', {'w': values})
+    base = numpy.zeros((6, 5), numpy.float32)
+    load(tmp_path / f'm{ext}', {'w': base.T})
+    numpy.testing.assert_array_equal(base.T, values)
+
+
+def test_scalars_strings_and_none(tmp_path, fmt):
+    save, load, ext = fmt
+    source = {'i': 7, 'f': 2.5, 'b': True, 's': 'hello', 'n': None, 'np': numpy.float32(1.5)}
+    save(tmp_path / f'm{ext}', source)
+    target = {'i': 0, 'f': 0.0, 'b': False, 's': '', 'n': numpy.ones(2), 'np': numpy.float32(0)}
+    load(tmp_path / f'm{ext}', target)
+    assert target == {'i': 7, 'f': 2.5, 'b': True, 's': 'hello', 'n': None,
+                      'np': numpy.float32(1.5)}
+    assert type(target['i']) is int and type(target['b']) is bool
+
+
+def test_value_none_gets_the_stored_array(tmp_path, fmt):
+    save, load, ext = fmt
+    save(tmp_path / f'm{ext}', {'w': numpy.arange(4.0)})
+    target = {'w': None}
+    load(tmp_path / f'm{ext}', target)
+    numpy.testing.assert_array_equal(target['w'], numpy.arange(4.0))
+
+
+@pytest.mark.parametrize('spec', ['cpu', 'standin:0', 'standin:1'])
+def test_device_loads_onto_the_named_device(tmp_path, fmt, spec):
+    save, load, ext = fmt
+    save(tmp_path / f'm{ext}', {'w': numpy.arange(6.0), 'n': numpy.arange(3)})
+    target = {'w': StandInDevice(1).send(numpy.zeros(6)), 'n': numpy.zeros(3, int)}
+    device = make_device(spec)
+    load(tmp_path / f'm{ext}', target, device=device)
+    for key, expected in (('w', numpy.arange(6.0)), ('n', numpy.arange(3))):
+        assert devices.device_of(target[key]) == device
+        numpy.testing.assert_array_equal(host(target[key]), expected)
+
+
+def test_device_load_into_none_allocates_there(tmp_path, fmt):
+    save, load, ext = fmt
+    save(tmp_path / f'm{ext}', {'w': numpy.arange(6.0)})
+    target = {'w': None}
+    load(tmp_path / f'm{ext}', target, device=StandInDevice(0))
+    assert isinstance(target['w'], StandInArray)
+    numpy.testing.assert_array_equal(target['w'].get(), numpy.arange(6.0))
+
+
+def test_loads_onto_each_arrays_own_device(tmp_path, fmt):
+    save, load, ext = fmt
+    save(tmp_path / f'm{ext}', {'a': numpy.ones(3), 'b': numpy.full(3, 2.0)})
+    target = {'a': StandInDevice(0).send(numpy.zeros(3)),
+              'b': StandInDevice(1).send(numpy.zeros(3))}
+    a, b = target['a'], target['b']
+    load(tmp_path / f'm{ext}', target)
+    assert target['a'] is a and target['b'] is b
+    assert a.device == StandInDevice(0) and b.device == StandInDevice(1)
+    numpy.testing.assert_array_equal(b.get(), 2.0)
+
+
+def test_file_objects(fmt):
+    save, load, _ = fmt
+    buffer = io.BytesIO()
+    save(buffer, {'w': numpy.arange(5)})
+    buffer.seek(0)
+    target = {'w': numpy.zeros(5, int)}
+    load(buffer, target)
+    numpy.testing.assert_array_equal(target['w'], numpy.arange(5))
+
+
+def test_str_and_pathlike_paths(tmp_path, fmt):
+    save, load, ext = fmt
+    save(str(tmp_path / f'm{ext}'), {'w': numpy.arange(3)})
+    target = {'w': numpy.zeros(3, int)}
+    load(tmp_path / f'm{ext}', target)
+    numpy.testing.assert_array_equal(target['w'], numpy.arange(3))
+
+
+def test_strict_false_skips_missing_keys(tmp_path, fmt):
+    save, load, ext = fmt
+    save(tmp_path / f'm{ext}', {'a': numpy.ones(2)})
+    target = {'a': numpy.zeros(2), 'missing': numpy.full(2, 5.0)}
+    load(tmp_path / f'm{ext}', target, strict=False)
+    numpy.testing.assert_array_equal(target['a'], 1)
+    numpy.testing.assert_array_equal(target['missing'], 5)
+
+
+def test_path_loads_a_subtree(tmp_path, fmt):
+    save, load, ext = fmt
+    save(tmp_path / f'm{ext}', {'outer': {'w': numpy.arange(3.0)}, 'x': 1})
+    target = {'w': numpy.zeros(3)}
+    load(tmp_path / f'm{ext}', target, path='outer/')
+    numpy.testing.assert_array_equal(target['w'], numpy.arange(3.0))
+
+
+def test_ignore_names(tmp_path, fmt):
+    save, load, ext = fmt
+    save(tmp_path / f'm{ext}', {'a': numpy.ones(2), 'b': numpy.ones(2)})
+    target = {'a': numpy.zeros(2), 'b': numpy.zeros(2)}
+    load(tmp_path / f'm{ext}', target, ignore_names=[lambda k: k == 'b'])
+    numpy.testing.assert_array_equal(target['a'], 1)
+    numpy.testing.assert_array_equal(target['b'], 0)
+
+
+def test_missing_key_names_file_and_key(tmp_path, fmt):
+    save, load, ext = fmt
+    path = tmp_path / f'm{ext}'
+    save(path, {'a': numpy.ones(2)})
+    with pytest.raises(KeyError, match=rf"{path.name}', key 'b': not in the file"):
+        load(path, {'a': numpy.zeros(2), 'b': numpy.zeros(2)})
+
+
+def test_shape_mismatch_names_both_shapes(tmp_path, fmt):
+    save, load, ext = fmt
+    path = tmp_path / f'm{ext}'
+    save(path, {'a': numpy.ones((2, 3))})
+    with pytest.raises(ValueError, match=rf"{path.name}', key 'a': stored shape \(2, 3\) does "
+                                         rf"not match the target shape \(3, 2\)"):
+        load(path, {'a': numpy.zeros((3, 2))})
+
+
+def test_unsafe_scalar_cast_names_file_and_key(tmp_path, fmt):
+    save, load, ext = fmt
+    path = tmp_path / f'm{ext}'
+    save(path, {'t': numpy.float32(1.5)})
+    with pytest.raises(TypeError, match=rf"{path.name}', key 't': stored dtype float32 does "
+                                        rf"not cast safely to int"):
+        load(path, {'t': 0})
+
+
+def test_not_a_file_of_the_format(tmp_path, fmt):
+    _, load, ext = fmt
+    path = tmp_path / f'm{ext}'
+    path.write_bytes(b'this is not a checkpoint' * 10)
+    with pytest.raises(ValueError, match=rf"{path.name}'.*not an? (NPZ|HDF5)"):
+        load(path, {'a': numpy.zeros(2)})
+
+
+def test_missing_file(tmp_path, fmt):
+    _, load, ext = fmt
+    with pytest.raises(FileNotFoundError, match=f'nope{ext}'):
+        load(tmp_path / f'nope{ext}', {})
+
+
+def test_serializable_objects(tmp_path, fmt):
+    from tests.test_protocol import Model
+
+    save, load, ext = fmt
+    source = Model()
+    source.w *= 3
+    source.t = 42
+    source.name = 'renamed'
+    source.child.v[:] = 9
+    save(tmp_path / f'm{ext}', source)
+    target = Model()
+    load(tmp_path / f'm{ext}', target)
+    numpy.testing.assert_array_equal(target.w, source.w)
+    numpy.testing.assert_array_equal(target.child.v, 9)
+    assert (target.t, target.name, target.child.none) == (42, 'renamed', None)

@@ -1,0 +1,183 @@
+"""The protocol module: key paths, ignore_names, dict targets, and Chainer's scalar/array rules."""
+
+import numpy
+import pytest
+
+from gpuserial import serializers
+from gpuserial.errors import KeyNotFoundError, MismatchError, UnsafeCastError
+from gpuserial.serializer import (AbstractSerializer, Deserializer, Serializer, as_serializable,
+                                  child_path, entry_key, is_ignored)
+
+
+@pytest.mark.parametrize(('path', 'key', 'expected'), [
+    ('', 'x', 'x/'), ('', '/x/', 'x/'), ('a/', '/b/', 'a/b/'), ('a/', 'b', 'a/b/'),
+])
+def test_child_path_strips_slashes(path, key, expected):
+    assert child_path(path, key) == expected
+
+
+@pytest.mark.parametrize(('path', 'key', 'expected'), [
+    ('', 'w', 'w'), ('', '/w', 'w'), ('a/', '//w', 'a/w'), ('a/b/', 'c/d', 'a/b/c/d'),
+])
+def test_entry_key_strips_leading_slashes(path, key, expected):
+    assert entry_key(path, key) == expected
+
+
+@pytest.mark.parametrize(('names', 'ignored'), [
+    (None, False), ('l1/W', True), ('l1/b', False), (lambda k: k.endswith('/W'), True),
+    (['x', lambda k: k.startswith('l1')], True), (['x', 'y'], False),
+])
+def test_ignore_names_forms(names, ignored):
+    assert is_ignored('l1/W', names) is ignored
+
+
+def test_abstract_serializer_is_abstract():
+    with pytest.raises(NotImplementedError):
+        AbstractSerializer()['x']
+    with pytest.raises(NotImplementedError):
+        AbstractSerializer()('x', 1)
+
+
+class Recorder(Serializer):
+    def __init__(self, calls, path=''):
+        self.calls, self.path = calls, path
+
+    def __getitem__(self, key):
+        return Recorder(self.calls, child_path(self.path, key))
+
+    def __call__(self, key, value):
+        self.calls.append(entry_key(self.path, key))
+        return value
+
+
+def test_save_and_load_call_serialize():
+    class Obj:
+        def serialize(self, s):
+            s('a', 1)
+            s['child']('/b', 2)
+
+    calls = []
+    Recorder(calls).save(Obj())
+    assert calls == ['a', 'child/b']
+    assert issubclass(Deserializer, AbstractSerializer)
+
+
+def test_dict_target_flattens_nested_dicts():
+    calls = []
+    Recorder(calls).save(as_serializable({'a': 1, 'b': {'c': 2, 'd': {'e': 3}}}))
+    assert calls == ['a', 'b/c', 'b/d/e']
+
+
+def test_as_serializable_refuses_other_objects():
+    with pytest.raises(TypeError, match='int'):
+        as_serializable(3)
+
+
+class Model:
+    """A tiny serializable object: an array, scalars, a child."""
+
+    def __init__(self):
+        self.w = numpy.arange(6, dtype=numpy.float32).reshape(2, 3)
+        self.t = 5
+        self.name = 'model'
+        self.child = Child()
+
+    def serialize(self, serializer):
+        serializer('w', self.w)
+        self.t = serializer('t', self.t)
+        self.name = serializer('name', self.name)
+        self.child.serialize(serializer['child'])
+
+
+class Child:
+    def __init__(self):
+        self.v = numpy.ones(4, numpy.float64)
+        self.none = None
+
+    def serialize(self, serializer):
+        serializer('v', self.v)
+        self.none = serializer('none', self.none)
+
+
+def test_serialize_returns_flat_dict_of_host_arrays():
+    target = serializers.serialize(Model())
+    assert sorted(target) == ['child/none', 'child/v', 'name', 't', 'w']
+    assert target['t'].dtype == numpy.int64 and target['t'].shape == ()
+    assert target['child/none'].dtype == object and target['child/none'][()] is None
+    assert str(target['name']) == 'model'
+
+
+def test_npz_deserializer_reads_a_mapping():
+    source = Model()
+    source.w += 1
+    source.t = 9
+    flat = serializers.serialize(source)
+    target = Model()
+    serializers.NpzDeserializer(flat).load(target)
+    numpy.testing.assert_array_equal(target.w, source.w)
+    assert target.t == 9 and type(target.t) is int
+
+
+def test_npz_deserializer_path_loads_a_subtree():
+    flat = {'outer/v': numpy.full(4, 7.0), 'outer/none': numpy.asarray(None)}
+    child = Child()
+    serializers.NpzDeserializer(flat, path='outer/').load(child)
+    numpy.testing.assert_array_equal(child.v, 7.0)
+
+
+def test_stored_none_returns_none_and_leaves_value():
+    w = numpy.ones(3)
+    assert serializers.NpzDeserializer({'w': numpy.asarray(None)})('w', w) is None
+    numpy.testing.assert_array_equal(w, 1)
+
+
+def test_value_none_returns_the_stored_array():
+    got = serializers.NpzDeserializer({'w': numpy.arange(3)})('w', None)
+    numpy.testing.assert_array_equal(got, [0, 1, 2])
+
+
+@pytest.mark.parametrize(('stored', 'value', 'expected'), [
+    (numpy.int64(3), 0, 3), (numpy.float64(1.5), 0.0, 1.5), (numpy.bool_(True), False, True),
+    (numpy.asarray('abc'), '', 'abc'), (numpy.int32(4), numpy.int64(0), 4),
+])
+def test_scalars_cast_safely(stored, value, expected):
+    got = serializers.NpzDeserializer({'k': numpy.asarray(stored)})('k', value)
+    assert got == expected and type(got) is type(value)
+
+
+@pytest.mark.parametrize(('stored', 'value'), [
+    (numpy.float32(1.5), 0), (numpy.int64(3), numpy.uint32(0)), (numpy.float64(1), numpy.int8(0)),
+])
+def test_unsafe_scalar_cast_raises_type_error(stored, value):
+    with pytest.raises(TypeError, match=r"key 'k'.*does not cast safely") as info:
+        serializers.NpzDeserializer({'k': numpy.asarray(stored)})('k', value)
+    assert isinstance(info.value, UnsafeCastError)
+
+
+def test_array_cast_follows_same_kind():
+    value = numpy.zeros(3, numpy.float16)
+    serializers.NpzDeserializer({'k': numpy.arange(3, dtype=numpy.float32)})('k', value)
+    numpy.testing.assert_array_equal(value, [0, 1, 2])
+    with pytest.raises(ValueError, match=r"key 'k'.*complex128.*float16") as info:
+        serializers.NpzDeserializer({'k': numpy.ones(3, complex)})('k', value)
+    assert isinstance(info.value, MismatchError)
+
+
+def test_shape_must_match_exactly_no_broadcasting():
+    with pytest.raises(ValueError, match=r"key 'k': stored shape \(1, 3\) does not match the "
+                                         r"target shape \(2, 3\)"):
+        serializers.NpzDeserializer({'k': numpy.ones((1, 3))})('k', numpy.zeros((2, 3)))
+
+
+def test_missing_key_is_a_key_error_under_strict():
+    with pytest.raises(KeyError, match=r"key 'a/k': not in the file") as info:
+        serializers.NpzDeserializer({}, path='a/')('k', 1)
+    assert isinstance(info.value, KeyNotFoundError)
+    assert serializers.NpzDeserializer({}, strict=False)('k', 1) == 1
+
+
+def test_ignore_names_skips_entries():
+    value = numpy.zeros(2)
+    got = serializers.NpzDeserializer({'c/k': numpy.ones(2)}, ignore_names='c/k')['c']('k', value)
+    assert got is value
+    numpy.testing.assert_array_equal(value, 0)
