@@ -7,9 +7,8 @@ whole-file or whole-model buffer, and every member's checksum is checked on read
 
 from __future__ import annotations
 
+import contextlib
 import os
-import struct
-import time
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -17,21 +16,15 @@ from typing import BinaryIO
 
 import numpy
 
-from gpuserial import _npy, devices, loading, transfer
+from gpuserial import _npy, _zipstream, devices, loading, transfer
 from gpuserial._fileio import atomic_output, display_name, is_path, open_input
 from gpuserial.errors import CorruptFileError, UnsafeFileError
 from gpuserial.serializer import Serializer, as_serializable, child_path, entry_key
-
-try:  # ISA-L's CRC is several times faster than zlib's; both give the same value
-    from isal.isal_zlib import crc32
-except ImportError:  # pragma: no cover - isal is an optional speed-up
-    from zlib import crc32
 
 __all__ = ['DictionarySerializer', 'NpzDeserializer', 'load_npz', 'save_npz', 'serialize']
 
 SUFFIX = '.npy'
 MAX_DEFLATE_RATIO = 1032  # deflate cannot expand data more than this: bounds a member's claims
-_LOCAL_HEADER = struct.Struct('<4s2B4HL2L2H')  # a zip member's local header, as zipfile reads it
 
 
 class DictionarySerializer(Serializer):
@@ -91,24 +84,21 @@ def save_npz(file, obj, compression: bool = True, *, durable: bool = True) -> No
 
 def write_npz(out: BinaryIO, entries: Mapping[str, object], compression: bool) -> None:
     """Writes ``entries`` (arrays of any backend, or 0-d object arrays holding None) as NPZ."""
-    method = zipfile.ZIP_DEFLATED if compression else zipfile.ZIP_STORED
-    date_time = time.localtime()[:6]
-    with zipfile.ZipFile(out, 'w', compression=method, allowZip64=True) as archive:
+    with _zipstream.ZipWriter(out, compression=compression) as archive:
         for key, array in entries.items():
-            info = zipfile.ZipInfo(key + SUFFIX, date_time=date_time)
-            info.compress_type = method
             if _is_stored_none(array):
-                archive.writestr(info, _npy.none_member())
+                archive.write_member(key + SUFFIX, [_npy.none_member()])
                 continue
             if array.dtype.hasobject:
                 raise TypeError(f'cannot save key {key!r}: object arrays other than None '
                                 f'are not supported')
             header = _npy.encode_header(array.dtype, array.shape)
-            info.file_size = len(header) + array.nbytes  # lets zipfile pick ZIP64 up front
-            with archive.open(info, 'w') as member:
-                member.write(header)
-                for chunk in transfer.host_chunks(array):
-                    member.write(chunk)
+            archive.write_member(key + SUFFIX, _chain([header], transfer.host_chunks(array)))
+
+
+def _chain(*iterables):
+    for iterable in iterables:
+        yield from iterable
 
 
 def _is_stored_none(array) -> bool:
@@ -142,22 +132,24 @@ class _ZipReader(loading.Reader):
 
     def _parse(self, key: str, info: zipfile.ZipInfo) -> loading.Entry:
         where = self.where(key)
-        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-            raise CorruptFileError(f'{where}: unsupported compression method '
-                                   f'{info.compress_type}')
         if info.header_offset + info.compress_size > self._file_size:
             raise CorruptFileError(f'{where}: the member runs past the end of the file '
                                    f'({self._file_size} bytes): truncated?')
-        with self._open(key, info) as member:
-            prefix = _read_exactly(member, _npy.PREFIX_LEN + 4, where, allow_short=True)
+        with self._guard(key):
+            member = _zipstream.MemberReader(self.archive.fp, info)
+            prefix = member.read(min(_npy.PREFIX_LEN + 4, info.file_size))
             try:
                 length = _npy.header_length(prefix)
-                header = _npy.decode_header(
-                    prefix + _read_exactly(member, length - len(prefix), where))
+                if length > info.file_size:
+                    raise _npy.HeaderError(f'a header of {length} bytes in a member of '
+                                           f'{info.file_size}')
+                header = _npy.decode_header(prefix + member.read(length - len(prefix)))
             except _npy.HeaderError as error:
                 raise CorruptFileError(f'{where}: {error}') from None
             if header.is_object:
-                payload = member.read(_npy.NONE_PICKLE_MAX_LEN + 1)
+                payload_length = info.file_size - header.length
+                payload = (member.read(payload_length)
+                           if payload_length <= _npy.NONE_PICKLE_MAX_LEN else b'')
                 if _npy.is_chainer_none(header, payload):
                     return loading.Entry(key, None, None, info)
                 raise UnsafeFileError(f'{where}: holds a pickled object array of dtype '
@@ -172,10 +164,12 @@ class _ZipReader(loading.Reader):
                                    f'{header.shape}): truncated or corrupt')
         return loading.Entry(key, header.shape, header.dtype, (info, header))
 
-    def _open(self, key: str, info: zipfile.ZipInfo):
+    @contextlib.contextmanager
+    def _guard(self, key: str):
+        """Turns a member's read errors into a CorruptFileError naming the file and key."""
         try:
-            return self.archive.open(info)
-        except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as error:
+            yield
+        except (_zipstream.MemberError, OSError, EOFError) as error:
             raise CorruptFileError(f'{self.where(key)}: {error}') from None
 
     def check_allocation(self, entry: loading.Entry) -> None:
@@ -186,49 +180,11 @@ class _ZipReader(loading.Reader):
 
     def read_into(self, entry: loading.Entry, dst) -> None:
         info, header = entry.token
-        target = dst.T if header.fortran_order else dst
-        try:
-            if info.compress_type == zipfile.ZIP_STORED and hasattr(self.archive.fp, 'readinto'):
-                self._read_stored(entry.key, info, header, target)
-            else:
-                self._read_member(entry.key, info, header, target)
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:
-            raise CorruptFileError(f'{self.where(entry.key)}: {error}') from None
-
-    def _read_member(self, key, info, header: _npy.Header, dst) -> None:
-        where = self.where(key)
-        with self._open(key, info) as member:
-            _read_exactly(member, header.length, where)
-            transfer.fill(dst, lambda buffer: _readinto_exactly(member, buffer, where),
-                          header.dtype)
-            if member.read(1):  # also makes zipfile check the CRC at the end of the member
-                raise CorruptFileError(f'{where}: data past the end the header claims')
-
-    def _read_stored(self, key, info, header: _npy.Header, dst) -> None:
-        """Reads an uncompressed member straight from the file, with our own CRC check."""
-        where = self.where(key)
-        fp = self.archive.fp
-        fp.seek(info.header_offset)
-        signature, *_, name_length, extra_length = _LOCAL_HEADER.unpack(
-            _read_exactly(fp, _LOCAL_HEADER.size, where))
-        if signature != b'PK\x03\x04':
-            raise CorruptFileError(f'{where}: bad local file header')
-        name = _read_exactly(fp, name_length, where)
-        if name.decode('utf-8' if info.flag_bits & 0x800 else 'cp437') != info.filename:
-            raise CorruptFileError(f'{where}: the zip directory and the local header name '
-                                   f'different members')
-        fp.seek(extra_length, os.SEEK_CUR)
-        crc = crc32(_read_exactly(fp, header.length, where))
-
-        def read_into(buffer: memoryview) -> None:
-            nonlocal crc
-            _readinto_exactly(fp, buffer, where)
-            crc = crc32(buffer, crc)
-
-        transfer.fill(dst, read_into, header.dtype)
-        if crc != info.CRC:
-            raise CorruptFileError(f'{where}: CRC mismatch (stored {info.CRC:08x}, data '
-                                   f'{crc:08x}): the file is corrupt')
+        with self._guard(entry.key):
+            member = _zipstream.MemberReader(self.archive.fp, info)
+            member.read(header.length)
+            transfer.fill(dst.T if header.fortran_order else dst, member.readinto, header.dtype)
+            member.finish()
 
 
 def _stream_size(fp) -> int:
@@ -236,30 +192,6 @@ def _stream_size(fp) -> int:
     size = fp.seek(0, os.SEEK_END)
     fp.seek(position)
     return size
-
-
-def _read_exactly(stream, count: int, where: str, *, allow_short: bool = False) -> bytes:
-    chunks, left = [], count
-    while left > 0:
-        chunk = stream.read(left)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
-    data = b''.join(chunks)
-    if left > 0 and not (allow_short and data):
-        raise CorruptFileError(f'{where}: truncated: {len(data)} of {count} bytes')
-    return data
-
-
-def _readinto_exactly(stream, buffer: memoryview, where: str) -> None:
-    done, total = 0, len(buffer)
-    while done < total:
-        count = stream.readinto(buffer[done:])
-        if not count:
-            raise CorruptFileError(f'{where}: truncated: the data ends {total - done} bytes '
-                                   f'early')
-        done += count
 
 
 class _MappingReader(loading.Reader):

@@ -1,0 +1,253 @@
+"""Zip members as streams: a writer for members of known size and a checked member reader.
+
+The standard library's zipfile parses the central directory for us, but its member streams
+compute CRCs with zlib (2.4 GB/s on our CPU machines) and deflate only through zlib. Here both
+come from ISA-L when the ``isal`` package is installed (CRC about 18 GB/s, deflate level 1 about
+25 times zlib's default level at a slightly smaller size on float weights), with zlib as the
+fallback. Files are standard zips (ZIP64 where needed) that ``numpy.load`` and zipfile read.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+import zlib
+from collections.abc import Iterable
+from typing import BinaryIO
+
+try:
+    from isal import isal_zlib as deflate_module
+except ImportError:  # pragma: no cover - isal is an optional speed-up
+    deflate_module = zlib
+
+crc32 = deflate_module.crc32
+
+__all__ = ['MemberReader', 'ZipWriter', 'crc32']
+
+STORED, DEFLATED = 0, 8
+DEFLATE_LEVEL = 1  # ISA-L's level 1 (zlib's when isal is missing)
+ZIP64_LIMIT = 0xFFFFFFFF
+VERSION = 45  # ZIP64
+UTF8_FLAG = 0x800
+DESCRIPTOR_FLAG = 0x08
+INPUT_PIECE = 1 << 18  # compressed bytes fed to the inflater at a time (bounds its tail copies)
+
+LOCAL = struct.Struct('<4sHHHHHIIIHH')
+LOCAL_ZIP64_EXTRA = struct.Struct('<HHQQ')
+CENTRAL = struct.Struct('<4sBBHHHHHIIIHHHHHII')
+END = struct.Struct('<4sHHHHIIH')
+END64 = struct.Struct('<4sQHHIIQQQQ')
+END64_LOCATOR = struct.Struct('<4sIQI')
+DESCRIPTOR64 = struct.Struct('<4sIQQ')
+
+
+def _dos_time(moment: time.struct_time) -> tuple[int, int]:
+    year = max(moment.tm_year, 1980)
+    return ((moment.tm_hour << 11) | (moment.tm_min << 5) | (moment.tm_sec // 2),
+            ((year - 1980) << 9) | (moment.tm_mon << 5) | moment.tm_mday)
+
+
+class ZipWriter:
+    """Writes a zip archive member by member, each member's data streamed in chunks.
+
+    Args:
+        out: a binary file object; when it is seekable, each member's CRC and sizes are written
+            back into its local header, else they follow its data in a descriptor.
+        compression: deflate members (else store them).
+    """
+
+    def __init__(self, out: BinaryIO, *, compression: bool):
+        self.out = out
+        self.method = DEFLATED if compression else STORED
+        self.seekable = _seekable(out)
+        self.position = out.tell() if self.seekable else 0
+        self.time, self.date = _dos_time(time.localtime())
+        self.central: list[bytes] = []
+
+    def __enter__(self) -> ZipWriter:
+        return self
+
+    def __exit__(self, kind, *exc_info) -> None:
+        if kind is None:
+            self.close()
+
+    def _write(self, data) -> None:
+        self.out.write(data)
+        self.position += len(data)
+
+    def write_member(self, name: str, chunks: Iterable) -> None:
+        """Adds member ``name`` whose data is the concatenation of ``chunks`` (bytes-like)."""
+        encoded = name.encode('utf-8')
+        flags = (0 if encoded.isascii() else UTF8_FLAG) | (0 if self.seekable else DESCRIPTOR_FLAG)
+        offset = self.position
+        self._write(LOCAL.pack(b'PK\x03\x04', VERSION, flags, self.method, self.time, self.date,
+                               0, ZIP64_LIMIT, ZIP64_LIMIT, len(encoded),
+                               LOCAL_ZIP64_EXTRA.size) + encoded
+                    + LOCAL_ZIP64_EXTRA.pack(1, 16, 0, 0))
+        crc, size, compressed = 0, 0, 0
+        compressor = (deflate_module.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -15)
+                      if self.method == DEFLATED else None)
+        for chunk in chunks:
+            crc = crc32(chunk, crc)
+            size += len(chunk)
+            data = compressor.compress(chunk) if compressor else chunk
+            compressed += len(data)
+            self._write(data)
+        if compressor:
+            data = compressor.flush()
+            compressed += len(data)
+            self._write(data)
+        if self.seekable:
+            end = self.position
+            self.out.seek(offset + 14)
+            self.out.write(struct.pack('<I', crc))
+            self.out.seek(offset + LOCAL.size + len(encoded) + 4)
+            self.out.write(struct.pack('<QQ', size, compressed))
+            self.out.seek(end)
+        else:
+            self._write(DESCRIPTOR64.pack(b'PK\x07\x08', crc, compressed, size))
+        self.central.append(self._central_entry(encoded, flags, crc, size, compressed, offset))
+
+    def _central_entry(self, encoded, flags, crc, size, compressed, offset) -> bytes:
+        extra = b''
+        for value in (size, compressed, offset):  # ZIP64 fields, in this order, where needed
+            if value >= ZIP64_LIMIT:
+                extra += struct.pack('<Q', value)
+        if extra:
+            extra = struct.pack('<HH', 1, len(extra)) + extra
+        return CENTRAL.pack(
+            b'PK\x01\x02', VERSION, 3, VERSION, flags, self.method, self.time, self.date, crc,
+            min(compressed, ZIP64_LIMIT), min(size, ZIP64_LIMIT), len(encoded), len(extra), 0,
+            0, 0, 0o100644 << 16, min(offset, ZIP64_LIMIT)) + encoded + extra
+
+    def close(self) -> None:
+        """Writes the central directory (and the ZIP64 end records where needed)."""
+        start = self.position
+        for entry in self.central:
+            self._write(entry)
+        size = self.position - start
+        count = len(self.central)
+        if count >= 0xFFFF or start >= ZIP64_LIMIT or size >= ZIP64_LIMIT:
+            end64 = self.position
+            self._write(END64.pack(b'PK\x06\x06', END64.size - 12, VERSION, VERSION, 0, 0,
+                                   count, count, size, start))
+            self._write(END64_LOCATOR.pack(b'PK\x06\x07', 0, end64, 1))
+        self._write(END.pack(b'PK\x05\x06', 0, 0, min(count, 0xFFFF), min(count, 0xFFFF),
+                             min(size, ZIP64_LIMIT), min(start, ZIP64_LIMIT), 0))
+        self.out.flush()
+
+
+def _seekable(out) -> bool:
+    try:
+        return out.seekable() and out.tell() >= 0
+    except (AttributeError, OSError):
+        return False
+
+
+class MemberError(ValueError):
+    """A member's data is corrupt or truncated; the message says how, the caller says where."""
+
+
+class MemberReader:
+    """Reads one member's data (stored or deflated) as a stream, checking size and CRC.
+
+    Args:
+        fp: the archive's binary file object (seekable).
+        info: the member's ``zipfile.ZipInfo`` from the central directory.
+    """
+
+    def __init__(self, fp: BinaryIO, info):
+        if info.compress_type not in (STORED, DEFLATED):
+            raise MemberError(f'unsupported compression method {info.compress_type}')
+        self.fp = fp
+        self.info = info
+        fp.seek(info.header_offset)
+        signature, *_, name_length, extra_length = LOCAL.unpack(_read(fp, LOCAL.size))
+        if signature != b'PK\x03\x04':
+            raise MemberError('bad local file header')
+        name = _read(fp, name_length).decode('utf-8' if info.flag_bits & UTF8_FLAG else 'cp437',
+                                             'replace')
+        if name != info.filename:
+            raise MemberError(f'the zip directory names {info.filename!r} but the local header '
+                              f'{name!r}')
+        self.position = fp.seek(extra_length, 1)
+        self.left = info.compress_size  # stored bytes not yet read
+        self.produced = 0
+        self.crc = 0
+        self.inflater = deflate_module.decompressobj(-15) if info.compress_type else None
+        self.pending = b''  # inflater input not yet consumed
+
+    def _raw(self, limit: int) -> bytes:
+        count = min(limit, self.left)
+        self.fp.seek(self.position)
+        data = self.fp.read(count)
+        if len(data) < count:
+            raise MemberError(f'truncated: the file ends {self.left - len(data)} bytes early')
+        self.position += len(data)
+        self.left -= len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        """Fills ``buffer`` completely with the next data bytes, or raises MemberError."""
+        buffer = memoryview(buffer).cast('B')
+        wanted = len(buffer)
+        if self.produced + wanted > self.info.file_size:
+            raise MemberError(f'asked for {self.produced + wanted} bytes of a member of '
+                              f'{self.info.file_size}')
+        if self.inflater is None:
+            if wanted > self.left:
+                raise MemberError('stored sizes disagree')
+            self.fp.seek(self.position)
+            done = 0
+            while done < wanted:
+                count = self.fp.readinto(buffer[done:])
+                if not count:
+                    raise MemberError(f'truncated: the file ends {wanted - done} bytes early')
+                done += count
+            self.position += wanted
+            self.left -= wanted
+        else:
+            done = 0
+            while done < wanted:
+                if not self.pending and self.left:
+                    self.pending = self._raw(INPUT_PIECE)
+                try:  # with no input left, this drains what the inflater holds
+                    data = self.inflater.decompress(self.pending, wanted - done)
+                except zlib.error as error:
+                    raise MemberError(f'corrupt deflate data: {error}') from None
+                self.pending = self.inflater.unconsumed_tail
+                buffer[done:done + len(data)] = data
+                done += len(data)
+                if done < wanted and not data and not self.pending and not self.left:
+                    raise MemberError(f'the deflate stream ends {wanted - done} bytes early')
+        self.crc = crc32(buffer, self.crc)
+        self.produced += wanted
+        return wanted
+
+    def read(self, count: int) -> bytes:
+        """The next ``count`` data bytes (all of them, or MemberError)."""
+        buffer = bytearray(count)
+        self.readinto(buffer)
+        return bytes(buffer)
+
+    def finish(self) -> None:
+        """Checks that the whole member was read and that its CRC matches the directory's."""
+        if self.produced != self.info.file_size:
+            raise MemberError(f'read {self.produced} of {self.info.file_size} bytes')
+        if self.inflater is not None and not self.inflater.eof:
+            try:
+                extra = self.inflater.decompress(self.pending + self._raw(self.left), 1)
+            except zlib.error as error:
+                raise MemberError(f'corrupt deflate data: {error}') from None
+            if extra or not self.inflater.eof:
+                raise MemberError('the deflate stream holds more than the directory says')
+        if self.crc != self.info.CRC:
+            raise MemberError(f'CRC mismatch (directory {self.info.CRC:08x}, data '
+                              f'{self.crc:08x}): the data is corrupt')
+
+
+def _read(fp, count: int) -> bytes:
+    data = fp.read(count)
+    if len(data) < count:
+        raise MemberError(f'truncated: {len(data)} of {count} header bytes')
+    return data
