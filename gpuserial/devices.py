@@ -309,7 +309,8 @@ class _CupyBackend(Backend):
     def pinned(self, nbytes):
         cupy = _usable_cupy()
         memory = cupy.cuda.PinnedMemory(max(nbytes, 1), cupy.cuda.runtime.hostAllocPortable)
-        return numpy.frombuffer(memory, numpy.uint8, nbytes)  # keeps `memory` alive
+        pointer = cupy.cuda.PinnedMemoryPointer(memory, 0)  # exports the buffer protocol
+        return numpy.frombuffer(pointer, numpy.uint8, nbytes)  # keeps `memory` alive
 
     def _copy(self, dst_ptr, src_ptr, nbytes, kind, stream, device_id):
         cupy = _usable_cupy()
