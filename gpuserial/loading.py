@@ -140,7 +140,8 @@ class ReaderDeserializer(Deserializer):
             raise MismatchError(f'{self.reader.where(entry.key)}: a stored array of shape '
                                 f'{entry.shape} cannot load into a {value_type.__name__}')
         if (issubclass(entry.dtype.type, numpy.number)
-                and not numpy.can_cast(entry.dtype, value_type)):
+                and not (issubclass(entry.dtype.type, numpy.integer) and value_type is int)
+                and not numpy.can_cast(entry.dtype, value_type)):  # any integer fits an int
             raise UnsafeCastError(f'{self.reader.where(entry.key)}: stored dtype {entry.dtype} '
                                   f'does not cast safely to {value_type.__name__}')
         stored = self.reader.read_scalar(entry)

@@ -139,6 +139,7 @@ def test_value_none_returns_the_stored_array():
 @pytest.mark.parametrize(('stored', 'value', 'expected'), [
     (numpy.int64(3), 0, 3), (numpy.float64(1.5), 0.0, 1.5), (numpy.bool_(True), False, True),
     (numpy.asarray('abc'), '', 'abc'), (numpy.int32(4), numpy.int64(0), 4),
+    (numpy.uint64(2**63), 0, 2**63),  # any integer fits a Python int, as in Chainer
 ])
 def test_scalars_cast_safely(stored, value, expected):
     got = serializers.NpzDeserializer({'k': numpy.asarray(stored)})('k', value)
@@ -147,6 +148,7 @@ def test_scalars_cast_safely(stored, value, expected):
 
 @pytest.mark.parametrize(('stored', 'value'), [
     (numpy.float32(1.5), 0), (numpy.int64(3), numpy.uint32(0)), (numpy.float64(1), numpy.int8(0)),
+    (numpy.int64(1), False),
 ])
 def test_unsafe_scalar_cast_raises_type_error(stored, value):
     with pytest.raises(TypeError, match=r"key 'k'.*does not cast safely") as info:
