@@ -1,6 +1,6 @@
 """gpuserial: save and load the state of GPU-resident models, Chainer's serializers kept exactly."""
 
-from gpuserial import serializers
+from gpuserial import optimizers, serializers, training
 from gpuserial.devices import Device, get_array_module, get_device, gpu_available
 from gpuserial.errors import (
                               CorruptFileError,
@@ -11,6 +11,8 @@ from gpuserial.errors import (
                               UnsafeCastError,
                               UnsafeFileError,
 )
+from gpuserial.link import BatchNormalization, Chain, ChainList, Linear, Link, Parameter
+from gpuserial.optimizers import SGD, Adam, GradientMethod, MomentumSGD, Optimizer, UpdateRule
 from gpuserial.serializer import AbstractSerializer, Deserializer, Serializer
 from gpuserial.serializers import (
                               DictionarySerializer,
@@ -23,15 +25,25 @@ from gpuserial.serializers import (
                               save_npz,
                               serialize,
 )
+from gpuserial.training import (
+                              SerialIterator,
+                              StandardUpdater,
+                              Trainer,
+                              get_trigger,
+                              snapshot,
+                              snapshot_object,
+)
 from gpuserial.transfer import configure, release_pool
 
 __version__ = '0.1.0'
 
 __all__ = [
-    'AbstractSerializer', 'CorruptFileError', 'Device', 'DeviceError', 'Deserializer',
-    'DictionarySerializer', 'GpuserialError', 'HDF5Deserializer', 'HDF5Serializer',
-    'KeyNotFoundError', 'MismatchError', 'NpzDeserializer', 'Serializer', 'UnsafeCastError',
-    'UnsafeFileError', 'configure', 'get_array_module', 'get_device', 'gpu_available',
-    'load_hdf5', 'load_npz', 'release_pool', 'save_hdf5', 'save_npz', 'serialize',
-    'serializers',
+    'SGD', 'AbstractSerializer', 'Adam', 'BatchNormalization', 'Chain', 'ChainList',
+    'CorruptFileError', 'Deserializer', 'Device', 'DeviceError', 'DictionarySerializer',
+    'GpuserialError', 'GradientMethod', 'HDF5Deserializer', 'HDF5Serializer', 'KeyNotFoundError',
+    'Linear', 'Link', 'MismatchError', 'MomentumSGD', 'NpzDeserializer', 'Optimizer',
+    'Parameter', 'SerialIterator', 'Serializer', 'StandardUpdater', 'Trainer', 'UnsafeCastError',
+    'UnsafeFileError', 'UpdateRule', 'configure', 'get_array_module', 'get_device', 'get_trigger',
+    'gpu_available', 'load_hdf5', 'load_npz', 'optimizers', 'release_pool', 'save_hdf5',
+    'save_npz', 'serialize', 'serializers', 'snapshot', 'snapshot_object', 'training',
 ]

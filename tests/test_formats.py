@@ -1,4 +1,4 @@
-"""Both formats, on every device: round trips, in-place loads, ``device=``, paths and file objects."""
+"""Both formats on every device: round trips, in-place loads, device=, paths, file objects."""
 
 import io
 

@@ -5,8 +5,15 @@ import pytest
 
 from gpuserial import serializers
 from gpuserial.errors import KeyNotFoundError, MismatchError, UnsafeCastError
-from gpuserial.serializer import (AbstractSerializer, Deserializer, Serializer, as_serializable,
-                                  child_path, entry_key, is_ignored)
+from gpuserial.serializer import (
+    AbstractSerializer,
+    Deserializer,
+    Serializer,
+    as_serializable,
+    child_path,
+    entry_key,
+    is_ignored,
+)
 
 
 @pytest.mark.parametrize(('path', 'key', 'expected'), [
