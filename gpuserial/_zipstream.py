@@ -26,7 +26,8 @@ __all__ = ['MemberReader', 'ZipWriter', 'crc32']
 
 STORED, DEFLATED = 0, 8
 DEFLATE_LEVEL = 1  # ISA-L's level 1 (zlib's when isal is missing)
-ZIP64_LIMIT = 0xFFFFFFFF
+ZIP64_LIMIT = 0xFFFFFFFF  # sizes and offsets from here on go into ZIP64 fields
+MARKER32, MARKER16 = 0xFFFFFFFF, 0xFFFF  # what a 32/16-bit field says when ZIP64 holds it
 VERSION = 45  # ZIP64
 UTF8_FLAG = 0x800
 DESCRIPTOR_FLAG = 0x08
@@ -81,7 +82,7 @@ class ZipWriter:
         flags = (0 if encoded.isascii() else UTF8_FLAG) | (0 if self.seekable else DESCRIPTOR_FLAG)
         offset = self.position
         self._write(LOCAL.pack(b'PK\x03\x04', VERSION, flags, self.method, self.time, self.date,
-                               0, ZIP64_LIMIT, ZIP64_LIMIT, len(encoded),
+                               0, MARKER32, MARKER32, len(encoded),
                                LOCAL_ZIP64_EXTRA.size) + encoded
                     + LOCAL_ZIP64_EXTRA.pack(1, 16, 0, 0))
         crc, size, compressed = 0, 0, 0
@@ -117,8 +118,8 @@ class ZipWriter:
             extra = struct.pack('<HH', 1, len(extra)) + extra
         return CENTRAL.pack(
             b'PK\x01\x02', VERSION, 3, VERSION, flags, self.method, self.time, self.date, crc,
-            min(compressed, ZIP64_LIMIT), min(size, ZIP64_LIMIT), len(encoded), len(extra), 0,
-            0, 0, 0o100644 << 16, min(offset, ZIP64_LIMIT)) + encoded + extra
+            _field(compressed), _field(size), len(encoded), len(extra), 0, 0, 0, 0o100644 << 16,
+            _field(offset)) + encoded + extra
 
     def close(self) -> None:
         """Writes the central directory (and the ZIP64 end records where needed)."""
@@ -127,14 +128,21 @@ class ZipWriter:
             self._write(entry)
         size = self.position - start
         count = len(self.central)
-        if count >= 0xFFFF or start >= ZIP64_LIMIT or size >= ZIP64_LIMIT:
+        zip64 = count >= MARKER16 or start >= ZIP64_LIMIT or size >= ZIP64_LIMIT
+        if zip64:
             end64 = self.position
             self._write(END64.pack(b'PK\x06\x06', END64.size - 12, VERSION, VERSION, 0, 0,
                                    count, count, size, start))
             self._write(END64_LOCATOR.pack(b'PK\x06\x07', 0, end64, 1))
-        self._write(END.pack(b'PK\x05\x06', 0, 0, min(count, 0xFFFF), min(count, 0xFFFF),
-                             min(size, ZIP64_LIMIT), min(start, ZIP64_LIMIT), 0))
+        entries = MARKER16 if zip64 else count
+        self._write(END.pack(b'PK\x05\x06', 0, 0, entries, entries,
+                             MARKER32 if zip64 else size, MARKER32 if zip64 else start, 0))
         self.out.flush()
+
+
+def _field(value: int) -> int:
+    """A size or offset as its 32-bit field holds it: itself, or the ZIP64 marker."""
+    return MARKER32 if value >= ZIP64_LIMIT else value
 
 
 def _seekable(out) -> bool:

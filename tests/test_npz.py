@@ -1,0 +1,128 @@
+"""NPZ specifics: the zip container (ZIP64, descriptors, deflate), numpy's reader, our checks."""
+
+import io
+import zipfile
+
+import numpy
+import pytest
+
+from gpuserial import _zipstream, serializers
+from gpuserial.errors import CorruptFileError
+
+ARRAYS = {'a': numpy.arange(100, dtype=numpy.float32), 'b/c': numpy.ones((3, 4), numpy.int16),
+          'd': numpy.float64(2.5), 'empty': numpy.zeros((0, 3))}
+
+
+def _check_with_numpy(data: bytes, expected: dict) -> None:
+    with numpy.load(io.BytesIO(data)) as npz:
+        assert sorted(npz.files) == sorted(expected)
+        for key, value in expected.items():
+            numpy.testing.assert_array_equal(npz[key], value)
+            assert npz[key].dtype == numpy.asarray(value).dtype
+
+
+@pytest.mark.parametrize('compression', [True, False])
+def test_members_are_what_numpy_reads(compression):
+    out = io.BytesIO()
+    serializers.save_npz(out, ARRAYS, compression=compression)
+    _check_with_numpy(out.getvalue(), ARRAYS)
+    with zipfile.ZipFile(out) as archive:
+        assert archive.testzip() is None
+        methods = {info.compress_type for info in archive.infolist()}
+        assert methods == {zipfile.ZIP_DEFLATED if compression else zipfile.ZIP_STORED}
+        assert [info.filename for info in archive.infolist()] == [k + '.npy' for k in ARRAYS]
+
+
+@pytest.mark.parametrize('compression', [True, False])
+def test_zip64_fields_when_sizes_pass_the_limit(monkeypatch, compression):
+    monkeypatch.setattr(_zipstream, 'ZIP64_LIMIT', 200)  # members and offsets past 200 bytes
+    out = io.BytesIO()
+    serializers.save_npz(out, ARRAYS, compression=compression)
+    data = out.getvalue()
+    assert b'PK\x06\x06' in data and b'PK\x06\x07' in data  # ZIP64 end record and locator
+    _check_with_numpy(data, ARRAYS)
+    target = {key: numpy.zeros_like(value) for key, value in ARRAYS.items()}
+    target['d'] = 0.0
+    serializers.load_npz(io.BytesIO(data), target)
+    numpy.testing.assert_array_equal(target['a'], ARRAYS['a'])
+
+
+class _Unseekable(io.RawIOBase):
+    def __init__(self):
+        self.data = bytearray()
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        self.data += bytes(b)
+        return len(b)
+
+
+@pytest.mark.parametrize('compression', [True, False])
+def test_unseekable_output_gets_data_descriptors(compression):
+    out = _Unseekable()
+    serializers.save_npz(out, ARRAYS, compression=compression)
+    assert b'PK\x07\x08' in out.data
+    _check_with_numpy(bytes(out.data), ARRAYS)
+
+
+def test_compressed_files_are_smaller_and_plain_deflate():
+    arrays = {'zeros': numpy.zeros(100000, numpy.float32)}
+    compressed, stored = io.BytesIO(), io.BytesIO()
+    serializers.save_npz(compressed, arrays)
+    serializers.save_npz(stored, arrays, compression=False)
+    assert len(compressed.getvalue()) * 50 < len(stored.getvalue())
+    with zipfile.ZipFile(compressed) as archive:  # zipfile inflates it with zlib
+        assert archive.read('zeros.npy')[-10:] == b'\0' * 10
+
+
+def test_stored_none_is_chainers_pickle_and_loads_with_numpy():
+    out = io.BytesIO()
+    serializers.save_npz(out, {'n': None})
+    with numpy.load(io.BytesIO(out.getvalue()), allow_pickle=True) as npz:
+        assert npz['n'].dtype == object and npz['n'][()] is None
+    with zipfile.ZipFile(out) as archive:
+        assert b'numpy.core.multiarray' in archive.read('n.npy')
+
+
+def test_numpy_load_result_is_accepted_by_the_deserializer(tmp_path):
+    numpy.savez(tmp_path / 'n.npz', w=numpy.arange(5.0))
+    target = numpy.zeros(5)
+    with numpy.load(tmp_path / 'n.npz') as npz:
+        serializers.NpzDeserializer(npz)('w', target)
+    numpy.testing.assert_array_equal(target, numpy.arange(5.0))
+
+
+@pytest.mark.parametrize('compression', [True, False])
+def test_a_flipped_data_byte_is_a_crc_error_naming_the_member(tmp_path, compression):
+    path = tmp_path / 'm.npz'
+    values = numpy.arange(1000, dtype=numpy.int64)
+    serializers.save_npz(path, {'w': values}, compression=compression)
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo('w.npy')
+    position = info.header_offset + 30 + len('w.npy') + 20 + info.compress_size // 2
+    data[position] ^= 0x55
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match=r"m\.npz', key 'w': .*(CRC|deflate)"):
+        serializers.load_npz(path, {'w': numpy.zeros(1000, numpy.int64)})
+
+
+@pytest.mark.slow
+def test_an_array_over_4_gib(tmp_path):
+    size = (1 << 32) + 3
+    array = numpy.zeros(size, numpy.uint8)
+    array[[0, 1 << 31, size - 1]] = [1, 2, 3]
+    path = tmp_path / 'big.npz'
+    serializers.save_npz(path, {'big': array, 'after': numpy.arange(3)}, compression=False,
+                         durable=False)
+    del array
+    with zipfile.ZipFile(path) as archive:
+        assert archive.getinfo('big.npy').file_size == size + 128
+        assert archive.getinfo('after.npy').header_offset > 1 << 32
+    target = {'big': numpy.zeros(size, numpy.uint8), 'after': numpy.zeros(3, int)}
+    serializers.load_npz(path, target)
+    assert target['big'][[0, 1 << 31, size - 1]].tolist() == [1, 2, 3]
+    assert int(target['big'].sum(dtype=numpy.uint64)) == 6
+    numpy.testing.assert_array_equal(target['after'], numpy.arange(3))
