@@ -1,0 +1,60 @@
+"""HDF5 specifics: Chainer's layout (groups, gzip, Empty for None), chunked device writes."""
+
+import h5py
+import numpy
+import pytest
+
+from gpuserial import serializers
+from tests.conftest import host
+from tests.standin import StandInDevice
+
+
+def test_layout_is_chainers(tmp_path):
+    path = tmp_path / 'm.h5'
+    serializers.save_hdf5(path, {'l1': {'W': numpy.ones((3, 4), numpy.float32), 'b': None},
+                                 't': 3, 'one': numpy.ones(1)})
+    with h5py.File(path, 'r') as f:
+        assert isinstance(f['l1'], h5py.Group)
+        assert f['l1/W'].compression == 'gzip' and f['l1/W'].compression_opts == 4
+        assert f['l1/b'].shape is None and f['l1/b'].dtype == numpy.float32  # h5py.Empty('f')
+        assert f['t'].compression is None and f['t'][()] == 3
+        assert f['one'].compression is None
+
+
+@pytest.mark.parametrize('level', [0, 9])
+def test_compression_level(tmp_path, level):
+    path = tmp_path / 'm.h5'
+    serializers.save_hdf5(path, {'w': numpy.zeros(1000)}, compression=level)
+    with h5py.File(path, 'r') as f:
+        assert f['w'].compression == ('gzip' if level else None)
+
+
+def test_serializer_on_an_open_group(tmp_path):
+    with h5py.File(tmp_path / 'm.h5', 'w') as f:
+        serializer = serializers.HDF5Serializer(f.create_group('model'), compression=1)
+        serializer['/sub/']('/w', numpy.arange(3.0))
+    with h5py.File(tmp_path / 'm.h5', 'r') as f:
+        target = numpy.zeros(3)
+        serializers.HDF5Deserializer(f['model'])['sub']('w', target)
+    numpy.testing.assert_array_equal(target, numpy.arange(3.0))
+
+
+@pytest.mark.parametrize('shape', [(7,), (5, 9), (3, 4, 50), ()])
+@pytest.mark.parametrize('compression', [0, 4])
+def test_device_arrays_go_in_hyperslabs(tmp_path, small_chunks, shape, compression):
+    values = numpy.arange(int(numpy.prod(shape)), dtype=numpy.float64).reshape(shape)
+    device = StandInDevice(1)
+    path = tmp_path / 'm.h5'
+    serializers.save_hdf5(path, {'w': device.send(values)}, compression=compression)
+    with h5py.File(path, 'r') as f:
+        numpy.testing.assert_array_equal(f['w'][()], values)
+    target = {'w': device.send(numpy.zeros(shape))}
+    serializers.load_hdf5(path, target)
+    numpy.testing.assert_array_equal(host(target['w']), values)
+
+
+def test_a_group_where_a_dataset_is_expected(tmp_path):
+    path = tmp_path / 'm.h5'
+    serializers.save_hdf5(path, {'w': {'x': numpy.ones(2)}})
+    with pytest.raises(ValueError, match=r"m\.h5', key 'w': is an HDF5 group, not a dataset"):
+        serializers.load_hdf5(path, {'w': numpy.zeros(2)})
