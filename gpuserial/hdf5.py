@@ -13,8 +13,10 @@ import h5py
 import numpy
 
 from gpuserial import devices, loading, transfer
+from gpuserial import progress as _progress
 from gpuserial._fileio import atomic_path, display_name, is_path
 from gpuserial.errors import CorruptFileError, MismatchError, UnsafeFileError
+from gpuserial.npz import serialize_refs
 from gpuserial.serializer import Serializer, as_serializable
 
 __all__ = ['HDF5Deserializer', 'HDF5Serializer', 'load_hdf5', 'save_hdf5']
@@ -26,14 +28,18 @@ class HDF5Serializer(Serializer):
     Args:
         group: the h5py file or group to write into.
         compression: the gzip level (0 to 9) for entries of more than one element.
+        progress: keyword-only; counts the array bytes written (for a progress bar).
     """
 
-    def __init__(self, group: h5py.Group, compression: int = 4):
+    def __init__(self, group: h5py.Group, compression: int = 4, *,
+                 progress: _progress.Progress = _progress.SILENT):
         self.group = group
         self.compression = compression
+        self.progress = progress
 
     def __getitem__(self, key: str) -> HDF5Serializer:
-        return HDF5Serializer(self.group.require_group(key.strip('/')), self.compression)
+        return HDF5Serializer(self.group.require_group(key.strip('/')), self.compression,
+                              progress=self.progress)
 
     def __call__(self, key: str, value):
         key = key.lstrip('/')
@@ -42,7 +48,7 @@ class HDF5Serializer(Serializer):
         elif isinstance(value, str):
             self.group.create_dataset(key, data=value)
         elif devices.is_array(value):
-            write_dataset(self.group, key, value, self.compression)
+            write_dataset(self.group, key, value, self.compression, self.progress)
         else:
             self.group.create_dataset(key, data=numpy.asarray(value))
         return value
@@ -56,11 +62,13 @@ def _block_shape(shape: tuple, index: tuple) -> tuple:
     return (last.stop - last.start, *shape[len(index):])
 
 
-def write_dataset(group: h5py.Group, key: str, array, compression: int | None) -> None:
+def write_dataset(group: h5py.Group, key: str, array, compression: int | None,
+                  shown: _progress.Progress = _progress.SILENT) -> None:
     """Creates dataset ``key`` holding ``array``, streamed in hyperslabs unless on the host."""
     compression = compression if array.size > 1 and compression else None
     if devices.backend_of(array).is_host and array.flags.c_contiguous:
         group.create_dataset(key, data=array, compression=compression)
+        shown.update(array.nbytes)
         return
     blocks = list(transfer.hyperslabs(array.shape, array.dtype.itemsize))
     chunks = None
@@ -73,6 +81,7 @@ def write_dataset(group: h5py.Group, key: str, array, compression: int | None) -
     for (index, _, _), chunk in zip(blocks, transfer.host_chunks(array, spans=spans), strict=True):
         block = numpy.frombuffer(chunk, array.dtype).reshape(_block_shape(array.shape, index))
         dataset.write_direct(block, dest_sel=index if index else None)
+        shown.update(block.nbytes)
 
 
 class _GroupReader(loading.Reader):
@@ -113,6 +122,7 @@ class _GroupReader(loading.Reader):
             return
         if devices.backend_of(dst).is_host and dst.flags.c_contiguous:
             self._guard(entry, lambda: dataset.read_direct(dst))
+            self.progress.update(dst.nbytes)
             return
         blocks = list(transfer.hyperslabs(dst.shape, dst.dtype.itemsize))
         position = iter(blocks)
@@ -124,6 +134,7 @@ class _GroupReader(loading.Reader):
                 self._guard(entry, lambda: dataset.read_direct(block, source_sel=index))
             else:
                 block[...] = self._guard(entry, lambda: dataset[()])
+            self.progress.update(block.nbytes)
 
         transfer.fill(dst, read_into, dst.dtype, spans=[(a, b) for _, a, b in blocks])
 
@@ -152,7 +163,8 @@ class HDF5Deserializer(loading.ReaderDeserializer):
         super().__init__(reader, path, strict, ignore_names, device=device, dry_run=dry_run)
 
 
-def save_hdf5(filename, obj, compression: int = 4, *, durable: bool = True) -> None:
+def save_hdf5(filename, obj, compression: int = 4, *, durable: bool = True,
+              progress: bool | None = None) -> None:
     """Saves an object to a file in HDF5 format.
 
     Args:
@@ -161,18 +173,21 @@ def save_hdf5(filename, obj, compression: int = 4, *, durable: bool = True) -> N
         compression: the gzip level (0 to 9; 0 is none) for entries of more than one element.
         durable: for a path, fsync the file and its directory so the save survives a machine
             crash; ``False`` still replaces the file atomically but skips the fsyncs.
+        progress: a progress bar on stderr: None (the default) for one on a terminal when the
+            save is large, True or False to decide.
 
     A save to a path goes to a temporary file beside it that replaces the target only once
     complete: a failed save leaves the old file as it was.
     """
     target = as_serializable(obj)
-    if not is_path(filename):
-        with h5py.File(filename, 'w') as f:
-            HDF5Serializer(f, compression).save(target)
-        return
-    with atomic_path(filename, durable=durable) as temp:
-        with h5py.File(temp, 'w') as f:
-            HDF5Serializer(f, compression).save(target)
+    total = sum(value.nbytes for value in serialize_refs(target).values())
+    with _progress.bar(total, f'save {display_name(filename)}', progress) as shown:
+        if not is_path(filename):
+            with h5py.File(filename, 'w') as f:
+                HDF5Serializer(f, compression, progress=shown).save(target)
+            return
+        with atomic_path(filename, durable=durable) as temp, h5py.File(temp, 'w') as f:
+            HDF5Serializer(f, compression, progress=shown).save(target)
 
 
 def open_hdf5(filename) -> h5py.File:
@@ -190,7 +205,7 @@ def open_hdf5(filename) -> h5py.File:
 
 
 def load_hdf5(filename, obj, *, path: str = '', strict: bool = True, ignore_names=None,
-              device=None) -> None:
+              device=None, progress: bool | None = None) -> None:
     """Loads an object from a file in HDF5 format.
 
     Every key, shape and cast is checked before anything is changed, so a load that fails
@@ -203,6 +218,8 @@ def load_hdf5(filename, obj, *, path: str = '', strict: bool = True, ignore_name
         strict: keyword-only; whether a missing key is an error (a ``KeyError``).
         ignore_names: keyword-only; a string, a callable on the full key, or a list of them.
         device: keyword-only; the device the target's arrays end up on, loaded there directly.
+        progress: keyword-only; a progress bar on stderr: None (the default) for one on a
+            terminal when the load is large, True or False to decide.
 
     Raises:
         FileNotFoundError: no such file.
@@ -213,6 +230,6 @@ def load_hdf5(filename, obj, *, path: str = '', strict: bool = True, ignore_name
     """
     with open_hdf5(filename) as f:
         reader = _GroupReader(f, display_name(filename))
-        loading.load(obj, lambda **kw: HDF5Deserializer(reader, strict, path=path,
-                                                        ignore_names=ignore_names, **kw),
-                     device)
+        loading.load(obj, reader, lambda **kw: HDF5Deserializer(
+            reader, strict, path=path, ignore_names=ignore_names, **kw),
+            device=device, show_progress=progress)

@@ -13,7 +13,7 @@ import dataclasses
 
 import numpy
 
-from gpuserial import devices
+from gpuserial import devices, progress
 from gpuserial.errors import KeyNotFoundError, MismatchError, UnsafeCastError
 from gpuserial.serializer import Deserializer, as_serializable, child_path, entry_key, is_ignored
 
@@ -42,6 +42,8 @@ class Reader:
     """A format's view of a file: entries by full key, and reads of their data."""
 
     name: str  # the file, as messages name it
+    planned_bytes: int = 0  # array bytes the dry run found the target will read
+    progress: progress.Progress = progress.SILENT  # counts bytes as reads go through
 
     def entry(self, key: str) -> Entry | None:
         """The entry under ``key``, checked against the file, or None when there is none."""
@@ -112,6 +114,7 @@ class ReaderDeserializer(Deserializer):
     def _new_array(self, entry: Entry):
         self.reader.check_allocation(entry)
         if self.dry_run:
+            self.reader.planned_bytes += entry.size * entry.dtype.itemsize
             return None
         device = self.device or devices.CPU
         array = device.backend.empty(entry.shape, entry.dtype, device)
@@ -126,6 +129,7 @@ class ReaderDeserializer(Deserializer):
             raise MismatchError(f'{self.reader.where(entry.key)}: stored dtype {entry.dtype} '
                                 f'does not cast to the target dtype {value.dtype} (same_kind)')
         if self.dry_run:
+            self.reader.planned_bytes += entry.size * entry.dtype.itemsize
             return value
         if self.device is not None and devices.device_of(value) != self.device:
             target = self.device.backend.empty(entry.shape, value.dtype, self.device)
@@ -154,16 +158,24 @@ class ReaderDeserializer(Deserializer):
         return value if self.dry_run else loaded
 
 
-def load(obj, make_deserializer, device=None) -> None:
+def load(obj, reader: Reader, make_deserializer, *, device=None, show_progress=None) -> None:
     """Loads ``obj`` transactionally: a dry run first, then the real pass.
 
     Args:
         obj: a serializable object or a dict of arrays.
+        reader: the file's reader (its ``progress`` counts the real pass's bytes).
         make_deserializer: called with ``dry_run=`` and ``device=``, gives a deserializer.
         device: where the target's arrays end up (None: on their own devices).
+        show_progress: a progress bar: None for one on a terminal for large loads, or a bool.
     """
     target = as_serializable(obj)
+    reader.planned_bytes = 0
     make_deserializer(dry_run=True, device=device).load(target)
-    make_deserializer(dry_run=False, device=device).load(target)
+    with progress.bar(reader.planned_bytes, f'load {reader.name}', show_progress) as shown:
+        reader.progress = shown
+        try:
+            make_deserializer(dry_run=False, device=device).load(target)
+        finally:
+            reader.progress = progress.SILENT
     if device is not None and hasattr(obj, 'to_device'):
         obj.to_device(device)  # whatever the load did not carry (gradients, unloaded arrays)

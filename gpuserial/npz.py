@@ -17,6 +17,7 @@ from typing import BinaryIO
 import numpy
 
 from gpuserial import _npy, _zipstream, devices, loading, transfer
+from gpuserial import progress as _progress
 from gpuserial._fileio import atomic_output, display_name, is_path, open_input
 from gpuserial.errors import CorruptFileError, UnsafeFileError
 from gpuserial.serializer import Serializer, as_serializable, child_path, entry_key
@@ -56,6 +57,13 @@ class DictionarySerializer(Serializer):
         return value
 
 
+def serialize_refs(obj) -> dict:
+    """The flat dict of what ``obj`` stores, arrays as they are (no copies, any device)."""
+    serializer = DictionarySerializer(keep_device=True)
+    serializer.save(as_serializable(obj))
+    return serializer.target
+
+
 def serialize(obj) -> dict:
     """Serializes ``obj`` (a serializable object or a dict) into a flat dict of NumPy arrays."""
     serializer = DictionarySerializer()
@@ -63,7 +71,8 @@ def serialize(obj) -> dict:
     return serializer.target
 
 
-def save_npz(file, obj, compression: bool = True, *, durable: bool = True) -> None:
+def save_npz(file, obj, compression: bool = True, *, durable: bool = True,
+             progress: bool | None = None) -> None:
     """Saves an object to a file in NPZ format.
 
     Args:
@@ -72,17 +81,21 @@ def save_npz(file, obj, compression: bool = True, *, durable: bool = True) -> No
         compression: deflate the members (else store them).
         durable: for a path, fsync the file and its directory so the save survives a machine
             crash; ``False`` still replaces the file atomically but skips the fsyncs.
+        progress: a progress bar on stderr: None (the default) for one on a terminal when the
+            save is large, True or False to decide.
 
     A save to a path goes to a temporary file beside it that replaces the target only once
     complete: a failed save leaves the old file as it was.
     """
-    serializer = DictionarySerializer(keep_device=True)
-    serializer.save(as_serializable(obj))
-    with atomic_output(file, durable=durable) as out:
-        write_npz(out, serializer.target, compression)
+    entries = serialize_refs(obj)
+    total = sum(value.nbytes for value in entries.values())
+    with atomic_output(file, durable=durable) as out, \
+            _progress.bar(total, f'save {display_name(file)}', progress) as shown:
+        write_npz(out, entries, compression, shown)
 
 
-def write_npz(out: BinaryIO, entries: Mapping[str, object], compression: bool) -> None:
+def write_npz(out: BinaryIO, entries: Mapping[str, object], compression: bool,
+              shown: _progress.Progress = _progress.SILENT) -> None:
     """Writes ``entries`` (arrays of any backend, or 0-d object arrays holding None) as NPZ."""
     with _zipstream.ZipWriter(out, compression=compression) as archive:
         for key, array in entries.items():
@@ -93,7 +106,8 @@ def write_npz(out: BinaryIO, entries: Mapping[str, object], compression: bool) -
                 raise TypeError(f'cannot save key {key!r}: object arrays other than None '
                                 f'are not supported')
             header = _npy.encode_header(array.dtype, array.shape)
-            archive.write_member(key + SUFFIX, _chain([header], transfer.host_chunks(array)))
+            chunks = _progress.counted(transfer.host_chunks(array), shown)
+            archive.write_member(key + SUFFIX, _chain([header], chunks))
 
 
 def _chain(*iterables):
@@ -183,7 +197,12 @@ class _ZipReader(loading.Reader):
         with self._guard(entry.key):
             member = _zipstream.MemberReader(self.archive.fp, info)
             member.read(header.length)
-            transfer.fill(dst.T if header.fortran_order else dst, member.readinto, header.dtype)
+
+            def read_into(buffer: memoryview) -> None:
+                member.readinto(buffer)
+                self.progress.update(len(buffer))
+
+            transfer.fill(dst.T if header.fortran_order else dst, read_into, header.dtype)
             member.finish()
 
 
@@ -273,7 +292,7 @@ def open_npz(file) -> zipfile.ZipFile:
 
 
 def load_npz(file, obj, path: str = '', strict: bool = True, ignore_names=None, *,
-             device=None) -> None:
+             device=None, progress: bool | None = None) -> None:
     """Loads an object from a file in NPZ format.
 
     Every key, shape and cast is checked before anything is changed, so a load that fails on
@@ -288,6 +307,8 @@ def load_npz(file, obj, path: str = '', strict: bool = True, ignore_names=None, 
         ignore_names: a string, a callable on the full key, or a list of them: entries to skip.
         device: keyword-only; the device the target's arrays end up on, loaded there directly
             (None: in place on each array's own device).
+        progress: keyword-only; a progress bar on stderr: None (the default) for one on a
+            terminal when the load is large, True or False to decide.
 
     Raises:
         FileNotFoundError: no such file.
@@ -298,5 +319,6 @@ def load_npz(file, obj, path: str = '', strict: bool = True, ignore_names=None, 
     """
     with open_input(file) as stream, open_npz(stream) as archive:
         reader = _ZipReader(archive, display_name(file))
-        loading.load(obj, lambda **kw: NpzDeserializer(reader, path, strict, ignore_names, **kw),
-                     device)
+        loading.load(obj, reader,
+                     lambda **kw: NpzDeserializer(reader, path, strict, ignore_names, **kw),
+                     device=device, show_progress=progress)

@@ -243,3 +243,33 @@ def test_serializable_objects(tmp_path, fmt):
     numpy.testing.assert_array_equal(target.w, source.w)
     numpy.testing.assert_array_equal(target.child.v, 9)
     assert (target.t, target.name, target.child.none) == (42, 'renamed', None)
+
+
+@pytest.mark.parametrize('name', ['npz', 'hdf5'])
+def test_progress_counts_every_array_byte(tmp_path, monkeypatch, small_chunks, name):
+    import contextlib
+
+    from gpuserial import progress
+
+    bars = []
+
+    class Recording:
+        def __init__(self, total):
+            self.total, self.done = total, 0
+
+        def update(self, nbytes):
+            self.done += nbytes
+
+    @contextlib.contextmanager
+    def recording_bar(total, desc, enabled=None, **kwargs):
+        bars.append((desc.split()[0], Recording(total), enabled))
+        yield bars[-1][1]
+
+    monkeypatch.setattr(progress, 'bar', recording_bar)
+    save, load, ext = FORMATS[name]
+    tree = {'w': numpy.ones((50, 7)), 'v': StandInDevice(0).send(numpy.ones(33, numpy.int16))}
+    save(tmp_path / f'm{ext}', tree, progress=True)
+    load(tmp_path / f'm{ext}', _zeros_like(tree), progress=False)
+    assert [(kind, bar.total, bar.done, enabled) for kind, bar, enabled in bars] == [
+        ('save', 50 * 7 * 8 + 66, 50 * 7 * 8 + 66, True),
+        ('load', 50 * 7 * 8 + 66, 50 * 7 * 8 + 66, False)]
