@@ -31,7 +31,7 @@ MARKER32, MARKER16 = 0xFFFFFFFF, 0xFFFF  # what a 32/16-bit field says when ZIP6
 VERSION = 45  # ZIP64
 UTF8_FLAG = 0x800
 DESCRIPTOR_FLAG = 0x08
-INPUT_PIECE = 1 << 18  # compressed bytes fed to the inflater at a time (bounds its tail copies)
+PIECE = 1 << 18  # data is checksummed and (de)compressed in pieces that stay in the CPU's cache
 
 LOCAL = struct.Struct('<4sHHHHHIIIHH')
 LOCAL_ZIP64_EXTRA = struct.Struct('<HHQQ')
@@ -89,11 +89,14 @@ class ZipWriter:
         compressor = (deflate_module.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -15)
                       if self.method == DEFLATED else None)
         for chunk in chunks:
-            crc = crc32(chunk, crc)
+            chunk = memoryview(chunk).cast('B')
+            for start in range(0, len(chunk), PIECE):  # CRC and write each piece while cached
+                piece = chunk[start:start + PIECE]
+                crc = crc32(piece, crc)
+                data = compressor.compress(piece) if compressor else piece
+                compressed += len(data)
+                self._write(data)
             size += len(chunk)
-            data = compressor.compress(chunk) if compressor else chunk
-            compressed += len(data)
-            self._write(data)
         if compressor:
             data = compressor.flush()
             compressed += len(data)
@@ -206,29 +209,33 @@ class MemberReader:
             if wanted > self.left:
                 raise MemberError('stored sizes disagree')
             self.fp.seek(self.position)
-            done = 0
-            while done < wanted:
-                count = self.fp.readinto(buffer[done:])
-                if not count:
-                    raise MemberError(f'truncated: the file ends {wanted - done} bytes early')
-                done += count
+            for start in range(0, wanted, PIECE):  # CRC each piece while it is in the cache
+                piece = buffer[start:start + PIECE]
+                done = 0
+                while done < len(piece):
+                    count = self.fp.readinto(piece[done:])
+                    if not count:
+                        raise MemberError(f'truncated: the file ends {wanted - start - done} '
+                                          f'bytes early')
+                    done += count
+                self.crc = crc32(piece, self.crc)
             self.position += wanted
             self.left -= wanted
         else:
             done = 0
             while done < wanted:
                 if not self.pending and self.left:
-                    self.pending = self._raw(INPUT_PIECE)
+                    self.pending = self._raw(PIECE)
                 try:  # with no input left, this drains what the inflater holds
-                    data = self.inflater.decompress(self.pending, wanted - done)
+                    data = self.inflater.decompress(self.pending, min(PIECE, wanted - done))
                 except zlib.error as error:
                     raise MemberError(f'corrupt deflate data: {error}') from None
                 self.pending = self.inflater.unconsumed_tail
                 buffer[done:done + len(data)] = data
                 done += len(data)
+                self.crc = crc32(data, self.crc)
                 if done < wanted and not data and not self.pending and not self.left:
                     raise MemberError(f'the deflate stream ends {wanted - done} bytes early')
-        self.crc = crc32(buffer, self.crc)
         self.produced += wanted
         return wanted
 

@@ -90,8 +90,14 @@ class _GroupReader(loading.Reader):
     def __init__(self, group: h5py.Group, name: str):
         self.group = group
         self.name = name
+        self._entries: dict[str, loading.Entry | None] = {}
 
     def entry(self, key: str) -> loading.Entry | None:
+        if key not in self._entries:  # looked up once for both passes of a load
+            self._entries[key] = self._lookup(key)
+        return self._entries[key]
+
+    def _lookup(self, key: str) -> loading.Entry | None:
         where = self.where(key)
         try:
             found = self.group.get(key)
@@ -186,7 +192,7 @@ def save_hdf5(filename, obj, compression: int = 4, *, durable: bool = True,
             with h5py.File(filename, 'w') as f:
                 HDF5Serializer(f, compression, progress=shown).save(target)
             return
-        with atomic_path(filename, durable=durable) as temp, h5py.File(temp, 'w') as f:
+        with atomic_path(filename, durable=durable) as temp, h5py.File(temp, 'x') as f:
             HDF5Serializer(f, compression, progress=shown).save(target)
 
 

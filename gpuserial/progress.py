@@ -78,7 +78,11 @@ def bar(total_bytes: int, desc: str, enabled: bool | None = None, *,
     if not should_show(total_bytes, enabled, stream):
         yield SILENT
         return
-    from tqdm import tqdm
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is a dependency, but a bar is never worth failing a save
+        yield SILENT
+        return
 
     with tqdm(total=total_bytes, desc=desc, unit='B', unit_scale=True, unit_divisor=1024,
               file=stream, leave=False, dynamic_ncols=True, mininterval=MIN_INTERVAL_S) as shown:
