@@ -1,0 +1,127 @@
+"""Transfer: the staging engine against pageable copies and a single pinned copy (the bus).
+
+Device-to-host ends in a pageable host array and host-to-device starts from one, so that the
+engine (through pinned chunks, overlapped) and ``cupy.asnumpy`` / ``ndarray.set`` do the same
+work; the pinned single ``cudaMemcpy`` of the whole array is the bus limit. On the CPU, the
+engine over a NumPy array is set against a plain ``numpy.copyto`` (its overhead).
+"""
+
+from __future__ import annotations
+
+import numpy
+import pytest
+
+from benchmarks.conftest import DEVICE_PARAMS, bench_bytes, device_for, record, sync_around
+from gpuserial import bench
+
+
+@pytest.fixture(scope='module', params=DEVICE_PARAMS)
+def arrays(request):
+    """(device, its array, the host original, a pageable host array to copy back into)."""
+    device = device_for(request)
+    nbytes = bench_bytes(request.config, device)
+    host = bench.make_array(nbytes)
+    with device.use():
+        yield device, device.send(host.copy()), host, numpy.zeros_like(host)
+
+
+def _check(device, array, host, back):
+    numpy.testing.assert_array_equal(back, host)
+    numpy.testing.assert_array_equal(device.backend.to_numpy(array)
+                                     if not device.backend.is_host else array, host)
+
+
+def _run(benchmark, rounds, machine, arrays, group, function, setup):
+    device, array, host, back = arrays
+    benchmark.group = f'{group} {device.name} {bench.format_size(host.nbytes)}'
+    record(benchmark, machine, device, host.nbytes)
+    benchmark.pedantic(sync_around(function, device), setup=setup, rounds=rounds,
+                       warmup_rounds=1 if rounds > 1 else 0)
+    _check(device, array, host, back)
+
+
+def test_to_host_engine(benchmark, rounds, machine, arrays):
+    device, array, host, back = arrays
+    _run(benchmark, rounds, machine, arrays, 'device-to-host',
+         lambda: bench.engine_to_host(array, back), setup=lambda: back.fill(0))
+
+
+def test_to_host_pageable(benchmark, rounds, machine, arrays):
+    device, array, host, back = arrays
+    if device.backend.is_host:
+        pytest.skip('no pageable device copy on the CPU (see the memcpy row)')
+
+    def copy():
+        back[...] = device.backend.to_numpy(array)  # cupy.asnumpy
+    _run(benchmark, rounds, machine, arrays, 'device-to-host', copy, setup=lambda: back.fill(0))
+
+
+def test_to_host_pinned_single_copy(benchmark, rounds, machine, arrays):
+    device, array, host, back = arrays
+    if device.backend.is_host:
+        pytest.skip('no pinned copy on the CPU')
+    backend = device.backend
+    pinned = backend.pinned(host.nbytes)
+    stream = backend.stream(device)
+    flat = backend.as_bytes(array)
+    _run(benchmark, rounds, machine, arrays, 'device-to-host',
+         lambda: backend.wait(backend.to_host_async(flat, 0, pinned, stream)),
+         setup=lambda: pinned.fill(0))
+    numpy.testing.assert_array_equal(pinned.view(host.dtype), host)
+
+
+def test_to_host_memcpy(benchmark, rounds, machine, arrays):
+    device, array, host, back = arrays
+    if not device.backend.is_host:
+        pytest.skip('the CPU baseline')
+    _run(benchmark, rounds, machine, arrays, 'device-to-host',
+         lambda: numpy.copyto(back, array), setup=lambda: back.fill(0))
+
+
+def _clear(device, array):
+    def clear():
+        if device.backend.is_host:
+            array.fill(0)
+        else:
+            device.backend.assign(array, device.send(numpy.zeros(array.shape, array.dtype)))
+    return clear
+
+
+def test_from_host_engine(benchmark, rounds, machine, arrays):
+    device, array, host, back = arrays
+    back[...] = host
+    _run(benchmark, rounds, machine, arrays, 'host-to-device',
+         lambda: bench.engine_from_host(host, array), setup=_clear(device, array))
+
+
+def test_from_host_pageable(benchmark, rounds, machine, arrays):
+    device, array, host, back = arrays
+    if not hasattr(array, 'set'):
+        pytest.skip('ndarray.set is CuPy\'s')
+    back[...] = host
+    _run(benchmark, rounds, machine, arrays, 'host-to-device', lambda: array.set(host),
+         setup=_clear(device, array))
+
+
+def test_from_host_pinned_single_copy(benchmark, rounds, machine, arrays):
+    device, array, host, back = arrays
+    if device.backend.is_host:
+        pytest.skip('no pinned copy on the CPU')
+    backend = device.backend
+    pinned = backend.pinned(host.nbytes)
+    pinned.view(host.dtype)[...] = host
+    stream = backend.stream(device)
+    flat = backend.as_bytes(array)
+    back[...] = host
+    _run(benchmark, rounds, machine, arrays, 'host-to-device',
+         lambda: backend.wait(backend.from_host_async(pinned, flat, 0, stream)),
+         setup=_clear(device, array))
+
+
+def test_from_host_memcpy(benchmark, rounds, machine, arrays):
+    device, array, host, back = arrays
+    if not device.backend.is_host:
+        pytest.skip('the CPU baseline')
+    back[...] = host
+    _run(benchmark, rounds, machine, arrays, 'host-to-device',
+         lambda: numpy.copyto(array, host), setup=_clear(device, array))
