@@ -79,6 +79,9 @@ def atomic_path(path, *, durable: bool = True) -> Iterator[str]:
     path = os.fsdecode(path)
     if os.path.isdir(path):
         raise IsADirectoryError(f'cannot save to {path!r}: it is a directory')
+    directory = os.path.dirname(path) or '.'
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f'cannot save to {path!r}: no such directory {directory!r}')
     remove_stale_temporaries(path)
     temp = f'{_temp_prefix(path)}{os.getpid()}-{secrets.token_hex(6)}{TEMP_SUFFIX}'
     try:

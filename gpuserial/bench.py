@@ -346,7 +346,7 @@ def plot_rows(rows: list[Row], path: str) -> None:
 
 def run(*, json: bool = False, plot: str | None = None, sizes: Iterable[int] | None = None,
         repeat: int = DEFAULT_REPEAT, directory: str | None = None,
-        targets: Iterable | None = None, out: TextIO = sys.stdout) -> int:
+        targets: Iterable | None = None, out: TextIO | None = None) -> int:
     """Times the transfer engine and the save/load paths here and prints a table.
 
     GPU rows appear when a GPU is usable (:func:`gpuserial.devices.gpu_available`); CPU rows
@@ -359,7 +359,7 @@ def run(*, json: bool = False, plot: str | None = None, sizes: Iterable[int] | N
         repeat: timings per operation; the best is reported.
         directory: where the save/load files go (a temporary directory inside it).
         targets: the devices to time (default the CPU, and GPU 0 when one is usable).
-        out: where to print.
+        out: where to print (default ``sys.stdout``, as it is at the call).
 
     Returns:
         0 (the exit status for the CLI).
@@ -367,6 +367,7 @@ def run(*, json: bool = False, plot: str | None = None, sizes: Iterable[int] | N
     Raises:
         ImportError: ``plot`` was given and matplotlib is not installed (checked first).
     """
+    out = sys.stdout if out is None else out
     if plot is not None:
         _pyplot()  # fail before spending time
     sizes = [int(s) for s in (sizes if sizes is not None else DEFAULT_SIZES)]

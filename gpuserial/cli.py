@@ -1,0 +1,285 @@
+"""The ``gpuserial`` command: demo, inspect, convert, diff and bench.
+
+Errors are one line on stderr (``gpuserial: error: ...``) with exit status 2; ``-v`` shows the
+traceback. ``diff`` exits 0 when the files are equal and 1 when they differ, as ``diff`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+
+from gpuserial import inspection
+
+__all__ = ['build_parser', 'main']
+
+PROG = 'gpuserial'
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+RATIO_MIN_BYTES = 64 << 10  # inspect shows stored/raw from this much raw data on
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``'4096'``, ``'16MiB'``, ``'1GiB'`` (as ``gpuserial.bench.parse_size``)."""
+    from gpuserial.bench import parse_size as parse
+
+    try:
+        return parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def parse_compression(text: str) -> int:
+    """``none`` -> 0, ``deflate``/``gzip`` -> the format's default level (-1), or ``0``-``9``."""
+    named = {'none': 0, 'stored': 0, 'deflate': -1, 'gzip': -1, 'default': -1}
+    if text.lower() in named:
+        return named[text.lower()]
+    if text.isdigit() and 0 <= int(text) <= 9:
+        return int(text)
+    raise argparse.ArgumentTypeError(f'unknown compression {text!r}: expected none, deflate, '
+                                     f'gzip or a level 0-9')
+
+
+def format_bytes(nbytes: int) -> str:
+    """``'512 B'``, ``'1.5 KiB'``, ``'256.0 MiB'``, ``'1.00 GiB'``."""
+    if nbytes < 1024:
+        return f'{nbytes} B'
+    for unit, size in (('GiB', 1 << 30), ('MiB', 1 << 20), ('KiB', 1 << 10)):
+        if nbytes >= size:
+            return f'{nbytes / size:.1f} {unit}'
+    raise AssertionError('unreachable')
+
+
+# ---------------------------------------------------------------------------------------------
+# Subcommands
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gpuserial import demo
+
+    return demo.run(args.size, args.device, args.dir, compress=args.compress)
+
+
+def _shape_text(entry: inspection.EntryInfo) -> str:
+    if entry.kind == 'none':
+        return 'None'
+    if entry.shape is None:
+        return '-'
+    return '(' + ', '.join(map(str, entry.shape)) + (',)' if len(entry.shape) == 1 else ')')
+
+
+def inspect_lines(info: inspection.FileInfo) -> list[str]:
+    """The tree of ``info``'s keys, one row per group and entry, then the totals."""
+    rows = [('key', 'shape', 'dtype', 'stored', 'raw', 'compression')]
+    shown: tuple[str, ...] = ()
+    for entry in sorted(info.entries, key=lambda e: e.key.split('/')):
+        *groups, name = entry.key.split('/')
+        common = 0
+        while common < min(len(groups), len(shown)) and groups[common] == shown[common]:
+            common += 1
+        for depth in range(common, len(groups)):
+            rows.append(('  ' * depth + groups[depth] + '/', '', '', '', '', ''))
+        shown = tuple(groups)
+        kind = {'object': ' (pickled: refused)', 'other': ' (not .npy)'}.get(entry.kind, '')
+        rows.append(('  ' * len(groups) + name, _shape_text(entry), (entry.dtype or '') + kind,
+                     format_bytes(entry.stored_bytes), format_bytes(entry.nbytes),
+                     entry.compression))
+    widths = [max(len(row[i]) for row in rows) for i in range(6)]
+    lines = [f'{info.path}: {info.format.upper()}, {format_bytes(info.file_size)}']
+    for row in rows:
+        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1]), row[2].ljust(widths[2]),
+                 row[3].rjust(widths[3]), row[4].rjust(widths[4]), row[5]]
+        lines.append('  '.join(cells).rstrip())
+    ratio = (f', {info.stored_bytes / info.nbytes:.0%} of raw' if info.nbytes >= RATIO_MIN_BYTES
+             else '')  # below that, headers dominate and the ratio says nothing
+    lines.append(f'total: {len(info.entries)} entries ({info.none_count} None), '
+                 f'{format_bytes(info.nbytes)} raw, {format_bytes(info.stored_bytes)} stored'
+                 f'{ratio}')
+    return lines
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    info = inspection.inspect_file(args.file)
+    if args.json:
+        print(json.dumps(info.as_dict(), indent=2))
+    else:
+        print('\n'.join(inspect_lines(info)))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    format = inspection.format_for_path(args.dst, args.format)
+    compression = None if args.compression in (None, -1) else args.compression
+    result = inspection.convert(args.src, args.dst, format=format, compression=compression,
+                                progress=False if args.no_progress else None)
+    how = {('npz', 0): 'stored', ('hdf5', 0): 'uncompressed'}.get(
+        (result.format, result.compression),
+        'deflate' if result.format == 'npz' else f'gzip {result.compression}')
+    print(f'{args.src} -> {args.dst}: {result.entries} entries, {format_bytes(result.nbytes)}, '
+          f'{result.format.upper()} ({how})')
+    return 0
+
+
+def _diff_value(change: inspection.KeyDiff) -> str:
+    if change.max_abs is None:
+        return 'values differ' if change.count else 'values equal'
+    return (f'{change.count} element(s) differ, max abs diff {change.max_abs:.6g}, '
+            f'max rel diff {change.max_rel:.6g}')
+
+
+def diff_lines(result: inspection.DiffResult, a: str, b: str, rtol: float = 0.0,
+               atol: float = 0.0) -> list[str]:
+    """One line per difference, then a summary."""
+    lines = [f'only in {a}: {key}' for key in result.only_a]
+    lines += [f'only in {b}: {key}' for key in result.only_b]
+    for change in result.changed:
+        if change.what in ('none', 'shape'):
+            lines.append(f'{change.what} differs: {change.key}: {change.a} -> {change.b}')
+        elif change.what == 'dtype':
+            lines.append(f'dtype differs: {change.key}: {change.a} -> {change.b}; '
+                         f'{_diff_value(change)}')
+        else:
+            lines.append(f'values differ: {change.key} {change.a}: {_diff_value(change)}')
+    equal = result.compared - len(result.changed)
+    lines.append(f'{"equal" if result.equal else "different"}: {result.compared} common keys '
+                 f'({equal} equal, {len(result.changed)} differ), {len(result.only_a)} only in '
+                 f'{a}, {len(result.only_b)} only in {b}'
+                 + (f'; equal means within rtol={rtol:g}, atol={atol:g}' if rtol or atol else ''))
+    return lines
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    result = inspection.diff_files(args.a, args.b, rtol=args.rtol, atol=args.atol)
+    print('\n'.join(diff_lines(result, args.a, args.b, args.rtol, args.atol)))
+    return 0 if result.equal else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from gpuserial import bench
+
+    options = {'json': args.json, 'plot': args.plot, 'out': sys.stdout}  # the current stdout
+    if args.sizes:
+        options['sizes'] = args.sizes
+    if args.repeat is not None:
+        options['repeat'] = args.repeat
+    return bench.run(**options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser and entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``gpuserial`` argument parser, one subparser per command."""
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument('-v', '--verbose', action='store_true', default=argparse.SUPPRESS,
+                         help='show the traceback of an error')
+    parser = argparse.ArgumentParser(
+        prog=PROG, description='Save, load, inspect and compare checkpoints of GPU-resident '
+        'models (Chainer-compatible NPZ and HDF5).')
+    parser.add_argument('-v', '--verbose', action='store_true',
+                        help='show the traceback of an error')
+    commands = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
+
+    demo = commands.add_parser(
+        'demo', parents=[verbose], help='save and load a model in NPZ and HDF5, check, time',
+        description='Build a model of float32 arrays (on the GPU when one is usable), save it '
+        'as NPZ and HDF5, load each back into a fresh model, check every value bit for bit, and '
+        'print the file sizes, times and throughput. Exits 1 if a check fails.')
+    demo.add_argument('--size', type=parse_size, default='256MiB',
+                      help='total size of the model (default 256MiB; e.g. 4MiB, 1GiB)')
+    demo.add_argument('--device', help='cpu, cuda or cuda:N (default: GPU 0 if usable, '
+                      'else the CPU)')
+    demo.add_argument('--dir', help='keep the files in this directory (default: a temporary '
+                      'directory, removed afterwards)')
+    demo.add_argument('--compress', action='store_true', help="save with Chainer's default "
+                      'compression (NPZ deflate, HDF5 gzip 4) instead of uncompressed')
+    demo.set_defaults(func=cmd_demo)
+
+    inspect = commands.add_parser(
+        'inspect', parents=[verbose], help='list the keys of an NPZ or HDF5 file',
+        description='Show the tree of keys of an NPZ (gpuserial, NumPy, Chainer) or HDF5 file '
+        'with shape, dtype, stored and raw size, compression and None entries, plus totals. '
+        'Reads metadata only: no data is loaded and nothing is unpickled.')
+    inspect.add_argument('file', help='an NPZ or HDF5 file')
+    inspect.add_argument('--json', action='store_true', help='print JSON for scripts')
+    inspect.set_defaults(func=cmd_inspect)
+
+    convert = commands.add_parser(
+        'convert', parents=[verbose], help='convert between NPZ and HDF5, or recompress',
+        description='Write the entries of SRC into DST, entry by entry (memory bounded by the '
+        'largest entry); DST is replaced atomically once complete. Stored None entries stay '
+        'None.')
+    convert.add_argument('src', help='an NPZ or HDF5 file (recognised by its content)')
+    convert.add_argument('dst', help='the file to write (.npz, .h5 or .hdf5)')
+    convert.add_argument('--format', choices=inspection.FORMATS,
+                         help="DST's format (default: from its extension)")
+    convert.add_argument('--compression', type=parse_compression, metavar='{none,deflate,0-9}',
+                         help='none, deflate/gzip (the default: NPZ deflate, HDF5 gzip 4), or a '
+                         'gzip level 0-9 (for NPZ any level above 0 means deflate)')
+    convert.add_argument('--no-progress', action='store_true',
+                         help='no progress bar (shown by default on a terminal for large files)')
+    convert.set_defaults(func=cmd_convert)
+
+    diff = commands.add_parser(
+        'diff', parents=[verbose], help='compare two checkpoints',
+        description='Compare two NPZ/HDF5 files key by key: keys only in one, shape and dtype '
+        'changes, and the largest absolute and relative differences (relative to B). Values '
+        'are equal when |a - b| <= atol + rtol * |b| (exact by default; NaN equals NaN). Exit '
+        'status 0 when equal, 1 when different, 2 on error.')
+    diff.add_argument('a', help='the first file')
+    diff.add_argument('b', help='the second file')
+    diff.add_argument('--rtol', type=float, default=0.0, help='relative tolerance (default 0)')
+    diff.add_argument('--atol', type=float, default=0.0, help='absolute tolerance (default 0)')
+    diff.set_defaults(func=cmd_diff)
+
+    bench = commands.add_parser(
+        'bench', parents=[verbose], help='transfer and save/load throughput on this machine',
+        description='Time the staging engine (host<->device) and save/load in NPZ and HDF5 at '
+        'several array sizes, on the CPU and on GPU 0 when one is usable, and print a table.')
+    bench.add_argument('--json', action='store_true', help='print JSON instead of the table')
+    bench.add_argument('--plot', metavar='FILE.png', help='also plot throughput against array '
+                       "size (needs matplotlib: pip install 'gpuserial[plot]')")
+    bench.add_argument('--sizes', type=lambda t: [parse_size(s) for s in t.split(',')],
+                       metavar='SIZES', help='comma-separated array sizes (e.g. 1MiB,16MiB)')
+    bench.add_argument('--repeat', type=int, help='timings per operation; the best is shown')
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def _one_line(error: BaseException) -> str:
+    text = ' '.join(str(error).split())
+    if isinstance(error, OSError) and error.strerror and error.filename is not None:
+        text = f'{os.fsdecode(error.filename)!r}: {error.strerror}'
+    from gpuserial.errors import GpuserialError
+
+    known = (GpuserialError, OSError, ValueError, ImportError)
+    if not text or not isinstance(error, known):
+        text = f'{type(error).__name__}: {text}' if text else type(error).__name__
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the ``gpuserial`` command line; returns the exit status.
+
+    Args:
+        argv: the arguments (default ``sys.argv[1:]``).
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f'{PROG}: interrupted', file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `gpuserial inspect big.npz | head`
+        sys.stderr.close()  # nothing more can be said
+        return 1
+    except Exception as error:
+        if args.verbose:
+            traceback.print_exc()
+        print(f'{PROG}: error: {_one_line(error)}', file=sys.stderr)
+        return EXIT_ERROR

@@ -1,0 +1,92 @@
+"""Progress bars: when they show, what they count, and that they never get in the way."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import pytest
+
+from gpuserial import progress
+
+
+class Terminal(io.StringIO):
+    """A text stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+class Closed(io.StringIO):
+    def isatty(self) -> bool:
+        raise ValueError('I/O operation on closed file')
+
+
+BIG = progress.THRESHOLD_BYTES
+
+
+@pytest.mark.parametrize(('total', 'enabled', 'stream', 'shown'), [
+    (BIG, None, Terminal, True),
+    (BIG - 1, None, Terminal, False),  # too small to be worth a bar
+    (BIG, None, io.StringIO, False),  # not a terminal: a log, a pipe
+    (BIG, None, Closed, False),
+    (0, True, io.StringIO, True),  # forced on
+    (BIG, False, Terminal, False),  # forced off
+])
+def test_should_show(total, enabled, stream, shown):
+    assert progress.should_show(total, enabled, stream()) is shown
+
+
+def test_should_show_looks_at_stderr_by_default(monkeypatch):
+    monkeypatch.setattr(sys, 'stderr', Terminal())
+    assert progress.should_show(BIG, None)
+    monkeypatch.setattr(sys, 'stderr', io.StringIO())
+    assert not progress.should_show(BIG, None)
+
+
+def test_a_hidden_bar_is_silent_and_writes_nothing():
+    stream = io.StringIO()
+    with progress.bar(BIG, 'save x.npz', stream=stream) as shown:
+        assert shown is progress.SILENT
+        shown.update(123)
+    assert stream.getvalue() == ''
+
+
+def test_a_shown_bar_reports_bytes_and_throughput():
+    stream = Terminal()
+    with progress.bar(3 << 20, 'save x.npz', True, stream=stream) as shown:
+        assert shown is not progress.SILENT
+        for _ in range(3):
+            shown.update(1 << 20)
+        assert shown.n == 3 << 20
+        shown.refresh()
+        text = stream.getvalue()
+    assert 'save x.npz' in text
+    assert '3.00M/3.00M' in text  # binary units (unit_divisor=1024): 3 MiB, not 3.15 MB
+    assert 'B/s' in text
+
+
+def test_the_bar_closes_when_the_block_fails():
+    stream = io.StringIO()
+    with pytest.raises(RuntimeError), progress.bar(10, 'load', True, stream=stream) as shown:
+        raise RuntimeError('boom')
+    assert shown.disable  # closed: tqdm marks a closed bar disabled
+
+
+def test_missing_tqdm_gives_a_silent_bar(monkeypatch):
+    monkeypatch.setitem(sys.modules, 'tqdm', None)  # import tqdm fails
+    with progress.bar(BIG, 'save', True, stream=Terminal()) as shown:
+        assert shown is progress.SILENT
+
+
+def test_counted_passes_chunks_through_and_counts_them():
+    class Counter:
+        total = 0
+
+        def update(self, nbytes):
+            self.total += nbytes
+
+    counter = Counter()
+    chunks = [b'abc', bytearray(5), memoryview(bytes(8)).cast('d')]
+    assert list(progress.counted(chunks, counter)) == chunks
+    assert counter.total == 3 + 5 + 8
