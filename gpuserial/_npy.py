@@ -20,6 +20,8 @@ ALIGN = 64  # numpy pads the header so that the data starts on a 64-byte boundar
 MAX_HEADER_LEN = 10000  # numpy's own limit on a header it will parse
 VERSION_1_MAX_HEADER = 0xFFFF
 HEADER_KEYS = {'descr', 'fortran_order', 'shape'}
+MAX_NDIM = 64 if numpy.lib.NumpyVersion(numpy.__version__) >= '2.0.0' else 32  # numpy's own
+MAX_EXTENT = numpy.iinfo(numpy.intp).max  # numpy refuses shapes whose bytes could exceed this
 
 # Chainer's None: ``numpy.save`` of ``numpy.asarray(None)``, pickled with the protocol and the
 # module path each NumPy writes (protocol 3 and ``numpy.core`` below NumPy 2, protocol 4 and
@@ -153,12 +155,21 @@ def decode_header(header: bytes) -> Header:
     if (not isinstance(shape, tuple)
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise HeaderError(f'bad shape {shape!r:.200} in .npy header')
+    if len(shape) > MAX_NDIM:
+        raise HeaderError(f'shape {shape!r:.200} in .npy header has {len(shape)} dimensions, '
+                          f'over the limit of {MAX_NDIM}')
     if not isinstance(fields['fortran_order'], bool):
         raise HeaderError(f"bad fortran_order {fields['fortran_order']!r:.80} in .npy header")
     try:
         dtype = npformat.descr_to_dtype(fields['descr'])
     except Exception as error:
         raise HeaderError(f"bad dtype {fields['descr']!r:.200} in .npy header") from error
+    extent = max(dtype.itemsize, 1)  # as numpy counts it: zero-length axes do not help
+    for dim in shape:
+        extent *= max(dim, 1)
+    if extent > MAX_EXTENT:
+        raise HeaderError(f'shape {shape!r:.200} of dtype {dtype} in .npy header overflows: '
+                          f'{extent} bytes is over the limit of {MAX_EXTENT}')
     return Header(dtype, shape, fields['fortran_order'], length)
 
 

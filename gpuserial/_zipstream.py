@@ -21,6 +21,7 @@ except ImportError:  # pragma: no cover - isal is an optional speed-up
     deflate_module = zlib
 
 crc32 = deflate_module.crc32
+DEFLATE_ERRORS = (zlib.error, deflate_module.error)  # ISA-L's error is not a zlib.error
 
 __all__ = ['MemberReader', 'ZipWriter', 'crc32']
 
@@ -170,6 +171,9 @@ class MemberReader:
     def __init__(self, fp: BinaryIO, info):
         if info.compress_type not in (STORED, DEFLATED):
             raise MemberError(f'unsupported compression method {info.compress_type}')
+        if info.compress_type == STORED and info.compress_size != info.file_size:
+            raise MemberError(f'the zip directory says a stored member of {info.file_size} '
+                              f'bytes takes {info.compress_size} bytes in the file')
         self.fp = fp
         self.info = info
         fp.seek(info.header_offset)
@@ -228,7 +232,7 @@ class MemberReader:
                     self.pending = self._raw(PIECE)
                 try:  # with no input left, this drains what the inflater holds
                     data = self.inflater.decompress(self.pending, min(PIECE, wanted - done))
-                except zlib.error as error:
+                except DEFLATE_ERRORS as error:
                     raise MemberError(f'corrupt deflate data: {error}') from None
                 self.pending = self.inflater.unconsumed_tail
                 buffer[done:done + len(data)] = data
@@ -252,7 +256,7 @@ class MemberReader:
         if self.inflater is not None and not self.inflater.eof:
             try:
                 extra = self.inflater.decompress(self.pending + self._raw(self.left), 1)
-            except zlib.error as error:
+            except DEFLATE_ERRORS as error:
                 raise MemberError(f'corrupt deflate data: {error}') from None
             if extra or not self.inflater.eof:
                 raise MemberError('the deflate stream holds more than the directory says')

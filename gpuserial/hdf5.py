@@ -7,6 +7,7 @@ read in C-contiguous hyperslabs through the staging engine.
 
 from __future__ import annotations
 
+import io
 import os
 
 import h5py
@@ -20,6 +21,8 @@ from gpuserial.npz import serialize_refs
 from gpuserial.serializer import Serializer, as_serializable
 
 __all__ = ['HDF5Deserializer', 'HDF5Serializer', 'load_hdf5', 'save_hdf5']
+
+MAX_FILTER_RATIO = 1032  # gzip cannot expand data more than this: bounds a dataset's claims
 
 
 class HDF5Serializer(Serializer):
@@ -108,13 +111,24 @@ class _GroupReader(loading.Reader):
         if not isinstance(found, h5py.Dataset):
             raise MismatchError(f'{where}: is an HDF5 {type(found).__name__.lower()}, '
                                 f'not a dataset')
-        if found.shape is None:
+        try:  # a corrupt file's datatype or dataspace fails to decode here
+            shape, dtype = found.shape, found.dtype
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as error:
+            raise CorruptFileError(f'{where}: {error}') from None
+        if shape is None:
             return loading.Entry(key, None, None, found)
-        dtype = found.dtype
         if dtype.hasobject and h5py.check_string_dtype(dtype) is None:
             raise UnsafeFileError(f'{where}: datasets of type {dtype} (object references, '
                                   f'variable-length arrays) are refused')
-        return loading.Entry(key, tuple(found.shape), dtype, found)
+        return loading.Entry(key, tuple(shape), dtype, found)
+
+    def check_allocation(self, entry: loading.Entry) -> None:
+        stored = self._guard(entry, entry.token.id.get_storage_size)
+        claimed = entry.size * entry.dtype.itemsize
+        if claimed > max(stored, 1) * MAX_FILTER_RATIO:
+            raise CorruptFileError(f'{self.where(entry.key)}: the dataset claims {claimed} bytes '
+                                   f'(dtype {entry.dtype}, shape {entry.shape}) but stores only '
+                                   f'{stored}')
 
     def read_scalar(self, entry: loading.Entry) -> numpy.ndarray:
         dataset = entry.token
@@ -147,7 +161,7 @@ class _GroupReader(loading.Reader):
     def _guard(self, entry: loading.Entry, read):
         try:
             return read()
-        except (OSError, TypeError, ValueError) as error:
+        except (OSError, TypeError, ValueError, RuntimeError) as error:  # h5py's, on bad files
             raise CorruptFileError(f'{self.where(entry.key)}: {error}') from None
 
 
@@ -189,11 +203,84 @@ def save_hdf5(filename, obj, compression: int = 4, *, durable: bool = True,
     total = sum(value.nbytes for value in serialize_refs(target).values())
     with _progress.bar(total, f'save {display_name(filename)}', progress) as shown:
         if not is_path(filename):
-            with h5py.File(filename, 'w') as f:
-                HDF5Serializer(f, compression, progress=shown).save(target)
+            _write_hdf5(filename, target, compression, shown)
             return
-        with atomic_path(filename, durable=durable) as temp, h5py.File(temp, 'x') as f:
+        with atomic_path(filename, durable=durable) as temp, open(temp, 'x+b', buffering=0) as out:
+            _write_hdf5(out, target, compression, shown)
+
+
+def _write_hdf5(out, target, compression: int, shown: _progress.Progress) -> None:
+    """Writes ``target`` as HDF5 into the binary file ``out``; raises the first write error."""
+    guarded = _KeptErrorFile(out)
+    try:
+        with h5py.File(guarded, 'w') as f:
             HDF5Serializer(f, compression, progress=shown).save(target)
+    except BaseException:
+        if guarded.error is None:
+            raise
+        raise guarded.error  # the cause of whatever h5py made of the dropped writes
+    if guarded.error is not None:
+        raise guarded.error
+
+
+class _KeptErrorFile(io.RawIOBase):
+    """The file h5py writes through: a write error is kept for the caller, not passed to HDF5.
+
+    h5py (3.16, HDF5 2.0) crashes the process when a write fails (a full disk), at the latest
+    when the objects of the failed file are freed. Through this file HDF5 never sees a failed
+    write, truncate or flush: after the first error, writes are dropped, and the save raises that
+    error once h5py is done. (Unbuffered files fail only there; a buffered one may also fail in
+    ``seek``, flushing its buffer, and that error still reaches HDF5.)
+    """
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.error: OSError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        return self.raw.readinto(buffer)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def write(self, data) -> int:
+        data = memoryview(data).cast('B')
+        self._keep(self._write_all, data)
+        return len(data)
+
+    def _write_all(self, data: memoryview) -> None:
+        done = 0
+        while done < len(data):
+            count = self.raw.write(data[done:])
+            if not count:
+                raise OSError(f'a write of {len(data) - done} bytes made no progress')
+            done += count
+
+    def truncate(self, size: int | None = None) -> int:
+        self._keep(self.raw.truncate, size)
+        return self.tell() if size is None else size
+
+    def flush(self) -> None:
+        self._keep(self.raw.flush)
+
+    def _keep(self, operation, *args) -> None:
+        if self.error is None:
+            try:
+                operation(*args)
+            except OSError as error:
+                self.error = error
 
 
 def open_hdf5(filename) -> h5py.File:

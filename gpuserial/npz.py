@@ -146,6 +146,9 @@ class _ZipReader(loading.Reader):
 
     def _parse(self, key: str, info: zipfile.ZipInfo) -> loading.Entry:
         where = self.where(key)
+        if info.header_offset < 0:
+            raise CorruptFileError(f'{where}: the zip directory puts the member at offset '
+                                   f'{info.header_offset}, before the start of the file')
         if info.header_offset + info.compress_size > self._file_size:
             raise CorruptFileError(f'{where}: the member runs past the end of the file '
                                    f'({self._file_size} bytes): truncated?')
@@ -287,7 +290,8 @@ def open_npz(file) -> zipfile.ZipFile:
         raise FileNotFoundError(f'{name!r}: no such file') from None
     except IsADirectoryError:
         raise IsADirectoryError(f'{name!r}: is a directory, not an NPZ file') from None
-    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError) as error:
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError,
+            NotImplementedError) as error:  # zipfile's "zip file version" is the last
         raise CorruptFileError(f'{name!r}: not an NPZ (zip) file: {error}') from None
 
 

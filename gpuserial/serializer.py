@@ -24,16 +24,16 @@ class Serializer(AbstractSerializer):
     """Base of serializers: ``__call__`` stores ``value`` and returns it."""
 
     def save(self, obj) -> None:
-        """Saves an object by calling its ``serialize`` method with this serializer."""
-        obj.serialize(self)
+        """Saves an object (or a dict) by calling its ``serialize`` method with this serializer."""
+        as_serializable(obj).serialize(self)
 
 
 class Deserializer(AbstractSerializer):
     """Base of deserializers: ``__call__`` copies stored data into ``value`` and returns it."""
 
     def load(self, obj) -> None:
-        """Loads an object by calling its ``serialize`` method with this deserializer."""
-        obj.serialize(self)
+        """Loads an object (or a dict) by calling its ``serialize`` method with this one."""
+        as_serializable(obj).serialize(self)
 
 
 def child_path(path: str, key: str) -> str:

@@ -1,0 +1,351 @@
+"""Atomic saves: whatever goes wrong during a save to a path, the old file stays as it was.
+
+Failures from every side: the user's ``serialize`` raising halfway, a write failing (a
+monkeypatched writer, a real file size limit, a file object that fails after N bytes),
+Ctrl-C, and a saving process killed with SIGKILL at random points. After each, the old file is
+intact and no temporary file is left (or, after SIGKILL, at most one, which the next save
+removes).
+"""
+
+import errno
+import io
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy
+import pytest
+
+from gpuserial import _fileio, _zipstream, hdf5, serializers
+from tests import crafting, kill_saver
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+FORMATS = {
+    'npz': (lambda f, o, **kw: serializers.save_npz(f, o, **kw), serializers.load_npz, '.npz'),
+    'npz-stored': (lambda f, o, **kw: serializers.save_npz(f, o, compression=False, **kw),
+                   serializers.load_npz, '.npz'),
+    'hdf5': (lambda f, o, **kw: serializers.save_hdf5(f, o, **kw), serializers.load_hdf5, '.h5'),
+}
+
+
+@pytest.fixture(params=list(FORMATS))
+def fmt(request):
+    return request.param
+
+
+@pytest.fixture
+def old_file(tmp_path, fmt):
+    """A good file at the target path, and its bytes."""
+    save, _, ext = FORMATS[fmt]
+    path = tmp_path / f'model{ext}'
+    save(path, kill_saver.state(0))
+    return path, path.read_bytes()
+
+
+def _assert_intact(path, old: bytes, fmt: str):
+    assert path.read_bytes() == old
+    assert crafting.temporaries(path.parent) == []
+    target = kill_saver.zeros()
+    FORMATS[fmt][1](path, target)
+    assert target['which'] == 0
+
+
+class FailsHalfway:
+    """A serializable object whose ``serialize`` raises after storing some entries.
+
+    Args:
+        error: the exception to raise.
+        when: raise only for serializers of this type (None: always).
+    """
+
+    def __init__(self, error: BaseException, when: type | None = None):
+        self.error = error
+        self.when = when
+        self.seen: list = []  # temporary files present when it raised
+
+    def serialize(self, serializer):
+        state = kill_saver.state(1)
+        serializer('w', state['w'])
+        serializer('b', state['b'])
+        if self.when is None or isinstance(serializer, self.when):
+            self.seen.append(crafting.temporaries(self.directory))
+            raise self.error
+        serializer('which', 1)
+
+
+ERRORS = [RuntimeError('boom'), KeyboardInterrupt(), OSError(errno.ENOSPC, 'disk full')]
+ERROR_IDS = ['exception', 'ctrl-c', 'enospc']
+
+
+@pytest.mark.parametrize('error', ERRORS, ids=ERROR_IDS)
+def test_serialize_raises_halfway(fmt, old_file, error):
+    path, old = old_file
+    obj = FailsHalfway(error)
+    obj.directory = path.parent
+    with pytest.raises(type(error)):
+        FORMATS[fmt][0](path, obj)
+    _assert_intact(path, old, fmt)
+
+
+@pytest.mark.parametrize('error', ERRORS, ids=ERROR_IDS)
+def test_hdf5_serialize_raises_while_the_temporary_file_is_open(tmp_path, error):
+    """HDF5 serializes straight into the temporary file: it exists when serialize raises."""
+    path = tmp_path / 'model.h5'
+    serializers.save_hdf5(path, kill_saver.state(0))
+    old = path.read_bytes()
+    obj = FailsHalfway(error, when=hdf5.HDF5Serializer)
+    obj.directory = tmp_path
+    with pytest.raises(type(error)):
+        serializers.save_hdf5(path, obj)
+    assert len(obj.seen) == 1 and len(obj.seen[0]) == 1  # the temporary file was there
+    _assert_intact(path, old, 'hdf5')
+
+
+@pytest.mark.parametrize('error', ERRORS, ids=ERROR_IDS)
+def test_write_fails_midway(fmt, old_file, monkeypatch, error):
+    """The third entry's write fails: the temporary file, half written, is removed."""
+    path, old = old_file
+    seen = []
+    if fmt.startswith('npz'):
+        module, name = _zipstream.ZipWriter, 'write_member'
+    else:
+        module, name = hdf5, 'write_dataset'
+    original = getattr(module, name)
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            seen.append(crafting.temporaries(path.parent))
+            raise error
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, failing)
+    with pytest.raises(type(error)):
+        FORMATS[fmt][0](path, kill_saver.state(1))
+    assert len(seen) == 1 and len(seen[0]) == 1
+    monkeypatch.undo()
+    _assert_intact(path, old, fmt)
+
+
+FULL_DISK = r'''
+import json, os, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+from tests import kill_saver
+from tests.test_atomic import FORMATS
+fmt, path, limits = sys.argv[1], sys.argv[2], [int(n) for n in sys.argv[3:]]
+save = FORMATS[fmt][0]
+hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+for limit in limits:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        save(path, kill_saver.state(1))
+        outcome = 'saved'
+    except OSError as error:
+        outcome = f'OSError {error.errno}'
+    except BaseException as error:
+        outcome = f'{type(error).__name__}: {error}'
+    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+    print(json.dumps([limit, outcome, sorted(os.listdir(os.path.dirname(path)))]), flush=True)
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='needs RLIMIT_FSIZE')
+def test_a_full_disk(fmt, old_file):
+    """Real write errors (EFBIG under a file size limit) at many points of a save.
+
+    Run in a subprocess: the limit applies to the whole process.
+    """
+    path, old = old_file
+    size = len(kill_saver.state(1)['w'].tobytes()) * 2
+    limits = [0, 1, 100, 1000, 4096] + list(range(5000, size, size // 23))
+    result = subprocess.run([sys.executable, '-c', FULL_DISK, fmt, str(path), *map(str, limits)],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcomes = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [limit for limit, _, _ in outcomes] == limits
+    for limit, outcome, listing in outcomes:
+        assert outcome == f'OSError {errno.EFBIG}', (limit, outcome)
+        assert listing == [path.name], (limit, listing)
+    assert 'Exception ignored' not in result.stderr
+    _assert_intact(path, old, fmt)
+
+
+class FailsAfter(io.RawIOBase):
+    """A seekable binary file in memory whose writes fail once ``limit`` bytes are written."""
+
+    def __init__(self, limit: int):
+        self.data = io.BytesIO()
+        self.limit = limit
+        self.written = 0
+
+    def readable(self):
+        return True
+
+    def writable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def readinto(self, buffer):
+        return self.data.readinto(buffer)
+
+    def write(self, data):
+        data = bytes(data)
+        if self.written + len(data) > self.limit:
+            raise OSError(errno.ENOSPC, 'No space left on device (simulated)')
+        self.written += len(data)
+        return self.data.write(data)
+
+    def seek(self, *args):
+        return self.data.seek(*args)
+
+    def tell(self):
+        return self.data.tell()
+
+    def truncate(self, size=None):
+        return self.data.truncate(size)
+
+
+@pytest.mark.parametrize('limit', [0, 1, 64, 100, 1000, 4096, 10000, 30000])
+def test_a_file_object_that_fails_after_n_bytes(fmt, limit):
+    """File objects are written as they are: the save raises the write's own error, cleanly."""
+    out = FailsAfter(limit)
+    with pytest.raises(OSError, match='No space left on device'):
+        FORMATS[fmt][0](out, kill_saver.state(1))
+
+
+def test_a_file_object_with_room_gets_a_whole_file(fmt):
+    out = FailsAfter(10 ** 7)
+    FORMATS[fmt][0](out, kill_saver.state(1))
+    out.seek(0)
+    target = kill_saver.zeros()
+    FORMATS[fmt][1](io.BytesIO(out.data.getvalue()), target)
+    assert target['which'] == 1
+
+
+def _dead_pid() -> int:
+    child = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                           capture_output=True, text=True, check=True)
+    return int(child.stdout)
+
+
+def test_a_stale_temporary_from_a_dead_process_is_removed(fmt, old_file):
+    path, old = old_file
+    prefix = f'.{path.name}.'
+    dead = path.parent / f'{prefix}{_dead_pid()}-0123456789ab{_fileio.TEMP_SUFFIX}'
+    dead.write_bytes(old[:100])  # a torn save
+    alive = path.parent / f'{prefix}{os.getpid()}-ba9876543210{_fileio.TEMP_SUFFIX}'
+    alive.write_bytes(b'')  # a save in progress (in this very process): not to be touched
+    other = path.parent / f'.other.npz.{_dead_pid()}-0123456789ab{_fileio.TEMP_SUFFIX}'
+    other.write_bytes(b'')  # another target's: not to be touched
+    FORMATS[fmt][0](path, kill_saver.state(1))
+    assert not dead.exists() and alive.exists() and other.exists()
+    target = kill_saver.zeros()
+    FORMATS[fmt][1](path, target)
+    assert target['which'] == 1
+
+
+@pytest.mark.parametrize('durable', [True, False])
+def test_durable(fmt, tmp_path, monkeypatch, durable):
+    """``durable=True`` (the default) fsyncs the file and its directory; False, neither."""
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, 'fsync', lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    save, load, ext = FORMATS[fmt]
+    path = tmp_path / f'model{ext}'
+    for which in (0, 1):  # a new file, then over an old one
+        synced.clear()
+        save(path, kill_saver.state(which), durable=durable)
+        assert len(synced) == (2 if durable else 0)
+        target = kill_saver.zeros()
+        load(path, target)
+        assert target['which'] == which
+    assert crafting.temporaries(tmp_path) == []
+
+
+def test_the_default_is_durable(fmt, tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(os, 'fsync', synced.append)
+    FORMATS[fmt][0](tmp_path / 'model', kill_saver.state(0))
+    assert len(synced) == 2
+
+
+def test_saving_to_a_directory_path(fmt, tmp_path):
+    (tmp_path / 'model').mkdir()
+    with pytest.raises(IsADirectoryError, match=re.escape(
+            f"cannot save to {str(tmp_path / 'model')!r}: it is a directory")):
+        FORMATS[fmt][0](tmp_path / 'model', kill_saver.state(0))
+    assert sorted(os.listdir(tmp_path)) == ['model']
+    assert os.listdir(tmp_path / 'model') == []
+
+
+def test_saving_into_a_missing_directory(fmt, tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / 'missing'))):
+        FORMATS[fmt][0](tmp_path / 'missing' / 'model', kill_saver.state(0))
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_old_file_keeps_its_permissions(fmt, old_file):
+    path, _ = old_file
+    os.chmod(path, 0o600)
+    FORMATS[fmt][0](path, kill_saver.state(1))
+    assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGKILL at random points of repeated saves
+
+KILLS = 24
+
+
+@pytest.mark.skipif(not hasattr(signal, 'SIGKILL'), reason='needs SIGKILL')
+@pytest.mark.parametrize('kill_fmt', ['npz', 'npz-stored', 'hdf5'])
+def test_sigkill_during_saves_leaves_a_whole_file(tmp_path, kill_fmt):
+    """A process saving two states alternately is killed at random points, again and again.
+
+    After each kill the file loads completely and equals one of the two states, and at most
+    one temporary file is left (the next saver's first save removes it).
+    """
+    rng = random.Random(5)
+    path = tmp_path / f'model{FORMATS[kill_fmt][2]}'
+    states = [kill_saver.state(0), kill_saver.state(1)]
+    seen, torn = set(), 0
+    for _ in range(KILLS):
+        saver = subprocess.Popen([sys.executable, '-m', 'tests.kill_saver', kill_fmt, str(path)],
+                                 cwd=REPO, stdout=subprocess.PIPE, text=True)
+        try:
+            assert saver.stdout.readline() == 'ready\n'
+            time.sleep(rng.uniform(0, 0.03))
+        finally:
+            saver.send_signal(signal.SIGKILL)
+            saver.wait()
+            saver.stdout.close()
+        left = len(crafting.temporaries(tmp_path))
+        assert left <= 1
+        torn += left
+        target = kill_saver.zeros()
+        FORMATS[kill_fmt][1](path, target)
+        which = target['which']
+        seen.add(which)
+        _assert_state_equal(target, states[which])
+    assert seen == {0, 1} and torn > 0  # kills landed between saves and inside them
+    FORMATS[kill_fmt][0](path, states[0])
+    assert crafting.temporaries(tmp_path) == []
+
+
+def _assert_state_equal(got, expected):
+    for key, value in expected.items():
+        if isinstance(value, dict):
+            _assert_state_equal(got[key], value)
+        elif isinstance(value, numpy.ndarray):
+            assert got[key].tobytes() == value.tobytes(), key
+        else:
+            assert got[key] == value, key

@@ -1,0 +1,527 @@
+"""Hostile and broken files: refused with an error of gpuserial's hierarchy, nothing executed.
+
+Each case pins its message: the file, the key, and what is wrong. None may crash, hang, run a
+pickle, or allocate memory on a header's word.
+"""
+
+import os
+import pickle
+import re
+import tracemalloc
+import zipfile
+
+import h5py
+import numpy
+import pytest
+
+from gpuserial import _npy, serializers
+from gpuserial.errors import (
+    CorruptFileError,
+    GpuserialError,
+    KeyNotFoundError,
+    MismatchError,
+    UnsafeFileError,
+)
+from tests import crafting
+
+
+def _where(path, key=None) -> str:
+    """The regex of the ``'file', key 'k'`` phrase messages start with."""
+    text = re.escape(repr(str(path)))
+    return text + (re.escape(f", key {key!r}") if key is not None else '')
+
+
+def _write(tmp_path, data: bytes, name='hostile.npz'):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+@pytest.fixture(params=['none', 'array'])
+def target(request):
+    """The one-entry target ``x``: None (an array sized by the file) or a float32 array."""
+    return {'x': None} if request.param == 'none' else {'x': numpy.zeros(3, numpy.float32)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pickles: never run
+
+
+class _RunsOpen:
+    """Pickles to ``open(marker, 'w')``: unpickling it creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, 'w')
+
+
+class _RunsSystem:
+    """Pickles to ``os.system('touch marker')``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+def _object_array(item, shape):
+    array = numpy.empty(shape, object)
+    array[...] = item if shape == () else [item] * int(numpy.prod(shape))
+    return array
+
+
+@pytest.mark.parametrize('payload', [_RunsOpen, _RunsSystem])
+@pytest.mark.parametrize('shape', [(), (2,)], ids=['0d', '1d'])
+def test_a_pickle_that_creates_a_file_never_runs(tmp_path, target, payload, shape):
+    marker = tmp_path / 'marker'
+    member = crafting.npy_of(_object_array(payload(marker), shape))
+    path = _write(tmp_path, crafting.npz_of({'x': member}))
+    # The control: numpy with allow_pickle=True does run it, so the file is truly hostile.
+    control = tmp_path / 'control'
+    control_path = _write(tmp_path, crafting.npz_of(
+        {'x': crafting.npy_of(_object_array(payload(control), shape))}), 'control.npz')
+    with numpy.load(control_path, allow_pickle=True) as npz:
+        npz['x']
+    assert control.exists()
+
+    with pytest.raises(UnsafeFileError, match=_where(path, 'x') + r': holds a pickled object '
+                       r'array of dtype object and shape ' + re.escape(str(shape))):
+        serializers.load_npz(path, target)
+    assert not marker.exists()
+    with numpy.load(path) as npz, pytest.raises(UnsafeFileError, match='never unpickles'):
+        serializers.NpzDeserializer(npz).load(target)  # numpy's NpzFile, read by gpuserial
+    assert not marker.exists()
+
+
+def test_a_short_pickle_is_compared_not_run(tmp_path, target):
+    """A pickle as short as Chainer's None is read (to compare with it) but never unpickled."""
+    marker = tmp_path / 'marker'
+    payload = f"cos\nsystem\n(S'touch {marker}'\ntR.".encode()
+    assert len(payload) <= _npy.NONE_PICKLE_MAX_LEN
+    member = crafting.npy_member(crafting.header_text('|O', ()), payload)
+    path = _write(tmp_path, crafting.npz_of({'x': member}))
+    with pytest.raises(UnsafeFileError, match=_where(path, 'x') + ': holds a pickled object'):
+        serializers.load_npz(path, target)
+    assert not marker.exists()
+
+
+def test_a_pickle_inside_a_structured_dtype_is_refused(tmp_path, target):
+    marker = tmp_path / 'marker'
+    array = numpy.empty(1, [('a', 'f4'), ('b', 'O')])
+    array['b'][0] = _RunsOpen(marker)
+    path = _write(tmp_path, crafting.npz_of({'x': crafting.npy_of(array)}))
+    with pytest.raises(UnsafeFileError, match=_where(path, 'x') + ': holds a pickled object'):
+        serializers.load_npz(path, target)
+    assert not marker.exists()
+
+
+def test_a_header_that_is_code_is_not_evaluated(tmp_path, target):
+    marker = tmp_path / 'marker'
+    text = (f"{{'descr': __import__('os').system('touch {marker}'), 'fortran_order': False, "
+            f"'shape': (3,), }}")
+    path = _write(tmp_path, crafting.npz_of({'x': crafting.npy_member(text, bytes(12))}))
+    with pytest.raises(CorruptFileError, match=_where(path, 'x') + ': unreadable .npy header'):
+        serializers.load_npz(path, target)
+    assert not marker.exists()
+
+
+def test_chainer_none_is_the_one_pickle_accepted(tmp_path):
+    path = _write(tmp_path, crafting.npz_of({'x': crafting.npy_of(numpy.asarray(None))}))
+    target = {'x': numpy.ones(3)}
+    serializers.load_npz(path, target)
+    assert target['x'] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Bogus .npy headers
+
+F4 = "'<f4'"
+BAD_HEADERS = {
+    'negative shape': (crafting.header_text('<f4', (-1,)), r'bad shape \(-1,\)'),
+    'negative dim among others': (crafting.header_text('<f4', (3, -2)), r'bad shape \(3, -2\)'),
+    'float shape': (crafting.header_text('<f4', (1.5,)), r'bad shape \(1\.5,\)'),
+    'string shape': (crafting.header_text('<f4', ('3',)), r"bad shape \('3',\)"),
+    'bool shape': (crafting.header_text('<f4', (True,)), r'bad shape \(True,\)'),
+    'shape not a tuple': (crafting.header_text('<f4', 3), 'bad shape 3 '),
+    'shape a list': (crafting.header_text('<f4', [3]), r'bad shape \[3\]'),
+    'huge shape': (crafting.header_text('<f4', (2 ** 62, 2 ** 62)),
+                   r'shape \(4611686018427387904, 4611686018427387904\) of dtype float32 in '
+                   r'.npy header overflows'),
+    'overflow behind a zero': (crafting.header_text('<f8', (0, 2 ** 62, 2 ** 62)), 'overflows'),
+    'dim beyond intp': (crafting.header_text('<f8', (0, 2 ** 64)), 'overflows'),
+    'too many dims': (crafting.header_text('<f4', (1,) * 65), 'has 65 dimensions, over the '
+                      'limit of 64'),
+    'too many empty dims': (crafting.header_text('<f4', (0,) * 100), 'has 100 dimensions'),
+    'unclaimed size': (crafting.header_text('<f8', (2 ** 40,)), r'the member holds \d+ bytes '
+                       r'but its header claims 8796093022\d+ \(dtype float64, shape '
+                       r'\(1099511627776,\)\): truncated or corrupt'),
+    'unknown dtype': (crafting.header_text('zz9', (3,)), "bad dtype 'zz9'"),
+    'dtype an int': (crafting.header_text(5, (3,)), 'bad dtype 5 '),
+    'huge subarray dtype': (crafting.header_text([('a', '<f8', (10 ** 12,))], (1,)),
+                            'bad dtype|header claims'),
+    'zero-size items': (crafting.header_text('<U0', (5,)), 'zero-size items of dtype <U0'),
+    'fortran_order not a bool': (crafting.header_text('<f4', (3,), 'yes'),
+                                 "bad fortran_order 'yes'"),
+    'not a dict': ('[1, 2, 3]', r"must have the keys \['descr', 'fortran_order', 'shape'\], "
+                   r'got \[1, 2, 3\]'),
+    'a key missing': ("{'descr': '<f4', 'shape': (3,)}", 'must have the keys'),
+    'an extra key': ("{'descr': '<f4', 'fortran_order': False, 'shape': (3,), 'x': 1}",
+                     'must have the keys'),
+    'not a literal': ('{descr: 1}', 'unreadable .npy header'),
+    'deep nesting': ('(' * 5000 + ')' * 5000, 'unreadable .npy header'),
+    'huge integer text': ("{'descr': '<f4', 'fortran_order': False, 'shape': (" + '9' * 5000
+                          + ',), }', 'unreadable .npy header'),
+}
+
+
+@pytest.mark.parametrize('case', list(BAD_HEADERS))
+def test_bogus_npy_header(tmp_path, target, case):
+    text, message = BAD_HEADERS[case]
+    path = _write(tmp_path, crafting.npz_of({'x': crafting.npy_member(text, bytes(12))}))
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptFileError, match=_where(path, 'x') + ': .*' + message):
+            serializers.load_npz(path, target)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20  # the header's claims allocated nothing
+
+
+BAD_PREFIXES = {
+    'bad magic': (b'\x93NUMPX\x01\x00\x10\x00' + b' ' * 16, r"not a .npy member \(starts "),
+    'unknown version': (crafting.npy_member(crafting.header_text('<f4', (3,)), bytes(12),
+                                            version=(9, 0)), 'unsupported .npy version 9.0'),
+    'header length over the limit (v1)': (
+        crafting.npy_member(crafting.header_text('<f4', (3,)), bytes(12), length=60000),
+        '.npy header of 60000 bytes is over the limit of 10000'),
+    'header length over the limit (v2)': (
+        crafting.npy_member(crafting.header_text('<f4', (3,)), bytes(12), version=(2, 0),
+                            length=2 ** 31), 'of 2147483648 bytes is over the limit'),
+    'header longer than the member': (
+        crafting.npy_member(crafting.header_text('<f4', (3,)), b'', length=9000),
+        r'a header of 9010 bytes in a member of \d+'),
+    'v3 header not utf8': (crafting.npy_member(b"{'descr': '\xff\xfe', }", version=(3, 0)),
+                           'unreadable .npy header'),
+    'empty member': (b'', 'not a .npy member'),
+    'one byte': (b'\x93', 'not a .npy member'),
+}
+
+
+@pytest.mark.parametrize('case', list(BAD_PREFIXES))
+def test_bogus_npy_prefix(tmp_path, target, case):
+    member, message = BAD_PREFIXES[case]
+    path = _write(tmp_path, crafting.npz_of({'x': member}))
+    with pytest.raises(CorruptFileError, match=_where(path, 'x') + ': .*' + message):
+        serializers.load_npz(path, target)
+
+
+def test_header_claims_cannot_drive_a_huge_allocation(tmp_path):
+    """A tiny deflated member whose directory and header both claim 800 MB is refused."""
+    nbytes = 10 ** 8 * 8
+    header = crafting.npy_member(crafting.header_text('<f8', (10 ** 8,)))
+    data = crafting.npz_of({'x': header + bytes(4096)}, zipfile.ZIP_DEFLATED)
+    data = crafting.patch_central(data, 'x.npy', 'file_size', len(header) + nbytes)
+    path = _write(tmp_path, data)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptFileError, match=_where(path, 'x') + r': header claims '
+                           r'800000000 bytes, more than \d+ stored bytes can hold'):
+            serializers.load_npz(path, {'x': None})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Zips whose directory lies
+
+
+def _valid(compression=zipfile.ZIP_STORED) -> bytes:
+    members = {'a': crafting.npy_of(numpy.arange(5, dtype=numpy.float32)),
+               'x': crafting.npy_of(numpy.arange(3, dtype=numpy.float32) + 1)}
+    return crafting.npz_of(members, compression)
+
+
+def _lie_about_sizes(data):
+    size = crafting.central_field(data, 'x.npy', 'file_size')
+    data = crafting.patch_central(data, 'x.npy', 'file_size', size - 4)
+    return crafting.patch_central(data, 'x.npy', 'compress_size', size - 4)
+
+
+def _rename_local(data):
+    offset = crafting.central_field(data, 'x.npy', 'header_offset') + crafting.LOCAL_SIZE
+    return data[:offset] + b'y' + data[offset + 1:]
+
+
+def _break_local_signature(data):
+    offset = crafting.central_field(data, 'x.npy', 'header_offset')
+    return data[:offset] + b'XX' + data[offset + 2:]
+
+
+def _move_directory(data):
+    offset, fields = crafting.end_record(data)
+    out = bytearray(data)
+    crafting.END.pack_into(out, offset, *fields[:6], fields[6] + 1000, fields[7])
+    return bytes(out)
+
+
+def _last_data_byte(data):
+    return crafting.data_offset(data, 'x.npy') + crafting.central_field(
+        data, 'x.npy', 'compress_size') - 1
+
+
+LYING_ZIPS = {
+    'sizes shorter than the header claims': (
+        lambda: _lie_about_sizes(_valid()), CorruptFileError,
+        r'the member holds 136 bytes but its header claims 140 \(dtype float32, shape \(3,\)\)'),
+    'stored sizes disagree': (
+        lambda: crafting.patch_central(_valid(), 'x.npy', 'compress_size', 100),
+        CorruptFileError, 'a stored member of 140 bytes takes 100 bytes in the file'),
+    'member runs past the end': (
+        lambda: crafting.patch_central(crafting.patch_central(
+            _valid(), 'x.npy', 'compress_size', 10 ** 6), 'x.npy', 'file_size', 10 ** 6),
+        CorruptFileError, r'the member runs past the end of the file \(\d+ bytes\)'),
+    'local header names another member': (
+        lambda: _rename_local(_valid()), CorruptFileError,
+        "the zip directory names 'x.npy' but the local header 'y.npy'"),
+    'local header signature broken': (
+        lambda: _break_local_signature(_valid()), CorruptFileError, 'bad local file header'),
+    'directory before the start of the file': (
+        lambda: _move_directory(_valid()), CorruptFileError,
+        'the zip directory puts the member at offset -1000, before the start of the file'),
+    'unknown compression method': (
+        lambda: crafting.patch_central(_valid(), 'x.npy', 'method', 12), CorruptFileError,
+        'unsupported compression method 12'),
+    'CRC mismatch (stored)': (
+        lambda: crafting.patch_central(_valid(), 'x.npy', 'crc', 1234), CorruptFileError,
+        r'CRC mismatch \(directory 000004d2, data [0-9a-f]{8}\): the data is corrupt'),
+    'data flipped (stored)': (
+        lambda: crafting.flip(_valid(), _last_data_byte(_valid())), CorruptFileError,
+        'CRC mismatch'),
+    'data flipped (deflated)': (
+        lambda: crafting.flip(_valid(zipfile.ZIP_DEFLATED), crafting.data_offset(
+            _valid(zipfile.ZIP_DEFLATED), 'x.npy')), CorruptFileError,
+        'corrupt deflate data|CRC mismatch|deflate stream'),
+    'invalid deflate block': (
+        lambda: _replace_data(_valid(zipfile.ZIP_DEFLATED), b'\x07'), CorruptFileError,
+        'corrupt deflate data'),
+    'deflate stream cut short': (
+        lambda: crafting.patch_central(_valid(zipfile.ZIP_DEFLATED), 'x.npy', 'compress_size',
+                                       20), CorruptFileError,
+        'the deflate stream ends .* early|corrupt deflate data|CRC mismatch'),
+    'zip version from the future': (
+        lambda: crafting.patch_central(_valid(), 'x.npy', 'version_needed', 99),
+        CorruptFileError, 'not an NPZ \\(zip\\) file: zip file version 9.9'),
+}
+
+
+# Corrupt data, not metadata: found only while reading (after 'a' may have loaded).
+FOUND_WHILE_READING = {'CRC mismatch (stored)', 'data flipped (stored)', 'data flipped (deflated)',
+                       'deflate stream cut short'}
+
+
+def _replace_data(data, first):
+    offset = crafting.data_offset(data, 'x.npy')
+    return data[:offset] + first + data[offset + len(first):]
+
+
+@pytest.mark.parametrize('case', list(LYING_ZIPS))
+def test_a_zip_whose_directory_lies(tmp_path, case):
+    make, error, message = LYING_ZIPS[case]
+    path = _write(tmp_path, make())
+    key = {'directory before the start of the file': 'a',  # every member moves; 'a' is first
+           'zip version from the future': None}.get(case, 'x')  # zipfile refuses the whole file
+    where = _where(path, key)
+    for target in ({'a': None, 'x': None}, {'a': numpy.zeros(5, 'f4'), 'x': numpy.zeros(3)}):
+        with pytest.raises(error, match=where + ': .*' + message):
+            serializers.load_npz(path, target)
+        if case not in FOUND_WHILE_READING:  # the others are checked before anything changes
+            assert target['a'] is None or not target['a'].any()
+
+
+def test_a_missing_member_names_file_and_key(tmp_path):
+    path = _write(tmp_path, _valid())
+    with pytest.raises(KeyNotFoundError, match=_where(path, 'b') + ': not in the file'):
+        serializers.load_npz(path, {'b': None})
+
+
+# ---------------------------------------------------------------------------------------------
+# Truncated, empty and foreign files
+
+
+def _source():
+    rng = numpy.random.default_rng(0)
+    return {'w': rng.standard_normal((20, 30)).astype(numpy.float32), 'n': 3, 's': 'text',
+            'child': {'b': numpy.arange(50.0), 'none': None}}
+
+
+def _zeros():
+    return {'w': numpy.zeros((20, 30), numpy.float32), 'n': 0, 's': '',
+            'child': {'b': numpy.zeros(50), 'none': numpy.zeros(1)}}
+
+
+SAVERS = {
+    'npz': (lambda p, o: serializers.save_npz(p, o), serializers.load_npz, '.npz'),
+    'npz-stored': (lambda p, o: serializers.save_npz(p, o, compression=False),
+                   serializers.load_npz, '.npz'),
+    'hdf5': (serializers.save_hdf5, serializers.load_hdf5, '.h5'),
+}
+
+
+@pytest.fixture(params=list(SAVERS))
+def saver(request):
+    return SAVERS[request.param]
+
+
+@pytest.mark.parametrize('fraction', [0, 0.001, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 0.999])
+def test_a_truncated_file(tmp_path, saver, fraction):
+    save, load, ext = saver
+    save(tmp_path / f'good{ext}', _source())
+    good = (tmp_path / f'good{ext}').read_bytes()
+    cut = int(len(good) * fraction) if fraction < 0.999 else len(good) - 1
+    path = _write(tmp_path, good[:cut], f'cut{ext}')
+    target = _zeros()
+    with pytest.raises(CorruptFileError, match=_where(path) + ': not an? (NPZ|HDF5)'):
+        load(path, target)
+    assert not target['w'].any() and target['n'] == 0 and target['s'] == ''
+
+
+@pytest.mark.parametrize('content', [b'', b'\x00', b'PK\x05\x06', b'\x89HDF\r\n\x1a\n',
+                                     bytes(range(256)) * 8, os.urandom(4096)],
+                         ids=['empty', 'one zero', 'end signature', 'hdf5 signature', 'bytes',
+                              'random'])
+def test_not_a_checkpoint(tmp_path, saver, content):
+    _, load, ext = saver
+    path = _write(tmp_path, content, f'junk{ext}')
+    with pytest.raises(CorruptFileError, match=_where(path) + ': not an? (NPZ|HDF5)'):
+        load(path, {'w': None})
+
+
+def test_the_other_format(tmp_path):
+    serializers.save_npz(tmp_path / 'm.npz', _source())
+    serializers.save_hdf5(tmp_path / 'm.h5', _source())
+    with pytest.raises(CorruptFileError, match=_where(tmp_path / 'm.npz') + ': not an HDF5'):
+        serializers.load_hdf5(tmp_path / 'm.npz', _zeros())
+    with pytest.raises(CorruptFileError, match=_where(tmp_path / 'm.h5') + ': not an NPZ'):
+        serializers.load_npz(tmp_path / 'm.h5', _zeros())
+
+
+@pytest.mark.parametrize('load', [serializers.load_npz, serializers.load_hdf5],
+                         ids=['npz', 'hdf5'])
+def test_a_path_that_does_not_exist(tmp_path, load):
+    path = tmp_path / 'missing' / 'm.npz'
+    with pytest.raises(FileNotFoundError, match=re.escape(str(path))):
+        load(path, _zeros())
+
+
+@pytest.mark.parametrize('load', [serializers.load_npz, serializers.load_hdf5],
+                         ids=['npz', 'hdf5'])
+def test_a_path_that_is_a_directory(tmp_path, load):
+    with pytest.raises(IsADirectoryError, match=re.escape(str(tmp_path))):
+        load(tmp_path, _zeros())
+
+
+# ---------------------------------------------------------------------------------------------
+# HDF5 files with wrong shapes and types
+
+
+def _h5(tmp_path, build) -> str:
+    path = tmp_path / 'hostile.h5'
+    with h5py.File(path, 'w') as f:
+        f['a'] = numpy.arange(4.0)
+        build(f)
+    return path
+
+
+HDF5_CASES = {
+    'object references': (
+        lambda f: f.create_dataset('x', data=numpy.array([f['a'].ref] * 3, h5py.ref_dtype)),
+        {'x': numpy.zeros(3)}, UnsafeFileError,
+        r'datasets of type object \(object references, variable-length arrays\) are refused'),
+    'object references into None': (
+        lambda f: f.create_dataset('x', data=numpy.array([f['a'].ref] * 3, h5py.ref_dtype)),
+        {'x': None}, UnsafeFileError, 'are refused'),
+    'variable-length ints': (
+        lambda f: f.create_dataset('x', shape=(3,), dtype=h5py.vlen_dtype(numpy.int32)),
+        {'x': numpy.zeros(3)}, UnsafeFileError, 'are refused'),
+    'wrong shape': (lambda f: f.create_dataset('x', data=numpy.zeros((3, 2))),
+                    {'x': numpy.zeros(3)}, MismatchError,
+                    r'stored shape \(3, 2\) does not match the target shape \(3,\)'),
+    'strings into floats': (lambda f: f.create_dataset('x', data=['a', 'b', 'c']),
+                            {'x': numpy.zeros(3)}, MismatchError,
+                            'stored dtype object does not cast to the target dtype float64'),
+    'bytes into floats': (lambda f: f.create_dataset('x', data=numpy.array([b'a'] * 3)),
+                          {'x': numpy.zeros(3)}, MismatchError,
+                          'stored dtype |S1 does not cast to the target dtype float64'),
+    'compound into floats': (
+        lambda f: f.create_dataset('x', data=numpy.zeros(3, [('p', 'f4'), ('q', 'i4')])),
+        {'x': numpy.zeros(3)}, MismatchError, 'does not cast to the target dtype float64'),
+    'complex into floats': (lambda f: f.create_dataset('x', data=numpy.zeros(3, complex)),
+                            {'x': numpy.zeros(3)}, MismatchError,
+                            'stored dtype complex128 does not cast'),
+    'a group, not a dataset': (lambda f: f.create_group('x'), {'x': numpy.zeros(3)},
+                               MismatchError, 'is an HDF5 group, not a dataset'),
+    'an array into a scalar': (lambda f: f.create_dataset('x', data=numpy.zeros(300000)),
+                               {'x': 0}, MismatchError,
+                               r'a stored array of shape \(300000,\) cannot load into a int'),
+    'a dangling soft link': (lambda f: f.__setitem__('x', h5py.SoftLink('/nowhere')),
+                             {'x': numpy.zeros(3)}, KeyNotFoundError, 'not in the file'),
+    'a dangling external link': (
+        lambda f: f.__setitem__('x', h5py.ExternalLink('/nonexistent/file.h5', '/x')),
+        {'x': numpy.zeros(3)}, KeyNotFoundError, 'not in the file'),
+    'a path through a dataset': (lambda f: None, {'a': {'b': numpy.zeros(3)}},
+                                 KeyNotFoundError, 'not in the file'),
+    'a sparse dataset claiming 16 GiB': (
+        lambda f: f.create_dataset('x', shape=(2 ** 31,), dtype='f8', chunks=(1024,)),
+        {'x': None}, CorruptFileError,
+        r'the dataset claims 17179869184 bytes \(dtype float64, shape \(2147483648,\)\) but '
+        r'stores only 0'),
+    'a contiguous dataset claiming 2 GiB': (
+        lambda f: f.create_dataset('x', shape=(2 ** 28,), dtype='f8'), {'x': None},
+        CorruptFileError, 'the dataset claims 2147483648 bytes'),
+}
+
+
+@pytest.mark.parametrize('case', list(HDF5_CASES))
+def test_hdf5_wrong_shapes_and_types(tmp_path, case):
+    build, target, error, message = HDF5_CASES[case]
+    path = _h5(tmp_path, build)
+    key = 'a/b' if case == 'a path through a dataset' else 'x'
+    tracemalloc.start()
+    try:
+        with pytest.raises(error, match=_where(path, key) + ': .*' + message):
+            serializers.load_hdf5(path, target)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+
+
+def test_every_error_is_a_gpuserial_error_or_a_standard_one():
+    """The hierarchy the tests above rely on, as README documents it."""
+    assert issubclass(KeyNotFoundError, (GpuserialError, KeyError))
+    assert issubclass(MismatchError, ValueError) and issubclass(CorruptFileError, ValueError)
+    assert issubclass(UnsafeFileError, CorruptFileError)
+    assert str(KeyNotFoundError("'f', key 'k': not in the file")) == (
+        "'f', key 'k': not in the file")  # not quoted again, as KeyError would
+
+
+def test_pickle_module_is_not_used_by_loads(tmp_path, monkeypatch):
+    """Loads never reach pickle at all: any call to it fails the test."""
+    serializers.save_npz(tmp_path / 'm.npz', {'w': numpy.ones(3), 'none': None})
+    serializers.save_hdf5(tmp_path / 'm.h5', {'w': numpy.ones(3), 'none': None})
+
+    def refuse(*args, **kwargs):
+        raise AssertionError('pickle was called')
+
+    for name in ('load', 'loads', 'Unpickler'):
+        monkeypatch.setattr(pickle, name, refuse)
+    for load, ext in ((serializers.load_npz, '.npz'), (serializers.load_hdf5, '.h5')):
+        target = {'w': numpy.zeros(3), 'none': numpy.zeros(2)}
+        load(tmp_path / f'm{ext}', target)
+        assert target['none'] is None and (target['w'] == 1).all()
