@@ -218,7 +218,7 @@ def _write_hdf5(out, target, compression: int, shown: _progress.Progress) -> Non
     except BaseException:
         if guarded.error is None:
             raise
-        raise guarded.error  # the cause of whatever h5py made of the dropped writes
+        raise guarded.error from None  # the cause of whatever h5py made of the dropped writes
     if guarded.error is not None:
         raise guarded.error
 
