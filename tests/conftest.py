@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy
 import pytest
 
-from gpuserial import devices, transfer
+from gpuserial import devices, serializers, transfer
 from tests import standin
 
 
@@ -64,3 +64,17 @@ def small_chunks():
 def host(array) -> numpy.ndarray:
     """A NumPy copy of an array of any device, for comparisons."""
     return numpy.asarray(devices.to_host(array))
+
+
+FORMATS = {
+    'npz': (serializers.save_npz, serializers.load_npz, '.npz'),
+    'npz-stored': (lambda f, o, **kw: serializers.save_npz(f, o, compression=False, **kw),
+                   serializers.load_npz, '.npz'),
+    'hdf5': (serializers.save_hdf5, serializers.load_hdf5, '.h5'),
+}
+
+
+@pytest.fixture(params=list(FORMATS))
+def fmt(request):
+    """(save, load, extension) of each format: NPZ deflated, NPZ stored, HDF5."""
+    return FORMATS[request.param]

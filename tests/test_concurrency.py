@@ -3,28 +3,13 @@
 import threading
 
 import numpy
-import pytest
 
-from gpuserial import serializers
 from tests import crafting
 from tests.conftest import host
 from tests.standin import StandInDevice
 
 THREADS = 8
 ROUNDS = 3
-
-FORMATS = {
-    'npz': (serializers.save_npz, serializers.load_npz, '.npz'),
-    'npz-stored': (lambda f, o: serializers.save_npz(f, o, compression=False),
-                   serializers.load_npz, '.npz'),
-    'hdf5': (serializers.save_hdf5, serializers.load_hdf5, '.h5'),
-}
-
-
-@pytest.fixture(params=list(FORMATS))
-def fmt(request):
-    return FORMATS[request.param]
-
 
 def _state(seed: int, device=None) -> dict:
     rng = numpy.random.default_rng(seed)

@@ -5,22 +5,9 @@ import io
 import numpy
 import pytest
 
-from gpuserial import devices, serializers
-from tests.conftest import host, make_device
+from gpuserial import devices
+from tests.conftest import FORMATS, host, make_device
 from tests.standin import StandInArray, StandInDevice
-
-FORMATS = {
-    'npz': (serializers.save_npz, serializers.load_npz, '.npz'),
-    'npz-stored': (lambda f, o: serializers.save_npz(f, o, compression=False),
-                   serializers.load_npz, '.npz'),
-    'hdf5': (serializers.save_hdf5, serializers.load_hdf5, '.h5'),
-}
-
-
-@pytest.fixture(params=list(FORMATS))
-def fmt(request):
-    return FORMATS[request.param]
-
 
 DTYPES = ['?', 'i1', 'u1', '<i2', '<u2', '<i4', '<u4', '<i8', '<u8', '<f2', '<f4', '<f8',
           '<c8', '<c16']
