@@ -247,7 +247,11 @@ class _KeptErrorFile(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:
-        return self.raw.readinto(buffer)
+        if hasattr(self.raw, 'readinto'):
+            return self.raw.readinto(buffer)
+        data = self.raw.read(len(buffer))  # a file object with read() only, as h5py allows
+        buffer[:len(data)] = data
+        return len(data)
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         return self.raw.seek(offset, whence)

@@ -231,6 +231,23 @@ def test_a_file_object_with_room_gets_a_whole_file(fmt):
     assert target['which'] == 1
 
 
+class ReadOnlyRead:
+    """A file object with ``read`` but no ``readinto`` (h5py accepts those)."""
+
+    def __init__(self):
+        self.data = io.BytesIO()
+        for name in ('read', 'write', 'seek', 'tell', 'truncate', 'flush'):
+            setattr(self, name, getattr(self.data, name))
+
+
+def test_an_hdf5_file_object_without_readinto():
+    out = ReadOnlyRead()
+    serializers.save_hdf5(out, kill_saver.state(1))
+    target = kill_saver.zeros()
+    serializers.load_hdf5(io.BytesIO(out.data.getvalue()), target)
+    assert target['which'] == 1
+
+
 def _dead_pid() -> int:
     child = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
                            capture_output=True, text=True, check=True)

@@ -4,6 +4,8 @@ Each case pins its message: the file, the key, and what is wrong. None may crash
 pickle, or allocate memory on a header's word.
 """
 
+import errno
+import io
 import os
 import pickle
 import re
@@ -525,3 +527,48 @@ def test_pickle_module_is_not_used_by_loads(tmp_path, monkeypatch):
         target = {'w': numpy.zeros(3), 'none': numpy.zeros(2)}
         load(tmp_path / f'm{ext}', target)
         assert target['none'] is None and (target['w'] == 1).all()
+
+
+class _FailsReading:
+    """A seekable file object over ``data`` whose reads fail once ``limit`` bytes are read."""
+
+    def __init__(self, data: bytes, limit: int):
+        self.data = io.BytesIO(data)
+        self.limit = limit
+        self.done = 0
+        self.seek, self.tell = self.data.seek, self.data.tell
+
+    def seekable(self):
+        return True
+
+    def readable(self):
+        return True
+
+    def read(self, count=-1):
+        data = self.data.read(count)
+        self.done += len(data)
+        if self.done > self.limit:
+            raise OSError(errno.EIO, 'Input/output error (simulated)')
+        return data
+
+    def readinto(self, buffer):
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+
+@pytest.mark.parametrize('limit', [0, 10, 100, 1000, 3000, 6000, 10000])
+def test_a_file_object_whose_reads_fail(saver, limit):
+    """An I/O error while reading is a clean error too (or the load had read all it needed)."""
+    save, load, _ = saver
+    out = io.BytesIO()
+    save(out, _source())
+    target = _zeros()
+    try:
+        load(_FailsReading(out.getvalue(), limit), target)
+    except CorruptFileError as error:  # zipfile reports an I/O error in its directory as
+        assert re.match(r"'<_FailsReading>'(, key '[\w/]+')?: ", str(error))  # not a zip
+        assert ('Input/output error (simulated)' in str(error)
+                or 'File is not a zip file' in str(error))
+    else:
+        assert target['n'] == 3 and target['s'] == 'text'

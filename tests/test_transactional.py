@@ -185,7 +185,8 @@ def kind(request):
     return request.param
 
 
-@pytest.fixture(params=['cpu', 'standin:0'], ids=['cpu', 'standin'])
+@pytest.fixture(params=['cpu', 'standin:0', pytest.param('cuda:0', marks=pytest.mark.gpu)],
+                ids=['cpu', 'standin', 'cuda0'])
 def target_device(request):
     return make_device(request.param)
 
