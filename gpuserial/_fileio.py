@@ -77,6 +77,8 @@ def atomic_path(path, *, durable: bool = True) -> Iterator[str]:
     temporary file left by a process that died is removed by the next save to the same path.
     """
     path = os.fsdecode(path)
+    if os.path.islink(path):  # write through the link, as numpy does, keeping the link
+        path = os.path.realpath(path)
     if os.path.isdir(path):
         raise IsADirectoryError(f'cannot save to {path!r}: it is a directory')
     directory = os.path.dirname(path) or '.'

@@ -366,3 +366,18 @@ def _assert_state_equal(got, expected):
             assert got[key].tobytes() == value.tobytes(), key
         else:
             assert got[key] == value, key
+
+
+@pytest.mark.parametrize('name', ['npz', 'hdf5'])
+def test_a_save_to_a_symlink_writes_through_it(tmp_path, name):
+    save, load = ((serializers.save_npz, serializers.load_npz) if name == 'npz'
+                  else (serializers.save_hdf5, serializers.load_hdf5))
+    real = tmp_path / 'real' / 'm.bin'
+    real.parent.mkdir()
+    link = tmp_path / 'link.bin'
+    os.symlink(real, link)
+    save(link, {'w': numpy.arange(3.0)})
+    assert link.is_symlink() and real.is_file()
+    target = {'w': numpy.zeros(3)}
+    load(real, target)
+    numpy.testing.assert_array_equal(target['w'], numpy.arange(3.0))
