@@ -9,6 +9,9 @@ fallback. Files are standard zips (ZIP64 where needed) that ``numpy.load`` and z
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
+import os
 import struct
 import time
 import zlib
@@ -33,6 +36,7 @@ VERSION = 45  # ZIP64
 UTF8_FLAG = 0x800
 DESCRIPTOR_FLAG = 0x08
 PIECE = 1 << 18  # data is checksummed and (de)compressed in pieces that stay in the CPU's cache
+OVERLAP_BYTES = 1 << 20  # stored chunks from this size on are checksummed while being written
 
 LOCAL = struct.Struct('<4sHHHHHIIIHH')
 LOCAL_ZIP64_EXTRA = struct.Struct('<HHQQ')
@@ -91,12 +95,20 @@ class ZipWriter:
                       if self.method == DEFLATED else None)
         for chunk in chunks:
             chunk = memoryview(chunk).cast('B')
-            for start in range(0, len(chunk), PIECE):  # CRC and write each piece while cached
-                piece = chunk[start:start + PIECE]
-                crc = crc32(piece, crc)
-                data = compressor.compress(piece) if compressor else piece
-                compressed += len(data)
-                self._write(data)
+            if compressor is None and len(chunk) >= OVERLAP_BYTES:
+                checksum = _checksummer().submit(crc32, chunk, crc)  # on another core
+                try:
+                    self._write(chunk)
+                finally:
+                    crc = checksum.result()  # the chunk's memory is ours until this returns
+                compressed += len(chunk)
+            else:
+                for start in range(0, len(chunk), PIECE):  # CRC and write each piece while cached
+                    piece = chunk[start:start + PIECE]
+                    crc = crc32(piece, crc)
+                    data = compressor.compress(piece) if compressor else piece
+                    compressed += len(data)
+                    self._write(data)
             size += len(chunk)
         if compressor:
             data = compressor.flush()
@@ -142,6 +154,16 @@ class ZipWriter:
         self._write(END.pack(b'PK\x05\x06', 0, 0, entries, entries,
                              MARKER32 if zip64 else size, MARKER32 if zip64 else start, 0))
         self.out.flush()
+
+
+@functools.cache
+def _checksummer() -> concurrent.futures.ThreadPoolExecutor:
+    """Threads that checksum a chunk while the caller writes it (both release the GIL)."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=4,
+                                                 thread_name_prefix='gpuserial-crc')
+
+
+os.register_at_fork(after_in_child=_checksummer.cache_clear)  # a child has none of its threads
 
 
 def _field(value: int) -> int:

@@ -1,13 +1,18 @@
 """NPZ specifics: the zip container (ZIP64, descriptors, deflate), numpy's reader, our checks."""
 
 import io
+import multiprocessing
+import os
+import threading
 import zipfile
+import zlib
 
 import numpy
 import pytest
 
-from gpuserial import _zipstream, serializers
+from gpuserial import _zipstream, serializers, transfer
 from gpuserial.errors import CorruptFileError
+from tests.conftest import host
 
 ARRAYS = {'a': numpy.arange(100, dtype=numpy.float32), 'b/c': numpy.ones((3, 4), numpy.int16),
           'd': numpy.float64(2.5), 'empty': numpy.zeros((0, 3))}
@@ -126,3 +131,64 @@ def test_an_array_over_4_gib(tmp_path):
     assert target['big'][[0, 1 << 31, size - 1]].tolist() == [1, 2, 3]
     assert int(target['big'].sum(dtype=numpy.uint64)) == 6
     numpy.testing.assert_array_equal(target['after'], numpy.arange(3))
+
+
+MiB = 1 << 20
+
+
+def _large_arrays(device) -> dict:
+    """Arrays that cross several 1 MiB chunks, one ending mid-chunk."""
+    rng = numpy.random.default_rng(0)
+    return {'w': device.send(rng.standard_normal((3, MiB // 4 + 7)).astype(numpy.float32)),
+            'b': device.send(rng.integers(0, 255, 2 * MiB + 1, dtype=numpy.uint8))}
+
+
+@pytest.mark.parametrize('seekable', [True, False])
+def test_large_stored_chunks_are_checksummed_on_another_thread(monkeypatch, device, seekable):
+    checksummed_on = set()
+
+    def recording_crc32(data, value=0):
+        if len(data) >= _zipstream.OVERLAP_BYTES:
+            checksummed_on.add(threading.current_thread().name.split('_')[0])
+        return zlib.crc32(data, value)
+
+    monkeypatch.setattr(_zipstream, 'crc32', recording_crc32)
+    arrays = _large_arrays(device)
+    out = io.BytesIO() if seekable else _Unseekable()
+    with transfer.configure(chunk_bytes=MiB):
+        serializers.save_npz(out, arrays, compression=False)
+    assert checksummed_on == {'gpuserial-crc'}
+    data = out.getvalue() if seekable else bytes(out.data)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        assert archive.testzip() is None  # zipfile's own CRC check of every member
+    _check_with_numpy(data, {key: host(value) for key, value in arrays.items()})
+
+
+def test_a_failed_write_of_a_large_chunk_raises_and_leaves_no_checksum_running(tmp_path):
+    class FullDisk(io.BytesIO):
+        def write(self, data):
+            if len(data) >= MiB:
+                raise OSError(28, 'No space left on device')
+            return super().write(data)
+
+    with pytest.raises(OSError, match='No space left'):
+        serializers.save_npz(FullDisk(), {'w': numpy.ones(MiB, numpy.float32)},
+                             compression=False)
+    assert _zipstream._checksummer()._work_queue.empty()
+
+
+@pytest.mark.skipif(not hasattr(os, 'fork'), reason='needs fork')
+@pytest.mark.filterwarnings('ignore:.*fork.*:DeprecationWarning')  # Python 3.12+ on threads
+def test_a_forked_child_saves_after_its_parent_did(tmp_path):
+    arrays = {'w': numpy.arange(MiB, dtype=numpy.float32)}
+    serializers.save_npz(tmp_path / 'parent.npz', arrays, compression=False)  # starts threads
+    child = multiprocessing.get_context('fork').Process(
+        target=serializers.save_npz, args=(tmp_path / 'child.npz', arrays, False))
+    child.start()
+    child.join(60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail('the forked child hung in save_npz')
+    assert child.exitcode == 0
+    with numpy.load(tmp_path / 'child.npz') as npz:
+        numpy.testing.assert_array_equal(npz['w'], arrays['w'])
