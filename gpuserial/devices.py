@@ -27,7 +27,11 @@ __all__ = ['Backend', 'CpuDevice', 'CudaDevice', 'Device', 'backend_of', 'get_ar
 
 @functools.cache
 def _usable_cupy() -> ModuleType | None:
-    """The cupy module when it imports and a GPU is usable, else None (asked once)."""
+    """The cupy module when it imports and a GPU is usable, else None (asked once).
+
+    Asking starts the CUDA driver: as with any CUDA program, a process forked after that
+    cannot use the GPU.
+    """
     try:
         import cupy
     except ImportError:
@@ -152,7 +156,7 @@ def _cuda_device(id: int, spec) -> CudaDevice:
 
 
 def default_device() -> Device:
-    """GPU 0's current device when a GPU is usable, else the CPU."""
+    """The current GPU when one is usable, else the CPU."""
     cupy = _usable_cupy()
     return CudaDevice(cupy.cuda.Device().id) if cupy is not None else CPU
 
@@ -303,7 +307,7 @@ class _CupyBackend(Backend):
         if device.id not in self._streams:
             cupy = _usable_cupy()
             with cupy.cuda.Device(device.id):
-                self._streams[device.id] = cupy.cuda.Stream(non_blocking=True)
+                self._streams.setdefault(device.id, cupy.cuda.Stream(non_blocking=True))
         return self._streams[device.id]
 
     def pinned(self, nbytes):
@@ -315,19 +319,21 @@ class _CupyBackend(Backend):
     def _copy(self, dst_ptr, src_ptr, nbytes, kind, stream, device_id):
         cupy = _usable_cupy()
         with cupy.cuda.Device(device_id):
+            event = cupy.cuda.Event(block=False, disable_timing=True)  # first: it may fail
             cupy.cuda.runtime.memcpyAsync(dst_ptr, src_ptr, nbytes, kind, stream.ptr)
-            event = cupy.cuda.Event(block=False, disable_timing=True)
             event.record(stream)
         return event
 
     def to_host_async(self, src_bytes, start, host, stream):
         return self._copy(host.ctypes.data, src_bytes.data.ptr + start, host.nbytes,
-                          2, stream, src_bytes.device.id)  # cudaMemcpyDeviceToHost
+                          _usable_cupy().cuda.runtime.memcpyDeviceToHost, stream,
+                          src_bytes.device.id)
 
     def from_host_async(self, host, dst_bytes, start, stream):
         # The caller orders this stream after the device's current stream (see `transfer`).
         return self._copy(dst_bytes.data.ptr + start, host.ctypes.data, host.nbytes,
-                          1, stream, dst_bytes.device.id)  # cudaMemcpyHostToDevice
+                          _usable_cupy().cuda.runtime.memcpyHostToDevice, stream,
+                          dst_bytes.device.id)
 
     def wait(self, event):
         event.synchronize()
@@ -335,12 +341,17 @@ class _CupyBackend(Backend):
     def order_after_current(self, stream, device):
         cupy = _usable_cupy()
         with cupy.cuda.Device(device.id):
-            stream.wait_event(cupy.cuda.get_current_stream().record())
+            stream.wait_event(cupy.cuda.get_current_stream().record(_marker(cupy)))
 
     def order_current_after(self, stream, device):
         cupy = _usable_cupy()
         with cupy.cuda.Device(device.id):
-            cupy.cuda.get_current_stream().wait_event(stream.record())
+            cupy.cuda.get_current_stream().wait_event(stream.record(_marker(cupy)))
+
+
+def _marker(cupy):
+    """An event that only orders streams (no timing)."""
+    return cupy.cuda.Event(disable_timing=True)
 
 
 NUMPY = _NumpyBackend()

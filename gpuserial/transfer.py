@@ -75,7 +75,11 @@ class configure(contextlib.AbstractContextManager):
 
 
 class _PinnedPool:
-    """Pinned buffers of the chunk size, created on demand and reused across transfers."""
+    """Pinned buffers, created on demand and reused across transfers.
+
+    A buffer is at least a chunk long, so that transfers of arrays of every size share the same
+    few buffers rather than each size pinning its own.
+    """
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -83,6 +87,7 @@ class _PinnedPool:
 
     @contextlib.contextmanager
     def lease(self, backend: Backend, count: int, nbytes: int) -> Iterator[list[numpy.ndarray]]:
+        nbytes = max(nbytes, _settings.chunk_bytes)
         key = (id(backend), nbytes)
         with self._lock:
             free = self._free[key]

@@ -111,6 +111,19 @@ def test_device_copies_cycle_through_the_buffers_in_order():
     assert BACKEND.pinned_allocations == 3  # one pool, reused by the load after the save
 
 
+def test_arrays_of_many_sizes_share_one_set_of_pinned_buffers():
+    BACKEND.reset()
+    device = StandInDevice(0)
+    with transfer.configure(chunk_bytes=100, buffers=3):
+        transfer.release_pool()
+        for size in (1, 7, 50, 99, 100, 101, 250):
+            values = numpy.arange(size, dtype=numpy.uint8)
+            assert _stream(device.send(values)) == values.tobytes()
+            target = device.send(numpy.zeros(size // 2, numpy.uint16))  # a cast: wider buffers
+            transfer.fill(target, _reader(values[:size // 2].tobytes(), []), numpy.uint8)
+    assert BACKEND.pinned_allocations == 3
+
+
 def test_a_consumer_that_stops_early_leaves_no_copy_in_flight(small_chunks):
     device = StandInDevice(0)
     chunks = transfer.host_chunks(device.send(numpy.arange(1000, dtype=numpy.uint8)))
