@@ -97,8 +97,9 @@ class ZipWriter:
                       if self.method == DEFLATED else None)
         for chunk in chunks:
             chunk = memoryview(chunk).cast('B')
-            if compressor is None and len(chunk) >= OVERLAP_BYTES:
-                checksum = _checksummer().submit(crc32, chunk, crc)  # on another core
+            checksum = (_checksum_on_a_thread(chunk, crc)
+                        if compressor is None and len(chunk) >= OVERLAP_BYTES else None)
+            if checksum is not None:
                 try:
                     self._write(chunk)
                 finally:
@@ -166,6 +167,14 @@ def _checksummer() -> concurrent.futures.ThreadPoolExecutor:
 
 
 os.register_at_fork(after_in_child=_checksummer.cache_clear)  # a child has none of its threads
+
+
+def _checksum_on_a_thread(data: memoryview, crc: int) -> concurrent.futures.Future | None:
+    """The CRC of ``data`` (continuing ``crc``) under way on a worker, or None at exit."""
+    try:
+        return _checksummer().submit(crc32, data, crc)
+    except RuntimeError:  # the interpreter is exiting (a save from an atexit handler)
+        return None
 
 
 def _field(value: int) -> int:

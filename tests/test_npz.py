@@ -3,6 +3,8 @@
 import io
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 import zipfile
 import zlib
@@ -192,3 +194,19 @@ def test_a_forked_child_saves_after_its_parent_did(tmp_path):
     assert child.exitcode == 0
     with numpy.load(tmp_path / 'child.npz') as npz:
         numpy.testing.assert_array_equal(npz['w'], arrays['w'])
+
+
+def test_a_save_from_an_atexit_handler_checksums_without_threads(tmp_path):
+    script = ('import atexit, sys, numpy\n'
+              'from gpuserial import serializers\n'
+              'arrays = {"w": numpy.arange(1 << 20, dtype=numpy.float32)}\n'
+              'serializers.save_npz(sys.argv[1] + ".before", arrays, compression=False)\n'
+              'atexit.register(serializers.save_npz, sys.argv[1], arrays, False)\n')
+    path = tmp_path / 'at_exit.npz'
+    done = subprocess.run([sys.executable, '-c', script, str(path)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and 'Traceback' not in done.stderr, done.stderr
+    with zipfile.ZipFile(path) as archive:
+        assert archive.testzip() is None
+    with numpy.load(path) as npz:
+        numpy.testing.assert_array_equal(npz['w'], numpy.arange(1 << 20, dtype=numpy.float32))
