@@ -11,13 +11,14 @@ Files are standard zips (ZIP64 where needed) that ``numpy.load`` and zipfile rea
 
 from __future__ import annotations
 
-import concurrent.futures
-import functools
-import os
+import errno
+import io
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
 
 try:
@@ -71,6 +72,7 @@ class ZipWriter:
         self.position = out.tell() if self.seekable else 0
         self.time, self.date = _dos_time(time.localtime())
         self.central: list[bytes] = []
+        self.checksummer: ThreadPoolExecutor | None = None  # started by the first large chunk
 
     def __enter__(self) -> ZipWriter:
         return self
@@ -78,10 +80,33 @@ class ZipWriter:
     def __exit__(self, kind, *exc_info) -> None:
         if kind is None:
             self.close()
+        else:
+            self._stop_checksummer()
 
     def _write(self, data) -> None:
-        self.out.write(data)
+        _write_all(self.out, data)
         self.position += len(data)
+
+    def _checksum_on_a_thread(self, data: memoryview, crc: int) -> Future | None:
+        """The CRC of ``data`` (continuing ``crc``) under way on this writer's thread, or None
+        where no thread may be used: at interpreter exit, or from a signal handler that
+        interrupted a submit (its locks are not reentrant)."""
+        if _submitting.active:
+            return None
+        _submitting.active = True
+        try:
+            if self.checksummer is None:
+                self.checksummer = ThreadPoolExecutor(1, thread_name_prefix='gpuserial-crc')
+            return self.checksummer.submit(crc32, data, crc)
+        except RuntimeError:  # the interpreter is exiting, or no thread can start
+            return None
+        finally:
+            _submitting.active = False
+
+    def _stop_checksummer(self) -> None:
+        if self.checksummer is not None:
+            self.checksummer.shutdown()
+            self.checksummer = None
 
     def write_member(self, name: str, chunks: Iterable) -> None:
         """Adds member ``name`` whose data is the concatenation of ``chunks`` (bytes-like)."""
@@ -97,7 +122,7 @@ class ZipWriter:
                       if self.method == DEFLATED else None)
         for chunk in chunks:
             chunk = memoryview(chunk).cast('B')
-            checksum = (_checksum_on_a_thread(chunk, crc)
+            checksum = (self._checksum_on_a_thread(chunk, crc)
                         if compressor is None and len(chunk) >= OVERLAP_BYTES else None)
             if checksum is not None:
                 try:
@@ -120,9 +145,9 @@ class ZipWriter:
         if self.seekable:
             end = self.position
             self.out.seek(offset + 14)
-            self.out.write(struct.pack('<I', crc))
+            _write_all(self.out, struct.pack('<I', crc))
             self.out.seek(offset + LOCAL.size + len(encoded) + 4)
-            self.out.write(struct.pack('<QQ', size, compressed))
+            _write_all(self.out, struct.pack('<QQ', size, compressed))
             self.out.seek(end)
         else:
             self._write(DESCRIPTOR64.pack(b'PK\x07\x08', crc, compressed, size))
@@ -142,6 +167,7 @@ class ZipWriter:
 
     def close(self) -> None:
         """Writes the central directory (and the ZIP64 end records where needed)."""
+        self._stop_checksummer()  # no member data follows
         start = self.position
         for entry in self.central:
             self._write(entry)
@@ -159,22 +185,23 @@ class ZipWriter:
         self.out.flush()
 
 
-@functools.cache
-def _checksummer() -> concurrent.futures.ThreadPoolExecutor:
-    """Threads that checksum a chunk while the caller writes it (both release the GIL)."""
-    return concurrent.futures.ThreadPoolExecutor(max_workers=4,
-                                                 thread_name_prefix='gpuserial-crc')
+class _Submitting(threading.local):
+    active = False
 
 
-os.register_at_fork(after_in_child=_checksummer.cache_clear)  # a child has none of its threads
+_submitting = _Submitting()
 
 
-def _checksum_on_a_thread(data: memoryview, crc: int) -> concurrent.futures.Future | None:
-    """The CRC of ``data`` (continuing ``crc``) under way on a worker, or None at exit."""
-    try:
-        return _checksummer().submit(crc32, data, crc)
-    except RuntimeError:  # the interpreter is exiting (a save from an atexit handler)
-        return None
+def _write_all(out, data) -> None:
+    """Writes all of ``data``: a raw file may take only part of it per call."""
+    data = memoryview(data).cast('B')
+    while data:
+        count = out.write(data)
+        if count is None:
+            if isinstance(out, io.RawIOBase):  # non-blocking and not ready
+                raise BlockingIOError(errno.EAGAIN, 'the output cannot take data now')
+            count = len(data)  # a file-like object that does not say how much it took
+        data = data[count:]
 
 
 def _field(value: int) -> int:

@@ -321,7 +321,11 @@ class _CupyBackend(Backend):
         with cupy.cuda.Device(device_id):
             event = cupy.cuda.Event(block=False, disable_timing=True)  # first: it may fail
             cupy.cuda.runtime.memcpyAsync(dst_ptr, src_ptr, nbytes, kind, stream.ptr)
-            event.record(stream)
+            try:
+                event.record(stream)
+            except BaseException:  # nothing would wait for the copy: wait for it here
+                stream.synchronize()
+                raise
         return event
 
     def to_host_async(self, src_bytes, start, host, stream):

@@ -178,7 +178,9 @@ def host_chunks(array, *, spans: Iterable[tuple[int, int]] | None = None,
 
 def _device_to_host(backend: Backend, device: Device, src_bytes, itemsize: int,
                     spans: list[tuple[int, int]]) -> Iterator[memoryview]:
-    largest = max((stop - start for start, stop in spans), default=0) * itemsize
+    if not spans:  # an empty array: nothing to copy, no buffers to pin
+        return
+    largest = max(stop - start for start, stop in spans) * itemsize
     stream = backend.stream(device)
     backend.order_after_current(stream, device)
     with _pool.lease(backend, _settings.buffers, largest) as buffers:
@@ -252,7 +254,9 @@ def _fill_host(dst: numpy.ndarray, read_into, src_dtype: numpy.dtype, spans) -> 
 
 def _host_to_device(backend: Backend, device: Device, dst_bytes, dst_dtype: numpy.dtype,
                     read_into, src_dtype: numpy.dtype, spans) -> None:
-    largest = max((stop - start for start, stop in spans), default=0)
+    if not spans:
+        return
+    largest = max(stop - start for start, stop in spans)
     scratch = None if src_dtype == dst_dtype else numpy.empty(largest, src_dtype)
     stream = backend.stream(device)
     backend.order_after_current(stream, device)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 import zlib
 
@@ -166,7 +167,39 @@ def test_large_stored_chunks_are_checksummed_on_another_thread(monkeypatch, devi
     _check_with_numpy(data, {key: host(value) for key, value in arrays.items()})
 
 
-def test_a_failed_write_of_a_large_chunk_raises_and_leaves_no_checksum_running(tmp_path):
+def _slow_crc32(monkeypatch, finished: threading.Event | None = None) -> None:
+    """Checksums read their data only after a pause, as a busy core would."""
+    def slow_crc32(data, value=0):
+        time.sleep(0.05)
+        result = zlib.crc32(data, value)
+        if finished is not None:
+            finished.set()
+        return result
+
+    monkeypatch.setattr(_zipstream, 'crc32', slow_crc32)
+
+
+def test_a_chunk_is_not_reused_before_its_checksum_is_done(monkeypatch):
+    _slow_crc32(monkeypatch)
+    buffer = bytearray(MiB)
+
+    def refilled_chunks():  # one buffer, refilled on every resume, as the staging engine does
+        for value in range(4):
+            buffer[:] = bytes([value]) * MiB
+            yield buffer
+
+    out = io.BytesIO()
+    with _zipstream.ZipWriter(out, compression=False) as archive:
+        archive.write_member('m', refilled_chunks())
+    with zipfile.ZipFile(out) as archive:
+        assert archive.testzip() is None
+        assert archive.read('m') == b''.join(bytes([v]) * MiB for v in range(4))
+
+
+def test_a_failed_write_waits_for_the_checksum_before_raising(monkeypatch):
+    finished = threading.Event()
+    _slow_crc32(monkeypatch, finished)
+
     class FullDisk(io.BytesIO):
         def write(self, data):
             if len(data) >= MiB:
@@ -176,7 +209,70 @@ def test_a_failed_write_of_a_large_chunk_raises_and_leaves_no_checksum_running(t
     with pytest.raises(OSError, match='No space left'):
         serializers.save_npz(FullDisk(), {'w': numpy.ones(MiB, numpy.float32)},
                              compression=False)
-    assert _zipstream._checksummer()._work_queue.empty()
+    assert finished.is_set()  # the chunk's memory was still the writer's when the error left
+
+
+class _Trickle(io.RawIOBase):
+    """A raw output that takes at most 100 KiB per write, like a pipe or a socket."""
+
+    def __init__(self, seekable: bool):
+        self.file = io.BytesIO()
+        self._seekable = seekable
+
+    def writable(self):
+        return True
+
+    def seekable(self):
+        return self._seekable
+
+    def tell(self):
+        return self.file.tell()
+
+    def seek(self, offset, whence=0):
+        return self.file.seek(offset, whence)
+
+    def write(self, data):
+        return self.file.write(bytes(data[:100 << 10]))
+
+
+class _Uncounting:
+    """A file-like object whose write returns None, as many simple wrappers do."""
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def write(self, data):
+        self.data += data
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize('seekable', [True, False])
+def test_short_writes_are_completed(seekable):
+    arrays = {'w': numpy.arange(MiB, dtype=numpy.float32), 'b': numpy.arange(10)}
+    out = _Trickle(seekable)
+    serializers.save_npz(out, arrays, compression=False)
+    _check_with_numpy(out.file.getvalue(), arrays)
+
+
+def test_a_write_that_returns_none_took_everything_unless_raw():
+    arrays = {'w': numpy.arange(MiB, dtype=numpy.float32)}
+    out = _Uncounting()
+    serializers.save_npz(out, arrays, compression=False)
+    _check_with_numpy(bytes(out.data), arrays)
+
+    class WouldBlock(_Trickle):
+        def write(self, data):
+            return None
+
+    with pytest.raises(BlockingIOError):
+        serializers.save_npz(WouldBlock(False), arrays, compression=False)
+
+
+def test_the_checksum_thread_ends_with_the_save():
+    serializers.save_npz(io.BytesIO(), {'w': numpy.ones(MiB, numpy.float32)}, compression=False)
+    assert not [t for t in threading.enumerate() if t.name.startswith('gpuserial-crc')]
 
 
 @pytest.mark.skipif(not hasattr(os, 'fork'), reason='needs fork')
@@ -210,3 +306,25 @@ def test_a_save_from_an_atexit_handler_checksums_without_threads(tmp_path):
         assert archive.testzip() is None
     with numpy.load(path) as npz:
         numpy.testing.assert_array_equal(npz['w'], numpy.arange(1 << 20, dtype=numpy.float32))
+
+
+def test_a_save_from_a_signal_handler_inside_a_submit_checksums_inline(monkeypatch):
+    """A handler that saves while the interrupted save is inside ``submit`` (whose locks are
+    not reentrant) must not submit again: its chunks are checksummed inline."""
+    arrays = {'w': numpy.arange(MiB, dtype=numpy.float32)}
+    nested = io.BytesIO()
+    submits = []
+
+    class Interrupted(_zipstream.ThreadPoolExecutor):
+        def submit(self, *args):
+            submits.append(len(submits))
+            if len(submits) == 1:  # the "signal" arrives during the first submit
+                serializers.save_npz(nested, arrays, compression=False)
+            return super().submit(*args)
+
+    monkeypatch.setattr(_zipstream, 'ThreadPoolExecutor', Interrupted)
+    outer = io.BytesIO()
+    serializers.save_npz(outer, arrays, compression=False)
+    assert submits == [0]  # only the outer save used the thread
+    _check_with_numpy(nested.getvalue(), arrays)
+    _check_with_numpy(outer.getvalue(), arrays)

@@ -116,6 +116,10 @@ def test_arrays_of_many_sizes_share_one_set_of_pinned_buffers():
     device = StandInDevice(0)
     with transfer.configure(chunk_bytes=100, buffers=3):
         transfer.release_pool()
+        empty = device.send(numpy.zeros(0, numpy.float32))
+        assert _stream(empty) == b''
+        transfer.fill(empty, _reader(b'', []), numpy.float32)
+        assert BACKEND.pinned_allocations == 0  # nothing to copy, nothing pinned
         for size in (1, 7, 50, 99, 100, 101, 250):
             values = numpy.arange(size, dtype=numpy.uint8)
             assert _stream(device.send(values)) == values.tobytes()
