@@ -40,6 +40,8 @@ UTF8_FLAG = 0x800
 DESCRIPTOR_FLAG = 0x08
 PIECE = 1 << 18  # data is checksummed and (de)compressed in pieces that stay in the CPU's cache
 OVERLAP_BYTES = 1 << 20  # stored chunks from this size on are checksummed while being written
+WRITE_PIECE = 1 << 20  # such chunks are written in pieces this size: larger writes measured
+#                        slower and prone to stalls (BENCHMARKS.md, 2026-11-23 second session)
 
 LOCAL = struct.Struct('<4sHHHHHIIIHH')
 LOCAL_ZIP64_EXTRA = struct.Struct('<HHQQ')
@@ -126,7 +128,8 @@ class ZipWriter:
                         if compressor is None and len(chunk) >= OVERLAP_BYTES else None)
             if checksum is not None:
                 try:
-                    self._write(chunk)
+                    for start in range(0, len(chunk), WRITE_PIECE):
+                        self._write(chunk[start:start + WRITE_PIECE])
                 finally:
                     crc = checksum.result()  # the chunk's memory is ours until this returns
                 compressed += len(chunk)
