@@ -39,9 +39,8 @@ VERSION = 45  # ZIP64
 UTF8_FLAG = 0x800
 DESCRIPTOR_FLAG = 0x08
 PIECE = 1 << 18  # data is checksummed and (de)compressed in pieces that stay in the CPU's cache
-OVERLAP_BYTES = 1 << 20  # stored chunks from this size on are checksummed while being written
-WRITE_PIECE = 1 << 20  # such chunks are written in pieces this size: larger writes measured
-#                        slower and prone to stalls (BENCHMARKS.md, 2026-11-23 second session)
+WRITE_PIECE = 1 << 20  # stored chunks this large are checksummed on a thread while written in
+#                        pieces this size (larger writes measured slower and prone to stalls)
 
 LOCAL = struct.Struct('<4sHHHHHIIIHH')
 LOCAL_ZIP64_EXTRA = struct.Struct('<HHQQ')
@@ -125,7 +124,7 @@ class ZipWriter:
         for chunk in chunks:
             chunk = memoryview(chunk).cast('B')
             checksum = (self._checksum_on_a_thread(chunk, crc)
-                        if compressor is None and len(chunk) >= OVERLAP_BYTES else None)
+                        if compressor is None and len(chunk) >= WRITE_PIECE else None)
             if checksum is not None:
                 try:
                     for start in range(0, len(chunk), WRITE_PIECE):

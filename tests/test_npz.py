@@ -151,7 +151,7 @@ def test_large_stored_chunks_are_checksummed_on_another_thread(monkeypatch, devi
     checksummed_on = set()
 
     def recording_crc32(data, value=0):
-        if len(data) >= _zipstream.OVERLAP_BYTES:
+        if len(data) >= _zipstream.WRITE_PIECE:
             checksummed_on.add(threading.current_thread().name.split('_')[0])
         return zlib.crc32(data, value)
 
