@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
-# The test suite, set up from nothing: a fresh virtual environment with the package and its test
-# extras, a second one with real Chainer 7.8.1 (the compatibility peer the tests load our files
-# into), then pytest (benchmarks run tiny, with timing disabled). Extra arguments go to pytest.
+# The test suite: a virtual environment .venv with the package (editable) and its test extras,
+# a second one, .venv-chainer, with real Chainer 7.8.1 and gpuserial beside it (the peer the
+# tests load our files into and drive through our serializers), then pytest. Each environment
+# is made once and rebuilt only when pyproject.toml changes, so later runs work offline.
+# The Chainer tests are required here: a missing Chainer environment fails the run. Benchmarks
+# run tiny, with timing disabled. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rm -rf .venv
-python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test]'
-if ! .venv-chainer/bin/python -c "import chainer, h5py" 2>/dev/null; then
-  rm -rf .venv-chainer
-  python3 -m venv .venv-chainer
+source ci/env.sh
+
+install_test_env() {
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[test]'
+}
+install_chainer_env() {
   .venv-chainer/bin/python -m pip install -q 'setuptools<70' wheel
   .venv-chainer/bin/python -m pip install -q --no-build-isolation 'chainer==7.8.1' 'numpy<2' h5py
-fi
+  .venv-chainer/bin/python -m pip install -q --no-build-isolation -e .
+}
+ensure_venv .venv "$(project_stamp test)" install_test_env
+ensure_venv .venv-chainer "$(project_stamp chainer 7.8.1)" install_chainer_env
+
 export GPUSERIAL_CHAINER_PYTHON="$PWD/.venv-chainer/bin/python"
+export GPUSERIAL_REQUIRE_CHAINER=1
 exec .venv/bin/python -m pytest "$@"

@@ -6,6 +6,8 @@ from gpuserial.errors import (
                               CorruptFileError,
                               DeviceError,
                               GpuserialError,
+                              InvalidKeyError,
+                              KeyCollisionError,
                               KeyNotFoundError,
                               MismatchError,
                               UnsafeCastError,
@@ -40,7 +42,8 @@ __version__ = '0.1.0'
 __all__ = [
     'SGD', 'AbstractSerializer', 'Adam', 'BatchNormalization', 'Chain', 'ChainList',
     'CorruptFileError', 'Deserializer', 'Device', 'DeviceError', 'DictionarySerializer',
-    'GpuserialError', 'GradientMethod', 'HDF5Deserializer', 'HDF5Serializer', 'KeyNotFoundError',
+    'GpuserialError', 'GradientMethod', 'HDF5Deserializer', 'HDF5Serializer', 'InvalidKeyError',
+    'KeyCollisionError', 'KeyNotFoundError',
     'Linear', 'Link', 'MismatchError', 'MomentumSGD', 'NpzDeserializer', 'Optimizer',
     'Parameter', 'SerialIterator', 'Serializer', 'StandardUpdater', 'Trainer', 'UnsafeCastError',
     'UnsafeFileError', 'UpdateRule', 'configure', 'get_array_module', 'get_device', 'get_trigger',

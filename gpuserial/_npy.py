@@ -1,14 +1,15 @@
 """The ``.npy`` format, pure: bytes and plain values in and out (no zip, no files, no cupy).
 
 Every claim a header makes is checked before anyone allocates memory for it, and the one
-pickle accepted, Chainer's ``None`` (a 0-d object array holding ``None``), is recognised by its
-exact bytes: nothing is ever unpickled.
+pickle accepted, Chainer's ``None`` (a 0-d object array holding ``None``), is recognised by
+walking its opcodes against an allow-list: nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import pickletools
 import struct
 
 import numpy
@@ -23,39 +24,157 @@ HEADER_KEYS = {'descr', 'fortran_order', 'shape'}
 MAX_NDIM = 64 if numpy.lib.NumpyVersion(numpy.__version__) >= '2.0.0' else 32  # numpy's own
 MAX_EXTENT = numpy.iinfo(numpy.intp).max  # numpy refuses shapes whose bytes could exceed this
 
-# Chainer's None: ``numpy.save`` of ``numpy.asarray(None)``, pickled with the protocol and the
-# module path each NumPy writes (protocol 3 and ``numpy.core`` below NumPy 2, protocol 4 and
-# ``numpy._core`` from NumPy 2 on). The tail, after the module path, is common to all.
-_NONE_TAIL_V2V3 = (b'_reconstruct\nq\x00cnumpy\nndarray\nq\x01K\x00\x85q\x02')
-_NONE_STATE_V3 = (b'C\x01bq\x03\x87q\x04Rq\x05(K\x01)cnumpy\ndtype\nq\x06X\x02\x00\x00\x00O8q'
-                  b'\x07\x89\x88\x87q\x08Rq\t(K\x03X\x01\x00\x00\x00|q\nNNNJ\xff\xff\xff\xffJ'
-                  b'\xff\xff\xff\xffK?tq\x0bb\x89]q\x0cNatq\rb.')
-_NONE_STATE_V2 = (b'c_codecs\nencode\nq\x03X\x01\x00\x00\x00bq\x04X\x06\x00\x00\x00latin1q\x05'
-                  b'\x86q\x06Rq\x07\x87q\x08Rq\t(K\x01)cnumpy\ndtype\nq\nX\x02\x00\x00\x00O8q'
-                  b'\x0b\x89\x88\x87q\x0cRq\r(K\x03X\x01\x00\x00\x00|q\x0eNNNJ\xff\xff\xff\xffJ'
-                  b'\xff\xff\xff\xffK?tq\x0fb\x89]q\x10Natq\x11b.')
-_NONE_BODY_V4 = (b'\x94\x8c\x0c_reconstruct\x94\x93\x94\x8c\x05numpy\x94\x8c\x07ndarray\x94\x93'
-                 b'\x94K\x00\x85\x94C\x01b\x94\x87\x94R\x94(K\x01)h\x03\x8c\x05dtype\x94\x93\x94'
-                 b'\x8c\x02O8\x94\x89\x88\x87\x94R\x94(K\x03\x8c\x01|\x94NNNJ\xff\xff\xff\xffJ'
-                 b'\xff\xff\xff\xffK?t\x94b\x89]\x94Nat\x94b.')
-
-
-def _none_pickles() -> frozenset[bytes]:
-    found = set()
-    for module in (b'numpy.core.multiarray', b'numpy._core.multiarray'):
-        head = b'c' + module + b'\n' + _NONE_TAIL_V2V3
-        found.add(b'\x80\x02' + head + _NONE_STATE_V2)
-        found.add(b'\x80\x03' + head + _NONE_STATE_V3)
-        frame = b'\x8c' + bytes([len(module)]) + module + _NONE_BODY_V4
-        for protocol in (b'\x80\x04', b'\x80\x05'):
-            found.add(protocol + b'\x95' + struct.pack('<Q', len(frame)) + frame)
-    return frozenset(found)
-
-
-NONE_PICKLES = _none_pickles()
-NONE_PICKLE_MAX_LEN = max(map(len, NONE_PICKLES))
-NONE_PICKLE = b'\x80\x03cnumpy.core.multiarray\n' + _NONE_TAIL_V2V3 + _NONE_STATE_V3
+# Chainer's None is ``numpy.save`` of ``numpy.asarray(None)``: a 0-d object array holding None,
+# pickled. Over the years numpy wrote it with pickle protocols 2 to 5, Python 2 and 3 string
+# opcodes, ``_codecs.encode`` for bytes (protocol 2 under Python 3), ``numpy.core`` or
+# ``numpy._core``, and the dtype's flags as ints or bools. It is recognised by walking the
+# opcodes (never running them) against an allow-list of these globals and calls.
+NONE_PICKLE_MAX_LEN = 512  # the forms above are about 200 bytes; a longer payload is not one
+NONE_PICKLE = (
+    b'\x80\x03cnumpy.core.multiarray\n_reconstruct\nq\x00cnumpy\nndarray\nq\x01K\x00\x85q\x02C'
+    b'\x01bq\x03\x87q\x04Rq\x05(K\x01)cnumpy\ndtype\nq\x06X\x02\x00\x00\x00O8q\x07\x89\x88\x87q'
+    b'\x08Rq\t(K\x03X\x01\x00\x00\x00|q\nNNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK?tq\x0bb\x89]q\x0c'
+    b'Natq\rb.')
 """What gpuserial writes for ``None``: Chainer's form under NumPy < 2, which every NumPy loads."""
+
+_NONE_GLOBALS = {
+    ('numpy.core.multiarray', '_reconstruct'): '_reconstruct',
+    ('numpy._core.multiarray', '_reconstruct'): '_reconstruct',
+    ('numpy', 'ndarray'): 'ndarray',
+    ('numpy', 'dtype'): 'dtype',
+    ('_codecs', 'encode'): 'encode',
+}
+_OBJECT_DTYPE_STATE = (3, '|', None, None, None, -1, -1, 63)  # version, byte order, ..., flags
+_TEXT_OPS = {'BINUNICODE', 'SHORT_BINUNICODE', 'BINUNICODE8', 'UNICODE', 'STRING', 'BINSTRING',
+             'SHORT_BINSTRING'}  # Python 2's str arrives as text, as numpy loads it (latin1)
+_BYTES_OPS = {'SHORT_BINBYTES', 'BINBYTES', 'BINBYTES8'}
+_INT_OPS = {'INT', 'BININT', 'BININT1', 'BININT2', 'LONG1'}
+_PUT_OPS = {'PUT', 'BINPUT', 'LONG_BINPUT'}
+_GET_OPS = {'GET', 'BINGET', 'LONG_BINGET'}
+
+
+class _NotNone(Exception):
+    """The pickle is not Chainer's None."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Global:
+    name: str  # a value of _NONE_GLOBALS
+
+
+class _Made:
+    """What a REDUCE of an allowed global would make (nothing is made), and its BUILD state."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.state: object = _Made
+
+
+def _reduce(function, args) -> object:
+    if not isinstance(function, _Global) or not isinstance(args, tuple):
+        raise _NotNone
+    if function.name == 'encode' and len(args) == 2 and args[1] == 'latin1' \
+            and isinstance(args[0], str):
+        return args[0].encode('latin1')
+    if function.name == 'dtype' and args == ('O8', False, True):
+        return _Made('dtype')
+    if (function.name == '_reconstruct' and len(args) == 3 and args[0] == _Global('ndarray')
+            and args[1] == (0,) and args[2] in ('b', b'b')):
+        return _Made('ndarray')
+    raise _NotNone
+
+
+def _walk(payload: bytes) -> object:
+    """The value a pickle would build, as far as the allow-list lets it be described."""
+    stack: list = []
+    marks: list[int] = []
+    memo: dict[int, object] = {}
+
+    def pop_mark() -> list:
+        if not marks:
+            raise _NotNone
+        start = marks.pop()
+        items = stack[start:]
+        del stack[start:]
+        return items
+
+    for number, (op, arg, position) in enumerate(pickletools.genops(payload)):
+        name = op.name
+        if number == 0 and (name != 'PROTO' or not 2 <= arg <= 5):
+            raise _NotNone
+        if name in ('PROTO', 'FRAME'):
+            continue
+        if name == 'STOP':
+            if position != len(payload) - 1 or len(stack) != 1 or marks:
+                raise _NotNone  # more data after the pickle, or a stack left unbalanced
+            return stack[0]
+        if name == 'MARK':
+            marks.append(len(stack))
+        elif name in ('GLOBAL', 'STACK_GLOBAL'):
+            if name == 'GLOBAL':
+                module, _, attribute = arg.partition(' ')
+            else:
+                attribute, module = stack.pop(), stack.pop()
+            if (module, attribute) not in _NONE_GLOBALS:
+                raise _NotNone
+            stack.append(_Global(_NONE_GLOBALS[module, attribute]))
+        elif name in _PUT_OPS:
+            memo[arg] = stack[-1]
+        elif name == 'MEMOIZE':
+            memo[len(memo)] = stack[-1]
+        elif name in _GET_OPS:
+            stack.append(memo[arg])
+        elif name in ('NONE', 'NEWTRUE', 'NEWFALSE'):
+            stack.append({'NONE': None, 'NEWTRUE': True, 'NEWFALSE': False}[name])
+        elif name in _INT_OPS or name in _TEXT_OPS or name in _BYTES_OPS:
+            stack.append(arg)
+        elif name == 'EMPTY_TUPLE':
+            stack.append(())
+        elif name in ('TUPLE1', 'TUPLE2', 'TUPLE3'):
+            count = int(name[-1])
+            items = tuple(stack[-count:])
+            if len(items) != count:
+                raise _NotNone
+            del stack[-count:]
+            stack.append(items)
+        elif name == 'TUPLE':
+            stack.append(tuple(pop_mark()))
+        elif name == 'EMPTY_LIST':
+            stack.append([])
+        elif name == 'APPEND':
+            item = stack.pop()
+            if not isinstance(stack[-1], list):
+                raise _NotNone
+            stack[-1].append(item)
+        elif name == 'REDUCE':
+            args = stack.pop()
+            stack.append(_reduce(stack.pop(), args))
+        elif name == 'BUILD':
+            state = stack.pop()
+            if not isinstance(stack[-1], _Made) or stack[-1].state is not _Made:
+                raise _NotNone
+            stack[-1].state = state
+        else:
+            raise _NotNone
+    raise _NotNone  # no STOP
+
+
+def _is_none_pickle(payload: bytes) -> bool:
+    if len(payload) > NONE_PICKLE_MAX_LEN:
+        return False
+    try:
+        made = _walk(payload)
+    except (_NotNone, ValueError, IndexError, KeyError, TypeError, UnicodeError):
+        return False  # genops on malformed data, a pop from an empty stack, an unknown memo
+    if not isinstance(made, _Made) or made.name != 'ndarray' or not isinstance(made.state, tuple):
+        return False
+    if len(made.state) != 5:
+        return False
+    version, shape, dtype, fortran_order, data = made.state
+    return (version == 1 and shape == () and fortran_order is not True and fortran_order == 0
+            and isinstance(dtype, _Made) and dtype.name == 'dtype'
+            and dtype.state == _OBJECT_DTYPE_STATE and data == [None]
+            and isinstance(data, list))
 
 
 class HeaderError(ValueError):
@@ -174,5 +293,6 @@ def decode_header(header: bytes) -> Header:
 
 
 def is_chainer_none(header: Header, payload: bytes) -> bool:
-    """Whether an object member is exactly Chainer's ``None`` (no pickle is run)."""
-    return header.is_object and header.shape == () and payload in NONE_PICKLES
+    """Whether an object member is Chainer's ``None`` (its pickle is walked, never run)."""
+    return (header.is_object and header.dtype == numpy.dtype(object) and header.shape == ()
+            and _is_none_pickle(payload))

@@ -155,6 +155,15 @@ def _cuda_device(id: int, spec) -> CudaDevice:
     return CudaDevice(id)
 
 
+def device_spec_for(obj, device: Device):
+    """``device`` as ``obj.to_device`` takes it: Chainer's objects get Chainer's spec string
+    (``'@numpy'``, ``'@cupy:N'``, which is also the Device's name), all others the Device."""
+    resident = getattr(sys.modules.get('chainer.device_resident'), 'DeviceResident', None)
+    if resident is not None and isinstance(obj, resident):
+        return device.name
+    return device
+
+
 def default_device() -> Device:
     """The current GPU when one is usable, else the CPU."""
     cupy = _usable_cupy()

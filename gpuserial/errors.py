@@ -16,6 +16,14 @@ class MismatchError(GpuserialError, ValueError):
     """A stored array's shape or dtype does not fit the target."""
 
 
+class InvalidKeyError(GpuserialError, ValueError):
+    """A key is not a string, or is empty."""
+
+
+class KeyCollisionError(GpuserialError, ValueError):
+    """Two entries of one save would be stored under the same key (or a key and its group)."""
+
+
 class CorruptFileError(GpuserialError, ValueError):
     """A file is not a valid NPZ/HDF5 file, is truncated, or fails its checksum."""
 

@@ -16,9 +16,14 @@ import numpy
 from gpuserial import devices, loading, transfer
 from gpuserial import progress as _progress
 from gpuserial._fileio import atomic_path, display_name, is_path
-from gpuserial.errors import CorruptFileError, MismatchError, UnsafeFileError
-from gpuserial.npz import serialize_refs
-from gpuserial.serializer import Serializer, as_serializable
+from gpuserial.errors import (
+    CorruptFileError,
+    InvalidKeyError,
+    KeyCollisionError,
+    MismatchError,
+    UnsafeFileError,
+)
+from gpuserial.serializer import Serializer, as_serializable, child_path, entry_key
 
 __all__ = ['HDF5Deserializer', 'HDF5Serializer', 'load_hdf5', 'save_hdf5']
 
@@ -28,33 +33,120 @@ MAX_FILTER_RATIO = 1032  # gzip cannot expand data more than this: bounds a data
 class HDF5Serializer(Serializer):
     """Serializer for HDF5 files, as Chainer's.
 
+    Called directly, it writes each entry at once. :meth:`save` calls the object's
+    ``serialize`` once, checks the keys it stored (no key twice, no dataset where a group must
+    go), and then writes the entries.
+
     Args:
         group: the h5py file or group to write into.
         compression: the gzip level (0 to 9) for entries of more than one element.
-        progress: keyword-only; counts the array bytes written (for a progress bar).
+        progress: keyword-only; a progress bar for :meth:`save` (None: on a terminal for large
+            saves).
+        name: keyword-only; how messages name the file (by default the h5py file's name).
     """
 
     def __init__(self, group: h5py.Group, compression: int = 4, *,
-                 progress: _progress.Progress = _progress.SILENT):
+                 progress: bool | None = None, name: str | None = None):
         self.group = group
         self.compression = compression
         self.progress = progress
+        self.name = _file_name(group) if name is None else name
+        self._entries: list[tuple[h5py.Group, str, str, object]] | None = None  # in save()
 
     def __getitem__(self, key: str) -> HDF5Serializer:
-        return HDF5Serializer(self.group.require_group(key.strip('/')), self.compression,
-                              progress=self.progress)
+        name = child_path('', key).rstrip('/')
+        try:
+            group = self.group.require_group(name)
+        except (TypeError, ValueError) as error:  # a dataset of that name is in the way
+            raise KeyCollisionError(f'{self.name!r}, key {_dataset_path(self.group, name)[1:]!r}: '
+                                    f'cannot make a group here: {error}') from None
+        child = object.__new__(type(self))
+        child.__dict__.update(self.__dict__, group=group)
+        return child
 
     def __call__(self, key: str, value):
-        key = key.lstrip('/')
-        if value is None:
-            self.group.create_dataset(key, data=h5py.Empty('f'))
-        elif isinstance(value, str):
-            self.group.create_dataset(key, data=value)
-        elif devices.is_array(value):
-            write_dataset(self.group, key, value, self.compression, self.progress)
+        key = entry_key('', key)
+        if self._entries is not None:
+            self._entries.append((self.group, key, _dataset_path(self.group, key), value))
         else:
-            self.group.create_dataset(key, data=numpy.asarray(value))
+            _write_entry(self.group, key, value, self.compression, self.name)
         return value
+
+    def save(self, obj) -> None:
+        """Serializes ``obj`` (calling its ``serialize`` once), then writes what it stored."""
+        entries: list = []
+        self._entries = entries
+        try:
+            as_serializable(obj).serialize(self)
+        except InvalidKeyError as error:
+            raise InvalidKeyError(f'{self.name!r}: {error}') from None
+        finally:
+            self._entries = None
+        _check_keys(self.group, entries, self.name)
+        total = sum(value.nbytes for _, _, _, value in entries if devices.is_array(value))
+        with _progress.bar(total, f'save {self.name}', self.progress) as shown:
+            for group, key, _, value in entries:
+                _write_entry(group, key, value, self.compression, self.name, shown)
+
+
+def _file_name(group: h5py.Group) -> str:
+    try:
+        return display_name(group.file.filename)
+    except (AttributeError, ValueError):
+        return '<hdf5>'
+
+
+def _where(name: str, group: h5py.Group, key: str) -> str:
+    return f'{name!r}, key {_dataset_path(group, key)[1:]!r}'
+
+
+def _dataset_path(group: h5py.Group, key: str) -> str:
+    return group.name.rstrip('/') + '/' + key
+
+
+def _check_keys(root: h5py.Group, entries: list, name: str) -> None:
+    """Raises before anything is written if two entries share a path, or one is another's group."""
+    seen: dict[str, str] = {}
+    for group, key, path, _ in entries:
+        source = f'key {key!r} of group {group.name!r}'
+        if path in seen:
+            raise KeyCollisionError(f'{name!r}, key {path[1:]!r}: stored twice, as {seen[path]} '
+                                    f'and as {source}')
+        seen[path] = source
+    for path, source in seen.items():
+        parent = path.rsplit('/', 1)[0]
+        while parent:
+            if parent in seen:
+                raise KeyCollisionError(f'{name!r}, key {parent[1:]!r}: a dataset ({seen[parent]}) '
+                                        f'where {source} needs a group')
+            parent = parent.rsplit('/', 1)[0]
+        if isinstance(root.file.get(path), h5py.Group):
+            raise KeyCollisionError(f'{name!r}, key {path[1:]!r}: a group of that name holds '
+                                    f'other entries, so {source} cannot be a dataset')
+
+
+def _write_entry(group: h5py.Group, key: str, value, compression: int | None, name: str,
+                 shown: _progress.Progress = _progress.SILENT) -> None:
+    """Creates dataset ``key`` in ``group`` for one entry, as Chainer writes it."""
+    is_array = devices.is_array(value)
+    if value is not None and not isinstance(value, str):
+        if (value.dtype if is_array else numpy.asarray(value).dtype).hasobject:
+            raise TypeError(f'{_where(name, group, key)}: a {type(value).__name__} of objects '
+                            f'cannot be saved (arrays, numbers, strings and None can)')
+    try:
+        if value is None:
+            group.create_dataset(key, data=h5py.Empty('f'))
+        elif isinstance(value, str):
+            group.create_dataset(key, data=value)
+        elif is_array and value.dtype.kind == 'U':  # text (Chainer's snapshots pass JSON so)
+            group.create_dataset(key, data=value.astype(h5py.string_dtype()) if value.ndim
+                                 else value.item())
+        elif is_array:
+            write_dataset(group, key, value, compression, shown)
+        else:
+            group.create_dataset(key, data=numpy.asarray(value))
+    except (ValueError, TypeError) as error:  # h5py's, such as a name that is taken
+        raise type(error)(f'{_where(name, group, key)}: {error}') from None
 
 
 def _block_shape(shape: tuple, index: tuple) -> tuple:
@@ -96,7 +188,7 @@ class _GroupReader(loading.Reader):
         self._entries: dict[str, loading.Entry | None] = {}
 
     def entry(self, key: str) -> loading.Entry | None:
-        if key not in self._entries:  # looked up once for both passes of a load
+        if key not in self._entries:
             self._entries[key] = self._lookup(key)
         return self._entries[key]
 
@@ -122,7 +214,7 @@ class _GroupReader(loading.Reader):
                                   f'variable-length arrays) are refused')
         return loading.Entry(key, tuple(shape), dtype, found)
 
-    def check_allocation(self, entry: loading.Entry) -> None:
+    def check_size(self, entry: loading.Entry) -> None:
         stored = self._guard(entry, entry.token.id.get_storage_size)
         claimed = entry.size * entry.dtype.itemsize
         if claimed > max(stored, 1) * MAX_FILTER_RATIO:
@@ -174,13 +266,24 @@ class HDF5Deserializer(loading.ReaderDeserializer):
         path: keyword-only; the base path that deserialization starts from.
         ignore_names: keyword-only; a string, a callable on the full key, or a list of them.
         device: keyword-only; where arrays end up (None: in place on their own devices).
+        progress: keyword-only; a progress bar for :meth:`load` (None: on a terminal for large
+            loads).
+
+    Called directly, it loads each entry at once; :meth:`load` calls the object's ``serialize``
+    once and fills its arrays in place after that has returned (see :mod:`gpuserial.loading`).
     """
 
     def __init__(self, group: h5py.Group, strict: bool = True, *, path: str = '',
-                 ignore_names=None, device=None, dry_run: bool = False):
+                 ignore_names=None, device=None, progress: bool | None = None):
         reader = group if isinstance(group, _GroupReader) else _GroupReader(
-            group, display_name(group.file.filename) if group.file else '<hdf5>')
-        super().__init__(reader, path, strict, ignore_names, device=device, dry_run=dry_run)
+            group, _file_name(group))
+        super().__init__(reader, path, strict, ignore_names, device=device, progress=progress)
+
+    @property
+    def group(self) -> h5py.Group | None:
+        """The h5py group of this deserializer's path, or None where the file has none."""
+        found = self.reader.group.get(self.path.rstrip('/')) if self.path else self.reader.group
+        return found if isinstance(found, h5py.Group) else None
 
 
 def save_hdf5(filename, obj, compression: int = 4, *, durable: bool = True,
@@ -199,22 +302,20 @@ def save_hdf5(filename, obj, compression: int = 4, *, durable: bool = True,
     A save to a path goes to a temporary file beside it that replaces the target only once
     complete: a failed save leaves the old file as it was.
     """
-    target = as_serializable(obj)
-    total = sum(value.nbytes for value in serialize_refs(target).values())
-    with _progress.bar(total, f'save {display_name(filename)}', progress) as shown:
-        if not is_path(filename):
-            _write_hdf5(filename, target, compression, shown)
-            return
-        with atomic_path(filename, durable=durable) as temp, open(temp, 'x+b', buffering=0) as out:
-            _write_hdf5(out, target, compression, shown)
+    name = display_name(filename)
+    if not is_path(filename):
+        _write_hdf5(filename, obj, compression, progress, name)
+        return
+    with atomic_path(filename, durable=durable) as temp, open(temp, 'x+b', buffering=0) as out:
+        _write_hdf5(out, obj, compression, progress, name)
 
 
-def _write_hdf5(out, target, compression: int, shown: _progress.Progress) -> None:
-    """Writes ``target`` as HDF5 into the binary file ``out``; raises the first write error."""
+def _write_hdf5(out, obj, compression: int, progress: bool | None, name: str) -> None:
+    """Writes ``obj`` as HDF5 into the binary file ``out``; raises the first write error."""
     guarded = _KeptErrorFile(out)
     try:
         with h5py.File(guarded, 'w') as f:
-            HDF5Serializer(f, compression, progress=shown).save(target)
+            HDF5Serializer(f, compression, progress=progress, name=name).save(obj)
     except BaseException:
         if guarded.error is None:
             raise
@@ -305,8 +406,12 @@ def load_hdf5(filename, obj, *, path: str = '', strict: bool = True, ignore_name
               device=None, progress: bool | None = None) -> None:
     """Loads an object from a file in HDF5 format.
 
-    Every key, shape and cast is checked before anything is changed, so a load that fails
-    leaves ``obj`` as it was.
+    ``obj.serialize`` is called once. Each key, shape, cast and dataset size is checked as it is
+    asked for, and arrays are filled in place only once ``serialize`` has returned, so a load
+    that fails on a missing key, a mismatch or a malformed dataset fills no array. Values handed
+    to ``serialize`` before the failure (scalars, strings, new arrays for ``None`` targets) may
+    have been kept by it; a dict keeps none of them. A read error found while the data streams
+    in stops the load and names the arrays already filled.
 
     Args:
         filename: a path (str or os.PathLike) or a binary file object to read from.
@@ -314,12 +419,16 @@ def load_hdf5(filename, obj, *, path: str = '', strict: bool = True, ignore_name
         path: keyword-only; the base path that deserialization starts from.
         strict: keyword-only; whether a missing key is an error (a ``KeyError``).
         ignore_names: keyword-only; a string, a callable on the full key, or a list of them.
-        device: keyword-only; the device the target's arrays end up on, loaded there directly.
+        device: keyword-only; the device the target's arrays end up on (None: in place on
+            each array's own device). Dicts and gpuserial's objects get their arrays loaded
+            there directly; other objects (Chainer's) are loaded in place, then moved with
+            their ``to_device``.
         progress: keyword-only; a progress bar on stderr: None (the default) for one on a
             terminal when the load is large, True or False to decide.
 
     Raises:
         FileNotFoundError: no such file.
+        TypeError: ``device=`` for an object that cannot be moved (see ``device``).
         gpuserial.errors.KeyNotFoundError: a key is missing (also a ``KeyError``).
         gpuserial.errors.MismatchError: a shape or dtype does not fit (also a ``ValueError``).
         gpuserial.errors.CorruptFileError: the file is not valid HDF5 (also a ``ValueError``).
@@ -327,6 +436,5 @@ def load_hdf5(filename, obj, *, path: str = '', strict: bool = True, ignore_name
     """
     with open_hdf5(filename) as f:
         reader = _GroupReader(f, display_name(filename))
-        loading.load(obj, reader, lambda **kw: HDF5Deserializer(
-            reader, strict, path=path, ignore_names=ignore_names, **kw),
-            device=device, show_progress=progress)
+        HDF5Deserializer(reader, strict, path=path, ignore_names=ignore_names, device=device,
+                         progress=progress).load(obj)

@@ -258,7 +258,7 @@ class _Source:
         if entry.dtype.hasobject:  # HDF5 strings (other objects were refused by entry())
             value = self.reader.read_scalar(entry)
             return numpy.asarray(value.tolist() if value.dtype.hasobject else value)
-        self.reader.check_allocation(entry)
+        self.reader.check_size(entry)
         array = numpy.empty(entry.shape, entry.dtype)
         self.reader.read_into(entry, array)
         return array

@@ -181,6 +181,8 @@ class Link:
     :meth:`add_persistent`. ``Link(W=(2, 3))`` adds uninitialized-or-shaped parameters by name.
     """
 
+    keeps_returned_arrays = True  # serialize() keeps the arrays a load returns (see loading)
+
     def __init__(self, **params: ShapeSpec):
         object.__setattr__(self, '_params', {})  # ordered sets of names
         object.__setattr__(self, '_persistent', {})

@@ -1,10 +1,19 @@
-"""Deserialization that every format shares: the protocol's rules, checks, and two-pass loads.
+"""Deserialization that every format shares: the protocol's rules, checks, and one-pass loads.
 
 A format supplies a :class:`Reader` (what is stored under a key, and how to read it); the
 :class:`ReaderDeserializer` applies Chainer's semantics on top: paths, ``strict``,
 ``ignore_names``, stored ``None``, in-place array loads with a ``same_kind`` cast and an exact
-shape, and safe scalar casts. :func:`load` runs it twice, first as a dry run that checks every
-key, shape and cast without changing anything, so a load that fails leaves the target as it was.
+shape, and safe scalar casts.
+
+:meth:`ReaderDeserializer.load` calls the object's ``serialize`` exactly once, as Chainer does.
+Each request is checked when it is made (key, stored shape, dtype cast, the entry's size against
+the file); the in-place array fills are deferred until ``serialize`` has returned, then streamed.
+So a load that fails on a missing key, a mismatch or a malformed entry has filled no array in
+place. What ``serialize`` was handed before the failure it may have kept: scalars and strings,
+``None`` for stored Nones, and the new arrays of entries asked for with ``value=None`` (or, with
+``device=``, made on that device). A dict target keeps none of these until the load succeeds.
+A checksum or read error found while streaming the data stops the load there; the error names
+the arrays already filled.
 """
 
 from __future__ import annotations
@@ -14,10 +23,19 @@ import dataclasses
 import numpy
 
 from gpuserial import devices, progress
-from gpuserial.errors import KeyNotFoundError, MismatchError, UnsafeCastError
-from gpuserial.serializer import Deserializer, as_serializable, child_path, entry_key, is_ignored
+from gpuserial.errors import GpuserialError, KeyNotFoundError, MismatchError, UnsafeCastError
+from gpuserial.serializer import (
+    Deserializer,
+    DictTarget,
+    as_serializable,
+    child_path,
+    entry_key,
+    is_ignored,
+    keeps_returned_arrays,
+)
 
 MAX_SCALAR_BYTES = 1 << 20  # a scalar entry larger than this is not a scalar
+MAX_NAMED_IN_ERRORS = 8  # arrays listed by name in a message about a load that stopped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +55,15 @@ class Entry:
     def size(self) -> int:
         return int(numpy.prod(self.shape, dtype=object)) if self.shape is not None else 0
 
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize if self.shape is not None else 0
+
 
 class Reader:
     """A format's view of a file: entries by full key, and reads of their data."""
 
     name: str  # the file, as messages name it
-    planned_bytes: int = 0  # array bytes the dry run found the target will read
     progress: progress.Progress = progress.SILENT  # counts bytes as reads go through
 
     def entry(self, key: str) -> Entry | None:
@@ -59,15 +80,59 @@ class Reader:
         self.read_into(entry, stored)
         return stored
 
-    def check_allocation(self, entry: Entry) -> None:
+    def check_size(self, entry: Entry) -> None:
         """Raises when the file is too small to hold what the entry claims (before allocating)."""
+
+    def in_read_order(self, fills: list[tuple[Entry, object]]) -> list[tuple[Entry, object]]:
+        """Deferred fills in the order that reads the file best (by default as requested)."""
+        return fills
 
     def where(self, key: str) -> str:
         return f'{self.name!r}, key {key!r}'
 
 
+class _PendingFills:
+    """The in-place fills of one load, run once ``serialize`` has returned."""
+
+    def __init__(self):
+        self.fills: list[tuple[Entry, object]] = []
+        self.bytes_read_already = 0  # entries read during the pass (value=None, device=)
+
+    def run(self, reader: Reader, show_progress: bool | None) -> None:
+        total = self.bytes_read_already + sum(entry.nbytes for entry, _ in self.fills)
+        with progress.bar(total, f'load {reader.name}', show_progress) as shown:
+            shown.update(self.bytes_read_already)
+            reader.progress = shown
+            filled: list[str] = []
+            try:
+                for entry, array in reader.in_read_order(self.fills):
+                    reader.read_into(entry, array)
+                    filled.append(entry.key)
+            except GpuserialError as error:
+                if not filled:
+                    raise
+                raise _stopped(error, filled, len(self.fills)) from error
+            finally:
+                reader.progress = progress.SILENT
+
+
+def _stopped(error: GpuserialError, filled: list[str], count: int) -> GpuserialError:
+    """``error`` again, saying which of the ``count`` arrays were filled before it."""
+    named = ', '.join(map(repr, filled[:MAX_NAMED_IN_ERRORS]))
+    if len(filled) > MAX_NAMED_IN_ERRORS:
+        named += f' and {len(filled) - MAX_NAMED_IN_ERRORS} more'
+    stopped = type(error)(f'{error} (the load stopped here: {len(filled)} of {count} arrays '
+                          f'were already filled in place: {named}; the others are as '
+                          f'they were)')
+    stopped.filled = list(filled)
+    return stopped
+
+
 class ReaderDeserializer(Deserializer):
     """Deserializer over a :class:`Reader`, with Chainer's semantics.
+
+    Called directly, it loads each entry at once. :meth:`load` defers the in-place fills until
+    the object's ``serialize`` has returned (see the module's docstring).
 
     Args:
         reader: the format's reader.
@@ -75,24 +140,55 @@ class ReaderDeserializer(Deserializer):
         strict: whether a missing key is an error (else the value is left as it is).
         ignore_names: a string, a callable on the full key, or a list of these, naming entries
             to skip.
-        device: where arrays end up; an array on another device is loaded onto this one and
-            the new array is returned (None: in place, on each array's own device).
-        dry_run: check every call against the file without reading data or changing anything.
+        device: where arrays end up (None: in place, on each array's own device). Objects that
+            keep returned arrays (dicts, gpuserial's objects) get new arrays made there; others
+            are loaded in place and then moved with their ``to_device``.
+        progress: a progress bar for :meth:`load`: None for one on a terminal for large loads,
+            or a bool.
     """
 
     def __init__(self, reader: Reader, path: str = '', strict: bool = True, ignore_names=None,
-                 *, device=None, dry_run: bool = False):
+                 *, device=None, progress: bool | None = None):
         self.reader = reader
         self.path = path
         self.strict = strict
         self.ignore_names = ignore_names
         self.device = None if device is None else devices.get_device(device)
-        self.dry_run = dry_run
+        self.progress = progress
+        self._pending: _PendingFills | None = None
+        self._new_arrays_on_device = True
 
     def __getitem__(self, key: str) -> ReaderDeserializer:
         child = object.__new__(type(self))
         child.__dict__.update(self.__dict__, path=child_path(self.path, key))
         return child
+
+    def load(self, obj) -> None:
+        """Loads an object (or a dict), calling its ``serialize`` once (see the module).
+
+        Raises:
+            TypeError: ``device=`` was given for an object that neither keeps the arrays a
+                load returns nor has ``to_device``.
+        """
+        target = as_serializable(obj)
+        keeps = keeps_returned_arrays(target)
+        if self.device is not None and not keeps and not hasattr(obj, 'to_device'):
+            raise TypeError(f'cannot load {self.reader.name!r} into a {type(obj).__name__} with '
+                            f'device={self.device.name!r}: it has no to_device() and does not '
+                            f'declare keeps_returned_arrays; load it without device= and move '
+                            f'its arrays')
+        pending = _PendingFills()
+        self._pending, self._new_arrays_on_device = pending, keeps
+        try:
+            target.serialize(self)
+        finally:
+            self._pending, self._new_arrays_on_device = None, True
+        pending.run(self.reader, self.progress)
+        if isinstance(target, DictTarget):
+            target.apply_updates()
+        if self.device is not None and hasattr(obj, 'to_device'):
+            # whatever the load did not carry (gradients, arrays it did not load)
+            obj.to_device(devices.device_spec_for(obj, self.device))
 
     def __call__(self, key: str, value):
         key = entry_key(self.path, key)
@@ -104,21 +200,23 @@ class ReaderDeserializer(Deserializer):
                 raise KeyNotFoundError(f'{self.reader.where(key)}: not in the file')
             return value
         if entry.is_none:
-            return value if self.dry_run else None
+            return None
         if value is None:
-            return self._new_array(entry)
+            return self._new_array(entry, entry.dtype)
         if devices.is_array(value):
             return self._load_array(entry, value)
         return self._load_scalar(entry, value)
 
-    def _new_array(self, entry: Entry):
-        self.reader.check_allocation(entry)
-        if self.dry_run:
-            self.reader.planned_bytes += entry.size * entry.dtype.itemsize
-            return None
+    def _new_array(self, entry: Entry, dtype: numpy.dtype):
+        """A new array on the load's device (the CPU by default), read at once."""
+        self.reader.check_size(entry)
         device = self.device or devices.CPU
-        array = device.backend.empty(entry.shape, entry.dtype, device)
+        if not device.backend.is_host:
+            dtype = dtype.newbyteorder('=')  # device arrays are native: swapped on the host
+        array = device.backend.empty(entry.shape, dtype, device)
         self.reader.read_into(entry, array)
+        if self._pending is not None:
+            self._pending.bytes_read_already += entry.nbytes
         return array
 
     def _load_array(self, entry: Entry, value):
@@ -128,14 +226,14 @@ class ReaderDeserializer(Deserializer):
         if not numpy.can_cast(entry.dtype, value.dtype, 'same_kind'):
             raise MismatchError(f'{self.reader.where(entry.key)}: stored dtype {entry.dtype} '
                                 f'does not cast to the target dtype {value.dtype} (same_kind)')
-        if self.dry_run:
-            self.reader.planned_bytes += entry.size * entry.dtype.itemsize
-            return value
-        if self.device is not None and devices.device_of(value) != self.device:
-            target = self.device.backend.empty(entry.shape, value.dtype, self.device)
-            self.reader.read_into(entry, target)
-            return target
-        self.reader.read_into(entry, value)
+        if (self.device is not None and self._new_arrays_on_device
+                and devices.device_of(value) != self.device):
+            return self._new_array(entry, value.dtype)
+        self.reader.check_size(entry)
+        if self._pending is not None:
+            self._pending.fills.append((entry, value))
+        else:
+            self.reader.read_into(entry, value)
         return value
 
     def _load_scalar(self, entry: Entry, value):
@@ -150,32 +248,8 @@ class ReaderDeserializer(Deserializer):
                                   f'does not cast safely to {value_type.__name__}')
         stored = self.reader.read_scalar(entry)
         try:
-            loaded = value_type(stored)
+            return value_type(stored)
         except (TypeError, ValueError) as error:
             raise UnsafeCastError(f'{self.reader.where(entry.key)}: stored {entry.dtype} array '
                                   f'of shape {entry.shape} does not convert to '
                                   f'{value_type.__name__}: {error}') from error
-        return value if self.dry_run else loaded
-
-
-def load(obj, reader: Reader, make_deserializer, *, device=None, show_progress=None) -> None:
-    """Loads ``obj`` transactionally: a dry run first, then the real pass.
-
-    Args:
-        obj: a serializable object or a dict of arrays.
-        reader: the file's reader (its ``progress`` counts the real pass's bytes).
-        make_deserializer: called with ``dry_run=`` and ``device=``, gives a deserializer.
-        device: where the target's arrays end up (None: on their own devices).
-        show_progress: a progress bar: None for one on a terminal for large loads, or a bool.
-    """
-    target = as_serializable(obj)
-    reader.planned_bytes = 0
-    make_deserializer(dry_run=True, device=device).load(target)
-    with progress.bar(reader.planned_bytes, f'load {reader.name}', show_progress) as shown:
-        reader.progress = shown
-        try:
-            make_deserializer(dry_run=False, device=device).load(target)
-        finally:
-            reader.progress = progress.SILENT
-    if device is not None and hasattr(obj, 'to_device'):
-        obj.to_device(device)  # whatever the load did not carry (gradients, unloaded arrays)

@@ -19,7 +19,7 @@ import numpy
 from gpuserial import _npy, _zipstream, devices, loading, transfer
 from gpuserial import progress as _progress
 from gpuserial._fileio import atomic_output, display_name, is_path, open_input
-from gpuserial.errors import CorruptFileError, UnsafeFileError
+from gpuserial.errors import CorruptFileError, InvalidKeyError, KeyCollisionError, UnsafeFileError
 from gpuserial.serializer import Serializer, as_serializable, child_path, entry_key
 
 __all__ = ['DictionarySerializer', 'NpzDeserializer', 'load_npz', 'save_npz', 'serialize']
@@ -36,24 +36,36 @@ class DictionarySerializer(Serializer):
         path: the base path of the keys.
         keep_device: keep device arrays as they are (the streaming save uses this); by default
             they are copied to the host, so that ``target`` holds NumPy arrays as in Chainer.
+
+    Raises:
+        KeyCollisionError: (on a call) this serializer or one of its children already stored
+            an entry under the same full key.
     """
 
     def __init__(self, target: dict | None = None, path: str = '', *, keep_device: bool = False):
         self.target = {} if target is None else target
         self.path = path
         self.keep_device = keep_device
+        self._sources: dict[str, tuple[str, str]] = {}  # full key: (path, key), per tree
 
     def __getitem__(self, key: str) -> DictionarySerializer:
-        return DictionarySerializer(self.target, child_path(self.path, key),
-                                    keep_device=self.keep_device)
+        child = object.__new__(type(self))
+        child.__dict__.update(self.__dict__, path=child_path(self.path, key))
+        return child
 
     def __call__(self, key: str, value):
+        full_key = entry_key(self.path, key)
+        if full_key in self._sources:
+            path, first = self._sources[full_key]
+            raise KeyCollisionError(f'key {full_key!r} is stored twice: as {first!r} under path '
+                                    f'{path!r} and as {key!r} under path {self.path!r}')
+        self._sources[full_key] = (self.path, key)
         stored = value
         if not devices.is_array(value):
             stored = numpy.asarray(value)
         elif not self.keep_device:
             stored = devices.to_host(value)
-        self.target[entry_key(self.path, key)] = stored
+        self.target[full_key] = stored
         return value
 
 
@@ -87,7 +99,10 @@ def save_npz(file, obj, compression: bool = True, *, durable: bool = True,
     A save to a path goes to a temporary file beside it that replaces the target only once
     complete: a failed save leaves the old file as it was.
     """
-    entries = serialize_refs(obj)
+    try:
+        entries = serialize_refs(obj)
+    except (InvalidKeyError, KeyCollisionError) as error:
+        raise type(error)(f'{display_name(file)!r}: {error}') from None
     total = sum(value.nbytes for value in entries.values())
     with atomic_output(file, durable=durable) as out, \
             _progress.bar(total, f'save {display_name(file)}', progress) as shown:
@@ -189,7 +204,7 @@ class _ZipReader(loading.Reader):
         except (_zipstream.MemberError, OSError, EOFError) as error:
             raise CorruptFileError(f'{self.where(key)}: {error}') from None
 
-    def check_allocation(self, entry: loading.Entry) -> None:
+    def check_size(self, entry: loading.Entry) -> None:
         info, header = entry.token
         if header.nbytes > max(info.compress_size, 1) * MAX_DEFLATE_RATIO:
             raise CorruptFileError(f'{self.where(entry.key)}: header claims {header.nbytes} '
@@ -273,12 +288,18 @@ class NpzDeserializer(loading.ReaderDeserializer):
         strict: whether a missing key is an error (a ``KeyError``), else it is skipped.
         ignore_names: a string, a callable on the full key, or a list of them: entries to skip.
         device: keyword-only; where arrays end up (None: in place on their own devices).
+        progress: keyword-only; a progress bar for :meth:`load` (None: on a terminal for large
+            loads).
+
+    Called directly, it loads each entry at once; :meth:`load` calls the object's ``serialize``
+    once and fills its arrays in place after that has returned (see :mod:`gpuserial.loading`).
     """
 
     def __init__(self, npz, path: str = '', strict: bool = True, ignore_names=None, *,
-                 device=None, dry_run: bool = False):
+                 device=None, progress: bool | None = None):
         super().__init__(_reader_of(npz), path, strict, ignore_names, device=device,
-                         dry_run=dry_run)
+                         progress=progress)
+        self.npz = npz
 
 
 def open_npz(file) -> zipfile.ZipFile:
@@ -299,9 +320,12 @@ def load_npz(file, obj, path: str = '', strict: bool = True, ignore_names=None, 
              device=None, progress: bool | None = None) -> None:
     """Loads an object from a file in NPZ format.
 
-    Every key, shape and cast is checked before anything is changed, so a load that fails on
-    a missing key, a mismatch or a truncated member leaves ``obj`` as it was (a checksum
-    mismatch found while reading data raises too, naming the member).
+    ``obj.serialize`` is called once. Each key, shape, cast and member size is checked as it is
+    asked for, and arrays are filled in place only once ``serialize`` has returned, so a load
+    that fails on a missing key, a mismatch or a malformed member fills no array. Values handed
+    to ``serialize`` before the failure (scalars, strings, new arrays for ``None`` targets) may
+    have been kept by it; a dict keeps none of them. A checksum error found while the data
+    streams in stops the load and names the arrays already filled.
 
     Args:
         file: a path (str or os.PathLike) or a binary file object to read from.
@@ -309,13 +333,16 @@ def load_npz(file, obj, path: str = '', strict: bool = True, ignore_names=None, 
         path: the base path that deserialization starts from (loads a sub-tree).
         strict: whether a missing key is an error (a ``KeyError``), else it is skipped.
         ignore_names: a string, a callable on the full key, or a list of them: entries to skip.
-        device: keyword-only; the device the target's arrays end up on, loaded there directly
-            (None: in place on each array's own device).
+        device: keyword-only; the device the target's arrays end up on (None: in place on
+            each array's own device). Dicts and gpuserial's objects get their arrays loaded
+            there directly; other objects (Chainer's) are loaded in place, then moved with
+            their ``to_device``.
         progress: keyword-only; a progress bar on stderr: None (the default) for one on a
             terminal when the load is large, True or False to decide.
 
     Raises:
         FileNotFoundError: no such file.
+        TypeError: ``device=`` for an object that cannot be moved (see ``device``).
         gpuserial.errors.KeyNotFoundError: a key is missing (also a ``KeyError``).
         gpuserial.errors.MismatchError: a shape or dtype does not fit (also a ``ValueError``).
         gpuserial.errors.CorruptFileError: the file is not valid NPZ (also a ``ValueError``).
@@ -323,6 +350,5 @@ def load_npz(file, obj, path: str = '', strict: bool = True, ignore_names=None, 
     """
     with open_input(file) as stream, open_npz(stream) as archive:
         reader = _ZipReader(archive, display_name(file))
-        loading.load(obj, reader,
-                     lambda **kw: NpzDeserializer(reader, path, strict, ignore_names, **kw),
-                     device=device, show_progress=progress)
+        NpzDeserializer(reader, path, strict, ignore_names, device=device,
+                        progress=progress).load(obj)

@@ -71,6 +71,8 @@ class UpdateRule:
     Subclasses override :meth:`init_state` (to create the state arrays) and :meth:`update_core`.
     """
 
+    keeps_returned_arrays = True  # serialize() keeps the arrays a load returns (see loading)
+
     def __init__(self, parent_hyperparam: Hyperparameter | None = None):
         self._state: dict[str, Any] | None = None
         self.enabled = True
@@ -231,6 +233,8 @@ class AdamRule(UpdateRule):
 
 class Optimizer:
     """Base of optimizers: a target link, the global update count ``t`` and ``epoch``."""
+
+    keeps_returned_arrays = True  # serialize() keeps the arrays a load returns (see loading)
 
     target: Link | None = None
     t = 0

@@ -1,6 +1,17 @@
-"""The serializer protocol, as in Chainer: tiny, and imports nothing."""
+"""The serializer protocol, as in Chainer: tiny, and imports nothing but the errors.
+
+Where the caller has imported Chainer, every serializer made here is also an instance of
+Chainer's ``Serializer``/``Deserializer``/``AbstractSerializer``: real Chainer objects branch on
+``isinstance`` (optimizer state, ``LogReport``, ``Trainer``). Chainer is never imported here;
+its classes are taken from ``sys.modules`` once the caller has imported it (its objects cannot
+exist before), so ``import gpuserial`` does not pay for importing Chainer.
+"""
 
 from __future__ import annotations
+
+import sys
+
+from gpuserial.errors import InvalidKeyError
 
 
 class AbstractSerializer:
@@ -10,6 +21,9 @@ class AbstractSerializer:
     ``serializer(key, value)`` for each array or scalar it owns and
     ``child.serialize(serializer[name])`` for each child.
     """
+
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(_with_chainer_bases(cls))
 
     def __getitem__(self, key: str) -> AbstractSerializer:
         """Returns a child serializer for the sub-path ``key``."""
@@ -33,43 +47,117 @@ class Deserializer(AbstractSerializer):
 
     def load(self, obj) -> None:
         """Loads an object (or a dict) by calling its ``serialize`` method with this one."""
-        as_serializable(obj).serialize(self)
+        target = as_serializable(obj)
+        target.serialize(self)
+        if isinstance(target, DictTarget):
+            target.apply_updates()
+
+
+_CHAINER_MODULE = 'chainer.serializer'
+_chainer_classes: dict[tuple[type, type], type] = {}
+
+
+def _with_chainer_bases(cls: type) -> type:
+    """``cls``, or once Chainer is imported, a subclass of ``cls`` and Chainer's matching base."""
+    chainer = sys.modules.get(_CHAINER_MODULE)
+    base = getattr(chainer, 'AbstractSerializer', None)
+    if base is None or issubclass(cls, base):
+        return cls
+    if issubclass(cls, Serializer):
+        base = chainer.Serializer
+    elif issubclass(cls, Deserializer):
+        base = chainer.Deserializer
+    if (cls, base) not in _chainer_classes:
+        _chainer_classes.setdefault((cls, base), type(cls.__name__, (cls, base), {
+            '__module__': cls.__module__, '__qualname__': cls.__qualname__,
+            '__doc__': cls.__doc__}))
+    return _chainer_classes[cls, base]
 
 
 def child_path(path: str, key: str) -> str:
     """The path of the child ``key`` under ``path``: ``child_path('a/', '/b/') == 'a/b/'``."""
-    return path + key.strip('/') + '/'
+    return path + _checked(key, path).strip('/') + '/'
 
 
 def entry_key(path: str, key: str) -> str:
     """The full key of entry ``key`` under ``path``: ``entry_key('a/', '/w') == 'a/w'``."""
-    return path + key.lstrip('/')
+    return path + _checked(key, path).lstrip('/')
+
+
+def _checked(key, path: str) -> str:
+    if not isinstance(key, str):
+        raise InvalidKeyError(f'key {key!r} under path {path!r} is a {type(key).__name__}: '
+                              f'keys are strings')
+    if not key.strip('/'):
+        raise InvalidKeyError(f'key {key!r} under path {path!r} is empty')
+    return key
 
 
 def is_ignored(key: str, ignore_names) -> bool:
-    """Whether ``key`` matches ``ignore_names``: a string, a callable, or a list of them."""
+    """Whether ``key`` matches ``ignore_names``: a string (the whole key), a callable on the key,
+    or a list or tuple of them.
+
+    Raises:
+        ValueError: an item is neither a string nor a callable (as in Chainer).
+    """
     if ignore_names is None:
         return False
-    if isinstance(ignore_names, str) or callable(ignore_names):
-        ignore_names = [ignore_names]
+    if not isinstance(ignore_names, (list, tuple)):
+        ignore_names = (ignore_names,)
     for name in ignore_names:
-        if callable(name) and name(key) or isinstance(name, str) and name == key:
-            return True
+        if isinstance(name, str):
+            if name == key:
+                return True
+        elif callable(name):
+            if name(key):
+                return True
+        else:
+            raise ValueError(f'ignore_names needs strings, callables or a list of them; got '
+                             f'{name!r}')
     return False
 
 
 class DictTarget:
-    """A dict of arrays and scalars, serializable: nested dicts are children (``a/b`` keys)."""
+    """A dict of arrays and scalars, serializable: nested dicts are children (``a/b`` keys).
+
+    A load fills arrays in place; other values it returns (scalars, arrays for entries that
+    held None) are kept in :attr:`updates` and set in the dicts by :meth:`apply_updates`, which
+    the load calls once it has succeeded, so that a failed load leaves the dicts as they were.
+    A stored None leaves its entry as it is.
+    """
 
     def __init__(self, mapping: dict):
         self.mapping = mapping
+        self.updates: list[tuple[dict, str, object]] = []
 
     def serialize(self, serializer: AbstractSerializer) -> None:
-        for key, value in self.mapping.items():
+        self._serialize(self.mapping, serializer)
+
+    def _serialize(self, mapping: dict, serializer: AbstractSerializer) -> None:
+        for key, value in mapping.items():
             if isinstance(value, dict):
-                DictTarget(value).serialize(serializer[key])
-            else:
-                self.mapping[key] = serializer(key, value)
+                self._serialize(value, serializer[key])
+                continue
+            result = serializer(key, value)
+            if result is not value and result is not None:
+                self.updates.append((mapping, key, result))
+
+    def apply_updates(self) -> None:
+        """Sets the values a load returned into their dicts."""
+        for mapping, key, value in self.updates:
+            mapping[key] = value
+        self.updates.clear()
+
+
+def keeps_returned_arrays(obj) -> bool:
+    """Whether ``obj.serialize`` keeps the arrays a deserializer returns (not only scalars).
+
+    Chainer's links ignore what ``serializer(key, array)`` returns for an array they hold (the
+    load is in place). gpuserial's own objects and dicts keep it, and say so with a class
+    attribute ``keeps_returned_arrays = True``; a load with ``device=`` hands such objects new
+    arrays made on that device, and loads every other object in place, then moves it.
+    """
+    return isinstance(obj, DictTarget) or getattr(type(obj), 'keeps_returned_arrays', None) is True
 
 
 def as_serializable(obj):

@@ -56,6 +56,8 @@ class SerialIterator:
         seed: Seed of the shuffle's RandomState (None: fresh entropy).
     """
 
+    keeps_returned_arrays = True  # serialize() keeps the arrays a load returns (see loading)
+
     def __init__(self, dataset, batch_size: int, repeat: bool = True,
                  shuffle: bool | None = None, *, seed: int | None = None):
         self.dataset = dataset
@@ -151,8 +153,8 @@ class SerialIterator:
 
     def _serialize_random_state(self, serializer) -> None:
         kind, key, pos, has_gauss, gauss = self._random.get_state()
-        try:
-            key = serializer('key', key)
+        try:  # a load reads the key at once (value None): set_state needs it now
+            key = serializer('key', key if isinstance(serializer, Serializer) else None)
             pos = serializer('pos', int(pos))
             has_gauss = serializer('has_gauss', int(has_gauss))
             gauss = serializer('cached_gaussian', float(gauss))
@@ -179,6 +181,8 @@ class StandardUpdater:
         device: If given, the model is sent there first.
         auto_new_epoch: Call ``optimizer.new_epoch(auto=True)`` when an epoch ends.
     """
+
+    keeps_returned_arrays = True  # serialize() keeps the arrays a load returns (see loading)
 
     def __init__(self, iterator, optimizer, step: Callable[[Any, list], Any], *, device=None,
                  auto_new_epoch: bool = True):
@@ -324,6 +328,7 @@ class Extension:
     trigger: Any = (1, 'iteration')
     priority = PRIORITY_READER
     name: str | None = None
+    keeps_returned_arrays = True  # serialize() keeps the arrays a load returns (see loading)
 
     @property
     def default_name(self) -> str:
@@ -423,6 +428,8 @@ class Trainer:
         out: Output directory of extensions such as :func:`snapshot`.
         extensions: Extensions to register with their defaults.
     """
+
+    keeps_returned_arrays = True  # serialize() keeps the arrays a load returns (see loading)
 
     def __init__(self, updater, stop_trigger=None, out: str | os.PathLike = 'result',
                  extensions=None):

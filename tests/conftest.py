@@ -1,6 +1,10 @@
-"""The device fixture (CPU, the stand-in, real GPUs) and the ``gpu`` marker's skip."""
+"""The device fixture (CPU, the stand-in, real GPUs), the ``gpu`` marker's skip, and the
+Chainer environment the ``chainer`` tests run in."""
 
 from __future__ import annotations
+
+import os
+import pathlib
 
 import numpy
 import pytest
@@ -22,7 +26,29 @@ def _gpu_count() -> int:
     return cupy.cuda.runtime.getDeviceCount()
 
 
+def _chainer_python() -> str | None:
+    """The python of the Chainer 7.8.1 environment (with gpuserial installed beside Chainer):
+    GPUSERIAL_CHAINER_PYTHON, else the .venv-chainer that ci/test.sh builds, if it exists."""
+    named = os.environ.get('GPUSERIAL_CHAINER_PYTHON')
+    path = pathlib.Path(named) if named else ROOT / '.venv-chainer' / 'bin' / 'python'
+    return str(path) if path.exists() else None
+
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CHAINER_PYTHON = _chainer_python()
+
+
 def pytest_collection_modifyitems(config, items):
+    if CHAINER_PYTHON is None:
+        if os.environ.get('GPUSERIAL_REQUIRE_CHAINER') == '1' and any(
+                'chainer' in item.keywords for item in items):
+            raise pytest.UsageError('GPUSERIAL_REQUIRE_CHAINER=1 but there is no Chainer '
+                                    'environment (GPUSERIAL_CHAINER_PYTHON or .venv-chainer)')
+        skip_chainer = pytest.mark.skip(reason='no Chainer 7.8.1 environment (ci/test.sh '
+                                               'builds .venv-chainer)')
+        for item in items:
+            if 'chainer' in item.keywords:
+                item.add_marker(skip_chainer)
     if devices.gpu_available():
         return
     skip = pytest.mark.skip(reason='no usable GPU (cupy missing or cupy.is_available() False)')

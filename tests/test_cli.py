@@ -21,13 +21,13 @@ import numpy
 import pytest
 
 from gpuserial import cli, serializers
+from tests.conftest import CHAINER_PYTHON
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CHAINER = ROOT / 'tests' / 'data' / 'chainer'
 EXPECTED = json.loads((CHAINER / 'expected.json').read_text())
 REFERENCE_FILES = sorted(EXPECTED)
 COMMANDS = ['demo', 'inspect', 'convert', 'diff', 'bench']
-CHAINER_PYTHON = os.environ.get('GPUSERIAL_CHAINER_PYTHON')
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
@@ -438,8 +438,7 @@ def test_convert_bounded_memory(capsys, tmp_path):
     assert peak < 3 * (8 << 20)  # the file holds 64 MiB; one entry is 8 MiB
 
 
-@pytest.mark.skipif(not CHAINER_PYTHON, reason='needs GPUSERIAL_CHAINER_PYTHON (ci/test.sh sets '
-                                               'it up with real Chainer 7.8.1)')
+@pytest.mark.chainer
 def test_converted_files_load_into_chainer(capsys, tmp_path):
     for name in REFERENCE_FILES:
         stem, extension = os.path.splitext(name)

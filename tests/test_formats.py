@@ -83,11 +83,22 @@ def test_scalars_strings_and_none(tmp_path, fmt):
     save, load, ext = fmt
     source = {'i': 7, 'f': 2.5, 'b': True, 's': 'hello', 'n': None, 'np': numpy.float32(1.5)}
     save(tmp_path / f'm{ext}', source)
-    target = {'i': 0, 'f': 0.0, 'b': False, 's': '', 'n': numpy.ones(2), 'np': numpy.float32(0)}
+    target = {'i': 0, 'f': 0.0, 'b': False, 's': '', 'n': None, 'np': numpy.float32(0)}
     load(tmp_path / f'm{ext}', target)
     assert target == {'i': 7, 'f': 2.5, 'b': True, 's': 'hello', 'n': None,
                       'np': numpy.float32(1.5)}
     assert type(target['i']) is int and type(target['b']) is bool
+
+
+def test_a_stored_none_leaves_a_dict_entry_as_it_is(tmp_path, fmt):
+    save, load, ext = fmt
+    save(tmp_path / f'm{ext}', {'n': None, 'w': numpy.arange(2.0)})
+    kept = numpy.ones(2)
+    target = {'n': kept, 'w': numpy.zeros(2)}
+    load(tmp_path / f'm{ext}', target)
+    assert target['n'] is kept
+    numpy.testing.assert_array_equal(kept, numpy.ones(2))
+    numpy.testing.assert_array_equal(target['w'], [0.0, 1.0])
 
 
 def test_value_none_gets_the_stored_array(tmp_path, fmt):

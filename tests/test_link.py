@@ -424,21 +424,6 @@ def test_serialize_uninitialized_parameter_passes_none():
     assert state.target['W'] is None and state.target['b'].shape == (2,)
 
 
-def test_dry_run_leaves_everything_identical():
-    chain = Chain(predictor=Net(), bn=BatchNormalization(3), lazy=Linear(None, 2),
-                  lazy_bn=BatchNormalization())
-    chain.add_persistent('label', 'x')
-    chain.zerograds()
-    arrays = {name: p.array for name, p in chain.namedparams()}
-    before = snapshot_state(chain)
-    echo = Echo()
-    chain.serialize(echo)
-    assert sorted(echo.keys) == sorted(before)
-    assert {name: p.array for name, p in chain.namedparams()} == arrays  # same objects
-    assert chain.lazy.W.array is None and chain.lazy_bn.avg_mean is None
-    assert_same_state(before, snapshot_state(chain))
-
-
 def test_load_initializes_uninitialized_parameter():
     link = Linear(None, 2)
     assert link.W.array is None

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import sys
 
+import numpy
 import pytest
 
-from gpuserial import progress
+from gpuserial import progress, serializers
 
 
 class Terminal(io.StringIO):
@@ -90,3 +92,42 @@ def test_counted_passes_chunks_through_and_counts_them():
     chunks = [b'abc', bytearray(5), memoryview(bytes(8)).cast('d')]
     assert list(progress.counted(chunks, counter)) == chunks
     assert counter.total == 3 + 5 + 8
+
+
+class _Recorder:
+    """Stands in for progress.bar: records each bar's total and what was counted on it."""
+
+    def __init__(self):
+        self.bars = []
+
+    @contextlib.contextmanager
+    def __call__(self, total, desc, enabled=None, *, stream=None):
+        counted = {'desc': desc, 'total': total, 'done': 0}
+        self.bars.append(counted)
+
+        class Shown:
+            def update(self, nbytes):
+                counted['done'] += nbytes
+
+        yield Shown()
+
+
+@pytest.mark.parametrize('fmt', ['npz', 'hdf5'])
+def test_a_load_counts_every_array_byte_of_its_single_pass(tmp_path, monkeypatch, fmt):
+    save, load = {'npz': (serializers.save_npz, serializers.load_npz),
+                  'hdf5': (serializers.save_hdf5, serializers.load_hdf5)}[fmt]
+    path = tmp_path / f'm.{fmt}'
+    save(path, {'a': numpy.ones(1000), 'b': numpy.ones(24, numpy.float32), 'n': 3})
+    recorder = _Recorder()
+    monkeypatch.setattr(progress, 'bar', recorder)
+    target = {'a': numpy.zeros(1000), 'b': None, 'n': 0}  # b is read during the pass
+    load(path, target)
+    assert recorder.bars == [{'desc': f'load {path}', 'total': 8000 + 96, 'done': 8000 + 96}]
+
+
+def test_an_hdf5_save_counts_every_array_byte_of_its_single_pass(tmp_path, monkeypatch):
+    recorder = _Recorder()
+    monkeypatch.setattr(progress, 'bar', recorder)
+    path = tmp_path / 'm.h5'
+    serializers.save_hdf5(path, {'a': numpy.ones(1000), 'b': {'c': numpy.ones(3)}, 'n': 3})
+    assert recorder.bars == [{'desc': f'save {path}', 'total': 8024, 'done': 8024}]

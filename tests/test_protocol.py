@@ -1,5 +1,8 @@
 """The protocol module: key paths, ignore_names, dict targets, and Chainer's scalar/array rules."""
 
+import sys
+import types
+
 import numpy
 import pytest
 
@@ -190,3 +193,63 @@ def test_ignore_names_skips_entries():
     got = serializers.NpzDeserializer({'c/k': numpy.ones(2)}, ignore_names='c/k')['c']('k', value)
     assert got is value
     numpy.testing.assert_array_equal(value, 0)
+
+
+@pytest.fixture
+def fake_chainer(monkeypatch):
+    """A stand-in for ``chainer.serializer`` in sys.modules, as once the caller imports Chainer."""
+    module = types.ModuleType('chainer.serializer')
+
+    class AbstractSerializer:
+        pass
+
+    class Serializer(AbstractSerializer):
+        pass
+
+    class Deserializer(AbstractSerializer):
+        pass
+
+    module.AbstractSerializer, module.Serializer = AbstractSerializer, Serializer
+    module.Deserializer = Deserializer
+    monkeypatch.setitem(sys.modules, 'chainer.serializer', module)
+    return module
+
+
+def test_serializers_take_chainers_bases_once_chainer_is_imported(tmp_path, fake_chainer):
+    serializers.save_npz(tmp_path / 'm.npz', {'w': numpy.ones(2)})
+    with numpy.load(tmp_path / 'm.npz') as npz:
+        deserializer = serializers.NpzDeserializer(npz)
+        assert isinstance(deserializer, fake_chainer.Deserializer)
+        assert isinstance(deserializer['child'], fake_chainer.Deserializer)
+        assert not isinstance(deserializer, fake_chainer.Serializer)
+        assert isinstance(deserializer, serializers.NpzDeserializer)
+        assert type(deserializer).__name__ == 'NpzDeserializer'
+    serializer = serializers.DictionarySerializer()
+    assert isinstance(serializer, fake_chainer.Serializer)
+    assert isinstance(serializer['x'], fake_chainer.Serializer)
+    assert type(serializers.DictionarySerializer()) is type(serializer)  # made once per class
+
+
+def test_serializers_are_plain_without_chainer(monkeypatch):
+    monkeypatch.delitem(sys.modules, 'chainer.serializer', raising=False)
+    serializer = serializers.DictionarySerializer()
+    assert type(serializer) is serializers.DictionarySerializer
+
+
+def test_a_load_calls_serialize_once_with_one_deserializer(tmp_path):
+    serializers.save_npz(tmp_path / 'm.npz', {'w': numpy.ones(2), 'n': 3})
+    calls = []
+
+    class Obj:
+        w, n = numpy.zeros(2), 0
+
+        def serialize(self, serializer):
+            calls.append(serializer)
+            serializer('w', self.w)
+            assert (self.w == 0).all()  # in-place fills wait until serialize has returned
+            self.n = serializer('n', self.n)
+
+    obj = Obj()
+    serializers.load_npz(tmp_path / 'm.npz', obj)
+    assert len(calls) == 1 and isinstance(calls[0], serializers.NpzDeserializer)
+    assert (obj.w == 1).all() and obj.n == 3

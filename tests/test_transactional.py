@@ -1,7 +1,9 @@
-"""Transactional loads: a load that fails leaves every array and scalar of the target untouched.
+"""Transactional loads: a load that fails fills no array in place, and changes no dict.
 
-The broken entry is late in the target's order, after arrays, scalars and a child that a
-one-pass loader would already have overwritten.
+``serialize`` runs once, so an object may already have kept the values handed to it before the
+failing entry (scalars, a stored None, a new array for a None target): exactly those, and
+nothing else. The broken entry is late in the target's order, after arrays, scalars, a stored
+None, a None target and a child.
 """
 
 import re
@@ -34,11 +36,14 @@ class Child:
 
 
 class Model:
-    """A tiny serializable object: arrays, scalars of each kind, a child; ``z`` and ``k`` last."""
+    """A tiny serializable object: arrays, scalars of each kind, a stored None (``gone``), a None
+    target (``fresh``), a child; ``z`` and ``k`` last."""
 
     def __init__(self, device):
         self.w = device.send(numpy.full((3, 4), 7, numpy.float32))
         self.count, self.lr, self.name, self.flag = 7, 7.5, 'seven', True
+        self.gone = device.send(numpy.full(2, 7.0))
+        self.fresh = None
         self.child = Child(device)
         self.z = device.send(numpy.full(6, 7, numpy.float32))
         self.k = 7
@@ -49,14 +54,17 @@ class Model:
         self.lr = serializer('lr', self.lr)
         self.name = serializer('name', self.name)
         self.flag = serializer('flag', self.flag)
+        self.gone = serializer('gone', self.gone)
+        self.fresh = serializer('fresh', self.fresh)
         self.child.serialize(serializer['child'])
         serializer('z', self.z)
         self.k = serializer('k', self.k)
 
     def state(self):
         return {'w': self.w, 'count': self.count, 'lr': self.lr, 'name': self.name,
-                'flag': self.flag, 'child': {'b': self.child.b, 'steps': self.child.steps},
-                'z': self.z, 'k': self.k}
+                'flag': self.flag, 'gone': self.gone, 'fresh': self.fresh,
+                'child': {'b': self.child.b, 'steps': self.child.steps}, 'z': self.z,
+                'k': self.k}
 
 
 def _dict_target(device):
@@ -67,7 +75,7 @@ def _source():
     """What the file holds when nothing is broken: values other than the target's."""
     rng = numpy.random.default_rng(1)
     return {'w': rng.standard_normal((3, 4)).astype(numpy.float32), 'count': 1, 'lr': 0.5,
-            'name': 'one', 'flag': False,
+            'name': 'one', 'flag': False, 'gone': None, 'fresh': numpy.arange(3.0),
             'child': {'b': rng.standard_normal(5), 'steps': 1},
             'z': rng.standard_normal(6).astype(numpy.float32), 'k': 1}
 
@@ -95,6 +103,17 @@ def _assert_untouched(state, snapshot):
             assert host(value).tobytes() == copy.tobytes(), key
         else:
             assert type(value) is type(snapshot[key]) and value == snapshot[key], key
+
+
+# What an object keeps of a load that fails at ``z`` or ``k``: the scalars handed to it before.
+SCALARS_KEPT = {'count': 1, 'lr': 0.5, 'name': 'one', 'flag': False}
+
+
+def _assert_only_handed_values_kept(state, snapshot):
+    assert host(state['fresh']).tolist() == [0.0, 1.0, 2.0]  # a new array, read at once
+    assert state['gone'] is None  # a stored None, handed back
+    expected = dict(snapshot, **SCALARS_KEPT, child=dict(snapshot['child'], steps=1))
+    _assert_untouched({k: v for k, v in state.items() if k not in ('fresh', 'gone')}, expected)
 
 
 def _npz_members(source) -> dict[str, bytes]:
@@ -205,7 +224,10 @@ def _check(load, path, kind, device, error, key, message):
     where = re.escape(f'{str(path)!r}, key {key!r}: ')
     with pytest.raises(error, match=where + message):
         load(path, target)
-    _assert_untouched(state(), before)
+    if kind == 'dict':
+        _assert_untouched(state(), before)
+    else:
+        _assert_only_handed_values_kept(state(), before)
 
 
 @pytest.mark.parametrize('case', list(COMMON_CASES) + list(NPZ_CASES))
@@ -265,6 +287,8 @@ def test_the_same_target_loads_once_the_file_is_good(tmp_path, kind, target_devi
     assert host(got['child']['b']).tobytes() == expected['child']['b'].tobytes()
     assert (got['count'], got['lr'], got['name'], got['flag'], got['child']['steps'],
             got['k']) == (1, 0.5, 'one', False, 1, 1)
+    assert host(got['fresh']).tolist() == [0.0, 1.0, 2.0]
+    assert got['gone'] is None if kind == 'object' else host(got['gone']).tolist() == [7.0, 7.0]
 
 
 @pytest.mark.parametrize('compression', [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED],

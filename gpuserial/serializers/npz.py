@@ -1,0 +1,5 @@
+"""``chainer.serializers.npz``'s names: the NPZ serializers of :mod:`gpuserial.npz`."""
+
+from gpuserial.npz import DictionarySerializer, NpzDeserializer, load_npz, save_npz, serialize
+
+__all__ = ['DictionarySerializer', 'NpzDeserializer', 'load_npz', 'save_npz', 'serialize']
