@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
+import hashlib
 import os
 import secrets
+import socket
 import sys
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -30,29 +33,83 @@ def _temp_prefix(path: str) -> str:
     return os.path.join(directory, f'.{name}.')
 
 
-def _pid_alive(pid: int) -> bool:
+HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # in temporary names
+
+
+@dataclasses.dataclass(frozen=True)
+class Temporary:
+    """A temporary file of a save (``.NAME.PID-HOST-TOKEN.gpuserial-tmp``) and its state."""
+
+    path: str
+    pid: int
+    host: str | None  # None in names of older versions, which were all of this host
+    size: int
+    stale: bool  # its save's process, of this host, is gone
+
+    @property
+    def why(self) -> str:
+        if self.host not in (None, HOST):
+            return 'written on another host'
+        return f'process {self.pid} is gone' if self.stale else f'process {self.pid} is running'
+
+
+def temporaries(directory: str) -> list[Temporary]:
+    """The temporary files of gpuserial's saves in ``directory``, whatever their target."""
+    found = []
+    with contextlib.suppress(OSError), os.scandir(directory or '.') as entries:
+        for entry in entries:
+            if not (entry.name.startswith('.') and entry.name.endswith(TEMP_SUFFIX)):
+                continue
+            tag = entry.name[:-len(TEMP_SUFFIX)].rsplit('.', 1)[-1].split('-')
+            if len(tag) not in (2, 3) or not tag[0].isdigit():
+                continue
+            pid, host = int(tag[0]), tag[1] if len(tag) == 3 else None
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            stale = host in (None, HOST) and _gone(pid, info.st_mtime)
+            found.append(Temporary(entry.path, pid, host, info.st_size, stale))
+    return sorted(found, key=lambda temporary: temporary.path)
+
+
+def remove_stale_temporaries(directory: str) -> list[Temporary]:
+    """Removes the temporary files in ``directory`` whose save's process has died (on this host;
+    never a live save's, never another host's); returns those it removed."""
+    removed = []
+    for temporary in temporaries(directory):
+        if temporary.stale:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary.path)
+                removed.append(temporary)
+    return removed
+
+
+def _gone(pid: int, written: float) -> bool:
+    """Whether process ``pid`` of this host, which last wrote a file at ``written``, is gone:
+    no such process, or one that started after that write (the number was reused)."""
+    if pid == os.getpid():
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:
         return True
-    return True
+    except PermissionError:  # another user's process: alive
+        pass
+    started = _started(pid)
+    return started is not None and started > written + 1
 
 
-def remove_stale_temporaries(path: str) -> None:
-    """Removes temporary files left beside ``path`` by saves whose process has died."""
-    prefix = _temp_prefix(path)
-    directory = os.path.dirname(prefix) or '.'
-    base = os.path.basename(prefix)
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(directory):
-            if not (entry.name.startswith(base) and entry.name.endswith(TEMP_SUFFIX)):
-                continue
-            pid = entry.name[len(base):-len(TEMP_SUFFIX)].split('-')[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
+def _started(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), where /proc says (Linux)."""
+    try:
+        with open(f'/proc/{pid}/stat', 'rb') as f:
+            fields = f.read().rsplit(b')', 1)[1].split()
+        with open('/proc/stat', 'rb') as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith(b'btime'))
+        return boot + int(fields[19]) / os.sysconf('SC_CLK_TCK')  # field 22: starttime
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def _fsync_directory(directory: str) -> None:
@@ -73,8 +130,9 @@ def atomic_path(path, *, durable: bool = True) -> Iterator[str]:
     With ``durable`` the temporary file is fsync'd before the rename and the directory after
     it, so the new file also survives a power cut; without it the rename is still atomic for
     other processes, but after a crash of the machine the file may be old or empty. On any
-    exception (Ctrl-C too) the temporary file is removed and the target is left as it was. A
-    temporary file left by a process that died is removed by the next save to the same path.
+    exception (Ctrl-C too) the temporary file is removed and the target is left as it was.
+    Temporary files left in the directory by saves whose process died (killed, or its machine
+    rebooted) are removed by the next save there, whatever their target.
     """
     path = os.fsdecode(path)
     if os.path.islink(path):  # write through the link, as numpy does, keeping the link
@@ -84,10 +142,16 @@ def atomic_path(path, *, durable: bool = True) -> Iterator[str]:
     directory = os.path.dirname(path) or '.'
     if not os.path.isdir(directory):
         raise FileNotFoundError(f'cannot save to {path!r}: no such directory {directory!r}')
-    remove_stale_temporaries(path)
-    temp = f'{_temp_prefix(path)}{os.getpid()}-{secrets.token_hex(6)}{TEMP_SUFFIX}'
+    remove_stale_temporaries(directory)
+    temp = f'{_temp_prefix(path)}{os.getpid()}-{HOST}-{secrets.token_hex(6)}{TEMP_SUFFIX}'
     try:
-        yield temp
+        try:
+            yield temp
+        except OSError as error:
+            if error.filename != temp:
+                raise
+            raise type(error)(error.errno, f'{error.strerror} (creating a temporary file beside '
+                              f'it to save to)', path) from None
         if durable:
             fd = os.open(temp, os.O_RDONLY)
             try:

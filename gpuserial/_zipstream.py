@@ -37,6 +37,7 @@ ZIP64_LIMIT = 0xFFFFFFFF  # sizes and offsets from here on go into ZIP64 fields
 MARKER32, MARKER16 = 0xFFFFFFFF, 0xFFFF  # what a 32/16-bit field says when ZIP64 holds it
 VERSION = 45  # ZIP64
 UTF8_FLAG = 0x800
+ENCRYPTED_FLAG = 0x01
 DESCRIPTOR_FLAG = 0x08
 PIECE = 1 << 18  # data is checksummed and (de)compressed in pieces that stay in the CPU's cache
 WRITE_PIECE = 1 << 20  # stored chunks this large are checksummed on a thread while written in
@@ -238,10 +239,14 @@ class MemberReader:
                               f'bytes takes {info.compress_size} bytes in the file')
         self.fp = fp
         self.info = info
+        if info.flag_bits & ENCRYPTED_FLAG:
+            raise MemberError('the member is encrypted (zip encryption is not supported)')
         fp.seek(info.header_offset)
-        signature, *_, name_length, extra_length = LOCAL.unpack(_read(fp, LOCAL.size))
+        signature, _, flags, *_, name_length, extra_length = LOCAL.unpack(_read(fp, LOCAL.size))
         if signature != b'PK\x03\x04':
             raise MemberError('bad local file header')
+        if flags & ENCRYPTED_FLAG:
+            raise MemberError('the member is encrypted (its local header says so)')
         name = _read(fp, name_length).decode('utf-8' if info.flag_bits & UTF8_FLAG else 'cp437',
                                              'replace')
         if name != info.filename:

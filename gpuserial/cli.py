@@ -1,7 +1,9 @@
-"""The ``gpuserial`` command: demo, inspect, convert, diff and bench.
+"""The ``gpuserial`` command: demo, inspect, convert, diff, bench and clean.
 
 Errors are one line on stderr (``gpuserial: error: ...``) with exit status 2; ``-v`` shows the
 traceback. ``diff`` exits 0 when the files are equal and 1 when they differ, as ``diff`` does.
+A reader that goes away (``gpuserial diff a b | head -1``) does not change the exit status: the
+rest of the output is dropped and the command finishes.
 """
 
 from __future__ import annotations
@@ -42,6 +44,14 @@ def parse_compression(text: str) -> int:
         return int(text)
     raise argparse.ArgumentTypeError(f'unknown compression {text!r}: expected none, deflate, '
                                      f'gzip or a level 0-9')
+
+
+def parse_device(text: str):
+    """A device spec: ``'0'`` and ``'-1'`` become the ints they name, the rest stays text."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def format_bytes(nbytes: int) -> str:
@@ -158,6 +168,34 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0 if result.equal else 1
 
 
+def cmd_clean(args: argparse.Namespace) -> int:
+    from gpuserial import _fileio
+
+    removed = kept = 0
+    freed = 0
+    for directory in args.dirs:
+        if not os.path.isdir(directory):
+            raise NotADirectoryError(f'{directory!r}: no such directory')
+        for temporary in _fileio.temporaries(directory):
+            size = format_bytes(temporary.size)
+            if not temporary.stale:
+                kept += 1
+                print(f'kept {temporary.path} ({size}, {temporary.why})')
+                continue
+            if not args.dry_run:
+                try:
+                    os.unlink(temporary.path)
+                except FileNotFoundError:  # removed meanwhile, by a save there
+                    continue
+            removed += 1
+            freed += temporary.size
+            verb = 'would remove' if args.dry_run else 'removed'
+            print(f'{verb} {temporary.path} ({size}, {temporary.why})')
+    verb = 'would remove' if args.dry_run else 'removed'
+    print(f'{verb} {removed} stale temporary file(s) ({format_bytes(freed)}); kept {kept}')
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from gpuserial import bench
 
@@ -192,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
         'print the file sizes, times and throughput. Exits 1 if a check fails.')
     demo.add_argument('--size', type=parse_size, default='256MiB',
                       help='total size of the model (default 256MiB; e.g. 4MiB, 1GiB)')
-    demo.add_argument('--device', help='cpu, cuda or cuda:N (default: GPU 0 if usable, '
-                      'else the CPU)')
+    demo.add_argument('--device', type=parse_device, help='cpu, cuda, cuda:N, or an int (-1 '
+                      'is the CPU, N is GPU N; default: GPU 0 if usable, else the CPU)')
     demo.add_argument('--dir', help='keep the files in this directory (default: a temporary '
                       'directory, removed afterwards)')
     demo.add_argument('--compress', action='store_true', help="save with Chainer's default "
@@ -248,6 +286,20 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar='SIZES', help='comma-separated array sizes (e.g. 1MiB,16MiB)')
     bench.add_argument('--repeat', type=int, help='timings per operation; the best is shown')
     bench.set_defaults(func=cmd_bench)
+
+    clean = commands.add_parser(
+        'clean', parents=[verbose], help='remove temporary files left by killed saves',
+        description='A save writes a temporary file beside its target '
+        '(.NAME.PID-HOST-TOKEN.gpuserial-tmp) and renames it into place. A save that is killed '
+        '(SIGKILL, a preempted job) leaves it behind; the next save into the same directory '
+        'removes such files. This command lists them and removes the stale ones: only '
+        "gpuserial's own, only those whose process, on this host, is gone (never a running "
+        "save's, never another host's).")
+    clean.add_argument('dirs', nargs='*', default=['.'], metavar='DIR',
+                       help='directories to clean (default: the current one)')
+    clean.add_argument('-n', '--dry-run', action='store_true',
+                       help='only list what would be removed')
+    clean.set_defaults(func=cmd_clean)
     return parser
 
 
@@ -263,6 +315,41 @@ def _one_line(error: BaseException) -> str:
     return text
 
 
+class _ReaderMayLeave:
+    """stdout that, once its reader has gone (``| head``), drops the rest of the output."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.reader_gone = False
+
+    def write(self, text: str) -> int:
+        if not self.reader_gone:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self._drop_the_rest()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.reader_gone:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._drop_the_rest()
+
+    def _drop_the_rest(self) -> None:
+        self.reader_gone = True
+        try:  # so that the interpreter's last flush of stdout does not fail either
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # no file descriptor (a test's capture)
+            pass
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the ``gpuserial`` command line; returns the exit status.
 
@@ -270,16 +357,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments (default ``sys.argv[1:]``).
     """
     args = build_parser().parse_args(argv)
+    stdout = sys.stdout
+    sys.stdout = _ReaderMayLeave(stdout)
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()
+        return status
     except KeyboardInterrupt:
         print(f'{PROG}: interrupted', file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:  # `gpuserial inspect big.npz | head`
-        sys.stderr.close()  # nothing more can be said
-        return 1
     except Exception as error:
         if args.verbose:
             traceback.print_exc()
         print(f'{PROG}: error: {_one_line(error)}', file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        sys.stdout = stdout

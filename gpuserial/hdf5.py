@@ -7,13 +7,14 @@ read in C-contiguous hyperslabs through the staging engine.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 
 import h5py
 import numpy
 
-from gpuserial import devices, loading, transfer
+from gpuserial import _signals, devices, loading, transfer
 from gpuserial import progress as _progress
 from gpuserial._fileio import atomic_path, display_name, is_path
 from gpuserial.errors import (
@@ -28,6 +29,8 @@ from gpuserial.serializer import Serializer, as_serializable, child_path, entry_
 __all__ = ['HDF5Deserializer', 'HDF5Serializer', 'load_hdf5', 'save_hdf5']
 
 MAX_FILTER_RATIO = 1032  # gzip cannot expand data more than this: bounds a dataset's claims
+FREE_ALLOCATION_BYTES = 64 << 20  # a dataset whose chunks are unwritten may claim this much
+MIN_HOST_BLOCK_BYTES = 1 << 20  # host arrays are written and read in blocks at least this large
 
 
 class HDF5Serializer(Serializer):
@@ -69,7 +72,7 @@ class HDF5Serializer(Serializer):
         if self._entries is not None:
             self._entries.append((self.group, key, _dataset_path(self.group, key), value))
         else:
-            _write_entry(self.group, key, value, self.compression, self.name)
+            write_entry(self.group, key, value, self.compression, self.name)
         return value
 
     def save(self, obj) -> None:
@@ -79,14 +82,15 @@ class HDF5Serializer(Serializer):
         try:
             as_serializable(obj).serialize(self)
         except InvalidKeyError as error:
-            raise InvalidKeyError(f'{self.name!r}: {error}') from None
+            raise InvalidKeyError(f'{self.name!r}, {error}') from None
         finally:
             self._entries = None
         _check_keys(self.group, entries, self.name)
         total = sum(value.nbytes for _, _, _, value in entries if devices.is_array(value))
         with _progress.bar(total, f'save {self.name}', self.progress) as shown:
             for group, key, _, value in entries:
-                _write_entry(group, key, value, self.compression, self.name, shown)
+                _signals.check()
+                write_entry(group, key, value, self.compression, self.name, shown)
 
 
 def _file_name(group: h5py.Group) -> str:
@@ -106,26 +110,32 @@ def _dataset_path(group: h5py.Group, key: str) -> str:
 
 def _check_keys(root: h5py.Group, entries: list, name: str) -> None:
     """Raises before anything is written if two entries share a path, or one is another's group."""
-    seen: dict[str, str] = {}
+    sources: dict[str, str] = {}
     for group, key, path, _ in entries:
         source = f'key {key!r} of group {group.name!r}'
-        if path in seen:
-            raise KeyCollisionError(f'{name!r}, key {path[1:]!r}: stored twice, as {seen[path]} '
-                                    f'and as {source}')
-        seen[path] = source
-    for path, source in seen.items():
+        if path in sources:
+            raise KeyCollisionError(f'{name!r}, key {path[1:]!r}: stored twice, as '
+                                    f'{sources[path]} and as {source}')
+        sources[path] = source
+    check_paths(sources, name, root)
+
+
+def check_paths(sources: dict[str, str], name: str, root: h5py.Group | None = None) -> None:
+    """Raises if a dataset path (``'/a/b'``: its source, for messages) would have to be a group
+    for another path, or (in ``root``'s file) is a group already."""
+    for path, source in sources.items():
         parent = path.rsplit('/', 1)[0]
         while parent:
-            if parent in seen:
-                raise KeyCollisionError(f'{name!r}, key {parent[1:]!r}: a dataset ({seen[parent]}) '
-                                        f'where {source} needs a group')
+            if parent in sources:
+                raise KeyCollisionError(f'{name!r}, key {parent[1:]!r}: a dataset '
+                                        f'({sources[parent]}) where {source} needs a group')
             parent = parent.rsplit('/', 1)[0]
-        if isinstance(root.file.get(path), h5py.Group):
+        if root is not None and isinstance(root.file.get(path), h5py.Group):
             raise KeyCollisionError(f'{name!r}, key {path[1:]!r}: a group of that name holds '
                                     f'other entries, so {source} cannot be a dataset')
 
 
-def _write_entry(group: h5py.Group, key: str, value, compression: int | None, name: str,
+def write_entry(group: h5py.Group, key: str, value, compression: int | None, name: str,
                  shown: _progress.Progress = _progress.SILENT) -> None:
     """Creates dataset ``key`` in ``group`` for one entry, as Chainer writes it."""
     is_array = devices.is_array(value)
@@ -159,13 +169,19 @@ def _block_shape(shape: tuple, index: tuple) -> tuple:
 
 def write_dataset(group: h5py.Group, key: str, array, compression: int | None,
                   shown: _progress.Progress = _progress.SILENT) -> None:
-    """Creates dataset ``key`` holding ``array``, streamed in hyperslabs unless on the host."""
+    """Creates dataset ``key`` holding ``array``, written in hyperslabs of at most a chunk.
+
+    Device arrays stream through the staging engine; with compression, each block is one HDF5
+    chunk (no chunk is rewritten). Between blocks a pending Ctrl-C is raised (see ``_signals``).
+    """
     compression = compression if array.size > 1 and compression else None
-    if devices.backend_of(array).is_host and array.flags.c_contiguous:
+    block_bytes = _block_bytes(devices.backend_of(array).is_host)
+    if devices.backend_of(array).is_host and array.flags.c_contiguous \
+            and array.nbytes <= block_bytes:
         group.create_dataset(key, data=array, compression=compression)
         shown.update(array.nbytes)
         return
-    blocks = list(transfer.hyperslabs(array.shape, array.dtype.itemsize))
+    blocks = list(transfer.hyperslabs(array.shape, array.dtype.itemsize, block_bytes))
     chunks = None
     if compression and array.size:  # one HDF5 chunk per block, so that no chunk is rewritten
         index = blocks[0][0]
@@ -174,9 +190,30 @@ def write_dataset(group: h5py.Group, key: str, array, compression: int | None,
                                    compression=compression, chunks=chunks)
     spans = [(start, stop) for _, start, stop in blocks]
     for (index, _, _), chunk in zip(blocks, transfer.host_chunks(array, spans=spans), strict=True):
+        _signals.check()
         block = numpy.frombuffer(chunk, array.dtype).reshape(_block_shape(array.shape, index))
         dataset.write_direct(block, dest_sel=index if index else None)
         shown.update(block.nbytes)
+
+
+def _block_bytes(host: bool) -> int:
+    """The most one HDF5 read or write moves: a staging chunk (host arrays: at least
+    :data:`MIN_HOST_BLOCK_BYTES`, as they need no staging buffer)."""
+    chunk_bytes = transfer.settings().chunk_bytes
+    return max(chunk_bytes, MIN_HOST_BLOCK_BYTES) if host else chunk_bytes
+
+
+def _read_blocks(dataset: h5py.Dataset, shape: tuple, itemsize: int, host: bool) -> list:
+    """Hyperslabs of at most a block, whole bands of the dataset's HDF5 chunks where they fit,
+    so that no HDF5 chunk is read (and decompressed) twice."""
+    chunk_bytes = _block_bytes(host)
+    if dataset.chunks and len(shape) > 1:
+        band = itemsize * dataset.chunks[0]
+        for extent in shape[1:]:
+            band *= extent
+        if 0 < band <= chunk_bytes:
+            chunk_bytes = chunk_bytes // band * band
+    return list(transfer.hyperslabs(shape, itemsize, chunk_bytes))
 
 
 class _GroupReader(loading.Reader):
@@ -214,13 +251,26 @@ class _GroupReader(loading.Reader):
                                   f'variable-length arrays) are refused')
         return loading.Entry(key, tuple(shape), dtype, found)
 
-    def check_size(self, entry: loading.Entry) -> None:
-        stored = self._guard(entry, entry.token.id.get_storage_size)
-        claimed = entry.size * entry.dtype.itemsize
-        if claimed > max(stored, 1) * MAX_FILTER_RATIO:
-            raise CorruptFileError(f'{self.where(entry.key)}: the dataset claims {claimed} bytes '
-                                   f'(dtype {entry.dtype}, shape {entry.shape}) but stores only '
-                                   f'{stored}')
+    def check_size(self, entry: loading.Entry, allocating: bool = False) -> None:
+        """Before memory is allocated for a dataset, its claim against what the file holds.
+
+        A chunked dataset may leave chunks unwritten (they read as the fill value), so its
+        claim is checked only against an allocation beyond :data:`FREE_ALLOCATION_BYTES`; a
+        load into an existing array allocates nothing and is not checked.
+        """
+        if not allocating:
+            return
+        dataset = entry.token
+        stored = self._guard(entry, dataset.id.get_storage_size)
+        claimed = entry.nbytes
+        if claimed <= max(stored, 1) * MAX_FILTER_RATIO:
+            return
+        if dataset.chunks is not None and claimed <= FREE_ALLOCATION_BYTES:
+            return  # unwritten chunks: the fill value
+        raise CorruptFileError(f'{self.where(entry.key)}: the dataset claims {claimed} bytes '
+                               f'(dtype {entry.dtype}, shape {entry.shape}) but stores only '
+                               f'{stored}; a new array of that size is not made for it (load it '
+                               f'into an existing array)')
 
     def read_scalar(self, entry: loading.Entry) -> numpy.ndarray:
         dataset = entry.token
@@ -232,11 +282,15 @@ class _GroupReader(loading.Reader):
         dataset = entry.token
         if dst.size == 0:
             return
-        if devices.backend_of(dst).is_host and dst.flags.c_contiguous:
-            self._guard(entry, lambda: dataset.read_direct(dst))
-            self.progress.update(dst.nbytes)
+        host = devices.backend_of(dst).is_host and dst.flags.c_contiguous
+        blocks = _read_blocks(dataset, dst.shape, dst.dtype.itemsize, host)
+        if host:
+            for index, _, _ in blocks:  # straight into the array, a block at a time
+                _signals.check()
+                self._guard(entry, functools.partial(dataset.read_direct, dst, index or None,
+                                                     index or None))
+                self.progress.update(dst[index].nbytes if index else dst.nbytes)
             return
-        blocks = list(transfer.hyperslabs(dst.shape, dst.dtype.itemsize))
         position = iter(blocks)
 
         def read_into(buffer: memoryview) -> None:
@@ -304,9 +358,11 @@ def save_hdf5(filename, obj, compression: int = 4, *, durable: bool = True,
     """
     name = display_name(filename)
     if not is_path(filename):
-        _write_hdf5(filename, obj, compression, progress, name)
+        with _signals.deferred():
+            _write_hdf5(filename, obj, compression, progress, name)
         return
-    with atomic_path(filename, durable=durable) as temp, open(temp, 'x+b', buffering=0) as out:
+    with atomic_path(filename, durable=durable) as temp, open(temp, 'x+b', buffering=0) as out, \
+            _signals.deferred():  # Ctrl-C stops the save before the rename
         _write_hdf5(out, obj, compression, progress, name)
 
 
@@ -391,15 +447,20 @@ class _KeptErrorFile(io.RawIOBase):
 def open_hdf5(filename) -> h5py.File:
     """Opens an HDF5 file for reading, with clear errors."""
     name = display_name(filename)
+    size = None
     if is_path(filename):
-        if not os.path.exists(filename):
-            raise FileNotFoundError(f'{name!r}: no such file')
-        if os.path.isdir(filename):
-            raise IsADirectoryError(f'{name!r}: is a directory, not an HDF5 file')
+        try:  # Python's own errors for a missing, unreadable or directory path
+            with open(filename, 'rb') as f:
+                size = f.seek(0, os.SEEK_END)
+        except FileNotFoundError:
+            raise FileNotFoundError(f'{name!r}: no such file') from None
+        except IsADirectoryError:
+            raise IsADirectoryError(f'{name!r}: is a directory, not an HDF5 file') from None
     try:
         return h5py.File(filename, 'r')
     except (OSError, ValueError) as error:
-        raise CorruptFileError(f'{name!r}: not an HDF5 file: {error}') from None
+        why = 'the file is empty (0 bytes)' if size == 0 else error
+        raise CorruptFileError(f'{name!r}: not an HDF5 file: {why}') from None
 
 
 def load_hdf5(filename, obj, *, path: str = '', strict: bool = True, ignore_names=None,
@@ -411,7 +472,8 @@ def load_hdf5(filename, obj, *, path: str = '', strict: bool = True, ignore_name
     that fails on a missing key, a mismatch or a malformed dataset fills no array. Values handed
     to ``serialize`` before the failure (scalars, strings, new arrays for ``None`` targets) may
     have been kept by it; a dict keeps none of them. A read error found while the data streams
-    in stops the load and names the arrays already filled.
+    in stops the load: the error lists the arrays already filled (``error.filled``) and the
+    one being filled, which may hold part of the bad data (``error.partly_filled``).
 
     Args:
         filename: a path (str or os.PathLike) or a binary file object to read from.
@@ -434,7 +496,7 @@ def load_hdf5(filename, obj, *, path: str = '', strict: bool = True, ignore_name
         gpuserial.errors.CorruptFileError: the file is not valid HDF5 (also a ``ValueError``).
         gpuserial.errors.UnsafeCastError: a scalar does not cast safely (also a ``TypeError``).
     """
-    with open_hdf5(filename) as f:
+    with open_hdf5(filename) as f, _signals.deferred():
         reader = _GroupReader(f, display_name(filename))
         HDF5Deserializer(reader, strict, path=path, ignore_names=ignore_names, device=device,
                          progress=progress).load(obj)

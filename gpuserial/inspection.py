@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import h5py
 import numpy
 
-from gpuserial import _npy, _zipstream, hdf5, loading, npz, transfer
+from gpuserial import _npy, _signals, _zipstream, hdf5, loading, npz, transfer
 from gpuserial._fileio import atomic_output, atomic_path
 from gpuserial.errors import CorruptFileError
 from gpuserial.progress import bar, counted
@@ -163,6 +163,7 @@ def _inspect_npz(path: str) -> list[EntryInfo]:
     entries = []
     with open(path, 'rb') as f, npz.open_npz(f) as archive:
         size = f.seek(0, os.SEEK_END)
+        npz.npy_members(archive, path)  # some other zip is refused
         for info in archive.infolist():
             if info.is_dir():
                 continue
@@ -258,7 +259,7 @@ class _Source:
         if entry.dtype.hasobject:  # HDF5 strings (other objects were refused by entry())
             value = self.reader.read_scalar(entry)
             return numpy.asarray(value.tolist() if value.dtype.hasobject else value)
-        self.reader.check_size(entry)
+        self.reader.check_size(entry, allocating=True)
         array = numpy.empty(entry.shape, entry.dtype)
         self.reader.read_into(entry, array)
         return array
@@ -344,7 +345,7 @@ def diff_files(a, b, *, rtol: float = 0.0, atol: float = 0.0) -> DiffResult:
         FileNotFoundError, gpuserial.errors.CorruptFileError: a file cannot be read.
     """
     changed = []
-    with open_source(a) as first, open_source(b) as second:
+    with open_source(a) as first, open_source(b) as second, _signals.deferred():
         entries_a = {key: first.entry(key) for key in first.keys}  # every header checked
         entries_b = {key: second.entry(key) for key in second.keys}
         common = [key for key in entries_a if key in entries_b]
@@ -395,6 +396,7 @@ def _compare(a: numpy.ndarray, b: numpy.ndarray, rtol: float, atol: float
             difference[numpy.isnan(difference)] = numpy.inf
             scale = numpy.abs(yf)
             relative = numpy.where(difference == 0, 0.0, difference / scale)
+            relative[numpy.isnan(relative)] = numpy.inf  # inf against -inf: inf / inf
             close = same | (difference <= atol + rtol * scale)
         if difference.size:
             max_abs = max(max_abs, float(difference.max()))
@@ -477,7 +479,7 @@ def convert(src, dst, *, format: str | None = None, compression: int | bool | No
 
 def _write_npz(source: _Source, entries, dst, level: int, shown, durable: bool) -> None:
     with (atomic_output(dst, durable=durable) as out,
-          _zipstream.ZipWriter(out, compression=level > 0) as archive):
+          _zipstream.ZipWriter(out, compression=level > 0) as archive, _signals.deferred()):
         for entry in entries:
             value = source.read(entry)
             name = entry.key + npz.SUFFIX
@@ -491,20 +493,13 @@ def _write_npz(source: _Source, entries, dst, level: int, shown, durable: bool) 
 
 
 def _write_hdf5(source: _Source, entries, dst, level: int, shown, durable: bool) -> None:
-    with atomic_path(dst, durable=durable) as temp, h5py.File(temp, 'w') as f:
+    name = os.fsdecode(dst)
+    hdf5.check_paths({'/' + entry.key: f'key {entry.key!r}' for entry in entries}, name)
+    with atomic_path(dst, durable=durable) as temp, h5py.File(temp, 'w') as f, \
+            _signals.deferred():
         for entry in entries:
             value = source.read(entry)
-            parent, _, name = entry.key.rpartition('/')
-            try:
-                group = f.require_group(parent) if parent else f
-                if value is None:
-                    group.create_dataset(name, data=h5py.Empty('f'))
-                elif value.dtype.kind == 'U':
-                    group.create_dataset(name, data=str(value[()]) if value.ndim == 0 else
-                                         numpy.array(value.tolist(), dtype=h5py.string_dtype()))
-                else:
-                    hdf5.write_dataset(group, name, value, level, shown)
-            except (ValueError, TypeError) as error:
-                raise ValueError(f'{os.fsdecode(dst)!r}, key {entry.key!r}: cannot be written '
-                                 f'as HDF5: {error}') from None
+            parent, _, key = entry.key.rpartition('/')
+            hdf5.write_entry(f.require_group(parent) if parent else f, key, value, level, name,
+                             shown)
             del value

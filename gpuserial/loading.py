@@ -12,8 +12,9 @@ So a load that fails on a missing key, a mismatch or a malformed entry has fille
 place. What ``serialize`` was handed before the failure it may have kept: scalars and strings,
 ``None`` for stored Nones, and the new arrays of entries asked for with ``value=None`` (or, with
 ``device=``, made on that device). A dict target keeps none of these until the load succeeds.
-A checksum or read error found while streaming the data stops the load there; the error names
-the arrays already filled.
+A checksum or read error found while streaming the data stops the load there; the error says
+which arrays were already filled (its ``filled``) and which one was being filled, and may hold
+part of the bad data (its ``partly_filled``).
 """
 
 from __future__ import annotations
@@ -80,8 +81,9 @@ class Reader:
         self.read_into(entry, stored)
         return stored
 
-    def check_size(self, entry: Entry) -> None:
-        """Raises when the file is too small to hold what the entry claims (before allocating)."""
+    def check_size(self, entry: Entry, allocating: bool = False) -> None:
+        """Raises when the file cannot hold what the entry claims (checked before reading it,
+        and before allocating a new array for it when ``allocating``)."""
 
     def in_read_order(self, fills: list[tuple[Entry, object]]) -> list[tuple[Entry, object]]:
         """Deferred fills in the order that reads the file best (by default as requested)."""
@@ -109,22 +111,22 @@ class _PendingFills:
                     reader.read_into(entry, array)
                     filled.append(entry.key)
             except GpuserialError as error:
-                if not filled:
-                    raise
-                raise _stopped(error, filled, len(self.fills)) from error
+                raise _stopped(error, entry.key, filled, len(self.fills)) from error
             finally:
                 reader.progress = progress.SILENT
 
 
-def _stopped(error: GpuserialError, filled: list[str], count: int) -> GpuserialError:
-    """``error`` again, saying which of the ``count`` arrays were filled before it."""
-    named = ', '.join(map(repr, filled[:MAX_NAMED_IN_ERRORS]))
+def _stopped(error: GpuserialError, key: str, filled: list[str], count: int
+             ) -> GpuserialError:
+    """``error`` again, saying that it came while array ``key`` was being filled, after the
+    arrays ``filled`` (of ``count``); the error's ``filled`` and ``partly_filled`` say so too."""
+    named = ', '.join(map(repr, filled[:MAX_NAMED_IN_ERRORS])) or 'none'
     if len(filled) > MAX_NAMED_IN_ERRORS:
         named += f' and {len(filled) - MAX_NAMED_IN_ERRORS} more'
-    stopped = type(error)(f'{error} (the load stopped here: {len(filled)} of {count} arrays '
-                          f'were already filled in place: {named}; the others are as '
-                          f'they were)')
-    stopped.filled = list(filled)
+    stopped = type(error)(f'{error} (the load stopped while filling {key!r}, which may now '
+                          f'hold part of that data; {len(filled)} of {count} arrays were already '
+                          f'filled in place: {named}; the others are as they were)')
+    stopped.filled, stopped.partly_filled = list(filled), key
     return stopped
 
 
@@ -209,7 +211,7 @@ class ReaderDeserializer(Deserializer):
 
     def _new_array(self, entry: Entry, dtype: numpy.dtype):
         """A new array on the load's device (the CPU by default), read at once."""
-        self.reader.check_size(entry)
+        self.reader.check_size(entry, allocating=True)
         device = self.device or devices.CPU
         if not device.backend.is_host:
             dtype = dtype.newbyteorder('=')  # device arrays are native: swapped on the host
@@ -237,19 +239,31 @@ class ReaderDeserializer(Deserializer):
         return value
 
     def _load_scalar(self, entry: Entry, value):
+        """The stored value as ``type(value)``, by a safe cast: numbers into numbers (any
+        integer into an ``int``, as in Chainer), text into ``str``, bytes into ``bytes``."""
         value_type = type(value)
+        where = self.reader.where(entry.key)
         if entry.dtype.itemsize * entry.size > MAX_SCALAR_BYTES:
-            raise MismatchError(f'{self.reader.where(entry.key)}: a stored array of shape '
-                                f'{entry.shape} cannot load into a {value_type.__name__}')
-        if (issubclass(entry.dtype.type, numpy.number)
-                and not (issubclass(entry.dtype.type, numpy.integer) and value_type is int)
-                and not numpy.can_cast(entry.dtype, value_type)):  # any integer fits an int
-            raise UnsafeCastError(f'{self.reader.where(entry.key)}: stored dtype {entry.dtype} '
-                                  f'does not cast safely to {value_type.__name__}')
+            raise MismatchError(f'{where}: a stored array of shape {entry.shape} cannot load '
+                                f'into a {value_type.__name__}')
         stored = self.reader.read_scalar(entry)
+        kind = stored.dtype.kind
+        wanted = 'U' if issubclass(value_type, str) else 'S' if issubclass(
+            value_type, bytes) else None
+        if kind in 'USO' or wanted:
+            if kind != wanted:
+                what = {'U': 'text', 'S': 'bytes', 'O': 'an object'}.get(kind, 'a number')
+                raise UnsafeCastError(f'{where}: the file stores {what} (dtype {stored.dtype}, '
+                                      f'shape {entry.shape}), which does not load into a '
+                                      f'{value_type.__name__}')
+        elif (issubclass(stored.dtype.type, numpy.number)
+                and not (issubclass(stored.dtype.type, numpy.integer) and value_type is int)
+                and not numpy.can_cast(stored.dtype, value_type)):  # any integer fits an int
+            raise UnsafeCastError(f'{where}: stored dtype {stored.dtype} does not cast safely '
+                                  f'to {value_type.__name__}')
         try:
             return value_type(stored)
         except (TypeError, ValueError) as error:
-            raise UnsafeCastError(f'{self.reader.where(entry.key)}: stored {entry.dtype} array '
-                                  f'of shape {entry.shape} does not convert to '
-                                  f'{value_type.__name__}: {error}') from error
+            raise UnsafeCastError(f'{where}: stored {stored.dtype} array of shape '
+                                  f'{entry.shape} does not convert to {value_type.__name__}: '
+                                  f'{error}') from error

@@ -57,7 +57,7 @@ class DictionarySerializer(Serializer):
         full_key = entry_key(self.path, key)
         if full_key in self._sources:
             path, first = self._sources[full_key]
-            raise KeyCollisionError(f'key {full_key!r} is stored twice: as {first!r} under path '
+            raise KeyCollisionError(f'key {full_key!r}: stored twice, as {first!r} under path '
                                     f'{path!r} and as {key!r} under path {self.path!r}')
         self._sources[full_key] = (self.path, key)
         stored = value
@@ -102,7 +102,7 @@ def save_npz(file, obj, compression: bool = True, *, durable: bool = True,
     try:
         entries = serialize_refs(obj)
     except (InvalidKeyError, KeyCollisionError) as error:
-        raise type(error)(f'{display_name(file)!r}: {error}') from None
+        raise type(error)(f'{display_name(file)!r}, {error}') from None
     total = sum(value.nbytes for value in entries.values())
     with atomic_output(file, durable=durable) as out, \
             _progress.bar(total, f'save {display_name(file)}', progress) as shown:
@@ -145,8 +145,7 @@ class _ZipReader(loading.Reader):
     def __init__(self, archive: zipfile.ZipFile, name: str):
         self.archive = archive
         self.name = name
-        self._infos = {info.filename[:-len(SUFFIX)]: info for info in archive.infolist()
-                       if info.filename.endswith(SUFFIX)}
+        self._infos = npy_members(archive, name)
         self._entries: dict[str, loading.Entry | None] = {}
         self._file_size = _stream_size(archive.fp)
 
@@ -204,7 +203,7 @@ class _ZipReader(loading.Reader):
         except (_zipstream.MemberError, OSError, EOFError) as error:
             raise CorruptFileError(f'{self.where(key)}: {error}') from None
 
-    def check_size(self, entry: loading.Entry) -> None:
+    def check_size(self, entry: loading.Entry, allocating: bool = False) -> None:
         info, header = entry.token
         if header.nbytes > max(info.compress_size, 1) * MAX_DEFLATE_RATIO:
             raise CorruptFileError(f'{self.where(entry.key)}: header claims {header.nbytes} '
@@ -222,6 +221,22 @@ class _ZipReader(loading.Reader):
 
             transfer.fill(dst.T if header.fortran_order else dst, read_into, header.dtype)
             member.finish()
+
+
+def npy_members(archive: zipfile.ZipFile, name: str) -> dict[str, zipfile.ZipInfo]:
+    """The ``.npy`` members of an NPZ by key.
+
+    Raises:
+        CorruptFileError: the zip has members, but not one ``.npy`` (it is some other zip).
+    """
+    members = {info.filename[:-len(SUFFIX)]: info for info in archive.infolist()
+               if info.filename.endswith(SUFFIX)}
+    if not members and archive.infolist():
+        names = [info.filename for info in archive.infolist()[:3]]
+        raise CorruptFileError(f'{name!r}: not an NPZ file: a zip of {len(archive.infolist())} '
+                               f'members, none of them .npy ({", ".join(map(repr, names))}'
+                               f'{", ..." if len(archive.infolist()) > 3 else ""})')
+    return members
 
 
 def _stream_size(fp) -> int:
@@ -311,9 +326,31 @@ def open_npz(file) -> zipfile.ZipFile:
         raise FileNotFoundError(f'{name!r}: no such file') from None
     except IsADirectoryError:
         raise IsADirectoryError(f'{name!r}: is a directory, not an NPZ file') from None
-    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError,
+    except PermissionError:
+        raise
+    except zipfile.BadZipFile as error:  # "File is not a zip file": say what it is instead
+        raise CorruptFileError(f'{name!r}: not an NPZ (zip) file: '
+                               f'{_why_not_a_zip(file) or error}') from None
+    except (zlib.error, EOFError, ValueError, OSError,
             NotImplementedError) as error:  # zipfile's "zip file version" is the last
         raise CorruptFileError(f'{name!r}: not an NPZ (zip) file: {error}') from None
+
+
+def _why_not_a_zip(file) -> str:
+    """What the start and size of a file that zipfile refused say about it ('' if unknown)."""
+    try:
+        with open_input(file) as fp:
+            size = fp.seek(0, os.SEEK_END)
+            fp.seek(0)
+            head = fp.read(4)
+    except (OSError, ValueError, AttributeError):
+        return ''
+    if size == 0:
+        return 'the file is empty (0 bytes)'
+    if head == b'PK\x03\x04':
+        return (f'truncated: it starts as a zip, but the zip directory that ends a zip is '
+                f'missing ({size} bytes)')
+    return f'it starts with {head!r}'
 
 
 def load_npz(file, obj, path: str = '', strict: bool = True, ignore_names=None, *,
@@ -325,7 +362,8 @@ def load_npz(file, obj, path: str = '', strict: bool = True, ignore_names=None, 
     that fails on a missing key, a mismatch or a malformed member fills no array. Values handed
     to ``serialize`` before the failure (scalars, strings, new arrays for ``None`` targets) may
     have been kept by it; a dict keeps none of them. A checksum error found while the data
-    streams in stops the load and names the arrays already filled.
+    streams in stops the load: the error lists the arrays already filled (``error.filled``)
+    and the one being filled, which may hold part of the bad data (``error.partly_filled``).
 
     Args:
         file: a path (str or os.PathLike) or a binary file object to read from.

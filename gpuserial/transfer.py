@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy
 
+from gpuserial import _signals
 from gpuserial.devices import Backend, Device, backend_of
 
 __all__ = ['configure', 'fill', 'host_chunks', 'hyperslabs', 'release_pool', 'settings']
@@ -166,9 +167,11 @@ def host_chunks(array, *, spans: Iterable[tuple[int, int]] | None = None,
         if array.flags.c_contiguous:
             data = backend.as_bytes(array)
             for start, stop in spans:
+                _signals.check()
                 yield memoryview(data[start * itemsize:stop * itemsize])
         else:
             for start, stop in spans:
+                _signals.check()
                 yield memoryview(array.flat[start:stop].view(numpy.uint8))
         return
     source = array if backend.is_contiguous(array) else backend.contiguous(array)
@@ -188,6 +191,7 @@ def _device_to_host(backend: Backend, device: Device, src_bytes, itemsize: int,
         in_flight: collections.deque = collections.deque()
         try:
             for start, stop in spans:
+                _signals.check()
                 if not free:
                     buffer, count, event = in_flight.popleft()
                     backend.wait(event)
@@ -238,12 +242,14 @@ def _fill_host(dst: numpy.ndarray, read_into, src_dtype: numpy.dtype, spans) -> 
         data = dst.reshape(-1).view(numpy.uint8)
         size = src_dtype.itemsize
         for start, stop in spans:
+            _signals.check()
             read_into(memoryview(data[start * size:stop * size]))
         return
     largest = max((stop - start for start, stop in spans), default=0)
     scratch = numpy.empty(largest, src_dtype)
     flat = dst.reshape(-1) if dst.flags.c_contiguous else None
     for start, stop in spans:
+        _signals.check()
         values = scratch[:stop - start]
         read_into(memoryview(values.view(numpy.uint8)))
         if flat is not None:
@@ -265,6 +271,7 @@ def _host_to_device(backend: Backend, device: Device, dst_bytes, dst_dtype: nump
         in_flight: collections.deque = collections.deque()
         try:
             for start, stop in spans:
+                _signals.check()
                 if not free:
                     buffer, event = in_flight.popleft()
                     backend.wait(event)

@@ -3,6 +3,7 @@ Chainer environment the ``chainer`` tests run in."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 
@@ -104,3 +105,26 @@ FORMATS = {
 def fmt(request):
     """(save, load, extension) of each format: NPZ deflated, NPZ stored, HDF5."""
     return FORMATS[request.param]
+
+
+def as_nobody(function, *args):
+    """``function(*args)`` in a fork of this process running as user nobody: its result (made
+    of JSON values), or ``[exception type name, message]`` when it raised."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                result = function(*args)
+            except Exception as error:
+                result = [type(error).__name__, str(error)]
+            os.write(write, json.dumps(result).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        out = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(out)

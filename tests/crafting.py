@@ -19,7 +19,8 @@ END = struct.Struct('<4s4H2LH')  # the end of central directory record
 LOCAL_SIZE = 30  # a local file header, before its name and extra field
 
 # Offsets of the fields of a central directory record that the tests edit.
-CENTRAL_FIELDS = {'version_needed': (6, '<H'), 'method': (10, '<H'), 'crc': (16, '<I'),
+CENTRAL_FIELDS = {'version_needed': (6, '<H'), 'flags': (8, '<H'), 'method': (10, '<H'),
+                  'crc': (16, '<I'),
                   'compress_size': (20, '<I'), 'file_size': (24, '<I'),
                   'header_offset': (42, '<I')}
 

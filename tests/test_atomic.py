@@ -11,18 +11,21 @@ import errno
 import io
 import json
 import os
+import pathlib
 import random
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy
 import pytest
 
 from gpuserial import _fileio, _zipstream, hdf5, serializers
-from tests import crafting, kill_saver
+from tests import crafting, interrupt_child, kill_saver
+from tests.conftest import as_nobody
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -254,20 +257,49 @@ def _dead_pid() -> int:
     return int(child.stdout)
 
 
-def test_a_stale_temporary_from_a_dead_process_is_removed(fmt, old_file):
-    path, old = old_file
-    prefix = f'.{path.name}.'
-    dead = path.parent / f'{prefix}{_dead_pid()}-0123456789ab{_fileio.TEMP_SUFFIX}'
-    dead.write_bytes(old[:100])  # a torn save
-    alive = path.parent / f'{prefix}{os.getpid()}-ba9876543210{_fileio.TEMP_SUFFIX}'
-    alive.write_bytes(b'')  # a save in progress (in this very process): not to be touched
-    other = path.parent / f'.other.npz.{_dead_pid()}-0123456789ab{_fileio.TEMP_SUFFIX}'
-    other.write_bytes(b'')  # another target's: not to be touched
-    FORMATS[fmt][0](path, kill_saver.state(1))
-    assert not dead.exists() and alive.exists() and other.exists()
+def _temporary(directory, target: str, pid: int, host: str | None = _fileio.HOST) -> pathlib.Path:
+    tag = f'{pid}-{host}-0123456789ab' if host else f'{pid}-0123456789ab'  # None: an old name
+    path = directory / f'.{target}.{tag}{_fileio.TEMP_SUFFIX}'
+    path.write_bytes(b'a torn save')
+    return path
+
+
+def test_a_save_removes_the_stale_temporaries_of_its_directory(fmt, old_file):
+    path, _ = old_file
+    directory = path.parent
+    sleeper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    try:
+        stale = [_temporary(directory, path.name, _dead_pid()),
+                 _temporary(directory, 'other.npz', _dead_pid()),  # another target's
+                 _temporary(directory, 'old.h5', _dead_pid(), host=None)]  # an older version's
+        reused = _temporary(directory, 'x.npz', sleeper.pid)  # a number the sleeper took later
+        os.utime(reused, (time.time() - 3600, time.time() - 3600))
+        kept = [_temporary(directory, path.name, os.getpid()),  # a save of this very process
+                _temporary(directory, 'y.npz', _dead_pid(), host='0badc0de'),  # another host's
+                _temporary(directory, 'z.npz', sleeper.pid)]  # a save still running
+        (directory / '.notes.1-x').write_bytes(b'not ours')
+        FORMATS[fmt][0](path, kill_saver.state(1))
+    finally:
+        sleeper.kill()
+    assert not any(p.exists() for p in stale + [reused])
+    assert all(p.exists() for p in kept) and (directory / '.notes.1-x').exists()
     target = kill_saver.zeros()
     FORMATS[fmt][1](path, target)
     assert target['which'] == 1
+
+
+def test_another_users_running_save_is_not_stale():
+    """``kill(pid, 0)`` fails with EPERM for another user's process: it is alive."""
+    with tempfile.TemporaryDirectory() as name:  # under /tmp: nobody can reach it
+        directory = pathlib.Path(name)
+        directory.chmod(0o755)
+        if os.geteuid() == 0:  # root: look as nobody at a save of root's (this process)
+            temporary = _temporary(directory, 'm.npz', os.getpid())
+            assert as_nobody(lambda: [t.stale for t in _fileio.temporaries(name)]) == [False]
+        else:  # anyone else: look at init's, root's
+            temporary = _temporary(directory, 'm.npz', 1)
+            assert [t.stale for t in _fileio.temporaries(name)] == [False]
+        assert temporary.exists()
 
 
 @pytest.mark.parametrize('durable', [True, False])
@@ -381,3 +413,32 @@ def test_a_save_to_a_symlink_writes_through_it(tmp_path, name):
     target = {'w': numpy.zeros(3)}
     load(real, target)
     numpy.testing.assert_array_equal(target['w'], numpy.arange(3.0))
+
+
+@pytest.mark.parametrize('level', [0, 4], ids=['plain', 'gzip'])
+@pytest.mark.parametrize('operation', ['save', 'load', 'convert-to-h5', 'convert-from-h5'])
+def test_ctrl_c_stops_long_hdf5_work_within_a_second(tmp_path, operation, level):
+    """h5py loses a KeyboardInterrupt raised while HDF5 runs; gpuserial raises it between
+    blocks, so the work stops, the old file stays and no temporary file is left."""
+    values = {'w': interrupt_child.values()}
+    serializers.save_hdf5(tmp_path / 'in.h5', values, compression=level)
+    serializers.save_npz(tmp_path / 'in.npz', values)
+    for name in ('out.h5', 'out.npz'):
+        (tmp_path / name).write_bytes(b'the old file')
+    child = subprocess.Popen([sys.executable, '-m', 'tests.interrupt_child', operation,
+                              str(level), str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+                             text=True)
+    assert child.stdout.readline() == 'ready\n'
+    time.sleep(0.3)  # well into the first runs
+    sent = time.time()
+    child.send_signal(signal.SIGINT)
+    out, _ = child.communicate(timeout=30)
+    word, _, when = out.partition(' ')
+    assert word == 'interrupted', out
+    assert float(when) - sent < 1.0
+    for name, load in (('out.h5', serializers.load_hdf5), ('out.npz', serializers.load_npz)):
+        if (tmp_path / name).read_bytes() != b'the old file':  # a run before the interrupt
+            target = {'w': numpy.zeros_like(values['w'])}
+            load(tmp_path / name, target)
+            assert (target['w'] == values['w']).all()
+    assert crafting.temporaries(tmp_path) == []

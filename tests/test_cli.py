@@ -20,14 +20,14 @@ import h5py
 import numpy
 import pytest
 
-from gpuserial import cli, serializers
+from gpuserial import cli, devices, serializers
 from tests.conftest import CHAINER_PYTHON
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CHAINER = ROOT / 'tests' / 'data' / 'chainer'
 EXPECTED = json.loads((CHAINER / 'expected.json').read_text())
 REFERENCE_FILES = sorted(EXPECTED)
-COMMANDS = ['demo', 'inspect', 'convert', 'diff', 'bench']
+COMMANDS = ['demo', 'inspect', 'convert', 'diff', 'bench', 'clean']
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
@@ -405,7 +405,8 @@ def test_convert_strings(capsys, tmp_path):
 def test_convert_keys_that_hdf5_cannot_hold(capsys, tmp_path):
     numpy.savez(tmp_path / 'clash.npz', **{'a': numpy.zeros(2), 'a/b': numpy.zeros(2)})
     status, out, err = run(capsys, 'convert', tmp_path / 'clash.npz', tmp_path / 'clash.h5')
-    assert_one_line_error(status, out, err, "key 'a/b'", 'cannot be written as HDF5')
+    assert_one_line_error(status, out, err, "key 'a'", "a dataset (key 'a') where key 'a/b' "
+                          "needs a group")
     assert not (tmp_path / 'clash.h5').exists()
     assert os.listdir(tmp_path) == ['clash.npz']  # no temporary file left behind
 
@@ -605,3 +606,84 @@ def test_bench_bad_size(capsys):
 def test_output_helpers():
     assert [cli.format_bytes(n) for n in (0, 1023, 1024, 1536, 256 << 20, 3 << 30)] == [
         '0 B', '1023 B', '1.0 KiB', '1.5 KiB', '256.0 MiB', '3.0 GiB']
+
+
+# ---------------------------------------------------------------------------------------------
+# Exit statuses that say what happened, whoever reads the output
+
+
+def _piped(command: str, cwd) -> tuple[int, str]:
+    """``python -m gpuserial ... | head ...`` in bash: gpuserial's exit status, head's output."""
+    script = (f'{sys.executable} -m gpuserial {command}; '
+              'echo "status=${PIPESTATUS[0]}"')
+    result = subprocess.run(['bash', '-c', script], cwd=cwd, capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    *shown, status = result.stdout.splitlines()
+    assert 'Error' not in result.stderr and 'Traceback' not in result.stderr, result.stderr
+    return int(status.split('=')[1]), '\n'.join(shown)
+
+
+def test_a_reader_that_leaves_early_does_not_change_the_exit_status(tmp_path):
+    numpy.savez(tmp_path / 'a.npz', **{f'k{i}': numpy.arange(i) for i in range(300)})
+    numpy.savez(tmp_path / 'b.npz', **{f'k{i}': numpy.arange(i) + 1 for i in range(300)})
+    assert _piped('diff a.npz a.npz | head -c 0', tmp_path) == (0, '')
+    status, shown = _piped('diff a.npz b.npz | head -1', tmp_path)
+    assert status == 1 and shown.startswith('values differ: k1 ')
+    status, shown = _piped('demo --size 1MiB --device -1 | head -1', tmp_path)
+    assert status == 0 and shown.startswith('gpuserial demo: a 1 MiB model')
+
+
+def test_demo_takes_an_int_device(capsys, tmp_path):
+    status, out, _ = run(capsys, 'demo', '--size', '64KiB', '--device', '-1', '--dir', tmp_path)
+    assert status == 0 and 'on the CPU' in out
+    if not devices.gpu_available():
+        status, out, err = run(capsys, 'demo', '--size', '64KiB', '--device', '0')
+        assert_one_line_error(status, out, err, "device 0 is not usable")
+
+
+def test_diff_of_infinities_is_infinite(capsys, tmp_path):
+    numpy.savez(tmp_path / 'a.npz', x=numpy.array([numpy.inf, 1.0]))
+    numpy.savez(tmp_path / 'b.npz', x=numpy.array([-numpy.inf, 2.0]))
+    status, out, _ = run(capsys, 'diff', tmp_path / 'a.npz', tmp_path / 'b.npz')
+    assert status == 1
+    assert 'values differ: x (2,) float64: 2 element(s) differ, max abs diff inf, max rel diff ' \
+           'inf' in out
+
+
+# ---------------------------------------------------------------------------------------------
+# clean
+
+
+def _temporary_file(directory, target: str, pid: int, size: int = 10) -> pathlib.Path:
+    from gpuserial import _fileio
+    path = directory / f'.{target}.{pid}-{_fileio.HOST}-00aa{_fileio.TEMP_SUFFIX}'
+    path.write_bytes(bytes(size))
+    return path
+
+
+def _dead_pid() -> int:
+    return int(subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                              capture_output=True, text=True, check=True).stdout)
+
+
+def test_clean_lists_and_removes_only_stale_temporaries(capsys, tmp_path):
+    stale = _temporary_file(tmp_path, 'snapshot_iter_100', _dead_pid(), 2048)
+    live = _temporary_file(tmp_path, 'snapshot_iter_200', os.getpid())
+    (tmp_path / 'snapshot_iter_50').write_bytes(b'a finished snapshot')
+    status, out, err = run(capsys, 'clean', '--dry-run', tmp_path)
+    pid = stale.name.split('.')[-2].split('-')[0]
+    assert (status, err) == (0, '')
+    assert out.splitlines() == [
+        f'would remove {stale} (2.0 KiB, process {pid} is gone)',
+        f'kept {live} (10 B, process {os.getpid()} is running)',
+        'would remove 1 stale temporary file(s) (2.0 KiB); kept 1']
+    assert stale.exists()
+    status, out, err = run(capsys, 'clean', tmp_path)
+    assert status == 0
+    assert out.splitlines()[-1] == 'removed 1 stale temporary file(s) (2.0 KiB); kept 1'
+    assert not stale.exists() and live.exists() and (tmp_path / 'snapshot_iter_50').exists()
+
+
+def test_clean_of_a_missing_directory(capsys, tmp_path):
+    status, out, err = run(capsys, 'clean', tmp_path / 'nowhere')
+    assert_one_line_error(status, out, err, 'nowhere', 'no such directory')

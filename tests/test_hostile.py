@@ -9,6 +9,7 @@ import io
 import os
 import pickle
 import re
+import tempfile
 import tracemalloc
 import zipfile
 
@@ -16,15 +17,19 @@ import h5py
 import numpy
 import pytest
 
-from gpuserial import _npy, serializers
+from gpuserial import _npy, inspection, serializers
 from gpuserial.errors import (
     CorruptFileError,
     GpuserialError,
+    InvalidKeyError,
+    KeyCollisionError,
     KeyNotFoundError,
     MismatchError,
+    UnsafeCastError,
     UnsafeFileError,
 )
 from tests import crafting
+from tests.conftest import as_nobody
 
 
 def _where(path, key=None) -> str:
@@ -573,3 +578,208 @@ def test_a_file_object_whose_reads_fail(saver, limit):
                 or 'File is not a zip file' in str(error))
     else:
         assert target['n'] == 3 and target['s'] == 'text'
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing lost, nothing accepted that should not be, errors that say what happened
+
+
+class _StoresTwice:
+    """Stores ``c/w`` twice, through a child and through a path."""
+
+    def serialize(self, serializer):
+        serializer['c']('w', numpy.zeros(2))
+        serializer('c/w', numpy.ones(2))
+
+
+@pytest.mark.parametrize('obj', [{'a': {'b': numpy.zeros(2)}, 'a/b': numpy.ones(2)},
+                                 _StoresTwice()], ids=['dict', 'object'])
+def test_a_key_stored_twice_raises_before_anything_is_written(tmp_path, saver, obj):
+    save, _, ext = saver
+    path = tmp_path / f'm{ext}'
+    path.write_bytes(b'the old file')
+    key = 'a/b' if isinstance(obj, dict) else 'c/w'
+    with pytest.raises(KeyCollisionError, match=_where(path, key) + ': stored twice, as .*'
+                       + re.escape(repr(key.split('/')[1])) + '.* and as .*'
+                       + re.escape(repr(key))):
+        save(path, obj)
+    assert path.read_bytes() == b'the old file' and crafting.temporaries(tmp_path) == []
+
+
+def test_hdf5_refuses_a_dataset_where_a_group_must_go(tmp_path):
+    path = tmp_path / 'm.h5'
+    with pytest.raises(KeyCollisionError, match=_where(path, 'a') + r": a dataset \(key 'a' of "
+                       r"group '/'\) where key 'a/b' of group '/' needs a group"):
+        serializers.save_hdf5(path, {'a': numpy.zeros(2), 'a/b': numpy.ones(2)})
+    assert not path.exists() and crafting.temporaries(tmp_path) == []
+    serializers.save_npz(tmp_path / 'm.npz', {'a': numpy.zeros(2), 'a/b': numpy.ones(2)})  # fine
+
+
+@pytest.mark.parametrize(('obj', 'key', 'message'), [
+    ({'': numpy.zeros(2)}, '', 'is empty'),
+    ({1: numpy.zeros(2)}, 1, 'is a int: keys are strings'),
+    ({'a': {'/': numpy.zeros(2)}}, '/', 'is empty'),
+])
+def test_bad_keys_are_named_with_the_file(tmp_path, saver, obj, key, message):
+    save, _, ext = saver
+    path = tmp_path / f'm{ext}'
+    with pytest.raises(InvalidKeyError, match=_where(path) + ', key ' + re.escape(repr(key))
+                       + '.*' + message):
+        save(path, obj)
+    assert not path.exists() and crafting.temporaries(tmp_path) == []
+
+
+def test_object_arrays_are_named_with_the_file_and_key(tmp_path):
+    path = tmp_path / 'm.h5'
+    with pytest.raises(TypeError, match=_where(path, 'g/x') + ': a ndarray of objects cannot be '
+                       'saved'):
+        serializers.save_hdf5(path, {'g': {'x': numpy.array([1, 'a'], object)}})
+    with pytest.raises(TypeError, match="cannot save key 'g/x': object arrays"):
+        serializers.save_npz(tmp_path / 'm.npz', {'g': {'x': numpy.array([1, 'a'], object)}})
+    assert crafting.temporaries(tmp_path) == []
+
+
+def _encrypted(where: str) -> bytes:
+    data = crafting.npz_of({'x': crafting.npy_of(numpy.arange(3.0))})
+    if where in ('central', 'both'):
+        data = crafting.patch_central(data, 'x.npy', 'flags', 1)
+    if where in ('local', 'both'):
+        local = crafting.central_field(data, 'x.npy', 'header_offset')
+        data = crafting.flip(data, local + 6, 0x01)
+    return data
+
+
+@pytest.mark.parametrize('where', ['central', 'local', 'both'])
+def test_an_encrypted_member_is_refused(tmp_path, target, where):
+    path = _write(tmp_path, _encrypted(where))
+    with pytest.raises(CorruptFileError, match=_where(path, 'x') + ': the member is encrypted'):
+        serializers.load_npz(path, target)
+
+
+def test_a_zip_without_npy_members_is_not_an_npz(tmp_path):
+    path = _write(tmp_path, crafting.zip_of({'notes.txt': b'hello', 'data.bin': bytes(8)}))
+    message = (_where(path) + r": not an NPZ file: a zip of 2 members, none of them \.npy "
+               r"\('notes\.txt', 'data\.bin'\)")
+    with pytest.raises(CorruptFileError, match=message):
+        serializers.load_npz(path, {}, strict=False)
+    with pytest.raises(CorruptFileError, match=message):
+        inspection.inspect_file(path)
+    with pytest.raises(CorruptFileError, match=message):
+        inspection.convert(path, tmp_path / 'out.h5')
+    with pytest.raises(CorruptFileError, match=message):
+        inspection.diff_files(path, path)
+    empty = _write(tmp_path, crafting.zip_of({}), 'empty.npz')  # numpy.savez() of nothing
+    serializers.load_npz(empty, {})
+    assert inspection.inspect_file(empty).entries == ()
+
+
+@pytest.mark.parametrize('ext', ['.npz', '.h5'])
+@pytest.mark.parametrize(('stored', 'value', 'what'), [
+    ('42', 0, r'the file stores text \(dtype <U2, shape \(\)\), which does not load into a int'),
+    ('1.5', 0.0, r'the file stores text \(dtype <U3, shape \(\)\), which does not load into a '
+     r'float'),
+    (5, '', r'the file stores a number \(dtype int64, shape \(\)\), which does not load into a '
+     r'str'),
+    (2.5, '', r'the file stores a number \(dtype float64, shape \(\)\), which does not load '
+     r'into a str'),
+])
+def test_text_and_numbers_do_not_cross(tmp_path, ext, stored, value, what):
+    path = tmp_path / f'm{ext}'
+    save = serializers.save_npz if ext == '.npz' else serializers.save_hdf5
+    load = serializers.load_npz if ext == '.npz' else serializers.load_hdf5
+    save(path, {'k': stored})
+    target = {'k': value}
+    with pytest.raises(UnsafeCastError, match=_where(path, 'k') + ': ' + what):
+        load(path, target)
+    assert target == {'k': value}
+    same = {'k': type(stored)()}
+    load(path, same)
+    assert same == {'k': stored}
+
+
+def test_unwritten_hdf5_chunks_read_as_the_fill_value(tmp_path):
+    path = tmp_path / 'sparse.h5'
+    with h5py.File(path, 'w') as f:
+        f.create_dataset('x', shape=(1000, 1000), dtype='f4', chunks=(100, 100), fillvalue=1.5)
+        f['x'][:100, :100] = 2.0  # one chunk of 100 written
+    expected = numpy.full((1000, 1000), 1.5, numpy.float32)
+    expected[:100, :100] = 2.0
+    for target in ({'x': numpy.zeros((1000, 1000), numpy.float32)}, {'x': None}):
+        serializers.load_hdf5(path, target)
+        numpy.testing.assert_array_equal(target['x'], expected)
+    inspection.convert(path, tmp_path / 'sparse.npz')
+    with numpy.load(tmp_path / 'sparse.npz') as npz:
+        numpy.testing.assert_array_equal(npz['x'], expected)
+    assert inspection.diff_files(path, tmp_path / 'sparse.npz').equal
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason='makes a process of user nobody')
+
+
+@needs_root
+@pytest.mark.parametrize('save', [serializers.save_npz, serializers.save_hdf5])
+def test_a_save_without_permission_names_the_file(save):
+    with tempfile.TemporaryDirectory() as name:
+        os.chmod(name, 0o755)  # nobody may look, not write
+        path = os.path.join(name, 'model.npz')
+        kind, message = as_nobody(save, path, {'w': numpy.ones(2)})
+        assert kind == 'PermissionError'
+        assert message == (f"[Errno 13] Permission denied (creating a temporary file beside it "
+                           f"to save to): {path!r}")
+        assert os.listdir(name) == []
+
+
+@needs_root
+@pytest.mark.parametrize('load', [serializers.load_npz, serializers.load_hdf5])
+def test_an_unreadable_file_is_a_permission_error(load):
+    with tempfile.TemporaryDirectory() as name:
+        os.chmod(name, 0o755)
+        path = os.path.join(name, 'model')
+        (serializers.save_npz if load is serializers.load_npz else serializers.save_hdf5)(
+            path, {'w': numpy.ones(2)})
+        os.chmod(path, 0o600)
+        kind, message = as_nobody(load, path, {'w': numpy.zeros(2)})
+        assert kind == 'PermissionError' and repr(path) in message
+
+
+@pytest.mark.parametrize(('make', 'message'), [
+    (lambda data: b'', 'the file is empty \\(0 bytes\\)'),
+    (lambda data: data[:len(data) // 2], 'truncated: it starts as a zip, but the zip directory '
+                                         'that ends a zip is missing'),
+    (lambda data: b'hello, not a zip', "it starts with b'hell'"),
+])
+def test_what_a_broken_npz_is_called(tmp_path, make, message):
+    data = crafting.npz_of({'x': crafting.npy_of(numpy.arange(100.0))})
+    path = _write(tmp_path, make(data))
+    with pytest.raises(CorruptFileError, match=_where(path) + ': not an NPZ \\(zip\\) file: '
+                       + message):
+        serializers.load_npz(path, {'x': None})
+
+
+def test_an_empty_hdf5_file_is_called_empty(tmp_path):
+    path = _write(tmp_path, b'', 'empty.h5')
+    with pytest.raises(CorruptFileError, match=_where(path) + ': not an HDF5 file: the file is '
+                       'empty'):
+        serializers.load_hdf5(path, {})
+
+
+@pytest.mark.parametrize('compression', [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED],
+                         ids=['stored', 'deflated'])
+def test_a_crc_error_says_which_arrays_were_filled(tmp_path, compression):
+    members = {key: crafting.npy_of(numpy.full(50, i, numpy.float64))
+               for i, key in enumerate(['a', 'b', 'c', 'd'])}
+    data = crafting.npz_of(members, compression)
+    end = crafting.data_offset(data, 'c.npy') + crafting.central_field(
+        data, 'c.npy', 'compress_size')
+    path = _write(tmp_path, crafting.flip(data, end - 3, 0x01))
+    target = {key: numpy.full(50, -1.0) for key in members}
+    with pytest.raises(CorruptFileError) as raised:
+        serializers.load_npz(path, target)
+    message = str(raised.value)
+    assert re.match(_where(path, 'c') + ': (CRC mismatch|corrupt deflate data|the deflate '
+                    'stream)', message), message
+    assert ("(the load stopped while filling 'c', which may now hold part of that data; 2 of 4 "
+            "arrays were already filled in place: 'a', 'b'; the others are as they were)"
+            ) in message
+    assert raised.value.filled == ['a', 'b'] and raised.value.partly_filled == 'c'
+    assert (target['a'] == 0).all() and (target['b'] == 1).all() and (target['d'] == -1).all()

@@ -1,0 +1,45 @@
+"""The README's two commands: environments made once, rebuilt only when pyproject.toml changes."""
+
+import os
+import pathlib
+import subprocess
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _bash(script: str, cwd) -> str:
+    result = subprocess.run(['bash', '-c', f'set -euo pipefail; source {ROOT}/ci/env.sh; '
+                             + script], cwd=cwd, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, VENV_OPTIONS='--without-pip'))
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_an_environment_is_built_once_then_reused(tmp_path):
+    log = tmp_path / 'installs'
+    install = f'install() {{ echo "$1" >> {log}; }}'
+    _bash(f'{install}; ensure_venv env one install first; ensure_venv env one install again',
+          tmp_path)
+    assert log.read_text() == 'first\n'
+    marker = tmp_path / 'env' / 'kept'
+    marker.write_text('')
+    _bash(f'{install}; ensure_venv env two install changed', tmp_path)  # a new stamp
+    assert log.read_text() == 'first\nchanged\n' and not marker.exists()
+
+
+def test_a_failed_install_is_not_taken_for_a_complete_environment(tmp_path):
+    failing = subprocess.run(['bash', '-c', f'source {ROOT}/ci/env.sh; fail() {{ return 1; }}; '
+                              'set -e; ensure_venv env one fail'], cwd=tmp_path,
+                             capture_output=True, text=True,
+                             env=dict(os.environ, VENV_OPTIONS='--without-pip'))
+    assert failing.returncode != 0
+    assert not (tmp_path / 'env' / '.stamp').exists()
+
+
+def test_the_stamp_follows_pyproject(tmp_path):
+    (tmp_path / 'pyproject.toml').write_text('a')
+    first = _bash('project_stamp test', tmp_path)
+    assert _bash('project_stamp test', tmp_path) == first
+    assert _bash('project_stamp chainer', tmp_path) != first
+    (tmp_path / 'pyproject.toml').write_text('b')
+    assert _bash('project_stamp test', tmp_path) != first
