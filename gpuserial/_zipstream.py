@@ -327,6 +327,12 @@ class MemberReader:
                 raise MemberError(f'corrupt deflate data: {error}') from None
             if extra or not self.inflater.eof:
                 raise MemberError('the deflate stream holds more than the directory says')
+            self.pending = self.inflater.unconsumed_tail
+        if self.inflater is not None:
+            trailing = len(self.pending) + len(self.inflater.unused_data) + self.left
+            if trailing:
+                raise MemberError(f'the member holds {trailing} bytes after the end of its '
+                                  f'deflate stream')
         if self.crc != self.info.CRC:
             raise MemberError(f'CRC mismatch (directory {self.info.CRC:08x}, data '
                               f'{self.crc:08x}): the data is corrupt')

@@ -192,10 +192,10 @@ def best_time(function: Callable[[], object], repeat: int,
 
 
 def device_sync(device) -> Callable[[], object] | None:
-    """Waits for all work on a CUDA device (None elsewhere: the engine waits for its copies)."""
-    if isinstance(device, devices.CudaDevice):
-        return device.xp.cuda.runtime.deviceSynchronize
-    return None
+    """Waits for all work on a device, on any stream (None on the host: nothing to wait for)."""
+    if device.backend.is_host:
+        return None
+    return lambda: device.backend.synchronize_device(device)
 
 
 def engine_to_host(source, destination: numpy.ndarray) -> None:

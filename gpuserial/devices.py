@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -202,16 +203,13 @@ class Backend:
     def is_contiguous(self, array) -> bool:
         return bool(array.flags.c_contiguous)
 
-    def contiguous(self, array):
-        """A C-contiguous copy of ``array`` on its own device."""
-        raise NotImplementedError
-
     def as_bytes(self, array):
         """A flat uint8 view of a C-contiguous array."""
         return array.reshape(-1).view(numpy.uint8)
 
-    def assign(self, dst, src) -> None:
-        """``dst[...] = src`` for two arrays of this backend on one device."""
+    def assign(self, dst, src, stream=None) -> None:
+        """``dst[...] = src`` for two arrays of this backend on one device, queued on ``stream``
+        (None: the current stream)."""
         dst[...] = src
 
     def stream(self, device: Device):
@@ -230,14 +228,21 @@ class Backend:
         """Starts copying ``host`` into ``dst_bytes[start:start+len(host)]``; returns an event."""
         raise NotImplementedError
 
+    def record(self, stream):
+        """An event that completes once the work queued on ``stream`` so far has."""
+        raise NotImplementedError
+
     def wait(self, event) -> None:
-        """Blocks until the copy that returned ``event`` has completed."""
+        """Blocks until the work before ``event`` has completed."""
+
+    def synchronize(self, stream) -> None:
+        """Blocks until the work queued on ``stream`` has completed."""
+
+    def synchronize_device(self, device: Device) -> None:
+        """Blocks until all work queued on ``device``, on any stream, has completed."""
 
     def order_after_current(self, stream, device: Device) -> None:
         """Makes ``stream`` wait for the work queued so far on ``device``'s current stream."""
-
-    def order_current_after(self, stream, device: Device) -> None:
-        """Makes ``device``'s current stream wait for the copies queued on ``stream``."""
 
     def to_numpy(self, array) -> numpy.ndarray:
         """A whole host copy of ``array``."""
@@ -262,9 +267,6 @@ class _NumpyBackend(Backend):
         if source is None or source is self:
             return numpy.asarray(array)
         return source.to_numpy(array)
-
-    def contiguous(self, array):
-        return numpy.ascontiguousarray(array)
 
 
 class _CupyBackend(Backend):
@@ -296,20 +298,19 @@ class _CupyBackend(Backend):
             if self.owns(array):
                 return array.copy()  # peer copy between GPUs
             host = NUMPY.send(array, CPU)
+            if not host.dtype.isnative:  # CuPy holds native byte order only
+                host = host.astype(host.dtype.newbyteorder('='))
             out = cupy.empty(host.shape, host.dtype)
-            out.set(numpy.ascontiguousarray(host))
+            out.set(host if host.flags.c_contiguous else host.copy(order='C'))  # 0-d too
             return out
 
     def to_numpy(self, array):
         with _usable_cupy().cuda.Device(array.device.id):
             return array.get()
 
-    def contiguous(self, array):
-        with _usable_cupy().cuda.Device(array.device.id):
-            return _usable_cupy().ascontiguousarray(array)
-
-    def assign(self, dst, src) -> None:
-        with _usable_cupy().cuda.Device(dst.device.id):
+    def assign(self, dst, src, stream=None) -> None:
+        cupy = _usable_cupy()
+        with cupy.cuda.Device(dst.device.id), stream or contextlib.nullcontext():
             dst[...] = src
 
     def stream(self, device):
@@ -348,18 +349,31 @@ class _CupyBackend(Backend):
                           _usable_cupy().cuda.runtime.memcpyHostToDevice, stream,
                           dst_bytes.device.id)
 
+    def record(self, stream):
+        cupy = _usable_cupy()
+        device_id = next(key for key, value in self._streams.items() if value is stream)
+        with cupy.cuda.Device(device_id):  # an event of the stream's device
+            return stream.record(cupy.cuda.Event(block=False, disable_timing=True))
+
     def wait(self, event):
         event.synchronize()
+
+    def synchronize(self, stream):
+        stream.synchronize()
+
+    def synchronize_device(self, device):
+        cupy = _usable_cupy()
+        with cupy.cuda.Device(device.id):
+            cupy.cuda.runtime.deviceSynchronize()
 
     def order_after_current(self, stream, device):
         cupy = _usable_cupy()
         with cupy.cuda.Device(device.id):
             stream.wait_event(cupy.cuda.get_current_stream().record(_marker(cupy)))
 
-    def order_current_after(self, stream, device):
-        cupy = _usable_cupy()
-        with cupy.cuda.Device(device.id):
-            cupy.cuda.get_current_stream().wait_event(stream.record(_marker(cupy)))
+    def forget_in_child(self) -> None:
+        """After a fork: the parent's streams are not the child's."""
+        self._streams = {}
 
 
 def _marker(cupy):
@@ -370,6 +384,16 @@ def _marker(cupy):
 NUMPY = _NumpyBackend()
 CUPY = _CupyBackend()
 CPU = CpuDevice()
+
+
+def _forget_the_gpu_in_a_child() -> None:
+    """A forked child of a CUDA process cannot use the GPU: ask afresh, with no old streams."""
+    _usable_cupy.cache_clear()
+    CUPY.forget_in_child()
+
+
+if hasattr(os, 'register_at_fork'):
+    os.register_at_fork(after_in_child=_forget_the_gpu_in_a_child)
 _backends: list[Backend] = [NUMPY, CUPY]
 
 

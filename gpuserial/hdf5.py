@@ -7,6 +7,7 @@ read in C-contiguous hyperslabs through the staging engine.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
@@ -159,14 +160,6 @@ def write_entry(group: h5py.Group, key: str, value, compression: int | None, nam
         raise type(error)(f'{_where(name, group, key)}: {error}') from None
 
 
-def _block_shape(shape: tuple, index: tuple) -> tuple:
-    """The shape of ``array[index]`` for an index from :func:`transfer.hyperslabs`."""
-    if not index:
-        return ()
-    last = index[-1]
-    return (last.stop - last.start, *shape[len(index):])
-
-
 def write_dataset(group: h5py.Group, key: str, array, compression: int | None,
                   shown: _progress.Progress = _progress.SILENT) -> None:
     """Creates dataset ``key`` holding ``array``, written in hyperslabs of at most a chunk.
@@ -176,6 +169,9 @@ def write_dataset(group: h5py.Group, key: str, array, compression: int | None,
     """
     compression = compression if array.size > 1 and compression else None
     block_bytes = _block_bytes(devices.backend_of(array).is_host)
+    if array.size == 0:
+        group.create_dataset(key, shape=array.shape, dtype=array.dtype)
+        return
     if devices.backend_of(array).is_host and array.flags.c_contiguous \
             and array.nbytes <= block_bytes:
         group.create_dataset(key, data=array, compression=compression)
@@ -185,15 +181,16 @@ def write_dataset(group: h5py.Group, key: str, array, compression: int | None,
     chunks = None
     if compression and array.size:  # one HDF5 chunk per block, so that no chunk is rewritten
         index = blocks[0][0]
-        chunks = (1,) * (len(index) - 1) + _block_shape(array.shape, index)
+        chunks = (1,) * (len(index) - 1) + transfer.block_shape(array.shape, index)
     dataset = group.create_dataset(key, shape=array.shape, dtype=array.dtype,
                                    compression=compression, chunks=chunks)
-    spans = [(start, stop) for _, start, stop in blocks]
-    for (index, _, _), chunk in zip(blocks, transfer.host_chunks(array, spans=spans), strict=True):
-        _signals.check()
-        block = numpy.frombuffer(chunk, array.dtype).reshape(_block_shape(array.shape, index))
-        dataset.write_direct(block, dest_sel=index if index else None)
-        shown.update(block.nbytes)
+    with contextlib.closing(transfer.host_chunks(array, blocks=blocks)) as chunks:
+        for (index, _, _), chunk in zip(blocks, chunks, strict=True):
+            _signals.check()
+            block = numpy.frombuffer(chunk, array.dtype).reshape(
+                transfer.block_shape(array.shape, index))
+            dataset.write_direct(block, dest_sel=index if index else None)
+            shown.update(block.nbytes)
 
 
 def _block_bytes(host: bool) -> int:
@@ -295,14 +292,15 @@ class _GroupReader(loading.Reader):
 
         def read_into(buffer: memoryview) -> None:
             index, _, _ = next(position)
-            block = numpy.frombuffer(buffer, dst.dtype).reshape(_block_shape(dst.shape, index))
+            block = numpy.frombuffer(buffer, dst.dtype).reshape(
+                transfer.block_shape(dst.shape, index))
             if index:
                 self._guard(entry, lambda: dataset.read_direct(block, source_sel=index))
             else:
                 block[...] = self._guard(entry, lambda: dataset[()])
             self.progress.update(block.nbytes)
 
-        transfer.fill(dst, read_into, dst.dtype, spans=[(a, b) for _, a, b in blocks])
+        transfer.fill(dst, read_into, dst.dtype, blocks=blocks)
 
     def _guard(self, entry: loading.Entry, read):
         try:

@@ -487,8 +487,8 @@ def _write_npz(source: _Source, entries, dst, level: int, shown, durable: bool) 
                 archive.write_member(name, [_npy.none_member()])
                 continue
             header = _npy.encode_header(value.dtype, value.shape)
-            archive.write_member(name, itertools.chain(
-                [header], counted(transfer.host_chunks(value), shown)))
+            with contextlib.closing(transfer.host_chunks(value)) as chunks:
+                archive.write_member(name, itertools.chain([header], counted(chunks, shown)))
             del value
 
 

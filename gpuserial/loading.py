@@ -180,11 +180,9 @@ class ReaderDeserializer(Deserializer):
                             f'declare keeps_returned_arrays; load it without device= and move '
                             f'its arrays')
         pending = _PendingFills()
-        self._pending, self._new_arrays_on_device = pending, keeps
-        try:
-            target.serialize(self)
-        finally:
-            self._pending, self._new_arrays_on_device = None, True
+        deferring = object.__new__(type(self))  # this deserializer, deferring its fills
+        deferring.__dict__.update(self.__dict__, _pending=pending, _new_arrays_on_device=keeps)
+        target.serialize(deferring)
         pending.run(self.reader, self.progress)
         if isinstance(target, DictTarget):
             target.apply_updates()

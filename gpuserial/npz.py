@@ -121,8 +121,9 @@ def write_npz(out: BinaryIO, entries: Mapping[str, object], compression: bool,
                 raise TypeError(f'cannot save key {key!r}: object arrays other than None '
                                 f'are not supported')
             header = _npy.encode_header(array.dtype, array.shape)
-            chunks = _progress.counted(transfer.host_chunks(array), shown)
-            archive.write_member(key + SUFFIX, _chain([header], chunks))
+            with contextlib.closing(transfer.host_chunks(array)) as chunks:  # also on failure
+                archive.write_member(key + SUFFIX,
+                                     _chain([header], _progress.counted(chunks, shown)))
 
 
 def _chain(*iterables):
@@ -247,7 +248,7 @@ def _stream_size(fp) -> int:
 
 
 class _MappingReader(loading.Reader):
-    """Entries of a plain mapping of arrays (``serialize`` output, or any dict)."""
+    """Entries of a plain mapping of arrays (``serialize`` output, or any dict), of any device."""
 
     def __init__(self, mapping: Mapping, name: str = '<mapping>'):
         self.mapping = mapping
@@ -259,24 +260,30 @@ class _MappingReader(loading.Reader):
     def entry(self, key: str) -> loading.Entry | None:
         if key not in self.mapping:
             return None
-        array = numpy.asarray(self.mapping[key])
+        value = self.mapping[key]
+        array = value if devices.is_array(value) else numpy.asarray(value)
         if array.dtype.hasobject:
             if array.shape == () and array[()] is None:
                 return loading.Entry(key, None, None)
             raise UnsafeFileError(f'{self.where(key)}: object arrays other than None are '
                                   f'refused')
-        return loading.Entry(key, array.shape, array.dtype, array)
+        return loading.Entry(key, tuple(array.shape), array.dtype, array)
 
     def read_into(self, entry: loading.Entry, dst) -> None:
-        source = numpy.ascontiguousarray(entry.token).reshape(-1).view(numpy.uint8)
-        position = 0
+        chunks = transfer.host_chunks(entry.token)
 
         def read_into(buffer: memoryview) -> None:
-            nonlocal position
-            buffer[:] = source[position:position + len(buffer)]
-            position += len(buffer)
+            filled = 0
+            while filled < len(buffer):
+                chunk = memoryview(self._left or next(chunks)).cast('B')
+                taken = min(len(chunk), len(buffer) - filled)
+                buffer[filled:filled + taken] = chunk[:taken]
+                self._left = chunk[taken:] if taken < len(chunk) else None
+                filled += taken
 
-        transfer.fill(dst, read_into, entry.dtype)
+        self._left = None
+        with contextlib.closing(chunks):
+            transfer.fill(dst, read_into, entry.dtype)
 
 
 def _reader_of(npz, name: str | None = None) -> loading.Reader:

@@ -146,7 +146,6 @@ class DictTarget:
         """Sets the values a load returned into their dicts."""
         for mapping, key, value in self.updates:
             mapping[key] = value
-        self.updates.clear()
 
 
 def keeps_returned_arrays(obj) -> bool:

@@ -3,8 +3,15 @@
 Saving reads an array as a stream of C-order byte chunks (:func:`host_chunks`); loading fills
 an array in place from a stream of its bytes (:func:`fill`). Host (NumPy) arrays are handed out
 as their own memory, no copy. Device arrays go through a pool of page-locked buffers,
-double-buffered on a stream: while the caller writes (or reads) chunk k, the copy of chunk k+1
-is under way. Host memory beyond the arrays themselves stays bounded by the pool.
+double-buffered on the engine's own stream of their device: while the caller writes (or reads)
+chunk k, the copy of chunk k+1 is under way. Host memory beyond the arrays themselves stays
+bounded by the pool; a non-contiguous device array goes block by block through a chunk-sized
+device buffer per pinned buffer, never through a whole contiguous copy.
+
+The ordering contract. A save orders its copies after the work queued so far on the calling
+thread's current stream of each device (what wrote the arrays there); arrays written on other
+streams must be synchronized by the caller first. A load returns only once every copy and
+kernel it queued has completed, so its results are visible to any stream.
 """
 
 from __future__ import annotations
@@ -12,15 +19,18 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy
 
 from gpuserial import _signals
 from gpuserial.devices import Backend, Device, backend_of
 
-__all__ = ['configure', 'fill', 'host_chunks', 'hyperslabs', 'release_pool', 'settings']
+__all__ = ['block_shape', 'configure', 'fill', 'host_chunks', 'hyperslabs', 'release_pool',
+           'settings']
 
 MiB = 1 << 20
 
@@ -75,37 +85,78 @@ class configure(contextlib.AbstractContextManager):
         _settings = self._previous
 
 
+# ---------------------------------------------------------------------------------------------
+# The pinned pool
+
+
+class _Lease:
+    """Buffers taken from the pool for one transfer; :meth:`discard` keeps them out of it."""
+
+    def __init__(self, buffers: list[numpy.ndarray]):
+        self.buffers = buffers
+        self.discarded = False
+
+    def discard(self) -> None:
+        """Buffers a copy may still be writing into: never handed out again."""
+        self.discarded = True
+
+
 class _PinnedPool:
     """Pinned buffers, created on demand and reused across transfers.
 
     A buffer is at least a chunk long, so that transfers of arrays of every size share the same
-    few buffers rather than each size pinning its own.
+    few buffers rather than each size pinning its own. Where pinning fails (a locked-memory
+    limit), pageable buffers stand in, after one warning: copies from them are synchronous.
     """
 
     def __init__(self):
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a finally run by the garbage collector may re-enter
         self._free: dict[tuple[int, int], list[numpy.ndarray]] = collections.defaultdict(list)
+        self._warned = False
 
     @contextlib.contextmanager
-    def lease(self, backend: Backend, count: int, nbytes: int) -> Iterator[list[numpy.ndarray]]:
+    def lease(self, backend: Backend, count: int, nbytes: int) -> Iterator[_Lease]:
         nbytes = max(nbytes, _settings.chunk_bytes)
         key = (id(backend), nbytes)
         with self._lock:
             free = self._free[key]
             taken = [free.pop() for _ in range(min(count, len(free)))]
-        taken += [backend.pinned(nbytes) for _ in range(count - len(taken))]
+        taken += [self._new(backend, nbytes) for _ in range(count - len(taken))]
+        lease = _Lease(taken)
         try:
-            yield taken
+            yield lease
         finally:
+            if not lease.discarded:
+                with self._lock:
+                    self._free[key].extend(taken)
+
+    def _new(self, backend: Backend, nbytes: int) -> numpy.ndarray:
+        try:
+            return backend.pinned(nbytes)
+        except Exception as error:  # CUDA's out of memory, or the OS's locked-memory limit
             with self._lock:
-                self._free[key].extend(taken)
+                if not self._warned:
+                    self._warned = True
+                    warnings.warn(f'gpuserial: pinning {nbytes} bytes of host memory failed '
+                                  f'({error}); staging through pageable memory, more slowly',
+                                  RuntimeWarning, stacklevel=4)
+            return numpy.empty(nbytes, numpy.uint8)
 
     def release(self) -> None:
         with self._lock:
             self._free.clear()
 
+    def forget_in_child(self) -> None:
+        """After a fork: the parent's buffers are not the child's to reuse or to free."""
+        _ABANDONED.append(self._free)
+        self._free = collections.defaultdict(list)
+        self._lock = threading.RLock()
+
 
 _pool = _PinnedPool()
+_ABANDONED: list = []  # a forked child's copies of its parent's buffers: never freed there
+if hasattr(os, 'register_at_fork'):
+    os.register_at_fork(after_in_child=_pool.forget_in_child)
 
 
 def release_pool() -> None:
@@ -113,11 +164,8 @@ def release_pool() -> None:
     _pool.release()
 
 
-def _spans(count: int, itemsize: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:
-    """Element ranges ``[start, stop)`` of at most ``chunk_bytes`` (at least one element)."""
-    step = max(1, chunk_bytes // max(itemsize, 1))
-    for start in range(0, count, step):
-        yield start, min(start + step, count)
+# ---------------------------------------------------------------------------------------------
+# Blocks
 
 
 def hyperslabs(shape: tuple[int, ...], itemsize: int, chunk_bytes: int | None = None
@@ -146,148 +194,243 @@ def hyperslabs(shape: tuple[int, ...], itemsize: int, chunk_bytes: int | None = 
             yield (i, *index), i * row_size + start, i * row_size + stop
 
 
-def host_chunks(array, *, spans: Iterable[tuple[int, int]] | None = None,
+def _flat_blocks(size: int, itemsize: int, chunk_bytes: int) -> list[tuple[None, int, int]]:
+    """Element ranges of at most a chunk (at least one element) of a contiguous array."""
+    step = max(1, chunk_bytes // max(itemsize, 1))
+    return [(None, start, min(start + step, size)) for start in range(0, size, step)]
+
+
+def _blocks(array, contiguous: bool, blocks, chunk_bytes: int | None, itemsize: int) -> list:
+    """The transfer's blocks: the caller's, else flat ranges of a contiguous array or
+    hyperslabs of another."""
+    if blocks is not None:
+        return list(blocks)
+    chunk_bytes = chunk_bytes or _settings.chunk_bytes
+    if contiguous:
+        return _flat_blocks(array.size, itemsize, chunk_bytes)
+    return list(hyperslabs(array.shape, array.dtype.itemsize, chunk_bytes))
+
+
+def block_shape(shape: tuple, index: tuple | None) -> tuple:
+    """The shape of ``array[index]`` for an index from :func:`hyperslabs` (None: the whole)."""
+    if not index:
+        return shape if index is None else ()
+    last = index[-1]
+    return (last.stop - last.start, *shape[len(index):])
+
+
+# ---------------------------------------------------------------------------------------------
+# Device to host
+
+
+def host_chunks(array, *, blocks: Sequence[tuple] | None = None,
                 chunk_bytes: int | None = None) -> Iterator[memoryview]:
     """Yields the bytes of ``array`` in C order, chunk by chunk.
 
-    Each chunk is valid until the next one is asked for. A contiguous host array is handed out
-    as its own memory; a device array is copied through pinned buffers, the copy of the next
+    Each chunk is valid until the next one is asked for; close the generator (or exhaust it)
+    to release the buffers and wait for the copies in flight. A contiguous host array is handed
+    out as its own memory; a device array is copied through pinned buffers, the copy of the next
     chunk overlapping with whatever the caller does with this one.
 
     Args:
         array: a host or device array.
-        spans: element ranges ``(start, stop)`` covering the array in order (by default chunks
-            of ``chunk_bytes``).
+        blocks: ``(index, start, stop)`` triples from :func:`hyperslabs` covering the array in
+            order, one chunk each (by default chunks of ``chunk_bytes``).
     """
     backend = backend_of(array)
-    chunk_bytes = chunk_bytes or _settings.chunk_bytes
-    itemsize = array.dtype.itemsize
-    spans = list(spans) if spans is not None else list(_spans(array.size, itemsize, chunk_bytes))
+    if array.size == 0:
+        return
+    contiguous = backend.is_contiguous(array)
+    blocks = _blocks(array, contiguous, blocks, chunk_bytes, array.dtype.itemsize)
     if backend.is_host:
-        if array.flags.c_contiguous:
-            data = backend.as_bytes(array)
-            for start, stop in spans:
-                _signals.check()
-                yield memoryview(data[start * itemsize:stop * itemsize])
+        yield from _host_to_host(array, contiguous, blocks)
+    else:
+        yield from _device_to_host(backend, backend.device_of(array), array, contiguous, blocks)
+
+
+def _host_to_host(array: numpy.ndarray, contiguous: bool, blocks) -> Iterator[memoryview]:
+    itemsize = array.dtype.itemsize
+    data = array.reshape(-1).view(numpy.uint8) if contiguous else None
+    for index, start, stop in blocks:
+        _signals.check()
+        if data is not None:
+            yield memoryview(data[start * itemsize:stop * itemsize])
         else:
-            for start, stop in spans:
-                _signals.check()
-                yield memoryview(array.flat[start:stop].view(numpy.uint8))
-        return
-    source = array if backend.is_contiguous(array) else backend.contiguous(array)
-    yield from _device_to_host(backend, backend.device_of(array), backend.as_bytes(source),
-                               itemsize, spans)
+            block = array[index] if index is not None else array.reshape(-1)[start:stop]
+            yield memoryview(numpy.ascontiguousarray(block).reshape(-1).view(numpy.uint8))
 
 
-def _device_to_host(backend: Backend, device: Device, src_bytes, itemsize: int,
-                    spans: list[tuple[int, int]]) -> Iterator[memoryview]:
-    if not spans:  # an empty array: nothing to copy, no buffers to pin
-        return
-    largest = max(stop - start for start, stop in spans) * itemsize
+def _device_to_host(backend: Backend, device: Device, array, contiguous: bool,
+                    blocks) -> Iterator[memoryview]:
+    itemsize = array.dtype.itemsize
+    largest = max(stop - start for _, start, stop in blocks) * itemsize
     stream = backend.stream(device)
     backend.order_after_current(stream, device)
-    with _pool.lease(backend, _settings.buffers, largest) as buffers:
-        free = collections.deque(buffers)
-        in_flight: collections.deque = collections.deque()
+    source = backend.as_bytes(array) if contiguous else None
+    with _pool.lease(backend, _settings.buffers, largest) as lease, \
+            _Flight(backend, stream, lease) as flight:
+        for index, start, stop in blocks:
+            _signals.check()
+            landed = flight.make_room()
+            if landed is not None:
+                yield memoryview(lease.buffers[landed[0]][:landed[1]])
+            slot = flight.take()
+            count = (stop - start) * itemsize
+            host = lease.buffers[slot][:count]
+            if source is not None:
+                event = backend.to_host_async(source, start * itemsize, host, stream)
+            else:  # the block into a contiguous device buffer first, on the same stream
+                packed = flight.scratch(slot, largest // itemsize, array.dtype, device)
+                packed = packed[:stop - start]
+                backend.assign(packed.reshape(block_shape(array.shape, index)), array[index],
+                               stream)
+                event = backend.to_host_async(backend.as_bytes(packed), 0, host, stream)
+            flight.launch(slot, count, event)
+        while flight:
+            slot, count = flight.land()
+            yield memoryview(lease.buffers[slot][:count])
+
+
+class _Flight:
+    """The copies of one transfer in flight, one per leased buffer: each lands (is waited for)
+    in order, freeing its buffer (and the device buffer paired with it) for the next. On
+    leaving, what is still in flight is waited for, or, when that fails, the stream is
+    synchronized and the buffers are discarded rather than handed out while a copy may still
+    write into them. The first error is the one raised."""
+
+    def __init__(self, backend: Backend, stream, lease: _Lease):
+        self.backend = backend
+        self.stream = stream
+        self.lease = lease
+        self.queue: collections.deque = collections.deque()
+        self.free = collections.deque(range(len(lease.buffers)))
+        self.device_buffers: list = [None] * len(lease.buffers)
+
+    def __enter__(self) -> _Flight:
+        return self
+
+    def __bool__(self) -> bool:
+        return bool(self.queue)
+
+    def make_room(self) -> tuple[int, int] | None:
+        """Lands the oldest copy when every buffer is in flight; returns it (slot, bytes)."""
+        if self.free:
+            return None
+        landed = self.land()
+        self.free.append(landed[0])
+        return landed
+
+    def take(self) -> int:
+        return self.free.popleft()
+
+    def scratch(self, slot: int, size: int, dtype, device: Device):
+        """The device buffer of ``size`` elements paired with buffer ``slot``, made once."""
+        if self.device_buffers[slot] is None:
+            self.device_buffers[slot] = self.backend.empty((size,), dtype, device)
+        return self.device_buffers[slot]
+
+    def launch(self, slot: int, count: int, event) -> None:
+        self.queue.append((slot, count, event))
+
+    def land(self) -> tuple[int, int]:
+        slot, count, event = self.queue[0]
+        self.backend.wait(event)
+        self.queue.popleft()
+        return slot, count
+
+    def __exit__(self, kind, error, traceback) -> None:
         try:
-            for start, stop in spans:
-                _signals.check()
-                if not free:
-                    buffer, count, event = in_flight.popleft()
-                    backend.wait(event)
-                    yield memoryview(buffer[:count])
-                    free.append(buffer)
-                buffer = free.popleft()
-                count = (stop - start) * itemsize
-                in_flight.append((buffer, count, backend.to_host_async(
-                    src_bytes, start * itemsize, buffer[:count], stream)))
-            while in_flight:
-                buffer, count, event = in_flight.popleft()
-                backend.wait(event)
-                yield memoryview(buffer[:count])
-        finally:  # a buffer goes back to the pool only once its copy has completed
-            for _, _, event in in_flight:
-                backend.wait(event)
+            while self.queue:
+                self.land()
+        except BaseException:
+            self.lease.discard()
+            with contextlib.suppress(BaseException):
+                self.backend.synchronize(self.stream)
+            if kind is None:
+                raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Host to device
 
 
 def fill(dst, read_into: Callable[[memoryview], None], src_dtype: numpy.dtype, *,
-         spans: Iterable[tuple[int, int]] | None = None, chunk_bytes: int | None = None) -> None:
+         blocks: Sequence[tuple] | None = None, chunk_bytes: int | None = None) -> None:
     """Fills ``dst`` in place from a stream of C-order ``src_dtype`` values.
+
+    Returns once the data is in ``dst`` for every stream and thread.
 
     Args:
         dst: the array to fill (any backend), of the stored shape; values are cast to its dtype.
         read_into: fills a whole writable byte buffer with the next bytes of the stream.
         src_dtype: the dtype of the stored values.
-        spans: element ranges ``(start, stop)`` in which to ask ``read_into`` for the data, in
-            order (by default chunks of ``chunk_bytes``).
+        blocks: ``(index, start, stop)`` triples from :func:`hyperslabs` in which to ask
+            ``read_into`` for the data, in order (by default chunks of ``chunk_bytes``).
     """
     backend = backend_of(dst)
-    chunk_bytes = chunk_bytes or _settings.chunk_bytes
-    src_dtype = numpy.dtype(src_dtype)
-    itemsize = max(src_dtype.itemsize, dst.dtype.itemsize)
-    spans = list(spans) if spans is not None else list(_spans(dst.size, itemsize, chunk_bytes))
-    if backend.is_host:
-        _fill_host(dst, read_into, src_dtype, spans)
+    if dst.size == 0:
         return
-    device = backend.device_of(dst)
-    target = dst if backend.is_contiguous(dst) else backend.empty(dst.shape, dst.dtype, device)
-    _host_to_device(backend, device, backend.as_bytes(target), target.dtype, read_into,
-                    src_dtype, spans)
-    if target is not dst:
-        backend.assign(dst, target)
+    src_dtype = numpy.dtype(src_dtype)
+    contiguous = backend.is_contiguous(dst)
+    itemsize = max(src_dtype.itemsize, dst.dtype.itemsize)
+    blocks = _blocks(dst, contiguous, blocks, chunk_bytes, itemsize)
+    if backend.is_host:
+        _fill_host(dst, contiguous, read_into, src_dtype, blocks)
+    else:
+        _host_to_device(backend, backend.device_of(dst), dst, contiguous, read_into, src_dtype,
+                        blocks)
 
 
-def _fill_host(dst: numpy.ndarray, read_into, src_dtype: numpy.dtype, spans) -> None:
-    if dst.flags.c_contiguous and dst.dtype == src_dtype:
+def _fill_host(dst: numpy.ndarray, contiguous: bool, read_into, src_dtype: numpy.dtype,
+               blocks) -> None:
+    if contiguous and dst.dtype == src_dtype:
         data = dst.reshape(-1).view(numpy.uint8)
         size = src_dtype.itemsize
-        for start, stop in spans:
+        for _, start, stop in blocks:
             _signals.check()
             read_into(memoryview(data[start * size:stop * size]))
         return
-    largest = max((stop - start for start, stop in spans), default=0)
+    largest = max(stop - start for _, start, stop in blocks)
     scratch = numpy.empty(largest, src_dtype)
-    flat = dst.reshape(-1) if dst.flags.c_contiguous else None
-    for start, stop in spans:
+    flat = dst.reshape(-1) if contiguous else None
+    for index, start, stop in blocks:
         _signals.check()
         values = scratch[:stop - start]
         read_into(memoryview(values.view(numpy.uint8)))
         if flat is not None:
             numpy.copyto(flat[start:stop], values, casting='same_kind')
         else:
-            dst.flat[start:stop] = values
+            numpy.copyto(dst[index], values.reshape(block_shape(dst.shape, index)),
+                         casting='same_kind')
 
 
-def _host_to_device(backend: Backend, device: Device, dst_bytes, dst_dtype: numpy.dtype,
-                    read_into, src_dtype: numpy.dtype, spans) -> None:
-    if not spans:
-        return
-    largest = max(stop - start for start, stop in spans)
-    scratch = None if src_dtype == dst_dtype else numpy.empty(largest, src_dtype)
+def _host_to_device(backend: Backend, device: Device, dst, contiguous: bool, read_into,
+                    src_dtype: numpy.dtype, blocks) -> None:
+    dst_dtype = dst.dtype
+    largest = max(stop - start for _, start, stop in blocks)
+    scratch_host = None if src_dtype == dst_dtype else numpy.empty(largest, src_dtype)
     stream = backend.stream(device)
-    backend.order_after_current(stream, device)
-    with _pool.lease(backend, _settings.buffers, largest * dst_dtype.itemsize) as buffers:
-        free = collections.deque(buffers)
-        in_flight: collections.deque = collections.deque()
-        try:
-            for start, stop in spans:
-                _signals.check()
-                if not free:
-                    buffer, event = in_flight.popleft()
-                    backend.wait(event)
-                    free.append(buffer)
-                buffer = free.popleft()
-                host = buffer[:(stop - start) * dst_dtype.itemsize]
-                if scratch is None:
-                    read_into(memoryview(host))  # the file read overlaps the copies in flight
-                else:
-                    values = scratch[:stop - start]
-                    read_into(memoryview(values.view(numpy.uint8)))
-                    numpy.copyto(host.view(dst_dtype), values, casting='same_kind')
-                event = backend.from_host_async(host, dst_bytes, start * dst_dtype.itemsize,
-                                                stream)
-                in_flight.append((buffer, event))
-        finally:
-            for _, event in in_flight:
-                backend.wait(event)
-            backend.order_current_after(stream, device)
+    backend.order_after_current(stream, device)  # nothing the caller queued reads dst early
+    target = backend.as_bytes(dst) if contiguous else None
+    with _pool.lease(backend, _settings.buffers, largest * dst_dtype.itemsize) as lease, \
+            _Flight(backend, stream, lease) as flight:
+        for index, start, stop in blocks:
+            _signals.check()
+            flight.make_room()
+            slot = flight.take()
+            host = lease.buffers[slot][:(stop - start) * dst_dtype.itemsize]
+            if scratch_host is None:
+                read_into(memoryview(host))  # the file read overlaps the copies in flight
+            else:
+                values = scratch_host[:stop - start]
+                read_into(memoryview(values.view(numpy.uint8)))
+                numpy.copyto(host.view(dst_dtype), values, casting='same_kind')
+            if target is not None:
+                event = backend.from_host_async(host, target, start * dst_dtype.itemsize, stream)
+            else:  # into a contiguous device buffer, then into the block, on the same stream
+                packed = flight.scratch(slot, largest, dst_dtype, device)[:stop - start]
+                backend.from_host_async(host, backend.as_bytes(packed), 0, stream)
+                backend.assign(dst[index], packed.reshape(block_shape(dst.shape, index)),
+                               stream)
+                event = backend.record(stream)
+            flight.launch(slot, 0, event)

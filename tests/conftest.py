@@ -88,6 +88,17 @@ def small_chunks():
         yield 64
 
 
+def flatten(tree: dict, prefix: str = '') -> dict:
+    """A nested dict as one dict of ``a/b`` keys."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f'{prefix}{key}/'))
+        else:
+            out[prefix + key] = value
+    return out
+
+
 def host(array) -> numpy.ndarray:
     """A NumPy copy of an array of any device, for comparisons."""
     return numpy.asarray(devices.to_host(array))
@@ -128,3 +139,27 @@ def as_nobody(function, *args):
         out = f.read()
     os.waitpid(pid, 0)
     return json.loads(out)
+
+
+ADDRESS_SPACE_HEADROOM = 2 << 30  # what a test under the limit may map beyond what it had
+
+
+@pytest.fixture
+def address_space_limit():
+    """Lowers this process's address-space limit (RLIMIT_AS) to what it maps now plus
+    :data:`ADDRESS_SPACE_HEADROOM` for one test: a load that allocates on a hostile file's word
+    fails that test with MemoryError, instead of taking the machine's memory and the run."""
+    import resource
+
+    with open('/proc/self/status') as status:
+        mapped = next(int(line.split()[1]) * 1024 for line in status
+                      if line.startswith('VmSize:'))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = mapped + ADDRESS_SPACE_HEADROOM
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))

@@ -9,6 +9,7 @@ import io
 import os
 import struct
 import zipfile
+import zlib
 
 import numpy
 
@@ -109,3 +110,114 @@ def temporaries(directory) -> list[str]:
     """The temporary files of saves left in ``directory``."""
     from gpuserial._fileio import TEMP_SUFFIX
     return sorted(name for name in os.listdir(directory) if name.endswith(TEMP_SUFFIX))
+
+
+# ---------------------------------------------------------------------------------------------
+# A strict reader of the zips gpuserial writes: every record against every other
+
+
+LOCAL = struct.Struct('<4s5H3L2H')
+CENTRAL_RECORD = struct.Struct('<4s6H3L5H2L')
+DESCRIPTOR = struct.Struct('<4sLQQ')
+END64 = struct.Struct('<4sQ2H2L4Q')
+LOCATOR = struct.Struct('<4sLQL')
+MARKER32 = 0xFFFFFFFF
+
+
+def check_zip_records(data: bytes, zip64_limit: int = MARKER32) -> list[dict]:
+    """Checks each member's local header (and data descriptor) against its central directory
+    record, the ZIP64 fields against ``zip64_limit`` (a value at or above it must be in ZIP64),
+    and the end records; returns the members (name, offset, sizes, crc). Raises AssertionError.
+    """
+    end_at, (_, _, _, count16, total16, size32, start32, _) = end_record(data)
+    zip64 = start32 == MARKER32 or size32 == MARKER32 or total16 == 0xFFFF
+    if zip64:
+        locator = data.rindex(b'PK\x06\x07', 0, end_at)
+        assert locator == end_at - LOCATOR.size, 'the ZIP64 locator must precede the end record'
+        _, _, end64_at, _ = LOCATOR.unpack_from(data, locator)
+        (signature, record_size, _, _, _, _, count, total, size, start) = END64.unpack_from(
+            data, end64_at)
+        assert signature == b'PK\x06\x06' and end64_at + END64.size == locator
+        assert record_size == END64.size - 12, 'the record size leaves out its first 12 bytes'
+    else:
+        count, total, size, start = count16, total16, size32, start32
+    assert count == total
+    assert (start >= zip64_limit or size >= zip64_limit or count >= 0xFFFF) == zip64, \
+        'ZIP64 end records exactly when the directory needs them'
+    members, position = [], start
+    for _ in range(total):
+        fields = CENTRAL_RECORD.unpack_from(data, position)
+        (signature, _, needed, flags, method, _, _, crc, compressed32, size32, name_length,
+         extra_length, comment_length, _, _, _, offset32) = fields
+        assert signature == b'PK\x01\x02'
+        name = data[position + CENTRAL_RECORD.size:][:name_length].decode()
+        extra = data[position + CENTRAL_RECORD.size + name_length:][:extra_length]
+        wide = iter(_zip64_values(extra))
+        real_size = next(wide) if size32 == MARKER32 else size32
+        real_compressed = next(wide) if compressed32 == MARKER32 else compressed32
+        offset = next(wide) if offset32 == MARKER32 else offset32
+        for value, field in ((real_size, size32), (real_compressed, compressed32),
+                             (offset, offset32)):
+            assert (field == MARKER32) == (value >= zip64_limit), (name, value, field)
+        members.append(dict(name=name, offset=offset, size=real_size,
+                            compressed=real_compressed, crc=crc, flags=flags, method=method))
+        _check_local(data, members[-1], needed)
+        position += CENTRAL_RECORD.size + name_length + extra_length + comment_length
+    assert position == start + size, 'the directory size in the end record'
+    ends = [m['end'] for m in members]
+    assert [m['offset'] for m in members[1:]] == ends[:-1], 'members follow one another'
+    assert (ends[-1] if members else 0) == start, 'the directory follows the last member'
+    return members
+
+
+def _zip64_values(extra: bytes) -> list[int]:
+    values, position = [], 0
+    while position < len(extra):
+        tag, length = struct.unpack_from('<HH', extra, position)
+        if tag == 1:
+            values = list(struct.unpack_from(f'<{length // 8}Q', extra, position + 4))
+        position += 4 + length
+    return values
+
+
+def _check_local(data: bytes, member: dict, needed: int) -> None:
+    (signature, local_needed, flags, method, _, _, crc, compressed, size, name_length,
+     extra_length) = LOCAL.unpack_from(data, member['offset'])
+    assert signature == b'PK\x03\x04', member['name']
+    assert (local_needed, flags, method) == (needed, member['flags'], member['method'])
+    start = member['offset'] + LOCAL.size
+    assert data[start:start + name_length].decode() == member['name']
+    extra = data[start + name_length:start + name_length + extra_length]
+    assert (compressed, size) == (MARKER32, MARKER32), 'the sizes are in the ZIP64 extra field'
+    local_size, local_compressed = _zip64_values(extra)
+    data_start = start + name_length + extra_length
+    end = data_start + member['compressed']
+    if flags & 0x08:  # a data descriptor after the data holds the CRC and the sizes
+        assert (crc, local_size, local_compressed) == (0, 0, 0), member['name']
+        signature, crc, compressed, size = DESCRIPTOR.unpack_from(data, end)
+        assert signature == b'PK\x07\x08'
+        assert (crc, compressed, size) == (member['crc'], member['compressed'], member['size'])
+        end += DESCRIPTOR.size
+    else:
+        assert (crc, local_size, local_compressed) == (member['crc'], member['size'],
+                                                     member['compressed']), member['name']
+    member['end'] = end
+
+
+def deflated_npz(members: dict[str, tuple[bytes, int | None]], trailing: bytes = b'') -> bytes:
+    """An NPZ whose members are deflate streams of ``data``, each member ``key: (data,
+    claimed size)`` saying it inflates to the claimed size (None: its real size), each stream
+    followed by ``trailing`` bytes."""
+    streams = {}
+    for key, (data, _) in members.items():
+        deflater = zlib.compressobj(wbits=-15)
+        streams[key + '.npy'] = deflater.compress(data) + deflater.flush() + trailing
+    out = zip_of(streams)  # stored: the streams as they are; now say they are deflated
+    for key, (data, claimed) in members.items():
+        name = key + '.npy'
+        local = central_field(out, name, 'header_offset')
+        out = out[:local + 8] + struct.pack('<H', 8) + out[local + 10:]
+        out = patch_central(out, name, 'method', 8)
+        out = patch_central(out, name, 'file_size', len(data) if claimed is None else claimed)
+        out = patch_central(out, name, 'crc', zlib.crc32(data))
+    return out

@@ -1,21 +1,41 @@
-"""A stand-in device for tests: NumPy-backed, but a distinct array type on a pretend GPU.
+"""A stand-in device for tests: NumPy-backed, but a distinct array type on a pretend GPU that
+keeps CUDA's rules strictly enough that an engine breaking them gets wrong data or an error.
 
-Its copies are asynchronous in earnest: a copy only happens when someone waits on its event
-(or on a later one of the same stream), so an engine that reuses a buffer before waiting, or
-reads one too early, gets wrong data and the tests see it.
+- Work is queued on streams and runs only when someone waits for it: an async copy completes
+  when its event (or a later one of its stream) is waited on, a kernel when its stream is
+  synchronized. So an engine that reuses a buffer before waiting, or reads it too early, sees
+  garbage, and one that does not order its stream after the caller's sees stale data.
+- Each thread has a current stream per device (the default stream unless a test makes another
+  current with :meth:`StandInBackend.using`). Kernels (:meth:`StandInBackend.launch`, and every
+  ``assign``) go there. ``wait_event`` between streams is modelled: a stream that waits runs
+  the other stream's work up to the event first.
+- CuPy's own checks: async copies only to or from pinned buffers (from ``pinned()``; a test
+  that makes pinning fail allows pageable ones, which CUDA copies at once), of the right size;
+  arrays, streams and copies on one device; no arrays of non-native byte order.
+- ``get()`` (the tests' view of an array) waits for everything on its device.
 """
 
 from __future__ import annotations
+
+import collections
+import contextlib
+import threading
 
 import numpy
 
 from gpuserial import devices
 
 
+class StandInError(AssertionError):
+    """An engine broke one of CUDA's (or CuPy's) rules."""
+
+
 class StandInArray:
     """An array on a stand-in device; its data is not reachable as a host array."""
 
     def __init__(self, data: numpy.ndarray, device: StandInDevice):
+        if not data.dtype.isnative:
+            raise StandInError(f'a device array of non-native byte order {data.dtype}')
         self._data = data
         self.device = device
 
@@ -40,7 +60,9 @@ class StandInArray:
         raise TypeError('a stand-in device array cannot be used as a host array')
 
     def get(self) -> numpy.ndarray:
-        """A host copy (what ``cupy.ndarray.get`` does), for the tests' checks."""
+        """A host copy once all work on the device is done (``cupy.ndarray.get`` does the same
+        for its stream)."""
+        BACKEND.synchronize_device(self.device.id)
         return self._data.copy()
 
     def __repr__(self) -> str:
@@ -57,22 +79,39 @@ class StandInDevice(devices.Device):
         return BACKEND
 
 
-class _Stream:
-    def __init__(self):
-        self.pending: list = []  # (event, operation), in stream order
-
-
 class _Event:
-    done = False
+    def __init__(self, stream: _Stream):
+        self.stream = stream
+        self.done = False
+
+
+class _Stream:
+    def __init__(self, device_id: int, name: str):
+        self.device_id = device_id
+        self.name = name
+        self.pending: collections.deque = collections.deque()  # (event or None, operation)
+
+    def __repr__(self) -> str:
+        return f'<stream {self.name} of device {self.device_id}>'
 
 
 class StandInBackend(devices.Backend):
     xp = numpy
 
     def __init__(self):
-        self.streams: dict[int, _Stream] = {}
+        self._lock = threading.RLock()  # one lock for all queues: streams wait on each other
+        self._engine_streams: dict[int, _Stream] = {}
+        self._defaults: dict[int, _Stream] = {}
+        self._current = threading.local()
+        self._pinned: dict[int, int] = {}  # address of each pinned buffer: its size
         self.log: list[tuple] = []  # ('d2h'|'h2d', device id, start, nbytes), in issue order
         self.pinned_allocations = 0
+        self.allocations: list[int] = []  # the bytes of each device array the engine made
+        self.pinning_fails = False  # a test's locked-memory limit
+        self.failing_waits = 0  # the next this many waits raise, as after a CUDA error
+        self.pageable_copies_allowed = False  # only where a test expects the engine's fallback
+
+    # -- arrays -------------------------------------------------------------------------------
 
     def owns(self, array) -> bool:
         return isinstance(array, StandInArray)
@@ -81,59 +120,181 @@ class StandInBackend(devices.Backend):
         return array.device
 
     def empty(self, shape, dtype, device):
-        return StandInArray(numpy.empty(shape, dtype), device)
+        array = StandInArray(numpy.empty(shape, dtype), device)
+        self.allocations.append(array.nbytes)
+        return array
 
     def send(self, array, device):
         if isinstance(array, StandInArray):
-            return array if array.device == device else StandInArray(array._data.copy(), device)
+            if array.device == device:
+                return array
+            array.device.backend.synchronize_device(array.device.id)  # a peer copy
+            return StandInArray(array._data.copy(), device)
         return StandInArray(numpy.array(devices.to_host(array), copy=True), device)
 
     def to_numpy(self, array):
-        return array._data.copy()
+        return array.get()
 
-    def contiguous(self, array):
-        return StandInArray(numpy.ascontiguousarray(array._data), array.device)
+    def assign(self, dst, src, stream=None) -> None:
+        """``dst[...] = src``: a kernel on ``stream`` (None: the current stream), as CuPy
+        launches it."""
+        if dst.device != src.device:
+            raise StandInError('assign between devices')
+        if stream is None:
+            stream = self.current_stream(dst.device.id)
+        self._check_device(stream, dst.device.id)
+        self._enqueue(stream, lambda: dst._data.__setitem__(Ellipsis, src._data))
 
-    def assign(self, dst, src) -> None:
-        dst._data[...] = src._data
+    # -- streams, events and kernels ----------------------------------------------------------
 
     def stream(self, device):
-        return self.streams.setdefault(device.id, _Stream())
+        with self._lock:
+            if device.id not in self._engine_streams:
+                self._engine_streams[device.id] = _Stream(device.id, 'engine')
+            return self._engine_streams[device.id]
 
-    def pinned(self, nbytes):
-        self.pinned_allocations += 1
-        return numpy.full(nbytes, 0xAB, numpy.uint8)  # garbage until a copy fills it
+    def current_stream(self, device_id: int) -> _Stream:
+        """This thread's current stream on the device (its default stream unless ``using``)."""
+        current = getattr(self._current, 'streams', {})
+        if device_id in current:
+            return current[device_id]
+        with self._lock:
+            return self._defaults.setdefault(device_id, _Stream(device_id, 'default'))
+
+    @contextlib.contextmanager
+    def using(self, device, name: str = 'side'):
+        """Makes a new stream current on ``device`` for this thread (as ``with stream:``)."""
+        streams = getattr(self._current, 'streams', None)
+        if streams is None:
+            streams = self._current.streams = {}
+        stream = _Stream(device.id, name)
+        previous = streams.get(device.id)
+        streams[device.id] = stream
+        try:
+            yield stream
+        finally:
+            if previous is None:
+                del streams[device.id]
+            else:
+                streams[device.id] = previous
+
+    def launch(self, device, kernel) -> None:
+        """Queues ``kernel()`` on the current stream of ``device``."""
+        self._enqueue(self.current_stream(device.id), kernel)
 
     def _enqueue(self, stream: _Stream, operation) -> _Event:
-        event = _Event()
-        stream.pending.append((event, operation))
+        with self._lock:
+            event = _Event(stream)
+            stream.pending.append((event, operation))
+            return event
+
+    def _run_until(self, event: _Event) -> None:
+        with self._lock:
+            stream = event.stream
+            while not event.done:
+                if not stream.pending:
+                    raise StandInError(f'{event} of {stream} never comes')
+                done, operation = stream.pending[0]
+                operation()  # may run other streams first (a wait_event)
+                stream.pending.popleft()
+                done.done = True
+
+    def synchronize_stream(self, stream: _Stream) -> None:
+        with self._lock:
+            if stream.pending:
+                self._run_until(stream.pending[-1][0])
+
+    def synchronize_device(self, device) -> None:
+        device_id = getattr(device, 'id', device)
+        with self._lock:
+            streams = [s for s in [*self._engine_streams.values(), *self._defaults.values()]
+                       if s.device_id == device_id]
+        for stream in streams:
+            self.synchronize_stream(stream)
+
+    def _record(self, stream: _Stream) -> _Event:
+        return self._enqueue(stream, lambda: None)
+
+    def _wait_for(self, stream: _Stream, event: _Event) -> None:
+        """``stream.wait_event(event)``: work queued on ``stream`` after this runs after it."""
+        if stream.device_id != event.stream.device_id:
+            raise StandInError('a stream waits for an event of another device')
+        self._enqueue(stream, lambda: self._run_until(event))
+
+    def order_after_current(self, stream, device):
+        self._check_device(stream, device.id)
+        self._wait_for(stream, self._record(self.current_stream(device.id)))
+
+    def record(self, stream):
+        return self._record(stream)
+
+    def wait(self, event):
+        with self._lock:
+            if self.failing_waits:
+                self.failing_waits -= 1
+                raise StandInError('cudaErrorLaunchFailure (a wait made to fail)')
+        self._run_until(event)
+
+    def synchronize(self, stream):
+        self.synchronize_stream(stream)
+
+    @staticmethod
+    def _check_device(stream: _Stream, device_id: int) -> None:
+        if stream.device_id != device_id:
+            raise StandInError(f'{stream} used for device {device_id}')
+
+    # -- pinned memory and async copies -------------------------------------------------------
+
+    def pinned(self, nbytes):
+        with self._lock:
+            if self.pinning_fails:
+                raise StandInError('cudaErrorMemoryAllocation: out of memory (pinning)')
+            self.pinned_allocations += 1
+            buffer = numpy.full(max(nbytes, 1), 0xAB, numpy.uint8)[:nbytes]  # garbage at first
+            self._pinned[buffer.ctypes.data] = nbytes
+            return buffer
+
+    def _is_pinned(self, host: numpy.ndarray) -> bool:
+        address = host.ctypes.data
+        with self._lock:
+            return any(start <= address and address + host.nbytes <= start + size
+                       for start, size in self._pinned.items())
+
+    def _copy(self, kind: str, device_bytes, start: int, host, stream: _Stream, copy) -> _Event:
+        self._check_device(stream, device_bytes.device.id)
+        if start < 0 or start + host.nbytes > device_bytes.nbytes:
+            raise StandInError(f'a copy of {host.nbytes} bytes at {start} of '
+                               f'{device_bytes.nbytes}')
+        self.log.append((kind, device_bytes.device.id, start, host.nbytes))
+        event = self._enqueue(stream, copy)
+        if not self._is_pinned(host):  # CUDA copies pageable memory before returning
+            if not self.pageable_copies_allowed:
+                raise StandInError('an async copy to or from memory that is not pinned')
+            self._run_until(event)
         return event
 
     def to_host_async(self, src_bytes, start, host, stream):
-        self.log.append(('d2h', src_bytes.device.id, start, host.nbytes))
-
         def copy():
             host[:] = src_bytes._data[start:start + host.nbytes]
-        return self._enqueue(stream, copy)
+        return self._copy('d2h', src_bytes, start, host, stream, copy)
 
     def from_host_async(self, host, dst_bytes, start, stream):
-        self.log.append(('h2d', dst_bytes.device.id, start, host.nbytes))
-
-        def copy():
+        def copy():  # reads the host buffer when the copy runs, as the DMA engine does
             dst_bytes._data[start:start + host.nbytes] = host
-        return self._enqueue(stream, copy)
+        return self._copy('h2d', dst_bytes, start, host, stream, copy)
 
-    def wait(self, event):
-        for stream in self.streams.values():
-            if any(e is event for e, _ in stream.pending):
-                while not event.done:
-                    done, operation = stream.pending.pop(0)
-                    operation()
-                    done.done = True
+    def pending(self) -> int:
+        """How much work is queued, not yet run, on the engine's and the default streams."""
+        with self._lock:
+            return sum(len(stream.pending) for stream in
+                       [*self._engine_streams.values(), *self._defaults.values()])
 
     def reset(self) -> None:
         self.log.clear()
+        self.allocations.clear()
         self.pinned_allocations = 0
+        self.pinning_fails = self.pageable_copies_allowed = False
+        self.failing_waits = 0
 
 
 BACKEND = StandInBackend()

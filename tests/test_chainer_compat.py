@@ -17,7 +17,7 @@ import numpy
 import pytest
 
 from gpuserial import serializers
-from tests.conftest import CHAINER_PYTHON
+from tests.conftest import CHAINER_PYTHON, flatten
 
 DATA = pathlib.Path(__file__).parent / 'data' / 'chainer'
 EXPECTED = json.loads((DATA / 'expected.json').read_text())
@@ -41,16 +41,6 @@ def _target(entries: dict, scalars_as_python: bool) -> dict:
     return root
 
 
-def _flat(tree: dict, prefix: str = '') -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f'{prefix}{key}/'))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def _load(name: str, target) -> None:
     load = serializers.load_npz if name.endswith('.npz') else serializers.load_hdf5
     load(DATA / name, target)
@@ -62,7 +52,7 @@ def test_chainer_files_load_with_chainers_values(name, scalars_as_python):
     entries = EXPECTED[name]
     target = _target(entries, scalars_as_python)
     _load(name, target)
-    loaded = _flat(target)
+    loaded = flatten(target)
     assert loaded.keys() == entries.keys()
     for key, entry in entries.items():
         value = loaded[key]

@@ -78,9 +78,15 @@ def test_send_between_standin_devices():
     numpy.testing.assert_array_equal(b.get(), [0, 1, 2])
 
 
-def test_device_use_is_a_context_manager(device):
+def test_device_use_makes_the_device_current(device):
     with device.use():
-        pass
+        if isinstance(device, devices.CudaDevice):
+            import cupy
+            assert cupy.cuda.Device().id == device.id
+            array = cupy.zeros(2)
+            assert devices.device_of(array) == device  # made where use() points
+    if isinstance(device, devices.CudaDevice):
+        assert cupy.cuda.Device().id == 0 or device.id == 0  # restored afterwards
 
 
 def test_register_backend_context_removes_it():

@@ -121,6 +121,18 @@ def test_device_loads_onto_the_named_device(tmp_path, fmt, spec):
         numpy.testing.assert_array_equal(host(target[key]), expected)
 
 
+@pytest.mark.parametrize('spec', ['cpu', 'standin:0'])
+def test_a_device_load_keeps_each_targets_dtype(tmp_path, fmt, spec):
+    """A new array made on the named device has the target's dtype, not the stored one."""
+    save, load, ext = fmt
+    save(tmp_path / f'm{ext}', {'h': numpy.arange(6.0), 'i': numpy.arange(3, dtype=numpy.int64)})
+    other = StandInDevice(1)
+    target = {'h': other.send(numpy.zeros(6, numpy.float16)), 'i': other.send(numpy.zeros(3, 'i4'))}
+    load(tmp_path / f'm{ext}', target, device=make_device(spec))
+    assert host(target['h']).dtype == numpy.float16 and host(target['i']).dtype == numpy.int32
+    assert host(target['h']).tolist() == list(range(6)) and host(target['i']).tolist() == [0, 1, 2]
+
+
 def test_device_load_into_none_allocates_there(tmp_path, fmt):
     save, load, ext = fmt
     save(tmp_path / f'm{ext}', {'w': numpy.arange(6.0)})
@@ -271,3 +283,55 @@ def test_progress_counts_every_array_byte(tmp_path, monkeypatch, small_chunks, n
     assert [(kind, bar.total, bar.done, enabled) for kind, bar, enabled in bars] == [
         ('save', 50 * 7 * 8 + 66, 50 * 7 * 8 + 66, True),
         ('load', 50 * 7 * 8 + 66, 50 * 7 * 8 + 66, False)]
+
+
+class _Holder:
+    """Like a Chainer link: loads in place, ignores what the load returns, moves itself."""
+
+    def __init__(self):
+        self.w = numpy.zeros(3)
+        self.moved_to = None
+
+    def serialize(self, serializer):
+        serializer('w', self.w)
+
+    def to_device(self, device):
+        self.moved_to = device
+        self.w = device.send(self.w)
+
+
+class _Keeper:
+    keeps_returned_arrays = True
+
+    def __init__(self):
+        self.w = numpy.zeros(3)
+
+    def serialize(self, serializer):
+        self.w = serializer('w', self.w)
+
+
+class _Neither:
+    def __init__(self):
+        self.w = numpy.zeros(3)
+
+    def serialize(self, serializer):
+        serializer('w', self.w)
+
+
+def test_device_loads_by_what_an_object_does_with_returned_arrays(tmp_path, fmt):
+    save, load, ext = fmt
+    path = tmp_path / f'm{ext}'
+    save(path, {'w': numpy.arange(3.0)})
+    device = StandInDevice(0)
+    holder = _Holder()
+    load(path, holder, device=device)  # loaded in place, then moved with its own to_device
+    assert holder.moved_to == device and isinstance(holder.moved_to, devices.Device)
+    assert isinstance(holder.w, StandInArray) and holder.w.get().tolist() == [0.0, 1.0, 2.0]
+    keeper = _Keeper()
+    load(path, keeper, device=device)  # handed a new array made there
+    assert isinstance(keeper.w, StandInArray) and keeper.w.get().tolist() == [0.0, 1.0, 2.0]
+    neither = _Neither()
+    with pytest.raises(TypeError, match='has no to_device\\(\\) and does not declare '
+                       'keeps_returned_arrays'):
+        load(path, neither, device=device)
+    assert neither.w.tolist() == [0.0, 0.0, 0.0]

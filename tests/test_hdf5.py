@@ -21,12 +21,15 @@ def test_layout_is_chainers(tmp_path):
         assert f['one'].compression is None
 
 
-@pytest.mark.parametrize('level', [0, 9])
+@pytest.mark.parametrize('level', [0, 1, 9])
 def test_compression_level(tmp_path, level):
     path = tmp_path / 'm.h5'
-    serializers.save_hdf5(path, {'w': numpy.zeros(1000)}, compression=level)
+    serializers.save_hdf5(path, {'w': numpy.zeros(1000), 'one': numpy.ones(1)},
+                          compression=level)
     with h5py.File(path, 'r') as f:
         assert f['w'].compression == ('gzip' if level else None)
+        assert f['w'].compression_opts == (level or None)
+        assert f['one'].compression is None  # a single element is never compressed
 
 
 def test_serializer_on_an_open_group(tmp_path):

@@ -9,6 +9,7 @@ import io
 import os
 import pickle
 import re
+import struct
 import tempfile
 import tracemalloc
 import zipfile
@@ -30,6 +31,11 @@ from gpuserial.errors import (
 )
 from tests import crafting
 from tests.conftest import as_nobody
+
+
+@pytest.fixture(autouse=True)
+def _under_an_address_space_limit(address_space_limit):
+    """Every hostile case runs with little memory to spare (see the fixture)."""
 
 
 def _where(path, key=None) -> str:
@@ -368,6 +374,17 @@ def _source():
             'child': {'b': numpy.arange(50.0), 'none': None}}
 
 
+class _Asking:
+    """A target that records the keys it asks for."""
+
+    def __init__(self, asked: list):
+        self.asked = asked
+
+    def serialize(self, serializer):
+        self.asked.append('w')
+        serializer('w', numpy.zeros(3))
+
+
 def _zeros():
     return {'w': numpy.zeros((20, 30), numpy.float32), 'n': 0, 's': '',
             'child': {'b': numpy.zeros(50), 'none': numpy.zeros(1)}}
@@ -387,16 +404,25 @@ def saver(request):
 
 
 @pytest.mark.parametrize('fraction', [0, 0.001, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 0.999])
-def test_a_truncated_file(tmp_path, saver, fraction):
+def test_a_truncated_file_is_refused_when_opened(tmp_path, saver, fraction):
+    """A file cut short loses its end (a zip's directory, an HDF5 file's last objects): it is
+    refused as a whole, before any entry is asked for, and the message says what it is."""
     save, load, ext = saver
     save(tmp_path / f'good{ext}', _source())
     good = (tmp_path / f'good{ext}').read_bytes()
     cut = int(len(good) * fraction) if fraction < 0.999 else len(good) - 1
     path = _write(tmp_path, good[:cut], f'cut{ext}')
-    target = _zeros()
-    with pytest.raises(CorruptFileError, match=_where(path) + ': not an? (NPZ|HDF5)'):
-        load(path, target)
-    assert not target['w'].any() and target['n'] == 0 and target['s'] == ''
+    if ext == '.h5':
+        why = 'the file is empty' if cut == 0 else 'Unable to'
+        match = _where(path) + ': not an HDF5 file: ' + why
+    else:
+        why = ('the file is empty' if cut == 0 else "it starts with b'PK" if cut < 4 else
+               'truncated: it starts as a zip, but the zip directory that ends a zip is missing')
+        match = _where(path) + r': not an NPZ \(zip\) file: ' + re.escape(why)
+    asked = []
+    with pytest.raises(CorruptFileError, match=match):
+        load(path, _Asking(asked))
+    assert asked == []
 
 
 @pytest.mark.parametrize('content', [b'', b'\x00', b'PK\x05\x06', b'\x89HDF\r\n\x1a\n',
@@ -783,3 +809,87 @@ def test_a_crc_error_says_which_arrays_were_filled(tmp_path, compression):
             ) in message
     assert raised.value.filled == ['a', 'b'] and raised.value.partly_filled == 'c'
     assert (target['a'] == 0).all() and (target['b'] == 1).all() and (target['d'] == -1).all()
+
+
+@pytest.mark.parametrize('trailing', [b'\x00', b'garbage', bytes(5000)])
+def test_data_after_the_deflate_stream_is_refused(tmp_path, trailing):
+    npy = crafting.npy_of(numpy.arange(50.0))
+    path = _write(tmp_path, crafting.deflated_npz({'x': (npy, None)}, trailing))
+    with pytest.raises(CorruptFileError, match=_where(path, 'x') + f': the member holds '
+                       f'{len(trailing)} bytes after the end of its deflate stream'):
+        serializers.load_npz(path, {'x': numpy.zeros(50)})
+    good = _write(tmp_path, crafting.deflated_npz({'x': (npy, None)}), 'good.npz')  # control
+    target = {'x': numpy.zeros(50)}
+    serializers.load_npz(good, target)
+    assert target['x'].tolist() == list(range(50))
+
+
+@pytest.mark.parametrize('shape', [(1,) * _npy.MAX_NDIM, (2,) + (1,) * (_npy.MAX_NDIM - 1)],
+                         ids=['ones', 'two then ones'])
+def test_as_many_dimensions_as_numpy_allows_load(tmp_path, shape):
+    values = numpy.arange(numpy.prod(shape), dtype=numpy.float32).reshape(shape)
+    path = _write(tmp_path, crafting.npz_of({'x': crafting.npy_of(values)}))
+    for target in ({'x': None}, {'x': numpy.zeros(shape, numpy.float32)}):
+        serializers.load_npz(path, target)
+        assert target['x'].shape == shape and (target['x'] == values).all()
+
+
+def test_a_crc_error_after_many_arrays_names_the_first_and_counts_the_rest(tmp_path):
+    keys = [f'a{i}' for i in range(11)]
+    members = {key: crafting.npy_of(numpy.full(4, i, numpy.float64)) for i, key in enumerate(keys)}
+    data = crafting.npz_of(members)
+    end = crafting.data_offset(data, 'a10.npy') + crafting.central_field(
+        data, 'a10.npy', 'compress_size')
+    path = _write(tmp_path, crafting.flip(data, end - 1, 0x01))
+    with pytest.raises(CorruptFileError) as raised:
+        serializers.load_npz(path, {key: numpy.zeros(4) for key in keys})
+    named = ', '.join(repr(key) for key in keys[:8])
+    assert f'10 of 11 arrays were already filled in place: {named} and 2 more;' in str(raised.value)
+    assert raised.value.filled == keys[:10]
+
+
+def test_a_member_claiming_more_than_its_bytes_can_inflate_to_fills_nothing(tmp_path):
+    """The claim is checked when the array is asked for, not found out while filling."""
+    claimed = crafting.npy_of(numpy.zeros(1 << 18))[:128]  # the header of 2 MiB, no data
+    data = crafting.deflated_npz({'a': (crafting.npy_of(numpy.zeros(4)), None),
+                                  'x': (claimed, 128 + (2 << 20))})
+    path = _write(tmp_path, data)
+    target = {'a': numpy.ones(4), 'x': numpy.ones(1 << 18)}
+    with pytest.raises(CorruptFileError, match=_where(path, 'x') + ': header claims 2097152 '
+                       'bytes, more than \\d+ stored bytes can hold'):
+        serializers.load_npz(path, target)
+    assert (target['a'] == 1).all() and (target['x'] == 1).all()
+
+
+def test_an_array_into_a_number_does_not_convert(tmp_path):
+    path = tmp_path / 'm.npz'
+    serializers.save_npz(path, {'k': numpy.arange(2)})
+    with pytest.raises(UnsafeCastError, match=_where(path, 'k') + r': stored int64 array of '
+                       r'shape \(2,\) does not convert to int'):
+        serializers.load_npz(path, {'k': 0})
+
+
+def test_a_header_cut_after_its_length_field(tmp_path, target):
+    member = _npy.MAGIC + b'\x01\x00' + struct.pack('<H', 118)  # nothing after the length
+    path = _write(tmp_path, crafting.npz_of({'x': member}))
+    with pytest.raises(CorruptFileError, match=_where(path, 'x') + ': a header of 128 bytes in '
+                       'a member of 10'):
+        serializers.load_npz(path, target)
+
+
+def test_a_shape_of_exactly_the_largest_size_numpy_allows_is_no_overflow(tmp_path):
+    shape = (_npy.MAX_EXTENT,)
+    path = _write(tmp_path, crafting.npz_of({'x': crafting.npy_member(
+        crafting.header_text('|u1', shape))}))
+    with pytest.raises(CorruptFileError, match=_where(path, 'x') + ': the member holds \\d+ '
+                       'bytes but its header claims'):
+        serializers.load_npz(path, {'x': None})
+    header = crafting.header_text('|u1', (_npy.MAX_EXTENT + 1,))
+    with pytest.raises(_npy.HeaderError, match='overflows'):
+        _npy.decode_header(crafting.npy_member(header))
+
+
+def test_the_address_space_limit_stops_a_huge_allocation(address_space_limit):
+    """The limit these tests run under is real: a broken allocation bound fails one test."""
+    with pytest.raises(MemoryError):
+        numpy.ones(address_space_limit, numpy.uint8)

@@ -191,6 +191,8 @@ HOSTILE = {
         BASE, len(BASE) - 9, ('NEWTRUE', None))),  # the state's is_fortran
     'encode to another codec': pickle.dumps(numpy.asarray(None, dtype=object), 2).replace(
         b'latin1', b'utf_16'),
+    'a second BUILD of the array': _emit(BASE[:-1] + [('BINGET', BASE[-3][1]), ('BUILD', None),
+                                                      ('STOP', None)]),
     'no pickle at all': b'\x80\x03N.',
     'protocol 0': pickle.dumps(None, 0),
 }

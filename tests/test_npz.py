@@ -15,6 +15,7 @@ import pytest
 
 from gpuserial import _zipstream, serializers, transfer
 from gpuserial.errors import CorruptFileError
+from tests import crafting
 from tests.conftest import host
 
 ARRAYS = {'a': numpy.arange(100, dtype=numpy.float32), 'b/c': numpy.ones((3, 4), numpy.int16),
@@ -53,6 +54,46 @@ def test_zip64_fields_when_sizes_pass_the_limit(monkeypatch, compression):
     target['d'] = 0.0
     serializers.load_npz(io.BytesIO(data), target)
     numpy.testing.assert_array_equal(target['a'], ARRAYS['a'])
+
+
+def _written(arrays: dict, compression: bool, seekable: bool) -> bytes:
+    out = io.BytesIO() if seekable else _Unseekable()
+    serializers.save_npz(out, arrays, compression=compression)
+    return out.getvalue() if seekable else bytes(out.data)
+
+
+BOUNDARY_ARRAYS = {'a': numpy.arange(100, dtype=numpy.float32), 'b': numpy.zeros(7, numpy.uint8),
+                   'c': numpy.float64(2.5)}
+
+
+def _boundaries(compression: bool, seekable: bool) -> list[int]:
+    """Every size and offset of the zip written with no ZIP64 at all: where limits matter."""
+    members = crafting.check_zip_records(_written(BOUNDARY_ARRAYS, compression, seekable))
+    values = {value for m in members for value in (m['size'], m['compressed'], m['offset'])}
+    return sorted(values - {0})
+
+
+@pytest.mark.parametrize('seekable', [True, False], ids=['seekable', 'stream'])
+@pytest.mark.parametrize('compression', [True, False], ids=['deflated', 'stored'])
+def test_zip64_exactly_at_the_boundaries(monkeypatch, compression, seekable):
+    """With the ZIP64 limit lowered to each size and offset of the file (and one either side),
+    every field at or past it goes into ZIP64, every record agrees, and every reader reads it."""
+    for value in _boundaries(compression, seekable):
+        for limit in (value - 1, value, value + 1):
+            monkeypatch.setattr(_zipstream, 'ZIP64_LIMIT', limit)
+            data = _written(BOUNDARY_ARRAYS, compression, seekable)
+            crafting.check_zip_records(data, limit)
+            _check_with_numpy(data, BOUNDARY_ARRAYS)
+            target = {'a': numpy.zeros(100, numpy.float32), 'b': None, 'c': 0.0}
+            serializers.load_npz(io.BytesIO(data), target)
+            assert target['a'].tolist() == list(range(100)) and target['c'] == 2.5
+
+
+@pytest.mark.parametrize('seekable', [True, False], ids=['seekable', 'stream'])
+@pytest.mark.parametrize('compression', [True, False], ids=['deflated', 'stored'])
+def test_every_local_header_agrees_with_the_directory(compression, seekable):
+    members = crafting.check_zip_records(_written(ARRAYS, compression, seekable))
+    assert [m['name'] for m in members] == [key + '.npy' for key in ARRAYS]
 
 
 class _Unseekable(io.RawIOBase):

@@ -35,10 +35,17 @@ def test_entry_key_strips_leading_slashes(path, key, expected):
 
 @pytest.mark.parametrize(('names', 'ignored'), [
     (None, False), ('l1/W', True), ('l1/b', False), (lambda k: k.endswith('/W'), True),
-    (['x', lambda k: k.startswith('l1')], True), (['x', 'y'], False),
+    (['x', lambda k: k.startswith('l1')], True), (['x', 'y'], False), (('x', 'l1/W'), True),
+    ('W', False), ('l1', False), ('/l1/W', False), ('l1/W/', False),  # whole keys only
 ])
 def test_ignore_names_forms(names, ignored):
     assert is_ignored('l1/W', names) is ignored
+
+
+@pytest.mark.parametrize('names', [3, [None], ['x', 1.5]])
+def test_ignore_names_of_another_kind_is_an_error(names):
+    with pytest.raises(ValueError, match='ignore_names needs strings, callables or a list'):
+        is_ignored('l1/W', names)
 
 
 def test_abstract_serializer_is_abstract():
@@ -60,15 +67,38 @@ class Recorder(Serializer):
         return value
 
 
-def test_save_and_load_call_serialize():
-    class Obj:
-        def serialize(self, s):
-            s('a', 1)
-            s['child']('/b', 2)
+class Loader(Deserializer):
+    """A deserializer that hands back ten times what it is given, recording each key."""
 
+    def __init__(self, calls, path=''):
+        self.calls, self.path = calls, path
+
+    def __getitem__(self, key):
+        return Loader(self.calls, child_path(self.path, key))
+
+    def __call__(self, key, value):
+        self.calls.append(entry_key(self.path, key))
+        return value * 10
+
+
+def test_save_and_load_call_serialize_once():
+    class Obj:
+        a, b, count = 1, 2, 0
+
+        def serialize(self, s):
+            self.count += 1
+            self.a = s('a', self.a)
+            self.b = s['child']('/b', self.b)
+
+    calls, obj = [], Obj()
+    Recorder(calls).save(obj)
+    assert calls == ['a', 'child/b'] and (obj.a, obj.b, obj.count) == (1, 2, 1)
     calls = []
-    Recorder(calls).save(Obj())
-    assert calls == ['a', 'child/b']
+    Loader(calls).load(obj)
+    assert calls == ['a', 'child/b'] and (obj.a, obj.b, obj.count) == (10, 20, 2)
+    target = {'a': 1, 'child': {'b': 2}}
+    Loader([]).load(target)  # a dict gets what the load returned
+    assert target == {'a': 10, 'child': {'b': 20}}
     assert issubclass(Deserializer, AbstractSerializer)
 
 
