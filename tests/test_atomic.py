@@ -302,29 +302,45 @@ def test_another_users_running_save_is_not_stale():
         assert temporary.exists()
 
 
-@pytest.mark.parametrize('durable', [True, False])
-def test_durable(fmt, tmp_path, monkeypatch, durable):
-    """``durable=True`` (the default) fsyncs the file and its directory; False, neither."""
-    synced = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, 'fsync', lambda fd: (synced.append(fd), real_fsync(fd))[1])
+def _record_durability(monkeypatch) -> list:
+    """Records each fsync (of which inode) and the rename that puts a save in place."""
+    events = []
+    real_fsync, real_replace = os.fsync, _fileio._replace
+
+    def fsync(fd):
+        events.append(('fsync', os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def replace(temp, path):
+        events.append(('rename', os.stat(temp).st_ino))
+        real_replace(temp, path)
+
+    monkeypatch.setattr(os, 'fsync', fsync)
+    monkeypatch.setattr(_fileio, '_replace', replace)
+    return events
+
+
+@pytest.mark.parametrize('durable', [True, False, None], ids=['durable', 'not', 'default'])
+def test_durable_saves_fsync_the_file_then_rename_then_fsync_the_directory(
+        fmt, tmp_path, monkeypatch, durable):
+    """``durable=True`` (the default): the new file's data reaches the disk before it takes the
+    name, and the directory entry after; ``durable=False``: the rename alone."""
+    events = _record_durability(monkeypatch)
     save, load, ext = FORMATS[fmt]
     path = tmp_path / f'model{ext}'
+    options = {} if durable is None else {'durable': durable}
     for which in (0, 1):  # a new file, then over an old one
-        synced.clear()
-        save(path, kill_saver.state(which), durable=durable)
-        assert len(synced) == (2 if durable else 0)
+        events.clear()
+        save(path, kill_saver.state(which), **options)
+        file, directory = os.stat(path).st_ino, os.stat(tmp_path).st_ino
+        if durable is False:
+            assert events == [('rename', file)]
+        else:
+            assert events == [('fsync', file), ('rename', file), ('fsync', directory)]
         target = kill_saver.zeros()
         load(path, target)
         assert target['which'] == which
     assert crafting.temporaries(tmp_path) == []
-
-
-def test_the_default_is_durable(fmt, tmp_path, monkeypatch):
-    synced = []
-    monkeypatch.setattr(os, 'fsync', synced.append)
-    FORMATS[fmt][0](tmp_path / 'model', kill_saver.state(0))
-    assert len(synced) == 2
 
 
 def test_saving_to_a_directory_path(fmt, tmp_path):
