@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import statistics
@@ -110,6 +111,7 @@ class Runner:
             self.ctx.clear_target()
         if self.device_sync:
             self.device_sync()
+        gc.collect()  # neither side pays for the garbage the other left
         start = time.perf_counter()
         op.run(self.ctx, path)
         if self.device_sync:

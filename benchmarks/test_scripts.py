@@ -1,8 +1,9 @@
-"""The standalone runners (compare.py, peak_memory.py) run, tiny, so that they cannot rot."""
+"""The standalone runners (compare.py, peak_memory.py, small_entries.py) run, tiny, so that they
+cannot rot."""
 
 import json
 
-from benchmarks import compare, peak_memory
+from benchmarks import compare, peak_memory, small_entries
 
 
 def test_compare_runs_interleaved_rounds(tmp_path, capsys):
@@ -33,3 +34,25 @@ def test_peak_memory_measures_in_fresh_processes(tmp_path, capsys):
     for result in results:
         assert result['baseline_rss'] > 0 and result['extra'] >= 0
         assert result['verdict'] in ('PASS', 'FAIL')
+
+
+def test_small_entries_runs_every_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(small_entries, 'MODELS', {
+        '10000x4KiB': lambda scale: small_entries.many_small(count=20, elements=16),
+        'resnet50+adam': lambda scale: small_entries.resnet50(scale),
+        'gpt2-small+adam': small_entries.gpt2_small})
+    out = tmp_path / 'small.json'
+    assert small_entries.main(['--rounds', '1', '--scale', '0.01', '--pairs', 'npz', 'hdf5',
+                               '--json', str(out)]) == 0
+    report = json.loads(out.read_text())
+    models = report['models']
+    assert models['10000x4KiB']['entries'] == 20
+    # 53 convolutions with batch normalization (W, gamma, beta; avg_mean, avg_var, N) and the
+    # classifier (W, b); Adam's m, v and t beside each parameter
+    assert models['resnet50+adam']['entries'] == 4 * (53 * 3 + 2) + 53 * 3
+    assert models['gpt2-small+adam']['entries'] == 4 * (2 + 12 * 12 + 2)
+    for name, model in models.items():
+        verdicts = {r['verdict'] for r in model['results']}
+        assert verdicts <= ({'PASS', 'FAIL'} if name == '10000x4KiB' else {'info'}), name
+        assert all(r['us_per_entry_ours'] > 0 for r in model['results'])
+    assert 'us/entry' in capsys.readouterr().out

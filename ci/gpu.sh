@@ -5,10 +5,16 @@
 # the package taken from this checkout (PYTHONPATH, no install). Logs and JSON go to $OUT (or
 # ./gpu-results). Record what it printed in BENCHMARKS.md.
 #
+#   ci/gpu.sh quick           the lent-GPU check, under 8 minutes: the GPU tests, the README's
+#                             GPU blocks, the 1 GiB comparisons (engine, peers), many small
+#                             entries, peak memory; nvidia-smi and the PCIe link recorded
 #   ci/gpu.sh                 every stage
 #   ci/gpu.sh tests compare   only these stages: tests, benchmarks (the GPU rows of benchmarks/),
 #                             compare (= compare-npz compare-peers compare-compressed compare-cpu),
-#                             peak, bench
+#                             small, peak, bench
+#
+# Wheels of packages the machine lacks (isal) go in .whl/ (ci/gpu-wheels.sh fetches them, here,
+# where pip reaches PyPI); this script installs them into a private folder first.
 #
 # At 4 GiB each stage takes a few minutes: where one command may run at most 10 minutes, run
 # the stages one or two per call (OUT kept), or lower GPUSERIAL_BENCH_BYTES.
@@ -26,15 +32,23 @@ if [[ -z "$PYTHON" ]]; then
 fi
 OUT=${OUT:-$PWD/gpu-results}
 mkdir -p "$OUT"
+if compgen -G '.whl/*.whl' > /dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/gpuserial-site .whl/*.whl && export PYTHONPATH=/tmp/gpuserial-site
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export GPUSERIAL_BENCH_BYTES=${GPUSERIAL_BENCH_BYTES:-4GiB}
 export GPUSERIAL_BENCH_ROUNDS=${GPUSERIAL_BENCH_ROUNDS:-3}
 COMPARE_ROUNDS=${COMPARE_ROUNDS:-7}
 STAGES=("$@")
-[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(tests benchmarks compare peak bench)
+[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(tests benchmarks compare small peak bench)
 EXPANDED=()
 for name in "${STAGES[@]}"; do
   if [[ $name == compare ]]; then EXPANDED+=(compare-npz compare-peers compare-compressed compare-cpu)
+  elif [[ $name == quick ]]; then
+    export GPUSERIAL_BENCH_BYTES=${QUICK_BYTES:-1GiB}
+    COMPARE_ROUNDS=${QUICK_ROUNDS:-3}
+    EXPANDED+=(smi tests readme compare-npz compare-peers small peak)
   else EXPANDED+=("$name"); fi
 done
 STAGES=("${EXPANDED[@]}")
@@ -65,8 +79,15 @@ EOF
 
 for name in "${STAGES[@]}"; do
   case $name in
+    smi)
+      stage nvidia-smi nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.current,pcie.link.gen.max,pcie.link.width.current,pcie.link.width.max --format=csv ;;
     tests)
       stage gpu-tests "${PYTEST[@]}" -m gpu tests ;;
+    readme)
+      stage readme "${PYTEST[@]}" tests/test_readme.py ;;
+    small)
+      stage small-entries "$PYTHON" benchmarks/small_entries.py --device cuda:0 \
+        --json "$OUT/small-entries.json" ;;
     benchmarks)
       stage benchmarks "${PYTEST[@]}" -m gpu benchmarks --benchmark-enable \
         --benchmark-json="$OUT/benchmarks.json" --benchmark-columns=min,median,max,rounds \
@@ -90,8 +111,8 @@ for name in "${STAGES[@]}"; do
     bench)
       stage bench "$PYTHON" -c 'import sys; from gpuserial import bench; sys.exit(bench.run())' ;;
     *)
-      echo "unknown stage $name (tests benchmarks compare[-npz|-peers|-compressed|-cpu]"\
-        "peak bench)"; status=1 ;;
+      echo "unknown stage $name (quick smi tests readme benchmarks"\
+        "compare[-npz|-peers|-compressed|-cpu] small peak bench)"; status=1 ;;
   esac
 done
 echo "results in $OUT"

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
+import math
 import pickletools
+import re
 import struct
 
 import numpy
@@ -190,14 +193,11 @@ class Header:
     fortran_order: bool
     length: int  # bytes from the start of the member to the start of the data
 
-    @property
+    @functools.cached_property
     def size(self) -> int:
-        size = 1
-        for dim in self.shape:
-            size *= dim
-        return size
+        return math.prod(self.shape)
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return self.size * self.dtype.itemsize
 
@@ -206,6 +206,7 @@ class Header:
         return self.dtype.hasobject
 
 
+@functools.lru_cache(maxsize=1024)
 def encode_header(dtype: numpy.dtype, shape: tuple[int, ...]) -> bytes:
     """The header of a C-order ``.npy`` of ``dtype`` and ``shape``, padded as numpy pads it."""
     descr = npformat.dtype_to_descr(numpy.dtype(dtype))
@@ -226,14 +227,14 @@ def none_member() -> bytes:
     return encode_header(numpy.dtype(object), ()) + NONE_PICKLE
 
 
-def header_length(prefix: bytes) -> int:
-    """From the first ``PREFIX_LEN + 4`` bytes of a member, the total header length.
+def header_length(prefix: bytes | memoryview) -> int:
+    """From the first ``PREFIX_LEN + 4`` bytes of a member (or more), the total header length.
 
     Raises:
         HeaderError: not a ``.npy`` member, an unknown version, or a header over the limit.
     """
-    if len(prefix) < PREFIX_LEN + 2 or not prefix.startswith(MAGIC):
-        raise HeaderError(f'not a .npy member (starts {prefix[:8]!r})')
+    if len(prefix) < PREFIX_LEN + 2 or prefix[:len(MAGIC)] != MAGIC:
+        raise HeaderError(f'not a .npy member (starts {bytes(prefix[:8])!r})')
     version = prefix[6], prefix[7]
     if version == (1, 0):
         (length,) = struct.unpack_from('<H', prefix, PREFIX_LEN)
@@ -253,20 +254,39 @@ def header_length(prefix: bytes) -> int:
 def decode_header(header: bytes) -> Header:
     """Parses a whole header (as long as :func:`header_length` said) and checks its claims.
 
+    Headers repeat (a model's arrays share a few shapes): short ones are decoded once.
+
     Raises:
         HeaderError: malformed text, unknown keys, a bad dtype, or a bad shape.
     """
+    if len(header) <= CACHED_HEADER_LEN:
+        return _decode_cached(bytes(header))
+    return _decode(header)
+
+
+CACHED_HEADER_LEN = 256  # numpy's headers are 128 bytes; longer ones are decoded each time
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode_cached(header: bytes) -> Header:
+    return _decode(header)
+
+
+def _decode(header: bytes) -> Header:
     length = header_length(header)
     if len(header) < length:
         raise HeaderError(f'truncated .npy header: {len(header)} of {length} bytes')
     start = PREFIX_LEN + (2 if header[6] == 1 else 4)
     encoding = 'utf8' if header[6] == 3 else 'latin1'
-    try:
-        text = header[start:length].decode(encoding)
-        fields = ast.literal_eval(text)
-    except (ValueError, SyntaxError, UnicodeDecodeError, RecursionError, MemoryError,
-            TypeError) as error:
-        raise HeaderError(f'unreadable .npy header {header[start:length][:80]!r}') from error
+    fields = _canonical_fields(header[start:length])
+    if fields is None:  # not as numpy writes it: Python's own (safe) literal parser
+        try:
+            text = header[start:length].decode(encoding)
+            fields = ast.literal_eval(text)
+        except (ValueError, SyntaxError, UnicodeDecodeError, RecursionError, MemoryError,
+                TypeError) as error:
+            raise HeaderError(f'unreadable .npy header {header[start:length][:80]!r}') \
+                from error
     if not isinstance(fields, dict) or set(fields) != HEADER_KEYS:
         raise HeaderError(f'.npy header must have the keys {sorted(HEADER_KEYS)}, '
                           f'got {fields!r:.200}')
@@ -279,10 +299,7 @@ def decode_header(header: bytes) -> Header:
                           f'over the limit of {MAX_NDIM}')
     if not isinstance(fields['fortran_order'], bool):
         raise HeaderError(f"bad fortran_order {fields['fortran_order']!r:.80} in .npy header")
-    try:
-        dtype = npformat.descr_to_dtype(fields['descr'])
-    except Exception as error:
-        raise HeaderError(f"bad dtype {fields['descr']!r:.200} in .npy header") from error
+    dtype = _dtype_of(fields['descr'])
     extent = max(dtype.itemsize, 1)  # as numpy counts it: zero-length axes do not help
     for dim in shape:
         extent *= max(dim, 1)
@@ -290,6 +307,35 @@ def decode_header(header: bytes) -> Header:
         raise HeaderError(f'shape {shape!r:.200} of dtype {dtype} in .npy header overflows: '
                           f'{extent} bytes is over the limit of {MAX_EXTENT}')
     return Header(dtype, shape, fields['fortran_order'], length)
+
+
+# The header as numpy (and gpuserial) writes it: a plain descr string, then fortran_order, then
+# a tuple of integers, padded with spaces. Read with a regular expression, it costs a fraction
+# of ast.literal_eval; anything else goes to literal_eval, with the same checks after both.
+_DIM = rb'(?:0|[1-9]\d{0,18})'  # as Python writes an int (longer ones: literal_eval's limits)
+_CANONICAL = re.compile(rb"\{'descr': '([<>|=]?[a-zA-Z]\d*)', 'fortran_order': (True|False), "
+                        rb"'shape': \(((?:" + _DIM + rb", )*" + _DIM + rb"?,?)\), \} *\n?")
+
+
+def _canonical_fields(text: bytes) -> dict | None:
+    match = _CANONICAL.fullmatch(text)
+    if match is None:
+        return None
+    descr, fortran, shape = match.groups()
+    dims = tuple(int(dim) for dim in shape.split(b',') if dim.strip())
+    if len(dims) == 1 and not shape.rstrip().endswith(b','):
+        return None  # '(3)' is an int, not a tuple: literal_eval says so
+    return {'descr': descr.decode(), 'fortran_order': fortran == b'True', 'shape': dims}
+
+
+_descr_to_dtype = functools.lru_cache(maxsize=256)(npformat.descr_to_dtype)
+
+
+def _dtype_of(descr) -> numpy.dtype:
+    try:  # a plain string (nearly every header) from a cache
+        return _descr_to_dtype(descr) if isinstance(descr, str) else npformat.descr_to_dtype(descr)
+    except Exception as error:
+        raise HeaderError(f'bad dtype {descr!r:.200} in .npy header') from error
 
 
 def is_chainer_none(header: Header, payload: bytes) -> bool:

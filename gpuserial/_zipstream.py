@@ -1,12 +1,13 @@
-"""Zip members as streams: a writer for members of known size and a checked member reader.
+"""Zip members written as streams; the zip format's records and constants (reading is in
+``_zipread``).
 
-The standard library's zipfile parses the central directory for us, but its member streams
-compute CRCs with zlib (2.4 GB/s on our CPU machines) and deflate only through zlib. Here both
-come from ISA-L when the ``isal`` package is installed (CRC about 18 GB/s, deflate level 1 about
-25 times zlib's default level at a slightly smaller size on float weights), with zlib as the
-fallback. A large stored chunk is checksummed on a worker thread while it is written (both
-release the GIL); reads checksum each cache-sized piece just read, which measured faster there.
-Files are standard zips (ZIP64 where needed) that ``numpy.load`` and zipfile read.
+The standard library's zipfile computes CRCs with zlib (2.4 GB/s on our CPU machines) and
+deflates only through zlib. Here both come from ISA-L when the ``isal`` package is installed
+(CRC about 18 GB/s, deflate level 1 about 25 times zlib's default level at a slightly smaller
+size on float weights), with zlib as the fallback. A large stored chunk is checksummed on a
+worker thread while it is written (both release the GIL). Small members are written whole, with
+their CRC and sizes in place, many to one write. Files are standard zips (ZIP64 where needed)
+that ``numpy.load`` and zipfile read.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ except ImportError:  # pragma: no cover - isal is an optional speed-up
 crc32 = deflate_module.crc32
 DEFLATE_ERRORS = (zlib.error, deflate_module.error)  # ISA-L's error is not a zlib.error
 
-__all__ = ['MemberReader', 'ZipWriter', 'crc32']
+__all__ = ['ZipWriter', 'crc32']
 
 STORED, DEFLATED = 0, 8
 DEFLATE_LEVEL = 1  # ISA-L's level 1 (zlib's when isal is missing)
@@ -75,6 +76,7 @@ class ZipWriter:
         self.time, self.date = _dos_time(time.localtime())
         self.central: list[bytes] = []
         self.checksummer: ThreadPoolExecutor | None = None  # started by the first large chunk
+        self.pending = bytearray()  # small members not yet written, in order
 
     def __enter__(self) -> ZipWriter:
         return self
@@ -86,8 +88,46 @@ class ZipWriter:
             self._stop_checksummer()
 
     def _write(self, data) -> None:
+        self._flush_pending()
         _write_all(self.out, data)
         self.position += len(data)
+
+    def _flush_pending(self) -> None:
+        if self.pending:
+            _write_all(self.out, self.pending)
+            self.pending = bytearray()
+
+    def write_small_member(self, name: str, header: bytes, data=b'') -> None:
+        """Adds member ``name``, ``header`` then ``data``, small enough to hold in memory: its
+        CRC and sizes go into its local header at once (no descriptor, no seek back; ZIP64 only
+        past 4 GiB), and it is written together with its small neighbours, a write per
+        :data:`WRITE_PIECE` bytes."""
+        data = memoryview(data).cast('B')
+        crc = crc32(data, crc32(header))
+        size = len(header) + len(data)
+        if self.method == DEFLATED:
+            deflater = deflate_module.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -15)
+            data = deflater.compress(header) + deflater.compress(data) + deflater.flush()
+            header = b''
+        compressed = len(header) + len(data)
+        encoded = name.encode('utf-8')
+        flags = 0 if encoded.isascii() else UTF8_FLAG
+        offset = self.position
+        if max(size, compressed) < ZIP64_LIMIT:  # as a small member's sizes nearly always are
+            local = LOCAL.pack(b'PK\x03\x04', VERSION, flags, self.method, self.time, self.date,
+                               crc, compressed, size, len(encoded), 0) + encoded
+        else:
+            local = (LOCAL.pack(b'PK\x03\x04', VERSION, flags, self.method, self.time,
+                                self.date, crc, MARKER32, MARKER32, len(encoded),
+                                LOCAL_ZIP64_EXTRA.size) + encoded
+                     + LOCAL_ZIP64_EXTRA.pack(1, 16, size, compressed))
+        self.pending += local
+        self.pending += header
+        self.pending += data
+        self.position += len(local) + compressed
+        self.central.append(self._central_entry(encoded, flags, crc, size, compressed, offset))
+        if len(self.pending) >= WRITE_PIECE:
+            self._flush_pending()
 
     def _checksum_on_a_thread(self, data: memoryview, crc: int) -> Future | None:
         """The CRC of ``data`` (continuing ``crc``) under way on this writer's thread, or None
@@ -158,10 +198,10 @@ class ZipWriter:
 
     def _central_entry(self, encoded, flags, crc, size, compressed, offset) -> bytes:
         extra = b''
-        for value in (size, compressed, offset):  # ZIP64 fields, in this order, where needed
-            if value >= ZIP64_LIMIT:
-                extra += struct.pack('<Q', value)
-        if extra:
+        if max(size, compressed, offset) >= ZIP64_LIMIT:
+            for value in (size, compressed, offset):  # ZIP64 fields, in this order, where needed
+                if value >= ZIP64_LIMIT:
+                    extra += struct.pack('<Q', value)
             extra = struct.pack('<HH', 1, len(extra)) + extra
         return CENTRAL.pack(
             b'PK\x01\x02', VERSION, 3, VERSION, flags, self.method, self.time, self.date, crc,
@@ -172,8 +212,10 @@ class ZipWriter:
         """Writes the central directory (and the ZIP64 end records where needed)."""
         self._stop_checksummer()  # no member data follows
         start = self.position
-        for entry in self.central:
-            self._write(entry)
+        for entry in self.central:  # gathered with the small members, then written at once
+            self.pending += entry
+            self.position += len(entry)
+        self._flush_pending()
         size = self.position - start
         count = len(self.central)
         zip64 = count >= MARKER16 or start >= ZIP64_LIMIT or size >= ZIP64_LIMIT
@@ -217,129 +259,3 @@ def _seekable(out) -> bool:
         return out.seekable() and out.tell() >= 0
     except (AttributeError, OSError):
         return False
-
-
-class MemberError(ValueError):
-    """A member's data is corrupt or truncated; the message says how, the caller says where."""
-
-
-class MemberReader:
-    """Reads one member's data (stored or deflated) as a stream, checking size and CRC.
-
-    Args:
-        fp: the archive's binary file object (seekable).
-        info: the member's ``zipfile.ZipInfo`` from the central directory.
-    """
-
-    def __init__(self, fp: BinaryIO, info):
-        if info.compress_type not in (STORED, DEFLATED):
-            raise MemberError(f'unsupported compression method {info.compress_type}')
-        if info.compress_type == STORED and info.compress_size != info.file_size:
-            raise MemberError(f'the zip directory says a stored member of {info.file_size} '
-                              f'bytes takes {info.compress_size} bytes in the file')
-        self.fp = fp
-        self.info = info
-        if info.flag_bits & ENCRYPTED_FLAG:
-            raise MemberError('the member is encrypted (zip encryption is not supported)')
-        fp.seek(info.header_offset)
-        signature, _, flags, *_, name_length, extra_length = LOCAL.unpack(_read(fp, LOCAL.size))
-        if signature != b'PK\x03\x04':
-            raise MemberError('bad local file header')
-        if flags & ENCRYPTED_FLAG:
-            raise MemberError('the member is encrypted (its local header says so)')
-        name = _read(fp, name_length).decode('utf-8' if info.flag_bits & UTF8_FLAG else 'cp437',
-                                             'replace')
-        if name != info.filename:
-            raise MemberError(f'the zip directory names {info.filename!r} but the local header '
-                              f'{name!r}')
-        self.position = fp.seek(extra_length, 1)
-        self.left = info.compress_size  # stored bytes not yet read
-        self.produced = 0
-        self.crc = 0
-        self.inflater = deflate_module.decompressobj(-15) if info.compress_type else None
-        self.pending = b''  # inflater input not yet consumed
-
-    def _raw(self, limit: int) -> bytes:
-        count = min(limit, self.left)
-        self.fp.seek(self.position)
-        data = self.fp.read(count)
-        if len(data) < count:
-            raise MemberError(f'truncated: the file ends {self.left - len(data)} bytes early')
-        self.position += len(data)
-        self.left -= len(data)
-        return data
-
-    def readinto(self, buffer) -> int:
-        """Fills ``buffer`` completely with the next data bytes, or raises MemberError."""
-        buffer = memoryview(buffer).cast('B')
-        wanted = len(buffer)
-        if self.produced + wanted > self.info.file_size:
-            raise MemberError(f'asked for {self.produced + wanted} bytes of a member of '
-                              f'{self.info.file_size}')
-        if self.inflater is None:
-            if wanted > self.left:
-                raise MemberError('stored sizes disagree')
-            self.fp.seek(self.position)
-            for start in range(0, wanted, PIECE):  # CRC each piece while it is in the cache
-                piece = buffer[start:start + PIECE]
-                done = 0
-                while done < len(piece):
-                    count = self.fp.readinto(piece[done:])
-                    if not count:
-                        raise MemberError(f'truncated: the file ends {wanted - start - done} '
-                                          f'bytes early')
-                    done += count
-                self.crc = crc32(piece, self.crc)
-            self.position += wanted
-            self.left -= wanted
-        else:
-            done = 0
-            while done < wanted:
-                if not self.pending and self.left:
-                    self.pending = self._raw(PIECE)
-                try:  # with no input left, this drains what the inflater holds
-                    data = self.inflater.decompress(self.pending, min(PIECE, wanted - done))
-                except DEFLATE_ERRORS as error:
-                    raise MemberError(f'corrupt deflate data: {error}') from None
-                self.pending = self.inflater.unconsumed_tail
-                buffer[done:done + len(data)] = data
-                done += len(data)
-                self.crc = crc32(data, self.crc)
-                if done < wanted and not data and not self.pending and not self.left:
-                    raise MemberError(f'the deflate stream ends {wanted - done} bytes early')
-        self.produced += wanted
-        return wanted
-
-    def read(self, count: int) -> bytes:
-        """The next ``count`` data bytes (all of them, or MemberError)."""
-        buffer = bytearray(count)
-        self.readinto(buffer)
-        return bytes(buffer)
-
-    def finish(self) -> None:
-        """Checks that the whole member was read and that its CRC matches the directory's."""
-        if self.produced != self.info.file_size:
-            raise MemberError(f'read {self.produced} of {self.info.file_size} bytes')
-        if self.inflater is not None and not self.inflater.eof:
-            try:
-                extra = self.inflater.decompress(self.pending + self._raw(self.left), 1)
-            except DEFLATE_ERRORS as error:
-                raise MemberError(f'corrupt deflate data: {error}') from None
-            if extra or not self.inflater.eof:
-                raise MemberError('the deflate stream holds more than the directory says')
-            self.pending = self.inflater.unconsumed_tail
-        if self.inflater is not None:
-            trailing = len(self.pending) + len(self.inflater.unused_data) + self.left
-            if trailing:
-                raise MemberError(f'the member holds {trailing} bytes after the end of its '
-                                  f'deflate stream')
-        if self.crc != self.info.CRC:
-            raise MemberError(f'CRC mismatch (directory {self.info.CRC:08x}, data '
-                              f'{self.crc:08x}): the data is corrupt')
-
-
-def _read(fp, count: int) -> bytes:
-    data = fp.read(count)
-    if len(data) < count:
-        raise MemberError(f'truncated: {len(data)} of {count} header bytes')
-    return data

@@ -10,7 +10,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import math
 import os
+
+try:
+    import resource
+except ImportError:  # pragma: no cover - not on Windows
+    resource = None
 
 import h5py
 import numpy
@@ -32,6 +38,9 @@ __all__ = ['HDF5Deserializer', 'HDF5Serializer', 'load_hdf5', 'save_hdf5']
 MAX_FILTER_RATIO = 1032  # gzip cannot expand data more than this: bounds a dataset's claims
 FREE_ALLOCATION_BYTES = 64 << 20  # a dataset whose chunks are unwritten may claim this much
 MIN_HOST_BLOCK_BYTES = 1 << 20  # host arrays are written and read in blocks at least this large
+HDF5_ENTRY_BYTES = 4 << 10  # what a dataset costs beyond its data, at most (headers, indexes)
+HDF5_FILE_BYTES = 1 << 20  # and the file itself
+HDF5_SPARE_BYTES = 256 << 20  # free space left beyond twice the file's: room for others' writes
 
 
 class HDF5Serializer(Serializer):
@@ -55,7 +64,7 @@ class HDF5Serializer(Serializer):
         self.compression = compression
         self.progress = progress
         self.name = _file_name(group) if name is None else name
-        self._entries: list[tuple[h5py.Group, str, str, object]] | None = None  # in save()
+        self._plan: _Plan | None = None  # while collecting: the groups and entries stored
 
     def __getitem__(self, key: str) -> HDF5Serializer:
         name = child_path('', key).rstrip('/')
@@ -64,66 +73,108 @@ class HDF5Serializer(Serializer):
         except (TypeError, ValueError) as error:  # a dataset of that name is in the way
             raise KeyCollisionError(f'{self.name!r}, key {_dataset_path(self.group, name)[1:]!r}: '
                                     f'cannot make a group here: {error}') from None
+        if self._plan is not None:
+            self._plan.groups.append(group.name)
         child = object.__new__(type(self))
         child.__dict__.update(self.__dict__, group=group)
         return child
 
     def __call__(self, key: str, value):
         key = entry_key('', key)
-        if self._entries is not None:
-            self._entries.append((self.group, key, _dataset_path(self.group, key), value))
+        if self._plan is not None:
+            self._plan.entries.append((self.group, key, _dataset_path(self.group, key), value))
         else:
             write_entry(self.group, key, value, self.compression, self.name)
         return value
 
     def save(self, obj) -> None:
         """Serializes ``obj`` (calling its ``serialize`` once), then writes what it stored."""
-        entries: list = []
-        self._entries = entries
+        self.write(self.collect(obj))
+
+    def collect(self, obj) -> _Plan:
+        """Calls ``obj.serialize`` once and returns what it stored, its keys checked."""
+        plan = _Plan()
+        self._plan = plan
         try:
             as_serializable(obj).serialize(self)
         except InvalidKeyError as error:
             raise InvalidKeyError(f'{self.name!r}, {error}') from None
         finally:
-            self._entries = None
-        _check_keys(self.group, entries, self.name)
-        total = sum(value.nbytes for _, _, _, value in entries if devices.is_array(value))
-        with _progress.bar(total, f'save {self.name}', self.progress) as shown:
-            for group, key, _, value in entries:
+            self._plan = None
+        _check_keys(plan, self.name)
+        return plan
+
+    def write(self, plan: _Plan, root: h5py.Group | None = None) -> None:
+        """Writes what :meth:`collect` gathered; a plan made on planned groups (see
+        :func:`save_hdf5`) is written into ``root``, its groups made there first."""
+        groups = {}
+        if root is not None:
+            groups[root.name] = root
+            for path in plan.groups:
+                groups[path] = root.require_group(path)
+        with _progress.bar(plan.nbytes, f'save {self.name}', self.progress) as shown:
+            for group, key, _, value in plan.entries:
                 _signals.check()
+                if root is not None:
+                    group = groups[group.name]
                 write_entry(group, key, value, self.compression, self.name, shown)
 
 
-def _file_name(group: h5py.Group) -> str:
+class _Plan:
+    """What one save stores: the groups asked for, then the entries ``(group, key, path,
+    value)``, in order."""
+
+    def __init__(self):
+        self.groups: list[str] = []
+        self.entries: list[tuple] = []
+
+    @property
+    def nbytes(self) -> int:
+        return sum(value.nbytes for *_, value in self.entries if devices.is_array(value))
+
+
+class _Planned:
+    """A group that will be made once the save knows what to write: its path, for the
+    serializer to work with while ``serialize`` runs."""
+
+    def __init__(self, name: str = '/'):
+        self.name = name
+
+    def require_group(self, name: str) -> _Planned:
+        return _Planned(self.name.rstrip('/') + '/' + name)
+
+
+def _file_name(group) -> str:
     try:
         return display_name(group.file.filename)
     except (AttributeError, ValueError):
         return '<hdf5>'
 
 
-def _where(name: str, group: h5py.Group, key: str) -> str:
+def _where(name: str, group, key: str) -> str:
     return f'{name!r}, key {_dataset_path(group, key)[1:]!r}'
 
 
-def _dataset_path(group: h5py.Group, key: str) -> str:
+def _dataset_path(group, key: str) -> str:
     return group.name.rstrip('/') + '/' + key
 
 
-def _check_keys(root: h5py.Group, entries: list, name: str) -> None:
-    """Raises before anything is written if two entries share a path, or one is another's group."""
+def _check_keys(plan: _Plan, name: str) -> None:
+    """Raises before anything is written if two entries share a path, or one is another's
+    group (or a group ``serialize`` asked for)."""
     sources: dict[str, str] = {}
-    for group, key, path, _ in entries:
+    for group, key, path, _ in plan.entries:
         source = f'key {key!r} of group {group.name!r}'
         if path in sources:
             raise KeyCollisionError(f'{name!r}, key {path[1:]!r}: stored twice, as '
                                     f'{sources[path]} and as {source}')
         sources[path] = source
-    check_paths(sources, name, root)
+    check_paths(sources, name, set(plan.groups))
 
 
-def check_paths(sources: dict[str, str], name: str, root: h5py.Group | None = None) -> None:
+def check_paths(sources: dict[str, str], name: str, groups: set[str] = frozenset()) -> None:
     """Raises if a dataset path (``'/a/b'``: its source, for messages) would have to be a group
-    for another path, or (in ``root``'s file) is a group already."""
+    for another path, or is one of ``groups``."""
     for path, source in sources.items():
         parent = path.rsplit('/', 1)[0]
         while parent:
@@ -131,7 +182,7 @@ def check_paths(sources: dict[str, str], name: str, root: h5py.Group | None = No
                 raise KeyCollisionError(f'{name!r}, key {parent[1:]!r}: a dataset '
                                         f'({sources[parent]}) where {source} needs a group')
             parent = parent.rsplit('/', 1)[0]
-        if root is not None and isinstance(root.file.get(path), h5py.Group):
+        if path in groups:
             raise KeyCollisionError(f'{name!r}, key {path[1:]!r}: a group of that name holds '
                                     f'other entries, so {source} cannot be a dataset')
 
@@ -200,12 +251,15 @@ def _block_bytes(host: bool) -> int:
     return max(chunk_bytes, MIN_HOST_BLOCK_BYTES) if host else chunk_bytes
 
 
-def _read_blocks(dataset: h5py.Dataset, shape: tuple, itemsize: int, host: bool) -> list:
+def _read_blocks(dataset: h5py.h5d.DatasetID, shape: tuple, itemsize: int, host: bool) -> list:
     """Hyperslabs of at most a block, whole bands of the dataset's HDF5 chunks where they fit,
     so that no HDF5 chunk is read (and decompressed) twice."""
     chunk_bytes = _block_bytes(host)
-    if dataset.chunks and len(shape) > 1:
-        band = itemsize * dataset.chunks[0]
+    if itemsize * math.prod(shape) <= chunk_bytes:
+        return list(transfer.hyperslabs(shape, itemsize, chunk_bytes))
+    chunks = _chunks(dataset)
+    if chunks and len(shape) > 1:
+        band = itemsize * chunks[0]
         for extent in shape[1:]:
             band *= extent
         if 0 < band <= chunk_bytes:
@@ -227,16 +281,18 @@ class _GroupReader(loading.Reader):
         return self._entries[key]
 
     def _lookup(self, key: str) -> loading.Entry | None:
+        """The dataset at ``key``, through libhdf5's own calls (h5py's objects cost more than
+        a small dataset's read)."""
         where = self.where(key)
         try:
-            found = self.group.get(key)
-        except (OSError, KeyError, ValueError) as error:
-            raise CorruptFileError(f'{where}: {error}') from None
-        if found is None:
+            found = h5py.h5o.open(self.group.id, key.encode('utf-8'))
+        except KeyError:  # no such path, a dangling link, a path through a dataset
             return None
-        if not isinstance(found, h5py.Dataset):
-            raise MismatchError(f'{where}: is an HDF5 {type(found).__name__.lower()}, '
-                                f'not a dataset')
+        except (OSError, ValueError, RuntimeError) as error:
+            raise CorruptFileError(f'{where}: {error}') from None
+        if not isinstance(found, h5py.h5d.DatasetID):
+            kind = 'group' if isinstance(found, h5py.h5g.GroupID) else 'datatype'
+            raise MismatchError(f'{where}: is an HDF5 {kind}, not a dataset')
         try:  # a corrupt file's datatype or dataspace fails to decode here
             shape, dtype = found.shape, found.dtype
         except (OSError, KeyError, ValueError, TypeError, RuntimeError) as error:
@@ -257,12 +313,11 @@ class _GroupReader(loading.Reader):
         """
         if not allocating:
             return
-        dataset = entry.token
-        stored = self._guard(entry, dataset.id.get_storage_size)
+        stored = self._guard(entry, entry.token.get_storage_size)
         claimed = entry.nbytes
         if claimed <= max(stored, 1) * MAX_FILTER_RATIO:
             return
-        if dataset.chunks is not None and claimed <= FREE_ALLOCATION_BYTES:
+        if _chunks(entry.token) is not None and claimed <= FREE_ALLOCATION_BYTES:
             return  # unwritten chunks: the fill value
         raise CorruptFileError(f'{self.where(entry.key)}: the dataset claims {claimed} bytes '
                                f'(dtype {entry.dtype}, shape {entry.shape}) but stores only '
@@ -270,10 +325,12 @@ class _GroupReader(loading.Reader):
                                f'into an existing array)')
 
     def read_scalar(self, entry: loading.Entry) -> numpy.ndarray:
-        dataset = entry.token
-        if h5py.check_string_dtype(dataset.dtype) is not None:
+        if h5py.check_string_dtype(entry.dtype) is not None:
+            dataset = h5py.Dataset(entry.token)
             return numpy.asarray(self._guard(entry, lambda: dataset.asstr()[()]))
-        return numpy.asarray(self._guard(entry, lambda: dataset[()]))
+        stored = numpy.empty(entry.shape, entry.dtype)
+        self._guard(entry, lambda: entry.token.read(h5py.h5s.ALL, h5py.h5s.ALL, stored))
+        return stored
 
     def read_into(self, entry: loading.Entry, dst) -> None:
         dataset = entry.token
@@ -281,6 +338,11 @@ class _GroupReader(loading.Reader):
             return
         host = devices.backend_of(dst).is_host and dst.flags.c_contiguous
         blocks = _read_blocks(dataset, dst.shape, dst.dtype.itemsize, host)
+        if host and len(blocks) == 1:  # the whole dataset in one read, as h5py's read_direct
+            self._guard(entry, lambda: dataset.read(h5py.h5s.ALL, h5py.h5s.ALL, dst))
+            self.progress.update(dst.nbytes)
+            return
+        dataset = h5py.Dataset(dataset)  # selections of blocks: h5py's
         if host:
             for index, _, _ in blocks:  # straight into the array, a block at a time
                 _signals.check()
@@ -307,6 +369,12 @@ class _GroupReader(loading.Reader):
             return read()
         except (OSError, TypeError, ValueError, RuntimeError) as error:  # h5py's, on bad files
             raise CorruptFileError(f'{self.where(entry.key)}: {error}') from None
+
+
+def _chunks(dataset: h5py.h5d.DatasetID) -> tuple | None:
+    """The dataset's chunk shape, or None when it is not chunked."""
+    plist = dataset.get_create_plist()
+    return plist.get_chunk() if plist.get_layout() == h5py.h5d.CHUNKED else None
 
 
 class HDF5Deserializer(loading.ReaderDeserializer):
@@ -355,21 +423,44 @@ def save_hdf5(filename, obj, compression: int = 4, *, durable: bool = True,
     complete: a failed save leaves the old file as it was.
     """
     name = display_name(filename)
+    serializer = HDF5Serializer(_Planned(), compression, progress=progress, name=name)
+    plan = serializer.collect(obj)  # serialize once; nothing is written before it returns
     if not is_path(filename):
         with _signals.deferred():
-            _write_hdf5(filename, obj, compression, progress, name)
+            _write_guarded(filename, serializer, plan)
         return
-    with atomic_path(filename, durable=durable) as temp, open(temp, 'x+b', buffering=0) as out, \
-            _signals.deferred():  # Ctrl-C stops the save before the rename
-        _write_hdf5(out, obj, compression, progress, name)
+    with atomic_path(filename, durable=durable) as temp, _signals.deferred():
+        if _roomy(os.path.dirname(temp) or '.', plan):  # libhdf5 writes the file itself
+            open(temp, 'xb').close()  # Python's own error if it cannot be made
+            os.unlink(temp)  # for libhdf5 to create: truncating a file makes ext4 flush on close
+            with h5py.File(temp, 'x') as f:
+                serializer.write(plan, f)
+        else:  # near a full disk: every write through Python, where a failure can be kept
+            with open(temp, 'x+b', buffering=0) as out:
+                _write_guarded(out, serializer, plan)
 
 
-def _write_hdf5(out, obj, compression: int, progress: bool | None, name: str) -> None:
-    """Writes ``obj`` as HDF5 into the binary file ``out``; raises the first write error."""
+def _roomy(directory: str, plan: _Plan) -> bool:
+    """Whether the disk has room to spare for the file: libhdf5 crashes the process when a write
+    fails as it closes a file (HDF5 2.0), so a save that might fill the disk writes through
+    :class:`_KeptErrorFile` instead, more slowly (about 1.5 times for many small entries)."""
+    needed = plan.nbytes + len(plan.entries) * HDF5_ENTRY_BYTES + HDF5_FILE_BYTES
+    try:
+        info = os.statvfs(directory)
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]  # a process's own file size limit
+    except (OSError, AttributeError, NameError):
+        return False
+    if limit != resource.RLIM_INFINITY and limit < 2 * needed:
+        return False
+    return info.f_bavail * info.f_frsize >= 2 * needed + HDF5_SPARE_BYTES
+
+
+def _write_guarded(out, serializer: HDF5Serializer, plan: _Plan) -> None:
+    """Writes ``plan`` as HDF5 into the binary file ``out``; raises the first write error."""
     guarded = _KeptErrorFile(out)
     try:
         with h5py.File(guarded, 'w') as f:
-            HDF5Serializer(f, compression, progress=progress, name=name).save(obj)
+            serializer.write(plan, f)
     except BaseException:
         if guarded.error is None:
             raise

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import h5py
 import numpy
 
-from gpuserial import _npy, _signals, _zipstream, hdf5, loading, npz, transfer
+from gpuserial import _npy, _signals, _zipread, _zipstream, hdf5, loading, npz, transfer
 from gpuserial._fileio import atomic_output, atomic_path
 from gpuserial.errors import CorruptFileError
 from gpuserial.progress import bar, counted
@@ -179,7 +179,7 @@ def _inspect_npz(path: str) -> list[EntryInfo]:
                                        f'({size} bytes): truncated?')
             try:
                 kind, header = _npz_header(archive.fp, info)
-            except (_npy.HeaderError, _zipstream.MemberError, OSError, EOFError) as error:
+            except (_npy.HeaderError, _zipread.ZipError, OSError, EOFError) as error:
                 raise CorruptFileError(f'{where}: {error}') from None
             if kind == 'array' and info.file_size != header.length + header.nbytes:
                 raise CorruptFileError(f'{where}: the member holds {info.file_size} bytes but '
@@ -193,7 +193,7 @@ def _inspect_npz(path: str) -> list[EntryInfo]:
 
 def _npz_header(fp, info) -> tuple[str, _npy.Header]:
     """A member's kind and ``.npy`` header, read from its first bytes (never its data)."""
-    member = _zipstream.MemberReader(fp, info)
+    member = _zipread.MemberReader(fp, info)
     prefix = member.read(min(_npy.PREFIX_LEN + 4, info.file_size))
     length = _npy.header_length(prefix)
     if length > info.file_size:

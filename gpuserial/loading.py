@@ -20,6 +20,8 @@ part of the bad data (its ``partly_filled``).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 
 import numpy
 
@@ -39,7 +41,7 @@ MAX_SCALAR_BYTES = 1 << 20  # a scalar entry larger than this is not a scalar
 MAX_NAMED_IN_ERRORS = 8  # arrays listed by name in a message about a load that stopped
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class Entry:
     """What a file holds under one key, as far as its metadata says (already checked)."""
 
@@ -54,7 +56,7 @@ class Entry:
 
     @property
     def size(self) -> int:
-        return int(numpy.prod(self.shape, dtype=object)) if self.shape is not None else 0
+        return math.prod(self.shape) if self.shape is not None else 0
 
     @property
     def nbytes(self) -> int:
@@ -130,6 +132,12 @@ def _stopped(error: GpuserialError, key: str, filled: list[str], count: int
     return stopped
 
 
+@functools.lru_cache(maxsize=1024)
+def _casts(stored: numpy.dtype, target: numpy.dtype) -> bool:
+    """Whether stored values load into the target's dtype (NumPy's ``same_kind``)."""
+    return bool(numpy.can_cast(stored, target, 'same_kind'))
+
+
 class ReaderDeserializer(Deserializer):
     """Deserializer over a :class:`Reader`, with Chainer's semantics.
 
@@ -192,7 +200,7 @@ class ReaderDeserializer(Deserializer):
 
     def __call__(self, key: str, value):
         key = entry_key(self.path, key)
-        if is_ignored(key, self.ignore_names):
+        if self.ignore_names is not None and is_ignored(key, self.ignore_names):
             return value
         entry = self.reader.entry(key)
         if entry is None:
@@ -203,7 +211,7 @@ class ReaderDeserializer(Deserializer):
             return None
         if value is None:
             return self._new_array(entry, entry.dtype)
-        if devices.is_array(value):
+        if type(value) is numpy.ndarray or devices.is_array(value):
             return self._load_array(entry, value)
         return self._load_scalar(entry, value)
 
@@ -223,7 +231,7 @@ class ReaderDeserializer(Deserializer):
         if tuple(value.shape) != entry.shape:
             raise MismatchError(f'{self.reader.where(entry.key)}: stored shape {entry.shape} '
                                 f'does not match the target shape {tuple(value.shape)}')
-        if not numpy.can_cast(entry.dtype, value.dtype, 'same_kind'):
+        if not _casts(entry.dtype, value.dtype):
             raise MismatchError(f'{self.reader.where(entry.key)}: stored dtype {entry.dtype} '
                                 f'does not cast to the target dtype {value.dtype} (same_kind)')
         if (self.device is not None and self._new_arrays_on_device

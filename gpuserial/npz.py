@@ -8,15 +8,15 @@ whole-file or whole-model buffer, and every member's checksum is checked on read
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import zipfile
-import zlib
 from collections.abc import Mapping
 from typing import BinaryIO
 
 import numpy
 
-from gpuserial import _npy, _zipstream, devices, loading, transfer
+from gpuserial import _npy, _zipread, _zipstream, devices, loading, transfer
 from gpuserial import progress as _progress
 from gpuserial._fileio import atomic_output, display_name, is_path, open_input
 from gpuserial.errors import CorruptFileError, InvalidKeyError, KeyCollisionError, UnsafeFileError
@@ -26,6 +26,10 @@ __all__ = ['DictionarySerializer', 'NpzDeserializer', 'load_npz', 'save_npz', 's
 
 SUFFIX = '.npy'
 MAX_DEFLATE_RATIO = 1032  # deflate cannot expand data more than this: bounds a member's claims
+SMALL_BYTES = 1 << 20  # arrays up to this size load in one read, without the staging engine
+HEADER_GUESS = 256  # bytes read for a member's .npy header, which numpy pads to 128
+READ_ERRORS = (_zipread.ZipError, OSError, EOFError)  # a member's, named with the file and key
+SMALL_MEMBER_BYTES = 64 << 10  # host arrays up to this size are written whole, with neighbours
 
 
 class DictionarySerializer(Serializer):
@@ -114,13 +118,19 @@ def write_npz(out: BinaryIO, entries: Mapping[str, object], compression: bool,
     """Writes ``entries`` (arrays of any backend, or 0-d object arrays holding None) as NPZ."""
     with _zipstream.ZipWriter(out, compression=compression) as archive:
         for key, array in entries.items():
-            if _is_stored_none(array):
-                archive.write_member(key + SUFFIX, [_npy.none_member()])
-                continue
             if array.dtype.hasobject:
-                raise TypeError(f'cannot save key {key!r}: object arrays other than None '
-                                f'are not supported')
+                if not _is_stored_none(array):
+                    raise TypeError(f'cannot save key {key!r}: object arrays other than None '
+                                    f'are not supported')
+                archive.write_small_member(key + SUFFIX, _npy.none_member())
+                continue
             header = _npy.encode_header(array.dtype, array.shape)
+            if (array.nbytes <= SMALL_MEMBER_BYTES and isinstance(array, numpy.ndarray)
+                    and array.flags.c_contiguous):  # held whole: many to one write
+                archive.write_small_member(key + SUFFIX, header,
+                                           array.reshape(-1).view(numpy.uint8))
+                shown.update(array.nbytes)
+                continue
             with contextlib.closing(transfer.host_chunks(array)) as chunks:  # also on failure
                 archive.write_member(key + SUFFIX,
                                      _chain([header], _progress.counted(chunks, shown)))
@@ -132,23 +142,51 @@ def _chain(*iterables):
 
 
 def _is_stored_none(array) -> bool:
-    return (isinstance(array, numpy.ndarray) and array.dtype.hasobject and array.shape == ()
-            and array[()] is None)
+    return isinstance(array, numpy.ndarray) and array.shape == () and array[()] is None
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading
 
 
+class Archive:
+    """An open NPZ's zip: its members from the central directory and a windowed reader.
+
+    Args:
+        fp: the zip's binary file object (seekable).
+        members: the members (default: read from ``fp``'s central directory).
+        owned: close ``fp`` with the archive.
+    """
+
+    def __init__(self, fp: BinaryIO, members: list | None = None, owned: bool = False):
+        self.raw = fp
+        self.members = _zipread.read_directory(fp) if members is None else members
+        self.fp = _zipread.WindowedFile(fp)
+        self.size = fp.seek(0, os.SEEK_END)
+        self.owned = owned
+
+    def infolist(self) -> list:
+        return self.members
+
+    def close(self) -> None:
+        if self.owned:
+            self.raw.close()
+
+    def __enter__(self) -> Archive:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
 class _ZipReader(loading.Reader):
     """Entries of an NPZ zip, read member by member; headers parsed once and checked."""
 
-    def __init__(self, archive: zipfile.ZipFile, name: str):
+    def __init__(self, archive: Archive, name: str):
         self.archive = archive
         self.name = name
         self._infos = npy_members(archive, name)
         self._entries: dict[str, loading.Entry | None] = {}
-        self._file_size = _stream_size(archive.fp)
 
     def keys(self) -> list[str]:
         return list(self._infos)
@@ -159,69 +197,114 @@ class _ZipReader(loading.Reader):
             self._entries[key] = None if info is None else self._parse(key, info)
         return self._entries[key]
 
-    def _parse(self, key: str, info: zipfile.ZipInfo) -> loading.Entry:
-        where = self.where(key)
-        if info.header_offset < 0:
-            raise CorruptFileError(f'{where}: the zip directory puts the member at offset '
-                                   f'{info.header_offset}, before the start of the file')
-        if info.header_offset + info.compress_size > self._file_size:
-            raise CorruptFileError(f'{where}: the member runs past the end of the file '
-                                   f'({self._file_size} bytes): truncated?')
-        with self._guard(key):
-            member = _zipstream.MemberReader(self.archive.fp, info)
-            prefix = member.read(min(_npy.PREFIX_LEN + 4, info.file_size))
-            try:
-                length = _npy.header_length(prefix)
-                if length > info.file_size:
-                    raise _npy.HeaderError(f'a header of {length} bytes in a member of '
-                                           f'{info.file_size}')
-                header = _npy.decode_header(prefix + member.read(length - len(prefix)))
-            except _npy.HeaderError as error:
-                raise CorruptFileError(f'{where}: {error}') from None
-            if header.is_object:
-                payload_length = info.file_size - header.length
-                payload = (member.read(payload_length)
-                           if payload_length <= _npy.NONE_PICKLE_MAX_LEN else b'')
-                if _npy.is_chainer_none(header, payload):
-                    return loading.Entry(key, None, None, info)
-                raise UnsafeFileError(f'{where}: holds a pickled object array of dtype '
-                                      f'{header.dtype} and shape {header.shape}; gpuserial never '
-                                      f'unpickles (only Chainer\'s None is accepted)')
-        if header.dtype.itemsize == 0 and header.size:
-            raise CorruptFileError(f'{where}: zero-size items of dtype {header.dtype}')
-        expected = header.length + header.nbytes
-        if info.file_size != expected:
-            raise CorruptFileError(f'{where}: the member holds {info.file_size} bytes but its '
-                                   f'header claims {expected} (dtype {header.dtype}, shape '
-                                   f'{header.shape}): truncated or corrupt')
-        return loading.Entry(key, header.shape, header.dtype, (info, header))
-
-    @contextlib.contextmanager
-    def _guard(self, key: str):
-        """Turns a member's read errors into a CorruptFileError naming the file and key."""
+    def _parse(self, key: str, info) -> loading.Entry:
         try:
-            yield
-        except (_zipstream.MemberError, OSError, EOFError) as error:
+            return self._parsed(key, info)
+        except (_npy.HeaderError, *READ_ERRORS) as error:
             raise CorruptFileError(f'{self.where(key)}: {error}') from None
 
+    def _parsed(self, key: str, info) -> loading.Entry:
+        if info.header_offset < 0:
+            raise _zipread.MemberError(f'the zip directory puts the member at offset '
+                                       f'{info.header_offset}, before the start of the file')
+        if info.header_offset + info.compress_size > self.archive.size:
+            raise _zipread.MemberError(f'the member runs past the end of the file '
+                                       f'({self.archive.size} bytes): truncated?')
+        _zipread.check_member(info)
+        if info.compress_type == _zipstream.STORED:
+            data_start, head = self._stored_header(info)
+            member = None
+        else:
+            data_start = _zipread.data_start_of(self.archive.fp, info)
+            member = _InflatedHead(self.archive.fp, info, data_start)
+            head = member.read_header()
+        header = _npy.decode_header(head)
+        if header.is_object:
+            payload_length = info.file_size - header.length
+            payload = b''
+            if payload_length <= _npy.NONE_PICKLE_MAX_LEN:
+                payload = (bytes(self.archive.fp.view(data_start + header.length,
+                                                      payload_length))
+                           if member is None else member.read(payload_length))
+            if _npy.is_chainer_none(header, payload):
+                return loading.Entry(key, None, None, info)
+            raise UnsafeFileError(f'{self.where(key)}: holds a pickled object array of dtype '
+                                  f'{header.dtype} and shape {header.shape}; gpuserial never '
+                                  f'unpickles (only Chainer\'s None is accepted)')
+        if header.dtype.itemsize == 0 and header.size:
+            raise _npy.HeaderError(f'zero-size items of dtype {header.dtype}')
+        expected = header.length + header.nbytes
+        if info.file_size != expected:
+            raise _zipread.MemberError(f'the member holds {info.file_size} bytes but its header '
+                                       f'claims {expected} (dtype {header.dtype}, shape '
+                                       f'{header.shape}): truncated or corrupt')
+        return loading.Entry(key, header.shape, header.dtype, (info, header, data_start))
+
+    def _stored_header(self, info) -> tuple[int, bytes]:
+        """Where a stored member's data starts (its local header checked) and its ``.npy``
+        header, from the window."""
+        data_start, head = _zipread.stored_head(self.archive.fp, info, HEADER_GUESS)
+        length = _npy.header_length(head)
+        if length > info.file_size:
+            raise _npy.HeaderError(f'a header of {length} bytes in a member of '
+                                   f'{info.file_size}')
+        if length > len(head):
+            head = self.archive.fp.view(data_start, length)
+            if len(head) < length:
+                raise _zipread.MemberError('truncated: the file ends within the .npy header')
+        return data_start, bytes(head[:length])
+
     def check_size(self, entry: loading.Entry, allocating: bool = False) -> None:
-        info, header = entry.token
+        info, header, _ = entry.token
         if header.nbytes > max(info.compress_size, 1) * MAX_DEFLATE_RATIO:
             raise CorruptFileError(f'{self.where(entry.key)}: header claims {header.nbytes} '
                                    f'bytes, more than {info.compress_size} stored bytes can hold')
 
+    def in_read_order(self, fills: list) -> list:
+        return sorted(fills, key=lambda fill: fill[0].token[0].header_offset)
+
     def read_into(self, entry: loading.Entry, dst) -> None:
-        info, header = entry.token
-        with self._guard(entry.key):
-            member = _zipstream.MemberReader(self.archive.fp, info)
+        info, header, data_start = entry.token
+        target = dst.T if header.fortran_order else dst
+        try:
+            if (info.compress_type == _zipstream.STORED and header.nbytes <= SMALL_BYTES
+                    and isinstance(target, numpy.ndarray) and target.flags.c_contiguous
+                    and target.dtype == header.dtype):  # small: one read, no staging
+                _zipread.read_stored(self.archive.fp, info, data_start, header.length,
+                                     target.reshape(-1).view(numpy.uint8))
+                self.progress.update(header.nbytes)
+                return
+            member = _zipread.MemberReader(self.archive.fp, info, data_start)
             member.read(header.length)
 
             def read_into(buffer: memoryview) -> None:
                 member.readinto(buffer)
                 self.progress.update(len(buffer))
 
-            transfer.fill(dst.T if header.fortran_order else dst, read_into, header.dtype)
+            transfer.fill(target, read_into, header.dtype)
             member.finish()
+        except READ_ERRORS as error:
+            raise CorruptFileError(f'{self.where(entry.key)}: {error}') from None
+
+
+class _InflatedHead:
+    """The first bytes of a deflated member, for its ``.npy`` header (the data is checked only
+    for its length here; its CRC when the array is read)."""
+
+    def __init__(self, fp, info, data_start: int):
+        self.member = _zipread.MemberReader(fp, info, data_start)
+        self.size = info.file_size
+
+    def read_header(self) -> bytes:
+        """The whole ``.npy`` header, as long as its first bytes say (at most the member)."""
+        prefix = self.member.read(min(_npy.PREFIX_LEN + 4, self.size))
+        length = _npy.header_length(prefix)
+        if length > self.size:
+            raise _npy.HeaderError(f'a header of {length} bytes in a member of {self.size}')
+        return prefix + self.member.read(length - len(prefix))
+
+    def read(self, count: int) -> bytes:
+        return self.member.read(count)
 
 
 def npy_members(archive: zipfile.ZipFile, name: str) -> dict[str, zipfile.ZipInfo]:
@@ -238,13 +321,6 @@ def npy_members(archive: zipfile.ZipFile, name: str) -> dict[str, zipfile.ZipInf
                                f'members, none of them .npy ({", ".join(map(repr, names))}'
                                f'{", ..." if len(archive.infolist()) > 3 else ""})')
     return members
-
-
-def _stream_size(fp) -> int:
-    position = fp.tell()
-    size = fp.seek(0, os.SEEK_END)
-    fp.seek(position)
-    return size
 
 
 class _MappingReader(loading.Reader):
@@ -293,7 +369,10 @@ def _reader_of(npz, name: str | None = None) -> loading.Reader:
     if isinstance(npz, zipfile.ZipFile):
         archive = npz
     if isinstance(archive, zipfile.ZipFile):
-        return _ZipReader(archive, name or display_name(archive.fp))
+        return _ZipReader(Archive(archive.fp, archive.infolist()),
+                          name or display_name(archive.fp))
+    if isinstance(npz, Archive):
+        return _ZipReader(npz, name or display_name(npz.raw))
     if isinstance(npz, Mapping):
         return _MappingReader(npz)
     raise TypeError(f'NpzDeserializer needs an NPZ file opened by gpuserial or numpy.load, a '
@@ -324,23 +403,31 @@ class NpzDeserializer(loading.ReaderDeserializer):
         self.npz = npz
 
 
-def open_npz(file) -> zipfile.ZipFile:
-    """Opens an NPZ file (a path or a binary file object) as a zip, with clear errors."""
+def open_npz(file) -> Archive:
+    """Opens an NPZ file (a path or a seekable binary file object), with clear errors."""
     name = display_name(file)
     try:
-        return zipfile.ZipFile(file if not is_path(file) else os.fspath(file))
+        fp = open(os.fspath(file), 'rb') if is_path(file) else file
     except FileNotFoundError:
         raise FileNotFoundError(f'{name!r}: no such file') from None
     except IsADirectoryError:
         raise IsADirectoryError(f'{name!r}: is a directory, not an NPZ file') from None
-    except PermissionError:
+    try:
+        return Archive(fp, owned=is_path(file))
+    except BaseException as error:
+        if is_path(file):
+            fp.close()
+        if isinstance(error, _zipread.NotAZip):  # say what the file is instead
+            raise CorruptFileError(f'{name!r}: not an NPZ (zip) file: '
+                                   f'{_why_not_a_zip(file) or error}') from None
+        if isinstance(error, (_zipread.ZipError, UnicodeDecodeError, EOFError, ValueError)):
+            raise CorruptFileError(f'{name!r}: not an NPZ (zip) file: {error}') from None
+        if isinstance(error, (AttributeError, io.UnsupportedOperation)):
+            raise CorruptFileError(f'{name!r}: not an NPZ (zip) file: reading it needs a '
+                                   f'seekable file ({error})') from None
+        if isinstance(error, OSError) and not isinstance(error, PermissionError):
+            raise CorruptFileError(f'{name!r}: cannot read the zip directory: {error}') from None
         raise
-    except zipfile.BadZipFile as error:  # "File is not a zip file": say what it is instead
-        raise CorruptFileError(f'{name!r}: not an NPZ (zip) file: '
-                               f'{_why_not_a_zip(file) or error}') from None
-    except (zlib.error, EOFError, ValueError, OSError,
-            NotImplementedError) as error:  # zipfile's "zip file version" is the last
-        raise CorruptFileError(f'{name!r}: not an NPZ (zip) file: {error}') from None
 
 
 def _why_not_a_zip(file) -> str:

@@ -161,7 +161,7 @@ def check_zip_records(data: bytes, zip64_limit: int = MARKER32) -> list[dict]:
             assert (field == MARKER32) == (value >= zip64_limit), (name, value, field)
         members.append(dict(name=name, offset=offset, size=real_size,
                             compressed=real_compressed, crc=crc, flags=flags, method=method))
-        _check_local(data, members[-1], needed)
+        _check_local(data, members[-1], needed, zip64_limit)
         position += CENTRAL_RECORD.size + name_length + extra_length + comment_length
     assert position == start + size, 'the directory size in the end record'
     ends = [m['end'] for m in members]
@@ -180,7 +180,7 @@ def _zip64_values(extra: bytes) -> list[int]:
     return values
 
 
-def _check_local(data: bytes, member: dict, needed: int) -> None:
+def _check_local(data: bytes, member: dict, needed: int, zip64_limit: int) -> None:
     (signature, local_needed, flags, method, _, _, crc, compressed, size, name_length,
      extra_length) = LOCAL.unpack_from(data, member['offset'])
     assert signature == b'PK\x03\x04', member['name']
@@ -188,8 +188,12 @@ def _check_local(data: bytes, member: dict, needed: int) -> None:
     start = member['offset'] + LOCAL.size
     assert data[start:start + name_length].decode() == member['name']
     extra = data[start + name_length:start + name_length + extra_length]
-    assert (compressed, size) == (MARKER32, MARKER32), 'the sizes are in the ZIP64 extra field'
-    local_size, local_compressed = _zip64_values(extra)
+    if (compressed, size) == (MARKER32, MARKER32):  # the sizes are in the ZIP64 extra field
+        local_size, local_compressed = _zip64_values(extra)
+    else:  # a member written whole, its sizes known: in the header itself, when they fit
+        assert not flags & 0x08 and extra_length == 0, member['name']
+        assert max(member['size'], member['compressed']) < zip64_limit, member['name']
+        local_size, local_compressed = size, compressed
     data_start = start + name_length + extra_length
     end = data_start + member['compressed']
     if flags & 0x08:  # a data descriptor after the data holds the CRC and the sizes
@@ -221,3 +225,17 @@ def deflated_npz(members: dict[str, tuple[bytes, int | None]], trailing: bytes =
         out = patch_central(out, name, 'file_size', len(data) if claimed is None else claimed)
         out = patch_central(out, name, 'crc', zlib.crc32(data))
     return out
+
+
+class Unseekable(io.RawIOBase):
+    """A write-only stream (a pipe, a socket): what was written is in ``data``."""
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        self.data += bytes(b)
+        return len(b)

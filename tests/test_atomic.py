@@ -97,8 +97,9 @@ def test_serialize_raises_halfway(fmt, old_file, error):
 
 
 @pytest.mark.parametrize('error', ERRORS, ids=ERROR_IDS)
-def test_hdf5_serialize_raises_while_the_temporary_file_is_open(tmp_path, error):
-    """HDF5 serializes straight into the temporary file: it exists when serialize raises."""
+def test_hdf5_serialize_runs_before_any_file_is_made(tmp_path, error):
+    """serialize runs, once, before the temporary file exists: when it raises, nothing was
+    written anywhere."""
     path = tmp_path / 'model.h5'
     serializers.save_hdf5(path, kill_saver.state(0))
     old = path.read_bytes()
@@ -106,7 +107,7 @@ def test_hdf5_serialize_raises_while_the_temporary_file_is_open(tmp_path, error)
     obj.directory = tmp_path
     with pytest.raises(type(error)):
         serializers.save_hdf5(path, obj)
-    assert len(obj.seen) == 1 and len(obj.seen[0]) == 1  # the temporary file was there
+    assert obj.seen == [[]]  # no temporary file yet when it raised
     _assert_intact(path, old, 'hdf5')
 
 
@@ -116,20 +117,22 @@ def test_write_fails_midway(fmt, old_file, monkeypatch, error):
     path, old = old_file
     seen = []
     if fmt.startswith('npz'):
-        module, name = _zipstream.ZipWriter, 'write_member'
+        module, names = _zipstream.ZipWriter, ['write_member', 'write_small_member']
     else:
-        module, name = hdf5, 'write_dataset'
-    original = getattr(module, name)
+        module, names = hdf5, ['write_entry']
     calls = []
 
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            seen.append(crafting.temporaries(path.parent))
-            raise error
-        return original(*args, **kwargs)
+    def failing(original):
+        def write(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                seen.append(crafting.temporaries(path.parent))
+                raise error
+            return original(*args, **kwargs)
+        return write
 
-    monkeypatch.setattr(module, name, failing)
+    for name in names:
+        monkeypatch.setattr(module, name, failing(getattr(module, name)))
     with pytest.raises(type(error)):
         FORMATS[fmt][0](path, kill_saver.state(1))
     assert len(seen) == 1 and len(seen[0]) == 1

@@ -1,8 +1,10 @@
 """NPZ specifics: the zip container (ZIP64, descriptors, deflate), numpy's reader, our checks."""
 
+import ast
 import io
 import multiprocessing
 import os
+import struct
 import subprocess
 import sys
 import threading
@@ -12,8 +14,10 @@ import zlib
 
 import numpy
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gpuserial import _zipstream, serializers, transfer
+from gpuserial import _npy, _zipstream, serializers, transfer
 from gpuserial.errors import CorruptFileError
 from tests import crafting
 from tests.conftest import host
@@ -57,7 +61,7 @@ def test_zip64_fields_when_sizes_pass_the_limit(monkeypatch, compression):
 
 
 def _written(arrays: dict, compression: bool, seekable: bool) -> bytes:
-    out = io.BytesIO() if seekable else _Unseekable()
+    out = io.BytesIO() if seekable else crafting.Unseekable()
     serializers.save_npz(out, arrays, compression=compression)
     return out.getvalue() if seekable else bytes(out.data)
 
@@ -96,24 +100,16 @@ def test_every_local_header_agrees_with_the_directory(compression, seekable):
     assert [m['name'] for m in members] == [key + '.npy' for key in ARRAYS]
 
 
-class _Unseekable(io.RawIOBase):
-    def __init__(self):
-        self.data = bytearray()
-
-    def writable(self):
-        return True
-
-    def write(self, b):
-        self.data += bytes(b)
-        return len(b)
-
-
 @pytest.mark.parametrize('compression', [True, False])
-def test_unseekable_output_gets_data_descriptors(compression):
-    out = _Unseekable()
-    serializers.save_npz(out, ARRAYS, compression=compression)
-    assert b'PK\x07\x08' in out.data
-    _check_with_numpy(bytes(out.data), ARRAYS)
+def test_unseekable_output_gets_data_descriptors_for_streamed_members(compression):
+    """A member streamed in chunks cannot have its sizes written back: a data descriptor
+    follows it. A small member is held whole, its sizes known before it is written."""
+    arrays = dict(ARRAYS, big=numpy.arange(100000, dtype=numpy.float32))
+    out = crafting.Unseekable()
+    serializers.save_npz(out, arrays, compression=compression)
+    members = crafting.check_zip_records(bytes(out.data))
+    assert [bool(m['flags'] & 0x08) for m in members] == [key == 'big' for key in arrays]
+    _check_with_numpy(bytes(out.data), arrays)
 
 
 def test_compressed_files_are_smaller_and_plain_deflate():
@@ -198,7 +194,7 @@ def test_large_stored_chunks_are_checksummed_on_another_thread(monkeypatch, devi
 
     monkeypatch.setattr(_zipstream, 'crc32', recording_crc32)
     arrays = _large_arrays(device)
-    out = io.BytesIO() if seekable else _Unseekable()
+    out = io.BytesIO() if seekable else crafting.Unseekable()
     with transfer.configure(chunk_bytes=MiB):
         serializers.save_npz(out, arrays, compression=False)
     assert checksummed_on == {'gpuserial-crc'}
@@ -369,3 +365,33 @@ def test_a_save_from_a_signal_handler_inside_a_submit_checksums_inline(monkeypat
     assert submits == [0]  # only the outer save used the thread
     _check_with_numpy(nested.getvalue(), arrays)
     _check_with_numpy(outer.getvalue(), arrays)
+
+
+@settings(max_examples=300, deadline=None)
+@given(dtype=st.sampled_from(['<f4', '>f8', '|u1', '<i8', '|b1', '<c16', '<U5', '|S3', '|V7',
+                              '<m8[s]', '>M8[D]', '<f2']),
+       shape=st.lists(st.integers(0, 10 ** 12), max_size=6).map(tuple),
+       fortran=st.booleans(), version=st.sampled_from([(1, 0), (2, 0), (3, 0)]))
+def test_the_fast_header_reader_agrees_with_pythons_literal_parser(dtype, shape, fortran,
+                                                                   version):
+    text = (f"{{'descr': {dtype!r}, 'fortran_order': {fortran}, 'shape': {shape!r}, }}"
+            .encode().ljust(118) + b'\n')
+    member = _npy.MAGIC + bytes(version) + struct.pack('<H' if version[0] == 1 else '<I',
+                                                       len(text)) + text
+    fast = _npy._canonical_fields(text)
+    assert fast == ast.literal_eval(text.decode()) or ('[' in dtype and fast is None)
+    try:
+        header = _npy.decode_header(member)
+    except _npy.HeaderError as error:
+        assert 'overflows' in str(error)
+    else:
+        assert (header.dtype, header.shape, header.fortran_order) == (
+            numpy.dtype(dtype), shape, fortran)
+
+
+@pytest.mark.parametrize('text', [b"{'descr': '<f4', 'fortran_order': False, 'shape': (3), }",
+                                  b"{'descr': '<f4', 'fortran_order': False, 'shape': (03,), }",
+                                  b"{'descr': '<f4', 'fortran_order': False, 'shape': (3,),}",
+                                  b"{'descr': '<f4', 'shape': (3,), 'fortran_order': False, }"])
+def test_other_header_texts_go_to_the_literal_parser(text):
+    assert _npy._canonical_fields(text) is None

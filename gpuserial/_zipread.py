@@ -1,0 +1,420 @@
+"""Zip archives read as streams: the central directory, member data checked as it is read.
+
+The directory is parsed here, not by zipfile, in one read and a few microseconds a member
+(checkpoints hold thousands). Reads go through a read-ahead window, so that a run of small
+members (local headers, ``.npy`` headers, small arrays) costs one read of the file per window,
+while large reads go straight into the caller's buffer. Every member's size and CRC are checked
+as its data is read.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import BinaryIO, NamedTuple
+
+from gpuserial._zipstream import (
+    CENTRAL,
+    DEFLATE_ERRORS,
+    DEFLATED,
+    ENCRYPTED_FLAG,
+    END,
+    END64,
+    LOCAL,
+    MARKER32,
+    PIECE,
+    STORED,
+    UTF8_FLAG,
+    crc32,
+    deflate_module,
+)
+
+__all__ = ['Member', 'MemberError', 'MemberReader', 'NotAZip', 'WindowedFile', 'ZipError',
+           'check_member', 'data_start_of', 'read_directory', 'read_stored', 'stored_head']
+
+MAX_EXTRACT_VERSION = 63  # ZIP 6.3: what zipfile reads too
+END_SEARCH = END.size + 0xFFFF  # the end record lies within the last 64 KiB (its comment)
+END64_LOCATOR = struct.Struct('<4sIQI')
+LOCAL_CHECKED = struct.Struct('<4s2xH18xHH')  # of a local header: signature, flags, lengths
+CENTRAL_READ = struct.Struct('<4s2xHHH4xIIIHHH8xI')  # of a central header: the fields read
+assert LOCAL_CHECKED.size == LOCAL.size and CENTRAL_READ.size == CENTRAL.size
+WINDOW = 256 << 10  # bytes read ahead for small reads
+DIRECT = 64 << 10  # reads this large skip the window: straight into the caller's buffer
+HEAD_GUESS = 256  # local header name and extra field bytes read with it, at a guess
+
+
+class ZipError(ValueError):
+    """The zip's structure is wrong; the message says how, the caller says where."""
+
+
+class NotAZip(ZipError):
+    """No end record: not a zip at all (or one whose end is missing)."""
+
+
+class MemberError(ZipError):
+    """A member's data is corrupt or truncated; the message says how, the caller says where."""
+
+
+class Member(NamedTuple):
+    """A member as the central directory describes it (zipfile.ZipInfo's attribute names, and
+    its name's bytes)."""
+
+    filename: str
+    header_offset: int
+    compress_size: int
+    file_size: int
+    CRC: int
+    compress_type: int
+    flag_bits: int
+    raw_name: bytes
+
+    def is_dir(self) -> bool:
+        return self.filename.endswith('/')
+
+
+def read_directory(fp: BinaryIO) -> list[Member]:
+    """The members of the zip in ``fp``, from its central directory (ZIP64 included; data
+    prepended to the zip is allowed, as zipfile allows it).
+
+    Raises:
+        NotAZip: no end record.
+        ZipError: a directory that is truncated, lies, spans disks, or needs a newer reader.
+    """
+    size = fp.seek(0, 2)
+    tail_start = max(0, size - END_SEARCH)
+    fp.seek(tail_start)
+    tail = fp.read(size - tail_start)
+    at = tail.rfind(b'PK\x05\x06')
+    while at >= 0 and at + END.size > len(tail):
+        at = tail.rfind(b'PK\x05\x06', 0, at)
+    if at < 0:
+        raise NotAZip('File is not a zip file')
+    _, disk, directory_disk, _, _, directory_size, directory_offset, _ = END.unpack_from(tail, at)
+    end = tail_start + at
+    if end >= END64_LOCATOR.size + END64.size:
+        fp.seek(end - END64_LOCATOR.size)
+        locator = fp.read(END64_LOCATOR.size)
+        if locator[:4] == b'PK\x06\x07':
+            _, locator_disk, _, disks = END64_LOCATOR.unpack(locator)
+            if locator_disk or disks > 1:
+                raise ZipError('zipfiles that span multiple disks are not supported')
+            end = end - END64_LOCATOR.size - END64.size
+            fp.seek(end)
+            fields = END64.unpack(fp.read(END64.size))
+            if fields[0] != b'PK\x06\x06':
+                raise ZipError('Corrupt ZIP64 end of central directory record')
+            disk, directory_disk = fields[4], fields[5]
+            directory_size, directory_offset = fields[8], fields[9]
+    if disk or directory_disk:
+        raise ZipError('zipfiles that span multiple disks are not supported')
+    concat = end - directory_size - directory_offset  # bytes before the zip, if any
+    start = directory_offset + concat
+    if start < 0 or directory_size < 0 or start + directory_size > size:
+        raise ZipError('Truncated central directory')
+    fp.seek(start)
+    return _members(fp.read(directory_size), concat)
+
+
+def _members(data: bytes, concat: int) -> list[Member]:
+    members, position = [], 0
+    while position < len(data):
+        if position + CENTRAL.size > len(data):
+            raise ZipError('Truncated central directory')
+        (signature, needed, flags, method, crc, compressed, size, name_length, extra_length,
+         comment_length, offset) = CENTRAL_READ.unpack_from(data, position)
+        if signature != b'PK\x01\x02':
+            raise ZipError('Bad magic number for central directory')
+        if needed > MAX_EXTRACT_VERSION:
+            raise ZipError(f'zip file version {needed / 10:.1f}')
+        start = position + CENTRAL.size
+        raw_name = data[start:start + name_length]
+        name = raw_name.decode('utf-8' if flags & UTF8_FLAG else 'cp437')
+        if MARKER32 in (size, compressed, offset):
+            size, compressed, offset = _zip64(
+                data[start + name_length:start + name_length + extra_length],
+                size, compressed, offset)
+        members.append(Member(name, offset + concat, compressed, size, crc, method, flags,
+                              raw_name))
+        position = start + name_length + extra_length + comment_length
+    return members
+
+
+def _zip64(extra: bytes, size: int, compressed: int, offset: int) -> tuple[int, int, int]:
+    """The 64-bit values of the ZIP64 extra field for the 32-bit fields that say so."""
+    position = 0
+    while position + 4 <= len(extra):
+        tag, length = struct.unpack_from('<HH', extra, position)
+        if position + 4 + length > len(extra):
+            raise ZipError('Corrupt extra field')
+        if tag == 1:
+            values = list(struct.unpack_from(f'<{length // 8}Q', extra, position + 4))
+            wanted = [size, compressed, offset].count(MARKER32)
+            if len(values) < wanted:
+                raise ZipError('Corrupt extra field: too few ZIP64 values')
+            if size == MARKER32:
+                size = values.pop(0)
+            if compressed == MARKER32:
+                compressed = values.pop(0)
+            if offset == MARKER32:
+                offset = values.pop(0)
+            return size, compressed, offset
+        position += 4 + length
+    raise ZipError('a field says ZIP64, but there is no ZIP64 extra field')
+
+
+class WindowedFile:
+    """A seekable binary file read through a read-ahead window (see the module)."""
+
+    def __init__(self, fp: BinaryIO, window: int = WINDOW):
+        self.fp = fp
+        self.window = window
+        self.start = 0
+        self.data = memoryview(b'')
+        self.position = 0
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 2:
+            self.position = self.fp.seek(offset, 2)
+        else:
+            self.position = offset if whence == 0 else self.position + offset
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def _cached(self, count: int) -> memoryview | None:
+        """The next ``count`` bytes from the window, refilled when they are not in it; None
+        for a large read, which goes straight to the file."""
+        at = self.position - self.start
+        if 0 <= at and at + count <= len(self.data):
+            return self.data[at:at + count]
+        if count >= DIRECT:
+            return None
+        self.fp.seek(self.position)
+        self.data = memoryview(self.fp.read(max(self.window, count)))
+        self.start = self.position
+        return self.data[:count]
+
+    def view(self, position: int, count: int) -> memoryview:
+        """Up to ``count`` bytes at ``position`` (fewer at the end of the file), without moving:
+        a view of the window where they fit in one, else read at once."""
+        self.position = position
+        cached = self._cached(count)
+        if cached is None:
+            self.fp.seek(position)
+            cached = memoryview(self.fp.read(count))
+        return cached
+
+    def read(self, count: int) -> bytes:
+        cached = self._cached(count)
+        if cached is None:
+            self.fp.seek(self.position)
+            data = self.fp.read(count)
+        else:
+            data = bytes(cached)
+        self.position += len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        buffer = memoryview(buffer).cast('B')
+        cached = self._cached(len(buffer))
+        if cached is None:
+            self.fp.seek(self.position)
+            count = self.fp.readinto(buffer)
+        else:
+            count = len(cached)
+            buffer[:count] = cached
+        self.position += count or 0
+        return count
+
+
+
+
+def check_member(info) -> None:
+    """Raises for a member this reader cannot read: encrypted, an unknown method, or stored
+    sizes that disagree."""
+    if info.compress_type not in (STORED, DEFLATED):
+        raise MemberError(f'unsupported compression method {info.compress_type}')
+    if info.compress_type == STORED and info.compress_size != info.file_size:
+        raise MemberError(f'the zip directory says a stored member of {info.file_size} '
+                          f'bytes takes {info.compress_size} bytes in the file')
+    if info.flag_bits & ENCRYPTED_FLAG:
+        raise MemberError('the member is encrypted (zip encryption is not supported)')
+
+
+def data_start_of(fp: BinaryIO, info) -> int:
+    """Checks the member's local header against the directory; returns where data starts."""
+    fp.seek(info.header_offset)
+    signature, flags, name_length, extra_length = LOCAL_CHECKED.unpack(_read(fp, LOCAL.size))
+    return _checked_local(info, signature, flags, _read(fp, name_length), extra_length)
+
+
+def _checked_local(info, signature: bytes, flags: int, name: memoryview, extra_length: int
+                   ) -> int:
+    """Checks a local header's fields against the directory; returns where the data starts."""
+    if signature != b'PK\x03\x04':
+        raise MemberError('bad local file header')
+    if flags & ENCRYPTED_FLAG:
+        raise MemberError('the member is encrypted (its local header says so)')
+    if getattr(info, 'raw_name', None) != name:  # the bytes, else (a ZipInfo) the text
+        text = bytes(name).decode('utf-8' if info.flag_bits & UTF8_FLAG else 'cp437', 'replace')
+        if text != info.filename:
+            raise MemberError(f'the zip directory names {info.filename!r} but the local header '
+                              f'{text!r}')
+    return info.header_offset + LOCAL.size + len(name) + extra_length
+
+
+def stored_head(fp: WindowedFile, info, count: int) -> tuple[int, memoryview]:
+    """For a stored member: where its data starts (its local header checked) and up to
+    ``count`` of its first bytes, from the window where they fit."""
+    view = fp.view(info.header_offset, LOCAL.size + HEAD_GUESS + count)
+    if len(view) < LOCAL.size:
+        raise MemberError(f'truncated: {len(view)} of {LOCAL.size} header bytes')
+    signature, flags, name_length, extra_length = LOCAL_CHECKED.unpack_from(view)
+    name_end = LOCAL.size + name_length
+    if len(view) < name_end:
+        raise MemberError(f'truncated: {len(view)} of {name_end} header bytes')
+    start = _checked_local(info, signature, flags, view[LOCAL.size:name_end], extra_length)
+    wanted = min(count, info.file_size)
+    head = view[start - info.header_offset:start - info.header_offset + wanted]
+    if len(head) < wanted:
+        head = fp.view(start, wanted)
+        if len(head) < wanted:
+            raise MemberError(f'truncated: the file ends within the member ({info.file_size} '
+                              f'bytes)')
+    return start, head
+
+
+def read_stored(fp: WindowedFile, info, data_start: int, head: int, out) -> None:
+    """Reads a whole stored member: its first ``head`` bytes are skipped, the rest go into
+    ``out`` (exactly that long); checks the CRC of all of it."""
+    out = memoryview(out).cast('B')
+    if head + len(out) != info.file_size:
+        raise MemberError(f'asked for {head + len(out)} bytes of a member of {info.file_size}')
+    if info.file_size < DIRECT:  # from the window, with its neighbours
+        data = fp.view(data_start, info.file_size)
+        if len(data) < info.file_size:
+            raise MemberError(f'truncated: the file ends {info.file_size - len(data)} bytes '
+                              f'early')
+        crc = crc32(data)
+        out[:] = data[head:]
+    else:  # straight into ``out``
+        crc = crc32(fp.view(data_start, head))
+        fp.seek(data_start + head)
+        done = 0
+        while done < len(out):
+            count = fp.readinto(out[done:])
+            if not count:
+                raise MemberError(f'truncated: the file ends {len(out) - done} bytes early')
+            done += count
+        crc = crc32(out, crc)
+    if crc != info.CRC:
+        raise MemberError(f'CRC mismatch (directory {info.CRC:08x}, data {crc:08x}): the data '
+                          f'is corrupt')
+
+
+class MemberReader:
+    """Reads one member's data (stored or deflated) as a stream, checking size and CRC.
+
+    Args:
+        fp: the archive's binary file object (seekable; a :class:`WindowedFile` for speed).
+        info: the member from the central directory (a :class:`Member` or a
+            ``zipfile.ZipInfo``).
+        data_start: where its data starts, when an earlier reader of it found out (the local
+            header is then not read again).
+    """
+
+    def __init__(self, fp: BinaryIO, info, data_start: int | None = None):
+        check_member(info)
+        self.fp = fp
+        self.info = info
+        self.position = data_start_of(fp, info) if data_start is None else data_start
+        self.left = info.compress_size  # stored bytes not yet read
+        self.produced = 0
+        self.crc = 0
+        self.inflater = deflate_module.decompressobj(-15) if info.compress_type else None
+        self.pending = b''  # inflater input not yet consumed
+
+    def _raw(self, limit: int) -> bytes:
+        count = min(limit, self.left)
+        self.fp.seek(self.position)
+        data = self.fp.read(count)
+        if len(data) < count:
+            raise MemberError(f'truncated: the file ends {self.left - len(data)} bytes early')
+        self.position += len(data)
+        self.left -= len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        """Fills ``buffer`` completely with the next data bytes, or raises MemberError."""
+        buffer = memoryview(buffer).cast('B')
+        wanted = len(buffer)
+        if self.produced + wanted > self.info.file_size:
+            raise MemberError(f'asked for {self.produced + wanted} bytes of a member of '
+                              f'{self.info.file_size}')
+        if self.inflater is None:
+            if wanted > self.left:
+                raise MemberError('stored sizes disagree')
+            self.fp.seek(self.position)
+            for start in range(0, wanted, PIECE):  # CRC each piece while it is in the cache
+                piece = buffer[start:start + PIECE]
+                done = 0
+                while done < len(piece):
+                    count = self.fp.readinto(piece[done:])
+                    if not count:
+                        raise MemberError(f'truncated: the file ends {wanted - start - done} '
+                                          f'bytes early')
+                    done += count
+                self.crc = crc32(piece, self.crc)
+            self.position += wanted
+            self.left -= wanted
+        else:
+            done = 0
+            while done < wanted:
+                if not self.pending and self.left:
+                    self.pending = self._raw(PIECE)
+                try:  # with no input left, this drains what the inflater holds
+                    data = self.inflater.decompress(self.pending, min(PIECE, wanted - done))
+                except DEFLATE_ERRORS as error:
+                    raise MemberError(f'corrupt deflate data: {error}') from None
+                self.pending = self.inflater.unconsumed_tail
+                buffer[done:done + len(data)] = data
+                done += len(data)
+                self.crc = crc32(data, self.crc)
+                if done < wanted and not data and not self.pending and not self.left:
+                    raise MemberError(f'the deflate stream ends {wanted - done} bytes early')
+        self.produced += wanted
+        return wanted
+
+    def read(self, count: int) -> bytes:
+        """The next ``count`` data bytes (all of them, or MemberError)."""
+        buffer = bytearray(count)
+        self.readinto(buffer)
+        return bytes(buffer)
+
+    def finish(self) -> None:
+        """Checks that the whole member was read and that its CRC matches the directory's."""
+        if self.produced != self.info.file_size:
+            raise MemberError(f'read {self.produced} of {self.info.file_size} bytes')
+        if self.inflater is not None and not self.inflater.eof:
+            try:
+                extra = self.inflater.decompress(self.pending + self._raw(self.left), 1)
+            except DEFLATE_ERRORS as error:
+                raise MemberError(f'corrupt deflate data: {error}') from None
+            if extra or not self.inflater.eof:
+                raise MemberError('the deflate stream holds more than the directory says')
+            self.pending = self.inflater.unconsumed_tail
+        if self.inflater is not None:
+            trailing = len(self.pending) + len(self.inflater.unused_data) + self.left
+            if trailing:
+                raise MemberError(f'the member holds {trailing} bytes after the end of its '
+                                  f'deflate stream')
+        if self.crc != self.info.CRC:
+            raise MemberError(f'CRC mismatch (directory {self.info.CRC:08x}, data '
+                              f'{self.crc:08x}): the data is corrupt')
+
+
+def _read(fp, count: int) -> bytes:
+    data = fp.read(count)
+    if len(data) < count:
+        raise MemberError(f'truncated: {len(data)} of {count} header bytes')
+    return data

@@ -1,0 +1,200 @@
+"""The zip reader and writer against the standard library's zipfile: the same members, read
+back the same way; and the records a broken directory gets refused by."""
+
+import io
+import struct
+import time
+import zipfile
+
+import numpy
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gpuserial import _npy, _zipread, _zipstream, serializers
+from gpuserial.errors import CorruptFileError
+from tests import crafting
+
+NAMES = st.one_of(st.from_regex(r'[a-z][a-z0-9_/.]{0,12}\.npy', fullmatch=True),
+                  st.sampled_from(['é.npy', 'ключ/W.npy', '鍵.npy', 'a b.npy']))
+MEMBERS = st.dictionaries(NAMES, st.binary(max_size=3000), min_size=0, max_size=12)
+FIELDS = ('filename', 'header_offset', 'compress_size', 'file_size', 'CRC', 'compress_type',
+          'flag_bits')
+
+
+def _zipfile_members(data: bytes) -> list[tuple]:
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        return [tuple(getattr(info, field) for field in FIELDS) for info in archive.infolist()]
+
+
+def _our_members(data: bytes) -> list[tuple]:
+    return [tuple(getattr(m, field) for field in FIELDS)
+            for m in _zipread.read_directory(io.BytesIO(data))]
+
+
+def _ours(members: dict, compression: bool, seekable: bool) -> bytes:
+    out = io.BytesIO() if seekable else crafting.Unseekable()
+    with _zipstream.ZipWriter(out, compression=compression) as writer:
+        for index, (name, data) in enumerate(members.items()):
+            if index % 2:  # both ways of writing a member
+                writer.write_small_member(name, data)
+            else:
+                writer.write_member(name, [data[:100], data[100:]])
+    return out.getvalue() if seekable else bytes(out.data)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(members=MEMBERS, compression=st.booleans(), seekable=st.booleans(),
+       zip64_limit=st.sampled_from([0xFFFFFFFF, 100, 1000]),
+       prefix=st.sampled_from([b'', b'#!/bin/sh\nexit 0\n']))
+def test_the_directory_reads_as_zipfile_reads_it(members, compression, seekable, zip64_limit,
+                                                 prefix):
+    original = _zipstream.ZIP64_LIMIT
+    _zipstream.ZIP64_LIMIT = zip64_limit
+    try:
+        data = prefix + _ours(members, compression, seekable)
+    finally:
+        _zipstream.ZIP64_LIMIT = original
+    assert _our_members(data) == _zipfile_members(data)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        assert archive.testzip() is None
+        assert {name: archive.read(name) for name in archive.namelist()} == members
+
+
+@settings(max_examples=40, deadline=None)
+@given(members=MEMBERS, compression=st.sampled_from([zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED]),
+       comment=st.binary(max_size=300))
+def test_zips_that_zipfile_writes_read_the_same(members, compression, comment):
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, 'w', compression) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+        archive.comment = comment
+    data = out.getvalue()
+    assert _our_members(data) == _zipfile_members(data)
+
+
+def _ended(data: bytes, **fields) -> bytes:
+    """``data`` with fields of its end record changed."""
+    offset, values = crafting.end_record(data)
+    names = ['signature', 'disk', 'directory_disk', 'count_here', 'count', 'size', 'start',
+             'comment_length']
+    values = [fields.get(name, value) for name, value in zip(names, values, strict=True)]
+    out = bytearray(data)
+    crafting.END.pack_into(out, offset, *values)
+    return bytes(out)
+
+
+def _valid() -> bytes:
+    return crafting.npz_of({'x': crafting.npy_of(numpy.arange(3.0))})
+
+
+BROKEN = {
+    'no end record': (lambda: b'PK\x03\x04' + bytes(100), 'truncated: it starts as a zip'),
+    'a directory past the end': (lambda: _ended(_valid(), size=10 ** 6),
+                                 'Truncated central directory'),
+    'a directory on another disk': (lambda: _ended(_valid(), disk=1),
+                                    'zipfiles that span multiple disks are not supported'),
+    'a bad directory record': (
+        lambda: _valid().replace(b'PK\x01\x02', b'PK\x01\x03'),
+        'Bad magic number for central directory'),
+    'a ZIP64 marker without its field': (
+        lambda: crafting.patch_central(_valid(), 'x.npy', 'file_size', 0xFFFFFFFF),
+        'a field says ZIP64, but there is no ZIP64 extra field'),
+    'a directory cut short': (lambda: _ended(_valid(), size=crafting.end_record(_valid())[1][5]
+                                             + 10, start=crafting.end_record(_valid())[1][6] - 10),
+                              'Bad magic number for central directory|Truncated'),
+}
+
+
+@pytest.mark.parametrize('case', list(BROKEN))
+def test_a_broken_directory_is_refused_naming_the_file(tmp_path, case):
+    make, message = BROKEN[case]
+    path = tmp_path / 'broken.npz'
+    path.write_bytes(make())
+    with pytest.raises(CorruptFileError, match=f"'{path}': not an NPZ \\(zip\\) file: "
+                       f'({message})'):
+        serializers.load_npz(path, {'x': None})
+
+
+def test_zip64_fields_fill_only_the_fields_that_say_so():
+    extra = struct.pack('<HH', 0x5455, 5) + b'12345' + struct.pack('<HHQQ', 1, 16, 7, 8)
+    assert _zipread._zip64(extra, 0xFFFFFFFF, 5, 0xFFFFFFFF) == (7, 5, 8)
+    assert _zipread._zip64(extra, 1, 0xFFFFFFFF, 3) == (1, 7, 3)
+    with pytest.raises(_zipread.ZipError, match='too few ZIP64 values'):
+        _zipread._zip64(struct.pack('<HHQ', 1, 8, 7), 0xFFFFFFFF, 0xFFFFFFFF, 3)
+    with pytest.raises(_zipread.ZipError, match='Corrupt extra field'):
+        _zipread._zip64(struct.pack('<HHQ', 1, 16, 7), 0xFFFFFFFF, 5, 6)
+    with pytest.raises(_zipread.ZipError, match='no ZIP64 extra field'):
+        _zipread._zip64(b'', 0xFFFFFFFF, 5, 6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The read-ahead window
+
+
+@pytest.mark.parametrize('window', [16, 100, 4096])
+def test_the_window_gives_the_files_bytes_for_every_read(window):
+    data = bytes(range(256)) * 40
+    windowed = _zipread.WindowedFile(io.BytesIO(data), window=window)
+    rng = numpy.random.default_rng(window)
+    for _ in range(300):
+        position = int(rng.integers(0, len(data) + 10))
+        count = int(rng.integers(0, 200))
+        if rng.integers(0, 2):
+            windowed.seek(position)
+            assert windowed.read(count) == data[position:position + count]
+            assert windowed.tell() == min(position + count, max(position, len(data)))
+        else:
+            assert bytes(windowed.view(position, count)) == data[position:position + count]
+    windowed.seek(10)
+    buffer = bytearray(_zipread.DIRECT + 7)  # a large read goes straight to the file
+    count = windowed.readinto(buffer)
+    assert count == min(len(buffer), len(data) - 10)
+    assert bytes(buffer[:count]) == data[10:10 + count]
+
+
+# ---------------------------------------------------------------------------------------------
+# The writer's records
+
+
+def test_small_and_streamed_members_with_unicode_names(tmp_path):
+    arrays = {'é': numpy.arange(3.0), 'ключ/W': numpy.ones((200, 300), numpy.float32),
+              '鍵': numpy.float32(2.5), 'plain': numpy.zeros(5, numpy.int8)}
+    for compression in (False, True):
+        out = io.BytesIO()
+        serializers.save_npz(out, arrays, compression=compression)
+        members = crafting.check_zip_records(out.getvalue())
+        assert [m['name'] for m in members] == [key + '.npy' for key in arrays]
+        assert [bool(m['flags'] & 0x800) for m in members] == [True, True, True, False]
+        with numpy.load(io.BytesIO(out.getvalue())) as npz:
+            assert sorted(npz.files) == sorted(arrays)
+            for key, value in arrays.items():
+                numpy.testing.assert_array_equal(npz[key], value)
+
+
+def test_members_carry_the_time_of_the_save(monkeypatch):
+    moment = time.struct_time((2031, 7, 9, 13, 45, 58, 0, 190, 0))
+    monkeypatch.setattr(_zipstream.time, 'localtime', lambda: moment)
+    out = io.BytesIO()
+    serializers.save_npz(out, {'a': numpy.zeros(3), 'b': numpy.zeros(50000)})
+    with zipfile.ZipFile(io.BytesIO(out.getvalue())) as archive:
+        assert {info.date_time for info in archive.infolist()} == {(2031, 7, 9, 13, 45, 58)}
+
+
+def test_members_need_zip_version_45():
+    out = io.BytesIO()
+    serializers.save_npz(out, {'a': numpy.zeros(3), 'b': numpy.zeros(50000)})
+    with zipfile.ZipFile(io.BytesIO(out.getvalue())) as archive:
+        assert {(i.create_version, i.extract_version) for i in archive.infolist()} == {(45, 45)}
+
+
+@pytest.mark.parametrize('fields', [1, 3000], ids=['short header', 'header over 64 KiB'])
+def test_headers_are_padded_to_64_bytes_in_the_version_they_fit(fields):
+    dtype = numpy.dtype([(f'field_{i}', '<f4') for i in range(fields)])
+    header = _npy.encode_header(dtype, (2,))
+    assert len(header) % 64 == 0 and header.endswith(b'\n')
+    assert header[6:8] == (b'\x01\x00' if len(header) < 65536 else b'\x02\x00')
+    member = io.BytesIO(header + bytes(2 * dtype.itemsize))
+    read = numpy.lib.format.read_array(member, max_header_size=len(header))
+    assert read.dtype == dtype and read.shape == (2,)
