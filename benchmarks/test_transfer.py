@@ -65,7 +65,8 @@ def test_to_host_pinned_single_copy(benchmark, rounds, machine, arrays):
     stream = backend.stream(device)
     flat = backend.as_bytes(array)
     _run(benchmark, rounds, machine, arrays, 'device-to-host',
-         lambda: backend.wait(backend.to_host_async(flat, 0, pinned, stream)),
+         lambda: bench.waited(backend, stream,
+                              lambda: backend.to_host_async(flat, 0, pinned, stream)),
          setup=lambda: pinned.fill(0), arrived=lambda: pinned.view(host.dtype))
 
 
@@ -111,7 +112,8 @@ def test_from_host_pinned_single_copy(benchmark, rounds, machine, arrays):
     stream = backend.stream(device)
     flat = backend.as_bytes(array)
     _run(benchmark, rounds, machine, arrays, 'host-to-device',
-         lambda: backend.wait(backend.from_host_async(pinned, flat, 0, stream)),
+         lambda: bench.waited(backend, stream,
+                              lambda: backend.from_host_async(pinned, flat, 0, stream)),
          setup=_clear(device, array))
 
 

@@ -45,15 +45,19 @@ MODULES = {
                              'test_chainer_cases', 'test_hostile', 'test_none_pickles',
                              'test_progress'],
     'gpuserial/_npy.py': ['test_npz', 'test_hostile', 'test_none_pickles', 'test_formats'],
-    'gpuserial/_zipstream.py': ['test_npz', 'test_hostile', 'test_formats', 'test_atomic'],
-    'gpuserial/npz.py': ['test_npz', 'test_formats', 'test_hostile', 'test_transactional',
+    'gpuserial/_zipstream.py': ['test_npz', 'test_zipread', 'test_hostile', 'test_formats',
+                                'test_atomic'],
+    'gpuserial/_zipread.py': ['test_zipread', 'test_npz', 'test_hostile', 'test_formats'],
+    'gpuserial/npz.py': ['test_npz', 'test_zipread', 'test_formats', 'test_hostile',
+                         'test_transactional',
                          'test_chainer_cases', 'test_protocol'],
     'gpuserial/hdf5.py': ['test_hdf5', 'test_formats', 'test_hostile', 'test_transactional',
                           'test_chainer_cases', 'test_atomic', 'test_progress'],
     'gpuserial/_fileio.py': ['test_atomic', 'test_cli'],
     'gpuserial/_signals.py': ['test_atomic'],
-    'gpuserial/transfer.py': ['test_transfer', 'test_formats', 'test_concurrency'],
-    'gpuserial/devices.py': ['test_devices', 'test_transfer', 'test_formats'],
+    'gpuserial/transfer.py': ['test_transfer', 'test_engine_rules', 'test_formats',
+                              'test_concurrency'],
+    'gpuserial/devices.py': ['test_devices', 'test_engine_rules', 'test_transfer', 'test_formats'],
 }
 
 SWAPS = {

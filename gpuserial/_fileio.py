@@ -122,7 +122,7 @@ def _fsync_directory(directory: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path, *, durable: bool = True) -> Iterator[str]:
+def atomic_path(path, *, durable: bool) -> Iterator[str]:
     """A fresh temporary path beside ``path`` that replaces it only when the block succeeds.
 
     The block creates the file (it does not exist yet: opening a fresh file costs ext4 much
@@ -203,7 +203,7 @@ _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 
 @contextlib.contextmanager
-def atomic_output(file, *, durable: bool = True) -> Iterator[BinaryIO]:
+def atomic_output(file, *, durable: bool) -> Iterator[BinaryIO]:
     """A binary file to write into that replaces ``file`` only when the block succeeds.
 
     For a path, as :func:`atomic_path` says. A file object is written as it is, with no such

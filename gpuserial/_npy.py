@@ -94,9 +94,7 @@ def _walk(payload: bytes) -> object:
     memo: dict[int, object] = {}
 
     def pop_mark() -> list:
-        if not marks:
-            raise _NotNone
-        start = marks.pop()
+        start = marks.pop()  # an IndexError where there is no MARK
         items = stack[start:]
         del stack[start:]
         return items

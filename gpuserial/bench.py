@@ -243,17 +243,17 @@ def transfer_rows(nbytes: int, device, repeat: int = DEFAULT_REPEAT) -> list[Row
         whole = backend.pinned(host.nbytes)
         stream = backend.stream(device)
         flat = backend.as_bytes(array)
+        to_host = lambda: backend.to_host_async(flat, 0, whole, stream)
+        from_host = lambda: backend.from_host_async(whole, flat, 0, stream)
         rows += [
-            Row('transfer', name, 'pinned single copy d2h (bus)', host.nbytes, best_time(
-                lambda: backend.wait(backend.to_host_async(flat, 0, whole, stream)), repeat,
-                sync=sync)),
+            Row('transfer', name, 'pinned single copy d2h (bus)', host.nbytes,
+                best_time(lambda: waited(backend, stream, to_host), repeat, sync=sync)),
             Row('transfer', name, 'pageable d2h (cupy.asnumpy)', host.nbytes,
                 best_time(lambda: backend.to_numpy(array), repeat, sync=sync)),
             Row('transfer', name, 'engine d2h (host_chunks)', host.nbytes,
                 best_time(lambda: engine_to_host(array, back), repeat, sync=sync)),
-            Row('transfer', name, 'pinned single copy h2d (bus)', host.nbytes, best_time(
-                lambda: backend.wait(backend.from_host_async(whole, flat, 0, stream)), repeat,
-                sync=sync)),
+            Row('transfer', name, 'pinned single copy h2d (bus)', host.nbytes,
+                best_time(lambda: waited(backend, stream, from_host), repeat, sync=sync)),
         ]
         if hasattr(array, 'set'):
             rows.append(Row('transfer', name, 'pageable h2d (ndarray.set)', host.nbytes,
@@ -263,6 +263,12 @@ def transfer_rows(nbytes: int, device, repeat: int = DEFAULT_REPEAT) -> list[Row
         numpy.testing.assert_array_equal(back, host)
         numpy.testing.assert_array_equal(backend.to_numpy(array), host)
     return rows
+
+
+def waited(backend: devices.Backend, stream, queue) -> None:
+    """Queues work on ``stream`` (``queue()``) and waits for it: one timed copy."""
+    queue()
+    backend.wait(backend.record(stream))
 
 
 def save_load_rows(nbytes: int, device, directory: str,

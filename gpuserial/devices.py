@@ -180,7 +180,9 @@ class Backend:
 
     Arrays are handled as flat byte views (``as_bytes``) so that chunks are byte ranges.
     ``is_host`` backends hand out their arrays' own memory; the others are copied through
-    pinned host buffers on streams.
+    pinned host buffers on streams: the engine queues copies (``to_host_async``,
+    ``from_host_async``) and kernels (``assign``) on its stream, then ``record`` s one event for
+    all the work of a buffer and ``wait`` s for it.
     """
 
     xp: ModuleType
@@ -220,12 +222,13 @@ class Backend:
         """A page-locked host buffer of ``nbytes`` (uint8)."""
         return numpy.empty(nbytes, numpy.uint8)
 
-    def to_host_async(self, src_bytes, start: int, host: numpy.ndarray, stream):
-        """Starts copying ``src_bytes[start:start+len(host)]`` into ``host``; returns an event."""
+    def to_host_async(self, src_bytes, start: int, host: numpy.ndarray, stream) -> None:
+        """Queues a copy of ``src_bytes[start:start+len(host)]`` into ``host`` on ``stream``
+        (:meth:`record` an event to wait for it: one event can cover many copies)."""
         raise NotImplementedError
 
-    def from_host_async(self, host: numpy.ndarray, dst_bytes, start: int, stream):
-        """Starts copying ``host`` into ``dst_bytes[start:start+len(host)]``; returns an event."""
+    def from_host_async(self, host: numpy.ndarray, dst_bytes, start: int, stream) -> None:
+        """Queues a copy of ``host`` into ``dst_bytes[start:start+len(host)]`` on ``stream``."""
         raise NotImplementedError
 
     def record(self, stream):
@@ -329,25 +332,16 @@ class _CupyBackend(Backend):
     def _copy(self, dst_ptr, src_ptr, nbytes, kind, stream, device_id):
         cupy = _usable_cupy()
         with cupy.cuda.Device(device_id):
-            event = cupy.cuda.Event(block=False, disable_timing=True)  # first: it may fail
             cupy.cuda.runtime.memcpyAsync(dst_ptr, src_ptr, nbytes, kind, stream.ptr)
-            try:
-                event.record(stream)
-            except BaseException:  # nothing would wait for the copy: wait for it here
-                stream.synchronize()
-                raise
-        return event
 
     def to_host_async(self, src_bytes, start, host, stream):
-        return self._copy(host.ctypes.data, src_bytes.data.ptr + start, host.nbytes,
-                          _usable_cupy().cuda.runtime.memcpyDeviceToHost, stream,
-                          src_bytes.device.id)
+        self._copy(host.ctypes.data, src_bytes.data.ptr + start, host.nbytes,
+                   _usable_cupy().cuda.runtime.memcpyDeviceToHost, stream, src_bytes.device.id)
 
     def from_host_async(self, host, dst_bytes, start, stream):
         # The caller orders this stream after the device's current stream (see `transfer`).
-        return self._copy(dst_bytes.data.ptr + start, host.ctypes.data, host.nbytes,
-                          _usable_cupy().cuda.runtime.memcpyHostToDevice, stream,
-                          dst_bytes.device.id)
+        self._copy(dst_bytes.data.ptr + start, host.ctypes.data, host.nbytes,
+                   _usable_cupy().cuda.runtime.memcpyHostToDevice, stream, dst_bytes.device.id)
 
     def record(self, stream):
         cupy = _usable_cupy()

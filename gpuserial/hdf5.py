@@ -325,7 +325,9 @@ class _GroupReader(loading.Reader):
                                f'into an existing array)')
 
     def read_scalar(self, entry: loading.Entry) -> numpy.ndarray:
-        if h5py.check_string_dtype(entry.dtype) is not None:
+        string = h5py.check_string_dtype(entry.dtype)
+        if string is not None and (string.encoding, string.length is None) != ('ascii', False):
+            # text; fixed-length ASCII strings are bytes (what numpy.bytes_ are saved as)
             dataset = h5py.Dataset(entry.token)
             return numpy.asarray(self._guard(entry, lambda: dataset.asstr()[()]))
         stored = numpy.empty(entry.shape, entry.dtype)

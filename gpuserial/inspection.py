@@ -495,7 +495,7 @@ def _write_npz(source: _Source, entries, dst, level: int, shown, durable: bool) 
 def _write_hdf5(source: _Source, entries, dst, level: int, shown, durable: bool) -> None:
     name = os.fsdecode(dst)
     hdf5.check_paths({'/' + entry.key: f'key {entry.key!r}' for entry in entries}, name)
-    with atomic_path(dst, durable=durable) as temp, h5py.File(temp, 'w') as f, \
+    with atomic_path(dst, durable=durable) as temp, h5py.File(temp, 'x') as f, \
             _signals.deferred():
         for entry in entries:
             value = source.read(entry)

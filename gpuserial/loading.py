@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 
 import numpy
 
-from gpuserial import devices, progress
+from gpuserial import devices, progress, transfer
 from gpuserial.errors import GpuserialError, KeyNotFoundError, MismatchError, UnsafeCastError
 from gpuserial.serializer import (
     Deserializer,
@@ -77,6 +78,15 @@ class Reader:
         """Fills ``dst`` (of the entry's shape, any backend, any dtype it casts to) in place."""
         raise NotImplementedError
 
+    def reads_whole(self, entry: Entry, dst) -> bool:
+        """Whether ``dst`` is better filled with :meth:`read_whole` through a shared buffer
+        (see :func:`gpuserial.transfer.fill_many`): small device arrays, where the format can."""
+        return False
+
+    def read_whole(self, entry: Entry, buffer: memoryview) -> None:
+        """Reads the entry's data, of its stored dtype (the target's), into ``buffer``."""
+        raise NotImplementedError
+
     def read_scalar(self, entry: Entry) -> numpy.ndarray:
         """The (small) stored value as a host array."""
         stored = numpy.empty(entry.shape, entry.dtype)
@@ -108,12 +118,31 @@ class _PendingFills:
             shown.update(self.bytes_read_already)
             reader.progress = shown
             filled: list[str] = []
+            reading: Entry | None = None
+            ordered: set[devices.Device] = set()  # devices whose copies wait for the caller's
             try:
-                for entry, array in reader.in_read_order(self.fills):
-                    reader.read_into(entry, array)
-                    filled.append(entry.key)
+                for whole, run in itertools.groupby(reader.in_read_order(self.fills),
+                                                    key=lambda fill: reader.reads_whole(*fill)):
+                    if whole:  # small device arrays: through shared buffers
+                        run = list(run)
+
+                        def read_whole(entry, buffer):
+                            nonlocal reading
+                            reading = entry
+                            reader.read_whole(entry, buffer)
+
+                        transfer.fill_many(
+                            [(array, functools.partial(read_whole, entry)) for entry, array in run],
+                            lambda index, run=run: filled.append(run[index][0].key),
+                            ordered=ordered)
+                        continue
+                    for reading, array in run:
+                        reader.read_into(reading, array)
+                        filled.append(reading.key)
             except GpuserialError as error:
-                raise _stopped(error, entry.key, filled, len(self.fills)) from error
+                if reading is None:
+                    raise
+                raise _stopped(error, reading.key, filled, len(self.fills)) from error
             finally:
                 reader.progress = progress.SILENT
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import os
 import zipfile
 from collections.abc import Mapping
@@ -29,7 +30,7 @@ MAX_DEFLATE_RATIO = 1032  # deflate cannot expand data more than this: bounds a 
 SMALL_BYTES = 1 << 20  # arrays up to this size load in one read, without the staging engine
 HEADER_GUESS = 256  # bytes read for a member's .npy header, which numpy pads to 128
 READ_ERRORS = (_zipread.ZipError, OSError, EOFError)  # a member's, named with the file and key
-SMALL_MEMBER_BYTES = 64 << 10  # host arrays up to this size are written whole, with neighbours
+SMALL_MEMBER_BYTES = 64 << 10  # arrays up to this size are written whole, with neighbours
 
 
 class DictionarySerializer(Serializer):
@@ -115,25 +116,42 @@ def save_npz(file, obj, compression: bool = True, *, durable: bool = True,
 
 def write_npz(out: BinaryIO, entries: Mapping[str, object], compression: bool,
               shown: _progress.Progress = _progress.SILENT) -> None:
-    """Writes ``entries`` (arrays of any backend, or 0-d object arrays holding None) as NPZ."""
+    """Writes ``entries`` (arrays of any backend, or 0-d object arrays holding None) as NPZ.
+
+    Runs of small contiguous arrays are copied to the host together (packed, for device arrays)
+    and written whole; larger arrays stream through the staging engine chunk by chunk."""
+    ordered: set[devices.Device] = set()  # devices whose copies wait for the caller's work
     with _zipstream.ZipWriter(out, compression=compression) as archive:
-        for key, array in entries.items():
-            if array.dtype.hasobject:
-                if not _is_stored_none(array):
-                    raise TypeError(f'cannot save key {key!r}: object arrays other than None '
-                                    f'are not supported')
-                archive.write_small_member(key + SUFFIX, _npy.none_member())
+        for small, run in itertools.groupby(entries.items(), key=_written_whole):
+            if small:
+                run = list(run)
+                with contextlib.closing(transfer.host_copies([a for _, a in run],
+                                                             ordered=ordered)) as copies:
+                    for (key, array), data in zip(run, copies, strict=True):
+                        archive.write_small_member(
+                            key + SUFFIX, _npy.encode_header(array.dtype, array.shape), data)
+                        shown.update(array.nbytes)
                 continue
-            header = _npy.encode_header(array.dtype, array.shape)
-            if (array.nbytes <= SMALL_MEMBER_BYTES and isinstance(array, numpy.ndarray)
-                    and array.flags.c_contiguous):  # held whole: many to one write
-                archive.write_small_member(key + SUFFIX, header,
-                                           array.reshape(-1).view(numpy.uint8))
-                shown.update(array.nbytes)
-                continue
-            with contextlib.closing(transfer.host_chunks(array)) as chunks:  # also on failure
-                archive.write_member(key + SUFFIX,
-                                     _chain([header], _progress.counted(chunks, shown)))
+            for key, array in run:
+                if array.dtype.hasobject:
+                    if not _is_stored_none(array):
+                        raise TypeError(f'cannot save key {key!r}: object arrays other than '
+                                        f'None are not supported')
+                    archive.write_small_member(key + SUFFIX, _npy.none_member())
+                    continue
+                header = _npy.encode_header(array.dtype, array.shape)
+                with contextlib.closing(transfer.host_chunks(array)) as chunks:  # on failure too
+                    archive.write_member(key + SUFFIX,
+                                         _chain([header], _progress.counted(chunks, shown)))
+
+
+def _written_whole(item: tuple[str, object]) -> bool:
+    """Whether an entry is small and contiguous: held whole, written with its neighbours (a
+    device array packed with its neighbours into a staging buffer, so at most a chunk)."""
+    array = item[1]
+    return (array.nbytes <= SMALL_MEMBER_BYTES and not array.dtype.hasobject
+            and bool(array.flags.c_contiguous)
+            and (type(array) is numpy.ndarray or array.nbytes <= transfer.settings().chunk_bytes))
 
 
 def _chain(*iterables):
@@ -262,6 +280,27 @@ class _ZipReader(loading.Reader):
 
     def in_read_order(self, fills: list) -> list:
         return sorted(fills, key=lambda fill: fill[0].token[0].header_offset)
+
+    def reads_whole(self, entry: loading.Entry, dst) -> bool:
+        header = entry.token[1]
+        return (not isinstance(dst, numpy.ndarray) and devices.is_array(dst)
+                and header.nbytes <= min(SMALL_MEMBER_BYTES, transfer.settings().chunk_bytes)
+                and dst.dtype == header.dtype and not header.fortran_order
+                and bool(dst.flags.c_contiguous))
+
+    def read_whole(self, entry: loading.Entry, buffer: memoryview) -> None:
+        info, header, data_start = entry.token
+        try:
+            if info.compress_type == _zipstream.STORED:
+                _zipread.read_stored(self.archive.fp, info, data_start, header.length, buffer)
+            else:
+                member = _zipread.MemberReader(self.archive.fp, info, data_start)
+                member.read(header.length)
+                member.readinto(buffer)
+                member.finish()
+        except READ_ERRORS as error:
+            raise CorruptFileError(f'{self.where(entry.key)}: {error}') from None
+        self.progress.update(header.nbytes)
 
     def read_into(self, entry: loading.Entry, dst) -> None:
         info, header, data_start = entry.token

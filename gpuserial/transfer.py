@@ -1,7 +1,9 @@
 """The staging engine: device<->host copies in chunks, through pinned buffers, overlapped.
 
-Saving reads an array as a stream of C-order byte chunks (:func:`host_chunks`); loading fills
-an array in place from a stream of its bytes (:func:`fill`). Host (NumPy) arrays are handed out
+Saving reads an array as a stream of C-order byte chunks (:func:`host_chunks`), or many small
+arrays at once, packed into shared buffers (:func:`host_copies`); loading fills an array in place
+from a stream of its bytes (:func:`fill`), or many small arrays from shared buffers
+(:func:`fill_many`). Host (NumPy) arrays are handed out
 as their own memory, no copy. Device arrays go through a pool of page-locked buffers,
 double-buffered on the engine's own stream of their device: while the caller writes (or reads)
 chunk k, the copy of chunk k+1 is under way. Host memory beyond the arrays themselves stays
@@ -19,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import itertools
 import os
 import threading
 import warnings
@@ -29,8 +32,8 @@ import numpy
 from gpuserial import _signals
 from gpuserial.devices import Backend, Device, backend_of
 
-__all__ = ['block_shape', 'configure', 'fill', 'host_chunks', 'hyperslabs', 'release_pool',
-           'settings']
+__all__ = ['block_shape', 'configure', 'fill', 'fill_many', 'host_chunks', 'host_copies',
+           'hyperslabs', 'release_pool', 'settings']
 
 MiB = 1 << 20
 
@@ -278,17 +281,107 @@ def _device_to_host(backend: Backend, device: Device, array, contiguous: bool,
             count = (stop - start) * itemsize
             host = lease.buffers[slot][:count]
             if source is not None:
-                event = backend.to_host_async(source, start * itemsize, host, stream)
+                backend.to_host_async(source, start * itemsize, host, stream)
             else:  # the block into a contiguous device buffer first, on the same stream
                 packed = flight.scratch(slot, largest // itemsize, array.dtype, device)
                 packed = packed[:stop - start]
                 backend.assign(packed.reshape(block_shape(array.shape, index)), array[index],
                                stream)
-                event = backend.to_host_async(backend.as_bytes(packed), 0, host, stream)
-            flight.launch(slot, count, event)
+                backend.to_host_async(backend.as_bytes(packed), 0, host, stream)
+            flight.launch(slot, count)
         while flight:
             slot, count = flight.land()
             yield memoryview(lease.buffers[slot][:count])
+
+
+def host_copies(arrays: Sequence, *, ordered: set[Device] | None = None
+                ) -> Iterator[memoryview]:
+    """Yields the C-order bytes of each array in turn: the many small arrays of a model.
+
+    Each view is valid until the next one is asked for; close the generator (or exhaust it)
+    to release the buffers and wait for the copies in flight. Host arrays are handed out as
+    their own memory. The device arrays of a run on one device are packed into shared pinned
+    buffers: a buffer's copies are queued together and waited for with one event, while the
+    caller takes the arrays of the buffer before; the engine's stream of a device is ordered
+    after the caller's current stream once, not once per array.
+
+    Args:
+        arrays: C-contiguous arrays of any backend (device arrays of at most a chunk each).
+        ordered: the devices whose engine stream this save has ordered already (updated).
+    """
+    ordered = set() if ordered is None else ordered
+    for (backend, device), run in itertools.groupby(arrays, key=_backend_and_device):
+        if backend.is_host:
+            for array in run:
+                yield memoryview(_contiguous(array, backend).reshape(-1).view(numpy.uint8))
+            continue
+        if device not in ordered:
+            backend.order_after_current(backend.stream(device), device)
+            ordered.add(device)
+        yield from _packed_to_host(backend, device, [_packable(a, backend) for a in run])
+
+
+def _backend_and_device(array) -> tuple[Backend, Device | None]:
+    backend = backend_of(array)
+    return backend, None if backend.is_host else backend.device_of(array)
+
+
+def _contiguous(array, backend: Backend):
+    if not backend.is_contiguous(array):
+        raise ValueError(f'only C-contiguous arrays are packed; got a non-contiguous one of '
+                         f'shape {array.shape}')
+    return array
+
+
+def _packable(array, backend: Backend):
+    """A device array that fits a buffer of the pool (a chunk), and is C-contiguous."""
+    if array.nbytes > _settings.chunk_bytes:
+        raise ValueError(f'only arrays of at most a chunk ({_settings.chunk_bytes} bytes) are '
+                         f'packed; got one of {array.nbytes} bytes')
+    return _contiguous(array, backend)
+
+
+def _packed_to_host(backend: Backend, device: Device, arrays: list) -> Iterator[memoryview]:
+    """The bytes of ``arrays`` of ``device``, a buffer of them at a time (see host_copies)."""
+    if not any(array.nbytes for array in arrays):  # empty arrays pin nothing
+        yield from (memoryview(b'') for _ in arrays)
+        return
+    stream = backend.stream(device)
+    with _pool.lease(backend, _settings.buffers, _settings.chunk_bytes) as lease, \
+            _Flight(backend, stream, lease) as flight:
+        for batch in _batches([array.nbytes for array in arrays]):
+            _signals.check()
+            landed = flight.make_room()
+            if landed is not None:
+                yield from _views(lease.buffers[landed[0]], landed[1])
+            slot = flight.take()
+            for index, start, count in batch:
+                if count:
+                    backend.to_host_async(backend.as_bytes(arrays[index]), 0,
+                                          lease.buffers[slot][start:start + count], stream)
+            flight.launch(slot, batch)
+        while flight:
+            slot, batch = flight.land()
+            yield from _views(lease.buffers[slot], batch)
+
+
+def _batches(sizes: list[int]) -> list[list[tuple[int, int, int]]]:
+    """Consecutive arrays of these sizes packed into buffers of a chunk: for each buffer, the
+    ``(index, start, count)`` of its arrays."""
+    batches: list[list[tuple[int, int, int]]] = []
+    used = _settings.chunk_bytes
+    for index, count in enumerate(sizes):
+        if used + count > _settings.chunk_bytes or not batches:
+            batches.append([])
+            used = 0
+        batches[-1].append((index, used, count))
+        used += count
+    return batches
+
+
+def _views(buffer: numpy.ndarray, batch: list[tuple[int, int, int]]) -> Iterator[memoryview]:
+    for _, start, count in batch:
+        yield memoryview(buffer[start:start + count])
 
 
 class _Flight:
@@ -312,8 +405,9 @@ class _Flight:
     def __bool__(self) -> bool:
         return bool(self.queue)
 
-    def make_room(self) -> tuple[int, int] | None:
-        """Lands the oldest copy when every buffer is in flight; returns it (slot, bytes)."""
+    def make_room(self) -> tuple | None:
+        """Lands the oldest buffer's work when every buffer is in flight; returns its (slot,
+        landing)."""
         if self.free:
             return None
         landed = self.land()
@@ -329,19 +423,24 @@ class _Flight:
             self.device_buffers[slot] = self.backend.empty((size,), dtype, device)
         return self.device_buffers[slot]
 
-    def launch(self, slot: int, count: int, event) -> None:
-        self.queue.append((slot, count, event))
+    def launch(self, slot: int, landing) -> None:
+        """Marks the work queued so far for buffer ``slot`` as in flight (one event for it
+        all); ``landing`` is handed back when it lands."""
+        self.queue.append((slot, landing, self.backend.record(self.stream)))
 
-    def land(self) -> tuple[int, int]:
-        slot, count, event = self.queue[0]
+    def land(self) -> tuple:
+        """Waits for the oldest buffer's work; returns its (slot, landing)."""
+        slot, landing, event = self.queue[0]
         self.backend.wait(event)
         self.queue.popleft()
-        return slot, count
+        return slot, landing
 
     def __exit__(self, kind, error, traceback) -> None:
         try:
             while self.queue:
                 self.land()
+            if kind is not None:  # copies may have been queued for a buffer not yet launched
+                self.backend.synchronize(self.stream)
         except BaseException:
             self.lease.discard()
             with contextlib.suppress(BaseException):
@@ -379,6 +478,70 @@ def fill(dst, read_into: Callable[[memoryview], None], src_dtype: numpy.dtype, *
     else:
         _host_to_device(backend, backend.device_of(dst), dst, contiguous, read_into, src_dtype,
                         blocks)
+
+
+def fill_many(fills: Sequence[tuple[object, Callable[[memoryview], None]]],
+              filled: Callable[[int], None] = lambda index: None, *,
+              ordered: set[Device] | None = None) -> None:
+    """Fills many small arrays in place, each from its reader: the mirror image of
+    :func:`host_copies`.
+
+    Returns once the data is in every array for every stream and thread.
+
+    Args:
+        fills: ``(dst, read_into)`` pairs: ``dst`` a C-contiguous array of any backend (a
+            device array of at most a chunk),
+            ``read_into`` fills a writable byte buffer of ``dst.nbytes`` with its stored bytes
+            (of ``dst``'s dtype). Host arrays are read straight into. The device arrays of a
+            run on one device are read into a shared pinned buffer, which is copied to them
+            (a copy per array, one event per buffer) while the next buffer is read; the
+            engine's stream of a device is ordered after the caller's current stream once.
+        filled: called with the index of each array once its data is read and the copies of
+            its buffer are queued: the array will hold the new data, even if a later read
+            fails.
+        ordered: the devices whose engine stream this load has ordered already (updated).
+    """
+    ordered = set() if ordered is None else ordered
+    indexed = list(enumerate(fills))
+    for (backend, device), run in itertools.groupby(
+            indexed, key=lambda item: _backend_and_device(item[1][0])):
+        if backend.is_host:
+            for index, (dst, read_into) in run:
+                _signals.check()
+                read_into(memoryview(_contiguous(dst, backend).reshape(-1).view(numpy.uint8)))
+                filled(index)
+            continue
+        if device not in ordered:  # nothing the caller queued reads an array after our copy
+            backend.order_after_current(backend.stream(device), device)
+            ordered.add(device)
+        _packed_from_host(backend, device, [(index, _packable(dst, backend), read_into)
+                                            for index, (dst, read_into) in run], filled)
+
+
+def _packed_from_host(backend: Backend, device: Device, run: list, filled) -> None:
+    """Fills the arrays of ``run`` (index, dst, read_into) on ``device`` (see fill_many)."""
+    if not any(dst.nbytes for _, dst, _ in run):  # empty arrays pin nothing
+        for index, _, read_into in run:
+            read_into(memoryview(bytearray()))
+            filled(index)
+        return
+    stream = backend.stream(device)
+    with _pool.lease(backend, _settings.buffers, _settings.chunk_bytes) as lease, \
+            _Flight(backend, stream, lease) as flight:
+        for batch in _batches([dst.nbytes for _, dst, _ in run]):
+            flight.make_room()
+            slot = flight.take()
+            buffer = lease.buffers[slot]
+            for position, start, count in batch:  # the file read overlaps the copies in flight
+                _signals.check()
+                run[position][2](memoryview(buffer[start:start + count]))
+            for position, start, count in batch:
+                if count:
+                    backend.from_host_async(buffer[start:start + count],
+                                            backend.as_bytes(run[position][1]), 0, stream)
+            flight.launch(slot, None)
+            for position, _, _ in batch:
+                filled(run[position][0])
 
 
 def _fill_host(dst: numpy.ndarray, contiguous: bool, read_into, src_dtype: numpy.dtype,
@@ -426,11 +589,10 @@ def _host_to_device(backend: Backend, device: Device, dst, contiguous: bool, rea
                 read_into(memoryview(values.view(numpy.uint8)))
                 numpy.copyto(host.view(dst_dtype), values, casting='same_kind')
             if target is not None:
-                event = backend.from_host_async(host, target, start * dst_dtype.itemsize, stream)
+                backend.from_host_async(host, target, start * dst_dtype.itemsize, stream)
             else:  # into a contiguous device buffer, then into the block, on the same stream
                 packed = flight.scratch(slot, largest, dst_dtype, device)[:stop - start]
                 backend.from_host_async(host, backend.as_bytes(packed), 0, stream)
                 backend.assign(dst[index], packed.reshape(block_shape(dst.shape, index)),
                                stream)
-                event = backend.record(stream)
-            flight.launch(slot, 0, event)
+            flight.launch(slot, None)

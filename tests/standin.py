@@ -110,6 +110,8 @@ class StandInBackend(devices.Backend):
         self.pinning_fails = False  # a test's locked-memory limit
         self.failing_waits = 0  # the next this many waits raise, as after a CUDA error
         self.pageable_copies_allowed = False  # only where a test expects the engine's fallback
+        self.waits = 0  # events waited for by the engine
+        self.orderings: list[int] = []  # the device of each order_after_current, in order
 
     # -- arrays -------------------------------------------------------------------------------
 
@@ -223,6 +225,7 @@ class StandInBackend(devices.Backend):
 
     def order_after_current(self, stream, device):
         self._check_device(stream, device.id)
+        self.orderings.append(device.id)
         self._wait_for(stream, self._record(self.current_stream(device.id)))
 
     def record(self, stream):
@@ -230,6 +233,7 @@ class StandInBackend(devices.Backend):
 
     def wait(self, event):
         with self._lock:
+            self.waits += 1
             if self.failing_waits:
                 self.failing_waits -= 1
                 raise StandInError('cudaErrorLaunchFailure (a wait made to fail)')
@@ -260,7 +264,7 @@ class StandInBackend(devices.Backend):
             return any(start <= address and address + host.nbytes <= start + size
                        for start, size in self._pinned.items())
 
-    def _copy(self, kind: str, device_bytes, start: int, host, stream: _Stream, copy) -> _Event:
+    def _copy(self, kind: str, device_bytes, start: int, host, stream: _Stream, copy) -> None:
         self._check_device(stream, device_bytes.device.id)
         if start < 0 or start + host.nbytes > device_bytes.nbytes:
             raise StandInError(f'a copy of {host.nbytes} bytes at {start} of '
@@ -271,17 +275,16 @@ class StandInBackend(devices.Backend):
             if not self.pageable_copies_allowed:
                 raise StandInError('an async copy to or from memory that is not pinned')
             self._run_until(event)
-        return event
 
     def to_host_async(self, src_bytes, start, host, stream):
         def copy():
             host[:] = src_bytes._data[start:start + host.nbytes]
-        return self._copy('d2h', src_bytes, start, host, stream, copy)
+        self._copy('d2h', src_bytes, start, host, stream, copy)
 
     def from_host_async(self, host, dst_bytes, start, stream):
         def copy():  # reads the host buffer when the copy runs, as the DMA engine does
             dst_bytes._data[start:start + host.nbytes] = host
-        return self._copy('h2d', dst_bytes, start, host, stream, copy)
+        self._copy('h2d', dst_bytes, start, host, stream, copy)
 
     def pending(self) -> int:
         """How much work is queued, not yet run, on the engine's and the default streams."""
@@ -294,7 +297,8 @@ class StandInBackend(devices.Backend):
         self.allocations.clear()
         self.pinned_allocations = 0
         self.pinning_fails = self.pageable_copies_allowed = False
-        self.failing_waits = 0
+        self.failing_waits = self.waits = 0
+        self.orderings.clear()
 
 
 BACKEND = StandInBackend()

@@ -18,12 +18,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy
 import pytest
 
-from gpuserial import _fileio, _zipstream, hdf5, serializers
+from gpuserial import _fileio, _signals, _zipstream, hdf5, serializers
 from tests import crafting, interrupt_child, kill_saver
 from tests.conftest import as_nobody
 
@@ -461,3 +462,155 @@ def test_ctrl_c_stops_long_hdf5_work_within_a_second(tmp_path, operation, level)
             load(tmp_path / name, target)
             assert (target['w'] == values['w']).all()
     assert crafting.temporaries(tmp_path) == []
+
+
+def test_names_that_only_look_like_temporaries_are_left_alone(tmp_path):
+    for name in ('.m.npz.abc-host-token', '.m.npz.12', '.m.npz.1-2-3-4'):
+        (tmp_path / (name + _fileio.TEMP_SUFFIX)).write_bytes(b'not ours')
+    assert _fileio.temporaries(str(tmp_path)) == []
+    assert _fileio.remove_stale_temporaries(str(tmp_path)) == []
+    assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_removing_stale_temporaries_says_which_and_unlinks_links_not_targets(tmp_path):
+    kept = tmp_path / 'precious.npz'
+    kept.write_bytes(b'keep me')
+    stale = _temporary(tmp_path, 'a.npz', _dead_pid())
+    linked = tmp_path / f'.b.npz.{_dead_pid()}-{_fileio.HOST}-0123456789ab{_fileio.TEMP_SUFFIX}'
+    linked.symlink_to(kept)
+    dangling = tmp_path / f'.c.npz.{_dead_pid()}-{_fileio.HOST}-0123456789ab{_fileio.TEMP_SUFFIX}'
+    dangling.symlink_to(tmp_path / 'nowhere')
+    removed = _fileio.remove_stale_temporaries(str(tmp_path))
+    assert sorted(t.path for t in removed) == sorted(map(str, (stale, linked, dangling)))
+    assert [p.name for p in tmp_path.iterdir()] == ['precious.npz']
+    assert kept.read_bytes() == b'keep me'
+
+
+def test_a_process_started_more_than_a_second_after_the_write_took_a_reused_number(
+        monkeypatch):
+    alive = os.getppid()
+    for started, gone in ((1001.0, False), (1001.5, True)):
+        monkeypatch.setattr(_fileio, '_started', lambda pid, started=started: started)
+        assert _fileio._gone(alive, 1000.0) is gone
+
+
+def test_a_process_whose_name_holds_a_parenthesis_still_has_a_start_time():
+    child = subprocess.Popen([sys.executable, '-c', 'import sys, time\n'
+                              'open("/proc/self/comm", "w").write("a) b c d e f g h i j")\n'
+                              'print(flush=True); time.sleep(30)'], stdout=subprocess.PIPE)
+    try:
+        child.stdout.readline()  # renamed
+        started = _fileio._started(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert started is not None and abs(started - time.time()) < 10
+
+
+def test_an_error_about_another_file_passes_through_unchanged(tmp_path):
+    error = FileNotFoundError(errno.ENOENT, 'No such file or directory', '/elsewhere')
+    with pytest.raises(FileNotFoundError) as raised, \
+            _fileio.atomic_path(tmp_path / 'm.npz', durable=False):
+        raise error
+    assert raised.value is error
+    with pytest.raises(FileNotFoundError, match='creating a temporary file beside it') as raised, \
+            _fileio.atomic_path(tmp_path / 'm.npz', durable=False) as temp:
+        open(temp, 'rb')  # an error about the temporary file: it names the user's
+    assert raised.value.filename == str(tmp_path / 'm.npz')
+
+
+@pytest.mark.parametrize('fmt', ['npz', 'h5'])
+def test_a_durable_save_closes_what_it_opens_and_a_new_file_has_the_umask_mode(tmp_path, fmt):
+    save = serializers.save_npz if fmt == 'npz' else serializers.save_hdf5
+    save(tmp_path / f'warm.{fmt}', {'W': numpy.zeros(3)})
+    before = sorted(os.listdir('/proc/self/fd'))
+    save(tmp_path / f'm.{fmt}', {'W': numpy.zeros(3)}, durable=True)
+    assert sorted(os.listdir('/proc/self/fd')) == before
+    assert os.stat(tmp_path / f'm.{fmt}').st_mode & 0o7777 == 0o666 & ~_fileio._UMASK
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='renameat2 is Linux\'s')
+def test_a_save_over_a_file_swaps_names_rather_than_renaming_over_it(tmp_path, monkeypatch):
+    """ext4 flushes a file renamed over another before the rename returns; an exchange and an
+    unlink of the old file do not make it wait."""
+    renamed = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, 'replace', lambda *args: renamed.append(args) or real_replace(*args))
+    serializers.save_npz(tmp_path / 'm.npz', {'W': numpy.zeros(3)}, durable=False)
+    assert len(renamed) == 1  # a new file: a plain rename
+    serializers.save_npz(tmp_path / 'm.npz', {'W': numpy.ones(3)}, durable=False)
+    assert len(renamed) == 1  # over the old one: exchanged
+    assert [p.name for p in tmp_path.iterdir()] == ['m.npz']
+    with numpy.load(tmp_path / 'm.npz') as stored:
+        assert stored['W'].tolist() == [1, 1, 1]
+
+
+def _interrupt() -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.01)  # the handler runs between bytecodes, soon after
+
+
+@pytest.mark.skipif(signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
+                    reason='a SIGINT handler of the test runner is in place')
+def test_ctrl_c_waits_for_a_check_and_the_handler_comes_back():
+    with pytest.raises(KeyboardInterrupt):
+        with _signals.deferred():
+            _interrupt()  # remembered, not raised
+            _signals.check()
+            pytest.fail('check() did not raise')
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):  # no check in the block: raised at its end
+        with _signals.deferred():
+            _interrupt()
+    _signals.check()  # nothing left over
+
+
+@pytest.mark.skipif(signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
+                    reason='a SIGINT handler of the test runner is in place')
+def test_what_hdf5_made_of_an_interrupt_becomes_the_interrupt():
+    with pytest.raises(KeyboardInterrupt) as raised:
+        with _signals.deferred():
+            _interrupt()
+            raise OSError('Can\'t write data (what h5py raises for a lost interrupt)')
+    assert isinstance(raised.value.__cause__, OSError)
+    with pytest.raises(OSError, match='no interrupt') as raised:  # without one: as it is
+        with _signals.deferred():
+            raise OSError('no interrupt')
+    assert raised.value.__cause__ is None
+
+
+@pytest.mark.skipif(signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
+                    reason='a SIGINT handler of the test runner is in place')
+def test_an_interrupt_is_raised_once_even_if_the_block_catches_it():
+    with _signals.deferred():
+        _interrupt()
+        with pytest.raises(KeyboardInterrupt):
+            _signals.check()
+        _signals.check()  # handled: not raised again, nor at the block's end
+
+
+def test_only_the_main_threads_default_handler_is_replaced():
+    errors = []
+    thread = threading.Thread(target=lambda: _catch(errors, _deferred_and_checked))
+    thread.start()
+    thread.join(30)
+    assert errors == []
+    own = lambda signum, frame: None  # noqa: E731 - the program's own handler
+    previous = signal.signal(signal.SIGINT, own)
+    try:
+        with _signals.deferred():
+            assert signal.getsignal(signal.SIGINT) is own
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _deferred_and_checked():
+    with _signals.deferred():
+        _signals.check()
+
+
+def _catch(errors, function):
+    try:
+        function()
+    except Exception as error:
+        errors.append(error)

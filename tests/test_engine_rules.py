@@ -4,12 +4,15 @@ non-contiguous arrays block by block, survives failed reads and waits, pins noth
 arrays, falls back to pageable memory, and forgets its buffers and streams in a forked child."""
 
 import os
+import struct
 import warnings
+import zipfile
 
 import numpy
 import pytest
 
 from gpuserial import devices, serializers, transfer
+from gpuserial.errors import CorruptFileError
 from tests.standin import BACKEND, StandInDevice, StandInError
 
 CHUNK = 64
@@ -208,3 +211,159 @@ def test_a_forked_child_starts_without_its_parents_buffers_and_streams():
     os.waitpid(pid, 0)
     assert answer == b'ok'
     assert transfer._pool._free  # the parent keeps its own
+
+
+# ---------------------------------------------------------------------------------------------
+# Many small arrays: packed into shared buffers, one event per buffer, one ordering per device
+
+
+def _small_model(device, count: int, elements: int = 10) -> dict:
+    return {f'p{i:03d}': device.send(numpy.arange(elements, dtype=numpy.float32) + i)
+            for i in range(count)}
+
+
+def test_small_device_arrays_share_buffers_and_events(tmp_path):
+    device = StandInDevice(0)
+    model = _small_model(device, 100)  # 40 bytes each, 100 in all: a buffer (64 B) holds one
+    with transfer.configure(chunk_bytes=400):  # a buffer holds ten
+        serializers.save_npz(tmp_path / 'm.npz', model)
+    assert BACKEND.waits == 10 and BACKEND.orderings == [0]
+    assert BACKEND.pinned_allocations == 2  # double buffering, reused throughout
+    with numpy.load(tmp_path / 'm.npz') as stored:
+        for key, array in model.items():
+            assert stored[key].tolist() == array.get().tolist(), key
+
+
+def test_packed_copies_see_what_a_kernel_queued_before_them(tmp_path):
+    device = StandInDevice(0)
+    model = _small_model(device, 30)
+    with BACKEND.using(device):
+        for array in model.values():
+            BACKEND.launch(device, lambda a=array: a._data.__setitem__(Ellipsis, -1.0))
+        with transfer.configure(chunk_bytes=400):
+            serializers.save_npz(tmp_path / 'm.npz', model)
+    with numpy.load(tmp_path / 'm.npz') as stored:
+        assert all((stored[key] == -1.0).all() for key in model)
+
+
+def test_runs_across_devices_and_the_host_keep_their_order(tmp_path):
+    first, second = StandInDevice(0), StandInDevice(1)
+    model = {}
+    for i in range(24):  # device 0, device 0, host, device 1, ... in runs of two
+        place = (first, first, None, second)[i % 4]
+        values = numpy.full(5, i, numpy.int64)
+        model[f'k{i:02d}'] = values if place is None else place.send(values)
+    chunks = list(transfer.host_copies(list(model.values())))  # views valid one at a time
+    assert len(chunks) == 24
+    serializers.save_npz(tmp_path / 'm.npz', model)
+    assert sorted(BACKEND.orderings) == [0, 0, 1, 1]  # once per device per save
+    with numpy.load(tmp_path / 'm.npz') as stored:
+        assert list(stored.keys()) == list(model)
+        assert [int(stored[key][0]) for key in model] == list(range(24))
+
+
+def test_host_copies_hands_each_view_over_before_reusing_its_buffer():
+    device = StandInDevice(0)
+    arrays = [device.send(numpy.full(7, i, numpy.int16)) for i in range(50)]
+    arrays.append(device.send(numpy.arange(32, dtype=numpy.int16)))  # a whole chunk
+    seen = [numpy.frombuffer(view, numpy.int16).tolist()
+            for view in transfer.host_copies(arrays)]
+    assert seen == [a.get().tolist() for a in arrays]
+    assert BACKEND.pending() == 0
+
+
+def test_only_arrays_that_fit_a_pooled_buffer_are_packed():
+    device = StandInDevice(0)
+    big = device.send(numpy.zeros(CHUNK + 1, numpy.uint8))
+    with pytest.raises(ValueError, match='at most a chunk'):
+        list(transfer.host_copies([big]))
+    with pytest.raises(ValueError, match='at most a chunk'):
+        transfer.fill_many([(big, lambda buffer: None)])
+    assert BACKEND.pinned_allocations == 0
+
+
+def test_host_copies_takes_only_contiguous_arrays():
+    device = StandInDevice(0)
+    transposed = device.send(numpy.zeros((3, 4))).T
+    with pytest.raises(ValueError, match='C-contiguous'):
+        list(transfer.host_copies([transposed[:2]]))
+    with pytest.raises(ValueError, match='C-contiguous'):
+        list(transfer.host_copies([numpy.zeros((3, 4)).T]))
+
+
+def test_a_small_non_contiguous_device_array_still_saves(tmp_path):
+    device = StandInDevice(0)
+    values = numpy.arange(12, dtype=numpy.float32).reshape(3, 4)
+    model = {'a': device.send(values).T, 'b': device.send(values)}
+    serializers.save_npz(tmp_path / 'm.npz', model)
+    with numpy.load(tmp_path / 'm.npz') as stored:
+        assert stored['a'].tolist() == values.T.tolist()
+        assert stored['b'].tolist() == values.tolist()
+
+
+def test_a_failed_wait_in_a_packed_save_leaves_nothing_behind(tmp_path):
+    device = StandInDevice(0)
+    (tmp_path / 'm.npz').write_bytes(b'the old file')
+    BACKEND.failing_waits = 1
+    with pytest.raises(StandInError, match='made to fail'):
+        serializers.save_npz(tmp_path / 'm.npz', _small_model(device, 40))
+    assert (tmp_path / 'm.npz').read_bytes() == b'the old file'
+    assert [p.name for p in tmp_path.iterdir()] == ['m.npz']
+    assert BACKEND.pending() == 0  # every copy queued was waited for
+    model = _small_model(device, 40)  # and the pool's buffers are fit to reuse
+    serializers.save_npz(tmp_path / 'm.npz', model)
+    with numpy.load(tmp_path / 'm.npz') as stored:
+        assert all(stored[k].tolist() == a.get().tolist() for k, a in model.items())
+
+
+def test_small_device_arrays_load_through_shared_buffers(tmp_path):
+    device = StandInDevice(0)
+    model = _small_model(device, 100)
+    serializers.save_npz(tmp_path / 'm.npz', {k: a.get() for k, a in model.items()})
+    target = {key: device.send(numpy.zeros(10, numpy.float32)) for key in model}
+    BACKEND.reset()
+    with transfer.configure(chunk_bytes=400):  # a buffer holds ten
+        serializers.load_npz(tmp_path / 'm.npz', target)
+    assert BACKEND.waits == 10 and BACKEND.orderings == [0]
+    assert BACKEND.pending() == 0  # done for every stream on return
+    for key, array in model.items():
+        assert target[key].get().tolist() == array.get().tolist(), key
+
+
+def test_a_load_across_devices_and_the_host(tmp_path):
+    first, second = StandInDevice(0), StandInDevice(1)
+    stored = {f'k{i:02d}': numpy.full(5, i, numpy.int64) for i in range(24)}
+    serializers.save_npz(tmp_path / 'm.npz', stored)
+    places = [(first, first, None, second)[i % 4] for i in range(24)]
+    target = {key: numpy.zeros(5, numpy.int64) if place is None else
+              place.send(numpy.zeros(5, numpy.int64))
+              for key, place in zip(stored, places, strict=True)}
+    serializers.load_npz(tmp_path / 'm.npz', target)
+    assert sorted(BACKEND.orderings) == [0, 1]
+    for key, array in target.items():
+        values = array if isinstance(array, numpy.ndarray) else array.get()
+        assert values.tolist() == stored[key].tolist(), key
+
+
+@pytest.mark.parametrize('compression', [False, True], ids=['stored', 'deflated'])
+def test_a_bad_member_in_a_packed_load_fills_only_whole_buffers_before_it(tmp_path,
+                                                                          compression):
+    device = StandInDevice(0)
+    stored = {f'k{i:02d}': numpy.full(10, i + 1, numpy.float32) for i in range(30)}
+    serializers.save_npz(tmp_path / 'm.npz', stored, compression=compression)
+    with zipfile.ZipFile(tmp_path / 'm.npz') as archive:
+        info = archive.getinfo('k15.npy')
+    data = bytearray((tmp_path / 'm.npz').read_bytes())
+    name_length, extra_length = struct.unpack_from('<HH', data, info.header_offset + 26)
+    data_start = info.header_offset + 30 + name_length + extra_length
+    data[data_start + info.compress_size - 5] ^= 0xFF  # in member 15's data
+    (tmp_path / 'm.npz').write_bytes(bytes(data))
+    target = {key: device.send(numpy.zeros(10, numpy.float32)) for key in stored}
+    with transfer.configure(chunk_bytes=400), \
+            pytest.raises(CorruptFileError, match="'k15'") as caught:
+        serializers.load_npz(tmp_path / 'm.npz', target)
+    assert caught.value.filled == [f'k{i:02d}' for i in range(10)]  # the first buffer's
+    assert caught.value.partly_filled == 'k15'
+    for i, (key, array) in enumerate(target.items()):
+        assert (array.get() == (i + 1 if i < 10 else 0)).all(), key
+    assert BACKEND.pending() == 0

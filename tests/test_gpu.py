@@ -132,6 +132,36 @@ def test_a_load_waits_for_a_slow_kernel_that_reads_the_target(tmp_path, cupy, ke
     assert (seen.get() == 1.0).all() and (target.get() == 3.0).all()
 
 
+@pytest.mark.parametrize('where', ['default stream', 'non-blocking stream'])
+def test_many_small_arrays_packed_wait_for_slow_kernels_both_ways(tmp_path, cupy, kernels,
+                                                                  where):
+    """Small arrays go through shared pinned buffers (one event per buffer): a save still sees
+    what slow kernels wrote, a load still lets slow kernels read the old values first."""
+    path = tmp_path / 'm.npz'
+    with cupy.cuda.Stream(non_blocking=True) if where != 'default stream' else _nothing():
+        arrays = {f'p{i:04d}': cupy.zeros(1000, numpy.float32) for i in range(300)}
+        cupy.cuda.get_current_stream().synchronize()
+        for i, array in enumerate(arrays.values()):
+            if i % 50 == 0:
+                _slow_fill(kernels, array, float(i))
+            else:
+                array.fill(float(i))
+        with transfer.configure(chunk_bytes=64 << 10):  # 16 arrays a buffer
+            serializers.save_npz(path, arrays, compression=False)
+        with numpy.load(path) as stored:
+            assert all((stored[key] == i).all() for i, key in enumerate(arrays))
+        targets = {key: cupy.full(1000, -1.0, numpy.float32) for key in arrays}
+        seen = {key: cupy.zeros(1000, numpy.float32) for key in arrays}
+        cupy.cuda.get_current_stream().synchronize()
+        for key in list(arrays)[::50]:
+            _slow_copy(kernels, targets[key], seen[key])
+        with transfer.configure(chunk_bytes=64 << 10):
+            serializers.load_npz(path, targets)
+        cupy.cuda.get_current_stream().synchronize()
+    assert all((seen[key].get() == -1.0).all() for key in list(arrays)[::50])
+    assert all((targets[key].get() == i).all() for i, key in enumerate(arrays))
+
+
 class _nothing:
     def __enter__(self):
         return None

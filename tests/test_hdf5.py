@@ -1,10 +1,15 @@
 """HDF5 specifics: Chainer's layout (groups, gzip, Empty for None), chunked device writes."""
 
+import io
+import os
+import resource
+
 import h5py
 import numpy
 import pytest
 
-from gpuserial import serializers
+from gpuserial import hdf5, serializers, transfer
+from gpuserial.errors import KeyCollisionError
 from tests.conftest import host
 from tests.standin import StandInDevice
 
@@ -79,3 +84,65 @@ def test_libhdf5_creates_the_temporary_file_rather_than_truncating_it(tmp_path, 
     assert modes == [('x', False)]
     with real_file(tmp_path / 'model.h5') as f:
         assert f['W'][()].tolist() == [1, 1, 1]
+
+
+def test_reads_of_a_chunked_dataset_take_whole_bands_of_its_chunks(tmp_path):
+    """Each block a whole number of HDF5 chunk rows, so that no chunk is read twice."""
+    with h5py.File(tmp_path / 'm.h5', 'w') as f:
+        dataset = f.create_dataset('x', data=numpy.zeros((100, 10)), chunks=(3, 10)).id
+        with transfer.configure(chunk_bytes=1100):  # 13 rows of 80 bytes; 12 in whole bands
+            blocks = hdf5._read_blocks(dataset, (100, 10), 8, host=False)
+        assert [index[0].start for index, _, _ in blocks] == list(range(0, 100, 12))
+        with transfer.configure(chunk_bytes=800):  # the whole dataset fits: one read
+            assert len(hdf5._read_blocks(dataset, (10, 10), 8, host=False)) == 1
+
+
+def test_text_arrays_are_saved_as_utf8_strings(tmp_path):
+    serializers.save_hdf5(tmp_path / 'm.h5', {'words': numpy.array(['ab', 'ç']),
+                                               'word': numpy.array('xyz')})
+    with h5py.File(tmp_path / 'm.h5') as f:
+        assert f['words'].asstr()[()].tolist() == ['ab', 'ç']
+        assert f['word'].asstr()[()] == 'xyz'
+    target = {'word': ''}
+    serializers.load_hdf5(tmp_path / 'm.h5', target, strict=False)
+    assert target == {'word': 'xyz'}
+
+
+def test_a_group_where_a_dataset_is_stored_already(tmp_path):
+    with h5py.File(tmp_path / 'm.h5', 'w') as f:
+        f.create_dataset('a', data=1)
+        with pytest.raises(KeyCollisionError, match="key 'a': cannot make a group here"):
+            serializers.HDF5Serializer(f)['a']
+
+
+def test_libhdf5_writes_the_file_itself_only_with_twice_its_size_to_spare(tmp_path,
+                                                                          monkeypatch):
+    plan = hdf5._Plan()
+    plan.entries = [('/', 'W', 'W', numpy.zeros(1000))]
+    needed = 8000 + hdf5.HDF5_ENTRY_BYTES + hdf5.HDF5_FILE_BYTES
+    real_statvfs = os.statvfs
+
+    def free(nbytes):
+        info = real_statvfs(tmp_path)
+        return lambda path: os.statvfs_result(
+            (*info[:3], info.f_bfree, nbytes // info.f_frsize, *info[5:]))
+
+    frsize = real_statvfs(tmp_path).f_frsize
+    enough = -(-(2 * needed + hdf5.HDF5_SPARE_BYTES) // frsize) * frsize  # whole blocks
+    monkeypatch.setattr(os, 'statvfs', free(enough))
+    assert hdf5._roomy(str(tmp_path), plan)
+    monkeypatch.setattr(os, 'statvfs', free(enough - frsize))
+    assert not hdf5._roomy(str(tmp_path), plan)
+    monkeypatch.setattr(os, 'statvfs', free(enough))
+    for limit, roomy in ((2 * needed, True), (2 * needed - 1, False)):  # a file size limit
+        monkeypatch.setattr(resource, 'getrlimit', lambda which, limit=limit: (limit, limit))
+        assert hdf5._roomy(str(tmp_path), plan) is roomy
+
+
+def test_a_save_through_python_raises_what_failed_when_no_write_did(monkeypatch):
+    def fail(self, plan, f):
+        raise RuntimeError('not a write error')
+
+    monkeypatch.setattr(hdf5.HDF5Serializer, 'write', fail)
+    with pytest.raises(RuntimeError, match='not a write error'):
+        serializers.save_hdf5(io.BytesIO(), {'W': numpy.zeros(3)})

@@ -18,7 +18,7 @@ import h5py
 import numpy
 import pytest
 
-from gpuserial import _npy, inspection, serializers
+from gpuserial import _npy, inspection, loading, serializers
 from gpuserial.errors import (
     CorruptFileError,
     GpuserialError,
@@ -893,3 +893,44 @@ def test_the_address_space_limit_stops_a_huge_allocation(address_space_limit):
     """The limit these tests run under is real: a broken allocation bound fails one test."""
     with pytest.raises(MemoryError):
         numpy.ones(address_space_limit, numpy.uint8)
+
+
+@pytest.mark.parametrize('fmt', ['npz', 'h5'])
+def test_scalars_up_to_the_limit_load_and_larger_ones_do_not(tmp_path, fmt):
+    save, load = ((serializers.save_npz, serializers.load_npz) if fmt == 'npz' else
+                  (serializers.save_hdf5, serializers.load_hdf5))
+    limit = loading.MAX_SCALAR_BYTES
+    save(tmp_path / f'at.{fmt}', {'s': numpy.bytes_(b'x' * limit)})
+    target = {'s': b''}
+    load(tmp_path / f'at.{fmt}', target)
+    assert target['s'] == b'x' * limit
+    save(tmp_path / f'over.{fmt}', {'s': numpy.bytes_(b'x' * (limit + 1))})
+    with pytest.raises(MismatchError, match=r"key 's': a stored array of shape \(\) cannot "
+                                            r"load into a bytes"):
+        load(tmp_path / f'over.{fmt}', {'s': b''})
+
+
+def test_a_crc_error_after_exactly_as_many_arrays_as_are_named(tmp_path):
+    count = loading.MAX_NAMED_IN_ERRORS
+    keys = [f'a{i}' for i in range(count + 1)]
+    data = crafting.npz_of({key: crafting.npy_of(numpy.full(4, i, numpy.float64))
+                            for i, key in enumerate(keys)})
+    end = crafting.data_offset(data, keys[-1] + '.npy') + crafting.central_field(
+        data, keys[-1] + '.npy', 'compress_size')
+    path = _write(tmp_path, crafting.flip(data, end - 1, 0x01))
+    with pytest.raises(CorruptFileError) as raised:
+        serializers.load_npz(path, {key: numpy.zeros(4) for key in keys})
+    named = ', '.join(repr(key) for key in keys[:count])
+    assert f'{count} of {count + 1} arrays were already filled in place: {named};' in str(
+        raised.value)
+
+
+@pytest.mark.parametrize('fmt', ['npz', 'h5'])
+def test_new_host_arrays_keep_the_stored_byte_order(tmp_path, fmt):
+    """As numpy.load gives them (Chainer's None targets); device arrays are made native."""
+    save, load = ((serializers.save_npz, serializers.load_npz) if fmt == 'npz' else
+                  (serializers.save_hdf5, serializers.load_hdf5))
+    save(tmp_path / f'm.{fmt}', {'x': numpy.arange(3, dtype='>f4')})
+    target = {'x': None}
+    load(tmp_path / f'm.{fmt}', target)
+    assert target['x'].dtype == numpy.dtype('>f4') and target['x'].tolist() == [0, 1, 2]

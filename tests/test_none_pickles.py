@@ -194,6 +194,8 @@ HOSTILE = {
     'a second BUILD of the array': _emit(BASE[:-1] + [('BINGET', BASE[-3][1]), ('BUILD', None),
                                                       ('STOP', None)]),
     'no pickle at all': b'\x80\x03N.',
+    'an APPEND onto a tuple': b'\x80\x02)Na.',
+    'a TUPLE without a MARK': b'\x80\x02Nt.',
     'protocol 0': pickle.dumps(None, 0),
 }
 

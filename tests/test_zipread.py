@@ -198,3 +198,77 @@ def test_headers_are_padded_to_64_bytes_in_the_version_they_fit(fields):
     member = io.BytesIO(header + bytes(2 * dtype.itemsize))
     read = numpy.lib.format.read_array(member, max_header_size=len(header))
     assert read.dtype == dtype and read.shape == (2,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Edges of the records
+
+
+def test_a_directory_whose_last_record_ends_the_directory_exactly():
+    out = io.BytesIO()
+    with _zipstream.ZipWriter(out, compression=False) as writer:
+        writer.write_small_member('', b'no name')  # a central record of the fixed part only
+    members = _zipread.read_directory(io.BytesIO(out.getvalue()))
+    assert [(m.filename, m.file_size) for m in members] == [('', 7)]
+
+
+def test_a_size_at_the_zip64_marker_goes_into_zip64():
+    """0xFFFFFFFF is the marker itself: a size or offset of that value must be in ZIP64."""
+    writer = _zipstream.ZipWriter(io.BytesIO(), compression=False)
+    for fields in ((0xFFFFFFFF, 1, 2), (1, 0xFFFFFFFF, 2), (1, 2, 0xFFFFFFFF)):
+        record = writer._central_entry(b'a', 0, 0, *fields)
+        values = crafting.CENTRAL_RECORD.unpack_from(record)
+        extra = record[crafting.CENTRAL_RECORD.size + 1:]
+        assert _zipstream.MARKER32 in values and struct.unpack('<HH', extra[:4]) == (1, 8)
+        assert struct.unpack('<Q', extra[4:]) == (0xFFFFFFFF,)
+    assert crafting.CENTRAL_RECORD.unpack_from(writer._central_entry(b'a', 0, 0, 1, 2, 3))[-1] == 3
+
+
+def test_dates_before_1980_are_written_as_1980():
+    _, date = _zipstream._dos_time(time.struct_time((1975, 6, 15, 12, 30, 10, 0, 0, -1)))
+    assert (date >> 9, (date >> 5) & 0xF, date & 0x1F) == (0, 6, 15)
+
+
+def test_a_save_flushes_a_buffered_file_object_it_was_handed():
+    raw = io.BytesIO()
+    buffered = io.BufferedWriter(raw, buffer_size=1 << 20)
+    serializers.save_npz(buffered, {'a': numpy.arange(3.0)}, compression=False)
+    with numpy.load(io.BytesIO(raw.getvalue())) as stored:  # before the caller flushes it
+        assert stored['a'].tolist() == [0.0, 1.0, 2.0]
+
+
+def _member(data: bytes, **changes) -> _zipread.Member:
+    info = _zipread.read_directory(io.BytesIO(data))[0]
+    return info._replace(**changes)
+
+
+def test_the_member_reader_checks_the_member_itself():
+    data = crafting.zip_of({'a.npy': b'0123456789'})
+    for changes, message in (({'compress_type': 12}, 'unsupported compression method 12'),
+                             ({'flag_bits': 1}, 'encrypted'),
+                             ({'compress_size': 9}, 'stored member of 10 bytes takes 9')):
+        with pytest.raises(_zipread.MemberError, match=message):
+            _zipread.MemberReader(io.BytesIO(data), _member(data, **changes))
+
+
+def test_finishing_a_member_read_in_part_is_an_error():
+    data = crafting.zip_of({'a.npy': b'0123456789'})
+    reader = _zipread.MemberReader(io.BytesIO(data), _member(data))
+    assert reader.read(4) == b'0123'
+    with pytest.raises(_zipread.MemberError, match='read 4 of 10 bytes'):
+        reader.finish()
+
+
+def test_a_local_header_cut_short_is_truncated():
+    data = crafting.zip_of({'a.npy': b'0123456789'})
+    member = _member(data)
+    with pytest.raises(_zipread.MemberError, match='truncated: 9 of 30 header bytes'):
+        _zipread.data_start_of(io.BytesIO(data[:9]), member)
+    with pytest.raises(_zipread.MemberError, match='truncated: 2 of 5 header bytes'):
+        _zipread.data_start_of(io.BytesIO(data[:32]), member)
+
+
+def test_a_header_shorter_than_it_says_is_truncated():
+    header = _npy.encode_header(numpy.dtype('<f4'), (3,))
+    with pytest.raises(_npy.HeaderError, match=f'truncated .npy header: {len(header) - 1} of '):
+        _npy.decode_header(header[:-1])
