@@ -21,12 +21,14 @@ from __future__ import annotations
 import argparse
 import ast
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
 import pathlib
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -190,17 +192,24 @@ def run_tests(mutant: Mutant, directory: pathlib.Path, timeout: float) -> tuple[
                '--benchmark-disable', '-k', NOT_IN_THE_QUICK_RUN, *tests]
     env = dict(os.environ, PYTHONPATH=str(directory), PYTHONDONTWRITEBYTECODE='1')
     start = time.monotonic()
-    try:
-        result = subprocess.run(command, cwd=directory, env=env, capture_output=True,
-                                timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return 'timeout', time.monotonic() - start
+    # A session of its own: a mutant that hangs a forked child leaves nothing running after it
+    with subprocess.Popen(command, cwd=directory, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, start_new_session=True) as process:
+        try:
+            returncode = process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
     elapsed = time.monotonic() - start
-    if result.returncode == 0:
+    if returncode is None:
+        return 'timeout', elapsed
+    if returncode == 0:
         return 'survived', elapsed
-    if result.returncode in (1, 3):  # tests failed, or an internal error the mutant caused
+    if returncode in (1, 3):  # tests failed, or an internal error the mutant caused
         return 'killed', elapsed
-    return f'error (pytest exit {result.returncode})', elapsed
+    return f'error (pytest exit {returncode})', elapsed
 
 
 def _copy_checkout() -> pathlib.Path:

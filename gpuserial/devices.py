@@ -15,7 +15,7 @@ import functools
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from types import ModuleType
 
 import numpy
@@ -439,3 +439,15 @@ def to_host(value):
     if backend is None or backend.is_host:
         return value
     return NUMPY.send(value, CPU)
+
+
+def synchronize_devices_of(arrays: Iterable) -> None:
+    """Waits for all work queued on the devices that hold any of ``arrays``, on every stream."""
+    seen = set()
+    for array in arrays:
+        backend = backend_of(array)
+        if backend is not None and not backend.is_host:
+            device = backend.device_of(array)
+            if device not in seen:
+                seen.add(device)
+                backend.synchronize_device(device)

@@ -409,7 +409,7 @@ class HDF5Deserializer(loading.ReaderDeserializer):
 
 
 def save_hdf5(filename, obj, compression: int = 4, *, durable: bool = True,
-              progress: bool | None = None) -> None:
+              progress: bool | None = None, sync: bool = False) -> None:
     """Saves an object to a file in HDF5 format.
 
     Args:
@@ -420,6 +420,9 @@ def save_hdf5(filename, obj, compression: int = 4, *, durable: bool = True,
             crash; ``False`` still replaces the file atomically but skips the fsyncs.
         progress: a progress bar on stderr: None (the default) for one on a terminal when the
             save is large, True or False to decide.
+        sync: first wait for all work on the devices of the arrays, on every stream. Without
+            it, the copies wait only for the work queued on the calling thread's current
+            stream of each device (what wrote the arrays, as a rule).
 
     A save to a path goes to a temporary file beside it that replaces the target only once
     complete: a failed save leaves the old file as it was.
@@ -427,6 +430,8 @@ def save_hdf5(filename, obj, compression: int = 4, *, durable: bool = True,
     name = display_name(filename)
     serializer = HDF5Serializer(_Planned(), compression, progress=progress, name=name)
     plan = serializer.collect(obj)  # serialize once; nothing is written before it returns
+    if sync:
+        devices.synchronize_devices_of(value for *_, value in plan.entries)
     if not is_path(filename):
         with _signals.deferred():
             _write_guarded(filename, serializer, plan)

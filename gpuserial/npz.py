@@ -89,7 +89,7 @@ def serialize(obj) -> dict:
 
 
 def save_npz(file, obj, compression: bool = True, *, durable: bool = True,
-             progress: bool | None = None) -> None:
+             progress: bool | None = None, sync: bool = False) -> None:
     """Saves an object to a file in NPZ format.
 
     Args:
@@ -100,6 +100,9 @@ def save_npz(file, obj, compression: bool = True, *, durable: bool = True,
             crash; ``False`` still replaces the file atomically but skips the fsyncs.
         progress: a progress bar on stderr: None (the default) for one on a terminal when the
             save is large, True or False to decide.
+        sync: first wait for all work on the devices of the arrays, on every stream. Without
+            it, the copies wait only for the work queued on the calling thread's current
+            stream of each device (what wrote the arrays, as a rule).
 
     A save to a path goes to a temporary file beside it that replaces the target only once
     complete: a failed save leaves the old file as it was.
@@ -108,6 +111,8 @@ def save_npz(file, obj, compression: bool = True, *, durable: bool = True,
         entries = serialize_refs(obj)
     except (InvalidKeyError, KeyCollisionError) as error:
         raise type(error)(f'{display_name(file)!r}, {error}') from None
+    if sync:
+        devices.synchronize_devices_of(entries.values())
     total = sum(value.nbytes for value in entries.values())
     with atomic_output(file, durable=durable) as out, \
             _progress.bar(total, f'save {display_name(file)}', progress) as shown:

@@ -102,6 +102,7 @@ class StandInBackend(devices.Backend):
         self._lock = threading.RLock()  # one lock for all queues: streams wait on each other
         self._engine_streams: dict[int, _Stream] = {}
         self._defaults: dict[int, _Stream] = {}
+        self._side_streams: list[_Stream] = []  # made current by tests (``using``)
         self._current = threading.local()
         self._pinned: dict[int, int] = {}  # address of each pinned buffer: its size
         self.log: list[tuple] = []  # ('d2h'|'h2d', device id, start, nbytes), in issue order
@@ -170,6 +171,8 @@ class StandInBackend(devices.Backend):
         if streams is None:
             streams = self._current.streams = {}
         stream = _Stream(device.id, name)
+        with self._lock:
+            self._side_streams.append(stream)
         previous = streams.get(device.id)
         streams[device.id] = stream
         try:
@@ -209,8 +212,8 @@ class StandInBackend(devices.Backend):
     def synchronize_device(self, device) -> None:
         device_id = getattr(device, 'id', device)
         with self._lock:
-            streams = [s for s in [*self._engine_streams.values(), *self._defaults.values()]
-                       if s.device_id == device_id]
+            streams = [s for s in [*self._engine_streams.values(), *self._defaults.values(),
+                                   *self._side_streams] if s.device_id == device_id]
         for stream in streams:
             self.synchronize_stream(stream)
 
@@ -299,6 +302,8 @@ class StandInBackend(devices.Backend):
         self.pinning_fails = self.pageable_copies_allowed = False
         self.failing_waits = self.waits = 0
         self.orderings.clear()
+        with self._lock:
+            self._side_streams = [stream for stream in self._side_streams if stream.pending]
 
 
 BACKEND = StandInBackend()

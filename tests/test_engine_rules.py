@@ -367,3 +367,21 @@ def test_a_bad_member_in_a_packed_load_fills_only_whole_buffers_before_it(tmp_pa
     for i, (key, array) in enumerate(target.items()):
         assert (array.get() == (i + 1 if i < 10 else 0)).all(), key
     assert BACKEND.pending() == 0
+
+
+@pytest.mark.parametrize('fmt', ['npz', 'hdf5'])
+def test_sync_waits_for_other_streams_before_a_save(tmp_path, fmt):
+    """The contract: a save orders after the current stream only; ``sync=True`` waits for every
+    stream of the arrays' devices."""
+    device = StandInDevice(0)
+    save, load = {'npz': (serializers.save_npz, serializers.load_npz),
+                  'hdf5': (serializers.save_hdf5, serializers.load_hdf5)}[fmt]
+    for sync in (False, True):
+        array = device.send(numpy.zeros(100, numpy.float32))
+        with BACKEND.using(device, 'writer'):  # written on a stream not current at the save
+            BACKEND.launch(device, lambda a=array: a._data.__setitem__(Ellipsis, 5.0))
+        save(tmp_path / f'm.{fmt}', {'w': array}, sync=sync)
+        target = {'w': numpy.zeros(100, numpy.float32)}
+        load(tmp_path / f'm.{fmt}', target)
+        assert (target['w'] == (5.0 if sync else 0.0)).all(), sync
+        BACKEND.synchronize_device(device)
