@@ -157,7 +157,7 @@ def _walk(payload: bytes) -> object:
             stack[-1].state = state
         else:
             raise _NotNone
-    raise _NotNone  # no STOP
+    # not reached: genops raises ValueError for a pickle without STOP
 
 
 def _is_none_pickle(payload: bytes) -> bool:
@@ -210,14 +210,13 @@ def encode_header(dtype: numpy.dtype, shape: tuple[int, ...]) -> bytes:
     descr = npformat.dtype_to_descr(numpy.dtype(dtype))
     text = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {tuple(shape)!r}, }}"
     body = text.encode('latin1')
-    for version, length_format in ((b'\x01\x00', '<H'), (b'\x02\x00', '<I')):
+    for version, length_format in ((b'\x01\x00', '<H'), (b'\x02\x00', '<I')):  # noqa: B007
         fixed = PREFIX_LEN + struct.calcsize(length_format)
         padding = -(fixed + len(body) + 1) % ALIGN
         length = len(body) + padding + 1
-        if version == b'\x02\x00' or length <= VERSION_1_MAX_HEADER:
-            return (MAGIC + version + struct.pack(length_format, length) + body
-                    + b' ' * padding + b'\n')
-    raise AssertionError('unreachable')
+        if length <= VERSION_1_MAX_HEADER:
+            break
+    return MAGIC + version + struct.pack(length_format, length) + body + b' ' * padding + b'\n'
 
 
 def none_member() -> bytes:

@@ -32,6 +32,7 @@ __all__ = ['Member', 'MemberError', 'MemberReader', 'NotAZip', 'WindowedFile', '
            'check_member', 'data_start_of', 'read_directory', 'read_stored', 'stored_head']
 
 MAX_EXTRACT_VERSION = 63  # ZIP 6.3: what zipfile reads too
+END_SIGNATURE = b'PK\x05\x06'
 END_SEARCH = END.size + 0xFFFF  # the end record lies within the last 64 KiB (its comment)
 END64_LOCATOR = struct.Struct('<4sIQI')
 LOCAL_CHECKED = struct.Struct('<4s2xH18xHH')  # of a local header: signature, flags, lengths
@@ -83,9 +84,7 @@ def read_directory(fp: BinaryIO) -> list[Member]:
     tail_start = max(0, size - END_SEARCH)
     fp.seek(tail_start)
     tail = fp.read(size - tail_start)
-    at = tail.rfind(b'PK\x05\x06')
-    while at >= 0 and at + END.size > len(tail):
-        at = tail.rfind(b'PK\x05\x06', 0, at)
+    at = _end_record_at(tail)
     if at < 0:
         raise NotAZip('File is not a zip file')
     _, disk, directory_disk, _, _, directory_size, directory_offset, _ = END.unpack_from(tail, at)
@@ -112,6 +111,20 @@ def read_directory(fp: BinaryIO) -> list[Member]:
         raise ZipError('Truncated central directory')
     fp.seek(start)
     return _members(fp.read(directory_size), concat)
+
+
+def _end_record_at(tail: bytes) -> int:
+    """Where the end record starts in ``tail`` (-1 if nowhere): the first signature whose
+    comment reaches exactly to the end (the comment may hold signatures, even whole records),
+    else the last whose record fits (some tools append bytes after a zip)."""
+    fits = -1
+    at = tail.find(END_SIGNATURE)
+    while at >= 0 and at + END.size <= len(tail):
+        if at + END.size + END.unpack_from(tail, at)[-1] == len(tail):
+            return at
+        fits = at
+        at = tail.find(END_SIGNATURE, at + 1)
+    return fits
 
 
 def _members(data: bytes, concat: int) -> list[Member]:
@@ -195,8 +208,9 @@ class WindowedFile:
         return self.data[:count]
 
     def view(self, position: int, count: int) -> memoryview:
-        """Up to ``count`` bytes at ``position`` (fewer at the end of the file), without moving:
-        a view of the window where they fit in one, else read at once."""
+        """Up to ``count`` bytes at ``position`` (fewer at the end of the file): a view of the
+        window where they fit in one, else read at once. The position is left at ``position``,
+        not past the bytes."""
         self.position = position
         cached = self._cached(count)
         if cached is None:

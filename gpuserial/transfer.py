@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy
 
 from gpuserial import _signals
-from gpuserial.devices import Backend, Device, backend_of
+from gpuserial.devices import NUMPY, Backend, Device, backend_of
 
 __all__ = ['block_shape', 'configure', 'fill', 'fill_many', 'host_chunks', 'host_copies',
            'hyperslabs', 'release_pool', 'settings']
@@ -322,6 +322,8 @@ def host_copies(arrays: Sequence, *, ordered: set[Device] | None = None
 
 
 def _backend_and_device(array) -> tuple[Backend, Device | None]:
+    if type(array) is numpy.ndarray:  # the common case, without the lookup
+        return NUMPY, None
     backend = backend_of(array)
     return backend, None if backend.is_host else backend.device_of(array)
 

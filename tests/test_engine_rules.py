@@ -385,3 +385,13 @@ def test_sync_waits_for_other_streams_before_a_save(tmp_path, fmt):
         load(tmp_path / f'm.{fmt}', target)
         assert (target['w'] == (5.0 if sync else 0.0)).all(), sync
         BACKEND.synchronize_device(device)
+
+
+def test_a_deserializer_called_directly_with_device_returns_an_array_there(tmp_path):
+    device = StandInDevice(0)
+    serializers.save_npz(tmp_path / 'm.npz', {'w': numpy.arange(4.0)})
+    on_device = device.send(numpy.zeros(4))
+    with numpy.load(tmp_path / 'm.npz') as npz:
+        loaded = serializers.NpzDeserializer(npz, device='cpu')('w', on_device)
+    assert isinstance(loaded, numpy.ndarray) and loaded.tolist() == [0, 1, 2, 3]
+    assert on_device.get().tolist() == [0, 0, 0, 0]  # its own array is left alone

@@ -195,6 +195,7 @@ HOSTILE = {
                                                       ('STOP', None)]),
     'no pickle at all': b'\x80\x03N.',
     'an APPEND onto a tuple': b'\x80\x02)Na.',
+    'protocol 6, which does not exist': b'\x80\x06' + _numpy_pickle(5)[2:],
     'a TUPLE without a MARK': b'\x80\x02Nt.',
     'protocol 0': pickle.dumps(None, 0),
 }

@@ -1,6 +1,7 @@
 """NPZ specifics: the zip container (ZIP64, descriptors, deflate), numpy's reader, our checks."""
 
 import ast
+import dataclasses
 import io
 import multiprocessing
 import os
@@ -17,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpuserial import _npy, _zipstream, serializers, transfer
+from gpuserial import _npy, _zipread, _zipstream, npz, serializers, transfer
 from gpuserial.errors import CorruptFileError
 from tests import crafting
 from tests.conftest import host
@@ -71,10 +72,13 @@ BOUNDARY_ARRAYS = {'a': numpy.arange(100, dtype=numpy.float32), 'b': numpy.zeros
 
 
 def _boundaries(compression: bool, seekable: bool) -> list[int]:
-    """Every size and offset of the zip written with no ZIP64 at all: where limits matter."""
-    members = crafting.check_zip_records(_written(BOUNDARY_ARRAYS, compression, seekable))
+    """Every size and offset of the zip written with no ZIP64 at all (the members', and the
+    directory's): where limits matter."""
+    data = _written(BOUNDARY_ARRAYS, compression, seekable)
+    members = crafting.check_zip_records(data)
     values = {value for m in members for value in (m['size'], m['compressed'], m['offset'])}
-    return sorted(values - {0})
+    _, (*_, directory_size, directory_offset, _) = crafting.end_record(data)
+    return sorted(values - {0} | {directory_size, directory_offset})
 
 
 @pytest.mark.parametrize('seekable', [True, False], ids=['seekable', 'stream'])
@@ -395,3 +399,25 @@ def test_the_fast_header_reader_agrees_with_pythons_literal_parser(dtype, shape,
                                   b"{'descr': '<f4', 'shape': (3,), 'fortran_order': False, }"])
 def test_other_header_texts_go_to_the_literal_parser(text):
     assert _npy._canonical_fields(text) is None
+
+
+def test_decoded_headers_are_shared_and_cannot_change():
+    header = _npy.encode_header(numpy.dtype('<f4'), (3,))
+    decoded = _npy.decode_header(header)
+    assert _npy.decode_header(bytes(header)) is decoded  # one per distinct header
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        decoded.shape = (4,)
+
+
+@pytest.mark.parametrize('compression', [False, True], ids=['stored', 'deflated'])
+def test_members_either_side_of_the_read_thresholds_load_exactly(tmp_path, compression):
+    """Through the window, straight into the array, and streamed: each path, at its edges."""
+    sizes = sorted({n for edge in (_zipread.DIRECT, npz.SMALL_BYTES)
+                    for n in (edge - 200, edge - 128, edge, edge + 8)})
+    stored = {f'a{n}': numpy.random.default_rng(n).integers(0, 255, n, numpy.uint8)
+              for n in sizes}
+    serializers.save_npz(tmp_path / 'm.npz', stored, compression=compression)
+    target = {key: numpy.zeros_like(value) for key, value in stored.items()}
+    serializers.load_npz(tmp_path / 'm.npz', target)
+    for key, value in stored.items():
+        assert (target[key] == value).all(), key
