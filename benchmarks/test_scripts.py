@@ -1,9 +1,9 @@
-"""The standalone runners (compare.py, peak_memory.py, small_entries.py) run, tiny, so that they
-cannot rot."""
+"""The standalone runners (compare.py, peak_memory.py, small_entries.py, async_save.py) run,
+tiny, so that they cannot rot."""
 
 import json
 
-from benchmarks import compare, peak_memory, small_entries
+from benchmarks import async_save, compare, peak_memory, small_entries
 
 
 def test_compare_runs_interleaved_rounds(tmp_path, capsys):
@@ -56,3 +56,16 @@ def test_small_entries_runs_every_model(tmp_path, capsys, monkeypatch):
         assert verdicts <= ({'PASS', 'FAIL'} if name == '10000x4KiB' else {'info'}), name
         assert all(r['us_per_entry_ours'] > 0 for r in model['results'])
     assert 'us/entry' in capsys.readouterr().out
+
+
+def test_async_save_reports_blocked_time_and_peak_memory(tmp_path, capsys):
+    out = tmp_path / 'async.json'
+    assert async_save.main(['--bytes', '1MiB', '--rounds', '2', '--compute-ms', '1',
+                            '--peak-budget', '256KiB', '--json', str(out)]) == 0
+    report = json.loads(out.read_text())
+    for way in ('sync', 'async', 'copy', 'commit'):
+        assert len(report['seconds'][way]) == 2 and report['medians'][way] > 0
+    assert set(report['ratios']) >= {'async / sync', 'async / copy'}
+    assert report['verdict'] in ('PASS', 'FAIL') and report['staging'] == 'host'
+    assert report['peak']['budget'] == 256 << 10
+    assert 'blocked time' in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """gpuserial: save and load the state of GPU-resident models, Chainer's serializers kept exactly."""
 
 from gpuserial import optimizers, serializers, training
+from gpuserial.asyncsave import SaveHandle, save_async, wait_all
 from gpuserial.devices import Device, get_array_module, get_device, gpu_available
 from gpuserial.errors import (
                               CorruptFileError,
@@ -43,10 +44,10 @@ __all__ = [
     'SGD', 'AbstractSerializer', 'Adam', 'BatchNormalization', 'Chain', 'ChainList',
     'CorruptFileError', 'Deserializer', 'Device', 'DeviceError', 'DictionarySerializer',
     'GpuserialError', 'GradientMethod', 'HDF5Deserializer', 'HDF5Serializer', 'InvalidKeyError',
-    'KeyCollisionError', 'KeyNotFoundError',
-    'Linear', 'Link', 'MismatchError', 'MomentumSGD', 'NpzDeserializer', 'Optimizer',
-    'Parameter', 'SerialIterator', 'Serializer', 'StandardUpdater', 'Trainer', 'UnsafeCastError',
-    'UnsafeFileError', 'UpdateRule', 'configure', 'get_array_module', 'get_device', 'get_trigger',
-    'gpu_available', 'load_hdf5', 'load_npz', 'optimizers', 'release_pool', 'save_hdf5',
-    'save_npz', 'serialize', 'serializers', 'snapshot', 'snapshot_object', 'training',
+    'KeyCollisionError', 'KeyNotFoundError', 'Linear', 'Link', 'MismatchError', 'MomentumSGD',
+    'NpzDeserializer', 'Optimizer', 'Parameter', 'SaveHandle', 'SerialIterator', 'Serializer',
+    'StandardUpdater', 'Trainer', 'UnsafeCastError', 'UnsafeFileError', 'UpdateRule', 'configure',
+    'get_array_module', 'get_device', 'get_trigger', 'gpu_available', 'load_hdf5', 'load_npz',
+    'optimizers', 'release_pool', 'save_hdf5', 'save_async', 'save_npz', 'serialize',
+    'serializers', 'snapshot', 'snapshot_object', 'training', 'wait_all',
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
@@ -10,6 +11,7 @@ import os
 import secrets
 import socket
 import sys
+import threading
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -227,9 +229,66 @@ _UMASK = _read_umask()  # read once, at import: os.umask is process-wide and not
 
 @contextlib.contextmanager
 def open_input(file) -> Iterator[BinaryIO]:
-    """``file`` opened for reading when it is a path, else the file object itself."""
+    """``file`` opened for reading when it is a path, else the file object itself (once no
+    save to it is in flight)."""
+    wait_for_save(file)
     if not is_path(file):
         yield file
         return
     with open(file, 'rb') as f:
         yield f
+
+
+# ---------------------------------------------------------------------------------------------
+# Saves in flight (asynchronous saves): one per file at a time; loads of it wait for it
+
+
+class _SavesInFlight:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.saves: dict[object, concurrent.futures.Future] = {}  # each file's, until done
+
+    def forget_in_child(self) -> None:
+        """After a fork: the parent's writer threads are not the child's."""
+        self.__init__()
+
+
+_in_flight = _SavesInFlight()
+if hasattr(os, 'register_at_fork'):
+    os.register_at_fork(after_in_child=_in_flight.forget_in_child)
+
+
+def _save_key(file) -> object:
+    return os.path.realpath(os.fsdecode(file)) if is_path(file) else ('file object', id(file))
+
+
+def begin_save(file, committed: concurrent.futures.Future) -> None:
+    """Records ``committed`` as the save in flight to ``file`` until it is done, once the one
+    before (if any) is done."""
+    key = _save_key(file)
+    while True:
+        with _in_flight.lock:
+            previous = _in_flight.saves.get(key)
+            if previous is None or previous.done():
+                _in_flight.saves[key] = committed
+                break
+        concurrent.futures.wait([previous])
+
+    def forget(done: concurrent.futures.Future) -> None:
+        with _in_flight.lock:
+            if _in_flight.saves.get(key) is done:
+                del _in_flight.saves[key]
+    committed.add_done_callback(forget)
+
+
+def wait_for_save(file) -> None:
+    """Waits until no save to ``file`` is in flight (its outcome is the save's to report)."""
+    with _in_flight.lock:
+        committed = _in_flight.saves.get(_save_key(file))
+    if committed is not None:
+        concurrent.futures.wait([committed])
+
+
+def saves_in_flight() -> list[concurrent.futures.Future]:
+    with _in_flight.lock:
+        return list(_in_flight.saves.values())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import io
+import itertools
 import struct
 import threading
 import time
@@ -150,8 +151,23 @@ class ZipWriter:
             self.checksummer.shutdown()
             self.checksummer = None
 
-    def write_member(self, name: str, chunks: Iterable) -> None:
-        """Adds member ``name`` whose data is the concatenation of ``chunks`` (bytes-like)."""
+    def write_member(self, name: str, chunks: Iterable, small_bytes: int = 0) -> None:
+        """Adds member ``name`` whose data is the concatenation of ``chunks`` (bytes-like). Data
+        of at most ``small_bytes`` is written as :meth:`write_small_member` writes it: the
+        same bytes, however the data came."""
+        chunks = iter(chunks)
+        held: list[bytes] = []  # copies: a chunk's memory may be reused for the next
+        held_bytes = 0
+        for chunk in chunks:
+            chunk = memoryview(chunk).cast('B')
+            if held_bytes + len(chunk) > small_bytes:
+                chunks = itertools.chain(held, [chunk], chunks)
+                break
+            held.append(bytes(chunk))
+            held_bytes += len(chunk)
+        else:
+            self.write_small_member(name, b'', b''.join(held))
+            return
         encoded = name.encode('utf-8')
         flags = (0 if encoded.isascii() else UTF8_FLAG) | (0 if self.seekable else DESCRIPTOR_FLAG)
         offset = self.position

@@ -247,6 +247,10 @@ class Backend:
     def order_after_current(self, stream, device: Device) -> None:
         """Makes ``stream`` wait for the work queued so far on ``device``'s current stream."""
 
+    def order_current_after(self, event, device: Device) -> None:
+        """Makes ``device``'s current stream wait for ``event`` (work queued there later runs
+        after the work before it)."""
+
     def to_numpy(self, array) -> numpy.ndarray:
         """A whole host copy of ``array``."""
         raise NotImplementedError
@@ -364,6 +368,11 @@ class _CupyBackend(Backend):
         cupy = _usable_cupy()
         with cupy.cuda.Device(device.id):
             stream.wait_event(cupy.cuda.get_current_stream().record(_marker(cupy)))
+
+    def order_current_after(self, event, device):
+        cupy = _usable_cupy()
+        with cupy.cuda.Device(device.id):
+            cupy.cuda.get_current_stream().wait_event(event)
 
     def forget_in_child(self) -> None:
         """After a fork: the parent's streams are not the child's."""

@@ -12,6 +12,7 @@ import functools
 import io
 import math
 import os
+from collections.abc import Iterable
 
 try:
     import resource
@@ -23,7 +24,7 @@ import numpy
 
 from gpuserial import _signals, devices, loading, transfer
 from gpuserial import progress as _progress
-from gpuserial._fileio import atomic_path, display_name, is_path
+from gpuserial._fileio import atomic_path, display_name, is_path, wait_for_save
 from gpuserial.errors import (
     CorruptFileError,
     InvalidKeyError,
@@ -104,16 +105,18 @@ class HDF5Serializer(Serializer):
         _check_keys(plan, self.name)
         return plan
 
-    def write(self, plan: _Plan, root: h5py.Group | None = None) -> None:
+    def write(self, plan: _Plan, root: h5py.Group | None = None,
+              entries: Iterable[tuple] | None = None) -> None:
         """Writes what :meth:`collect` gathered; a plan made on planned groups (see
-        :func:`save_hdf5`) is written into ``root``, its groups made there first."""
+        :func:`save_hdf5`) is written into ``root``, its groups made there first. ``entries``:
+        the plan's entries as they are to be written (staged copies), taken one at a time."""
         groups = {}
         if root is not None:
             groups[root.name] = root
             for path in plan.groups:
                 groups[path] = root.require_group(path)
         with _progress.bar(plan.nbytes, f'save {self.name}', self.progress) as shown:
-            for group, key, _, value in plan.entries:
+            for group, key, _, value in plan.entries if entries is None else entries:
                 _signals.check()
                 if root is not None:
                     group = groups[group.name]
@@ -219,20 +222,23 @@ def write_dataset(group: h5py.Group, key: str, array, compression: int | None,
     chunk (no chunk is rewritten). Between blocks a pending Ctrl-C is raised (see ``_signals``).
     """
     compression = compression if array.size > 1 and compression else None
-    block_bytes = _block_bytes(devices.backend_of(array).is_host)
     if array.size == 0:
         group.create_dataset(key, shape=array.shape, dtype=array.dtype)
         return
-    if devices.backend_of(array).is_host and array.flags.c_contiguous \
-            and array.nbytes <= block_bytes:
-        group.create_dataset(key, data=array, compression=compression)
-        shown.update(array.nbytes)
-        return
+    host = devices.backend_of(array).is_host
+    # Compressed, each block is one HDF5 chunk (no chunk is rewritten), a staging chunk
+    # whatever the array's device and layout: the file does not depend on them.
+    block_bytes = transfer.settings().chunk_bytes if compression else _block_bytes(host)
     blocks = list(transfer.hyperslabs(array.shape, array.dtype.itemsize, block_bytes))
     chunks = None
-    if compression and array.size:  # one HDF5 chunk per block, so that no chunk is rewritten
+    if compression:
         index = blocks[0][0]
         chunks = (1,) * (len(index) - 1) + transfer.block_shape(array.shape, index)
+    if host and len(blocks) == 1:
+        data = array if array.flags.c_contiguous else array.copy(order='C')  # at most a block
+        group.create_dataset(key, data=data, compression=compression, chunks=chunks)
+        shown.update(array.nbytes)
+        return
     dataset = group.create_dataset(key, shape=array.shape, dtype=array.dtype,
                                    compression=compression, chunks=chunks)
     with contextlib.closing(transfer.host_chunks(array, blocks=blocks)) as chunks:
@@ -427,24 +433,39 @@ def save_hdf5(filename, obj, compression: int = 4, *, durable: bool = True,
     A save to a path goes to a temporary file beside it that replaces the target only once
     complete: a failed save leaves the old file as it was.
     """
-    name = display_name(filename)
-    serializer = HDF5Serializer(_Planned(), compression, progress=progress, name=name)
-    plan = serializer.collect(obj)  # serialize once; nothing is written before it returns
+    serializer, plan = collect(filename, obj, compression, progress=progress)
+    wait_for_save(filename)
     if sync:
         devices.synchronize_devices_of(value for *_, value in plan.entries)
+    write_planned(filename, serializer, plan, durable=durable)
+
+
+def collect(filename, obj, compression: int, *, progress: bool | None = None
+            ) -> tuple[HDF5Serializer, _Plan]:
+    """What a save of ``obj`` to ``filename`` stores: ``serialize`` called once, nothing
+    written yet; the serializer writes the plan (:func:`write_planned`)."""
+    serializer = HDF5Serializer(_Planned(), compression, progress=progress,
+                                name=display_name(filename))
+    return serializer, serializer.collect(obj)
+
+
+def write_planned(filename, serializer: HDF5Serializer, plan: _Plan, *, durable: bool,
+                  entries: Iterable[tuple] | None = None) -> None:
+    """Writes ``plan`` to ``filename`` (a path: atomically; or a binary file object), taking
+    its entries from ``entries`` when given (the same entries, staged elsewhere)."""
     if not is_path(filename):
         with _signals.deferred():
-            _write_guarded(filename, serializer, plan)
+            _write_guarded(filename, serializer, plan, entries)
         return
     with atomic_path(filename, durable=durable) as temp, _signals.deferred():
         if _roomy(os.path.dirname(temp) or '.', plan):  # libhdf5 writes the file itself
             open(temp, 'xb').close()  # Python's own error if it cannot be made
             os.unlink(temp)  # for libhdf5 to create: truncating a file makes ext4 flush on close
             with h5py.File(temp, 'x') as f:
-                serializer.write(plan, f)
+                serializer.write(plan, f, entries)
         else:  # near a full disk: every write through Python, where a failure can be kept
             with open(temp, 'x+b', buffering=0) as out:
-                _write_guarded(out, serializer, plan)
+                _write_guarded(out, serializer, plan, entries)
 
 
 def _roomy(directory: str, plan: _Plan) -> bool:
@@ -462,12 +483,13 @@ def _roomy(directory: str, plan: _Plan) -> bool:
     return info.f_bavail * info.f_frsize >= 2 * needed + HDF5_SPARE_BYTES
 
 
-def _write_guarded(out, serializer: HDF5Serializer, plan: _Plan) -> None:
+def _write_guarded(out, serializer: HDF5Serializer, plan: _Plan,
+                   entries: Iterable[tuple] | None = None) -> None:
     """Writes ``plan`` as HDF5 into the binary file ``out``; raises the first write error."""
     guarded = _KeptErrorFile(out)
     try:
         with h5py.File(guarded, 'w') as f:
-            serializer.write(plan, f)
+            serializer.write(plan, f, entries)
     except BaseException:
         if guarded.error is None:
             raise
@@ -544,6 +566,7 @@ def open_hdf5(filename) -> h5py.File:
     """Opens an HDF5 file for reading, with clear errors."""
     name = display_name(filename)
     size = None
+    wait_for_save(filename)
     if is_path(filename):
         try:  # Python's own errors for a missing, unreadable or directory path
             with open(filename, 'rb') as f:

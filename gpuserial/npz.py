@@ -12,14 +12,14 @@ import io
 import itertools
 import os
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import BinaryIO
 
 import numpy
 
 from gpuserial import _npy, _zipread, _zipstream, devices, loading, transfer
 from gpuserial import progress as _progress
-from gpuserial._fileio import atomic_output, display_name, is_path, open_input
+from gpuserial._fileio import atomic_output, display_name, is_path, open_input, wait_for_save
 from gpuserial.errors import CorruptFileError, InvalidKeyError, KeyCollisionError, UnsafeFileError
 from gpuserial.serializer import Serializer, as_serializable, child_path, entry_key
 
@@ -88,6 +88,15 @@ def serialize(obj) -> dict:
     return serializer.target
 
 
+def collect(file, obj) -> dict:
+    """What a save of ``obj`` to ``file`` stores (:func:`serialize_refs`), key errors naming
+    the file."""
+    try:
+        return serialize_refs(obj)
+    except (InvalidKeyError, KeyCollisionError) as error:
+        raise type(error)(f'{display_name(file)!r}, {error}') from None
+
+
 def save_npz(file, obj, compression: bool = True, *, durable: bool = True,
              progress: bool | None = None, sync: bool = False) -> None:
     """Saves an object to a file in NPZ format.
@@ -107,10 +116,8 @@ def save_npz(file, obj, compression: bool = True, *, durable: bool = True,
     A save to a path goes to a temporary file beside it that replaces the target only once
     complete: a failed save leaves the old file as it was.
     """
-    try:
-        entries = serialize_refs(obj)
-    except (InvalidKeyError, KeyCollisionError) as error:
-        raise type(error)(f'{display_name(file)!r}, {error}') from None
+    entries = collect(file, obj)
+    wait_for_save(file)
     if sync:
         devices.synchronize_devices_of(entries.values())
     total = sum(value.nbytes for value in entries.values())
@@ -119,16 +126,19 @@ def save_npz(file, obj, compression: bool = True, *, durable: bool = True,
         write_npz(out, entries, compression, shown)
 
 
-def write_npz(out: BinaryIO, entries: Mapping[str, object], compression: bool,
-              shown: _progress.Progress = _progress.SILENT) -> None:
+def write_npz(out: BinaryIO, entries: Mapping[str, object] | Iterable[tuple[str, object]],
+              compression: bool, shown: _progress.Progress = _progress.SILENT) -> None:
     """Writes ``entries`` (arrays of any backend, or 0-d object arrays holding None) as NPZ.
 
-    Runs of small contiguous arrays are copied to the host together (packed, for device arrays)
-    and written whole; larger arrays stream through the staging engine chunk by chunk."""
+    Runs of small contiguous device arrays are copied to the host together (packed) and
+    written whole, as are small host arrays (each on its own: an iterable of entries is taken
+    one at a time, never read ahead); larger arrays stream through the staging engine chunk by
+    chunk."""
+    items = entries.items() if isinstance(entries, Mapping) else entries
     ordered: set[devices.Device] = set()  # devices whose copies wait for the caller's work
     with _zipstream.ZipWriter(out, compression=compression) as archive:
-        for small, run in itertools.groupby(entries.items(), key=_written_whole):
-            if small:
+        for how, run in itertools.groupby(items, key=_how_written):
+            if how == PACKED:
                 run = list(run)
                 with contextlib.closing(transfer.host_copies([a for _, a in run],
                                                              ordered=ordered)) as copies:
@@ -138,25 +148,38 @@ def write_npz(out: BinaryIO, entries: Mapping[str, object], compression: bool,
                         shown.update(array.nbytes)
                 continue
             for key, array in run:
-                if array.dtype.hasobject:
+                if how == WHOLE:
+                    archive.write_small_member(key + SUFFIX,
+                                               _npy.encode_header(array.dtype, array.shape),
+                                               memoryview(array.reshape(-1).view(numpy.uint8)))
+                    shown.update(array.nbytes)
+                elif array.dtype.hasobject:
                     if not _is_stored_none(array):
                         raise TypeError(f'cannot save key {key!r}: object arrays other than '
                                         f'None are not supported')
                     archive.write_small_member(key + SUFFIX, _npy.none_member())
-                    continue
-                header = _npy.encode_header(array.dtype, array.shape)
-                with contextlib.closing(transfer.host_chunks(array)) as chunks:  # on failure too
-                    archive.write_member(key + SUFFIX,
-                                         _chain([header], _progress.counted(chunks, shown)))
+                else:
+                    header = _npy.encode_header(array.dtype, array.shape)
+                    with contextlib.closing(transfer.host_chunks(array)) as chunks:  # on failure
+                        archive.write_member(key + SUFFIX,
+                                             _chain([header], _progress.counted(chunks, shown)),
+                                             SMALL_MEMBER_BYTES + len(header))
 
 
-def _written_whole(item: tuple[str, object]) -> bool:
-    """Whether an entry is small and contiguous: held whole, written with its neighbours (a
-    device array packed with its neighbours into a staging buffer, so at most a chunk)."""
+PACKED, WHOLE, STREAMED = 'packed', 'whole', 'streamed'
+
+
+def _how_written(item: tuple[str, object]) -> str:
+    """How an entry is written. Small contiguous arrays are held whole and written with their
+    neighbours: a host array as it is (``WHOLE``), a device array packed with its neighbours
+    into a staging buffer (``PACKED``, so at most a chunk); the rest is ``STREAMED``."""
     array = item[1]
-    return (array.nbytes <= SMALL_MEMBER_BYTES and not array.dtype.hasobject
-            and bool(array.flags.c_contiguous)
-            and (type(array) is numpy.ndarray or array.nbytes <= transfer.settings().chunk_bytes))
+    if (array.nbytes > SMALL_MEMBER_BYTES or array.dtype.hasobject
+            or not array.flags.c_contiguous):
+        return STREAMED
+    if type(array) is numpy.ndarray:
+        return WHOLE
+    return PACKED if array.nbytes <= transfer.settings().chunk_bytes else STREAMED
 
 
 def _chain(*iterables):

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy
 
-from gpuserial import devices
+from gpuserial import asyncsave, devices, serializers
 from gpuserial.serializer import Serializer
 
 __all__ = ['Extension', 'IntervalTrigger', 'PRIORITY_EDITOR', 'PRIORITY_READER',
@@ -354,12 +354,15 @@ class _Snapshot(Extension):
     trigger = (1, 'epoch')
     priority = -100  # its name is '_Snapshot', as in Chainer (extension_triggers/_Snapshot/...)
 
-    def __init__(self, savefun, filename, target, condition, snapshot_on_error):
+    def __init__(self, savefun, filename, target, condition, snapshot_on_error,
+                 async_format: str | None = None):
         self.savefun = savefun
         self.filename = filename
         self._target = target
         self.condition = condition
         self._snapshot_on_error = snapshot_on_error
+        self._async_format = async_format  # None: saves return once the file is written
+        self._saving: asyncsave.SaveHandle | None = None
 
     def __call__(self, trainer: Trainer) -> None:
         if self.condition is None or self.condition():
@@ -374,16 +377,26 @@ class _Snapshot(Extension):
         filename = self.filename
         filename = filename(trainer) if callable(filename) else filename.format(trainer)
         os.makedirs(trainer.out, exist_ok=True)
+        path = os.path.join(trainer.out, filename)
+        if self._async_format is not None:
+            self._saving = asyncsave.save_async(path, target, self._async_format)
+            return
         savefun = self.savefun
         if savefun is None:
             from gpuserial.serializers import save_npz as savefun
-        savefun(os.path.join(trainer.out, filename), target)  # atomic: temp file + rename
+        savefun(path, target)  # atomic: temp file + rename
+
+    def finalize(self) -> None:
+        """Waits for the last asynchronous snapshot; raises its error."""
+        if self._saving is not None:
+            saving, self._saving = self._saving, None
+            saving.result()
 
 
 def snapshot(savefun: Callable | None = None,
              filename: str | Callable = 'snapshot_iter_{.updater.iteration}', *,
              target=None, condition: Callable[[], bool] | None = None,
-             snapshot_on_error: bool = False) -> Extension:
+             snapshot_on_error: bool = False, async_: bool = False) -> Extension:
     """An extension saving the trainer (or ``target``) into ``trainer.out``.
 
     It runs once per epoch unless ``trainer.extend`` gets another trigger, with priority -100.
@@ -396,8 +409,18 @@ def snapshot(savefun: Callable | None = None,
         target: What to save instead of the trainer.
         condition: A callable; the snapshot is skipped when it returns False.
         snapshot_on_error: Also save when the training loop raises.
+        async_: write in the background (:func:`gpuserial.save_async`): training goes on once
+            the state is staged; the trainer's end waits for the last snapshot. ``savefun``
+            is then None, ``save_npz`` or ``save_hdf5``.
     """
-    return _Snapshot(savefun, filename, target, condition, snapshot_on_error)
+    async_format = None
+    if async_:
+        formats = {None: 'npz', serializers.save_npz: 'npz', serializers.save_hdf5: 'hdf5'}
+        if savefun not in formats:
+            raise ValueError(f'snapshot(async_=True) saves NPZ or HDF5 (savefun None, save_npz '
+                             f'or save_hdf5), not with {savefun!r}')
+        async_format = formats[savefun]
+    return _Snapshot(savefun, filename, target, condition, snapshot_on_error, async_format)
 
 
 def snapshot_object(target, filename: str | Callable, savefun: Callable | None = None,

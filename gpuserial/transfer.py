@@ -32,8 +32,8 @@ import numpy
 from gpuserial import _signals
 from gpuserial.devices import NUMPY, Backend, Device, backend_of
 
-__all__ = ['block_shape', 'configure', 'fill', 'fill_many', 'host_chunks', 'host_copies',
-           'hyperslabs', 'release_pool', 'settings']
+__all__ = ['block_shape', 'configure', 'device_copies', 'fill', 'fill_many', 'host_chunks',
+           'host_copies', 'hyperslabs', 'release_pool', 'settings']
 
 MiB = 1 << 20
 
@@ -319,6 +319,34 @@ def host_copies(arrays: Sequence, *, ordered: set[Device] | None = None
             backend.order_after_current(backend.stream(device), device)
             ordered.add(device)
         yield from _packed_to_host(backend, device, [_packable(a, backend) for a in run])
+
+
+def device_copies(arrays: Sequence) -> tuple[list, Callable[[], None]]:
+    """C-contiguous copies of device arrays, made on their own devices.
+
+    The copies are queued on each device's engine stream after the caller's current stream,
+    and the caller's current stream then waits for them: work queued there later cannot change
+    what is copied. Returns the copies and a function that blocks until they are complete."""
+    copies, streams = [], {}
+    for array in arrays:
+        backend, device = _backend_and_device(array)
+        if device is None:
+            raise ValueError(f'not a device array: {type(array).__name__}')
+        if (backend, device) not in streams:
+            streams[backend, device] = backend.stream(device)
+            backend.order_after_current(streams[backend, device], device)
+        copy = backend.empty(array.shape, array.dtype, device)
+        backend.assign(copy, array, streams[backend, device])
+        copies.append(copy)
+    events = []
+    for (backend, device), stream in streams.items():
+        events.append((backend, backend.record(stream)))
+        backend.order_current_after(events[-1][1], device)
+
+    def wait() -> None:
+        for backend, event in events:
+            backend.wait(event)
+    return copies, wait
 
 
 def _backend_and_device(array) -> tuple[Backend, Device | None]:

@@ -11,7 +11,7 @@ import sys
 
 import numpy
 
-from gpuserial import serializers
+from gpuserial import save_async, serializers
 
 
 def state(which: int) -> dict:
@@ -35,6 +35,8 @@ SAVES = {
     'npz-stored': lambda path, obj, durable: serializers.save_npz(path, obj, compression=False,
                                                                   durable=durable),
     'hdf5': lambda path, obj, durable: serializers.save_hdf5(path, obj, durable=durable),
+    'npz-async': lambda path, obj, durable: save_async(path, obj, durable=durable),
+    'hdf5-async': lambda path, obj, durable: save_async(path, obj, 'hdf5', durable=durable),
 }
 
 
@@ -43,8 +45,10 @@ def main(fmt: str, path: str) -> None:
     states = [state(0), state(1)]
     count = 0
     while True:
-        save(path, states[count % 2], durable=count % 4 < 2)
+        handle = save(path, states[count % 2], durable=count % 4 < 2)
         if count == 0:
+            if handle is not None:  # an asynchronous save: ready once the first is on disk
+                handle.result()
             print('ready', flush=True)
         count += 1
 

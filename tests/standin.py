@@ -231,6 +231,9 @@ class StandInBackend(devices.Backend):
         self.orderings.append(device.id)
         self._wait_for(stream, self._record(self.current_stream(device.id)))
 
+    def order_current_after(self, event, device):
+        self._wait_for(self.current_stream(device.id), event)
+
     def record(self, stream):
         return self._record(stream)
 

@@ -140,7 +140,7 @@ def test_libhdf5_writes_the_file_itself_only_with_twice_its_size_to_spare(tmp_pa
 
 
 def test_a_save_through_python_raises_what_failed_when_no_write_did(monkeypatch):
-    def fail(self, plan, f):
+    def fail(self, plan, f, entries=None):
         raise RuntimeError('not a write error')
 
     monkeypatch.setattr(hdf5.HDF5Serializer, 'write', fail)

@@ -1,0 +1,334 @@
+"""Asynchronous saves: the state captured at the call, the file written on a thread.
+
+:func:`save_async` runs the object's ``serialize`` in the caller, stages what it stored (copies
+that the caller's later changes cannot reach) and hands them to a writer thread, which writes
+the file a synchronous save would write: to a temporary file beside the target, renamed into
+place once complete and (``durable``) fsynced. Staging:
+
+- ``'host'``: copies in host memory, at most ``max_host_bytes`` held at once. A larger state
+  stages in waves, the caller waiting while the writer drains the earlier ones; an array larger
+  than the budget is written from the original while the caller waits. Host arrays always
+  stage so.
+- ``'device'`` (device arrays, by default): each copied on its own device, on the engine's
+  stream after the caller's current stream, which then waits for the copies, so that work
+  queued there later cannot change them. The copies (the arrays' size in device memory) are
+  freed as the save commits.
+
+At most one save per file is in flight: a second save of it, or a load from it, waits for the
+first. A writer's error raises from the handle's futures, and once more from the next
+:func:`save_async` or :func:`wait_all`. A process that exits normally waits for its saves.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import concurrent.futures
+import copy
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterator
+
+import numpy
+
+from gpuserial import _fileio, devices, hdf5, npz, transfer
+from gpuserial._fileio import atomic_output, display_name
+
+__all__ = ['SaveHandle', 'save_async', 'wait_all']
+
+FORMATS = ('npz', 'hdf5')
+STAGINGS = ('host', 'device')
+DEFAULT_MAX_HOST_BYTES = 1 << 30
+
+
+class SaveHandle:
+    """An asynchronous save. ``staged``: the state is captured, the caller may change any array
+    or value. ``committed``: the file is complete and in place. Both are
+    :class:`concurrent.futures.Future`; a failed save raises its error from both."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.staged: concurrent.futures.Future = concurrent.futures.Future()
+        self.committed: concurrent.futures.Future = concurrent.futures.Future()
+
+    def result(self, timeout: float | None = None) -> None:
+        """Waits until the file is committed; raises the save's error."""
+        self.committed.result(timeout)
+
+    def done(self) -> bool:
+        return self.committed.done()
+
+    def __repr__(self) -> str:
+        state = ('committed' if self.committed.done() and not self.committed.exception()
+                 else 'failed' if self.committed.done()
+                 else 'writing' if self.staged.done() else 'staging')
+        return f'<SaveHandle {self.name!r}: {state}>'
+
+
+def save_async(file, obj, format: str = 'npz', *, compression: bool | int | None = None,
+               durable: bool = True, staging: str | None = None,
+               max_host_bytes: int = DEFAULT_MAX_HOST_BYTES, sync: bool = False) -> SaveHandle:
+    """Saves ``obj`` as :func:`~gpuserial.save_npz` or :func:`~gpuserial.save_hdf5` would (the
+    same bytes), writing in the background.
+
+    Args:
+        file: a path, or a binary file object the caller leaves alone until committed.
+        obj: a serializable object, or a dict of arrays.
+        format: ``'npz'`` or ``'hdf5'``.
+        compression: as the format's save takes it (None: its default).
+        durable: fsync the file and its directory before ``committed`` is done.
+        staging: ``'device'`` or ``'host'`` for device arrays (None: ``'device'``).
+        max_host_bytes: the most host memory the staged copies take at once.
+        sync: first wait for all work on the arrays' devices, on every stream.
+
+    Raises:
+        ValueError: a bad argument. Errors of ``serialize`` and of staging raise here, and
+            nothing is written; so does the error of an earlier save not yet raised.
+    """
+    if format not in FORMATS:
+        raise ValueError(f'format must be one of {FORMATS}, not {format!r}')
+    if staging is not None and staging not in STAGINGS:
+        raise ValueError(f'staging must be one of {STAGINGS} or None, not {staging!r}')
+    if max_host_bytes < 1:
+        raise ValueError(f'max_host_bytes must be positive, not {max_host_bytes!r}')
+    _fileio.wait_for_save(file)
+    _raise_unreported()
+    if format == 'npz':
+        items = list(npz.collect(file, obj).items())
+        compressed = True if compression is None else bool(compression)
+
+        def write(entries: Iterator[tuple]) -> None:
+            with atomic_output(file, durable=durable) as out:
+                npz.write_npz(out, entries, compressed)
+    else:
+        serializer, plan = hdf5.collect(file, obj, 4 if compression is None else compression,
+                                        progress=False)
+        items = plan.entries
+
+        def write(entries: Iterator[tuple]) -> None:
+            hdf5.write_planned(file, serializer, plan, durable=durable, entries=entries)
+    if sync:
+        devices.synchronize_devices_of(item[-1] for item in items)
+    return _start(display_name(file), file, items, write, staging or 'device', max_host_bytes)
+
+
+def wait_all() -> None:
+    """Waits for every save in flight; raises the first error no call has raised yet."""
+    concurrent.futures.wait(_fileio.saves_in_flight())
+    _raise_unreported()
+
+
+# ---------------------------------------------------------------------------------------------
+# The caller's side: staging
+
+
+def _start(name: str, file, items: list[tuple], write: Callable, staging: str,
+           max_host_bytes: int) -> SaveHandle:
+    on_device = [index for index, item in enumerate(items)
+                 if staging == 'device' and _is_device_array(item[-1])]
+    copies, copied = transfer.device_copies([items[i][-1] for i in on_device])
+    device_copies = dict(zip(on_device, copies, strict=True))
+    handle = SaveHandle(name)
+    pipe = _Pipe(max_host_bytes)
+    staged = _Countdown(2, handle.staged)  # the caller's copies, then the device's
+    _fileio.begin_save(file, handle.committed)
+    writer = threading.Thread(target=_write, args=(handle, write, pipe, copied, staged),
+                              name=f'gpuserial save {name}', daemon=True)
+    writer.start()
+    try:
+        for index, item in enumerate(items):
+            value = item[-1]
+            if index in device_copies:
+                pipe.put(item[:-1] + (device_copies.pop(index),), 0)
+            elif not devices.is_array(value):
+                pipe.put(item[:-1] + (copy.deepcopy(value),), 0)  # lists, numbers, strings
+            elif value.nbytes > max_host_bytes:
+                pipe.put_whole_budget(item)  # written from the original while the caller waits
+            else:
+                pipe.reserve(value.nbytes)
+                pipe.put(item[:-1] + (_host_copy(value),), value.nbytes)
+        pipe.close()
+    except _WriterFailed:
+        pass  # the handle holds the writer's error
+    except BaseException as error:
+        pipe.abort(error)
+        writer.join()
+        _forget(handle)
+        raise
+    staged.count_down()
+    return handle
+
+
+def _is_device_array(value) -> bool:
+    backend = devices.backend_of(value)
+    return backend is not None and not backend.is_host
+
+
+def _host_copy(array):
+    """A C-contiguous host copy (the bytes a save writes from the array)."""
+    if isinstance(array, numpy.ndarray):
+        return numpy.array(array, order='C', copy=True, subok=False)
+    return devices.to_host(array)  # a device array: a new host array
+
+
+class _WriterFailed(Exception):
+    """The writer has stopped on an error: staging more is pointless."""
+
+
+class _Pipe:
+    """Staged entries, in order, from the caller to the writer, with at most ``budget`` bytes of
+    host copies not yet written."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.free = budget
+        self.items: collections.deque = collections.deque()  # (entry, host bytes)
+        self.closed = False
+        self.aborted: BaseException | None = None
+        self.failed = False
+        self.changed = threading.Condition()
+
+    # the caller's side
+
+    def reserve(self, nbytes: int) -> None:
+        """Waits until ``nbytes`` of the budget are free, and takes them."""
+        with self.changed:
+            self._wait_until(lambda: self.free >= nbytes)
+            self.free -= nbytes
+
+    def put(self, entry: tuple, nbytes: int) -> None:
+        with self.changed:
+            if self.failed:
+                raise _WriterFailed
+            self.items.append((entry, nbytes))
+            self.changed.notify_all()
+
+    def put_whole_budget(self, entry: tuple) -> None:
+        """Hands over an entry that is not copied, and waits until it is written."""
+        self.reserve(self.budget)
+        self.put(entry, self.budget)
+        with self.changed:
+            self._wait_until(lambda: self.free == self.budget)
+
+    def close(self) -> None:
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+    def abort(self, error: BaseException) -> None:
+        with self.changed:
+            self.aborted = error
+            self.changed.notify_all()
+
+    def _wait_until(self, condition: Callable[[], bool]) -> None:
+        while not condition():
+            if self.failed:
+                raise _WriterFailed
+            self.changed.wait()
+        if self.failed:
+            raise _WriterFailed
+
+    # the writer's side
+
+    def entries(self) -> Iterator[tuple]:
+        """The entries as they come; each one's budget is given back once the next is asked
+        for (the writers take one at a time)."""
+        while True:
+            with self.changed:
+                while not self.items and not self.closed and self.aborted is None:
+                    self.changed.wait()
+                if self.aborted is not None:
+                    raise RuntimeError('the save was interrupted while staging') \
+                        from self.aborted
+                if not self.items:
+                    return
+                entry, nbytes = self.items.popleft()
+            yield entry
+            with self.changed:
+                self.free += nbytes
+                self.changed.notify_all()
+
+    def fail(self) -> None:
+        with self.changed:
+            self.failed = True
+            self.items.clear()
+            self.changed.notify_all()
+
+
+class _Countdown:
+    """Resolves ``future`` once :meth:`count_down` has been called ``count`` times."""
+
+    def __init__(self, count: int, future: concurrent.futures.Future):
+        self.count = count
+        self.future = future
+        self.lock = threading.Lock()
+
+    def count_down(self) -> None:
+        with self.lock:
+            self.count -= 1
+            if self.count == 0 and not self.future.done():
+                self.future.set_result(None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The writer's side
+
+
+def _write(handle: SaveHandle, write: Callable, pipe: _Pipe, copied: Callable[[], None],
+           staged: _Countdown) -> None:
+    try:
+        copied()  # the device copies are complete
+        staged.count_down()
+        write(pipe.entries())
+    except BaseException as error:  # noqa: BLE001 - kept for the caller, raised there
+        pipe.fail()
+        if not handle.staged.done():
+            handle.staged.set_exception(error)
+        if pipe.aborted is None:  # else the caller raises it
+            with _unreported_lock:
+                _unreported.append(error)
+        handle.committed.set_exception(error)
+    else:
+        handle.committed.set_result(None)
+
+
+def _forget(handle: SaveHandle) -> None:
+    """Drops a save the caller abandoned (its error raised there) from the unreported ones."""
+    error = handle.committed.exception()
+    with _unreported_lock:
+        if error in _unreported:
+            _unreported.remove(error)
+
+
+_unreported: list[BaseException] = []  # writers' errors no save_async or wait_all has raised
+_unreported_lock = threading.Lock()
+
+
+def _raise_unreported() -> None:
+    with _unreported_lock:
+        errors = _unreported[:]
+        _unreported.clear()
+    if errors:
+        raise errors[0]
+
+
+def _forget_in_child() -> None:
+    global _unreported_lock
+    _unreported_lock = threading.Lock()
+    _unreported.clear()
+
+
+if hasattr(os, 'register_at_fork'):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
+@atexit.register
+def _wait_at_exit() -> None:
+    """A process that exits normally keeps its last checkpoints."""
+    concurrent.futures.wait(_fileio.saves_in_flight())
+    with _unreported_lock:
+        errors = _unreported[:]
+        _unreported.clear()
+    for error in errors:
+        print(f'gpuserial: an asynchronous save failed: {error!r}', file=sys.stderr)

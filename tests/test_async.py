@@ -1,0 +1,514 @@
+"""Asynchronous saves: the same bytes as a synchronous save, a state captured at the call that
+later changes cannot reach, host memory bounded by the staging budget, errors that surface,
+one save per file at a time, loads that wait, and no thread, temporary file or deadlock left
+behind (after a fork, at exit, after a failure)."""
+
+import gc
+import io
+import os
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+
+import numpy
+import pytest
+
+import gpuserial
+from gpuserial import _fileio, _zipstream, asyncsave, hdf5, npz, serializers, training, transfer
+from tests import crafting, kill_saver, standin
+from tests.conftest import ROOT, host, make_device
+
+SAVES = {'npz': serializers.save_npz, 'hdf5': serializers.save_hdf5}
+LOADS = {'npz': serializers.load_npz, 'hdf5': serializers.load_hdf5}
+EXT = {'npz': '.npz', 'hdf5': '.h5'}
+
+
+@pytest.fixture(autouse=True)
+def _no_save_left():
+    yield
+    asyncsave.wait_all() if not asyncsave._unreported else asyncsave._unreported.clear()
+    assert [t for t in threading.enumerate() if t.name.startswith('gpuserial save')] == []
+
+
+@pytest.fixture
+def frozen_time(monkeypatch):
+    """One zip timestamp for every save of the test, so that files can be compared."""
+    moment = time.localtime()
+    monkeypatch.setattr(_zipstream.time, 'localtime', lambda *args: moment)
+
+
+def _model(device=None) -> dict:
+    """Arrays of several sizes, dtypes and layouts (on ``device`` where given), and scalars."""
+    rng = numpy.random.default_rng(0)
+    arrays = {
+        'w': rng.standard_normal((300, 200)).astype(numpy.float32),
+        'b': rng.standard_normal(200),
+        'big_endian': numpy.arange(50, dtype='>i4'),
+        'scalar': numpy.array(3.5),
+        'empty': numpy.zeros((0, 3), numpy.float16),
+    }
+    if device is not None:  # device arrays hold native byte order only
+        arrays = {key: device.send(value.astype(value.dtype.newbyteorder('=')))
+                  for key, value in arrays.items()}
+    arrays['strided'] = arrays['w'][::3, ::2]
+    return {'layer': arrays, 'step': 7, 'name': 'model', 'nothing': None}
+
+
+def _mutate(tree: dict) -> None:
+    """Changes every array of ``tree`` in place."""
+    for value in tree.values():
+        if isinstance(value, dict):
+            _mutate(value)
+        elif isinstance(value, standin.StandInArray):  # a write the streams do not order
+            value._data[...] = -value._data - 1
+        elif gpuserial.devices.is_array(value) and value.size:
+            value[...] = -value - 1
+
+
+def _values(tree: dict) -> dict:
+    return {key: (_values(value) if isinstance(value, dict) else
+                  host(value).copy() if gpuserial.devices.is_array(value) else value)
+            for key, value in tree.items()}
+
+
+def _loaded(fmt: str, path) -> dict:
+    if fmt == 'npz':
+        with numpy.load(path) as data:
+            return {key: data[key] for key in data.files if key != 'nothing'}
+    import h5py
+    with h5py.File(path) as f:
+        out = {}
+        f.visititems(lambda name, item: out.__setitem__(name, item[()])
+                     if isinstance(item, h5py.Dataset) and item.shape is not None else None)
+        return out
+
+
+def _flat(values: dict, prefix: str = '') -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f'{prefix}{key}/'))
+        elif value is not None:
+            out[prefix + key] = value
+    return out
+
+
+def _assert_file_holds(fmt: str, path, values: dict) -> None:
+    stored = _loaded(fmt, path)
+    expected = _flat(values)
+    assert sorted(stored) == sorted(expected)
+    for key, value in expected.items():
+        got = stored[key]
+        if isinstance(got, bytes):
+            got = got.decode()
+        numpy.testing.assert_array_equal(got, value, err_msg=key)
+
+
+# ---------------------------------------------------------------------------------------------
+# The same bytes, a state captured at the call
+
+
+@pytest.mark.parametrize('fmt', ['npz', 'hdf5'])
+@pytest.mark.parametrize('compression', [None, 0])
+@pytest.mark.parametrize('spec,staging', [
+    ('cpu', None), ('standin:0', 'device'), ('standin:1', 'host'),
+    pytest.param('cuda:0', 'device', marks=pytest.mark.gpu),
+    pytest.param('cuda:0', 'host', marks=pytest.mark.gpu)])
+def test_the_file_is_byte_identical_to_a_synchronous_save(tmp_path, frozen_time, fmt,
+                                                           compression, spec, staging):
+    device = None if spec == 'cpu' else make_device(spec)
+    model = _model(device)
+    if fmt == 'hdf5' and staging == 'host':
+        model['layer'].pop('strided')  # a strided device array's HDF5 chunks follow its blocks
+    kwargs = {} if compression is None else {'compression': compression}
+    SAVES[fmt](tmp_path / 'sync', model, **kwargs)
+    handle = gpuserial.save_async(tmp_path / 'async', model, fmt, staging=staging, **kwargs)
+    assert handle.result() is None and handle.staged.done() and handle.committed.done()
+    assert (tmp_path / 'async').read_bytes() == (tmp_path / 'sync').read_bytes()
+    assert crafting.temporaries(tmp_path) == []
+
+
+class _HeldFile(io.BytesIO):
+    """A file object whose first write waits until the test lets it go."""
+
+    def __init__(self):
+        super().__init__()
+        self.go = threading.Event()
+
+    def write(self, data) -> int:
+        assert self.go.wait(timeout=30), 'the test never let the writer go'
+        return super().write(data)
+
+
+@pytest.mark.parametrize('fmt', ['npz', 'hdf5'])
+@pytest.mark.parametrize('spec,staging', [
+    ('cpu', None), ('standin:0', 'device'), ('standin:0', 'host'),
+    pytest.param('cuda:0', 'device', marks=pytest.mark.gpu),
+    pytest.param('cuda:0', 'host', marks=pytest.mark.gpu)])
+def test_changes_after_the_call_never_reach_the_file(tmp_path, fmt, spec, staging):
+    device = None if spec == 'cpu' else make_device(spec)
+    model = _model(device)
+    before = _values(model)
+    out = _HeldFile()
+    handle = gpuserial.save_async(out, model, fmt, staging=staging)
+    handle.staged.result(timeout=30)
+    _mutate(model)  # before the writer has written a byte
+    model['step'] = 8
+    assert out.getvalue() == b''
+    out.go.set()
+    handle.result(timeout=30)
+    path = tmp_path / f'file{EXT[fmt]}'
+    path.write_bytes(out.getvalue())
+    _assert_file_holds(fmt, path, before)
+    assert _values(model)['layer']['b'][0] == -before['layer']['b'][0] - 1  # it was changed
+
+
+def test_kernels_queued_after_the_call_run_after_the_device_copies(tmp_path, monkeypatch):
+    """On a device, the copies are queued on the engine's stream after the caller's current
+    stream, which then waits for them: a kernel the caller queues next, run before the writer
+    has even looked at the copies, cannot change what is saved."""
+    device = make_device('standin:0')
+    array = device.send(numpy.arange(1000.0))
+    go = threading.Event()
+    device_copies = transfer.device_copies
+
+    def held(arrays):
+        copies, wait = device_copies(arrays)
+        return copies, lambda: (go.wait(timeout=30), wait())
+    monkeypatch.setattr(transfer, 'device_copies', held)
+    handle = gpuserial.save_async(tmp_path / 'm.npz', {'x': array}, staging='device')
+    standin.BACKEND.launch(device, lambda: array._data.__setitem__(Ellipsis, -1.0))
+    standin.BACKEND.synchronize_stream(standin.BACKEND.current_stream(device.id))
+    assert host(array)[0] == -1.0  # the kernel has run
+    go.set()
+    handle.result(timeout=30)
+    numpy.testing.assert_array_equal(numpy.load(tmp_path / 'm.npz')['x'], numpy.arange(1000.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounded host memory
+
+
+def _peak_traced(function) -> int:
+    gc.collect()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        function()
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize('fmt', ['npz', 'hdf5'])
+def test_host_staging_holds_at_most_the_budget(tmp_path, fmt):
+    """Sixteen arrays of 1 MiB with a budget of 3 MiB stage in waves: the copies held at once
+    stay under the budget (plus what the writer itself holds), where an unbounded budget holds
+    them all while a slow writer lags behind."""
+    model = {f'a{i}': numpy.full(1 << 17, i, numpy.float64) for i in range(16)}
+
+    def save(budget: int):
+        def run():
+            with _SlowFile(tmp_path / f'{budget}{EXT[fmt]}', 'w+') as out:
+                handle = gpuserial.save_async(out, model, fmt, max_host_bytes=budget,
+                                              compression=0)
+                handle.result(timeout=60)
+        return run
+
+    bounded = _peak_traced(save(3 << 20))
+    unbounded = _peak_traced(save(1 << 30))
+    assert bounded < (3 << 20) + (2 << 20)
+    assert unbounded > 12 << 20
+    for budget in (3 << 20, 1 << 30):
+        target = {key: numpy.zeros_like(value) for key, value in model.items()}
+        LOADS[fmt](tmp_path / f'{budget}{EXT[fmt]}', target)
+        for key, value in model.items():
+            numpy.testing.assert_array_equal(target[key], value)
+
+
+class _SlowFile(io.FileIO):
+    """A file on disk that is written slowly (the writer lags behind the caller's staging)."""
+
+    def write(self, data) -> int:
+        time.sleep(0.002)
+        return super().write(data)
+
+
+def test_an_array_larger_than_the_budget_is_written_while_the_caller_waits(tmp_path):
+    model = {'small': numpy.arange(10.0), 'huge': numpy.arange(1 << 18, dtype=numpy.float64),
+             'after': numpy.arange(5)}
+    expected = _values(model)
+    handle = gpuserial.save_async(tmp_path / 'm.npz', model, max_host_bytes=1 << 16)
+    _mutate(model)  # the call returned: the huge one is written, the others are copies
+    handle.result(timeout=60)
+    _assert_file_holds('npz', tmp_path / 'm.npz', expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+class _FailingFile(io.BytesIO):
+    def write(self, data) -> int:
+        raise OSError(28, 'No space left on device')
+
+
+@pytest.mark.parametrize('fmt', ['npz', 'hdf5'])
+def test_a_writer_error_raises_from_the_handle_and_from_the_next_save(tmp_path, fmt):
+    handle = gpuserial.save_async(_FailingFile(), {'x': numpy.arange(10)}, fmt)
+    with pytest.raises(OSError, match='No space left'):
+        handle.result(timeout=30)
+    assert 'failed' in repr(handle)
+    with pytest.raises(OSError, match='No space left'):
+        gpuserial.save_async(tmp_path / 'next.npz', {'x': numpy.arange(3)})
+    assert not (tmp_path / 'next.npz').exists()  # the save that raised it did not start
+    gpuserial.save_async(tmp_path / 'next.npz', {'x': numpy.arange(3)}).result(timeout=30)
+    gpuserial.wait_all()  # raised once already: not again
+
+
+def test_wait_all_raises_an_error_no_call_has_raised(tmp_path):
+    gpuserial.save_async(_FailingFile(), {'x': numpy.arange(10)})
+    with pytest.raises(OSError, match='No space left'):
+        gpuserial.wait_all()
+    gpuserial.wait_all()
+
+
+@pytest.mark.parametrize('fmt', ['npz', 'hdf5'])
+def test_a_failed_save_leaves_the_old_file_and_no_temporary(tmp_path, fmt):
+    path = tmp_path / f'm{EXT[fmt]}'
+    SAVES[fmt](path, kill_saver.state(0))
+    old = path.read_bytes()
+    bad = {**kill_saver.state(1), 'objects': numpy.array([object(), object()])}
+    handle = gpuserial.save_async(path, bad, fmt)
+    with pytest.raises(TypeError, match='objects|object arrays'):
+        handle.result(timeout=30)
+    asyncsave._unreported.clear()
+    assert path.read_bytes() == old
+    assert crafting.temporaries(tmp_path) == []
+
+
+def test_an_error_of_serialize_raises_at_the_call_and_writes_nothing(tmp_path):
+    class Broken:
+        def serialize(self, serializer):
+            serializer('x', numpy.arange(3))
+            raise RuntimeError('broken serialize')
+
+    with pytest.raises(RuntimeError, match='broken serialize'):
+        gpuserial.save_async(tmp_path / 'm.npz', Broken())
+    assert list(tmp_path.iterdir()) == []
+    gpuserial.wait_all()
+
+
+def test_an_interrupt_while_staging_stops_the_writer_and_keeps_the_old_file(tmp_path,
+                                                                             monkeypatch):
+    path = tmp_path / 'm.npz'
+    serializers.save_npz(path, kill_saver.state(0))
+    old = path.read_bytes()
+    copies = []
+
+    def interrupted(array):
+        copies.append(array)
+        if len(copies) == 2:
+            raise KeyboardInterrupt
+        return numpy.array(array, copy=True)
+    monkeypatch.setattr(asyncsave, '_host_copy', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        gpuserial.save_async(path, kill_saver.state(1), max_host_bytes=1 << 20)
+    assert path.read_bytes() == old
+    assert crafting.temporaries(tmp_path) == []
+    gpuserial.wait_all()  # the interrupt was raised at the call: nothing left to raise
+
+
+@pytest.mark.parametrize('kwargs,message', [({'format': 'zip'}, 'format'),
+                                            ({'staging': 'disk'}, 'staging'),
+                                            ({'max_host_bytes': 0}, 'max_host_bytes')])
+def test_bad_arguments_are_refused(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        gpuserial.save_async(tmp_path / 'm', {'x': numpy.arange(3)}, **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# One save per file; loads wait; threads, forks and exits
+
+
+def _held_writes(monkeypatch) -> tuple[threading.Event, list]:
+    """Makes the first NPZ write of the test wait for the returned event; logs every write's
+    start and end."""
+    go, log = threading.Event(), []
+    original = npz.write_npz
+
+    def write_npz(out, entries, compression, *args):
+        log.append('start')
+        if log.count('start') == 1:
+            assert go.wait(timeout=30)
+        original(out, entries, compression, *args)
+        log.append('end')
+    monkeypatch.setattr(npz, 'write_npz', write_npz)
+    return go, log
+
+
+def test_a_second_save_of_a_file_waits_for_the_first(tmp_path, monkeypatch):
+    go, log = _held_writes(monkeypatch)
+    path = tmp_path / 'm.npz'
+    first = gpuserial.save_async(path, {'x': numpy.zeros(3)})
+    second = []
+    saver = threading.Thread(target=lambda: second.append(
+        gpuserial.save_async(path, {'x': numpy.ones(3)})))
+    saver.start()
+    time.sleep(0.2)
+    assert log == ['start'] and second == []  # the second has not started
+    go.set()
+    saver.join(timeout=30)
+    first.result(timeout=30)
+    second[0].result(timeout=30)
+    assert log == ['start', 'end', 'start', 'end']
+    numpy.testing.assert_array_equal(numpy.load(path)['x'], numpy.ones(3))
+
+
+@pytest.mark.parametrize('load', ['npz', 'save_npz'])
+def test_a_load_or_synchronous_save_of_the_file_waits_for_the_save(tmp_path, monkeypatch, load):
+    path = tmp_path / 'm.npz'
+    serializers.save_npz(path, {'x': numpy.zeros(3)})
+    go, _ = _held_writes(monkeypatch)
+    handle = gpuserial.save_async(path, {'x': numpy.ones(3)})
+    target = {'x': numpy.full(3, 5.0)}
+    if load == 'npz':
+        worker = threading.Thread(target=serializers.load_npz, args=(path, target))
+    else:
+        worker = threading.Thread(target=serializers.save_npz,
+                                  args=(path, {'x': numpy.full(3, 2.0)}))
+    worker.start()
+    time.sleep(0.2)
+    go.set()
+    worker.join(timeout=30)
+    handle.result(timeout=30)
+    if load == 'npz':
+        numpy.testing.assert_array_equal(target['x'], numpy.ones(3))  # the new file
+    else:
+        numpy.testing.assert_array_equal(numpy.load(path)['x'], numpy.full(3, 2.0))  # last
+
+
+def test_memory_does_not_grow_over_twenty_saves(tmp_path):
+    model = {f'a{i}': numpy.random.default_rng(i).standard_normal(1 << 18) for i in range(8)}
+    sizes = []
+    for index in range(20):
+        gpuserial.save_async(tmp_path / f'm{index % 2}.npz', model, compression=False).result()
+        gc.collect()
+        sizes.append(_rss())  # after each save: what a save leaves behind
+    assert sizes[-1] <= sizes[0] * 1.05
+
+
+def _rss() -> int:
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+@pytest.mark.skipif(not hasattr(os, 'fork'), reason='needs fork')
+def test_a_fork_while_a_save_is_in_flight_does_not_deadlock_the_child(tmp_path, monkeypatch):
+    go, _ = _held_writes(monkeypatch)
+    path = tmp_path / 'm.npz'
+    handle = gpuserial.save_async(path, {'x': numpy.zeros(3)})
+    pid = os.fork()
+    if pid == 0:  # the child: no writer thread here, the parent's save is not its own
+        status = 1
+        try:
+            gpuserial.wait_all()
+            go.set()
+            gpuserial.save_async(tmp_path / 'child.npz', {'y': numpy.ones(2)}).result(10)
+            target = {'y': numpy.zeros(2)}
+            serializers.load_npz(tmp_path / 'child.npz', target)
+            status = 0 if target['y'].tolist() == [1.0, 1.0] else 2
+        finally:
+            os._exit(status)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        pytest.fail('the child hung')
+    go.set()
+    handle.result(timeout=30)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_process_that_exits_normally_keeps_its_last_save(tmp_path):
+    path = tmp_path / 'last.npz'
+    code = ('import numpy, gpuserial, sys\n'
+            'model = {f"a{i}": numpy.full(1 << 20, i, numpy.float64) for i in range(8)}\n'
+            f'gpuserial.save_async({str(path)!r}, model)\n'
+            'sys.exit(0)\n')
+    subprocess.run([sys.executable, '-c', code], check=True, cwd=ROOT,
+                   timeout=120)
+    with numpy.load(path) as data:
+        assert sorted(data.files) == [f'a{i}' for i in range(8)]
+        assert data['a7'][-1] == 7
+    assert crafting.temporaries(tmp_path) == []
+
+
+def test_an_error_at_exit_is_printed(tmp_path):
+    code = ('import io, numpy, gpuserial\n'
+            'class F(io.BytesIO):\n'
+            '    def write(self, data): raise OSError(28, "No space left on device")\n'
+            'gpuserial.save_async(F(), {"x": numpy.arange(3)})\n')
+    done = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert 'an asynchronous save failed' in done.stderr and 'No space left' in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer snapshots
+
+
+def test_a_trainer_snapshot_saved_asynchronously_loads_as_a_synchronous_one(tmp_path):
+    def run(out, async_: bool):
+        numpy.random.seed(0)  # the same initial weights
+        model = gpuserial.Chain()
+        with model.init_scope():
+            model.fc = gpuserial.Linear(3, 2)
+        optimizer = gpuserial.Adam()
+        optimizer.setup(model)
+        iterator = training.SerialIterator(numpy.arange(12.0).reshape(6, 2), 2, shuffle=False)
+
+        def step(target, batch):  # the optimizer calls it, then updates
+            for param in target.params():
+                param.grad = numpy.full_like(param.array, float(numpy.sum(batch)))
+        trainer = training.Trainer(training.StandardUpdater(iterator, optimizer, step),
+                                   (4, 'iteration'), out=str(out))
+        trainer.extend(training.snapshot(async_=async_), trigger=(2, 'iteration'))
+        trainer.run()
+        return trainer
+
+    run(tmp_path / 'sync', False)
+    run(tmp_path / 'async', True)
+    assert _fileio.saves_in_flight() == []  # the trainer's end waited for the last snapshot
+    for name in ('snapshot_iter_2', 'snapshot_iter_4'):
+        with numpy.load(tmp_path / 'sync' / name) as sync, \
+                numpy.load(tmp_path / 'async' / name) as done:
+            assert sorted(sync.files) == sorted(done.files)
+            for key in sync.files:
+                if sync[key].dtype.hasobject or key.endswith('elapsed_time'):
+                    continue
+                numpy.testing.assert_array_equal(done[key], sync[key], err_msg=key)
+
+
+def test_an_asynchronous_snapshot_takes_the_formats_it_can_write():
+    assert training.snapshot(serializers.save_hdf5, async_=True)._async_format == 'hdf5'
+    with pytest.raises(ValueError, match='async_=True'):
+        training.snapshot(lambda path, obj: None, async_=True)
+
+
+def test_hdf5_plan_entries_are_written_from_the_staged_copies(tmp_path):
+    """The HDF5 writer takes the entries it is given, not the plan's originals."""
+    serializer, plan = hdf5.collect(tmp_path / 'm.h5', {'x': numpy.arange(3)}, 4)
+    staged = [(group, key, path, numpy.arange(3) + 10) for group, key, path, _ in plan.entries]
+    hdf5.write_planned(tmp_path / 'm.h5', serializer, plan, durable=False, entries=iter(staged))
+    target = {'x': numpy.zeros(3, numpy.int64)}
+    serializers.load_hdf5(tmp_path / 'm.h5', target)
+    assert target['x'].tolist() == [10, 11, 12]
