@@ -6,7 +6,9 @@ number, a ``not``, a call or ``raise`` statement dropped), in a private copy of 
 and runs the tests that cover that module there (``pytest -x``). A mutant is *killed* when a
 test fails, *survives* when all pass, and *times out* past ``--timeout`` (counted as killed: the
 bug made the tests hang). Mutants judged equivalent (no test can tell them apart, for a reason
-written down) are listed in ``ci/mutants-equivalent.txt`` by id and left out of the score.
+written down) are listed in ``ci/mutants-equivalent.txt`` by id and left out of the score. So
+are, where no GPU is usable, the mutants of code only a real GPU runs (CuPy's backend,
+``GPU_ONLY``): they are listed as needing one, and run and counted on a GPU machine.
 
     python ci/mutate.py                       # every mutant of every core module
     python ci/mutate.py --sample 40 --seed 1  # 40 mutants per module, drawn with seed 1
@@ -52,16 +54,22 @@ MODULES = {
                                 'test_atomic'],
     'gpuserial/_zipread.py': ['test_zipread', 'test_npz', 'test_hostile', 'test_formats'],
     'gpuserial/npz.py': ['test_npz', 'test_zipread', 'test_formats', 'test_hostile',
-                         'test_transactional',
-                         'test_chainer_cases', 'test_protocol'],
+                         'test_transactional', 'test_chainer_cases', 'test_protocol',
+                         'test_engine_rules', 'test_progress', 'test_async'],
     'gpuserial/hdf5.py': ['test_hdf5', 'test_formats', 'test_hostile', 'test_transactional',
-                          'test_chainer_cases', 'test_atomic', 'test_progress'],
-    'gpuserial/_fileio.py': ['test_atomic', 'test_cli'],
+                          'test_chainer_cases', 'test_atomic', 'test_progress',
+                          'test_engine_rules', 'test_async'],
+    'gpuserial/_fileio.py': ['test_atomic', 'test_cli', 'test_async'],
     'gpuserial/_signals.py': ['test_atomic'],
     'gpuserial/transfer.py': ['test_transfer', 'test_engine_rules', 'test_formats',
-                              'test_concurrency'],
-    'gpuserial/devices.py': ['test_devices', 'test_engine_rules', 'test_transfer', 'test_formats'],
+                              'test_concurrency', 'test_async'],
+    'gpuserial/devices.py': ['test_devices', 'test_engine_rules', 'test_transfer', 'test_formats',
+                             'test_async'],
+    'gpuserial/asyncsave.py': ['test_async', 'test_atomic'],
 }
+# Code that only runs on a real GPU (CuPy's backend): its mutants are run, and counted, where a
+# GPU is usable; elsewhere they are listed as needing one, outside the score.
+GPU_ONLY = {'gpuserial/devices.py': {'_CupyBackend', '_marker'}}
 
 SWAPS = {
     ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
@@ -82,6 +90,7 @@ class Mutant:
     operator: str
     replacement: str  # source text for [line:col, end_line:end_col]
     original: str
+    gpu_only: bool = False  # in code that only a real GPU runs (GPU_ONLY)
 
     @property
     def id(self) -> str:
@@ -145,8 +154,14 @@ def mutants_of(module: str) -> list[Mutant]:
         if isinstance(new, ast.expr):
             replacement = f'({replacement})'
         found.append(Mutant(module, node.lineno, node.end_lineno, node.col_offset,
-                            node.end_col_offset, operator, replacement, original))
+                            node.end_col_offset, operator, replacement, original,
+                            node.lineno in gpu_lines))
 
+    gpu_lines = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef)) \
+                and node.name in GPU_ONLY.get(module, ()):
+            gpu_lines.update(range(node.lineno, node.end_lineno + 1))
     for node in ast.walk(tree):
         if id(node) in skip:
             continue
@@ -228,6 +243,18 @@ def _copy_checkout() -> pathlib.Path:
     return directory
 
 
+NEEDS_A_GPU = 'needs a GPU'
+
+
+def _gpu_usable(directory: pathlib.Path) -> bool:
+    """Whether the tests, run in ``directory``, have a usable GPU (CuPy's backend runs)."""
+    found = subprocess.run(
+        [sys.executable, '-c', 'from gpuserial import devices; print(devices.gpu_available())'],
+        cwd=directory, env=dict(os.environ, PYTHONPATH=str(directory)), capture_output=True,
+        text=True, check=True).stdout.strip()
+    return found == 'True'
+
+
 def equivalents() -> dict[str, str]:
     """Mutant ids judged equivalent, with the reason (``ID  reason`` per line)."""
     if not EQUIVALENT_FILE.exists():
@@ -277,7 +304,11 @@ def main(argv=None) -> int:
     free = list(copies)
     results: dict[str, dict] = {}
 
+    gpu = _gpu_usable(copies[0])
+
     def one(mutant: Mutant) -> tuple[Mutant, str, float]:
+        if mutant.gpu_only and not gpu:
+            return mutant, NEEDS_A_GPU, 0.0
         directory = free.pop()
         try:
             apply(mutant, directory)
@@ -304,18 +335,20 @@ def main(argv=None) -> int:
 
     summary = {}
     for module in args.modules:
-        rows = [r for key, r in results.items() if key.startswith(module + ':')]
+        every = [r for key, r in results.items() if key.startswith(module + ':')]
+        rows = [r for r in every if r['outcome'] != NEEDS_A_GPU]
         counted = [r for r in rows if not r['outcome'].startswith('equivalent')]
         killed = sum(r['outcome'] in ('killed', 'timeout') for r in counted)
         summary[module] = {'mutants': len(rows), 'equivalent': len(rows) - len(counted),
-                           'killed': killed, 'survived': len(counted) - killed}
+                           'killed': killed, 'survived': len(counted) - killed,
+                           'needs_a_gpu': len(every) - len(rows)}
     counted = sum(s['mutants'] - s['equivalent'] for s in summary.values())
     killed = sum(s['killed'] for s in summary.values())
     score = killed / counted if counted else 1.0
     print()
     for module, row in summary.items():
         print(f'{module:28} {row["killed"]:4} killed of {row["mutants"] - row["equivalent"]:4}'
-              f' ({row["equivalent"]} equivalent)')
+              f' ({row["equivalent"]} equivalent, {row["needs_a_gpu"]} need a GPU)')
     print(f'score: {killed}/{counted} = {score:.1%} in {time.monotonic() - started:.0f} s')
     survivors = [key for key, r in results.items() if r['outcome'] == 'survived']
     for key in survivors:

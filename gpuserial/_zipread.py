@@ -309,18 +309,21 @@ def read_stored(fp: WindowedFile, info, data_start: int, head: int, out) -> None
         if len(data) < info.file_size:
             raise MemberError(f'truncated: the file ends {info.file_size - len(data)} bytes '
                               f'early')
-        crc = crc32(data)
+        _check_crc(info, crc32(data))  # before ``out`` changes: it may be the caller's array
         out[:] = data[head:]
-    else:  # straight into ``out``
-        crc = crc32(fp.view(data_start, head))
-        fp.seek(data_start + head)
-        done = 0
-        while done < len(out):
-            count = fp.readinto(out[done:])
-            if not count:
-                raise MemberError(f'truncated: the file ends {len(out) - done} bytes early')
-            done += count
-        crc = crc32(out, crc)
+        return
+    crc = crc32(fp.view(data_start, head))  # larger: straight into ``out``
+    fp.seek(data_start + head)
+    done = 0
+    while done < len(out):
+        count = fp.readinto(out[done:])
+        if not count:
+            raise MemberError(f'truncated: the file ends {len(out) - done} bytes early')
+        done += count
+    _check_crc(info, crc32(out, crc))
+
+
+def _check_crc(info, crc: int) -> None:
     if crc != info.CRC:
         raise MemberError(f'CRC mismatch (directory {info.CRC:08x}, data {crc:08x}): the data '
                           f'is corrupt')

@@ -129,11 +129,13 @@ def _start(name: str, file, items: list[tuple], write: Callable, staging: str,
                  if staging == 'device' and _is_device_array(item[-1])]
     copies, copied = transfer.device_copies([items[i][-1] for i in on_device])
     device_copies = dict(zip(on_device, copies, strict=True))
+    arena = _ArenaCopies.for_state([item[-1] for i, item in enumerate(items)
+                                    if i not in device_copies], max_host_bytes)
     handle = SaveHandle(name)
     pipe = _Pipe(max_host_bytes)
     staged = _Countdown(2, handle.staged)  # the caller's copies, then the device's
     _fileio.begin_save(file, handle.committed)
-    writer = threading.Thread(target=_write, args=(handle, write, pipe, copied, staged),
+    writer = threading.Thread(target=_write, args=(handle, write, pipe, copied, staged, arena),
                               name=f'gpuserial save {name}', daemon=True)
     writer.start()
     try:
@@ -147,7 +149,7 @@ def _start(name: str, file, items: list[tuple], write: Callable, staging: str,
                 pipe.put_whole_budget(item)  # written from the original while the caller waits
             else:
                 pipe.reserve(value.nbytes)
-                pipe.put(item[:-1] + (_host_copy(value),), value.nbytes)
+                pipe.put(item[:-1] + (arena.copy(value),), value.nbytes)
         pipe.close()
     except _WriterFailed:
         pass  # the handle holds the writer's error
@@ -156,6 +158,8 @@ def _start(name: str, file, items: list[tuple], write: Callable, staging: str,
         writer.join()
         _forget(handle)
         raise
+    finally:
+        arena.done()
     staged.count_down()
     return handle
 
@@ -170,6 +174,52 @@ def _host_copy(array):
     if isinstance(array, numpy.ndarray):
         return numpy.array(array, order='C', copy=True, subok=False)
     return devices.to_host(array)  # a device array: a new host array
+
+
+ALIGNMENT = 64  # bytes: each copy in the arena starts on a cache line
+
+
+class _ArenaCopies:
+    """Host copies of a state that fits the budget in one wave, placed in the memory kept from
+    the last save (:data:`transfer.host_arena`); other copies are new arrays."""
+
+    def __init__(self, buffer):
+        self.buffer = buffer
+        self.used = 0
+        self.users = 2  # the caller and the writer: given back once both are done
+        self.lock = threading.Lock()
+
+    @classmethod
+    def for_state(cls, values: list, max_host_bytes: int) -> _ArenaCopies:
+        total = sum(_aligned(v.nbytes) for v in values if _in_arena(v))
+        fits = 0 < total and sum(v.nbytes for v in values if devices.is_array(v)) \
+            <= max_host_bytes
+        return cls(transfer.host_arena.take(total) if fits else None)
+
+    def copy(self, array):
+        if self.buffer is None or not _in_arena(array):
+            return _host_copy(array)
+        out = numpy.ndarray(array.shape, array.dtype, self.buffer, self.used)
+        self.used += _aligned(array.nbytes)
+        numpy.copyto(out, array, casting='no')
+        return out
+
+    def done(self) -> None:
+        """One of its two users is done with it; the second gives it back."""
+        with self.lock:
+            self.users -= 1
+            if self.users or self.buffer is None:
+                return
+            self.buffer = None
+        transfer.host_arena.give_back()
+
+
+def _in_arena(value) -> bool:
+    return type(value) is numpy.ndarray and not value.dtype.hasobject
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGNMENT) * ALIGNMENT
 
 
 class _WriterFailed(Exception):
@@ -276,13 +326,16 @@ class _Countdown:
 
 
 def _write(handle: SaveHandle, write: Callable, pipe: _Pipe, copied: Callable[[], None],
-           staged: _Countdown) -> None:
+           staged: _Countdown, arena: _ArenaCopies) -> None:
     try:
-        copied()  # the device copies are complete
-        staged.count_down()
-        write(pipe.entries())
+        try:
+            copied()  # the device copies are complete
+            staged.count_down()
+            write(pipe.entries())
+        finally:
+            pipe.fail()  # the caller stops staging, if it has not finished
+            arena.done()
     except BaseException as error:  # noqa: BLE001 - kept for the caller, raised there
-        pipe.fail()
         if not handle.staged.done():
             handle.staged.set_exception(error)
         if pipe.aborted is None:  # else the caller raises it

@@ -162,9 +162,51 @@ if hasattr(os, 'register_at_fork'):
     os.register_at_fork(after_in_child=_pool.forget_in_child)
 
 
+class _Arena:
+    """Host memory for the staged copies of asynchronous saves, kept from one save to the next:
+    a first touch of fresh pages costs about as much as the copy into them."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._buffer: numpy.ndarray | None = None
+        self._busy = False
+
+    def take(self, nbytes: int) -> numpy.ndarray | None:
+        """``nbytes`` of it, for one save at a time (None while another has it)."""
+        with self._lock:
+            if self._busy:
+                return None
+            if self._buffer is None or self._buffer.nbytes < nbytes:
+                self._buffer = None  # the old one goes first: never two at once
+                self._buffer = numpy.empty(nbytes, numpy.uint8)
+            self._busy = True
+            return self._buffer[:nbytes]
+
+    def give_back(self) -> None:
+        with self._lock:
+            self._busy = False
+
+    def release(self) -> None:
+        with self._lock:
+            if not self._busy:
+                self._buffer = None
+
+    def forget_in_child(self) -> None:
+        """After a fork: the parent's saves are not the child's; its copy of the memory is."""
+        self._lock = threading.Lock()
+        self._busy = False
+
+
+host_arena = _Arena()
+if hasattr(os, 'register_at_fork'):
+    os.register_at_fork(after_in_child=host_arena.forget_in_child)
+
+
 def release_pool() -> None:
-    """Frees the pinned buffers kept for reuse (the next transfer makes new ones)."""
+    """Frees the pinned buffers and the staging memory of asynchronous saves kept for reuse
+    (the next transfer or save makes new ones)."""
     _pool.release()
+    host_arena.release()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -212,6 +212,7 @@ def test_host_staging_holds_at_most_the_budget(tmp_path, fmt):
 
     def save(budget: int):
         def run():
+            transfer.release_pool()  # the staging memory a save keeps counts here
             with _SlowFile(tmp_path / f'{budget}{EXT[fmt]}', 'w+') as out:
                 handle = gpuserial.save_async(out, model, fmt, max_host_bytes=budget,
                                               compression=0)
@@ -308,13 +309,14 @@ def test_an_interrupt_while_staging_stops_the_writer_and_keeps_the_old_file(tmp_
     serializers.save_npz(path, kill_saver.state(0))
     old = path.read_bytes()
     copies = []
+    copy = asyncsave._ArenaCopies.copy
 
-    def interrupted(array):
+    def interrupted(self, array):
         copies.append(array)
         if len(copies) == 2:
             raise KeyboardInterrupt
-        return numpy.array(array, copy=True)
-    monkeypatch.setattr(asyncsave, '_host_copy', interrupted)
+        return copy(self, array)
+    monkeypatch.setattr(asyncsave._ArenaCopies, 'copy', interrupted)
     with pytest.raises(KeyboardInterrupt):
         gpuserial.save_async(path, kill_saver.state(1), max_host_bytes=1 << 20)
     assert path.read_bytes() == old
@@ -512,3 +514,37 @@ def test_hdf5_plan_entries_are_written_from_the_staged_copies(tmp_path):
     target = {'x': numpy.zeros(3, numpy.int64)}
     serializers.load_hdf5(tmp_path / 'm.h5', target)
     assert target['x'].tolist() == [10, 11, 12]
+
+
+# ---------------------------------------------------------------------------------------------
+# The staging memory kept between saves
+
+
+def test_the_staging_memory_is_kept_for_the_next_save_and_released_on_request(tmp_path):
+    transfer.release_pool()
+    model = {'a': numpy.arange(1000.0), 'b': numpy.ones((30, 30), numpy.float32)}
+    gpuserial.save_async(tmp_path / 'm.npz', model).result(timeout=30)
+    kept = transfer.host_arena._buffer
+    assert kept is not None and kept.nbytes >= model['a'].nbytes + model['b'].nbytes
+    gpuserial.save_async(tmp_path / 'm.npz', {'a': model['a'] + 1}).result(timeout=30)
+    assert transfer.host_arena._buffer is kept  # reused, not made anew
+    transfer.release_pool()
+    assert transfer.host_arena._buffer is None
+    target = {'a': numpy.zeros(1000)}
+    serializers.load_npz(tmp_path / 'm.npz', target)
+    numpy.testing.assert_array_equal(target['a'], model['a'] + 1)
+
+
+def test_saves_in_flight_together_never_share_staging_memory(tmp_path):
+    first = {'x': numpy.arange(5000.0)}
+    out = _HeldFile()
+    held = gpuserial.save_async(out, first)
+    gpuserial.save_async(tmp_path / 'second.npz', {'x': -numpy.arange(5000.0)}).result(30)
+    first['x'][...] = 7
+    out.go.set()
+    held.result(timeout=30)
+    (tmp_path / 'first.npz').write_bytes(out.getvalue())
+    numpy.testing.assert_array_equal(numpy.load(tmp_path / 'first.npz')['x'],
+                                     numpy.arange(5000.0))
+    numpy.testing.assert_array_equal(numpy.load(tmp_path / 'second.npz')['x'],
+                                     -numpy.arange(5000.0))

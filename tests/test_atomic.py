@@ -547,13 +547,23 @@ def test_a_save_over_a_file_swaps_names_rather_than_renaming_over_it(tmp_path, m
         assert stored['W'].tolist() == [1, 1, 1]
 
 
+@pytest.fixture
+def default_sigint():
+    """Python's own SIGINT handler, as an interactive program has it (a background job's
+    SIGINT may be ignored, or a test runner's handler in place), put back afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _interrupt() -> None:
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(0.01)  # the handler runs between bytecodes, soon after
 
 
-@pytest.mark.skipif(signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
-                    reason='a SIGINT handler of the test runner is in place')
+@pytest.mark.usefixtures('default_sigint')
 def test_ctrl_c_waits_for_a_check_and_the_handler_comes_back():
     with pytest.raises(KeyboardInterrupt):
         with _signals.deferred():
@@ -567,8 +577,7 @@ def test_ctrl_c_waits_for_a_check_and_the_handler_comes_back():
     _signals.check()  # nothing left over
 
 
-@pytest.mark.skipif(signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
-                    reason='a SIGINT handler of the test runner is in place')
+@pytest.mark.usefixtures('default_sigint')
 def test_what_hdf5_made_of_an_interrupt_becomes_the_interrupt():
     with pytest.raises(KeyboardInterrupt) as raised:
         with _signals.deferred():
@@ -581,8 +590,7 @@ def test_what_hdf5_made_of_an_interrupt_becomes_the_interrupt():
     assert raised.value.__cause__ is None
 
 
-@pytest.mark.skipif(signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
-                    reason='a SIGINT handler of the test runner is in place')
+@pytest.mark.usefixtures('default_sigint')
 def test_an_interrupt_is_raised_once_even_if_the_block_catches_it():
     with _signals.deferred():
         _interrupt()

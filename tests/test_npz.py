@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from gpuserial import _npy, _zipread, _zipstream, npz, serializers, transfer
 from gpuserial.errors import CorruptFileError
-from tests import crafting
-from tests.conftest import host
+from tests import crafting, standin
+from tests.conftest import host, make_device
 
 ARRAYS = {'a': numpy.arange(100, dtype=numpy.float32), 'b/c': numpy.ones((3, 4), numpy.int16),
           'd': numpy.float64(2.5), 'empty': numpy.zeros((0, 3))}
@@ -421,3 +421,88 @@ def test_members_either_side_of_the_read_thresholds_load_exactly(tmp_path, compr
     serializers.load_npz(tmp_path / 'm.npz', target)
     for key, value in stored.items():
         assert (target[key] == value).all(), key
+
+
+# ---------------------------------------------------------------------------------------------
+# Found alive by mutation testing: the files an archive owns, errors of whole-member reads,
+# readers of other sources, and how a device array reaches the file
+
+
+def test_an_archive_closes_the_file_it_opened_and_leaves_the_callers_open(tmp_path):
+    path = tmp_path / 'm.npz'
+    serializers.save_npz(path, {'x': numpy.arange(3)})
+    with npz.open_npz(path) as archive:
+        raw = archive.raw
+        assert not raw.closed
+    assert raw.closed
+    with open(path, 'rb') as mine:
+        with npz.open_npz(mine):
+            pass
+        assert not mine.closed
+
+
+@pytest.mark.parametrize('compression', [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_a_corrupt_small_member_is_refused_naming_the_file_and_key(tmp_path, compression):
+    """Small members are read whole, in one call: their checks still name the file and key."""
+    data = crafting.npz_of({'x': crafting.npy_of(numpy.arange(500.0))}, compression)
+    info = zipfile.ZipFile(io.BytesIO(data)).getinfo('x.npy')
+    start = _zipread.data_start_of(io.BytesIO(data), info)
+    broken = bytearray(data)
+    broken[start + info.compress_size - 20] ^= 0xFF  # within the array's data
+    path = tmp_path / 'bad.npz'
+    path.write_bytes(bytes(broken))
+    target = {'x': numpy.zeros(500)}
+    with pytest.raises(CorruptFileError,
+                       match=rf"{str(path)!r}, key 'x': (CRC|the deflate)") as raised:
+        serializers.load_npz(path, target)
+    assert raised.value.partly_filled == 'x'
+    if compression == zipfile.ZIP_STORED:  # checked before it is copied: the array as it was
+        assert not target['x'].any()
+
+
+def test_a_mapping_holding_objects_is_refused():
+    from gpuserial.errors import UnsafeFileError
+    deserializer = npz.NpzDeserializer({'x': numpy.array([object(), 1], dtype=object)})
+    with pytest.raises(UnsafeFileError, match="'x'.*object arrays"):
+        deserializer.load({'x': numpy.zeros(2)})
+
+
+def test_a_deserializer_of_something_else_is_refused():
+    with pytest.raises(TypeError, match='NpzDeserializer needs an NPZ file.*got int'):
+        npz.NpzDeserializer(42)
+
+
+def test_a_zipfile_handed_over_is_named_by_its_path(tmp_path):
+    path = tmp_path / 'm.npz'
+    serializers.save_npz(path, {'x': numpy.arange(3)})
+    with zipfile.ZipFile(path) as archive:
+        deserializer = npz.NpzDeserializer(archive)
+        with pytest.raises(Exception, match=str(path)):
+            deserializer.load({'y': numpy.zeros(3)})
+
+
+def test_a_directory_is_not_an_npz_file(tmp_path):
+    with pytest.raises(IsADirectoryError, match='is a directory, not an NPZ file'):
+        npz.open_npz(tmp_path)
+
+
+@pytest.mark.parametrize('error', [RuntimeError('a bug of the file object'),
+                                   PermissionError(13, 'Permission denied')])
+def test_errors_of_a_file_object_that_are_not_about_the_zip_raise_as_they_are(error):
+    class Failing(io.BytesIO):
+        def seek(self, *args):
+            raise error
+
+    with pytest.raises(type(error)) as raised:
+        serializers.load_npz(Failing(b'PK'), {'x': numpy.zeros(3)})
+    assert raised.value is error
+
+
+def test_a_device_array_reaches_the_file_through_the_engine_in_chunks(tmp_path, small_chunks):
+    device = make_device('standin:0')
+    array = device.send(numpy.arange(100.0))  # 800 bytes: 13 chunks of 64
+    standin.BACKEND.reset()
+    serializers.save_npz(tmp_path / 'm.npz', {'x': array})
+    copies = [entry for entry in standin.BACKEND.log if entry[0] == 'd2h']
+    assert len(copies) == 13 and all(nbytes <= small_chunks for *_, nbytes in copies)
+    numpy.testing.assert_array_equal(numpy.load(tmp_path / 'm.npz')['x'], numpy.arange(100.0))
