@@ -424,7 +424,7 @@ def backend_of(array) -> Backend | None:
 
 def is_array(value) -> bool:
     """Whether ``value`` is an array of some backend (NumPy, CuPy, a registered stand-in)."""
-    return backend_of(value) is not None
+    return type(value) is numpy.ndarray or backend_of(value) is not None
 
 
 def get_array_module(*arrays) -> ModuleType:

@@ -9,6 +9,7 @@ exist before), so ``import gpuserial`` does not pay for importing Chainer.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 from gpuserial.errors import InvalidKeyError
@@ -81,6 +82,13 @@ def child_path(path: str, key: str) -> str:
 
 def entry_key(path: str, key: str) -> str:
     """The full key of entry ``key`` under ``path``: ``entry_key('a/', '/w') == 'a/w'``."""
+    if type(key) is str:  # the same keys come back save after save
+        return _string_entry_key(path, key)
+    return path + _checked(key, path).lstrip('/')
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _string_entry_key(path: str, key: str) -> str:
     return path + _checked(key, path).lstrip('/')
 
 
