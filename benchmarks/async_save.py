@@ -97,7 +97,9 @@ def run(args) -> dict:
     dcp_why = 'torch is not installed'
     try:
         dcp = _Dcp(model, directory)
+        dcp.save()  # a warm-up, and a failure here is reported instead of the rows
     except Exception as error:  # noqa: BLE001 - reported, not fatal
+        dcp = None
         dcp_why = f'{type(error).__name__}: {error}'
     times: dict[str, list[float]] = {'sync': [], 'async': [], 'copy': [], 'commit': []}
     if dcp:

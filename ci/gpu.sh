@@ -7,11 +7,12 @@
 #
 #   ci/gpu.sh quick           the lent-GPU check, under 8 minutes: the GPU tests, the README's
 #                             GPU blocks, the 1 GiB comparisons (engine, peers), many small
-#                             entries, peak memory; nvidia-smi and the PCIe link recorded
+#                             entries, asynchronous saves (blocked time, DCP beside), peak
+#                             memory; nvidia-smi and the PCIe link recorded
 #   ci/gpu.sh                 every stage
 #   ci/gpu.sh tests compare   only these stages: tests, benchmarks (the GPU rows of benchmarks/),
 #                             compare (= compare-npz compare-peers compare-compressed compare-cpu),
-#                             small, peak, bench
+#                             small, async, peak, bench
 #
 # Wheels of packages the machine lacks (isal) go in .whl/ (ci/gpu-wheels.sh fetches them, here,
 # where pip reaches PyPI); this script installs them into a private folder first.
@@ -41,14 +42,14 @@ export GPUSERIAL_BENCH_BYTES=${GPUSERIAL_BENCH_BYTES:-4GiB}
 export GPUSERIAL_BENCH_ROUNDS=${GPUSERIAL_BENCH_ROUNDS:-3}
 COMPARE_ROUNDS=${COMPARE_ROUNDS:-7}
 STAGES=("$@")
-[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(tests benchmarks compare small peak bench)
+[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(tests benchmarks compare small async peak bench)
 EXPANDED=()
 for name in "${STAGES[@]}"; do
   if [[ $name == compare ]]; then EXPANDED+=(compare-npz compare-peers compare-compressed compare-cpu)
   elif [[ $name == quick ]]; then
     export GPUSERIAL_BENCH_BYTES=${QUICK_BYTES:-1GiB}
     COMPARE_ROUNDS=${QUICK_ROUNDS:-3}
-    EXPANDED+=(smi tests readme compare-npz compare-peers small peak)
+    EXPANDED+=(smi tests readme compare-npz compare-peers small async peak)
   else EXPANDED+=("$name"); fi
 done
 STAGES=("${EXPANDED[@]}")
@@ -88,6 +89,9 @@ for name in "${STAGES[@]}"; do
     small)
       stage small-entries "$PYTHON" benchmarks/small_entries.py --device cuda:0 \
         --json "$OUT/small-entries.json" ;;
+    async)
+      stage async-gpu "$PYTHON" benchmarks/async_save.py --device cuda:0 \
+        --bytes "$GPUSERIAL_BENCH_BYTES" --rounds "$COMPARE_ROUNDS" --json "$OUT/async-gpu.json" ;;
     benchmarks)
       stage benchmarks "${PYTEST[@]}" -m gpu benchmarks --benchmark-enable \
         --benchmark-json="$OUT/benchmarks.json" --benchmark-columns=min,median,max,rounds \
@@ -112,7 +116,7 @@ for name in "${STAGES[@]}"; do
       stage bench "$PYTHON" -c 'import sys; from gpuserial import bench; sys.exit(bench.run())' ;;
     *)
       echo "unknown stage $name (quick smi tests readme benchmarks"\
-        "compare[-npz|-peers|-compressed|-cpu] small peak bench)"; status=1 ;;
+        "compare[-npz|-peers|-compressed|-cpu] small async peak bench)"; status=1 ;;
   esac
 done
 echo "results in $OUT"

@@ -47,7 +47,7 @@ MODULES = {
                                 'test_link', 'test_hostile'],
     'gpuserial/loading.py': ['test_transactional', 'test_formats', 'test_protocol',
                              'test_chainer_cases', 'test_hostile', 'test_none_pickles',
-                             'test_progress'],
+                             'test_progress', 'test_engine_rules'],
     'gpuserial/_npy.py': ['test_npz', 'test_zipread', 'test_hostile', 'test_none_pickles',
                           'test_formats'],
     'gpuserial/_zipstream.py': ['test_npz', 'test_zipread', 'test_hostile', 'test_formats',

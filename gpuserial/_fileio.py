@@ -290,5 +290,5 @@ def wait_for_save(file) -> None:
 
 
 def saves_in_flight() -> list[concurrent.futures.Future]:
-    with _in_flight.lock:
-        return list(_in_flight.saves.values())
+    with _in_flight.lock:  # a done one may be waiting for its callback to forget it
+        return [committed for committed in _in_flight.saves.values() if not committed.done()]

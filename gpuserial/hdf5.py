@@ -229,16 +229,17 @@ def write_dataset(group: h5py.Group, key: str, array, compression: int | None,
     # Compressed, each block is one HDF5 chunk (no chunk is rewritten), a staging chunk
     # whatever the array's device and layout: the file does not depend on them.
     block_bytes = transfer.settings().chunk_bytes if compression else _block_bytes(host)
+    if host and array.nbytes <= block_bytes:  # one block: the whole array, one HDF5 chunk
+        data = array if array.flags.c_contiguous else array.copy(order='C')  # at most a block
+        group.create_dataset(key, data=data, compression=compression,
+                             chunks=array.shape if compression else None)
+        shown.update(array.nbytes)
+        return
     blocks = list(transfer.hyperslabs(array.shape, array.dtype.itemsize, block_bytes))
     chunks = None
     if compression:
         index = blocks[0][0]
         chunks = (1,) * (len(index) - 1) + transfer.block_shape(array.shape, index)
-    if host and len(blocks) == 1:
-        data = array if array.flags.c_contiguous else array.copy(order='C')  # at most a block
-        group.create_dataset(key, data=data, compression=compression, chunks=chunks)
-        shown.update(array.nbytes)
-        return
     dataset = group.create_dataset(key, shape=array.shape, dtype=array.dtype,
                                    compression=compression, chunks=chunks)
     with contextlib.closing(transfer.host_chunks(array, blocks=blocks)) as chunks:

@@ -82,12 +82,12 @@ def child_path(path: str, key: str) -> str:
 
 def entry_key(path: str, key: str) -> str:
     """The full key of entry ``key`` under ``path``: ``entry_key('a/', '/w') == 'a/w'``."""
-    if type(key) is str:  # the same keys come back save after save
-        return _string_entry_key(path, key)
-    return path + _checked(key, path).lstrip('/')
+    if type(key) is not str:
+        key = str(_checked(key, path))  # a str subclass; anything else raises
+    return _string_entry_key(path, key)
 
 
-@functools.lru_cache(maxsize=1 << 16)
+@functools.lru_cache(maxsize=1 << 16)  # the same keys come back save after save
 def _string_entry_key(path: str, key: str) -> str:
     return path + _checked(key, path).lstrip('/')
 

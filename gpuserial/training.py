@@ -18,6 +18,7 @@ resume bit-exact across epoch boundaries.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import time
 import warnings
@@ -362,7 +363,7 @@ class _Snapshot(Extension):
         self.condition = condition
         self._snapshot_on_error = snapshot_on_error
         self._async_format = async_format  # None: saves return once the file is written
-        self._saving: asyncsave.SaveHandle | None = None
+        self._saving: list[asyncsave.SaveHandle] = []  # asynchronous snapshots in flight
 
     def __call__(self, trainer: Trainer) -> None:
         if self.condition is None or self.condition():
@@ -379,7 +380,8 @@ class _Snapshot(Extension):
         os.makedirs(trainer.out, exist_ok=True)
         path = os.path.join(trainer.out, filename)
         if self._async_format is not None:
-            self._saving = asyncsave.save_async(path, target, self._async_format)
+            self._saving = [handle for handle in self._saving if not handle.done()]
+            self._saving.append(asyncsave.save_async(path, target, self._async_format))
             return
         savefun = self.savefun
         if savefun is None:
@@ -387,10 +389,11 @@ class _Snapshot(Extension):
         savefun(path, target)  # atomic: temp file + rename
 
     def finalize(self) -> None:
-        """Waits for the last asynchronous snapshot; raises its error."""
-        if self._saving is not None:
-            saving, self._saving = self._saving, None
-            saving.result()
+        """Waits for the asynchronous snapshots in flight; raises the first error."""
+        saving, self._saving = self._saving, []
+        concurrent.futures.wait([handle.committed for handle in saving])
+        for handle in saving:
+            handle.result()
 
 
 def snapshot(savefun: Callable | None = None,
@@ -410,7 +413,7 @@ def snapshot(savefun: Callable | None = None,
         condition: A callable; the snapshot is skipped when it returns False.
         snapshot_on_error: Also save when the training loop raises.
         async_: write in the background (:func:`gpuserial.save_async`): training goes on once
-            the state is staged; the trainer's end waits for the last snapshot. ``savefun``
+            the state is staged; the trainer's end waits for the snapshots. ``savefun``
             is then None, ``save_npz`` or ``save_hdf5``.
     """
     async_format = None

@@ -536,15 +536,53 @@ def test_the_staging_memory_is_kept_for_the_next_save_and_released_on_request(tm
 
 
 def test_saves_in_flight_together_never_share_staging_memory(tmp_path):
-    first = {'x': numpy.arange(5000.0)}
+    """The first save's writer waits before its first byte, its copy (streamed: larger than a
+    small member) still to be read, while a second save stages and commits."""
+    values = numpy.arange(20_000.0)
+    first = {'x': values.copy()}
     out = _HeldFile()
-    held = gpuserial.save_async(out, first)
-    gpuserial.save_async(tmp_path / 'second.npz', {'x': -numpy.arange(5000.0)}).result(30)
+    held = gpuserial.save_async(out, first, compression=False)
+    gpuserial.save_async(tmp_path / 'second.npz', {'x': -values}).result(timeout=30)
     first['x'][...] = 7
     out.go.set()
     held.result(timeout=30)
     (tmp_path / 'first.npz').write_bytes(out.getvalue())
-    numpy.testing.assert_array_equal(numpy.load(tmp_path / 'first.npz')['x'],
-                                     numpy.arange(5000.0))
-    numpy.testing.assert_array_equal(numpy.load(tmp_path / 'second.npz')['x'],
-                                     -numpy.arange(5000.0))
+    numpy.testing.assert_array_equal(numpy.load(tmp_path / 'first.npz')['x'], values)
+    numpy.testing.assert_array_equal(numpy.load(tmp_path / 'second.npz')['x'], -values)
+
+
+def test_a_budget_of_one_byte_writes_every_array_from_the_original(tmp_path):
+    model = {'a': numpy.arange(10.0), 'b': numpy.arange(3)}
+    gpuserial.save_async(tmp_path / 'm.npz', model, max_host_bytes=1).result(timeout=30)
+    _assert_file_holds('npz', tmp_path / 'm.npz', _values(model))
+
+
+def test_the_next_save_of_a_file_raises_the_error_of_the_save_in_flight_to_it(tmp_path,
+                                                                              monkeypatch):
+    go = threading.Event()
+    original = npz.write_npz
+
+    def failing_once(out, entries, compression, *args):
+        if not go.is_set():
+            assert go.wait(timeout=30)
+            raise OSError(28, 'No space left on device')
+        original(out, entries, compression, *args)
+    monkeypatch.setattr(npz, 'write_npz', failing_once)
+    path = tmp_path / 'm.npz'
+    first = gpuserial.save_async(path, {'x': numpy.zeros(3)})
+    raised = []
+
+    def second():
+        try:
+            gpuserial.save_async(path, {'x': numpy.ones(3)})
+        except OSError as error:
+            raised.append(error)
+    saver = threading.Thread(target=second)
+    saver.start()
+    time.sleep(0.1)
+    go.set()
+    saver.join(timeout=30)
+    with pytest.raises(OSError):
+        first.result(timeout=30)
+    assert len(raised) == 1 and 'No space left' in str(raised[0])
+    assert not path.exists()

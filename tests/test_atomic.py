@@ -624,3 +624,11 @@ def _catch(errors, function):
         function()
     except Exception as error:
         errors.append(error)
+
+
+def test_importing_gpuserial_leaves_the_process_umask_as_it_was():
+    code = ('import os\nos.umask(0o027)\nimport gpuserial._fileio\n'
+            'print(oct(os.umask(0)))\n')
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          check=True, cwd=REPO)
+    assert done.stdout.strip() == '0o27'

@@ -117,3 +117,26 @@ def test_only_devices_imports_cupy():
             if any(name.split('.')[0] == 'cupy' for name in names):
                 importers.add(path.name)
     assert importers == {'devices.py'}
+
+
+def test_the_default_device_is_the_current_gpu_or_the_cpu():
+    expected = devices.CPU
+    if devices.gpu_available():
+        import cupy
+        expected = devices.CudaDevice(cupy.cuda.Device().id)
+    assert devices.default_device() == expected
+
+
+def test_the_array_module_is_that_of_the_first_array_not_numpys():
+    import types
+    module = types.ModuleType('fake_xp')
+
+    class Backend(devices.Backend):
+        xp = module
+
+        def owns(self, array):
+            return isinstance(array, list)
+
+    with devices.register_backend(Backend()):
+        assert devices.get_array_module(numpy.zeros(1), [1.0]) is module
+        assert devices.get_array_module(numpy.zeros(1)) is numpy

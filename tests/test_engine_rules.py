@@ -197,7 +197,12 @@ def test_a_forked_child_starts_without_its_parents_buffers_and_streams():
     b''.join(bytes(c) for c in transfer.host_chunks(device.send(numpy.zeros(100, numpy.uint8))))
     assert transfer._pool._free
     read, write = os.pipe()
-    pid = os.fork()
+    streams, devices.CUPY._streams = devices.CUPY._streams, {0: 'a stream of the parent'}
+    try:
+        pid = os.fork()
+    finally:
+        if pid:
+            devices.CUPY._streams = streams
     if pid == 0:
         try:
             fine = (not transfer._pool._free and transfer._ABANDONED
@@ -395,3 +400,53 @@ def test_a_deserializer_called_directly_with_device_returns_an_array_there(tmp_p
         loaded = serializers.NpzDeserializer(npz, device='cpu')('w', on_device)
     assert isinstance(loaded, numpy.ndarray) and loaded.tolist() == [0, 1, 2, 3]
     assert on_device.get().tolist() == [0, 0, 0, 0]  # its own array is left alone
+
+
+def test_a_new_pool_warns_once_when_pinning_fails():
+    BACKEND.pinning_fails = True
+    try:
+        pool = transfer._PinnedPool()
+        with pytest.warns(RuntimeWarning, match='pinning'):
+            pool._new(BACKEND, 64)
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')
+            pool._new(BACKEND, 64)
+    finally:
+        BACKEND.pinning_fails = False
+
+
+def test_wide_elements_go_one_per_chunk_when_a_chunk_holds_less_than_one(small_chunks):
+    array = numpy.array([bytes([i]) * 100 for i in range(5)], dtype='S100')
+    chunks = [bytes(c) for c in transfer.host_chunks(array)]
+    assert [len(c) for c in chunks] == [100] * 5 and b''.join(chunks) == array.tobytes()
+
+
+@pytest.mark.parametrize('layout', ['contiguous', 'strided'])
+def test_a_pending_ctrl_c_stops_host_transfers_between_blocks(layout, small_chunks):
+    from gpuserial import _signals
+    source = numpy.arange(64, dtype=numpy.float64)
+    array = source if layout == 'contiguous' else numpy.arange(128.0)[::2]
+    _signals._pending.set()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            list(transfer.host_chunks(array))
+        _signals._pending.set()
+        target = numpy.zeros(64) if layout == 'contiguous' else numpy.zeros(128)[::2]
+        with pytest.raises(KeyboardInterrupt):
+            transfer.fill(target, lambda view: None, numpy.dtype(numpy.float64))
+        _signals._pending.set()
+        with pytest.raises(KeyboardInterrupt):  # a cast through the scratch buffer
+            transfer.fill(numpy.zeros(64), lambda view: None, numpy.dtype(numpy.float32))
+    finally:
+        _signals._pending.clear()
+
+
+def test_devices_are_synchronized_once_each_for_a_synchronous_save(tmp_path, monkeypatch):
+    device = StandInDevice(0)
+    calls = []
+    real = BACKEND.synchronize_device
+    monkeypatch.setattr(BACKEND, 'synchronize_device',
+                        lambda device: calls.append(device) or real(device))
+    model = {f'a{i}': device.send(numpy.arange(3.0)) for i in range(4)}
+    serializers.save_npz(tmp_path / 'm.npz', model, sync=True)
+    assert len(calls) == 1

@@ -146,3 +146,34 @@ def test_a_save_through_python_raises_what_failed_when_no_write_did(monkeypatch)
     monkeypatch.setattr(hdf5.HDF5Serializer, 'write', fail)
     with pytest.raises(RuntimeError, match='not a write error'):
         serializers.save_hdf5(io.BytesIO(), {'W': numpy.zeros(3)})
+
+
+def test_compressed_rows_larger_than_a_chunk_are_chunked_a_block_each(tmp_path, small_chunks):
+    """Rows of 256 bytes with 64-byte staging chunks: each HDF5 chunk is one block, a part of
+    one row, so that no chunk is written twice."""
+    array = numpy.arange(4 * 4 * 8, dtype=numpy.float64).reshape(4, 4, 8)
+    serializers.save_hdf5(tmp_path / 'm.h5', {'x': array}, compression=4)
+    with h5py.File(tmp_path / 'm.h5') as f:
+        assert f['x'].chunks == (1, 1, 8)
+        numpy.testing.assert_array_equal(f['x'][()], array)
+
+
+def test_a_file_object_that_takes_no_bytes_fails_the_save():
+    class Stuck(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def seekable(self):
+            return True
+
+        def seek(self, offset, whence=0):
+            return 0
+
+        def tell(self):
+            return 0
+
+        def write(self, data):
+            return 0
+
+    with pytest.raises(OSError, match='made no progress'):
+        serializers.save_hdf5(Stuck(), {'x': numpy.arange(3)})

@@ -506,3 +506,19 @@ def test_a_device_array_reaches_the_file_through_the_engine_in_chunks(tmp_path, 
     copies = [entry for entry in standin.BACKEND.log if entry[0] == 'd2h']
     assert len(copies) == 13 and all(nbytes <= small_chunks for *_, nbytes in copies)
     numpy.testing.assert_array_equal(numpy.load(tmp_path / 'm.npz')['x'], numpy.arange(100.0))
+
+
+@pytest.mark.parametrize('prefix', [b'\x93NUMPY\x01\x00', b'\x93NUMPY\x01\x00\x05',
+                                    b'\x93NUMPY\x02\x00\x05\x00\x00'])
+def test_a_header_prefix_cut_short_is_not_a_npy_member(prefix):
+    with pytest.raises(_npy.HeaderError):
+        _npy.header_length(prefix)
+
+
+def test_a_deflated_header_longer_than_its_member_is_refused(tmp_path):
+    npy = bytearray(crafting.npy_of(numpy.arange(4.0)))
+    struct.pack_into('<H', npy, 8, 4000)  # the header says 4000 bytes; the member has ~160
+    path = tmp_path / 'm.npz'
+    path.write_bytes(crafting.npz_of({'x': bytes(npy)}, zipfile.ZIP_DEFLATED))
+    with pytest.raises(CorruptFileError, match=r"key 'x'.*a header of 4010 bytes in a member"):
+        serializers.load_npz(path, {'x': numpy.zeros(4)})

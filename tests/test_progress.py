@@ -112,9 +112,11 @@ class _Recorder:
         yield Shown()
 
 
-@pytest.mark.parametrize('fmt', ['npz', 'hdf5'])
+@pytest.mark.parametrize('fmt', ['npz', 'npz-stored', 'hdf5'])
 def test_a_load_counts_every_array_byte_of_its_single_pass(tmp_path, monkeypatch, fmt):
     save, load = {'npz': (serializers.save_npz, serializers.load_npz),
+                  'npz-stored': (lambda path, obj: serializers.save_npz(path, obj, False),
+                                 serializers.load_npz),
                   'hdf5': (serializers.save_hdf5, serializers.load_hdf5)}[fmt]
     path = tmp_path / f'm.{fmt}'
     save(path, {'a': numpy.ones(1000), 'b': numpy.ones(24, numpy.float32), 'n': 3})

@@ -283,3 +283,17 @@ def test_a_load_calls_serialize_once_with_one_deserializer(tmp_path):
     serializers.load_npz(tmp_path / 'm.npz', obj)
     assert len(calls) == 1 and isinstance(calls[0], serializers.NpzDeserializer)
     assert (obj.w == 1).all() and obj.n == 3
+
+
+def test_keys_that_are_not_strings_are_refused_and_str_subclasses_taken_as_str():
+    from gpuserial.errors import InvalidKeyError
+
+    class Name(str):
+        pass
+
+    serializer = serializers.DictionarySerializer()
+    with pytest.raises(InvalidKeyError, match=r"key \['a'\] under path '' is a list"):
+        serializer(['a'], numpy.zeros(1))  # unhashable, too
+    serializer(Name('/w'), numpy.zeros(1))
+    assert [type(key) for key in serializer.target] == [str]
+    assert list(serializer.target) == ['w']

@@ -308,3 +308,81 @@ def test_a_member_that_needs_a_newer_reader_than_zip_6_3_is_refused():
         else:
             with pytest.raises(_zipread.ZipError, match='zip file version 6.4'):
                 _zipread.read_directory(io.BytesIO(bytes(data)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Found alive by mutation testing
+
+
+def _written(members: dict, out=None, compression: bool = False) -> bytes:
+    out = io.BytesIO() if out is None else out
+    with _zipstream.ZipWriter(out, compression=compression) as writer:
+        for name, data in members.items():
+            writer.write_member(name, [data])
+    return out.getvalue()
+
+
+def test_members_are_unix_files_of_mode_644():
+    with zipfile.ZipFile(io.BytesIO(_written({'a.npy': b'x', 'b.npy': bytes(100_000)}))) as z:
+        for info in z.infolist():
+            assert info.create_system == 3 and info.external_attr >> 16 == 0o100644
+
+
+def test_a_directory_as_large_as_the_zip64_limit_gets_zip64_end_records(monkeypatch):
+    names = [f'member{i}.npy' for i in range(3)]
+
+    def written() -> bytes:  # small members: their data lies before the limit
+        out = io.BytesIO()
+        with _zipstream.ZipWriter(out, compression=False) as writer:
+            for name in names:
+                writer.write_small_member(name, b'', b'x')
+        return out.getvalue()
+
+    plain = written()
+    directory_size, start = crafting.end_record(plain)[1][5:7]
+    assert b'PK\x06\x06' not in plain and start < directory_size
+    monkeypatch.setattr(_zipstream, 'ZIP64_LIMIT', directory_size + 1)
+    assert b'PK\x06\x06' not in written()
+    monkeypatch.setattr(_zipstream, 'ZIP64_LIMIT', directory_size)
+    data = written()
+    members = names
+    assert b'PK\x06\x06' in data
+    assert [m.filename for m in _zipread.read_directory(io.BytesIO(data))] == list(members)
+
+
+def test_a_file_object_at_its_start_is_seekable_and_gets_no_data_descriptors():
+    data = _written({'big.npy': bytes(200_000)})  # streamed: sizes patched in, no descriptor
+    (info,) = zipfile.ZipFile(io.BytesIO(data)).infolist()
+    assert not info.flag_bits & 0x08 and b'PK\x07\x08' not in data
+
+
+def test_a_zip64_end_record_on_another_disk_is_refused(monkeypatch):
+    monkeypatch.setattr(_zipstream, 'ZIP64_LIMIT', 1)
+    data = bytearray(_written({'a.npy': b'abc'}))
+    at = data.rindex(b'PK\x06\x06')
+    struct.pack_into('<I', data, at + 16, 1)  # this disk: 1; the directory's disk stays 0
+    with pytest.raises(_zipread.ZipError, match='span multiple disks'):
+        _zipread.read_directory(io.BytesIO(bytes(data)))
+
+
+def test_a_large_stored_member_cut_short_is_truncated():
+    data = _written({'big.npy': bytes(range(256)) * 1000})
+    (member,) = _zipread.read_directory(io.BytesIO(data))
+    start = _zipread.data_start_of(io.BytesIO(data), member)
+    cut = _zipread.WindowedFile(io.BytesIO(data[:start + 100_000]))
+    with pytest.raises(_zipread.MemberError, match='truncated'):
+        _zipread.read_stored(cut, member, start, 0, bytearray(member.file_size))
+
+
+def test_a_deflated_member_reads_in_parts_larger_than_a_piece():
+    payload = numpy.random.default_rng(0).integers(0, 256, 600_000, dtype=numpy.uint8).tobytes()
+    data = _written({'r.npy': payload}, compression=True)
+    (member,) = _zipread.read_directory(io.BytesIO(data))
+    reader = _zipread.MemberReader(io.BytesIO(data), member)
+    out = bytearray(len(payload))
+    view = memoryview(out)
+    for start in range(0, len(payload), 300_000):  # each more than PIECE, ending mid-stream
+        assert reader.readinto(view[start:start + 300_000]) == min(300_000,
+                                                                  len(payload) - start)
+    reader.finish()
+    assert bytes(out) == payload
