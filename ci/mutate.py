@@ -64,12 +64,12 @@ MODULES = {
     'gpuserial/transfer.py': ['test_transfer', 'test_engine_rules', 'test_formats',
                               'test_concurrency', 'test_async'],
     'gpuserial/devices.py': ['test_devices', 'test_engine_rules', 'test_transfer', 'test_formats',
-                             'test_async'],
+                             'test_async', 'test_protocol'],
     'gpuserial/asyncsave.py': ['test_async', 'test_atomic'],
 }
 # Code that only runs on a real GPU (CuPy's backend): its mutants are run, and counted, where a
 # GPU is usable; elsewhere they are listed as needing one, outside the score.
-GPU_ONLY = {'gpuserial/devices.py': {'_CupyBackend', '_marker'}}
+GPU_ONLY = {'gpuserial/devices.py': {'_CupyBackend', '_marker', '_cuda_device'}}
 
 SWAPS = {
     ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,

@@ -156,7 +156,6 @@ def _start(name: str, file, items: list[tuple], write: Callable, staging: str,
     except BaseException as error:
         pipe.abort(error)
         writer.join()
-        _forget(handle)
         raise
     finally:
         arena.done()
@@ -344,14 +343,6 @@ def _write(handle: SaveHandle, write: Callable, pipe: _Pipe, copied: Callable[[]
         handle.committed.set_exception(error)
     else:
         handle.committed.set_result(None)
-
-
-def _forget(handle: SaveHandle) -> None:
-    """Drops a save the caller abandoned (its error raised there) from the unreported ones."""
-    error = handle.committed.exception()
-    with _unreported_lock:
-        if error in _unreported:
-            _unreported.remove(error)
 
 
 _unreported: list[BaseException] = []  # writers' errors no save_async or wait_all has raised

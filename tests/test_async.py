@@ -3,6 +3,7 @@ later changes cannot reach, host memory bounded by the staging budget, errors th
 one save per file at a time, loads that wait, and no thread, temporary file or deadlock left
 behind (after a fork, at exit, after a failure)."""
 
+import concurrent.futures
 import gc
 import io
 import os
@@ -182,6 +183,7 @@ def test_kernels_queued_after_the_call_run_after_the_device_copies(tmp_path, mon
     standin.BACKEND.launch(device, lambda: array._data.__setitem__(Ellipsis, -1.0))
     standin.BACKEND.synchronize_stream(standin.BACKEND.current_stream(device.id))
     assert host(array)[0] == -1.0  # the kernel has run
+    assert not handle.staged.done()  # staged: once the device copies are known complete
     go.set()
     handle.result(timeout=30)
     numpy.testing.assert_array_equal(numpy.load(tmp_path / 'm.npz')['x'], numpy.arange(1000.0))
@@ -236,6 +238,21 @@ class _SlowFile(io.FileIO):
     def write(self, data) -> int:
         time.sleep(0.002)
         return super().write(data)
+
+
+def test_the_caller_waits_while_an_array_over_the_budget_is_written(tmp_path):
+    out = _HeldFile()
+    returned = threading.Event()
+    saver = threading.Thread(target=lambda: (gpuserial.save_async(
+        out, {'huge': numpy.arange(1 << 16, dtype=numpy.float64)}, max_host_bytes=1 << 10),
+        returned.set()))
+    saver.start()
+    time.sleep(0.2)
+    assert not returned.is_set()  # the original is being written: the call has not returned
+    out.go.set()
+    saver.join(timeout=30)
+    assert returned.is_set()
+    gpuserial.wait_all()
 
 
 def test_an_array_larger_than_the_budget_is_written_while_the_caller_waits(tmp_path):
@@ -314,6 +331,7 @@ def test_an_interrupt_while_staging_stops_the_writer_and_keeps_the_old_file(tmp_
     def interrupted(self, array):
         copies.append(array)
         if len(copies) == 2:
+            time.sleep(0.2)  # the writer has written the first and waits for the next
             raise KeyboardInterrupt
         return copy(self, array)
     monkeypatch.setattr(asyncsave._ArenaCopies, 'copy', interrupted)
@@ -414,11 +432,13 @@ def test_a_fork_while_a_save_is_in_flight_does_not_deadlock_the_child(tmp_path, 
     go, _ = _held_writes(monkeypatch)
     path = tmp_path / 'm.npz'
     handle = gpuserial.save_async(path, {'x': numpy.zeros(3)})
+    failed = gpuserial.save_async(_FailingFile(), {'x': numpy.arange(3)}, 'hdf5')
+    concurrent.futures.wait([failed.committed])  # an error nothing has raised yet
     pid = os.fork()
     if pid == 0:  # the child: no writer thread here, the parent's save is not its own
         status = 1
         try:
-            gpuserial.wait_all()
+            gpuserial.wait_all()  # neither the parent's save nor its error
             go.set()
             gpuserial.save_async(tmp_path / 'child.npz', {'y': numpy.ones(2)}).result(10)
             target = {'y': numpy.zeros(2)}
@@ -438,6 +458,8 @@ def test_a_fork_while_a_save_is_in_flight_does_not_deadlock_the_child(tmp_path, 
     go.set()
     handle.result(timeout=30)
     assert os.waitstatus_to_exitcode(status) == 0
+    with pytest.raises(OSError, match='No space left'):  # the parent's, raised in the parent
+        gpuserial.wait_all()
 
 
 def test_a_process_that_exits_normally_keeps_its_last_save(tmp_path):

@@ -283,6 +283,8 @@ def test_a_save_removes_the_stale_temporaries_of_its_directory(fmt, old_file):
                 _temporary(directory, 'z.npz', sleeper.pid)]  # a save still running
         (directory / '.notes.1-x').write_bytes(b'not ours')
         FORMATS[fmt][0](path, kill_saver.state(1))
+        time.sleep(0.05)
+        assert sleeper.poll() is None  # asked whether it lives, not sent a signal that kills
     finally:
         sleeper.kill()
     assert not any(p.exists() for p in stale + [reused])
@@ -632,3 +634,9 @@ def test_importing_gpuserial_leaves_the_process_umask_as_it_was():
     done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                           check=True, cwd=REPO)
     assert done.stdout.strip() == '0o27'
+
+
+def test_a_save_into_a_missing_directory_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"cannot save to .*: no such directory "
+                                                + repr(str(tmp_path / 'missing'))):
+        serializers.save_npz(tmp_path / 'missing' / 'm.npz', {'x': numpy.zeros(2)})

@@ -11,6 +11,7 @@ import zipfile
 import numpy
 import pytest
 
+import gpuserial
 from gpuserial import devices, serializers, transfer
 from gpuserial.errors import CorruptFileError
 from tests.standin import BACKEND, StandInDevice, StandInError
@@ -375,12 +376,16 @@ def test_a_bad_member_in_a_packed_load_fills_only_whole_buffers_before_it(tmp_pa
 
 
 @pytest.mark.parametrize('fmt', ['npz', 'hdf5'])
-def test_sync_waits_for_other_streams_before_a_save(tmp_path, fmt):
+@pytest.mark.parametrize('saving', ['sync', 'async'])
+def test_sync_waits_for_other_streams_before_a_save(tmp_path, fmt, saving):
     """The contract: a save orders after the current stream only; ``sync=True`` waits for every
-    stream of the arrays' devices."""
+    stream of the arrays' devices. The same for asynchronous saves."""
     device = StandInDevice(0)
     save, load = {'npz': (serializers.save_npz, serializers.load_npz),
                   'hdf5': (serializers.save_hdf5, serializers.load_hdf5)}[fmt]
+    if saving == 'async':
+        def save(path, obj, sync):
+            gpuserial.save_async(path, obj, fmt, sync=sync).result(timeout=30)
     for sync in (False, True):
         array = device.send(numpy.zeros(100, numpy.float32))
         with BACKEND.using(device, 'writer'):  # written on a stream not current at the save
@@ -450,3 +455,20 @@ def test_devices_are_synchronized_once_each_for_a_synchronous_save(tmp_path, mon
     model = {f'a{i}': device.send(numpy.arange(3.0)) for i in range(4)}
     serializers.save_npz(tmp_path / 'm.npz', model, sync=True)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize('where', ['host', 'device'])
+def test_a_pending_ctrl_c_stops_a_fill_of_many_small_arrays(where):
+    from gpuserial import _signals
+    device = StandInDevice(0)
+    arrays = [numpy.zeros(4) for _ in range(3)]
+    if where == 'device':
+        arrays = [device.send(a) for a in arrays]
+    read = []
+    _signals._pending.set()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            transfer.fill_many([(a, read.append) for a in arrays])
+    finally:
+        _signals._pending.clear()
+    assert read == []  # stopped before the first read

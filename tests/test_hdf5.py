@@ -177,3 +177,63 @@ def test_a_file_object_that_takes_no_bytes_fails_the_save():
 
     with pytest.raises(OSError, match='made no progress'):
         serializers.save_hdf5(Stuck(), {'x': numpy.arange(3)})
+
+
+def test_a_dataset_where_a_group_of_that_name_already_holds_entries_is_refused(tmp_path):
+    class GroupThenDataset:
+        def serialize(self, serializer):
+            serializer['a']  # a child link with nothing to store: its group is made anyway
+            serializer('a', numpy.ones(2))
+
+    path = tmp_path / 'm.h5'
+    with pytest.raises(KeyCollisionError, match=r"key 'a': a group of that name holds other "
+                                                r"entries"):
+        serializers.save_hdf5(path, GroupThenDataset())
+    assert not path.exists()
+
+
+def test_a_load_of_blocks_counts_every_byte(tmp_path, monkeypatch):
+    from gpuserial import progress
+    counted = []
+
+    class Bar:
+        def update(self, nbytes):
+            counted.append(nbytes)
+
+    class Recorder:
+        def __call__(self, total, desc, enabled=None, *, stream=None):
+            import contextlib
+            counted.append(('total', total))
+            return contextlib.nullcontext(Bar())
+
+    array = numpy.arange(3 << 17, dtype=numpy.float64)  # 3 MiB: blocks of 1 MiB
+    serializers.save_hdf5(tmp_path / 'm.h5', {'x': array}, compression=0)
+    monkeypatch.setattr(progress, 'bar', Recorder())
+    target = {'x': numpy.zeros_like(array)}
+    serializers.load_hdf5(tmp_path / 'm.h5', target)
+    assert counted[0] == ('total', array.nbytes) and sum(counted[1:]) == array.nbytes
+    assert len(counted) > 2  # block by block
+
+
+def test_a_deserializer_made_directly_is_strict_by_default(tmp_path):
+    from gpuserial.errors import KeyNotFoundError
+    serializers.save_hdf5(tmp_path / 'm.h5', {'x': numpy.zeros(2)})
+    with h5py.File(tmp_path / 'm.h5', 'r') as f:
+        with pytest.raises(KeyNotFoundError):
+            hdf5.HDF5Deserializer(f).load({'y': numpy.zeros(2)})
+
+
+def test_a_save_is_durable_by_default(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, 'fsync', lambda fd: synced.append(fd) or real(fd))
+    serializers.save_hdf5(tmp_path / 'm.h5', {'x': numpy.zeros(2)})
+    assert synced
+
+
+def test_a_save_to_a_bare_file_name_lands_in_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    serializers.save_hdf5('m.h5', {'x': numpy.arange(3)})
+    target = {'x': numpy.zeros(3, numpy.int64)}
+    serializers.load_hdf5(tmp_path / 'm.h5', target)
+    assert target['x'].tolist() == [0, 1, 2]

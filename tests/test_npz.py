@@ -522,3 +522,16 @@ def test_a_deflated_header_longer_than_its_member_is_refused(tmp_path):
     path.write_bytes(crafting.npz_of({'x': bytes(npy)}, zipfile.ZIP_DEFLATED))
     with pytest.raises(CorruptFileError, match=r"key 'x'.*a header of 4010 bytes in a member"):
         serializers.load_npz(path, {'x': numpy.zeros(4)})
+
+
+def test_the_bytes_of_a_member_do_not_depend_on_the_arrays_layout(tmp_path, monkeypatch):
+    """A strided array is written as its contiguous copy is, up to and just past the size of a
+    small member (written whole) and beyond."""
+    moment = time.localtime()
+    monkeypatch.setattr(_zipstream.time, 'localtime', lambda *args: moment)
+    for elements in (npz.SMALL_MEMBER_BYTES // 8, npz.SMALL_MEMBER_BYTES // 8 + 1, 20_000):
+        strided = numpy.arange(2 * elements, dtype=numpy.float64)[::2]
+        for compression in (False, True):
+            serializers.save_npz(tmp_path / 'a.npz', {'x': strided}, compression)
+            serializers.save_npz(tmp_path / 'b.npz', {'x': strided.copy()}, compression)
+            assert (tmp_path / 'a.npz').read_bytes() == (tmp_path / 'b.npz').read_bytes()

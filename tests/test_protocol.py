@@ -297,3 +297,27 @@ def test_keys_that_are_not_strings_are_refused_and_str_subclasses_taken_as_str()
     serializer(Name('/w'), numpy.zeros(1))
     assert [type(key) for key in serializer.target] == [str]
     assert list(serializer.target) == ['w']
+
+
+def test_the_base_classes_leave_their_abstract_methods_to_subclasses():
+    """A serializer, format reader or array backend that forgets a method fails loudly."""
+    from gpuserial import devices, loading
+    from gpuserial.serializer import AbstractSerializer
+    calls = [
+        lambda: AbstractSerializer()['x'],
+        lambda: AbstractSerializer()('x', 1),
+        lambda: loading.Reader().entry('x'),
+        lambda: loading.Reader().read_into(None, None),
+        lambda: loading.Reader().read_whole(None, memoryview(b'')),
+        lambda: devices.Backend().owns(1),
+        lambda: devices.Backend().device_of(1),
+        lambda: devices.Backend().empty((1,), numpy.float32, devices.CPU),
+        lambda: devices.Backend().send(1, devices.CPU),
+        lambda: devices.Backend().to_host_async(None, 0, None, None),
+        lambda: devices.Backend().from_host_async(None, None, 0, None),
+        lambda: devices.Backend().record(None),
+        lambda: devices.Backend().to_numpy(1),
+    ]
+    for call in calls:
+        with pytest.raises(NotImplementedError):
+            call()
