@@ -271,7 +271,9 @@ def _temporary(directory, target: str, pid: int, host: str | None = _fileio.HOST
 def test_a_save_removes_the_stale_temporaries_of_its_directory(fmt, old_file):
     path, _ = old_file
     directory = path.parent
-    sleeper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    sleeper = subprocess.Popen([sys.executable, '-c', 'import signal, time\n'  # as a user's:
+                                'signal.signal(signal.SIGHUP, signal.SIG_DFL)\n'  # no nohup
+                                'time.sleep(60)'])
     try:
         stale = [_temporary(directory, path.name, _dead_pid()),
                  _temporary(directory, 'other.npz', _dead_pid()),  # another target's
