@@ -608,3 +608,31 @@ def test_the_next_save_of_a_file_raises_the_error_of_the_save_in_flight_to_it(tm
         first.result(timeout=30)
     assert len(raised) == 1 and 'No space left' in str(raised[0])
     assert not path.exists()
+
+
+def test_a_writer_that_fails_wakes_a_caller_waiting_for_the_budget():
+    model = {f'a{i}': numpy.ones(1 << 17) for i in range(4)}  # 1 MiB each, 1 MiB of budget
+    returned = []
+    caller = threading.Thread(target=lambda: returned.append(
+        gpuserial.save_async(_FailingFile(), model, max_host_bytes=1 << 20)))
+    caller.start()
+    caller.join(timeout=30)
+    assert returned, 'the caller still waits for budget that the failed writer never frees'
+    with pytest.raises(OSError, match='No space left'):
+        returned[0].result(timeout=30)
+    asyncsave._unreported.clear()
+
+
+def test_staged_raises_when_the_device_copies_fail(tmp_path):
+    device = make_device('standin:0')
+    standin.BACKEND.failing_waits = 1
+    try:
+        handle = gpuserial.save_async(tmp_path / 'm.npz', {'x': device.send(numpy.arange(3.0))})
+        with pytest.raises(standin.StandInError, match='a wait made to fail'):
+            handle.staged.result(timeout=30)
+        with pytest.raises(standin.StandInError):
+            handle.result(timeout=30)
+    finally:
+        standin.BACKEND.failing_waits = 0
+        asyncsave._unreported.clear()
+    assert not (tmp_path / 'm.npz').exists()
