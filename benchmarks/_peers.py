@@ -67,11 +67,13 @@ class Context:
                 raise AssertionError(f'{key}: the loaded values differ from the saved ones')
 
     def check_arrays(self, loaded: dict) -> None:
-        """Checks a mapping read back from a saved file against the model."""
+        """Checks a mapping read back from a saved file (arrays of any library) against the
+        model."""
         if set(loaded) != set(self.host):
             raise AssertionError(f'keys differ: {sorted(loaded)} vs {sorted(self.host)}')
         for key, expected in self.host.items():
-            if not numpy.array_equal(numpy.asarray(loaded[key]), expected):
+            value = devices.to_host(devices.engine_array(loaded[key]))
+            if not numpy.array_equal(numpy.asarray(value), expected):
                 raise AssertionError(f'{key}: the saved values differ')
 
 
@@ -87,6 +89,7 @@ class Op:
     prepare: Callable[[Context, str], None] | None = None  # loads: writes the file to load
     needs: str | None = None  # a module that must import (torch, safetensors)
     host_only: bool = False  # makes sense only for a model in host memory
+    new_arrays: bool = False  # a load that returns new arrays (checked) instead of filling
 
     def available(self, ctx: Context | None = None) -> bool:
         if ctx is not None and self.host_only and not ctx.on_host:
@@ -256,6 +259,38 @@ def _check_safetensors(ctx: Context, path: str) -> None:
     ctx.check_arrays(load_file(path))
 
 
+def _fsynced(save: Callable[[Context, str], None]) -> Callable[[Context, str], None]:
+    """``save``, then an fsync of the file and its directory, as gpuserial's durable saves."""
+    def run(ctx: Context, path: str) -> None:
+        save(ctx, path)
+        for name, flags in ((path, os.O_RDONLY), (os.path.dirname(path) or '.', os.O_RDONLY)):
+            descriptor = os.open(name, flags)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+    return run
+
+
+def _device_spec(ctx: Context) -> str:
+    return 'cpu' if ctx.on_host else _torch_device(ctx)
+
+
+def _safetensors_new(ctx: Context, path: str) -> dict:
+    if ctx.on_host:
+        from safetensors.numpy import load_file
+        return load_file(path)
+    from safetensors.torch import load_file
+    return load_file(path, device=_torch_device(ctx))
+
+
+def _torch_new(ctx: Context, path: str) -> dict:
+    """torch.load into new tensors. Not with ``mmap=True``: that returns before reading the
+    data, so timing it would time the index alone."""
+    import torch
+    return torch.load(path, map_location=_torch_device(ctx), weights_only=True)
+
+
 def _host_model_save(ctx: Context, path: str) -> None:
     gpuserial.save_npz(path, ctx.host, compression=False, durable=False)
 
@@ -289,6 +324,11 @@ SAVES = [
        _check_raw, host_only=True),
     Op('h5py create_dataset', 'save', '.h5', _h5py_write, _check_h5, host_only=True),
     Op('torch.save', 'save', '.pt', _torch_save, _check_torch, needs='torch'),
+    Op('gpuserial.save', 'save', '.npz', lambda ctx, path: gpuserial.save(path, ctx.model),
+       _check_npz),
+    Op('torch.save +fsync', 'save', '.pt', _fsynced(_torch_save), _check_torch, needs='torch'),
+    Op('safetensors save_file +fsync', 'save', '.safetensors', _fsynced(_safetensors_save),
+       _check_safetensors, needs='safetensors'),
     Op('safetensors save_file', 'save', '.safetensors', _safetensors_save, _check_safetensors,
        needs='safetensors'),
 ]
@@ -313,6 +353,14 @@ LOADS = [
     Op('torch.load', 'load', '.pt', _torch_load, prepare=_torch_save, needs='torch'),
     Op('safetensors load_file', 'load', '.safetensors', _safetensors_load,
        prepare=_safetensors_save, needs='safetensors'),
+    Op('gpuserial.load', 'load', '.npz',
+       lambda ctx, path: gpuserial.load(path, device=_device_spec(ctx)),
+       prepare=lambda ctx, path: gpuserial.save(path, ctx.host, durable=False),
+       new_arrays=True),
+    Op('safetensors load_file (new arrays)', 'load', '.safetensors', _safetensors_new,
+       prepare=_safetensors_save, needs='safetensors', new_arrays=True),
+    Op('torch.load (new tensors)', 'load', '.pt', _torch_new, prepare=_torch_save,
+       needs='torch', new_arrays=True),
 ]
 
 OPS = {op.name: op for op in SAVES + LOADS}

@@ -83,7 +83,19 @@ GPU_PAIRS = [
          'gpuserial.save_npz compressed', 'numpy.savez_compressed (Chainer)', 10.0, 1.01),
 ]
 
-DEFAULT_GROUPS = ('npz', 'hdf5', 'peers')
+WHOLE_FILE_PAIRS = [  # issue 17: gpuserial.save / gpuserial.load, new arrays, any library
+    Pair('save vs safetensors save_file (fsynced)', 'whole', 'gpuserial.save',
+         'safetensors save_file +fsync', 1.0),
+    Pair('save vs torch.save (fsynced)', 'whole', 'gpuserial.save', 'torch.save +fsync', 1.0),
+    Pair('load vs safetensors load_file', 'whole', 'gpuserial.load',
+         'safetensors load_file (new arrays)', 0.8),
+    Pair('load vs torch.load', 'whole', 'gpuserial.load',
+         'torch.load (new tensors)', 1.0),
+]
+CPU_PAIRS += WHOLE_FILE_PAIRS
+GPU_PAIRS += WHOLE_FILE_PAIRS
+
+DEFAULT_GROUPS = ('npz', 'hdf5', 'peers', 'whole')
 
 
 class Runner:
@@ -113,11 +125,13 @@ class Runner:
             self.device_sync()
         gc.collect()  # neither side pays for the garbage the other left
         start = time.perf_counter()
-        op.run(self.ctx, path)
+        result = op.run(self.ctx, path)
         if self.device_sync:
             self.device_sync()
         seconds = time.perf_counter() - start
-        if op.kind == 'load':
+        if op.new_arrays:
+            self.ctx.check_arrays(result)
+        elif op.kind == 'load':
             self.ctx.check_target()
         elif check:
             op.check(self.ctx, path)

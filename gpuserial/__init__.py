@@ -1,6 +1,7 @@
 """gpuserial: save and load the state of GPU-resident models, Chainer's serializers kept exactly."""
 
 from gpuserial import optimizers, serializers, training
+from gpuserial.access import EntryMetadata, LazyFile, LoadReport, load, load_into, open, save
 from gpuserial.asyncsave import SaveHandle, save_async, wait_all
 from gpuserial.devices import Device, get_array_module, get_device, gpu_available
 from gpuserial.errors import (
@@ -43,6 +44,7 @@ __version__ = '0.1.0'
 __all__ = [
     'SGD', 'AbstractSerializer', 'Adam', 'BatchNormalization', 'Chain', 'ChainList',
     'CorruptFileError', 'Deserializer', 'Device', 'DeviceError', 'DictionarySerializer',
+    'EntryMetadata', 'LazyFile', 'LoadReport', 'load', 'load_into', 'open', 'save',
     'GpuserialError', 'GradientMethod', 'HDF5Deserializer', 'HDF5Serializer', 'InvalidKeyError',
     'KeyCollisionError', 'KeyNotFoundError', 'Linear', 'Link', 'MismatchError', 'MomentumSGD',
     'NpzDeserializer', 'Optimizer', 'Parameter', 'SaveHandle', 'SerialIterator', 'Serializer',

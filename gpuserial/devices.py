@@ -119,7 +119,8 @@ def get_device(spec) -> Device:
 
     Args:
         spec: ``'cpu'``, ``'@numpy'``, ``'cuda'``, ``'cuda:N'``, ``'@cupy:N'``, an int (``-1`` is
-            the CPU, ``N >= 0`` is GPU N), a ``cupy.cuda.Device``, or a Device.
+            the CPU, ``N >= 0`` is GPU N), a ``cupy.cuda.Device``, a ``torch.device``, a JAX
+            device, or a Device.
 
     Raises:
         DeviceError: the spec is unknown, or names a GPU that is not usable here.
@@ -141,8 +142,13 @@ def get_device(spec) -> Device:
         match = _SPEC.fullmatch(spec)
         if match:
             return _cuda_device(int(match.group(1) or 0), spec)
+    for framework in FRAMEWORKS.values():
+        device = framework.device(spec)
+        if device is not None:
+            return device
     raise DeviceError(f"unknown device {spec!r}: expected 'cpu', '@numpy', 'cuda', 'cuda:N', "
-                      f"'@cupy:N', an int, a cupy.cuda.Device or a Device")
+                      f"'@cupy:N', an int, a cupy.cuda.Device, a torch.device, a JAX device or "
+                      f"a Device")
 
 
 def _cuda_device(id: int, spec) -> CudaDevice:
@@ -460,3 +466,224 @@ def synchronize_devices_of(arrays: Iterable) -> None:
             if device not in seen:
                 seen.add(device)
                 backend.synchronize_device(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Frameworks: torch tensors and JAX arrays, through the engine as NumPy or CuPy views (DLPack)
+
+# Dtypes NumPy lacks, stored as a one-field structured dtype named for the type over unsigned
+# integers of its size: ``[('bfloat16', '<u2')]``. numpy.load reads it as raw bits, Chainer
+# refuses to cast it into a float array, and gpuserial gives it back as the named type.
+EXTENSION_DTYPES = {'bfloat16': 2, 'float8_e4m3fn': 1, 'float8_e5m2': 1}
+
+
+@functools.cache
+def encoded_dtype(name: str) -> numpy.dtype:
+    """The stored encoding of the extension dtype ``name`` (see :data:`EXTENSION_DTYPES`)."""
+    return numpy.dtype([(name, f'<u{EXTENSION_DTYPES[name]}')])
+
+
+def extension_of(dtype: numpy.dtype) -> str | None:
+    """The extension dtype's name for ml_dtypes' dtype or for its stored encoding, else None."""
+    if dtype.kind != 'V':
+        return None
+    if dtype.names is None:
+        return dtype.name if dtype.name in EXTENSION_DTYPES else None
+    name = dtype.names[0]
+    if len(dtype.names) == 1 and name in EXTENSION_DTYPES and dtype == encoded_dtype(name):
+        return name
+    return None
+
+
+def decoded(array):
+    """A host array in an extension encoding as ml_dtypes' type when ml_dtypes is installed
+    (a view); any other array as it is."""
+    name = extension_of(array.dtype) if isinstance(array, numpy.ndarray) else None
+    if name is None or array.dtype.names is None:
+        return array
+    try:
+        import ml_dtypes
+    except ImportError:
+        return array
+    return array.view(numpy.dtype(getattr(ml_dtypes, name)))
+
+
+class Framework:
+    """An array library whose arrays the engine handles as NumPy or CuPy views (DLPack).
+
+    ``mutable`` frameworks are loaded in place through those views; the others get new arrays.
+    A framework's module is imported only by whoever made its arrays: ``owns`` looks in
+    ``sys.modules``.
+    """
+
+    name: str
+    mutable: bool
+
+    def owns(self, value) -> bool:
+        raise NotImplementedError
+
+    def engine_array(self, value, writable: bool = False):
+        """A zero-copy NumPy or CuPy view of ``value`` (extension dtypes in their encoding)."""
+        raise NotImplementedError
+
+    def device_of(self, value) -> Device:
+        raise NotImplementedError
+
+    def from_engine(self, array, device: Device):
+        """A new array of this framework on ``device`` from a NumPy or CuPy array (a view of its
+        memory where the two can share it)."""
+        raise NotImplementedError
+
+    def device(self, spec) -> Device | None:
+        """The Device that ``spec``, a device object of this framework, names; else None."""
+        return None
+
+
+def _gpu_view(value, spec):
+    cupy = _usable_cupy()
+    if cupy is None:
+        raise DeviceError(f'a {spec} array needs CuPy with a usable GPU to be staged')
+    return cupy.from_dlpack(value)
+
+
+def _native(array: numpy.ndarray) -> numpy.ndarray:
+    return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder('='))
+
+
+class _Torch(Framework):
+    name = 'torch'
+    mutable = True
+
+    def owns(self, value) -> bool:
+        torch = sys.modules.get('torch')
+        return torch is not None and isinstance(value, torch.Tensor)
+
+    def _extensions(self, torch) -> dict:
+        return {getattr(torch, name): name for name in EXTENSION_DTYPES if hasattr(torch, name)}
+
+    def engine_array(self, tensor, writable=False):
+        torch = sys.modules['torch']
+        tensor = tensor.detach().resolve_conj().resolve_neg()
+        extension = self._extensions(torch).get(tensor.dtype)
+        as_ints = tensor
+        if extension is not None:
+            as_ints = tensor.view({1: torch.uint8, 2: torch.int16}[EXTENSION_DTYPES[extension]])
+        if tensor.device.type == 'cpu':
+            array = numpy.from_dlpack(as_ints)
+        elif tensor.device.type != 'cuda':
+            raise DeviceError(f'torch tensors on {tensor.device} are not supported: move them to '
+                              f'the CPU or a CUDA device')
+        elif extension is None:
+            return _gpu_view(tensor, 'torch CUDA')
+        elif writable:  # CuPy holds no such dtype, and a host copy would not load in place
+            raise DeviceError(f'a {extension} torch tensor on {tensor.device} cannot be loaded in '
+                              f'place yet: load it with gpuserial.load(..., device=) instead')
+        else:
+            array = as_ints.cpu().numpy()  # a host copy: CuPy holds no such dtype
+        return array if extension is None else array.view(encoded_dtype(extension))
+
+    def device_of(self, tensor) -> Device:
+        return self.device(tensor.device)
+
+    def from_engine(self, array, device):
+        torch = sys.modules.get('torch') or __import__('torch')
+        extension = extension_of(array.dtype)
+        if isinstance(array, numpy.ndarray):
+            if extension is not None:
+                ints = array.view({1: numpy.uint8, 2: numpy.int16}[EXTENSION_DTYPES[extension]])
+                tensor = torch.from_numpy(_native(ints)).view(getattr(torch, extension))
+            else:
+                tensor = torch.from_numpy(_native(array))
+            return tensor if device.backend.is_host else tensor.to(f'cuda:{device.id}')
+        return torch.from_dlpack(array)
+
+    def device(self, spec):
+        torch = sys.modules.get('torch')
+        if torch is None or not isinstance(spec, torch.device):
+            return None
+        if spec.type == 'cpu':
+            return CPU
+        if spec.type == 'cuda':
+            return _cuda_device(torch.cuda.current_device() if spec.index is None else spec.index,
+                                spec)
+        raise DeviceError(f'unknown device {spec!r}: gpuserial stages torch tensors on the CPU '
+                          f'and on CUDA devices')
+
+
+class _Jax(Framework):
+    name = 'jax'
+    mutable = False  # JAX arrays are immutable: loads make new ones
+
+    def owns(self, value) -> bool:
+        jax = sys.modules.get('jax')
+        return jax is not None and isinstance(value, jax.Array)
+
+    def _device(self, array):
+        placed = array.devices()
+        if len(placed) != 1:
+            raise DeviceError(f'a JAX array spread over {len(placed)} devices cannot be staged: '
+                              f'gather it first (jax.device_get or a single-device sharding)')
+        return next(iter(placed))
+
+    def engine_array(self, array, writable=False):
+        on = self._device(array)
+        if on.platform == 'cpu':
+            host = numpy.asarray(array)  # a view of its memory (ml_dtypes' bfloat16 too)
+        elif extension_of(array.dtype) is None:
+            return _gpu_view(array, 'JAX GPU')
+        else:
+            host = numpy.asarray(array)  # a host copy: CuPy holds no such dtype
+        name = extension_of(host.dtype)
+        return host if name is None else host.view(encoded_dtype(name))
+
+    def device_of(self, array) -> Device:
+        return self.device(self._device(array))
+
+    def from_engine(self, array, device):
+        jax = sys.modules.get('jax') or __import__('jax')
+        if not isinstance(array, numpy.ndarray):
+            return jax.dlpack.from_dlpack(array)
+        return jax.device_put(_native(decoded(array)), self._jax_device(jax, device))
+
+    def _jax_device(self, jax, device: Device):
+        if device.backend.is_host:
+            return jax.devices('cpu')[0]
+        for candidate in jax.devices('gpu'):
+            if getattr(candidate, 'local_hardware_id', candidate.id) == device.id:
+                return candidate
+        raise DeviceError(f'JAX has no GPU {device.id} (its GPUs: {jax.devices("gpu")})')
+
+    def device(self, spec):
+        jax = sys.modules.get('jax')
+        if jax is None or not isinstance(spec, jax.Device):
+            return None
+        if spec.platform == 'cpu':
+            return CPU
+        if spec.platform in ('gpu', 'cuda'):
+            return _cuda_device(getattr(spec, 'local_hardware_id', spec.id), spec)
+        raise DeviceError(f'unknown device {spec!r}: gpuserial stages JAX arrays on the CPU and '
+                          f'on CUDA GPUs')
+
+
+TORCH = _Torch()
+JAX = _Jax()
+FRAMEWORKS = {'torch': TORCH, 'jax': JAX}
+
+
+def framework_of(value) -> Framework | None:
+    """The framework of a torch tensor or a JAX array, else None (imports nothing)."""
+    for framework in FRAMEWORKS.values():
+        if framework.owns(value):
+            return framework
+    return None
+
+
+def engine_array(value, writable: bool = False):
+    """What the engine and the formats handle for ``value``: NumPy, CuPy and stand-in arrays as
+    they are; torch tensors and JAX arrays as zero-copy NumPy or CuPy views of their memory;
+    dtypes NumPy lacks in their stored encoding; anything else as it is."""
+    if type(value) is numpy.ndarray:
+        name = extension_of(value.dtype) if value.dtype.kind == 'V' else None
+        return value if name is None else value.view(encoded_dtype(name))
+    framework = framework_of(value)
+    return value if framework is None else framework.engine_array(value, writable)

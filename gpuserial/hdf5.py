@@ -82,10 +82,11 @@ class HDF5Serializer(Serializer):
 
     def __call__(self, key: str, value):
         key = entry_key('', key)
+        stored = devices.engine_array(value)  # torch, JAX: views of their memory
         if self._plan is not None:
-            self._plan.entries.append((self.group, key, _dataset_path(self.group, key), value))
+            self._plan.entries.append((self.group, key, _dataset_path(self.group, key), stored))
         else:
-            write_entry(self.group, key, value, self.compression, self.name)
+            write_entry(self.group, key, stored, self.compression, self.name)
         return value
 
     def save(self, obj) -> None:
@@ -282,6 +283,12 @@ class _GroupReader(loading.Reader):
         self.name = name
         self._entries: dict[str, loading.Entry | None] = {}
 
+    def keys(self) -> list[str]:
+        keys: list[str] = []
+        self.group.visititems(lambda name, node: keys.append(name)
+                              if isinstance(node, h5py.Dataset) else None)
+        return keys
+
     def entry(self, key: str) -> loading.Entry | None:
         if key not in self._entries:
             self._entries[key] = self._lookup(key)
@@ -372,6 +379,18 @@ class _GroupReader(loading.Reader):
             self.progress.update(block.nbytes)
 
         transfer.fill(dst, read_into, dst.dtype, blocks=blocks)
+
+    def stored_size(self, entry: loading.Entry) -> tuple[int, bool]:
+        storage = self._guard(entry, entry.token.get_storage_size)
+        return storage, entry.token.get_create_plist().get_nfilters() > 0
+
+    def read_box(self, entry: loading.Entry, box: list[tuple[int, int, int]]) -> numpy.ndarray:
+        if any(stop <= start for start, stop, _ in box):
+            return numpy.empty([len(range(*b)) for b in box], entry.dtype)
+        dataset = h5py.Dataset(entry.token)
+        values = self._guard(entry, lambda: dataset[tuple(slice(*b) for b in box)])
+        self.progress.update(values.nbytes)
+        return values
 
     def _guard(self, entry: loading.Entry, read):
         try:

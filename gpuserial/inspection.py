@@ -24,17 +24,18 @@ import h5py
 import numpy
 
 from gpuserial import _npy, _signals, _zipread, _zipstream, hdf5, loading, npz, transfer
-from gpuserial._fileio import atomic_output, atomic_path
+from gpuserial._fileio import atomic_output, atomic_path, display_name, is_path, open_input
 from gpuserial.errors import CorruptFileError
 from gpuserial.progress import bar, counted
 
 __all__ = ['ConvertResult', 'DiffResult', 'EntryInfo', 'FileInfo', 'KeyDiff', 'compression_level',
            'convert', 'detect_format', 'diff_files', 'dtype_name', 'format_for_path',
-           'inspect_file', 'open_source']
+           'inspect_file', 'open_reader', 'open_source']
 
 FORMATS = ('npz', 'hdf5')
 EXTENSIONS = {'.npz': 'npz', '.h5': 'hdf5', '.hdf5': 'hdf5', '.hdf': 'hdf5'}
 ZIP_SIGNATURES = (b'PK\x03\x04', b'PK\x05\x06')  # a first member, or an empty archive
+HDF5_SIGNATURE = b'\x89HDF\r\n\x1a\n'
 ZIP_METHODS = {0: 'stored', 8: 'deflate', 12: 'bzip2', 14: 'lzma'}
 DEFAULT_COMPRESSION = {'npz': 1, 'hdf5': 4}  # save_npz(compression=True), save_hdf5's gzip 4
 NUMERIC = 'biufc'  # kinds whose differences are measured
@@ -266,20 +267,39 @@ class _Source:
 
 
 @contextlib.contextmanager
+def open_reader(file, format: str | None = None) -> Iterator[loading.Reader]:
+    """The checked reader of an NPZ or HDF5 file: a path (its format recognised by content
+    unless given) or a seekable binary file object."""
+    if format is None:
+        format = detect_format(file) if is_path(file) else _format_of_stream(file)
+    format_for_path('', format)  # a known one
+    if format == 'npz':
+        with open_input(file) as stream, npz.open_npz(stream) as archive:
+            yield npz._ZipReader(archive, display_name(file))
+        return
+    with hdf5.open_hdf5(file) as f:
+        yield hdf5._GroupReader(f, display_name(file))
+
+
+def _format_of_stream(fp) -> str:
+    start = fp.tell()
+    head = fp.read(8)
+    fp.seek(start)
+    if head.startswith(ZIP_SIGNATURES):
+        return 'npz'
+    if head == HDF5_SIGNATURE:
+        return 'hdf5'
+    raise CorruptFileError(f'{display_name(fp)!r}: not an NPZ or HDF5 file (it starts with '
+                           f'{head!r}; for an HDF5 file with a user block, give format=)')
+
+
+@contextlib.contextmanager
 def open_source(path) -> Iterator[_Source]:
     """Opens an NPZ or HDF5 file (recognised by content) for reading entry by entry."""
     path = os.fsdecode(path)
     format = detect_format(path)
-    if format == 'npz':
-        with open(path, 'rb') as f, npz.open_npz(f) as archive:
-            reader = npz._ZipReader(archive, path)
-            yield _Source(path, format, reader, reader.keys())
-        return
-    with hdf5.open_hdf5(path) as f:
-        keys: list[str] = []
-        f.visititems(lambda name, node: keys.append(name)
-                     if isinstance(node, h5py.Dataset) else None)
-        yield _Source(path, format, hdf5._GroupReader(f, path), keys)
+    with open_reader(path, format) as reader:
+        yield _Source(path, format, reader, reader.keys())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,11 +64,38 @@ class Entry:
         return self.size * self.dtype.itemsize if self.shape is not None else 0
 
 
+@dataclasses.dataclass(frozen=True)
+class LoadReport:
+    """What a load into an object or a mapping left aside, as torch's ``load_state_dict``
+    reports it.
+
+    Attributes:
+        missing_keys: keys the object asked for that the file lacks (skipped: ``strict=False``).
+        unexpected_keys: keys under the load's path that the file holds and the object never
+            asked for (nor ignored).
+    """
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+@dataclasses.dataclass
+class Tracking:
+    """The keys one load asked for, and those of them the file lacked."""
+
+    requested: set[str] = dataclasses.field(default_factory=set)
+    missing: list[str] = dataclasses.field(default_factory=list)
+
+
 class Reader:
     """A format's view of a file: entries by full key, and reads of their data."""
 
     name: str  # the file, as messages name it
     progress: progress.Progress = progress.SILENT  # counts bytes as reads go through
+
+    def keys(self) -> list[str]:
+        """Every entry's full key, in the file's order."""
+        raise NotImplementedError
 
     def entry(self, key: str) -> Entry | None:
         """The entry under ``key``, checked against the file, or None when there is none."""
@@ -96,6 +123,16 @@ class Reader:
     def check_size(self, entry: Entry, allocating: bool = False) -> None:
         """Raises when the file cannot hold what the entry claims (checked before reading it,
         and before allocating a new array for it when ``allocating``)."""
+
+    def stored_size(self, entry: Entry) -> tuple[int, bool]:
+        """The bytes the entry takes in the file, and whether they are compressed."""
+        raise NotImplementedError
+
+    def read_box(self, entry: Entry, box: list[tuple[int, int, int]]) -> numpy.ndarray:
+        """A new host array of the entry's values in a box, ``(start, stop, step)`` per
+        dimension (``0 <= start <= stop``, ``step >= 1``), reading as little as the format
+        allows."""
+        raise NotImplementedError
 
     def in_read_order(self, fills: list[tuple[Entry, object]]) -> list[tuple[Entry, object]]:
         """Deferred fills in the order that reads the file best (by default as requested)."""
@@ -147,6 +184,37 @@ class _PendingFills:
                 reader.progress = progress.SILENT
 
 
+def run_fills(reader: Reader, fills: list[tuple[Entry, object]], show_progress: bool | None
+              ) -> None:
+    """Fills each array from its entry, in the reader's best order (see :class:`Reader`)."""
+    pending = _PendingFills()
+    pending.fills = fills
+    pending.run(reader, show_progress)
+
+
+def box_reads(shape: tuple[int, ...], box: list[tuple[int, int, int]]
+              ) -> tuple[numpy.ndarray, int]:
+    """How to read a box, ``(start, stop, step)`` per dimension, of a C-order array: the element
+    offsets of the runs to read, in increasing order, and the elements in each run. Read one
+    after the other, the runs make the box, in C order; nothing else is read."""
+    counts = [len(range(*b)) for b in box]
+    if 0 in counts:
+        return numpy.zeros(0, numpy.int64), 0
+    inner = len(shape) - 1  # the innermost dimension not wholly selected
+    while inner >= 0 and box[inner] == (0, shape[inner], 1):
+        inner -= 1
+    if inner < 0:
+        return numpy.zeros(1, numpy.int64), math.prod(shape)
+    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    start, stop, step = box[inner]
+    contiguous = step == 1  # a run covers the inner range, else one index of it
+    offsets = numpy.full((), start * strides[inner] if contiguous else 0, numpy.int64)
+    for d in reversed(range(inner if contiguous else inner + 1)):
+        offsets = (numpy.arange(*box[d], dtype=numpy.int64)[(...,) + (None,) * offsets.ndim]
+                   * strides[d] + offsets)
+    return offsets.reshape(-1), (stop - start if contiguous else 1) * strides[inner]
+
+
 def _stopped(error: GpuserialError, key: str, filled: list[str], count: int
              ) -> GpuserialError:
     """``error`` again, saying that it came while array ``key`` was being filled, after the
@@ -196,6 +264,7 @@ class ReaderDeserializer(Deserializer):
         self.progress = progress
         self._pending: _PendingFills | None = None
         self._new_arrays_on_device = True
+        self._tracking: Tracking | None = None  # see load_reporting
 
     def __getitem__(self, key: str) -> ReaderDeserializer:
         child = object.__new__(type(self))
@@ -227,27 +296,53 @@ class ReaderDeserializer(Deserializer):
             # whatever the load did not carry (gradients, arrays it did not load)
             obj.to_device(devices.device_spec_for(obj, self.device))
 
+    def load_reporting(self, obj) -> LoadReport:
+        """:meth:`load`, returning what the file and the object did not share: the keys under
+        this path that the file holds and ``serialize`` never asked for (nor ignored), and the
+        keys it asked for that the file lacks (skipped, with ``strict=False``)."""
+        reporting = object.__new__(type(self))
+        reporting.__dict__.update(self.__dict__, _tracking=Tracking())
+        reporting.load(obj)
+        asked = reporting._tracking.requested
+        unexpected = [key for key in self.reader.keys()
+                      if key.startswith(self.path) and key not in asked]
+        return LoadReport(reporting._tracking.missing, unexpected)
+
     def __call__(self, key: str, value):
         key = entry_key(self.path, key)
+        if self._tracking is not None:
+            self._tracking.requested.add(key)
         if self.ignore_names is not None and is_ignored(key, self.ignore_names):
             return value
         entry = self.reader.entry(key)
         if entry is None:
             if self.strict:
                 raise KeyNotFoundError(f'{self.reader.where(key)}: not in the file')
+            if self._tracking is not None:
+                self._tracking.missing.append(key)
             return value
         if entry.is_none:
             return None
         if value is None:
             return self._new_array(entry, entry.dtype)
-        if type(value) is numpy.ndarray or devices.is_array(value):
+        if type(value) is numpy.ndarray:
+            if value.dtype.kind == 'V':  # ml_dtypes' bfloat16, ...: through its encoding
+                return self._load_view(entry, value, None)
             return self._load_array(entry, value)
+        if devices.is_array(value):
+            return self._load_array(entry, value)
+        framework = devices.framework_of(value)
+        if framework is not None:
+            return self._load_view(entry, value, framework)
         return self._load_scalar(entry, value)
 
-    def _new_array(self, entry: Entry, dtype: numpy.dtype):
-        """A new array on the load's device (the CPU by default), read at once."""
+    def _new_array(self, entry: Entry, dtype: numpy.dtype, device: devices.Device | None = None):
+        """A new array on ``device`` (by default the load's, else the CPU), read at once; an
+        extension dtype (bfloat16, ...) is read on the host, where only NumPy can hold it."""
         self.reader.check_size(entry, allocating=True)
-        device = self.device or devices.CPU
+        device = device or self.device or devices.CPU
+        if dtype.kind == 'V':
+            device = devices.CPU
         if not device.backend.is_host:
             dtype = dtype.newbyteorder('=')  # device arrays are native: swapped on the host
         array = device.backend.empty(entry.shape, dtype, device)
@@ -256,13 +351,22 @@ class ReaderDeserializer(Deserializer):
             self._pending.bytes_read_already += entry.nbytes
         return array
 
+    def _load_view(self, entry: Entry, value, framework: devices.Framework | None):
+        """A torch tensor, filled in place through a view of its memory; a JAX array, which
+        is immutable, as a new one on its device (read at once); a NumPy array of a dtype NumPy
+        lacks (ml_dtypes' bfloat16), filled through its stored encoding."""
+        view = devices.engine_array(value, writable=framework is None or framework.mutable)
+        if framework is not None and not framework.mutable:
+            self._check_fits(entry, view)
+            device = self.device or framework.device_of(value)
+            return framework.from_engine(self._new_array(entry, view.dtype, device), device)
+        loaded = self._load_array(entry, view)
+        if loaded is view:
+            return value
+        return loaded if framework is None else framework.from_engine(loaded, self.device)
+
     def _load_array(self, entry: Entry, value):
-        if tuple(value.shape) != entry.shape:
-            raise MismatchError(f'{self.reader.where(entry.key)}: stored shape {entry.shape} '
-                                f'does not match the target shape {tuple(value.shape)}')
-        if not _casts(entry.dtype, value.dtype):
-            raise MismatchError(f'{self.reader.where(entry.key)}: stored dtype {entry.dtype} '
-                                f'does not cast to the target dtype {value.dtype} (same_kind)')
+        self._check_fits(entry, value)
         if (self.device is not None and self._new_arrays_on_device
                 and devices.device_of(value) != self.device):
             return self._new_array(entry, value.dtype)
@@ -272,6 +376,14 @@ class ReaderDeserializer(Deserializer):
         else:
             self.reader.read_into(entry, value)
         return value
+
+    def _check_fits(self, entry: Entry, value) -> None:
+        if tuple(value.shape) != entry.shape:
+            raise MismatchError(f'{self.reader.where(entry.key)}: stored shape {entry.shape} '
+                                f'does not match the target shape {tuple(value.shape)}')
+        if not _casts(entry.dtype, value.dtype):
+            raise MismatchError(f'{self.reader.where(entry.key)}: stored dtype {entry.dtype} '
+                                f'does not cast to the target dtype {value.dtype} (same_kind)')
 
     def _load_scalar(self, entry: Entry, value):
         """The stored value as ``type(value)``, by a safe cast: numbers into numbers (any

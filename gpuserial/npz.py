@@ -65,11 +65,11 @@ class DictionarySerializer(Serializer):
             raise KeyCollisionError(f'key {full_key!r}: stored twice, as {first!r} under path '
                                     f'{path!r} and as {key!r} under path {self.path!r}')
         self._sources[full_key] = (self.path, key)
-        stored = value
-        if not devices.is_array(value):
-            stored = numpy.asarray(value)
+        stored = devices.engine_array(value)  # torch, JAX: views of their memory
+        if not devices.is_array(stored):
+            stored = numpy.asarray(stored)
         elif not self.keep_device:
-            stored = devices.to_host(value)
+            stored = devices.to_host(stored)
         self.target[full_key] = stored
         return value
 
@@ -352,6 +352,83 @@ class _ZipReader(loading.Reader):
             member.finish()
         except READ_ERRORS as error:
             raise CorruptFileError(f'{self.where(entry.key)}: {error}') from None
+
+
+    def stored_size(self, entry: loading.Entry) -> tuple[int, bool]:
+        info = entry.token if entry.is_none else entry.token[0]
+        return info.compress_size, info.compress_type != _zipstream.STORED
+
+    def read_box(self, entry: loading.Entry, box: list[tuple[int, int, int]]) -> numpy.ndarray:
+        info, header, data_start = entry.token
+        shape = header.shape
+        if header.fortran_order:  # a C-order array of the reversed shape
+            shape, box = shape[::-1], box[::-1]
+        offsets, run = loading.box_reads(shape, box)
+        out = numpy.empty([len(range(*b)) for b in box], header.dtype)
+        into = out.reshape(-1).view(numpy.uint8)
+        itemsize = header.dtype.itemsize
+        start = data_start + header.length
+        try:
+            if info.compress_type == _zipstream.STORED:
+                _read_runs(self.archive.raw, start + offsets * itemsize, run * itemsize, into)
+            else:
+                member = _zipread.MemberReader(self.archive.fp, info, data_start)
+                _skip(member, header.length)
+                for index, offset in enumerate((offsets * itemsize).tolist()):
+                    _skip(member, offset - (member.produced - header.length))
+                    member.readinto(into[index * run * itemsize:(index + 1) * run * itemsize])
+        except READ_ERRORS as error:
+            raise CorruptFileError(f'{self.where(entry.key)}: {error}') from None
+        self.progress.update(into.nbytes)
+        return out.T if header.fortran_order else out
+
+
+PAGE = 4096  # runs of a slice are read together when the gap is within a page and a run
+MAX_SPAN = 16 << 20  # bytes read at once for runs read together
+
+
+def _read_runs(fp: BinaryIO, positions: numpy.ndarray, run: int, into: numpy.ndarray) -> None:
+    """Reads ``run`` bytes at each of ``positions`` (increasing) into ``into``, one after the
+    other. Runs apart by at most one run and one page are read in one call, the gaps with
+    them: never more than twice the bytes asked for, in far fewer calls."""
+    if run == 0:
+        return
+    gaps = positions[1:] - positions[:-1] - run
+    breaks = [0, *(numpy.flatnonzero(gaps > min(run, PAGE)) + 1).tolist(), len(positions)]
+    for first, end in itertools.pairwise(breaks):
+        while first < end:  # runs [first, last) make one span of at most MAX_SPAN
+            last = first + 1 + int(numpy.searchsorted(
+                positions[first + 1:end], positions[first] + max(MAX_SPAN - run, 0), 'right'))
+            base = int(positions[first])
+            span = numpy.empty(int(positions[last - 1]) + run - base, numpy.uint8)
+            _read_exactly(fp, base, span)
+            if last - first == 1:
+                into[first * run:last * run] = span
+            else:
+                relative = positions[first:last] - base
+                into[first * run:last * run] = span[
+                    (relative[:, None] + numpy.arange(run)).reshape(-1)]
+            first = last
+
+
+def _read_exactly(fp: BinaryIO, position: int, into: numpy.ndarray) -> None:
+    fp.seek(position)
+    view = memoryview(into).cast('B')
+    done = 0
+    while done < len(view):
+        count = fp.readinto(view[done:])
+        if not count:
+            raise _zipread.MemberError(f'truncated: the file ends {len(view) - done} bytes '
+                                       f'early')
+        done += count
+
+
+def _skip(member: _zipread.MemberReader, count: int) -> None:
+    scratch = bytearray(min(count, 1 << 20))
+    while count > 0:
+        step = min(count, len(scratch))
+        member.readinto(memoryview(scratch)[:step])
+        count -= step
 
 
 class _InflatedHead:

@@ -45,6 +45,8 @@ CHAINER_PYTHON = _chainer_python()
 
 
 def pytest_collection_modifyitems(config, items):
+    # JAX starts threads once imported; the tests that fork a child run before that.
+    items.sort(key=lambda item: 'jax' in item.keywords)
     if CHAINER_PYTHON is None:
         if os.environ.get('GPUSERIAL_REQUIRE_CHAINER') == '1' and any(
                 'chainer' in item.keywords for item in items):

@@ -1,0 +1,508 @@
+"""Whole-file loads and saves, lazy reads and slices, load reports (gpuserial.access)."""
+
+from __future__ import annotations
+
+import io
+import logging
+import zipfile
+
+import numpy
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gpuserial
+from gpuserial import devices, serializers
+from gpuserial.errors import CorruptFileError, DeviceError, KeyNotFoundError, MismatchError
+from gpuserial.loading import box_reads
+from tests.conftest import host
+
+SUFFIXES = {'npz': '.npz', 'npz-deflated': '.npz', 'hdf5': '.h5'}
+
+
+@pytest.fixture(params=list(SUFFIXES))
+def kind(request):
+    return request.param
+
+
+def path_for(tmp_path, kind, name='state'):
+    return tmp_path / f'{name}{SUFFIXES[kind]}'
+
+
+def save(path, kind, mapping):
+    gpuserial.save(path, mapping, compression=kind == 'npz-deflated')
+
+
+def bits(array) -> bytes:
+    """An array's raw bytes (NaNs compare equal), from any library."""
+    array = devices.engine_array(array)
+    return numpy.ascontiguousarray(host(array)).tobytes()
+
+
+STATE = {
+    'f32': numpy.arange(12, dtype=numpy.float32).reshape(3, 4),
+    'f64': numpy.array([numpy.nan, -0.0, numpy.inf]),
+    'i8': numpy.arange(-5, 5, dtype=numpy.int8),
+    'u64': numpy.array([2**64 - 1], numpy.uint64),
+    'c64': numpy.array([1 + 2j], numpy.complex64),
+    'flag': numpy.array([True, False]),
+    'scalar': numpy.float16(1.5),
+    'big_endian': numpy.arange(4, dtype='>i4'),
+    'empty': numpy.zeros((0, 3), numpy.float32),
+    'nested': {'deeper': {'w': numpy.ones((2, 2), numpy.float32)}},
+    'none': None,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# save / load
+
+
+def test_load_gives_every_entry_bit_for_bit(tmp_path, kind):
+    path = path_for(tmp_path, kind)
+    save(path, kind, STATE)
+    loaded = gpuserial.load(path)
+    assert sorted(loaded) == sorted(['f32', 'f64', 'i8', 'u64', 'c64', 'flag', 'scalar',
+                                     'big_endian', 'empty', 'nested/deeper/w', 'none'])
+    assert loaded['none'] is None
+    for key, value in loaded.items():
+        if key != 'none':
+            expected = numpy.asarray(STATE['nested']['deeper']['w'] if key == 'nested/deeper/w'
+                                     else STATE[key])
+            assert value.shape == expected.shape and value.dtype == expected.dtype, key
+            assert bits(value) == bits(expected), key
+
+
+def test_load_keys_picks_entries_in_the_order_asked(tmp_path, kind):
+    path = path_for(tmp_path, kind)
+    save(path, kind, STATE)
+    loaded = gpuserial.load(path, keys=['i8', 'f32'])
+    assert list(loaded) == ['i8', 'f32']
+    numpy.testing.assert_array_equal(loaded['f32'], STATE['f32'])
+
+
+def test_load_of_a_missing_key_names_the_file_and_the_key(tmp_path, kind):
+    path = path_for(tmp_path, kind)
+    save(path, kind, STATE)
+    with pytest.raises(KeyNotFoundError, match=rf"{path.name}.*'nope'.*not in the file"):
+        gpuserial.load(path, keys=['f32', 'nope'])
+    assert list(gpuserial.load(path, keys=['nope', 'f32'], strict=False)) == ['f32']
+
+
+def test_load_of_a_file_object_without_a_name(tmp_path, kind):
+    path = path_for(tmp_path, kind)
+    save(path, kind, STATE)
+    loaded = gpuserial.load(io.BytesIO(path.read_bytes()))
+    numpy.testing.assert_array_equal(loaded['f32'], STATE['f32'])
+
+
+def test_load_reads_numpy_and_chainer_style_files(tmp_path):
+    path = tmp_path / 'numpy.npz'
+    numpy.savez(path, a=numpy.arange(3), b=numpy.asfortranarray(numpy.ones((2, 3))))
+    loaded = gpuserial.load(path)
+    numpy.testing.assert_array_equal(loaded['a'], numpy.arange(3))
+    numpy.testing.assert_array_equal(loaded['b'], numpy.ones((2, 3)))
+
+
+def test_load_onto_a_device(tmp_path, kind, device):
+    path = path_for(tmp_path, kind)
+    save(path, kind, STATE)
+    loaded = gpuserial.load(path, device=device, keys=['f32', 'big_endian', 'empty'])
+    for key, value in loaded.items():
+        assert devices.device_of(value) == device
+        numpy.testing.assert_array_equal(host(value), STATE[key])
+
+
+def test_save_refuses_what_is_not_a_mapping(tmp_path):
+    with pytest.raises(TypeError, match='takes a mapping of arrays, got list'):
+        gpuserial.save(tmp_path / 'x.npz', [numpy.zeros(1)])
+
+
+def test_save_tells_the_format_by_suffix_or_argument(tmp_path):
+    gpuserial.save(tmp_path / 'a.h5', {'x': numpy.ones(2)})
+    assert (tmp_path / 'a.h5').read_bytes().startswith(b'\x89HDF')
+    gpuserial.save(tmp_path / 'b.bin', {'x': numpy.ones(2)}, format='npz')
+    assert zipfile.is_zipfile(tmp_path / 'b.bin')
+    with pytest.raises(ValueError, match="cannot tell the format from the extension '.bin'"):
+        gpuserial.save(tmp_path / 'c.bin', {'x': numpy.ones(2)})
+    with pytest.raises(ValueError, match='give format= for a file object without a name'):
+        gpuserial.save(io.BytesIO(), {'x': numpy.ones(2)})
+    out = io.BytesIO()
+    gpuserial.save(out, {'x': numpy.ones(2)}, format='npz')
+    numpy.testing.assert_array_equal(numpy.load(io.BytesIO(out.getvalue()))['x'], numpy.ones(2))
+
+
+def test_save_compression_off_by_default_and_on_request(tmp_path):
+    state = {'zeros': numpy.zeros(1 << 16, numpy.float32)}
+    gpuserial.save(tmp_path / 'plain.npz', state)
+    gpuserial.save(tmp_path / 'deflated.npz', state, compression=True)
+    gpuserial.save(tmp_path / 'gzip.h5', state, compression=True)
+    with zipfile.ZipFile(tmp_path / 'plain.npz') as z:
+        assert z.infolist()[0].compress_type == zipfile.ZIP_STORED
+    with zipfile.ZipFile(tmp_path / 'deflated.npz') as z:
+        assert z.infolist()[0].compress_type == zipfile.ZIP_DEFLATED
+    with gpuserial.open(tmp_path / 'gzip.h5') as f:
+        assert f.metadata('zeros').compressed
+
+
+@pytest.mark.parametrize('like', ['numpy', numpy])
+def test_like_numpy_on_the_cpu(tmp_path, like):
+    gpuserial.save(tmp_path / 'a.npz', {'x': numpy.ones(2)})
+    assert type(gpuserial.load(tmp_path / 'a.npz', like=like)['x']) is numpy.ndarray
+
+
+def test_like_and_device_that_do_not_go_together(tmp_path):
+    gpuserial.save(tmp_path / 'a.npz', {'x': numpy.ones(2)})
+    with pytest.raises(ValueError, match="unknown like='tensorflow'"):
+        gpuserial.load(tmp_path / 'a.npz', like='tensorflow')
+    with pytest.raises(ValueError, match="like='numpy' cannot hold arrays on @standin:0"):
+        from tests import standin
+        gpuserial.load(tmp_path / 'a.npz', like='numpy', device=standin.StandInDevice(0))
+    if not devices.gpu_available():
+        with pytest.raises(DeviceError, match="'cuda' is not usable"):
+            gpuserial.load(tmp_path / 'a.npz', like='cupy')
+
+
+# ---------------------------------------------------------------------------------------------
+# torch and JAX
+
+
+
+
+def _torch():
+    return pytest.importorskip('torch')
+
+
+def _jax():
+    return pytest.importorskip('jax')
+
+
+TORCH_DTYPES = ['float16', 'bfloat16', 'float32', 'float64', 'complex64', 'complex128', 'int8',
+                'int16', 'int32', 'int64', 'uint8', 'bool', 'float8_e4m3fn', 'float8_e5m2']
+
+
+@pytest.mark.parametrize('dtype', TORCH_DTYPES)
+def test_torch_tensors_round_trip_bit_for_bit(tmp_path, kind, dtype):
+    torch = _torch()
+    generator = torch.Generator().manual_seed(0)
+    tensor = (torch.randn(3, 5, generator=generator) * 100).to(getattr(torch, dtype))
+    path = path_for(tmp_path, kind)
+    save(path, kind, {'t': tensor, 'strided': tensor.t()})
+    loaded = gpuserial.load(path, like='torch')
+    for key, original in (('t', tensor), ('strided', tensor.t())):
+        assert isinstance(loaded[key], torch.Tensor)
+        assert loaded[key].dtype == original.dtype and loaded[key].shape == original.shape
+        assert bits(loaded[key]) == bits(original)
+
+
+def test_a_torch_device_means_torch_tensors(tmp_path):
+    torch = _torch()
+    gpuserial.save(tmp_path / 'a.npz', {'x': numpy.arange(3.0)})
+    loaded = gpuserial.load(tmp_path / 'a.npz', device=torch.device('cpu'))['x']
+    assert isinstance(loaded, torch.Tensor) and loaded.tolist() == [0.0, 1.0, 2.0]
+    assert gpuserial.get_device(torch.device('cpu')) is devices.CPU
+
+
+def test_bfloat16_is_stored_as_named_raw_bits_numpy_reads(tmp_path):
+    torch = _torch()
+    tensor = torch.tensor([1.0, -2.5, 3.140625], dtype=torch.bfloat16)
+    gpuserial.save(tmp_path / 'a.npz', {'w': tensor})
+    raw = numpy.load(tmp_path / 'a.npz')['w']
+    assert raw.dtype == numpy.dtype([('bfloat16', '<u2')])
+    assert raw['bfloat16'].tolist() == tensor.view(torch.int16).numpy().view(numpy.uint16).tolist()
+
+
+def test_bfloat16_does_not_load_into_float32(tmp_path, kind):
+    torch = _torch()
+    path = path_for(tmp_path, kind)
+    save(path, kind, {'w': torch.ones(2, dtype=torch.bfloat16)})
+    target = {'w': numpy.zeros(2, numpy.float32)}
+    with pytest.raises(MismatchError, match="'w'.*does not cast to the target dtype float32"):
+        gpuserial.load_into(path, target)
+    assert target['w'].tolist() == [0.0, 0.0]
+
+
+def test_torch_tensors_load_in_place(tmp_path, kind):
+    torch = _torch()
+    source = {'w': torch.randn(4, 3), 'b': torch.randn(3, dtype=torch.bfloat16),
+              'steps': torch.tensor(7)}
+    path = path_for(tmp_path, kind)
+    save(path, kind, source)
+    parameter = torch.nn.Parameter(torch.zeros(4, 3))
+    target = {'w': parameter, 'b': torch.zeros(3, dtype=torch.bfloat16),
+              'steps': torch.tensor(0)}
+    kept = {key: (value, value.data_ptr()) for key, value in target.items()}
+    report = gpuserial.load_into(path, target)
+    assert report == gpuserial.LoadReport([], [])
+    for key, (tensor, pointer) in kept.items():
+        assert target[key] is tensor and tensor.data_ptr() == pointer
+        assert torch.equal(tensor.detach(), source[key])
+    assert parameter.requires_grad
+
+
+def test_a_chainer_style_object_of_torch_tensors(tmp_path, fmt):
+    torch = _torch()
+    save_fn, load_fn, suffix = fmt
+
+    class Model:
+        def __init__(self, scale):
+            self.w = torch.full((2, 3), float(scale))
+            self.h = torch.full((4,), float(scale), dtype=torch.bfloat16)
+
+        def serialize(self, serializer):
+            serializer('w', self.w)
+            serializer('h', self.h)
+
+    save_fn(tmp_path / f'm{suffix}', Model(3))
+    model = Model(0)
+    load_fn(tmp_path / f'm{suffix}', model)
+    assert model.w.eq(3).all() and model.h.eq(3).all()
+
+
+def test_a_failed_load_leaves_torch_tensors_as_they_were(tmp_path):
+    torch = _torch()
+    gpuserial.save(tmp_path / 'a.npz', {'a': torch.ones(3), 'b': torch.ones(2)})
+    target = {'a': torch.zeros(3), 'b': torch.zeros(5)}
+    with pytest.raises(MismatchError, match="'b': stored shape"):
+        gpuserial.load_into(tmp_path / 'a.npz', target)
+    assert target['a'].eq(0).all()
+
+
+@pytest.mark.jax
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16', 'int32', 'bool', 'float16',
+                                   'complex64', 'uint8'])
+def test_jax_arrays_round_trip_bit_for_bit(tmp_path, kind, dtype):
+    jax = _jax()
+    array = (jax.random.normal(jax.random.PRNGKey(0), (4, 3)) * 50).astype(dtype)
+    path = path_for(tmp_path, kind)
+    save(path, kind, {'x': array})
+    loaded = gpuserial.load(path, like='jax')['x']
+    assert isinstance(loaded, jax.Array) and loaded.dtype == array.dtype
+    assert bits(loaded) == bits(array)
+    assert gpuserial.load(path, device=jax.devices('cpu')[0])['x'].dtype == array.dtype
+
+
+@pytest.mark.jax
+def test_jax_arrays_in_a_mapping_are_replaced_with_loaded_ones(tmp_path):
+    jax = _jax()
+    gpuserial.save(tmp_path / 'a.h5', {'x': numpy.arange(3, dtype=numpy.float32)})
+    target = {'x': jax.numpy.zeros(3, dtype=jax.numpy.float32)}
+    gpuserial.load_into(tmp_path / 'a.h5', target)
+    assert isinstance(target['x'], jax.Array) and target['x'].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_ml_dtypes_numpy_arrays_round_trip_and_load_in_place(tmp_path, kind):
+    ml_dtypes = pytest.importorskip('ml_dtypes')
+    array = numpy.array([0.5, -1.25, 7.0], ml_dtypes.bfloat16)
+    path = path_for(tmp_path, kind)
+    save(path, kind, {'x': array})
+    loaded = gpuserial.load(path)['x']
+    assert loaded.dtype == array.dtype and bits(loaded) == bits(array)
+    target = numpy.zeros(3, ml_dtypes.bfloat16)
+    serializers.load_npz(path, {'x': target}) if kind != 'hdf5' else serializers.load_hdf5(
+        path, {'x': target})
+    assert bits(target) == bits(array)
+
+
+# ---------------------------------------------------------------------------------------------
+# Load reports
+
+
+class Owner:
+    def __init__(self):
+        self.w = numpy.zeros(3)
+        self.extra = numpy.zeros(1)
+
+    def serialize(self, serializer):
+        self.w = serializer('w', self.w)
+        self.extra = serializer('extra', self.extra)
+
+
+def test_load_into_reports_missing_and_unexpected_keys(tmp_path, kind, caplog):
+    path = path_for(tmp_path, kind)
+    save(path, kind, {'model': {'w': numpy.ones(3), 'v': numpy.ones(1)}, 'iteration': 4})
+    with caplog.at_level(logging.INFO, logger='gpuserial'):
+        report = gpuserial.load_into(path, Owner(), path='model/', strict=False)
+    assert report.missing_keys == ['model/extra']
+    assert report.unexpected_keys == ['model/v']  # 'iteration' is outside the path
+    assert "1 missing keys ['model/extra'], 1 unexpected keys ['model/v']" in caplog.text
+
+
+def test_load_into_counts_ignored_names_as_asked_for(tmp_path):
+    gpuserial.save(tmp_path / 'a.npz', {'w': numpy.ones(3), 'extra': numpy.ones(1),
+                                        'v': numpy.ones(2)})
+    report = gpuserial.load_into(tmp_path / 'a.npz', Owner(), ignore_names='extra')
+    assert report == gpuserial.LoadReport([], ['v'])
+
+
+def test_load_into_is_strict_by_default(tmp_path):
+    gpuserial.save(tmp_path / 'a.npz', {'w': numpy.ones(3)})
+    with pytest.raises(KeyNotFoundError, match="'extra': not in the file"):
+        gpuserial.load_into(tmp_path / 'a.npz', Owner())
+
+
+def test_the_chainer_calls_keep_returning_none(tmp_path):
+    gpuserial.save(tmp_path / 'a.npz', {'w': numpy.ones(3), 'extra': numpy.ones(1)})
+    assert serializers.load_npz(tmp_path / 'a.npz', Owner()) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Lazy access
+
+
+def test_open_lists_and_describes_without_reading_data(tmp_path, kind):
+    path = path_for(tmp_path, kind)
+    save(path, kind, STATE)
+    with gpuserial.open(path) as f:
+        assert len(f) == 11 and 'f32' in f and 'nope' not in f and 3 not in f
+        assert set(f) == set(f.keys())
+        meta = f.metadata('f32')
+        assert (meta.shape, meta.dtype, meta.dtype_name, meta.nbytes) == (
+            (3, 4), numpy.dtype(numpy.float32), 'float32', 48)
+        assert meta.compressed == (kind == 'npz-deflated')
+        assert f.metadata('none').shape is None and f.metadata('none').dtype is None
+        with pytest.raises(KeyNotFoundError, match="'nope': not in the file"):
+            f.metadata('nope')
+        numpy.testing.assert_array_equal(f.get('f32'), STATE['f32'])
+        assert f.get('none') is None
+        assert 'entries>' in repr(f)
+
+
+def test_open_on_a_device_and_as_torch(tmp_path, device):
+    gpuserial.save(tmp_path / 'a.npz', {'x': numpy.arange(6.0).reshape(2, 3)})
+    with gpuserial.open(tmp_path / 'a.npz', device=device) as f:
+        assert devices.device_of(f.get('x')) == device
+        assert devices.device_of(f.get_slice('x')[1]) == device
+        numpy.testing.assert_array_equal(host(f.get_slice('x')[1]), [3.0, 4.0, 5.0])
+        assert devices.device_of(f.get('x', device='cpu')) == devices.CPU
+
+
+def test_get_checks_the_crc_and_slices_read_around_it(tmp_path):
+    data = numpy.arange(1000, dtype=numpy.float32)
+    gpuserial.save(tmp_path / 'a.npz', {'x': data})
+    raw = bytearray((tmp_path / 'a.npz').read_bytes())
+    at = raw.index(data[900:904].tobytes())
+    raw[at] ^= 0xFF
+    (tmp_path / 'a.npz').write_bytes(raw)
+    with gpuserial.open(tmp_path / 'a.npz') as f:
+        with pytest.raises(CorruptFileError, match="'x'.*CRC mismatch"):
+            f.get('x')
+        numpy.testing.assert_array_equal(f.get_slice('x')[:10], data[:10])
+
+
+class CountingFile(io.FileIO):
+    """A file that counts the bytes read from it."""
+
+    count = 0
+
+    def readinto(self, buffer):
+        done = super().readinto(buffer)
+        self.count += done or 0
+        return done
+
+    def read(self, size=-1):
+        data = super().read(size)
+        self.count += len(data)
+        return data
+
+
+@pytest.mark.parametrize(('index', 'needed'), [
+    ((slice(10, 20),), 10 * 1000 * 4),
+    ((5,), 1000 * 4),
+    ((slice(None), slice(5, 7)), 1000 * 2 * 4),
+    ((slice(0, 100, 10), slice(0, 10)), 10 * 10 * 4),
+    ((Ellipsis, 999), 1000 * 4),
+])
+def test_slices_of_stored_members_read_only_their_bytes(tmp_path, index, needed):
+    data = numpy.arange(1000 * 1000, dtype=numpy.float32).reshape(1000, 1000)
+    gpuserial.save(tmp_path / 'a.npz', {'x': data})
+    with CountingFile(tmp_path / 'a.npz') as fp, gpuserial.open(fp) as f:
+        sliced = f.get_slice('x')
+        before = fp.count
+        numpy.testing.assert_array_equal(sliced[index], data[index])
+        assert fp.count - before == needed
+
+
+def test_slices_read_neighbouring_small_runs_together(tmp_path):
+    data = numpy.arange(100_000, dtype=numpy.float32)
+    gpuserial.save(tmp_path / 'a.npz', {'x': data})
+    with CountingFile(tmp_path / 'a.npz') as fp, gpuserial.open(fp) as f:
+        sliced = f.get_slice('x')
+        before = fp.count
+        numpy.testing.assert_array_equal(sliced[::2], data[::2])
+        assert fp.count - before <= 2 * data[::2].nbytes
+
+
+def test_open_does_not_read_a_large_file(tmp_path):
+    data = numpy.zeros((64, 1 << 16), numpy.float32)  # 16 MiB
+    gpuserial.save(tmp_path / 'a.npz', {'x': data, 'y': numpy.ones(3)})
+    with CountingFile(tmp_path / 'a.npz') as fp, gpuserial.open(fp) as f:
+        assert f.metadata('x').nbytes == data.nbytes and f.get('y').tolist() == [1, 1, 1]
+        assert fp.count < 2 << 20
+
+
+def test_slices_of_hdf5_datasets_read_only_their_part(tmp_path, monkeypatch):
+    data = numpy.arange(200 * 50, dtype=numpy.int32).reshape(200, 50)
+    gpuserial.save(tmp_path / 'a.h5', {'x': data})
+    with gpuserial.open(tmp_path / 'a.h5') as f:
+        numpy.testing.assert_array_equal(f.get_slice('x')[3:9, ::7], data[3:9, ::7])
+        numpy.testing.assert_array_equal(f.get_slice('x')[-1], data[-1])
+
+
+@pytest.mark.parametrize('index', [
+    (slice(None, None, -1),), (0, 0, 0), (7,), ([0, 1],), (None,), (Ellipsis, Ellipsis), (True,),
+])
+def test_bad_slices_name_the_file_and_key(tmp_path, index):
+    gpuserial.save(tmp_path / 'a.npz', {'x': numpy.zeros((3, 4))})
+    with gpuserial.open(tmp_path / 'a.npz') as f, pytest.raises(IndexError, match="'x'"):
+        f.get_slice('x')[index]
+
+
+def test_a_stored_none_cannot_be_sliced(tmp_path):
+    gpuserial.save(tmp_path / 'a.npz', {'n': None})
+    with gpuserial.open(tmp_path / 'a.npz') as f, pytest.raises(TypeError, match='None'):
+        f.get_slice('n')
+
+
+def _selections(shape):
+    def one(size):
+        return st.one_of(
+            st.integers(-size, size - 1) if size else st.nothing(),
+            st.builds(slice, st.none() | st.integers(-size - 2, size + 2),
+                      st.none() | st.integers(-size - 2, size + 2),
+                      st.none() | st.integers(1, 4)))
+    return st.tuples(*[one(size) for size in shape])
+
+
+@st.composite
+def arrays_and_selections(draw):
+    shape = tuple(draw(st.lists(st.integers(0, 6), min_size=0, max_size=4)))
+    return shape, draw(_selections(shape)), draw(st.booleans())
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=arrays_and_selections(), where=st.sampled_from(list(SUFFIXES)))
+def test_slices_match_numpy_indexing(tmp_path_factory, case, where):
+    shape, index, fortran = case
+    data = numpy.arange(int(numpy.prod(shape)), dtype=numpy.int16).reshape(shape)
+    if fortran and data.ndim:  # (asfortranarray makes a 0-d array 1-d)
+        data = numpy.asfortranarray(data)
+    path = path_for(tmp_path_factory.mktemp('slices'), where)
+    save(path, where, {'x': data})
+    with gpuserial.open(path) as f:
+        sliced = f.get_slice('x')
+        assert sliced.get_shape() == list(shape)
+        numpy.testing.assert_array_equal(sliced[index], data[index])
+
+
+@pytest.mark.parametrize(('shape', 'box', 'offsets', 'run'), [
+    ((4, 5), [(0, 4, 1), (0, 5, 1)], [0], 20),
+    ((4, 5), [(1, 3, 1), (0, 5, 1)], [5], 10),
+    ((4, 5), [(0, 4, 2), (0, 5, 1)], [0, 10], 5),
+    ((4, 5), [(1, 3, 1), (2, 4, 1)], [7, 12], 2),
+    ((4, 5), [(0, 1, 1), (0, 5, 3)], [0, 3], 1),
+    ((4, 5), [(2, 2, 1), (0, 5, 1)], [], 0),
+])
+def test_box_reads(shape, box, offsets, run):
+    got_offsets, got_run = box_reads(shape, box)
+    assert got_offsets.tolist() == offsets and got_run == run
