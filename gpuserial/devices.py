@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import mmap
 import os
 import re
 import sys
@@ -21,6 +23,8 @@ from types import ModuleType
 import numpy
 
 from gpuserial.errors import DeviceError
+
+OWN_MAPPING_BYTES = 4 << 20  # new host arrays this large get their own mapping (see empty)
 
 __all__ = ['Backend', 'CpuDevice', 'CudaDevice', 'Device', 'backend_of', 'get_array_module',
            'get_device', 'gpu_available', 'is_array', 'register_backend']
@@ -273,7 +277,14 @@ class _NumpyBackend(Backend):
         return CPU
 
     def empty(self, shape, dtype, device):
-        return numpy.empty(shape, dtype)
+        """A new array; a large one in its own anonymous mapping of small pages, which a load
+        fills at once: NumPy asks for huge pages, whose first touch can stall for seconds on
+        a machine whose memory the page cache has fragmented."""
+        dtype = numpy.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes < OWN_MAPPING_BYTES:
+            return numpy.empty(shape, dtype)
+        return numpy.frombuffer(mmap.mmap(-1, nbytes), dtype).reshape(shape)
 
     def send(self, array, device):
         source = backend_of(array)
