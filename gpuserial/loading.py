@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import itertools
 import math
+from typing import Any
 
 import numpy
 
@@ -48,8 +49,8 @@ class Entry:
 
     key: str
     shape: tuple[int, ...] | None  # None for a stored None
-    dtype: numpy.dtype | None
-    token: object = None  # the reader's own handle on the entry
+    dtype: numpy.dtype | None  # None with the shape
+    token: Any = None  # the reader's own handle on the entry (of the reader's own type)
 
     @property
     def is_none(self) -> bool:
@@ -61,7 +62,7 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        return self.size * self.dtype.itemsize if self.shape is not None else 0
+        return self.size * self.dtype.itemsize if self.dtype is not None else 0
 
 
 class Reader:
@@ -89,6 +90,7 @@ class Reader:
 
     def read_scalar(self, entry: Entry) -> numpy.ndarray:
         """The (small) stored value as a host array."""
+        assert entry.shape is not None and entry.dtype is not None  # not a stored None
         stored = numpy.empty(entry.shape, entry.dtype)
         self.read_into(entry, stored)
         return stored
@@ -124,7 +126,7 @@ class _PendingFills:
                 for whole, run in itertools.groupby(reader.in_read_order(self.fills),
                                                     key=lambda fill: reader.reads_whole(*fill)):
                     if whole:  # small device arrays: through shared buffers
-                        run = list(run)
+                        batch = list(run)
 
                         def read_whole(entry, buffer):
                             nonlocal reading
@@ -132,8 +134,11 @@ class _PendingFills:
                             reader.read_whole(entry, buffer)
 
                         transfer.fill_many(
-                            [(array, functools.partial(read_whole, entry)) for entry, array in run],
-                            lambda index, run=run: filled.append(run[index][0].key),
+                            [(array, functools.partial(read_whole, entry))
+                             for entry, array in batch],
+                            # python/mypy#15459: a lambda binding the loop's batch
+                            lambda index, batch=batch: filled.append(  # type: ignore[misc]
+                                batch[index][0].key),
                             ordered=ordered)
                         continue
                     for reading, array in run:
@@ -236,7 +241,7 @@ class ReaderDeserializer(Deserializer):
             if self.strict:
                 raise KeyNotFoundError(f'{self.reader.where(key)}: not in the file')
             return value
-        if entry.is_none:
+        if entry.dtype is None:  # a stored None
             return None
         if value is None:
             return self._new_array(entry, entry.dtype)
@@ -247,6 +252,7 @@ class ReaderDeserializer(Deserializer):
     def _new_array(self, entry: Entry, dtype: numpy.dtype):
         """A new array on the load's device (the CPU by default), read at once."""
         self.reader.check_size(entry, allocating=True)
+        assert entry.shape is not None  # not a stored None
         device = self.device or devices.CPU
         if not device.backend.is_host:
             dtype = dtype.newbyteorder('=')  # device arrays are native: swapped on the host
@@ -278,6 +284,7 @@ class ReaderDeserializer(Deserializer):
         integer into an ``int``, as in Chainer), text into ``str``, bytes into ``bytes``."""
         value_type = type(value)
         where = self.reader.where(entry.key)
+        assert entry.dtype is not None  # not a stored None
         if entry.dtype.itemsize * entry.size > MAX_SCALAR_BYTES:
             raise MismatchError(f'{where}: a stored array of shape {entry.shape} cannot load '
                                 f'into a {value_type.__name__}')
