@@ -3,6 +3,8 @@
 # a second one, .venv-chainer, with real Chainer 7.8.1 and gpuserial beside it (the peer the
 # tests load our files into and drive through our serializers), then pytest. Each environment
 # is made once and rebuilt only when pyproject.toml changes, so later runs work offline.
+# Before the tests, ruff (lint) and mypy (the type hints the package ships, with py.typed) must
+# pass.
 # The Chainer tests are required here: a missing Chainer environment fails the run. Benchmarks
 # run tiny, with timing disabled. Extra arguments go to pytest.
 set -euo pipefail
@@ -20,6 +22,9 @@ install_chainer_env() {
 }
 ensure_venv .venv "$(project_stamp test)" install_test_env
 ensure_venv .venv-chainer "$(project_stamp chainer 7.8.1)" install_chainer_env
+
+.venv/bin/python -m ruff check gpuserial tests benchmarks ci
+.venv/bin/python -m mypy gpuserial
 
 export GPUSERIAL_CHAINER_PYTHON="$PWD/.venv-chainer/bin/python"
 export GPUSERIAL_REQUIRE_CHAINER=1

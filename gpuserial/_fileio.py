@@ -250,7 +250,7 @@ class _SavesInFlight:
 
     def forget_in_child(self) -> None:
         """After a fork: the parent's writer threads are not the child's."""
-        self.__init__()
+        _SavesInFlight.__init__(self)
 
 
 _in_flight = _SavesInFlight()

@@ -14,6 +14,7 @@ import math
 import pickletools
 import re
 import struct
+from typing import Any
 
 import numpy
 from numpy.lib import format as npformat
@@ -99,6 +100,7 @@ def _walk(payload: bytes) -> object:
         del stack[start:]
         return items
 
+    arg: Any  # of the opcode's own type (genops says Any | None)
     for number, (op, arg, position) in enumerate(pickletools.genops(payload)):
         name = op.name
         if number == 0 and (name != 'PROTO' or not 2 <= arg <= 5):
@@ -157,7 +159,7 @@ def _walk(payload: bytes) -> object:
             stack[-1].state = state
         else:
             raise _NotNone
-    # not reached: genops raises ValueError for a pickle without STOP
+    raise _NotNone  # not reached: genops raises ValueError for a pickle without STOP
 
 
 def _is_none_pickle(payload: bytes) -> bool:

@@ -10,7 +10,7 @@ as its data is read.
 from __future__ import annotations
 
 import struct
-from typing import BinaryIO, NamedTuple
+from typing import NamedTuple, Protocol
 
 from gpuserial._zipstream import (
     CENTRAL,
@@ -28,8 +28,9 @@ from gpuserial._zipstream import (
     deflate_module,
 )
 
-__all__ = ['Member', 'MemberError', 'MemberReader', 'NotAZip', 'WindowedFile', 'ZipError',
-           'check_member', 'data_start_of', 'read_directory', 'read_stored', 'stored_head']
+__all__ = ['Input', 'Member', 'MemberError', 'MemberReader', 'NotAZip', 'WindowedFile',
+           'ZipError', 'check_member', 'data_start_of', 'read_directory', 'read_stored',
+           'stored_head']
 
 MAX_EXTRACT_VERSION = 63  # ZIP 6.3: what zipfile reads too
 END_SIGNATURE = b'PK\x05\x06'
@@ -55,6 +56,17 @@ class MemberError(ZipError):
     """A member's data is corrupt or truncated; the message says how, the caller says where."""
 
 
+class Input(Protocol):
+    """What reading a zip needs of its file: a seekable binary file object (an open file,
+    ``io.BytesIO``, a :class:`WindowedFile`)."""
+
+    def read(self, count: int, /) -> bytes: ...
+
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+    def seek(self, offset: int, whence: int = 0, /) -> int: ...
+
+
 class Member(NamedTuple):
     """A member as the central directory describes it (zipfile.ZipInfo's attribute names, and
     its name's bytes)."""
@@ -72,7 +84,7 @@ class Member(NamedTuple):
         return self.filename.endswith('/')
 
 
-def read_directory(fp: BinaryIO) -> list[Member]:
+def read_directory(fp: Input) -> list[Member]:
     """The members of the zip in ``fp``, from its central directory (ZIP64 included; data
     prepended to the zip is allowed, as zipfile allows it).
 
@@ -177,7 +189,7 @@ def _zip64(extra: bytes, size: int, compressed: int, offset: int) -> tuple[int, 
 class WindowedFile:
     """A seekable binary file read through a read-ahead window (see the module)."""
 
-    def __init__(self, fp: BinaryIO, window: int = WINDOW):
+    def __init__(self, fp: Input, window: int = WINDOW):
         self.fp = fp
         self.window = window
         self.start = 0
@@ -228,7 +240,7 @@ class WindowedFile:
         self.position += len(data)
         return data
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer) -> int | None:
         buffer = memoryview(buffer).cast('B')
         cached = self._cached(len(buffer))
         if cached is None:
@@ -255,15 +267,15 @@ def check_member(info) -> None:
         raise MemberError('the member is encrypted (zip encryption is not supported)')
 
 
-def data_start_of(fp: BinaryIO, info) -> int:
+def data_start_of(fp: Input, info) -> int:
     """Checks the member's local header against the directory; returns where data starts."""
     fp.seek(info.header_offset)
     signature, flags, name_length, extra_length = LOCAL_CHECKED.unpack(_read(fp, LOCAL.size))
     return _checked_local(info, signature, flags, _read(fp, name_length), extra_length)
 
 
-def _checked_local(info, signature: bytes, flags: int, name: memoryview, extra_length: int
-                   ) -> int:
+def _checked_local(info, signature: bytes, flags: int, name: bytes | memoryview,
+                   extra_length: int) -> int:
     """Checks a local header's fields against the directory; returns where the data starts."""
     if signature != b'PK\x03\x04':
         raise MemberError('bad local file header')
@@ -340,7 +352,7 @@ class MemberReader:
             header is then not read again).
     """
 
-    def __init__(self, fp: BinaryIO, info, data_start: int | None = None):
+    def __init__(self, fp: Input, info, data_start: int | None = None):
         check_member(info)
         self.fp = fp
         self.info = info

@@ -21,8 +21,10 @@ import time
 import zlib
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from types import ModuleType
 from typing import BinaryIO
 
+deflate_module: ModuleType
 try:
     from isal import isal_zlib as deflate_module
 except ImportError:  # pragma: no cover - isal is an optional speed-up

@@ -165,7 +165,7 @@ class _Placement:
 
     def new(self, reader: loading.Reader, entry: loading.Entry) -> tuple[object, bool]:
         """An array for ``entry`` and whether it waits to be filled, or its whole value."""
-        if entry.is_none:
+        if entry.shape is None or entry.dtype is None:  # a stored None
             return None, False
         if entry.dtype.hasobject:  # HDF5 strings (other objects were refused by entry())
             value = reader.read_scalar(entry)
@@ -306,6 +306,7 @@ class LazySlice:
 
     def __init__(self, file: LazyFile, entry: loading.Entry):
         self._file = file
+        assert entry.shape is not None and entry.dtype is not None  # not a stored None
         self._entry = entry
         self.shape: tuple[int, ...] = entry.shape
         self.dtype: numpy.dtype = entry.dtype

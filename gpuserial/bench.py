@@ -281,8 +281,11 @@ def save_load_rows(nbytes: int, device, directory: str,
     npz_path = os.path.join(directory, 'bench.npz')
     h5_path = os.path.join(directory, 'bench.h5')
 
-    def remove(path):
-        return lambda: os.path.exists(path) and os.unlink(path)
+    def remove(path) -> Callable[[], None]:
+        def run() -> None:
+            if os.path.exists(path):
+                os.unlink(path)
+        return run
 
     name = device.name
     with device.use():

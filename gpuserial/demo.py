@@ -85,7 +85,7 @@ def _arrays(model: dict) -> dict:
 
 def _synchronize(device: devices.Device) -> None:
     if not device.backend.is_host:
-        device.xp.cuda.Device(device.id).synchronize()
+        device.backend.synchronize_device(device)
 
 
 def _timed(function: Callable[[], object], device: devices.Device) -> float:
@@ -139,6 +139,7 @@ def _describe_device(device: devices.Device, asked: bool) -> str:
     if device.backend.is_host:
         why = 'as asked' if asked else 'no usable GPU: cupy missing or cupy.is_available() False'
         return f'the CPU (NumPy; {why})'
+    assert isinstance(device, devices.CudaDevice)  # the demo's devices: the CPU or a GPU
     try:
         name = device.xp.cuda.runtime.getDeviceProperties(device.id)['name']
         name = name.decode() if isinstance(name, bytes) else name

@@ -52,6 +52,19 @@ def gpu_available() -> bool:
     return _usable_cupy() is not None
 
 
+def _cupy() -> ModuleType:
+    """The cupy module, where a GPU has been found usable (a CudaDevice or CuPy array exists).
+
+    Raises:
+        DeviceError: no GPU is usable (a forked child of a CUDA process, for one).
+    """
+    cupy = _usable_cupy()
+    if cupy is None:
+        raise DeviceError('no GPU is usable here (cupy missing, cupy.is_available() False, '
+                          'or a process forked after CUDA started)')
+    return cupy
+
+
 def _is_cupy_array(x) -> bool:
     cupy = sys.modules.get('cupy')
     return cupy is not None and isinstance(x, cupy.ndarray)
@@ -64,8 +77,12 @@ def _is_cupy_array(x) -> bool:
 class Device:
     """A place where arrays live: knows its array module, sends arrays to itself."""
 
-    backend: Backend
     name: str
+
+    @property
+    def backend(self) -> Backend:
+        """The backend of this device's arrays."""
+        raise NotImplementedError
 
     @property
     def xp(self) -> ModuleType:
@@ -112,7 +129,7 @@ class CudaDevice(Device):
         return CUPY
 
     def use(self) -> contextlib.AbstractContextManager:
-        return _usable_cupy().cuda.Device(self.id)
+        return _cupy().cuda.Device(self.id)
 
 
 _SPEC = re.compile(r'(?:cuda|@cupy|gpu)(?::(\d+))?')
@@ -195,8 +212,12 @@ class Backend:
     all the work of a buffer and ``wait`` s for it.
     """
 
-    xp: ModuleType
     is_host: bool = False
+
+    @property
+    def xp(self) -> ModuleType:
+        """The array module (numpy, cupy, ...)."""
+        raise NotImplementedError
 
     def owns(self, array) -> bool:
         """Whether ``array`` is one of this backend's arrays."""
@@ -300,8 +321,8 @@ class _CupyBackend(Backend):
         self._streams: dict[int, object] = {}
 
     @property
-    def xp(self):
-        return _usable_cupy()
+    def xp(self) -> ModuleType:
+        return _cupy()
 
     def owns(self, array) -> bool:
         return _is_cupy_array(array)
@@ -310,12 +331,12 @@ class _CupyBackend(Backend):
         return CudaDevice(array.device.id)
 
     def empty(self, shape, dtype, device):
-        cupy = _usable_cupy()
+        cupy = _cupy()
         with cupy.cuda.Device(device.id):
             return cupy.empty(shape, dtype)
 
     def send(self, array, device):
-        cupy = _usable_cupy()
+        cupy = _cupy()
         if self.owns(array) and array.device.id == device.id:
             return array
         with cupy.cuda.Device(device.id):
@@ -329,43 +350,43 @@ class _CupyBackend(Backend):
             return out
 
     def to_numpy(self, array):
-        with _usable_cupy().cuda.Device(array.device.id):
+        with _cupy().cuda.Device(array.device.id):
             return array.get()
 
     def assign(self, dst, src, stream=None) -> None:
-        cupy = _usable_cupy()
+        cupy = _cupy()
         with cupy.cuda.Device(dst.device.id), stream or contextlib.nullcontext():
             dst[...] = src
 
     def stream(self, device):
         if device.id not in self._streams:
-            cupy = _usable_cupy()
+            cupy = _cupy()
             with cupy.cuda.Device(device.id):
                 self._streams.setdefault(device.id, cupy.cuda.Stream(non_blocking=True))
         return self._streams[device.id]
 
     def pinned(self, nbytes):
-        cupy = _usable_cupy()
+        cupy = _cupy()
         memory = cupy.cuda.PinnedMemory(max(nbytes, 1), cupy.cuda.runtime.hostAllocPortable)
         pointer = cupy.cuda.PinnedMemoryPointer(memory, 0)  # exports the buffer protocol
         return numpy.frombuffer(pointer, numpy.uint8, nbytes)  # keeps `memory` alive
 
     def _copy(self, dst_ptr, src_ptr, nbytes, kind, stream, device_id):
-        cupy = _usable_cupy()
+        cupy = _cupy()
         with cupy.cuda.Device(device_id):
             cupy.cuda.runtime.memcpyAsync(dst_ptr, src_ptr, nbytes, kind, stream.ptr)
 
     def to_host_async(self, src_bytes, start, host, stream):
         self._copy(host.ctypes.data, src_bytes.data.ptr + start, host.nbytes,
-                   _usable_cupy().cuda.runtime.memcpyDeviceToHost, stream, src_bytes.device.id)
+                   _cupy().cuda.runtime.memcpyDeviceToHost, stream, src_bytes.device.id)
 
     def from_host_async(self, host, dst_bytes, start, stream):
         # The caller orders this stream after the device's current stream (see `transfer`).
         self._copy(dst_bytes.data.ptr + start, host.ctypes.data, host.nbytes,
-                   _usable_cupy().cuda.runtime.memcpyHostToDevice, stream, dst_bytes.device.id)
+                   _cupy().cuda.runtime.memcpyHostToDevice, stream, dst_bytes.device.id)
 
     def record(self, stream):
-        cupy = _usable_cupy()
+        cupy = _cupy()
         device_id = next(key for key, value in self._streams.items() if value is stream)
         with cupy.cuda.Device(device_id):  # an event of the stream's device
             return stream.record(cupy.cuda.Event(block=False, disable_timing=True))
@@ -377,17 +398,17 @@ class _CupyBackend(Backend):
         stream.synchronize()
 
     def synchronize_device(self, device):
-        cupy = _usable_cupy()
+        cupy = _cupy()
         with cupy.cuda.Device(device.id):
             cupy.cuda.runtime.deviceSynchronize()
 
     def order_after_current(self, stream, device):
-        cupy = _usable_cupy()
+        cupy = _cupy()
         with cupy.cuda.Device(device.id):
             stream.wait_event(cupy.cuda.get_current_stream().record(_marker(cupy)))
 
     def order_current_after(self, event, device):
-        cupy = _usable_cupy()
+        cupy = _cupy()
         with cupy.cuda.Device(device.id):
             cupy.cuda.get_current_stream().wait_event(event)
 
@@ -561,6 +582,13 @@ def _native(array: numpy.ndarray) -> numpy.ndarray:
     return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder('='))
 
 
+def _cuda_id(device: Device) -> int:
+    if not isinstance(device, CudaDevice):
+        raise DeviceError(f'torch and JAX arrays live on the CPU or on CUDA GPUs, not on '
+                          f'{device.name}')
+    return device.id
+
+
 class _Torch(Framework):
     name = 'torch'
     mutable = True
@@ -605,7 +633,7 @@ class _Torch(Framework):
                 tensor = torch.from_numpy(_native(ints)).view(getattr(torch, extension))
             else:
                 tensor = torch.from_numpy(_native(array))
-            return tensor if device.backend.is_host else tensor.to(f'cuda:{device.id}')
+            return tensor if device.backend.is_host else tensor.to(f'cuda:{_cuda_id(device)}')
         return torch.from_dlpack(array)
 
     def device(self, spec):
@@ -659,10 +687,11 @@ class _Jax(Framework):
     def _jax_device(self, jax, device: Device):
         if device.backend.is_host:
             return jax.devices('cpu')[0]
+        wanted = _cuda_id(device)
         for candidate in jax.devices('gpu'):
-            if getattr(candidate, 'local_hardware_id', candidate.id) == device.id:
+            if getattr(candidate, 'local_hardware_id', candidate.id) == wanted:
                 return candidate
-        raise DeviceError(f'JAX has no GPU {device.id} (its GPUs: {jax.devices("gpu")})')
+        raise DeviceError(f'JAX has no GPU {wanted} (its GPUs: {jax.devices("gpu")})')
 
     def device(self, spec):
         jax = sys.modules.get('jax')

@@ -4,6 +4,10 @@
 class GpuserialError(Exception):
     """Base class of every error gpuserial raises."""
 
+    # Set on an error that stopped a load while it filled arrays in place (see loading):
+    filled: list[str]  # the arrays already filled
+    partly_filled: str  # the array being filled, which may hold part of the data
+
 
 class KeyNotFoundError(GpuserialError, KeyError):
     """A key the target asks for is not in the file."""

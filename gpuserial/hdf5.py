@@ -12,12 +12,8 @@ import functools
 import io
 import math
 import os
-from collections.abc import Iterable
-
-try:
-    import resource
-except ImportError:  # pragma: no cover - not on Windows
-    resource = None
+from collections.abc import Collection, Iterable
+from types import ModuleType
 
 import h5py
 import numpy
@@ -33,6 +29,12 @@ from gpuserial.errors import (
     UnsafeFileError,
 )
 from gpuserial.serializer import Serializer, as_serializable, child_path, entry_key
+
+resource: ModuleType | None
+try:
+    import resource
+except ImportError:  # pragma: no cover - not on Windows
+    resource = None
 
 __all__ = ['HDF5Deserializer', 'HDF5Serializer', 'load_hdf5', 'save_hdf5']
 
@@ -176,7 +178,8 @@ def _check_keys(plan: _Plan, name: str) -> None:
     check_paths(sources, name, set(plan.groups))
 
 
-def check_paths(sources: dict[str, str], name: str, groups: set[str] = frozenset()) -> None:
+def check_paths(sources: dict[str, str], name: str, groups: Collection[str] = frozenset()
+                ) -> None:
     """Raises if a dataset path (``'/a/b'``: its source, for messages) would have to be a group
     for another path, or is one of ``groups``."""
     for path, source in sources.items():
@@ -226,7 +229,9 @@ def write_dataset(group: h5py.Group, key: str, array, compression: int | None,
     if array.size == 0:
         group.create_dataset(key, shape=array.shape, dtype=array.dtype)
         return
-    host = devices.backend_of(array).is_host
+    backend = devices.backend_of(array)
+    assert backend is not None  # write_entry checked is_array
+    host = backend.is_host
     # Compressed, each block is one HDF5 chunk (no chunk is rewritten), a staging chunk
     # whatever the array's device and layout: the file does not depend on them.
     block_bytes = transfer.settings().chunk_bytes if compression else _block_bytes(host)
@@ -237,12 +242,12 @@ def write_dataset(group: h5py.Group, key: str, array, compression: int | None,
         shown.update(array.nbytes)
         return
     blocks = list(transfer.hyperslabs(array.shape, array.dtype.itemsize, block_bytes))
-    chunks = None
+    chunk_shape = None
     if compression:
         index = blocks[0][0]
-        chunks = (1,) * (len(index) - 1) + transfer.block_shape(array.shape, index)
+        chunk_shape = (1,) * (len(index) - 1) + transfer.block_shape(array.shape, index)
     dataset = group.create_dataset(key, shape=array.shape, dtype=array.dtype,
-                                   compression=compression, chunks=chunks)
+                                   compression=compression, chunks=chunk_shape)
     with contextlib.closing(transfer.host_chunks(array, blocks=blocks)) as chunks:
         for (index, _, _), chunk in zip(blocks, chunks, strict=True):
             _signals.check()
@@ -344,6 +349,7 @@ class _GroupReader(loading.Reader):
             # text; fixed-length ASCII strings are bytes (what numpy.bytes_ are saved as)
             dataset = h5py.Dataset(entry.token)
             return numpy.asarray(self._guard(entry, lambda: dataset.asstr()[()]))
+        assert entry.shape is not None and entry.dtype is not None  # not a stored None
         stored = numpy.empty(entry.shape, entry.dtype)
         self._guard(entry, lambda: entry.token.read(h5py.h5s.ALL, h5py.h5s.ALL, stored))
         return stored
@@ -352,7 +358,9 @@ class _GroupReader(loading.Reader):
         dataset = entry.token
         if dst.size == 0:
             return
-        host = devices.backend_of(dst).is_host and dst.flags.c_contiguous
+        backend = devices.backend_of(dst)
+        assert backend is not None  # an array of some backend
+        host = backend.is_host and dst.flags.c_contiguous
         blocks = _read_blocks(dataset, dst.shape, dst.dtype.itemsize, host)
         if host and len(blocks) == 1:  # the whole dataset in one read, as h5py's read_direct
             self._guard(entry, lambda: dataset.read(h5py.h5s.ALL, h5py.h5s.ALL, dst))
@@ -420,6 +428,8 @@ class HDF5Deserializer(loading.ReaderDeserializer):
     Called directly, it loads each entry at once; :meth:`load` calls the object's ``serialize``
     once and fills its arrays in place after that has returned (see :mod:`gpuserial.loading`).
     """
+
+    reader: _GroupReader
 
     def __init__(self, group: h5py.Group, strict: bool = True, *, path: str = '',
                  ignore_names=None, device=None, progress: bool | None = None):
@@ -492,6 +502,8 @@ def _roomy(directory: str, plan: _Plan) -> bool:
     """Whether the disk has room to spare for the file: libhdf5 crashes the process when a write
     fails as it closes a file (HDF5 2.0), so a save that might fill the disk writes through
     :class:`_KeptErrorFile` instead, more slowly (about 1.5 times for many small entries)."""
+    if resource is None:  # pragma: no cover - not on Windows
+        return False
     needed = plan.nbytes + len(plan.entries) * HDF5_ENTRY_BYTES + HDF5_FILE_BYTES
     try:
         info = os.statvfs(directory)

@@ -251,16 +251,19 @@ class _Source:
         self.keys = keys
 
     def entry(self, key: str) -> loading.Entry:
-        return self.reader.entry(key)
+        entry = self.reader.entry(key)
+        assert entry is not None  # the keys are the reader's own
+        return entry
 
     def read(self, entry: loading.Entry):
         """The entry's value: None, or a host array (strings as a ``str`` array)."""
-        if entry.is_none:
+        if entry.dtype is None:  # a stored None
             return None
         if entry.dtype.hasobject:  # HDF5 strings (other objects were refused by entry())
             value = self.reader.read_scalar(entry)
             return numpy.asarray(value.tolist() if value.dtype.hasobject else value)
         self.reader.check_size(entry, allocating=True)
+        assert entry.shape is not None  # with the dtype
         array = numpy.empty(entry.shape, entry.dtype)
         self.reader.read_into(entry, array)
         return array
@@ -352,7 +355,7 @@ def dtype_name(dtype: numpy.dtype) -> str:
 
 
 def _describe(entry: loading.Entry) -> str:
-    return 'None' if entry.is_none else f'{entry.shape} {dtype_name(entry.dtype)}'
+    return 'None' if entry.dtype is None else f'{entry.shape} {dtype_name(entry.dtype)}'
 
 
 def diff_files(a, b, *, rtol: float = 0.0, atol: float = 0.0) -> DiffResult:
@@ -488,7 +491,7 @@ def convert(src, dst, *, format: str | None = None, compression: int | bool | No
     with open_source(src) as source:
         entries = [source.entry(key) for key in source.keys]
         total = sum(e.size * e.dtype.itemsize for e in entries
-                    if not e.is_none and not e.dtype.hasobject)
+                    if e.dtype is not None and not e.dtype.hasobject)
         name = os.path.basename(os.fsdecode(dst))
         with bar(2 * total, f'convert {name}', progress) as shown:  # read, then write
             source.reader.progress = shown

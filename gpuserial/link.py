@@ -9,23 +9,25 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, MutableSequence
-from typing import Any
+from collections.abc import Iterable, Iterator, MutableSequence
+from typing import TYPE_CHECKING, Any
 
 import numpy
 
 from gpuserial import devices
 from gpuserial.devices import Device
 
+if TYPE_CHECKING:
+    from gpuserial.optimizers import UpdateRule
+
 __all__ = ['BatchNormalization', 'Chain', 'ChainList', 'Linear', 'Link', 'Parameter']
 
-ShapeSpec = int | tuple[int, ...] | None
+Shape = int | tuple[int, ...]
+ShapeSpec = Shape | None
 
 
-def _as_shape(shape: ShapeSpec) -> tuple[int, ...] | None:
-    if shape is None:
-        return None
-    return (int(shape),) if numpy.isscalar(shape) else tuple(int(n) for n in shape)
+def _as_shape(shape: Shape) -> tuple[int, ...]:
+    return tuple(int(n) for n in shape) if isinstance(shape, Iterable) else (int(shape),)
 
 
 class Parameter:
@@ -48,9 +50,9 @@ class Parameter:
     def __init__(self, initializer=None, shape: ShapeSpec = None, *, dtype=None,
                  name: str | None = None):
         self.name = name
-        self.grad = None
-        self.update_rule = None
-        self._array = None
+        self.grad: Any = None
+        self.update_rule: UpdateRule | None = None
+        self._array: Any = None
         self._device: Device = devices.CPU
         if devices.is_array(initializer):
             if shape is not None and _as_shape(shape) != initializer.shape:
@@ -108,16 +110,16 @@ class Parameter:
     def xp(self):
         return self.device.xp
 
-    def initialize(self, shape: ShapeSpec) -> None:
+    def initialize(self, shape: Shape) -> None:
         """Creates the array with ``shape`` on the parameter's device and fills it."""
-        shape = _as_shape(shape)
+        dims = _as_shape(shape)
         device = self._device
         with device.use():
-            array = device.backend.empty(shape, self._dtype, device)
+            array = device.backend.empty(dims, self._dtype, device)
             if hasattr(array, 'fill'):  # NumPy and CuPy: filled where it lives
                 self._fill(array)
             else:  # a backend without array arithmetic: filled on the host, then sent
-                host = numpy.empty(shape, self._dtype)
+                host = numpy.empty(dims, self._dtype)
                 self._fill(host)
                 array = device.send(host)
         self.array = array
@@ -182,6 +184,12 @@ class Link:
     """
 
     keeps_returned_arrays = True  # serialize() keeps the arrays a load returns (see loading)
+
+    # Set with object.__setattr__, around the registering __setattr__:
+    _params: dict[str, None]  # ordered sets of names
+    _persistent: dict[str, None]
+    _within_init_scope: bool
+    _device: Device
 
     def __init__(self, **params: ShapeSpec):
         object.__setattr__(self, '_params', {})  # ordered sets of names
@@ -393,6 +401,7 @@ def _install(param: Parameter, data) -> None:
     off the host gets a host array sent to its device, as Chainer initializes it there.
     """
     backend, device = devices.backend_of(data), devices.device_of(data)
+    assert backend is not None  # a deserializer hands back arrays
     if data.dtype != param.dtype:
         cast = backend.empty(data.shape, param.dtype, device)
         backend.assign(cast, data)
@@ -409,6 +418,8 @@ class Chain(Link):
 
     Children serialize under their names: ``l1/W``.
     """
+
+    _children: dict[str, None]  # an ordered set of names
 
     def __init__(self, **links: Link):
         super().__init__()
@@ -454,6 +465,8 @@ class Chain(Link):
 
 class ChainList(Link, MutableSequence):
     """A link with indexed child links: a list whose items serialize under ``0``, ``1``, ..."""
+
+    _children: list[Link]
 
     def __init__(self, *links: Link):
         super().__init__()
@@ -538,6 +551,7 @@ class Linear(Link):
         with self.init_scope():
             self.W = Parameter(_lecun_normal if initialW is None else initialW)
             if in_size is not None and not self.W.is_initialized:
+                assert out_size is not None  # in_size alone was moved to out_size above
                 self.W.initialize((out_size, in_size))
             if nobias:
                 self.b = None
@@ -547,6 +561,8 @@ class Linear(Link):
     def forward(self, x):
         """``x @ W.T + b``; initializes ``W`` from ``x``'s width when needed."""
         if self.W.array is None:
+            if self.out_size is None:
+                raise TypeError('Linear(None) has no out_size to initialize W with: load W first')
             self.W.initialize((self.out_size, x.shape[1]))
         y = x @ self.W.array.T
         return y if self.b is None else y + self.b.array
@@ -559,6 +575,10 @@ class BatchNormalization(Link):
     ``avg_var`` (ones) and ``N`` (0). With ``size=None`` they stay unset until a load.
     """
 
+    N: int  # persistent values, registered in __init__
+    avg_mean: Any  # arrays, None until a load with size=None
+    avg_var: Any
+
     def __init__(self, size: ShapeSpec = None, decay: float = 0.9, eps: float = 2e-5,
                  dtype=numpy.float32, use_gamma: bool = True, use_beta: bool = True):
         super().__init__()
@@ -570,7 +590,7 @@ class BatchNormalization(Link):
                 self.gamma = Parameter(1, size, dtype=dtype)
             if use_beta:
                 self.beta = Parameter(0, size, dtype=dtype)
-        shape = _as_shape(size)
+        shape = None if size is None else _as_shape(size)
         self.register_persistent('avg_mean', None if shape is None else numpy.zeros(shape, dtype))
         self.register_persistent('avg_var', None if shape is None else numpy.ones(shape, dtype))
 

@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import itertools
 import math
+from typing import Any
 
 import numpy
 
@@ -48,8 +49,8 @@ class Entry:
 
     key: str
     shape: tuple[int, ...] | None  # None for a stored None
-    dtype: numpy.dtype | None
-    token: object = None  # the reader's own handle on the entry
+    dtype: numpy.dtype | None  # None with the shape
+    token: Any = None  # the reader's own handle on the entry (of the reader's own type)
 
     @property
     def is_none(self) -> bool:
@@ -61,7 +62,7 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        return self.size * self.dtype.itemsize if self.shape is not None else 0
+        return self.size * self.dtype.itemsize if self.dtype is not None else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +117,7 @@ class Reader:
 
     def read_scalar(self, entry: Entry) -> numpy.ndarray:
         """The (small) stored value as a host array."""
+        assert entry.shape is not None and entry.dtype is not None  # not a stored None
         stored = numpy.empty(entry.shape, entry.dtype)
         self.read_into(entry, stored)
         return stored
@@ -161,7 +163,7 @@ class _PendingFills:
                 for whole, run in itertools.groupby(reader.in_read_order(self.fills),
                                                     key=lambda fill: reader.reads_whole(*fill)):
                     if whole:  # small device arrays: through shared buffers
-                        run = list(run)
+                        batch = list(run)
 
                         def read_whole(entry, buffer):
                             nonlocal reading
@@ -169,8 +171,11 @@ class _PendingFills:
                             reader.read_whole(entry, buffer)
 
                         transfer.fill_many(
-                            [(array, functools.partial(read_whole, entry)) for entry, array in run],
-                            lambda index, run=run: filled.append(run[index][0].key),
+                            [(array, functools.partial(read_whole, entry))
+                             for entry, array in batch],
+                            # python/mypy#15459: a lambda binding the loop's batch
+                            lambda index, batch=batch: filled.append(  # type: ignore[misc]
+                                batch[index][0].key),
                             ordered=ordered)
                         continue
                     for reading, array in run:
@@ -300,13 +305,13 @@ class ReaderDeserializer(Deserializer):
         """:meth:`load`, returning what the file and the object did not share: the keys under
         this path that the file holds and ``serialize`` never asked for (nor ignored), and the
         keys it asked for that the file lacks (skipped, with ``strict=False``)."""
+        tracking = Tracking()
         reporting = object.__new__(type(self))
-        reporting.__dict__.update(self.__dict__, _tracking=Tracking())
+        reporting.__dict__.update(self.__dict__, _tracking=tracking)
         reporting.load(obj)
-        asked = reporting._tracking.requested
         unexpected = [key for key in self.reader.keys()
-                      if key.startswith(self.path) and key not in asked]
-        return LoadReport(reporting._tracking.missing, unexpected)
+                      if key.startswith(self.path) and key not in tracking.requested]
+        return LoadReport(tracking.missing, unexpected)
 
     def __call__(self, key: str, value):
         key = entry_key(self.path, key)
@@ -321,7 +326,7 @@ class ReaderDeserializer(Deserializer):
             if self._tracking is not None:
                 self._tracking.missing.append(key)
             return value
-        if entry.is_none:
+        if entry.dtype is None:  # a stored None
             return None
         if value is None:
             return self._new_array(entry, entry.dtype)
@@ -340,6 +345,7 @@ class ReaderDeserializer(Deserializer):
         """A new array on ``device`` (by default the load's, else the CPU), read at once; an
         extension dtype (bfloat16, ...) is read on the host, where only NumPy can hold it."""
         self.reader.check_size(entry, allocating=True)
+        assert entry.shape is not None  # not a stored None
         device = device or self.device or devices.CPU
         if dtype.kind == 'V':
             device = devices.CPU
@@ -363,6 +369,7 @@ class ReaderDeserializer(Deserializer):
         loaded = self._load_array(entry, view)
         if loaded is view:
             return value
+        assert self.device is not None  # a new array only for another device
         return loaded if framework is None else framework.from_engine(loaded, self.device)
 
     def _load_array(self, entry: Entry, value):
@@ -390,6 +397,7 @@ class ReaderDeserializer(Deserializer):
         integer into an ``int``, as in Chainer), text into ``str``, bytes into ``bytes``."""
         value_type = type(value)
         where = self.reader.where(entry.key)
+        assert entry.dtype is not None  # not a stored None
         if entry.dtype.itemsize * entry.size > MAX_SCALAR_BYTES:
             raise MismatchError(f'{where}: a stored array of shape {entry.shape} cannot load '
                                 f'into a {value_type.__name__}')

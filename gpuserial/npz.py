@@ -13,7 +13,7 @@ import itertools
 import os
 import zipfile
 from collections.abc import Iterable, Mapping
-from typing import BinaryIO
+from typing import Any, BinaryIO, Protocol, cast
 
 import numpy
 
@@ -139,10 +139,10 @@ def write_npz(out: BinaryIO, entries: Mapping[str, object] | Iterable[tuple[str,
     with _zipstream.ZipWriter(out, compression=compression) as archive:
         for how, run in itertools.groupby(items, key=_how_written):
             if how == PACKED:
-                run = list(run)
-                with contextlib.closing(transfer.host_copies([a for _, a in run],
+                batch = list(run)
+                with contextlib.closing(transfer.host_copies([a for _, a in batch],
                                                              ordered=ordered)) as copies:
-                    for (key, array), data in zip(run, copies, strict=True):
+                    for (key, array), data in zip(batch, copies, strict=True):
                         archive.write_small_member(
                             key + SUFFIX, _npy.encode_header(array.dtype, array.shape), data)
                         shown.update(array.nbytes)
@@ -169,7 +169,7 @@ def write_npz(out: BinaryIO, entries: Mapping[str, object] | Iterable[tuple[str,
 PACKED, WHOLE, STREAMED = 'packed', 'whole', 'streamed'
 
 
-def _how_written(item: tuple[str, object]) -> str:
+def _how_written(item: tuple[str, Any]) -> str:
     """How an entry is written. Small contiguous arrays are held whole and written with their
     neighbours: a host array as it is (``WHOLE``), a device array packed with its neighbours
     into a staging buffer (``PACKED``, so at most a chunk); the rest is ``STREAMED``."""
@@ -195,6 +195,12 @@ def _is_stored_none(array) -> bool:
 # Reading
 
 
+class ArchiveFile(_zipread.Input, Protocol):
+    """What an :class:`Archive` needs of its file: a seekable binary file object."""
+
+    def close(self) -> None: ...
+
+
 class Archive:
     """An open NPZ's zip: its members from the central directory and a windowed reader.
 
@@ -204,7 +210,7 @@ class Archive:
         owned: close ``fp`` with the archive.
     """
 
-    def __init__(self, fp: BinaryIO, members: list | None = None, owned: bool = False):
+    def __init__(self, fp: ArchiveFile, members: list | None = None, owned: bool = False):
         self.raw = fp
         self.members = _zipread.read_directory(fp) if members is None else members
         self.fp = _zipread.WindowedFile(fp)
@@ -387,7 +393,7 @@ PAGE = 4096  # runs of a slice are read together when the gap is within a page a
 MAX_SPAN = 16 << 20  # bytes read at once for runs read together
 
 
-def _read_runs(fp: BinaryIO, positions: numpy.ndarray, run: int, into: numpy.ndarray) -> None:
+def _read_runs(fp: ArchiveFile, positions: numpy.ndarray, run: int, into: numpy.ndarray) -> None:
     """Reads ``run`` bytes at each of ``positions`` (increasing) into ``into``, one after the
     other. Runs apart by at most one run and one page are read in one call, the gaps with
     them: never more than twice the bytes asked for, in far fewer calls."""
@@ -411,9 +417,9 @@ def _read_runs(fp: BinaryIO, positions: numpy.ndarray, run: int, into: numpy.nda
             first = last
 
 
-def _read_exactly(fp: BinaryIO, position: int, into: numpy.ndarray) -> None:
+def _read_exactly(fp: ArchiveFile, position: int, into: numpy.ndarray) -> None:
     fp.seek(position)
-    view = memoryview(into).cast('B')
+    view = into.data.cast('B')
     done = 0
     while done < len(view):
         count = fp.readinto(view[done:])
@@ -451,7 +457,7 @@ class _InflatedHead:
         return self.member.read(count)
 
 
-def npy_members(archive: zipfile.ZipFile, name: str) -> dict[str, zipfile.ZipInfo]:
+def npy_members(archive: Archive, name: str) -> dict[str, _zipread.Member | zipfile.ZipInfo]:
     """The ``.npy`` members of an NPZ by key.
 
     Raises:
@@ -469,6 +475,8 @@ def npy_members(archive: zipfile.ZipFile, name: str) -> dict[str, zipfile.ZipInf
 
 class _MappingReader(loading.Reader):
     """Entries of a plain mapping of arrays (``serialize`` output, or any dict), of any device."""
+
+    _left: memoryview | None  # what the last chunk of a read_into had left over
 
     def __init__(self, mapping: Mapping, name: str = '<mapping>'):
         self.mapping = mapping
@@ -502,6 +510,7 @@ class _MappingReader(loading.Reader):
                 filled += taken
 
         self._left = None
+        assert entry.dtype is not None  # not a stored None
         with contextlib.closing(chunks):
             transfer.fill(dst, read_into, entry.dtype)
 
@@ -513,7 +522,9 @@ def _reader_of(npz, name: str | None = None) -> loading.Reader:
     if isinstance(npz, zipfile.ZipFile):
         archive = npz
     if isinstance(archive, zipfile.ZipFile):
-        return _ZipReader(Archive(archive.fp, archive.infolist()),
+        # zipfile's stub types its file IO[bytes], which has no readinto: it is the caller's
+        # binary file (or None once the ZipFile is closed, an AttributeError in Archive)
+        return _ZipReader(Archive(cast(ArchiveFile, archive.fp), archive.infolist()),
                           name or display_name(archive.fp))
     if isinstance(npz, Archive):
         return _ZipReader(npz, name or display_name(npz.raw))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy
 
@@ -35,6 +35,9 @@ class Hyperparameter:
         if parent is None:
             raise AttributeError(f'no hyperparameter {name!r}')
         return getattr(parent, name)
+
+    if TYPE_CHECKING:  # entries are set by name: hp.lr = 0.1
+        def __setattr__(self, name: str, value: Any) -> None: ...
 
     @property
     def parent(self) -> Hyperparameter | None:
@@ -158,12 +161,14 @@ class MomentumSGDRule(UpdateRule):
     """``v = momentum * v - lr * grad; param += v``."""
 
     def init_state(self, param: Parameter) -> None:
+        assert self.state is not None  # init_state fills an empty state
         self.state['v'] = param.xp.zeros_like(param.array)
 
     def update_core(self, param: Parameter) -> None:
         grad = param.grad
         if grad is None:
             return
+        assert self.state is not None  # update() made it
         v = self.state['v']
         v *= self.hyperparam.momentum
         v -= self.hyperparam.lr * grad
@@ -188,6 +193,7 @@ class AdamRule(UpdateRule):
     """
 
     def init_state(self, param: Parameter) -> None:
+        assert self.state is not None  # init_state fills an empty state
         xp = param.xp
         self.state['m'] = xp.zeros_like(param.array)
         self.state['v'] = xp.zeros_like(param.array)
@@ -211,6 +217,7 @@ class AdamRule(UpdateRule):
         if hp.eps != 0 and dtype.type(hp.eps) == 0:
             raise ValueError(f'eps of Adam optimizer is too small for {dtype.name} ({hp.eps})')
         grad = grad.astype(dtype, copy=False)
+        assert self.state is not None  # update() made it
         m, v = self.state['m'], self.state['v']
         m += (1.0 - hp.beta1) * (grad - m)
         v += (1.0 - hp.beta2) * (grad * grad - v)
@@ -278,6 +285,7 @@ class Optimizer:
         """
         self.t = serializer('t', self.t)
         self.epoch = serializer('epoch', self.epoch)
+        assert self.target is not None, 'call setup(link) first'
         for name, param in self.target.namedparams():
             rule = getattr(param, 'update_rule', None)
             if rule is not None:
@@ -301,6 +309,7 @@ class GradientMethod(Optimizer):
 
     def reallocate_cleared_grads(self) -> None:
         """Gives every initialized parameter without a gradient a zero gradient, as Chainer."""
+        assert self.target is not None, 'call setup(link) first'
         for param in self.target.params(include_uninit=False):
             if param.grad is None:
                 param.zerograd()
@@ -312,6 +321,7 @@ class GradientMethod(Optimizer):
             lossfun: Optional callable that sets the gradients; when given, the gradients are
                 cleared first and ``lossfun(*args, **kwargs)`` is called.
         """
+        assert self.target is not None, 'call setup(link) first'
         if lossfun is not None:
             self.target.cleargrads()
             lossfun(*args, **kwargs)

@@ -62,7 +62,7 @@ def _with_chainer_bases(cls: type) -> type:
     """``cls``, or once Chainer is imported, a subclass of ``cls`` and Chainer's matching base."""
     chainer = sys.modules.get(_CHAINER_MODULE)
     base = getattr(chainer, 'AbstractSerializer', None)
-    if base is None or issubclass(cls, base):
+    if chainer is None or base is None or issubclass(cls, base):
         return cls
     if issubclass(cls, Serializer):
         base = chainer.Serializer

@@ -480,6 +480,7 @@ class Trainer:
     def elapsed_time(self) -> float:
         """Seconds spent training, including those before the snapshot this was loaded from."""
         if self._done:
+            assert self._final_elapsed_time is not None  # set before _done
             return self._final_elapsed_time
         if self._start_at is None:
             return self._snapshot_elapsed_time

@@ -25,12 +25,15 @@ import itertools
 import os
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 
 import numpy
 
 from gpuserial import _signals
 from gpuserial.devices import NUMPY, Backend, Device, backend_of
+
+# memoryview(array) of a NumPy array carries "type: ignore[arg-type]": NumPy's stubs give
+# ndarray the buffer protocol (__buffer__) only from Python 3.12 on (numpy/numpy#26783).
 
 __all__ = ['block_shape', 'configure', 'device_copies', 'fill', 'fill_many', 'host_chunks',
            'host_copies', 'hyperslabs', 'release_pool', 'settings']
@@ -269,7 +272,7 @@ def block_shape(shape: tuple, index: tuple | None) -> tuple:
 
 
 def host_chunks(array, *, blocks: Sequence[tuple] | None = None,
-                chunk_bytes: int | None = None) -> Iterator[memoryview]:
+                chunk_bytes: int | None = None) -> Generator[memoryview, None, None]:
     """Yields the bytes of ``array`` in C order, chunk by chunk.
 
     Each chunk is valid until the next one is asked for; close the generator (or exhaust it)
@@ -283,6 +286,7 @@ def host_chunks(array, *, blocks: Sequence[tuple] | None = None,
             order, one chunk each (by default chunks of ``chunk_bytes``).
     """
     backend = backend_of(array)
+    assert backend is not None  # an array of some backend
     if array.size == 0:
         return
     contiguous = backend.is_contiguous(array)
@@ -299,10 +303,11 @@ def _host_to_host(array: numpy.ndarray, contiguous: bool, blocks) -> Iterator[me
     for index, start, stop in blocks:
         _signals.check()
         if data is not None:
-            yield memoryview(data[start * itemsize:stop * itemsize])
+            yield memoryview(data[start * itemsize:stop * itemsize])  # type: ignore[arg-type]
         else:
             block = array[index] if index is not None else array.reshape(-1)[start:stop]
-            yield memoryview(numpy.ascontiguousarray(block).reshape(-1).view(numpy.uint8))
+            block = numpy.ascontiguousarray(block).reshape(-1).view(numpy.uint8)
+            yield memoryview(block)  # type: ignore[arg-type]
 
 
 def _device_to_host(backend: Backend, device: Device, array, contiguous: bool,
@@ -337,7 +342,7 @@ def _device_to_host(backend: Backend, device: Device, array, contiguous: bool,
 
 
 def host_copies(arrays: Sequence, *, ordered: set[Device] | None = None
-                ) -> Iterator[memoryview]:
+                ) -> Generator[memoryview, None, None]:
     """Yields the C-order bytes of each array in turn: the many small arrays of a model.
 
     Each view is valid until the next one is asked for; close the generator (or exhaust it)
@@ -357,6 +362,7 @@ def host_copies(arrays: Sequence, *, ordered: set[Device] | None = None
             for array in run:
                 yield memoryview(_contiguous(array, backend).reshape(-1).view(numpy.uint8))
             continue
+        assert device is not None  # not a host backend
         if device not in ordered:
             backend.order_after_current(backend.stream(device), device)
             ordered.add(device)
@@ -395,6 +401,7 @@ def _backend_and_device(array) -> tuple[Backend, Device | None]:
     if type(array) is numpy.ndarray:  # the common case, without the lookup
         return NUMPY, None
     backend = backend_of(array)
+    assert backend is not None  # an array of some backend
     return backend, None if backend.is_host else backend.device_of(array)
 
 
@@ -453,7 +460,7 @@ def _batches(sizes: list[int]) -> list[list[tuple[int, int, int]]]:
 
 def _views(buffer: numpy.ndarray, batch: list[tuple[int, int, int]]) -> Iterator[memoryview]:
     for _, start, count in batch:
-        yield memoryview(buffer[start:start + count])
+        yield memoryview(buffer[start:start + count])  # type: ignore[arg-type]
 
 
 class _Flight:
@@ -539,6 +546,7 @@ def fill(dst, read_into: Callable[[memoryview], None], src_dtype: numpy.dtype, *
             ``read_into`` for the data, in order (by default chunks of ``chunk_bytes``).
     """
     backend = backend_of(dst)
+    assert backend is not None  # an array of some backend
     if dst.size == 0:
         return
     src_dtype = numpy.dtype(src_dtype)
@@ -583,6 +591,7 @@ def fill_many(fills: Sequence[tuple[object, Callable[[memoryview], None]]],
                 read_into(memoryview(_contiguous(dst, backend).reshape(-1).view(numpy.uint8)))
                 filled(index)
             continue
+        assert device is not None  # not a host backend
         if device not in ordered:  # nothing the caller queued reads an array after our copy
             backend.order_after_current(backend.stream(device), device)
             ordered.add(device)
@@ -606,7 +615,7 @@ def _packed_from_host(backend: Backend, device: Device, run: list, filled) -> No
             buffer = lease.buffers[slot]
             for position, start, count in batch:  # the file read overlaps the copies in flight
                 _signals.check()
-                run[position][2](memoryview(buffer[start:start + count]))
+                run[position][2](memoryview(buffer[start:start + count]))  # type: ignore[arg-type]
             for position, start, count in batch:
                 if count:
                     backend.from_host_async(buffer[start:start + count],
@@ -623,7 +632,7 @@ def _fill_host(dst: numpy.ndarray, contiguous: bool, read_into, src_dtype: numpy
         size = src_dtype.itemsize
         for _, start, stop in blocks:
             _signals.check()
-            read_into(memoryview(data[start * size:stop * size]))
+            read_into(memoryview(data[start * size:stop * size]))  # type: ignore[arg-type]
         return
     largest = max(stop - start for _, start, stop in blocks)
     scratch = numpy.empty(largest, src_dtype)
@@ -631,7 +640,7 @@ def _fill_host(dst: numpy.ndarray, contiguous: bool, read_into, src_dtype: numpy
     for index, start, stop in blocks:
         _signals.check()
         values = scratch[:stop - start]
-        read_into(memoryview(values.view(numpy.uint8)))
+        read_into(memoryview(values.view(numpy.uint8)))  # type: ignore[arg-type]
         if flat is not None:
             numpy.copyto(flat[start:stop], values, casting='same_kind')
         else:
@@ -655,10 +664,11 @@ def _host_to_device(backend: Backend, device: Device, dst, contiguous: bool, rea
             slot = flight.take()
             host = lease.buffers[slot][:(stop - start) * dst_dtype.itemsize]
             if scratch_host is None:
-                read_into(memoryview(host))  # the file read overlaps the copies in flight
+                # the file read overlaps the copies in flight
+                read_into(memoryview(host))  # type: ignore[arg-type]
             else:
                 values = scratch_host[:stop - start]
-                read_into(memoryview(values.view(numpy.uint8)))
+                read_into(memoryview(values.view(numpy.uint8)))  # type: ignore[arg-type]
                 numpy.copyto(host.view(dst_dtype), values, casting='same_kind')
             if target is not None:
                 backend.from_host_async(host, target, start * dst_dtype.itemsize, stream)

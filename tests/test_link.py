@@ -475,6 +475,11 @@ def test_linear_deferred_shape_from_forward():
     assert link.W.shape == (2, 5)
 
 
+def test_linear_without_sizes_needs_a_loaded_w_before_forward():
+    with pytest.raises(TypeError, match=r'Linear\(None\) has no out_size .*: load W first'):
+        Linear(None)(numpy.ones((1, 5), numpy.float32))
+
+
 def test_plain_link_has_no_forward():
     with pytest.raises(NotImplementedError, match='Chain has no forward'):
         Chain()(numpy.zeros(1))
