@@ -272,8 +272,8 @@ def _fsynced(save: Callable[[Context, str], None]) -> Callable[[Context, str], N
     return run
 
 
-def _device_spec(ctx: Context) -> str:
-    return 'cpu' if ctx.on_host else _torch_device(ctx)
+def _device_spec(ctx: Context) -> devices.Device:
+    return devices.device_of(next(iter(ctx.model.values())))
 
 
 def _safetensors_new(ctx: Context, path: str) -> dict:

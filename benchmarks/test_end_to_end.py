@@ -106,8 +106,11 @@ def test_load(benchmark, rounds, machine, op, ctx, small_ctx):
         return (ctx, path), {}
 
     benchmark.group = f'load {ctx.device.name} {bench.format_size(ctx.nbytes)}'
-    benchmark.pedantic(sync_around(op.run, ctx.device), setup=setup, rounds=rounds,
-                       warmup_rounds=1 if rounds > 1 else 0)
-    ctx.check_target()
+    result = benchmark.pedantic(sync_around(op.run, ctx.device), setup=setup, rounds=rounds,
+                                warmup_rounds=1 if rounds > 1 else 0)
+    if op.new_arrays:
+        ctx.check_arrays(result)
+    else:
+        ctx.check_target()
     record(benchmark, machine, ctx.device, ctx.nbytes, file_bytes=os.path.getsize(path))
     _peers.remove(path)

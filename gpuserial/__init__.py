@@ -1,7 +1,8 @@
 """gpuserial: save and load the state of GPU-resident models, Chainer's serializers kept exactly."""
 
 from gpuserial import optimizers, serializers, training
-from gpuserial.access import EntryMetadata, LazyFile, LoadReport, load, load_into, open, save
+from gpuserial.access import EntryMetadata, LazyFile, LoadReport, load, load_into, save
+from gpuserial.access import open as open  # not in __all__: see below
 from gpuserial.asyncsave import SaveHandle, save_async, wait_all
 from gpuserial.devices import Device, get_array_module, get_device, gpu_available
 from gpuserial.errors import (
@@ -41,10 +42,12 @@ from gpuserial.transfer import configure, release_pool
 
 __version__ = '0.1.0'
 
+# gpuserial.open is left out of __all__: a star import would hide the builtin open.
+
 __all__ = [
     'SGD', 'AbstractSerializer', 'Adam', 'BatchNormalization', 'Chain', 'ChainList',
     'CorruptFileError', 'Deserializer', 'Device', 'DeviceError', 'DictionarySerializer',
-    'EntryMetadata', 'LazyFile', 'LoadReport', 'load', 'load_into', 'open', 'save',
+    'EntryMetadata', 'LazyFile', 'LoadReport', 'load', 'load_into', 'save',
     'GpuserialError', 'GradientMethod', 'HDF5Deserializer', 'HDF5Serializer', 'InvalidKeyError',
     'KeyCollisionError', 'KeyNotFoundError', 'Linear', 'Link', 'MismatchError', 'MomentumSGD',
     'NpzDeserializer', 'Optimizer', 'Parameter', 'SaveHandle', 'SerialIterator', 'Serializer',

@@ -24,7 +24,7 @@ import numpy
 
 from gpuserial import devices, hdf5, inspection, loading, npz
 from gpuserial._fileio import display_name, is_path
-from gpuserial.errors import KeyNotFoundError
+from gpuserial.errors import DeviceError, KeyNotFoundError
 from gpuserial.loading import LoadReport
 
 __all__ = ['EntryMetadata', 'LazyFile', 'LazySlice', 'LoadReport', 'load', 'load_into', 'open',
@@ -105,7 +105,7 @@ def load(file, device=None, keys: Iterable[str] | None = None, *, like=None,
             if fill:
                 fills.append((entry, found[key]))
         loading.run_fills(reader, fills, progress)
-    return {key: place.convert(value) for key, value in found.items()}
+    return {key: place.convert(value, reader.where(key)) for key, value in found.items()}
 
 
 def load_into(file, target, *, path: str = '', strict: bool = True, ignore_names=None,
@@ -175,13 +175,17 @@ class _Placement:
         dtype = entry.dtype if on.backend.is_host else entry.dtype.newbyteorder('=')
         return on.backend.empty(entry.shape, dtype, on), True
 
-    def convert(self, value):
+    def convert(self, value, where: str):
         if not devices.is_array(value) or value.dtype.kind in 'USO':
             return value
         if self.framework is not None:
             return self.framework.from_engine(value, self.device)
         if isinstance(value, numpy.ndarray) and not self.device.backend.is_host:
-            return self.device.send(value)  # an extension dtype stays on the host: see new()
+            extension = devices.extension_of(value.dtype)  # read on the host: see new()
+            if extension is not None:
+                raise DeviceError(f"{where}: {extension} has no CuPy dtype; load it with "
+                                  f"like='torch' or like='jax', or on the CPU")
+            return self.device.send(value)  # a slice, read on the host
         return devices.decoded(value)
 
 
@@ -267,7 +271,7 @@ class LazyFile:
         value, fill = placement.new(self._reader, entry)
         if fill:
             loading.run_fills(self._reader, [(entry, value)], False)
-        return placement.convert(value)
+        return placement.convert(value, self._reader.where(key))
 
     def get_slice(self, key: str) -> LazySlice:
         """The entry, to be indexed: ``get_slice(key)[a:b, ..., c]`` reads only that part."""
@@ -316,11 +320,12 @@ class LazySlice:
         return list(self.shape)
 
     def __getitem__(self, index):
-        selection = normalize_index(index, self.shape, self._file._reader.where(self._entry.key))
+        where = self._file._reader.where(self._entry.key)
+        selection = normalize_index(index, self.shape, where)
         box = self._file._reader.read_box(self._entry, [(s.start, s.stop, s.step) if isinstance(
             s, slice) else (s, s + 1, 1) for s in selection])
         squeezed = tuple(0 if isinstance(s, int) else slice(None) for s in selection)
-        return self._file._placement.convert(box[squeezed])
+        return self._file._placement.convert(box[squeezed], where)
 
 
 def normalize_index(index, shape: tuple[int, ...], where: str) -> list:

@@ -506,3 +506,50 @@ def test_slices_match_numpy_indexing(tmp_path_factory, case, where):
 def test_box_reads(shape, box, offsets, run):
     got_offsets, got_run = box_reads(shape, box)
     assert got_offsets.tolist() == offsets and got_run == run
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU: CuPy arrays and torch CUDA tensors
+
+
+@pytest.mark.gpu
+def test_load_onto_a_gpu_as_cupy_and_torch(tmp_path, kind):
+    torch = _torch()
+    path = path_for(tmp_path, kind)
+    save(path, kind, {'x': numpy.arange(6, dtype=numpy.float32).reshape(2, 3)})
+    as_cupy = gpuserial.load(path, device='cuda:0')['x']
+    assert devices.device_of(as_cupy) == devices.get_device('cuda:0')
+    as_torch = gpuserial.load(path, device=torch.device('cuda', 0))['x']
+    assert as_torch.is_cuda and as_torch.cpu().tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+@pytest.mark.gpu
+def test_torch_cuda_tensors_save_and_load_in_place(tmp_path, kind):
+    torch = _torch()
+    source = {'w': torch.randn(300, 70, device='cuda'), 'h': torch.randn(9, device='cuda').half()}
+    path = path_for(tmp_path, kind)
+    save(path, kind, source)
+    target = {key: torch.zeros_like(value) for key, value in source.items()}
+    pointers = {key: value.data_ptr() for key, value in target.items()}
+    assert gpuserial.load_into(path, target) == gpuserial.LoadReport([], [])
+    for key, value in target.items():
+        assert value.data_ptr() == pointers[key] and torch.equal(value, source[key])
+
+
+@pytest.mark.gpu
+def test_bfloat16_cuda_tensors_save_through_the_host_and_load_new(tmp_path):
+    torch = _torch()
+    tensor = torch.randn(17, device='cuda').to(torch.bfloat16)
+    gpuserial.save(tmp_path / 'a.npz', {'b': tensor})
+    loaded = gpuserial.load(tmp_path / 'a.npz', device='cuda:0', like='torch')['b']
+    assert loaded.is_cuda and loaded.dtype == torch.bfloat16 and torch.equal(loaded, tensor)
+    with pytest.raises(DeviceError, match='cannot be loaded in place yet'):
+        gpuserial.load_into(tmp_path / 'a.npz', {'b': torch.zeros_like(tensor)})
+    with pytest.raises(DeviceError, match='bfloat16 has no CuPy dtype'):
+        gpuserial.load(tmp_path / 'a.npz', device='cuda:0')
+
+
+def test_a_star_import_keeps_the_builtin_open():
+    namespace: dict = {}
+    exec('from gpuserial import *', namespace)
+    assert 'open' not in namespace and 'load' in namespace and 'LazyFile' in namespace
