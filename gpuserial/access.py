@@ -183,8 +183,8 @@ class _Placement:
         if isinstance(value, numpy.ndarray) and not self.device.backend.is_host:
             extension = devices.extension_of(value.dtype)  # read on the host: see new()
             if extension is not None:
-                raise DeviceError(f"{where}: {extension} has no CuPy dtype; load it with "
-                                  f"like='torch' or like='jax', or on the CPU")
+                raise DeviceError(f"{where}: {extension} has no dtype on {self.device.name}; "
+                                  f"load it with like='torch' or like='jax', or on the CPU")
             return self.device.send(value)  # a slice, read on the host
         return devices.decoded(value)
 

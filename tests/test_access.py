@@ -145,6 +145,15 @@ def test_save_compression_off_by_default_and_on_request(tmp_path):
         assert f.metadata('zeros').compressed
 
 
+def test_bfloat16_onto_a_device_without_the_dtype_is_a_clear_error(tmp_path):
+    ml_dtypes = pytest.importorskip('ml_dtypes')
+    from tests import standin
+    gpuserial.save(tmp_path / 'a.npz', {'b': numpy.ones(3, ml_dtypes.bfloat16)})
+    with pytest.raises(DeviceError, match="'b': bfloat16 has no dtype on @standin:0; load it "
+                                          "with like='torch'"):
+        gpuserial.load(tmp_path / 'a.npz', device=standin.StandInDevice(0))
+
+
 @pytest.mark.parametrize('like', ['numpy', numpy])
 def test_like_numpy_on_the_cpu(tmp_path, like):
     gpuserial.save(tmp_path / 'a.npz', {'x': numpy.ones(2)})
@@ -545,7 +554,7 @@ def test_bfloat16_cuda_tensors_save_through_the_host_and_load_new(tmp_path):
     assert loaded.is_cuda and loaded.dtype == torch.bfloat16 and torch.equal(loaded, tensor)
     with pytest.raises(DeviceError, match='cannot be loaded in place yet'):
         gpuserial.load_into(tmp_path / 'a.npz', {'b': torch.zeros_like(tensor)})
-    with pytest.raises(DeviceError, match='bfloat16 has no CuPy dtype'):
+    with pytest.raises(DeviceError, match='bfloat16 has no dtype on @cupy:0'):
         gpuserial.load(tmp_path / 'a.npz', device='cuda:0')
 
 
