@@ -20,7 +20,7 @@ import h5py
 import numpy
 
 import gpuserial
-from gpuserial import devices
+from gpuserial.engine import devices
 
 
 @dataclasses.dataclass

@@ -37,7 +37,8 @@ if __package__ in (None, ''):  # run as a script: make `benchmarks` and `gpuseri
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import gpuserial  # noqa: E402
-from gpuserial import bench, devices, transfer  # noqa: E402
+from gpuserial.engine import devices, transfer  # noqa: E402
+from gpuserial.tools import bench  # noqa: E402
 
 CPU_TARGETS = {'async / sync': 0.10, 'async / copy': 1.25}  # either passes, on the CPU
 GPU_TARGETS = {'async / sync': 0.02, 'async / dcp': 1.0}  # both, on a GPU

@@ -31,7 +31,8 @@ if __package__ in (None, ''):  # run as a script: make `benchmarks` and `gpuseri
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import _peers  # noqa: E402
-from gpuserial import bench, devices  # noqa: E402
+from gpuserial.engine import devices  # noqa: E402
+from gpuserial.tools import bench  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,8 @@ import os
 
 import pytest
 
-from gpuserial import bench, devices
+from gpuserial.engine import devices
+from gpuserial.tools import bench
 from tests.conftest import (  # noqa: F401 (a fixture, used)
     _standin_backend,
     make_device,

@@ -30,7 +30,8 @@ if __package__ in (None, ''):  # run as a script: make `benchmarks` and `gpuseri
 
 from benchmarks import _peers  # noqa: E402
 from benchmarks.compare import Pair, _select, compare  # noqa: E402
-from gpuserial import bench, devices  # noqa: E402
+from gpuserial.engine import devices  # noqa: E402
+from gpuserial.tools import bench  # noqa: E402
 
 # The issue's targets (issue 12), as ratios peer time / ours. On the CPU, for 10,000 x 4 KiB:
 # NPZ within 2x of safetensors (0.5) and 5x faster than numpy; HDF5 within 1.1x of h5py. On a

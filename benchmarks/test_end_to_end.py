@@ -24,7 +24,8 @@ from benchmarks.conftest import (
     sync_around,
     timing_enabled,
 )
-from gpuserial import bench, devices
+from gpuserial.engine import devices
+from gpuserial.tools import bench
 
 
 @pytest.fixture(scope='module', params=DEVICE_PARAMS)

@@ -12,7 +12,7 @@ import numpy
 import pytest
 
 from benchmarks.conftest import DEVICE_PARAMS, bench_bytes, device_for, record, sync_around
-from gpuserial import bench
+from gpuserial.tools import bench
 
 
 @pytest.fixture(scope='module', params=DEVICE_PARAMS)

@@ -69,7 +69,8 @@ stage() {  # stage NAME COMMAND...: runs it, its output to the terminal and $OUT
 "$PYTHON" - <<'EOF' | tee "$OUT/machine.json"
 import json, importlib.util
 import gpuserial, gpuserial.serializers
-from gpuserial import bench, devices
+from gpuserial.engine import devices
+from gpuserial.tools import bench
 info = bench.machine_info()
 info['optional'] = {m: importlib.util.find_spec(m) is not None
                     for m in ('isal', 'tqdm', 'torch', 'safetensors', 'matplotlib')}
@@ -113,7 +114,7 @@ for name in "${STAGES[@]}"; do
       stage peak-gpu "$PYTHON" benchmarks/peak_memory.py --device cuda:0 \
         --json "$OUT/peak-gpu.json" ;;
     bench)
-      stage bench "$PYTHON" -c 'import sys; from gpuserial import bench; sys.exit(bench.run())' ;;
+      stage bench "$PYTHON" -c 'import sys; from gpuserial.tools import bench; sys.exit(bench.run())' ;;
     *)
       echo "unknown stage $name (quick smi tests readme benchmarks"\
         "compare[-npz|-peers|-compressed|-cpu] small async peak bench)"; status=1 ;;

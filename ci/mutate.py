@@ -12,7 +12,7 @@ are, where no GPU is usable, the mutants of code only a real GPU runs (CuPy's ba
 
     python ci/mutate.py                       # every mutant of every core module
     python ci/mutate.py --sample 40 --seed 1  # 40 mutants per module, drawn with seed 1
-    python ci/mutate.py --modules gpuserial/_npy.py --list   # only list the mutants
+    python ci/mutate.py --modules gpuserial/formats/_npy.py --list   # only list the mutants
 
 It uses the interpreter it runs with (the test environment: ``.venv/bin/python``) and writes a
 JSON report (``--json``). Exit status 0 when the score reaches ``--target`` (default 0.9).
@@ -45,31 +45,32 @@ NOT_IN_THE_QUICK_RUN = 'not over_4_gib and not sigkill'  # minutes of tests that
 MODULES = {
     'gpuserial/serializer.py': ['test_protocol', 'test_chainer_cases', 'test_formats',
                                 'test_link', 'test_hostile'],
-    'gpuserial/loading.py': ['test_transactional', 'test_formats', 'test_protocol',
-                             'test_chainer_cases', 'test_hostile', 'test_none_pickles',
-                             'test_progress', 'test_engine_rules'],
-    'gpuserial/_npy.py': ['test_npz', 'test_zipread', 'test_hostile', 'test_none_pickles',
-                          'test_formats'],
-    'gpuserial/_zipstream.py': ['test_npz', 'test_zipread', 'test_hostile', 'test_formats',
-                                'test_atomic'],
-    'gpuserial/_zipread.py': ['test_zipread', 'test_npz', 'test_hostile', 'test_formats'],
-    'gpuserial/npz.py': ['test_npz', 'test_zipread', 'test_formats', 'test_hostile',
-                         'test_transactional', 'test_chainer_cases', 'test_protocol',
-                         'test_engine_rules', 'test_progress', 'test_async'],
-    'gpuserial/hdf5.py': ['test_hdf5', 'test_formats', 'test_hostile', 'test_transactional',
-                          'test_chainer_cases', 'test_atomic', 'test_progress',
-                          'test_engine_rules', 'test_async'],
-    'gpuserial/_fileio.py': ['test_atomic', 'test_cli', 'test_async'],
-    'gpuserial/_signals.py': ['test_atomic'],
-    'gpuserial/transfer.py': ['test_transfer', 'test_engine_rules', 'test_formats',
-                              'test_concurrency', 'test_async'],
-    'gpuserial/devices.py': ['test_devices', 'test_engine_rules', 'test_transfer', 'test_formats',
-                             'test_async', 'test_protocol'],
-    'gpuserial/asyncsave.py': ['test_async', 'test_atomic', 'test_engine_rules'],
+    'gpuserial/formats/loading.py': ['test_transactional', 'test_formats', 'test_protocol',
+                                     'test_chainer_cases', 'test_hostile', 'test_none_pickles',
+                                     'test_progress', 'test_engine_rules'],
+    'gpuserial/formats/_npy.py': ['test_npz', 'test_zipread', 'test_hostile',
+                                  'test_none_pickles', 'test_formats'],
+    'gpuserial/formats/_zipstream.py': ['test_npz', 'test_zipread', 'test_hostile',
+                                        'test_formats', 'test_atomic'],
+    'gpuserial/formats/_zipread.py': ['test_zipread', 'test_npz', 'test_hostile',
+                                      'test_formats'],
+    'gpuserial/formats/npz.py': ['test_npz', 'test_zipread', 'test_formats', 'test_hostile',
+                                 'test_transactional', 'test_chainer_cases', 'test_protocol',
+                                 'test_engine_rules', 'test_progress', 'test_async'],
+    'gpuserial/formats/hdf5.py': ['test_hdf5', 'test_formats', 'test_hostile',
+                                  'test_transactional', 'test_chainer_cases', 'test_atomic',
+                                  'test_progress', 'test_engine_rules', 'test_async'],
+    'gpuserial/storage/_fileio.py': ['test_atomic', 'test_cli', 'test_async'],
+    'gpuserial/storage/_signals.py': ['test_atomic'],
+    'gpuserial/engine/transfer.py': ['test_transfer', 'test_engine_rules', 'test_formats',
+                                     'test_concurrency', 'test_async'],
+    'gpuserial/engine/devices.py': ['test_devices', 'test_engine_rules', 'test_transfer',
+                                    'test_formats', 'test_async', 'test_protocol'],
+    'gpuserial/engine/asyncsave.py': ['test_async', 'test_atomic', 'test_engine_rules'],
 }
 # Code that only runs on a real GPU (CuPy's backend): its mutants are run, and counted, where a
 # GPU is usable; elsewhere they are listed as needing one, outside the score.
-GPU_ONLY = {'gpuserial/devices.py': {'_CupyBackend', '_marker', '_cuda_device'}}
+GPU_ONLY = {'gpuserial/engine/devices.py': {'_CupyBackend', '_marker', '_cuda_device'}}
 
 SWAPS = {
     ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
@@ -249,7 +250,8 @@ NEEDS_A_GPU = 'needs a GPU'
 def _gpu_usable(directory: pathlib.Path) -> bool:
     """Whether the tests, run in ``directory``, have a usable GPU (CuPy's backend runs)."""
     found = subprocess.run(
-        [sys.executable, '-c', 'from gpuserial import devices; print(devices.gpu_available())'],
+        [sys.executable, '-c',
+         'from gpuserial.engine import devices; print(devices.gpu_available())'],
         cwd=directory, env=dict(os.environ, PYTHONPATH=str(directory)), capture_output=True,
         text=True, check=True).stdout.strip()
     return found == 'True'
@@ -283,7 +285,10 @@ def main(argv=None) -> int:
     for module in args.modules:
         every = mutants_of(module)
         if args.sample and len(every) > args.sample:
-            every = sorted(random.Random(f'{args.seed}:{module}').sample(every, args.sample),
+            # Seeded by the module's flat-layout path (gpuserial/NAME.py, as before the package
+            # had folders), so a seed draws the same sample it drew then
+            flat = f'gpuserial/{pathlib.PurePath(module).name}'
+            every = sorted(random.Random(f'{args.seed}:{flat}').sample(every, args.sample),
                            key=lambda m: (m.line, m.col))
         chosen += every
     if args.list:
@@ -347,7 +352,7 @@ def main(argv=None) -> int:
     score = killed / counted if counted else 1.0
     print()
     for module, row in summary.items():
-        print(f'{module:28} {row["killed"]:4} killed of {row["mutants"] - row["equivalent"]:4}'
+        print(f'{module:33} {row["killed"]:4} killed of {row["mutants"] - row["equivalent"]:4}'
               f' ({row["equivalent"]} equivalent, {row["needs_a_gpu"]} need a GPU)')
     print(f'score: {killed}/{counted} = {score:.1%} in {time.monotonic() - started:.0f} s')
     survivors = [key for key, r in results.items() if r['outcome'] == 'survived']

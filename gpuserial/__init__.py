@@ -1,10 +1,13 @@
 """gpuserial: save and load the state of GPU-resident models, Chainer's serializers kept exactly."""
 
-from gpuserial import optimizers, serializers, training
+import sys
+
+from gpuserial import serializers
 from gpuserial.access import EntryMetadata, LazyFile, LoadReport, load, load_into, save
 from gpuserial.access import open as open  # not in __all__: see below
-from gpuserial.asyncsave import SaveHandle, save_async, wait_all
-from gpuserial.devices import Device, get_array_module, get_device, gpu_available
+from gpuserial.engine.asyncsave import SaveHandle, save_async, wait_all
+from gpuserial.engine.devices import Device, get_array_module, get_device, gpu_available
+from gpuserial.engine.transfer import configure, release_pool
 from gpuserial.errors import (
                               CorruptFileError,
                               DeviceError,
@@ -16,8 +19,24 @@ from gpuserial.errors import (
                               UnsafeCastError,
                               UnsafeFileError,
 )
-from gpuserial.link import BatchNormalization, Chain, ChainList, Linear, Link, Parameter
-from gpuserial.optimizers import SGD, Adam, GradientMethod, MomentumSGD, Optimizer, UpdateRule
+from gpuserial.objects import optimizers, training
+from gpuserial.objects.link import BatchNormalization, Chain, ChainList, Linear, Link, Parameter
+from gpuserial.objects.optimizers import (
+                              SGD,
+                              Adam,
+                              GradientMethod,
+                              MomentumSGD,
+                              Optimizer,
+                              UpdateRule,
+)
+from gpuserial.objects.training import (
+                              SerialIterator,
+                              StandardUpdater,
+                              Trainer,
+                              get_trigger,
+                              snapshot,
+                              snapshot_object,
+)
 from gpuserial.serializer import AbstractSerializer, Deserializer, Serializer
 from gpuserial.serializers import (
                               DictionarySerializer,
@@ -30,15 +49,10 @@ from gpuserial.serializers import (
                               save_npz,
                               serialize,
 )
-from gpuserial.training import (
-                              SerialIterator,
-                              StandardUpdater,
-                              Trainer,
-                              get_trigger,
-                              snapshot,
-                              snapshot_object,
-)
-from gpuserial.transfer import configure, release_pool
+
+# Chainer's module names: `from gpuserial import optimizers` and `import gpuserial.training` work
+sys.modules['gpuserial.optimizers'] = optimizers
+sys.modules['gpuserial.training'] = training
 
 __version__ = '0.1.0'
 

@@ -1,5 +1,5 @@
 """``python -m gpuserial``: the ``gpuserial`` command."""
 
-from gpuserial.cli import main
+from gpuserial.tools.cli import main
 
 raise SystemExit(main())

@@ -22,10 +22,12 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import numpy
 
-from gpuserial import devices, hdf5, inspection, loading, npz
-from gpuserial._fileio import display_name, is_path
+from gpuserial.engine import devices
 from gpuserial.errors import DeviceError, KeyNotFoundError
-from gpuserial.loading import LoadReport
+from gpuserial.formats import hdf5, loading, npz
+from gpuserial.formats.loading import LoadReport
+from gpuserial.storage._fileio import display_name, is_path
+from gpuserial.tools import inspection
 
 __all__ = ['EntryMetadata', 'LazyFile', 'LazySlice', 'LoadReport', 'load', 'load_into', 'open',
            'save']

@@ -11,7 +11,8 @@ import numpy
 import pytest
 from hypothesis import settings
 
-from gpuserial import devices, serializers, transfer
+from gpuserial import serializers
+from gpuserial.engine import devices, transfer
 from tests import standin
 
 # CI's profile (.ci/run): the same examples every run, so that whether work lands is not

@@ -13,7 +13,7 @@ import zlib
 
 import numpy
 
-from gpuserial import _npy
+from gpuserial.formats import _npy
 
 CENTRAL = struct.Struct('<4s4B4H3L5H2L')  # a central directory record, before its name
 END = struct.Struct('<4s4H2LH')  # the end of central directory record
@@ -108,7 +108,7 @@ def flip(data: bytes, offset: int, mask: int = 0xFF) -> bytes:
 
 def temporaries(directory) -> list[str]:
     """The temporary files of saves left in ``directory``."""
-    from gpuserial._fileio import TEMP_SUFFIX
+    from gpuserial.storage._fileio import TEMP_SUFFIX
     return sorted(name for name in os.listdir(directory) if name.endswith(TEMP_SUFFIX))
 
 

@@ -16,7 +16,8 @@ import time
 
 import numpy
 
-from gpuserial import configure, inspection, serializers
+from gpuserial import configure, serializers
+from gpuserial.tools import inspection
 
 SHAPE = (512, 4096)  # 8 MiB of float32
 

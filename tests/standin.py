@@ -23,7 +23,7 @@ import threading
 
 import numpy
 
-from gpuserial import devices
+from gpuserial.engine import devices
 
 
 class StandInError(AssertionError):

@@ -12,9 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gpuserial
-from gpuserial import devices, serializers
+from gpuserial import serializers
+from gpuserial.engine import devices
 from gpuserial.errors import CorruptFileError, DeviceError, KeyNotFoundError, MismatchError
-from gpuserial.loading import box_reads
+from gpuserial.formats.loading import box_reads
 from tests.conftest import host
 
 SUFFIXES = {'npz': '.npz', 'npz-deflated': '.npz', 'hdf5': '.h5'}

@@ -17,7 +17,11 @@ import numpy
 import pytest
 
 import gpuserial
-from gpuserial import _fileio, _zipstream, asyncsave, hdf5, npz, serializers, training, transfer
+from gpuserial import serializers
+from gpuserial.engine import asyncsave, transfer
+from gpuserial.formats import _zipstream, hdf5, npz
+from gpuserial.objects import training
+from gpuserial.storage import _fileio
 from tests import crafting, kill_saver, standin
 from tests.conftest import ROOT, host, make_device
 
@@ -64,13 +68,13 @@ def _mutate(tree: dict) -> None:
             _mutate(value)
         elif isinstance(value, standin.StandInArray):  # a write the streams do not order
             value._data[...] = -value._data - 1
-        elif gpuserial.devices.is_array(value) and value.size:
+        elif gpuserial.engine.devices.is_array(value) and value.size:
             value[...] = -value - 1
 
 
 def _values(tree: dict) -> dict:
     return {key: (_values(value) if isinstance(value, dict) else
-                  host(value).copy() if gpuserial.devices.is_array(value) else value)
+                  host(value).copy() if gpuserial.engine.devices.is_array(value) else value)
             for key, value in tree.items()}
 
 

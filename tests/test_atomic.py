@@ -24,7 +24,9 @@ import time
 import numpy
 import pytest
 
-from gpuserial import _fileio, _signals, _zipstream, hdf5, serializers
+from gpuserial import serializers
+from gpuserial.formats import _zipstream, hdf5
+from gpuserial.storage import _fileio, _signals
 from tests import crafting, interrupt_child, kill_saver
 from tests.conftest import as_nobody
 
@@ -631,7 +633,7 @@ def _catch(errors, function):
 
 
 def test_importing_gpuserial_leaves_the_process_umask_as_it_was():
-    code = ('import os\nos.umask(0o027)\nimport gpuserial._fileio\n'
+    code = ('import os\nos.umask(0o027)\nimport gpuserial.storage._fileio\n'
             'print(oct(os.umask(0)))\n')
     done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                           check=True, cwd=REPO)

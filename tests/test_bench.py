@@ -1,4 +1,5 @@
-"""``gpuserial.bench``: the throughput table runs, tiny, on the CPU and the stand-in device."""
+"""``gpuserial.tools.bench``: the throughput table runs, tiny, on the CPU and the stand-in
+device."""
 
 import io
 import json
@@ -7,7 +8,7 @@ import sys
 import numpy
 import pytest
 
-from gpuserial import bench
+from gpuserial.tools import bench
 from tests.standin import StandInDevice
 
 

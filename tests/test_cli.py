@@ -1,6 +1,6 @@
 """The ``gpuserial`` command line, driven through its entry points on real files.
 
-Most tests call :func:`gpuserial.cli.main` and capture its output; a few run ``python -m
+Most tests call :func:`gpuserial.tools.cli.main` and capture its output; a few run ``python -m
 gpuserial`` in a subprocess, which is what the console script runs too. Files come from
 ``tests/data/chainer`` (written by real Chainer 7.8.1 and by ``numpy.savez``) or are made in
 ``tmp_path``.
@@ -20,7 +20,9 @@ import h5py
 import numpy
 import pytest
 
-from gpuserial import cli, devices, serializers
+from gpuserial import serializers
+from gpuserial.engine import devices
+from gpuserial.tools import cli
 from tests.conftest import CHAINER_PYTHON
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -114,7 +116,7 @@ def test_no_command_is_a_usage_error(capsys):
 
 def test_console_script_is_declared():
     text = (ROOT / 'pyproject.toml').read_text()
-    assert 'gpuserial = "gpuserial.cli:main"' in text
+    assert 'gpuserial = "gpuserial.tools.cli:main"' in text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -655,7 +657,7 @@ def test_diff_of_infinities_is_infinite(capsys, tmp_path):
 
 
 def _temporary_file(directory, target: str, pid: int, size: int = 10) -> pathlib.Path:
-    from gpuserial import _fileio
+    from gpuserial.storage import _fileio
     path = directory / f'.{target}.{pid}-{_fileio.HOST}-00aa{_fileio.TEMP_SUFFIX}'
     path.write_bytes(bytes(size))
     return path

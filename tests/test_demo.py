@@ -11,7 +11,9 @@ import h5py
 import numpy
 import pytest
 
-from gpuserial import cli, demo, devices, npz
+from gpuserial.engine import devices
+from gpuserial.formats import npz
+from gpuserial.tools import cli, demo
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SIZE = '4MiB'

@@ -9,7 +9,7 @@ import numpy
 import pytest
 
 import gpuserial
-from gpuserial import devices
+from gpuserial.engine import devices
 from gpuserial.errors import DeviceError
 from tests.conftest import host
 from tests.standin import StandInArray, StandInDevice

@@ -12,7 +12,8 @@ import numpy
 import pytest
 
 import gpuserial
-from gpuserial import devices, serializers, transfer
+from gpuserial import serializers
+from gpuserial.engine import devices, transfer
 from gpuserial.errors import CorruptFileError
 from tests.standin import BACKEND, StandInDevice, StandInError
 
@@ -428,7 +429,7 @@ def test_wide_elements_go_one_per_chunk_when_a_chunk_holds_less_than_one(small_c
 
 @pytest.mark.parametrize('layout', ['contiguous', 'strided'])
 def test_a_pending_ctrl_c_stops_host_transfers_between_blocks(layout, small_chunks):
-    from gpuserial import _signals
+    from gpuserial.storage import _signals
     source = numpy.arange(64, dtype=numpy.float64)
     array = source if layout == 'contiguous' else numpy.arange(128.0)[::2]
     _signals._pending.set()
@@ -459,7 +460,7 @@ def test_devices_are_synchronized_once_each_for_a_synchronous_save(tmp_path, mon
 
 @pytest.mark.parametrize('where', ['host', 'device'])
 def test_a_pending_ctrl_c_stops_a_fill_of_many_small_arrays(where):
-    from gpuserial import _signals
+    from gpuserial.storage import _signals
     device = StandInDevice(0)
     arrays = [numpy.zeros(4) for _ in range(3)]
     if where == 'device':

@@ -5,7 +5,7 @@ import io
 import numpy
 import pytest
 
-from gpuserial import devices
+from gpuserial.engine import devices
 from tests.conftest import FORMATS, host, make_device
 from tests.standin import StandInArray, StandInDevice
 
@@ -259,7 +259,7 @@ def test_serializable_objects(tmp_path, fmt):
 def test_progress_counts_every_array_byte(tmp_path, monkeypatch, small_chunks, name):
     import contextlib
 
-    from gpuserial import progress
+    from gpuserial.engine import progress
 
     bars = []
 

@@ -18,7 +18,8 @@ import threading
 import numpy
 import pytest
 
-from gpuserial import devices, serializers, transfer
+from gpuserial import serializers
+from gpuserial.engine import devices, transfer
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.gpu
@@ -172,7 +173,7 @@ class _nothing:
 
 def test_per_thread_default_streams_in_a_subprocess(tmp_path):
     script = ('import pathlib, sys\n'
-              'from gpuserial import devices\n'
+              'from gpuserial.engine import devices\n'
               'from tests import test_gpu\n'
               'cupy = devices.get_device(0).xp\n'
               'test_gpu.save_after_a_slow_fill(pathlib.Path(sys.argv[1]) / "m.npz", cupy,\n'

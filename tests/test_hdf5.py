@@ -8,8 +8,10 @@ import h5py
 import numpy
 import pytest
 
-from gpuserial import hdf5, serializers, transfer
+from gpuserial import serializers
+from gpuserial.engine import transfer
 from gpuserial.errors import KeyCollisionError
+from gpuserial.formats import hdf5
 from tests.conftest import host
 from tests.standin import StandInDevice
 
@@ -193,7 +195,7 @@ def test_a_dataset_where_a_group_of_that_name_already_holds_entries_is_refused(t
 
 
 def test_a_load_of_blocks_counts_every_byte(tmp_path, monkeypatch):
-    from gpuserial import progress
+    from gpuserial.engine import progress
     counted = []
 
     class Bar:

@@ -18,7 +18,7 @@ import h5py
 import numpy
 import pytest
 
-from gpuserial import _npy, inspection, loading, serializers
+from gpuserial import serializers
 from gpuserial.errors import (
     CorruptFileError,
     GpuserialError,
@@ -29,6 +29,8 @@ from gpuserial.errors import (
     UnsafeCastError,
     UnsafeFileError,
 )
+from gpuserial.formats import _npy, loading
+from gpuserial.tools import inspection
 from tests import crafting
 from tests.conftest import as_nobody
 

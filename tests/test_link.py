@@ -8,9 +8,9 @@ import h5py
 import numpy
 import pytest
 
-from gpuserial import devices
+from gpuserial.engine import devices
 from gpuserial.errors import DeviceError
-from gpuserial.link import BatchNormalization, Chain, ChainList, Linear, Link, Parameter
+from gpuserial.objects.link import BatchNormalization, Chain, ChainList, Linear, Link, Parameter
 from gpuserial.serializer import Deserializer, Serializer, child_path, entry_key
 from tests import standin
 

@@ -18,8 +18,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpuserial import _npy, _zipread, _zipstream, npz, serializers, transfer
+from gpuserial import serializers
+from gpuserial.engine import transfer
 from gpuserial.errors import CorruptFileError
+from gpuserial.formats import _npy, _zipread, _zipstream, npz
 from tests import crafting, standin
 from tests.conftest import host, make_device
 

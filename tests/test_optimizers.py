@@ -6,9 +6,10 @@ import pathlib
 import numpy
 import pytest
 
-from gpuserial import devices, serializers
-from gpuserial.link import Chain, Linear, Link
-from gpuserial.optimizers import SGD, Adam, Hyperparameter, MomentumSGD
+from gpuserial import serializers
+from gpuserial.engine import devices
+from gpuserial.objects.link import Chain, Linear, Link
+from gpuserial.objects.optimizers import SGD, Adam, Hyperparameter, MomentumSGD
 from tests.test_link import FromDict, Net, Recorder, assert_same_state, snapshot_state
 
 CHAINER_DATA = pathlib.Path(__file__).parent / 'data' / 'chainer'

@@ -9,7 +9,8 @@ import sys
 import numpy
 import pytest
 
-from gpuserial import progress, serializers
+from gpuserial import serializers
+from gpuserial.engine import progress
 
 
 class Terminal(io.StringIO):

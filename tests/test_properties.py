@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from gpuserial import devices, serializers, transfer
+from gpuserial import serializers
+from gpuserial.engine import devices, transfer
 from gpuserial.errors import GpuserialError
 from tests.conftest import host, make_device
 

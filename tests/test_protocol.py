@@ -301,7 +301,8 @@ def test_keys_that_are_not_strings_are_refused_and_str_subclasses_taken_as_str()
 
 def test_the_base_classes_leave_their_abstract_methods_to_subclasses():
     """A serializer, format reader or array backend that forgets a method fails loudly."""
-    from gpuserial import devices, loading
+    from gpuserial.engine import devices
+    from gpuserial.formats import loading
     from gpuserial.serializer import AbstractSerializer
     calls = [
         lambda: AbstractSerializer()['x'],

@@ -18,7 +18,7 @@ import shutil
 
 import pytest
 
-from gpuserial import cli
+from gpuserial.tools import cli
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = (ROOT / 'README.md').read_text()

@@ -14,11 +14,12 @@ import warnings
 import numpy
 import pytest
 
-from gpuserial import devices, serializers
-from gpuserial.link import Chain, Linear
-from gpuserial.npz import serialize_refs
-from gpuserial.optimizers import SGD, Adam, MomentumSGD
-from gpuserial.training import (
+from gpuserial import serializers
+from gpuserial.engine import devices
+from gpuserial.formats.npz import serialize_refs
+from gpuserial.objects.link import Chain, Linear
+from gpuserial.objects.optimizers import SGD, Adam, MomentumSGD
+from gpuserial.objects.training import (
     Extension,
     IntervalTrigger,
     SerialIterator,

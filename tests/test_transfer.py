@@ -3,7 +3,7 @@
 import numpy
 import pytest
 
-from gpuserial import transfer
+from gpuserial.engine import transfer
 from tests.conftest import host
 from tests.standin import BACKEND, StandInDevice
 

@@ -11,8 +11,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from gpuserial import _npy, _zipread, _zipstream, serializers
+from gpuserial import serializers
 from gpuserial.errors import CorruptFileError
+from gpuserial.formats import _npy, _zipread, _zipstream
 from tests import crafting
 
 NAMES = st.one_of(st.from_regex(r'[a-z][a-z0-9_/.]{0,12}\.npy', fullmatch=True),

@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy
 
-from gpuserial import asyncsave, devices, serializers
+from gpuserial import serializers
+from gpuserial.engine import asyncsave, devices
 from gpuserial.serializer import Serializer
 
 __all__ = ['Extension', 'IntervalTrigger', 'PRIORITY_EDITOR', 'PRIORITY_READER',

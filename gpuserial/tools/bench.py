@@ -2,8 +2,8 @@
 
 At each array size it times, best of ``repeat``:
 
-- the staging engine: device-to-host (:func:`gpuserial.transfer.host_chunks` into a pageable
-  host array) and host-to-device (:func:`gpuserial.transfer.fill` from one); on a GPU beside
+- the staging engine: device-to-host (:func:`gpuserial.engine.transfer.host_chunks` into a pageable
+  host array) and host-to-device (:func:`gpuserial.engine.transfer.fill` from one); on a GPU beside
   ``cupy.asnumpy`` / ``ndarray.set`` and a single pinned ``cudaMemcpy`` of the whole array (the
   bus limit), on the CPU beside a plain ``numpy.copyto`` (the engine's overhead);
 - ``save_npz`` / ``load_npz`` / ``save_hdf5`` / ``load_hdf5`` of one array of that size,
@@ -28,7 +28,8 @@ from typing import TextIO
 
 import numpy
 
-from gpuserial import devices, hdf5, npz, transfer
+from gpuserial.engine import devices, transfer
+from gpuserial.formats import hdf5, npz
 
 __all__ = ['DEFAULT_SIZES', 'Row', 'machine_info', 'make_array', 'make_model', 'parse_size', 'run']
 
@@ -358,7 +359,7 @@ def run(*, json: bool = False, plot: str | None = None, sizes: Iterable[int] | N
         targets: Iterable | None = None, out: TextIO | None = None) -> int:
     """Times the transfer engine and the save/load paths here and prints a table.
 
-    GPU rows appear when a GPU is usable (:func:`gpuserial.devices.gpu_available`); CPU rows
+    GPU rows appear when a GPU is usable (:func:`gpuserial.engine.devices.gpu_available`); CPU rows
     always do.
 
     Args:

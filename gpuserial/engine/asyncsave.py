@@ -32,8 +32,10 @@ from collections.abc import Callable, Iterator
 
 import numpy
 
-from gpuserial import _fileio, devices, hdf5, npz, transfer
-from gpuserial._fileio import atomic_output, display_name
+from gpuserial.engine import devices, transfer
+from gpuserial.formats import hdf5, npz
+from gpuserial.storage import _fileio
+from gpuserial.storage._fileio import atomic_output, display_name
 
 __all__ = ['SaveHandle', 'save_async', 'wait_all']
 

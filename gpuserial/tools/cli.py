@@ -15,7 +15,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from gpuserial import inspection
+from gpuserial.tools import inspection
 
 __all__ = ['build_parser', 'main']
 
@@ -26,8 +26,8 @@ RATIO_MIN_BYTES = 64 << 10  # inspect shows stored/raw from this much raw data o
 
 
 def parse_size(text: str) -> int:
-    """Bytes from ``'4096'``, ``'16MiB'``, ``'1GiB'`` (as ``gpuserial.bench.parse_size``)."""
-    from gpuserial.bench import parse_size as parse
+    """Bytes from ``'4096'``, ``'16MiB'``, ``'1GiB'`` (as ``gpuserial.tools.bench.parse_size``)."""
+    from gpuserial.tools.bench import parse_size as parse
 
     try:
         return parse(text)
@@ -69,7 +69,7 @@ def format_bytes(nbytes: int) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gpuserial import demo
+    from gpuserial.tools import demo
 
     return demo.run(args.size, args.device, args.dir, compress=args.compress)
 
@@ -169,7 +169,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    from gpuserial import _fileio
+    from gpuserial.storage import _fileio
 
     removed = kept = 0
     freed = 0
@@ -197,7 +197,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from gpuserial import bench
+    from gpuserial.tools import bench
 
     options = {'json': args.json, 'plot': args.plot, 'out': sys.stdout}  # the current stdout
     if args.sizes:

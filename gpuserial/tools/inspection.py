@@ -23,10 +23,12 @@ from collections.abc import Iterator
 import h5py
 import numpy
 
-from gpuserial import _npy, _signals, _zipread, _zipstream, hdf5, loading, npz, transfer
-from gpuserial._fileio import atomic_output, atomic_path, display_name, is_path, open_input
+from gpuserial.engine import transfer
+from gpuserial.engine.progress import bar, counted
 from gpuserial.errors import CorruptFileError
-from gpuserial.progress import bar, counted
+from gpuserial.formats import _npy, _zipread, _zipstream, hdf5, loading, npz
+from gpuserial.storage import _signals
+from gpuserial.storage._fileio import atomic_output, atomic_path, display_name, is_path, open_input
 
 __all__ = ['ConvertResult', 'DiffResult', 'EntryInfo', 'FileInfo', 'KeyDiff', 'compression_level',
            'convert', 'detect_format', 'diff_files', 'dtype_name', 'format_for_path',
@@ -475,7 +477,7 @@ def convert(src, dst, *, format: str | None = None, compression: int | bool | No
             gzip level 0-9 (0 or False: none; True: 4). Default: the format's save default
             (deflate for NPZ, gzip 4 for HDF5).
         progress: a progress bar: None (the default) on a terminal for large files only, or
-            True/False (see :func:`gpuserial.progress.bar`).
+            True/False (see :func:`gpuserial.engine.progress.bar`).
         durable: fsync the new file and its directory.
 
     Raises:

@@ -29,8 +29,8 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 
 import numpy
 
-from gpuserial import _signals
-from gpuserial.devices import NUMPY, Backend, Device, backend_of
+from gpuserial.engine.devices import NUMPY, Backend, Device, backend_of
+from gpuserial.storage import _signals
 
 # memoryview(array) of a NumPy array carries "type: ignore[arg-type]": NumPy's stubs give
 # ndarray the buffer protocol (__buffer__) only from Python 3.12 on (numpy/numpy#26783).

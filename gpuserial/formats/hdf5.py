@@ -18,9 +18,8 @@ from types import ModuleType
 import h5py
 import numpy
 
-from gpuserial import _signals, devices, loading, transfer
-from gpuserial import progress as _progress
-from gpuserial._fileio import atomic_path, display_name, is_path, wait_for_save
+from gpuserial.engine import devices, transfer
+from gpuserial.engine import progress as _progress
 from gpuserial.errors import (
     CorruptFileError,
     InvalidKeyError,
@@ -28,7 +27,10 @@ from gpuserial.errors import (
     MismatchError,
     UnsafeFileError,
 )
+from gpuserial.formats import loading
 from gpuserial.serializer import Serializer, as_serializable, child_path, entry_key
+from gpuserial.storage import _signals
+from gpuserial.storage._fileio import atomic_path, display_name, is_path, wait_for_save
 
 resource: ModuleType | None
 try:
@@ -426,7 +428,8 @@ class HDF5Deserializer(loading.ReaderDeserializer):
             loads).
 
     Called directly, it loads each entry at once; :meth:`load` calls the object's ``serialize``
-    once and fills its arrays in place after that has returned (see :mod:`gpuserial.loading`).
+    once and fills its arrays in place after that has returned (see
+    :mod:`gpuserial.formats.loading`).
     """
 
     reader: _GroupReader

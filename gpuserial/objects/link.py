@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy
 
-from gpuserial import devices
-from gpuserial.devices import Device
+from gpuserial.engine import devices
+from gpuserial.engine.devices import Device
 
 if TYPE_CHECKING:
-    from gpuserial.optimizers import UpdateRule
+    from gpuserial.objects.optimizers import UpdateRule
 
 __all__ = ['BatchNormalization', 'Chain', 'ChainList', 'Linear', 'Link', 'Parameter']
 
@@ -331,7 +331,7 @@ class Link:
         """Moves parameters, gradients and array persistents here and below to ``device``.
 
         Args:
-            device: Anything :func:`gpuserial.devices.get_device` accepts.
+            device: Anything :func:`gpuserial.engine.devices.get_device` accepts.
 
         Returns:
             This link.

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy
 
-from gpuserial import devices, progress, transfer
+from gpuserial.engine import devices, progress, transfer
 from gpuserial.errors import GpuserialError, KeyNotFoundError, MismatchError, UnsafeCastError
 from gpuserial.serializer import (
     Deserializer,
@@ -108,7 +108,8 @@ class Reader:
 
     def reads_whole(self, entry: Entry, dst) -> bool:
         """Whether ``dst`` is better filled with :meth:`read_whole` through a shared buffer
-        (see :func:`gpuserial.transfer.fill_many`): small device arrays, where the format can."""
+        (see :func:`gpuserial.engine.transfer.fill_many`): small device arrays, where the format
+        can."""
         return False
 
     def read_whole(self, entry: Entry, buffer: memoryview) -> None:

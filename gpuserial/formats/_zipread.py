@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple, Protocol
 
-from gpuserial._zipstream import (
+from gpuserial.formats._zipstream import (
     CENTRAL,
     DEFLATE_ERRORS,
     DEFLATED,

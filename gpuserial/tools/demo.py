@@ -20,7 +20,8 @@ from typing import TextIO
 
 import numpy
 
-from gpuserial import devices, hdf5, npz
+from gpuserial.engine import devices
+from gpuserial.formats import hdf5, npz
 
 __all__ = ['DEFAULT_SIZE', 'MIN_SIZE', 'FormatResult', 'make_model', 'run']
 

@@ -17,11 +17,18 @@ from typing import Any, BinaryIO, Protocol, cast
 
 import numpy
 
-from gpuserial import _npy, _zipread, _zipstream, devices, loading, transfer
-from gpuserial import progress as _progress
-from gpuserial._fileio import atomic_output, display_name, is_path, open_input, wait_for_save
+from gpuserial.engine import devices, transfer
+from gpuserial.engine import progress as _progress
 from gpuserial.errors import CorruptFileError, InvalidKeyError, KeyCollisionError, UnsafeFileError
+from gpuserial.formats import _npy, _zipread, _zipstream, loading
 from gpuserial.serializer import Serializer, as_serializable, child_path, entry_key
+from gpuserial.storage._fileio import (
+    atomic_output,
+    display_name,
+    is_path,
+    open_input,
+    wait_for_save,
+)
 
 __all__ = ['DictionarySerializer', 'NpzDeserializer', 'load_npz', 'save_npz', 'serialize']
 
@@ -548,7 +555,8 @@ class NpzDeserializer(loading.ReaderDeserializer):
             loads).
 
     Called directly, it loads each entry at once; :meth:`load` calls the object's ``serialize``
-    once and fills its arrays in place after that has returned (see :mod:`gpuserial.loading`).
+    once and fills its arrays in place after that has returned (see
+    :mod:`gpuserial.formats.loading`).
     """
 
     def __init__(self, npz, path: str = '', strict: bool = True, ignore_names=None, *,

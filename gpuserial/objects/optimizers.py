@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy
 
-from gpuserial import devices
-from gpuserial.link import Link, Parameter
+from gpuserial.engine import devices
+from gpuserial.objects.link import Link, Parameter
 from gpuserial.serializer import Deserializer
 
 __all__ = ['Adam', 'AdamRule', 'GradientMethod', 'Hyperparameter', 'MomentumSGD',
