@@ -102,7 +102,7 @@ for name in "${STAGES[@]}"; do
         --rounds "$COMPARE_ROUNDS" --pairs npz --json "$OUT/compare-gpu-npz.json" ;;
     compare-peers)
       stage compare-gpu-peers "$PYTHON" benchmarks/compare.py --device cuda:0 \
-        --rounds "$COMPARE_ROUNDS" --pairs peers --json "$OUT/compare-gpu-peers.json" ;;
+        --rounds "$COMPARE_ROUNDS" --pairs peers whole --json "$OUT/compare-gpu-peers.json" ;;
     compare-compressed)
       stage compare-gpu-compressed "$PYTHON" benchmarks/compare.py --device cuda:0 \
         --bytes 256MiB --rounds "$COMPARE_ROUNDS" --pairs compressed \
