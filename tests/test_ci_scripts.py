@@ -1,6 +1,7 @@
 """The README's two commands: environments made once, rebuilt only when pyproject.toml changes."""
 
 import os
+import sys
 import pathlib
 import subprocess
 
@@ -43,3 +44,15 @@ def test_the_stamp_follows_pyproject(tmp_path):
     assert _bash('project_stamp chainer', tmp_path) != first
     (tmp_path / 'pyproject.toml').write_text('b')
     assert _bash('project_stamp test', tmp_path) != first
+
+
+def test_every_listed_equivalent_mutant_is_one_the_script_makes():
+    """ci/mutants-equivalent.txt names mutants by file, line and column: an edit that moves
+    the code must move the ids too, or the reviewed equivalents silently stop counting."""
+    listed = subprocess.run([sys.executable, 'ci/mutate.py', '--list'], cwd=ROOT,
+                            capture_output=True, text=True, check=True, timeout=120).stdout
+    made = {line.split(': ')[0] for line in listed.splitlines() if ': ' in line}
+    equivalents = [line.split(' ')[0] for line in
+                   (ROOT / 'ci' / 'mutants-equivalent.txt').read_text().splitlines()
+                   if line.strip() and not line.startswith('#')]
+    assert equivalents and [i for i in equivalents if i not in made] == []
