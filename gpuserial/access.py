@@ -172,6 +172,7 @@ class _Placement:
         if entry.dtype.hasobject:  # HDF5 strings (other objects were refused by entry())
             value = reader.read_scalar(entry)
             return numpy.asarray(value.tolist() if value.dtype.hasobject else value), False
+        self._check_holds(entry.dtype, reader.where(entry.key))
         reader.check_size(entry, allocating=True)
         on = self.device if entry.dtype.kind != 'V' else devices.CPU  # NumPy alone holds those
         dtype = entry.dtype if on.backend.is_host else entry.dtype.newbyteorder('=')
@@ -183,12 +184,16 @@ class _Placement:
         if self.framework is not None:
             return self.framework.from_engine(value, self.device)
         if isinstance(value, numpy.ndarray) and not self.device.backend.is_host:
-            extension = devices.extension_of(value.dtype)  # read on the host: see new()
-            if extension is not None:
-                raise DeviceError(f"{where}: {extension} has no dtype on {self.device.name}; "
-                                  f"load it with like='torch' or like='jax', or on the CPU")
-            return self.device.send(value)  # a slice, read on the host
+            self._check_holds(value.dtype, where)  # a slice, read on the host
+            return self.device.send(value)
         return devices.decoded(value)
+
+    def _check_holds(self, dtype: numpy.dtype, where: str) -> None:
+        """Raises when the arrays made here cannot hold ``dtype`` (bfloat16 on CuPy)."""
+        extension = devices.extension_of(dtype)
+        if extension is not None and self.framework is None and not self.device.backend.is_host:
+            raise DeviceError(f"{where}: {extension} has no dtype on {self.device.name}; "
+                              f"load it with like='torch' or like='jax', or on the CPU")
 
 
 # ---------------------------------------------------------------------------------------------

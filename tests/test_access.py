@@ -153,6 +153,9 @@ def test_bfloat16_onto_a_device_without_the_dtype_is_a_clear_error(tmp_path):
     with pytest.raises(DeviceError, match="'b': bfloat16 has no dtype on @standin:0; load it "
                                           "with like='torch'"):
         gpuserial.load(tmp_path / 'a.npz', device=standin.StandInDevice(0))
+    with gpuserial.open(tmp_path / 'a.npz', device=standin.StandInDevice(0)) as f:
+        with pytest.raises(DeviceError, match="'b': bfloat16 has no dtype on @standin:0"):
+            f.get_slice('b')[1:]
 
 
 @pytest.mark.parametrize('like', ['numpy', numpy])

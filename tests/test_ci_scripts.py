@@ -1,9 +1,9 @@
 """The README's two commands: environments made once, rebuilt only when pyproject.toml changes."""
 
 import os
-import sys
 import pathlib
 import subprocess
+import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
