@@ -1,4 +1,5 @@
-"""The README's two commands: environments made once, rebuilt only when pyproject.toml changes."""
+"""The scripts in ci/: environments made once and rebuilt only when pyproject.toml changes, and
+the mutation script's list of equivalent mutants."""
 
 import os
 import pathlib
