@@ -1,9 +1,11 @@
-"""The standalone runners (compare.py, peak_memory.py, small_entries.py, async_save.py) run,
-tiny, so that they cannot rot."""
+"""The standalone runners (compare.py, peak_memory.py, small_entries.py, async_save.py,
+sharded_save.py) run, tiny, so that they cannot rot."""
 
 import json
 
-from benchmarks import async_save, compare, peak_memory, small_entries
+import pytest
+
+from benchmarks import async_save, compare, peak_memory, sharded_save, small_entries
 
 
 def test_compare_runs_interleaved_rounds(tmp_path, capsys):
@@ -69,3 +71,19 @@ def test_async_save_reports_blocked_time_and_peak_memory(tmp_path, capsys):
     assert report['verdict'] in ('PASS', 'FAIL') and report['staging'] == 'host'
     assert report['peak']['budget'] == 256 << 10
     assert 'blocked time' in capsys.readouterr().out
+
+
+@pytest.mark.mpi
+def test_sharded_save_compares_the_three_ways(tmp_path, capsys):
+    out = tmp_path / 'sharded.json'
+    assert sharded_save.main(['--bytes', '256KiB', '--ranks', '1', '2', '--rounds', '1',
+                              '--dir', str(tmp_path), '--json', str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report['ranks']) == {'1', '2'}
+    for result in report['ranks'].values():
+        assert set(result['medians']) == {'spread', 'rank0', 'copies'}
+        assert result['ratios']['disk spread / one copy'] < 1.5  # headers, at 256 KiB
+    assert report['ranks']['2']['ratios']['disk copies / one copy'] >= 2
+    assert report['verdict'] in ('PASS', 'FAIL')
+    assert 'spread / rank0' in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ['sharded.json']

@@ -64,8 +64,10 @@ def test_python_blocks_run_in_order(tmp_path, monkeypatch):
     assert "['l1/W', 'l1/b', 'l2/W', 'l2/b']" in out
     assert '<Device @numpy> <Device @numpy>' in out
     assert "'my.model', key 'l3/W': not in the file" in out
+    assert "['embedding', 'model/W', 'model/step']" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        'ckpt.npz', 'my.h5', 'my.model', 'my.state', 'result', 'state.npz']
+        'ckpt.npz', 'my.h5', 'my.model', 'my.state', 'result', 'sharded', 'sharded.npz',
+        'state.npz']
 
 
 def transcripts() -> list[tuple[int, str, list[str]]]:

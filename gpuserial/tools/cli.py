@@ -1,4 +1,4 @@
-"""The ``gpuserial`` command: demo, inspect, convert, diff, bench and clean.
+"""The ``gpuserial`` command: demo, inspect, convert, consolidate, diff, bench and clean.
 
 Errors are one line on stderr (``gpuserial: error: ...``) with exit status 2; ``-v`` shows the
 traceback. ``diff`` exits 0 when the files are equal and 1 when they differ, as ``diff`` does.
@@ -113,6 +113,17 @@ def inspect_lines(info: inspection.FileInfo) -> list[str]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if os.path.isdir(args.file):  # a sharded checkpoint (gpuserial.distributed)
+        from gpuserial.distributed import reading
+
+        if not reading.is_checkpoint(args.file):
+            raise IsADirectoryError(f'{args.file!r}: is a directory, not an NPZ or HDF5 file, '
+                                    f'nor a sharded checkpoint (no index.json in it)')
+        if args.json:
+            print(json.dumps(reading.describe(args.file), indent=2))
+        else:
+            print('\n'.join(reading.describe_lines(args.file)))
+        return 0
     info = inspection.inspect_file(args.file)
     if args.json:
         print(json.dumps(info.as_dict(), indent=2))
@@ -131,6 +142,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
         'deflate' if result.format == 'npz' else f'gzip {result.compression}')
     print(f'{args.src} -> {args.dst}: {result.entries} entries, {format_bytes(result.nbytes)}, '
           f'{result.format.upper()} ({how})')
+    return 0
+
+
+def cmd_consolidate(args: argparse.Namespace) -> int:
+    from gpuserial.distributed import reading
+
+    result = reading.consolidate(args.dir, args.out, rank=args.rank,
+                                 compression=args.compression not in (None, 0))
+    print(f'{args.dir} -> {args.out}: {result.entries} entries, {format_bytes(result.nbytes)}, '
+          f'NPZ ({"deflate" if args.compression not in (None, 0) else "stored"})')
     return 0
 
 
@@ -242,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
         'inspect', parents=[verbose], help='list the keys of an NPZ or HDF5 file',
         description='Show the tree of keys of an NPZ (gpuserial, NumPy, Chainer) or HDF5 file '
         'with shape, dtype, stored and raw size, compression and None entries, plus totals. '
-        'Reads metadata only: no data is loaded and nothing is unpickled.')
-    inspect.add_argument('file', help='an NPZ or HDF5 file')
+        'For a sharded checkpoint directory: each key\'s kind, global shape, dtype and chunks '
+        'per file. Reads metadata only: no data is loaded and nothing is unpickled.')
+    inspect.add_argument('file', help='an NPZ or HDF5 file, or a sharded checkpoint directory')
     inspect.add_argument('--json', action='store_true', help='print JSON for scripts')
     inspect.set_defaults(func=cmd_inspect)
 
@@ -262,6 +284,20 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument('--no-progress', action='store_true',
                          help='no progress bar (shown by default on a terminal for large files)')
     convert.set_defaults(func=cmd_convert)
+
+    consolidate = commands.add_parser(
+        'consolidate', parents=[verbose], help='write a sharded checkpoint as one NPZ',
+        description='Write the sharded checkpoint in DIR (gpuserial.distributed) as one '
+        "ordinary NPZ that numpy.load and Chainer's load_npz read: every key as its whole "
+        'global array, per-rank keys as one rank\'s value. One array is in memory at a time; '
+        'OUT is replaced atomically once complete.')
+    consolidate.add_argument('dir', help='the checkpoint directory (holding index.json)')
+    consolidate.add_argument('out', help='the NPZ file to write')
+    consolidate.add_argument('--rank', type=int, default=0,
+                             help='whose value of per-rank keys to keep (default 0)')
+    consolidate.add_argument('--compression', type=parse_compression,
+                             metavar='{none,deflate,0-9}', help='none (the default) or deflate')
+    consolidate.set_defaults(func=cmd_consolidate)
 
     diff = commands.add_parser(
         'diff', parents=[verbose], help='compare two checkpoints',

@@ -1,0 +1,341 @@
+"""Sharded saves and loads over an MPI communicator (mpi4py's, or anything with ``rank``,
+``size``, ``allgather`` and ``bcast``).
+
+A save runs in three steps, each ended by a collective that shares every rank's status, so
+that a failure on any rank makes every rank raise and none waits forever:
+
+1. Every rank serializes its object and describes each entry (shape, dtype, CRC-32 of its
+   bytes, and for a :class:`~gpuserial.distributed.index.Shard` its place in the global array).
+   The descriptions are gathered; every rank computes the same plan from them
+   (:func:`~gpuserial.distributed.index.plan_save`).
+2. Every rank writes the chunks the plan gives it into its own stored NPZ, under a name new to
+   this save (atomically: a temporary file, fsync'd and renamed).
+3. Rank 0 writes ``index.json`` (temporary file, fsync, rename, directory fsync): the commit
+   point. Then the data files of the checkpoint it replaced are removed.
+
+A failed save removes the files it wrote and leaves the previous checkpoint as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import pickle
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+import numpy
+
+from gpuserial.distributed.index import (
+    INDEX_NAME,
+    EntryMeta,
+    RankFailedError,
+    Shard,
+    box_shape,
+    file_name,
+    normalize_box,
+    plan_save,
+)
+from gpuserial.distributed.reading import ReadStats, ShardedReader, read_index
+from gpuserial.engine import transfer
+from gpuserial.errors import KeyNotFoundError, MismatchError
+from gpuserial.formats import _npy, _zipread, _zipstream, loading, npz
+from gpuserial.serializer import child_path, entry_key
+from gpuserial.storage._fileio import atomic_output, atomic_path
+
+__all__ = ['load_sharded', 'save_sharded']
+
+Shards = Mapping[str, tuple[tuple[int, ...], Any]]  # full key: (global shape, index)
+
+
+def _world(comm):
+    if comm is not None:
+        return comm
+    from mpi4py import MPI  # only here: gpuserial never imports mpi4py unless asked to
+
+    return MPI.COMM_WORLD
+
+
+@dataclasses.dataclass
+class _Status:
+    """One rank's outcome of a step, as sent to the others (the error itself stays home)."""
+
+    rank: int
+    payload: Any = None
+    failure: str | None = None  # the error's type and message
+
+
+def _run(rank: int, step, *args) -> tuple[_Status, BaseException | None]:
+    try:
+        return _Status(rank, step(*args)), None
+    except BaseException as error:  # Ctrl-C too: the other ranks must hear of it
+        return _Status(rank, failure=f'{type(error).__name__}: {error}'), error
+
+
+def _share(comm, status: _Status, error: BaseException | None, what: str,
+           cleanup=None) -> list[Any]:
+    """Gathers every rank's status; if any failed, runs ``cleanup`` and raises: the failed
+    rank its own error, the others :class:`RankFailedError` naming the failed ranks."""
+    statuses = comm.allgather(status)
+    failures = {s.rank: s.failure for s in statuses if s.failure is not None}
+    if not failures:
+        return [s.payload for s in statuses]
+    if cleanup is not None:
+        with contextlib.suppress(Exception):
+            cleanup()
+    if error is not None:
+        raise error
+    listed = '; '.join(f'rank {rank}: {message}' for rank, message in sorted(failures.items()))
+    raise RankFailedError(f'{what} failed on {len(failures)} of {comm.size} ranks ({listed})',
+                          failures)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards in dicts
+
+
+def _unwrap(mapping: Mapping, path: str, boxes: dict) -> dict:
+    """A copy of a nested dict with each :class:`Shard` replaced by its array; the shards'
+    global shapes and indices go into ``boxes`` by full key."""
+    plain: dict = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            plain[key] = _unwrap(value, child_path(path, key), boxes)
+        elif isinstance(value, Shard):
+            boxes[entry_key(path, key)] = (value.global_shape, value.index)
+            plain[key] = value.array
+        else:
+            plain[key] = value
+    return plain
+
+
+def _rewrap(original: dict, plain: dict) -> None:
+    """Sets what a load put into ``plain`` (new arrays, scalars) back into ``original``."""
+    for key, value in plain.items():
+        old = original[key]
+        if isinstance(old, dict):
+            _rewrap(old, value)
+        elif isinstance(old, Shard):
+            if value is not old.array:
+                original[key] = dataclasses.replace(old, array=value)
+        elif value is not old:
+            original[key] = value
+
+
+def _target(obj, shards: Shards | None) -> tuple[Any, dict, dict | None]:
+    """The object to serialize, the shards by full key, and the plain copy of a dict."""
+    boxes = dict(shards or {})
+    if isinstance(obj, dict):
+        plain = _unwrap(obj, '', boxes)
+        return plain, boxes, plain
+    return obj, boxes, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def _crc(array) -> int:
+    crc = 0
+    with contextlib.closing(transfer.host_chunks(array)) as chunks:
+        for chunk in chunks:
+            crc = _zipstream.crc32(chunk, crc)
+    return crc
+
+
+def _describe(obj, shards: Shards | None, directory: str, rank: int):
+    """Step 1 on one rank: the entries, and their descriptions to gather."""
+    os.makedirs(directory, exist_ok=True)
+    target, boxes, _ = _target(obj, shards)
+    entries = npz.collect(directory, target)
+    unknown = sorted(set(boxes) - set(entries))
+    if unknown:
+        raise KeyNotFoundError(f'{directory!r}: shards= names keys the object does not store: '
+                               f'{", ".join(map(repr, unknown))}')
+    metas = []
+    for key, array in entries.items():
+        where = f'{directory!r}, key {key!r}'
+        if array.dtype.hasobject:
+            if not (isinstance(array, numpy.ndarray) and array.shape == ()
+                    and array[()] is None):
+                raise TypeError(f'{where}: object arrays other than None cannot be saved')
+            metas.append(EntryMeta(key, None, None, 0))
+            continue
+        shape = tuple(array.shape)
+        global_shape = box = None
+        if key in boxes:
+            global_shape = tuple(int(n) for n in boxes[key][0])
+            box = normalize_box(global_shape, boxes[key][1], where)
+            if box_shape(box) != shape:
+                raise MismatchError(f'{where}: the shard {boxes[key][1]!r} of the global shape '
+                                    f'{global_shape} has shape {box_shape(box)}, the array '
+                                    f'{shape}')
+        metas.append(EntryMeta(key, shape, array.dtype, _crc(array), global_shape, box))
+    token = secrets.token_hex(6) if rank == 0 else None
+    return entries, metas, token
+
+
+def _write(directory: str, name: str, items: list[tuple[str, Any]], durable: bool
+           ) -> tuple[dict[str, int], int]:
+    """Step 2 on one rank: its file; where each member's data starts, and the file's size."""
+    path = os.path.join(directory, name)
+    with atomic_output(path, durable=durable) as out:
+        npz.write_npz(out, items, compression=False)
+    offsets = {}
+    with open(path, 'rb') as f:
+        for info in _zipread.read_directory(f):
+            start = _zipread.data_start_of(f, info)
+            f.seek(start)
+            offsets[info.filename[:-len(npz.SUFFIX)]] = start + _npy.header_length(
+                f.read(_npy.PREFIX_LEN + 4))
+        size = f.seek(0, os.SEEK_END)
+    return offsets, size
+
+
+def _commit(directory: str, document: dict, durable: bool) -> list[str]:
+    """Step 3 on rank 0: the index, written atomically; returns the replaced checkpoint's
+    files."""
+    try:
+        old = list(read_index(directory).files)
+    except Exception:  # none, or not readable: nothing of it to remove
+        old = []
+    with atomic_path(os.path.join(directory, INDEX_NAME), durable=durable) as temp, \
+            open(temp, 'x') as out:
+        json.dump(document, out, indent=1)
+    return [name for name in old if name not in document['files']]
+
+
+def _remove(directory: str, names) -> None:
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, name))
+
+
+def save_sharded(directory: str | os.PathLike, obj, comm=None, *, shards: Shards | None = None,
+                 durable: bool = True) -> None:
+    """Saves every rank's object into one sharded checkpoint (collective: every rank calls it).
+
+    Values that every rank holding the key holds alike (same shape, dtype and CRC-32 of the
+    bytes: data-parallel replicas) are written once, the work spread over the ranks by bytes.
+    Parts of global arrays (a :class:`Shard` in a dict, or named in ``shards``) are written by
+    a rank that holds them, each distinct part once. Values that differ between ranks are kept
+    per rank (``local``). The checkpoint exists once ``index.json`` is in place, written last.
+
+    Args:
+        directory: the checkpoint's directory (made if missing; shared by every rank). A
+            checkpoint already there stays whole until the new index replaces it; then its
+            data files are removed.
+        obj: a serializable object, or a dict (values may be :class:`Shard`).
+        comm: an mpi4py communicator (default ``MPI.COMM_WORLD``).
+        shards: for objects, full key -> ``(global_shape, index)``: the part of a global array
+            this rank's entry holds (``index`` a slice or a tuple of slices of step 1).
+        durable: fsync the files and the directory.
+
+    Raises:
+        gpuserial.distributed.RankFailedError: on the other ranks, when a rank failed; the
+            failed rank raises its own error. No index is written then, the new files are
+            removed, and the previous checkpoint is intact.
+        gpuserial.errors.MismatchError: (on every rank) ranks disagree about a shard.
+    """
+    comm = _world(comm)
+    rank = comm.rank
+    directory = os.fsdecode(directory)
+    status, error = _run(rank, _describe, obj, shards, directory, rank)
+    gathered = _share(comm, dataclasses.replace(
+        status, payload=None if status.payload is None else status.payload[1:]),
+        error, f'saving {directory!r}')
+    entries = status.payload[0]
+    token = gathered[0][1]
+    plan = plan_save([metas for metas, _ in gathered])
+    name = file_name(rank, token)
+    items = [(member, entries[key]) for key, member in plan.writes[rank]]
+    status, error = _run(rank, lambda: _write(directory, name, items, durable) if items
+                         else ({}, 0))
+    written = _share(comm, status, error, f'saving {directory!r}',
+                     cleanup=lambda: _remove(directory, [name]))
+    status = _Status(rank)
+    if rank == 0:
+        document = plan.document(comm.size, token, {r: w[0] for r, w in enumerate(written)},
+                                 {r: w[1] for r, w in enumerate(written)})
+        status, error = _run(rank, _commit, directory, document, durable)
+    result = comm.bcast(status, root=0)
+    if result.failure is not None:
+        _remove(directory, [name])
+        if rank == 0:
+            assert error is not None
+            raise error
+        raise RankFailedError(f'saving {directory!r} failed on rank 0 writing the index '
+                              f'({result.failure})', {0: result.failure})
+    if rank == 0:
+        _remove(directory, result.payload)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _portable(error: BaseException) -> BaseException:
+    """``error`` if it can travel to the other ranks (pickles), else a stand-in saying it."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RankFailedError(f'rank 0: {type(error).__name__}: {error}')
+
+
+def load_sharded(directory: str | os.PathLike, obj, comm=None, *, shards: Shards | None = None,
+                 path: str = '', strict: bool = True, ignore_names=None,
+                 device=None) -> ReadStats:
+    """Loads every rank's object from a sharded checkpoint (collective: every rank calls it),
+    saved by any number of ranks.
+
+    Each rank reads what its object asks for: whole arrays, or for a :class:`Shard` in a dict
+    (or a key named in ``shards``) its block of the global array. Only the bytes of the saved
+    chunks that intersect the request are read, straight into the target (device arrays
+    through the staging engine). A ``local`` key gives each rank the value saved by the rank
+    of the same number. The semantics are :func:`gpuserial.load_npz`'s: arrays load in place
+    with a ``same_kind`` cast and an exact shape, and a failed load fills no array.
+
+    Args:
+        directory: the checkpoint's directory.
+        obj: a serializable object, or a dict (values may be :class:`Shard`).
+        comm: an mpi4py communicator (default ``MPI.COMM_WORLD``).
+        shards: for objects, full key -> ``(global_shape, index)``: the block to load.
+        path, strict, ignore_names, device: as for :func:`gpuserial.load_npz`.
+
+    Returns:
+        The bytes this rank read from the data files and the bytes of the values it filled.
+
+    Raises:
+        FileNotFoundError: (on every rank) no committed checkpoint in ``directory``.
+        gpuserial.distributed.RankFailedError: on the other ranks, when a rank failed; the
+            failed rank raises its own error (``KeyNotFoundError``, ``MismatchError``, ...).
+    """
+    comm = _world(comm)
+    rank = comm.rank
+    directory = os.fsdecode(directory)
+    shared: tuple[Any, BaseException | None] = (None, None)
+    if rank == 0:
+        try:
+            shared = (read_index(directory), None)
+        except Exception as problem:
+            shared = (None, _portable(problem))
+    index, failure = comm.bcast(shared, root=0)
+    if failure is not None:
+        raise failure
+
+    def load():
+        target, boxes, plain = _target(obj, shards)
+        with ShardedReader(directory, index, rank, boxes) as reader:
+            loading.ReaderDeserializer(reader, path, strict, ignore_names,
+                                       device=device).load(target)
+        if plain is not None:
+            _rewrap(obj, plain)
+        return reader.stats
+
+    status, error = _run(rank, load)
+    _share(comm, dataclasses.replace(status, payload=None), error, f'loading {directory!r}')
+    return status.payload
