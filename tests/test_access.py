@@ -114,6 +114,23 @@ def test_load_onto_a_device(tmp_path, kind, device):
         numpy.testing.assert_array_equal(host(value), STATE[key])
 
 
+def test_large_new_host_arrays_get_their_own_mapping(tmp_path, kind):
+    import mmap
+    data = numpy.arange(devices.OWN_MAPPING_BYTES // 4 + 3, dtype=numpy.float32)
+    path = path_for(tmp_path, kind)
+    save(path, kind, {'big': data, 'small': data[:10]})
+    loaded = gpuserial.load(path)
+    numpy.testing.assert_array_equal(loaded['big'], data)
+
+    def memory_of(array):
+        while isinstance(array, numpy.ndarray):
+            array = array.base
+        return array.obj if isinstance(array, memoryview) else array
+
+    assert isinstance(memory_of(loaded['big']), mmap.mmap) and loaded['big'].flags.writeable
+    assert memory_of(loaded['small']) is None
+
+
 def test_save_refuses_what_is_not_a_mapping(tmp_path):
     with pytest.raises(TypeError, match='takes a mapping of arrays, got list'):
         gpuserial.save(tmp_path / 'x.npz', [numpy.zeros(1)])
