@@ -71,6 +71,9 @@ MODULES = {
                                     'test_access'],
     'gpuserial/engine/asyncsave.py': ['test_async', 'test_atomic', 'test_engine_rules'],
     'gpuserial/access.py': ['test_access', 'test_readme'],
+    'gpuserial/distributed/index.py': ['test_distributed', 'test_distributed_mpi'],
+    'gpuserial/distributed/mpi.py': ['test_distributed', 'test_distributed_mpi'],
+    'gpuserial/distributed/reading.py': ['test_distributed', 'test_distributed_mpi'],
 }
 # Code that only runs on a real GPU (CuPy's backend): its mutants are run, and counted, where a
 # GPU is usable; elsewhere they are listed as needing one, outside the score.

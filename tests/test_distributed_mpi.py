@@ -10,7 +10,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -34,11 +33,8 @@ def mpiexec(ranks: int, mode: str, directory: pathlib.Path) -> subprocess.Comple
 
 
 def test_save_with_n_load_with_m_ranks_bit_for_bit(tmp_path):
-    started = time.perf_counter()
-    done = mpiexec(4, 'matrix', tmp_path)
-    elapsed = time.perf_counter() - started
+    done = mpiexec(4, 'matrix', tmp_path)  # a hang fails at TIMEOUT; its speed is not tested
     assert done.returncode == 0, done.stderr[-3000:]
-    assert elapsed < 60, elapsed
     loads = [load for rank in range(4)
              for load in json.loads((tmp_path / f'matrix-rank-{rank}.json').read_text())['loads']]
     assert sorted({(load['n'], load['m']) for load in loads}) == [
@@ -63,9 +59,7 @@ def test_save_with_n_load_with_m_ranks_bit_for_bit(tmp_path):
 
 def test_a_rank_failing_mid_save_fails_every_rank_and_keeps_the_checkpoint(tmp_path):
     directory = tmp_path / 'ckpt'
-    started = time.perf_counter()
-    done = mpiexec(3, 'fail', directory)
-    assert time.perf_counter() - started < 60
+    done = mpiexec(3, 'fail', directory)  # nobody hangs: a hang fails at TIMEOUT
     assert done.returncode != 0
     found = [json.loads((directory / f'fail-rank-{rank}.json').read_text()) for rank in range(3)]
     assert found[1]['type'] == 'OSError'
