@@ -3,6 +3,8 @@ and loads over ranks that are threads (tests/fakecomm.py). Real MPI: test_distri
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import os
 import re
@@ -20,9 +22,11 @@ from gpuserial.distributed import (
     load_sharded,
     multi_node_snapshot,
     read_index,
+    reading,
     save_sharded,
 )
 from gpuserial.distributed import index as layout
+from gpuserial.distributed import mpi as collectives
 from gpuserial.errors import CorruptFileError, KeyNotFoundError, MismatchError
 from gpuserial.tools import cli
 from tests.conftest import CHAINER_PYTHON, host
@@ -51,6 +55,13 @@ def test_replicated_values_are_written_once_spread_by_bytes():
     assert plan.writes == {0: [('a', 'a')], 1: [('c', 'c')],
                            2: [('b', 'b'), ('d', 'd'), ('e', 'e')]}
     assert layout.plan_save([[meta(k, s) for k, s in keys]] * 3).writes == plan.writes
+
+
+def test_chunks_of_equal_size_go_in_key_order():
+    # 'w' sorts before 'w2', but its member 'w@0' after 'w2': the order is by key
+    both = [meta('w', (4,), global_shape=(4,), box=((0, 4),)), meta('w2', (4,))]
+    plan = layout.plan_save([both, both])
+    assert plan.writes == {0: [('w', 'w@0')], 1: [('w2', 'w2')]}
 
 
 def test_values_that_differ_are_kept_per_rank_and_nones_in_the_index():
@@ -159,6 +170,15 @@ def test_a_valid_index_parses():
      r"'i', key 'w': chunk \[0:4\] runs to byte 144 of 'f.npz', which has 140 bytes"),
     (index_doc(entries={'w': {'kind': 'replicated', 'shape': [5], 'dtype': '<f4',
                               'chunks': []}}), "'i', key 'w': chunks cover 0 of 5 elements"),
+    (index_doc(entries={'w': {'kind': 'replicated', 'shape': [4], 'dtype': '<f4', 'chunks': [
+        {'offsets': [0], 'shape': [4, 1], 'file': 'f.npz', 'member': 'w', 'data_offset': 128,
+         'crc32': 0}]}}),
+     re.escape("'i', key 'w': a chunk of offsets [0] and shape [4, 1] in an array of shape "
+               "(4,)")),
+    (index_doc(entries={'w': {'kind': 'replicated', 'shape': [4], 'dtype': '<f4', 'chunks': [
+        {'offsets': [2], 'shape': [4], 'file': 'f.npz', 'member': 'w', 'data_offset': 128,
+         'crc32': 0}]}}),
+     re.escape("'i', key 'w': chunk [2:6] is outside the shape (4,)")),
     (index_doc(entries={'w': {'kind': 'replicated', 'shape': [], 'dtype': '|O'}}),
      "'i', key 'w': an object dtype"),
     (index_doc(entries={'w': {'kind': 'replicated', 'shape': [-1], 'dtype': '<f4'}}),
@@ -219,6 +239,13 @@ def test_a_load_onto_a_device_gives_new_arrays_in_a_dict(tmp_path, device):
     assert host(target['rows'].array).tobytes() == G.tobytes()
 
 
+def test_a_shard_is_a_value(tmp_path):
+    shard = Shard(numpy.ones(2), (4,), slice(0, 2))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        shard.array = numpy.zeros(2)  # type: ignore[misc]
+    assert shard.box == ((0, 2),)
+
+
 def test_objects_name_their_shards_by_key(tmp_path):
     link = gpuserial.Linear(4, 6)
     weights = link.W.array.copy()
@@ -271,6 +298,28 @@ def test_a_failing_rank_fails_every_rank_and_keeps_the_previous_checkpoint(tmp_p
     assert target['w'].tobytes() == W.tobytes()
 
 
+def test_a_failed_index_write_fails_every_rank_and_keeps_the_previous_checkpoint(
+        tmp_path, monkeypatch):
+    run_ranks(2, lambda comm: save_sharded(tmp_path, {'w': W}, comm))
+    before = sorted(os.listdir(tmp_path))
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    monkeypatch.setattr(collectives.json, 'dump', full_disk)
+    results = run_ranks(2, lambda comm: save_sharded(tmp_path, {'w': W + 1}, comm))
+    assert type(results[0]) is OSError and results[0].errno == errno.ENOSPC  # its own error
+    assert isinstance(results[1], RankFailedError)
+    assert str(results[1]) == (f'saving {str(tmp_path)!r} failed on rank 0 writing the index '
+                               f'(OSError: [Errno 28] No space left on device)')
+    assert results[1].failures == {0: 'OSError: [Errno 28] No space left on device'}
+    assert sorted(os.listdir(tmp_path)) == before  # the new data files and the index's temp
+    monkeypatch.undo()
+    target = {'w': numpy.zeros_like(W)}
+    load_sharded(tmp_path, target, SoloComm())
+    assert target['w'].tobytes() == W.tobytes()
+
+
 def test_inconsistent_shards_fail_every_rank_before_writing(tmp_path):
     results = run_ranks(2, lambda comm: save_sharded(
         tmp_path, {'w': Shard(numpy.ones(3), (4,), slice(comm.rank, comm.rank + 3))}, comm))
@@ -280,11 +329,12 @@ def test_inconsistent_shards_fail_every_rank_before_writing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_a_new_save_replaces_the_old_one_and_removes_its_files(tmp_path):
-    run_ranks(2, lambda comm: save_sharded(tmp_path, {'w': W, 'r': numpy.full(3, comm.rank)},
+@pytest.mark.parametrize('n', [1, 2])
+def test_a_new_save_replaces_the_old_one_and_removes_its_files(tmp_path, n):
+    run_ranks(n, lambda comm: save_sharded(tmp_path, {'w': W, 'r': numpy.full(3, comm.rank)},
                                            comm))
     old = read_index(tmp_path)
-    run_ranks(2, lambda comm: save_sharded(tmp_path, {'w': W * 2}, comm))
+    assert run_ranks(n, lambda comm: save_sharded(tmp_path, {'w': W * 2}, comm)) == [None] * n
     new = read_index(tmp_path)
     assert new.token != old.token
     assert sorted(os.listdir(tmp_path)) == sorted(['index.json', *new.files])
@@ -331,6 +381,54 @@ def test_shards_that_do_not_fit_are_refused(tmp_path):
         load_sharded(tmp_path, {'w': Shard(numpy.ones(2), (5,), slice(0, 2))}, SoloComm())
 
 
+def open_fds() -> list[str]:
+    return sorted(os.listdir('/proc/self/fd'))
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self/fd'), reason='needs /proc/self/fd')
+def test_loads_and_consolidation_leave_no_file_open(tmp_path):
+    run_ranks(2, lambda comm: save_sharded(tmp_path / 'ckpt', state(2, comm.rank, devices_cpu),
+                                           comm))
+    before = open_fds()
+    target = state(1, 0, devices_cpu, empty=True)
+    load_sharded(tmp_path / 'ckpt', target, SoloComm())
+    assert host(target['rows'].array).tobytes() == G.tobytes()  # read from both files
+    assert open_fds() == before
+    with pytest.raises(KeyNotFoundError):  # a failed load too
+        load_sharded(tmp_path / 'ckpt', {'rows': G.copy(), 'other': G.copy()}, SoloComm())
+    assert open_fds() == before
+    consolidate(tmp_path / 'ckpt', tmp_path / 'one.npz')
+    assert open_fds() == before
+
+
+def test_a_reader_closed_twice_closes_its_files_once(tmp_path):
+    save_sharded(tmp_path, {'w': W}, SoloComm())
+    reader = reading.ShardedReader(str(tmp_path), read_index(tmp_path), 0)
+    with reader:
+        value = numpy.empty_like(W)
+        reader.read_into(reader.entry('w'), value)
+    held = os.open(tmp_path / 'index.json', os.O_RDONLY)  # may get the number the reader had
+    try:
+        reader.close()
+        os.fstat(held)  # still open
+    finally:
+        os.close(held)
+    assert value.tobytes() == W.tobytes()
+
+
+def test_a_piece_gives_no_more_bytes_than_it_holds(tmp_path):
+    save_sharded(tmp_path, {'w': W}, SoloComm())
+    (name,) = read_index(tmp_path).files
+    with reading.open_checkpoint(tmp_path) as reader:
+        entry = reader.entry('w')
+        (piece,) = entry.token
+        stream = reading._RunStream(reader, piece, entry.dtype, 'w')
+        with pytest.raises(CorruptFileError, match=re.escape(
+                f"{str(tmp_path / name)!r}, key 'w' (member 'w'): asked for more bytes than the "
+                f"piece holds")):
+            stream.read_into(memoryview(bytearray(W.nbytes + 1)))
+
+
 def test_consolidate_writes_one_ordinary_npz(tmp_path, capsys):
     run_ranks(3, lambda comm: save_sharded(tmp_path / 'ckpt', state(3, comm.rank, devices_cpu),
                                            comm))
@@ -359,8 +457,13 @@ def test_inspect_describes_a_sharded_checkpoint(tmp_path, capsys):
     assert rows['rows'] == ['sharded', '(37,', '11)', f'float32  1 in rank-00000-{token}.npz, '
                             f'1 in rank-00001-{token}.npz']
     assert rows['model/unset'][:2] == ['none', 'None']
+    sizes = {name: os.path.getsize(tmp_path / name) for name in read_index(tmp_path).files}
+    assert lines[-3:] == [*(f'file {name}: {size} bytes' for name, size in sorted(sizes.items())),
+                          f'total: {W.nbytes + 2 * G.nbytes + 8} bytes of values, '
+                          f'{sum(sizes.values())} bytes in files']
     assert cli.main(['inspect', '--json', str(tmp_path)]) == 0
     described = json.loads(capsys.readouterr().out)
+    assert described['nbytes'] == W.nbytes + 2 * G.nbytes + 8  # nothing for the None
     assert described['entries']['cols']['chunks'][1] == {
         'offsets': [0, 5], 'shape': [37, 6], 'file': f'rank-00000-{token}.npz'}  # rank 0's
 

@@ -430,8 +430,10 @@ def _entry(doc, files: Mapping[str, int], where: str) -> SavedEntry:
         if saved.file not in files:
             raise CorruptFileError(f'{where}: a chunk in {saved.file!r}, which the index does '
                                    f'not list')
-        if len(saved.offsets) != len(shape) or len(saved.shape) != len(shape) or any(
-                stop > size for (_, stop), size in zip(saved.box, shape, strict=True)):
+        if len(saved.offsets) != len(shape) or len(saved.shape) != len(shape):
+            raise CorruptFileError(f'{where}: a chunk of offsets {list(saved.offsets)} and shape '
+                                   f'{list(saved.shape)} in an array of shape {shape}')
+        if any(stop > size for (_, stop), size in zip(saved.box, shape, strict=True)):
             raise CorruptFileError(f'{where}: chunk {_box_text(saved.box)} is outside the '
                                    f'shape {shape}')
         end = saved.data_offset + math.prod(saved.shape) * dtype.itemsize
