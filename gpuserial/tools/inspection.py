@@ -27,7 +27,7 @@ from gpuserial.engine import transfer
 from gpuserial.engine.progress import bar, counted
 from gpuserial.errors import CorruptFileError
 from gpuserial.formats import _npy, _zipread, _zipstream, hdf5, loading, npz
-from gpuserial.storage import _signals
+from gpuserial.storage import _signals, remote
 from gpuserial.storage._fileio import atomic_output, atomic_path, display_name, is_path, open_input
 
 __all__ = ['ConvertResult', 'DiffResult', 'EntryInfo', 'FileInfo', 'KeyDiff', 'compression_level',
@@ -272,9 +272,24 @@ class _Source:
 
 
 @contextlib.contextmanager
-def open_reader(file, format: str | None = None) -> Iterator[loading.Reader]:
+def open_reader(file, format: str | None = None, storage_options: dict | None = None
+                ) -> Iterator[loading.Reader]:
     """The checked reader of an NPZ or HDF5 file: a path (its format recognised by content
-    unless given) or a seekable binary file object."""
+    unless given), a URL (with ``storage_options``; NPZ read by ranges, HDF5 through a spool
+    file) or a seekable binary file object."""
+    if remote.is_remote(file):
+        with open_input(file, storage_options) as stream:
+            if format is None:
+                format = _format_of_stream(stream)
+            format_for_path('', format)  # a known one
+            if format == 'npz':
+                with npz.open_npz(stream) as archive:
+                    yield npz._ZipReader(archive, display_name(file))
+                return
+        with hdf5.open_hdf5(file, storage_options) as f:
+            yield hdf5._GroupReader(f, display_name(file))
+        return
+    remote.location_of(file, storage_options)  # storage_options only with a URL
     if format is None:
         format = detect_format(file) if is_path(file) else _format_of_stream(file)
     format_for_path('', format)  # a known one
