@@ -6,6 +6,7 @@ of data, and fsspec imported only for URLs."""
 from __future__ import annotations
 
 import io
+import json
 import itertools
 import os
 import subprocess
@@ -393,3 +394,26 @@ def test_local_use_never_imports_fsspec(tmp_path):
             'print([m for m in ("fsspec", "s3fs", "botocore") if m in sys.modules])')
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == '[]'
+
+
+def test_the_cli_inspects_converts_and_diffs_urls(bucket, tmp_path, capsys):
+    from gpuserial.tools import cli
+    options = ['--storage-options', json.dumps(bucket.options)]
+    model = _model(5)
+    gpuserial.save(bucket.url('a.npz'), model, storage_options=bucket.options)
+    assert cli.main(['inspect', bucket.url('a.npz'), '--json', *options]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info['format'] == 'npz' and len(info['entries']) == len(model)
+    assert cli.main(['convert', bucket.url('a.npz'), bucket.url('b.h5'), '--no-progress',
+                     *options]) == 0
+    assert cli.main(['convert', bucket.url('b.h5'), str(tmp_path / 'c.npz'), '--no-progress',
+                     *options]) == 0
+    capsys.readouterr()
+    assert cli.main(['diff', bucket.url('a.npz'), bucket.url('b.h5'), *options]) == 0
+    assert cli.main(['diff', bucket.url('a.npz'), str(tmp_path / 'c.npz'), *options]) == 0
+    assert cli.main(['inspect', bucket.url('b.h5'), *options]) == 0
+    assert 'total: 6 entries' in capsys.readouterr().out
+    assert bucket.keys() == ['a.npz', 'b.h5']
+    with pytest.raises(SystemExit):
+        cli.main(['inspect', bucket.url('a.npz'), '--storage-options', '[1]'])
+    assert 'not a JSON object' in capsys.readouterr().err
