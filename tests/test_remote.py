@@ -6,8 +6,8 @@ of data, and fsspec imported only for URLs."""
 from __future__ import annotations
 
 import io
-import json
 import itertools
+import json
 import os
 import subprocess
 import sys
