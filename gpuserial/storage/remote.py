@@ -229,36 +229,73 @@ def remote_input(location: Location) -> Iterator[Ranged]:
 
 
 class Ranged:
-    """A seekable binary file over an object, whose large reads are split into pieces."""
+    """A seekable binary file over an object. Each read is one ranged GET of what was asked
+    for (a large one, pieces of at most :data:`READ_PIECE`), except inside a range announced
+    with :meth:`expect` (a zip member's data, read in order in engine-sized chunks): there
+    small reads fetch ahead up to :data:`READ_PIECE` bytes, never past the range's end."""
 
     def __init__(self, f, name: str):
         self.f = f
         self.name = name
+        self.position = 0
+        self.extent = (0, 0)  # the range announced, read ahead within
+        self.ahead = b''  # bytes read ahead, from ahead_start
+        self.ahead_start = 0
+
+    def expect(self, start: int, end: int) -> None:
+        self.extent = (start, end)
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        return self.f.seek(offset, whence)
+        if whence == 0:
+            self.position = offset
+        elif whence == 1:
+            self.position += offset
+        else:
+            self.position = self.f.seek(offset, whence)
+        return self.position
 
     def tell(self) -> int:
-        return self.f.tell()
+        return self.position
 
     def seekable(self) -> bool:
         return True
 
     def read(self, count: int = -1) -> bytes:
-        return self.f.read(count)
+        if count is None or count < 0:
+            count = max(0, self.f.seek(0, 2) - self.position)
+        buffer = bytearray(count)
+        return bytes(buffer[:self.readinto(buffer)])
 
     def readinto(self, buffer) -> int:
         buffer = memoryview(buffer).cast('B')
         done = 0
         while done < len(buffer):
-            data = self.f.read(min(READ_PIECE, len(buffer) - done))
-            if not data:
-                break
-            buffer[done:done + len(data)] = data
-            done += len(data)
+            at = self.position - self.ahead_start
+            if 0 <= at < len(self.ahead):
+                count = min(len(buffer) - done, len(self.ahead) - at)
+                buffer[done:done + count] = self.ahead[at:at + count]
+            else:
+                wanted = len(buffer) - done
+                start, end = self.extent
+                if wanted < READ_PIECE and start <= self.position < end:
+                    self.f.seek(self.position)
+                    self.ahead = self.f.read(min(READ_PIECE, max(wanted, end - self.position)))
+                    self.ahead_start = self.position
+                    if not self.ahead:
+                        break
+                    continue
+                self.f.seek(self.position)
+                data = self.f.read(min(READ_PIECE, wanted))
+                if not data:
+                    break
+                count = len(data)
+                buffer[done:done + count] = data
+            done += count
+            self.position += count
         return done
 
     def close(self) -> None:
+        self.ahead = b''
         self.f.close()
 
 
