@@ -1,5 +1,5 @@
 """The standalone runners (compare.py, peak_memory.py, small_entries.py, async_save.py,
-sharded_save.py) run, tiny, so that they cannot rot."""
+sharded_save.py, remote.py) run, tiny, so that they cannot rot."""
 
 import json
 
@@ -87,3 +87,16 @@ def test_sharded_save_compares_the_three_ways(tmp_path, capsys):
     assert report['verdict'] in ('PASS', 'FAIL')
     assert 'spread / rank0' in capsys.readouterr().out
     assert [p.name for p in tmp_path.iterdir()] == ['sharded.json']
+
+
+def test_remote_compares_peers_on_moto(tmp_path, capsys):
+    from benchmarks import remote
+    out = tmp_path / 'remote.json'
+    assert remote.main(['--bytes', '1MiB', '--rounds', '1', '--peak', '--json', str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report['medians']) == {'gpuserial', 'torch.save + fs.open',
+                                      'safetensors + fs.pipe'}
+    assert report['requests']['copy_requests'] == 0
+    assert 1 <= report['requests']['uploaded_ratio'] <= 1.02
+    assert report['peak']['extra'] >= 0 and report['peak']['verdict'] in ('PASS', 'FAIL')
+    assert 'gpuserial / torch.save' in capsys.readouterr().out

@@ -26,6 +26,7 @@ from gpuserial.engine import devices
 from gpuserial.errors import DeviceError, KeyNotFoundError
 from gpuserial.formats import hdf5, loading, npz
 from gpuserial.formats.loading import LoadReport
+from gpuserial.storage import remote
 from gpuserial.storage._fileio import display_name, is_path
 from gpuserial.tools import inspection
 
@@ -37,16 +38,19 @@ LIBRARIES = ('numpy', 'cupy', 'torch', 'jax')
 
 
 def save(file, mapping: Mapping, *, format: str | None = None, compression: bool | int = False,
-         durable: bool = True, progress: bool | None = None, sync: bool = False) -> None:
+         durable: bool = True, progress: bool | None = None, sync: bool = False,
+         storage_options: dict | None = None) -> None:
     """Saves a flat or nested mapping of arrays (NumPy, CuPy, torch, JAX), scalars and strings.
 
     Args:
-        file: a path (str or os.PathLike) or a binary file object.
+        file: a path (str or os.PathLike), a URL (``s3://bucket/key``, ``memory://x``, ...;
+            an fsspec ``OpenFile`` too) or a binary file object.
         mapping: the entries; nested mappings flatten to ``a/b`` keys.
         format: ``'npz'`` or ``'hdf5'`` (default: from the file's extension).
         compression: NPZ: deflate when true; HDF5: the gzip level (``True`` is 4). Off by
             default: checkpoints of floats hardly compress.
         durable, progress, sync: as for :func:`gpuserial.save_npz`.
+        storage_options: for a URL, the options of its fsspec filesystem.
 
     Raises:
         TypeError: ``mapping`` is not a mapping.
@@ -58,25 +62,29 @@ def save(file, mapping: Mapping, *, format: str | None = None, compression: bool
     format = _format(file, format)
     if format == 'npz':
         npz.save_npz(file, mapping, bool(compression), durable=durable, progress=progress,
-                     sync=sync)
+                     sync=sync, storage_options=storage_options)
     else:
         level = 4 if compression is True else int(compression)
-        hdf5.save_hdf5(file, mapping, level, durable=durable, progress=progress, sync=sync)
+        hdf5.save_hdf5(file, mapping, level, durable=durable, progress=progress, sync=sync,
+                       storage_options=storage_options)
 
 
 def _format(file, format: str | None) -> str:
-    if format is None and not is_path(file) and not isinstance(getattr(file, 'name', None), str):
+    named = is_path(file) or remote.is_remote(file)
+    if format is None and not named and not isinstance(getattr(file, 'name', None), str):
         raise ValueError(f'{display_name(file)!r}: give format= for a file object without a name')
-    return inspection.format_for_path(display_name(file) if is_path(file) or format is None
+    return inspection.format_for_path(display_name(file) if named or format is None
                                       else '', format)
 
 
 def load(file, device=None, keys: Iterable[str] | None = None, *, like=None,
-         format: str | None = None, strict: bool = True, progress: bool | None = None) -> dict:
+         format: str | None = None, strict: bool = True, progress: bool | None = None,
+         storage_options: dict | None = None) -> dict:
     """Every entry of a file, or the listed ones, as new arrays on one device.
 
     Args:
-        file: a path or a seekable binary file object, NPZ or HDF5 (told by its content).
+        file: a path, a URL (NPZ: only the listed keys' bytes are read) or a seekable binary
+            file object, NPZ or HDF5 (told by its content).
         device: where the arrays go: ``'cpu'`` (the default), ``'cuda:N'``, a ``torch.device``,
             a JAX device, ... (see :func:`gpuserial.get_device`).
         keys: the full keys to load (default: all of them).
@@ -85,6 +93,7 @@ def load(file, device=None, keys: Iterable[str] | None = None, *, like=None,
         format: ``'npz'`` or ``'hdf5'``, for a file its content does not tell.
         strict: whether a listed key the file lacks is an error (else it is left out).
         progress: a progress bar on stderr (None: on a terminal for large loads).
+        storage_options: for a URL, the options of its fsspec filesystem.
 
     Returns:
         A dict from full key to array (stored ``None`` entries as None, strings as NumPy
@@ -94,7 +103,7 @@ def load(file, device=None, keys: Iterable[str] | None = None, *, like=None,
         gpuserial.errors.KeyNotFoundError: a listed key is missing (with ``strict``).
     """
     place = _Placement.of(device, like)
-    with inspection.open_reader(file, format) as reader:
+    with inspection.open_reader(file, format, storage_options) as reader:
         wanted = reader.keys() if keys is None else list(keys)
         found, fills = {}, []
         for key in wanted:
@@ -111,13 +120,14 @@ def load(file, device=None, keys: Iterable[str] | None = None, *, like=None,
 
 
 def load_into(file, target, *, path: str = '', strict: bool = True, ignore_names=None,
-              device=None, format: str | None = None, progress: bool | None = None
-              ) -> LoadReport:
+              device=None, format: str | None = None, progress: bool | None = None,
+              storage_options: dict | None = None) -> LoadReport:
     """Loads a serializable object or a (nested) mapping in place, as ``load_npz`` and
     ``load_hdf5`` do, and reports what the file and the target did not share.
 
     Arrays of any library load in place (torch tensors through a view of their memory); JAX
-    arrays, which are immutable, are replaced with new ones in a mapping.
+    arrays, which are immutable, are replaced with new ones in a mapping. ``file`` may be a
+    URL, with ``storage_options``.
 
     Returns:
         A :class:`LoadReport`: ``missing_keys`` the target asked for and the file lacks
@@ -125,7 +135,7 @@ def load_into(file, target, *, path: str = '', strict: bool = True, ignore_names
         holds and the target never asked for. Both are also logged (logger ``gpuserial``, at
         INFO) when not empty.
     """
-    with inspection.open_reader(file, format) as reader:
+    with inspection.open_reader(file, format, storage_options) as reader:
         if isinstance(reader, hdf5._GroupReader):
             deserializer: loading.ReaderDeserializer = hdf5.HDF5Deserializer(
                 reader, strict, path=path, ignore_names=ignore_names, device=device,
@@ -229,16 +239,20 @@ class LazyFile:
     file's size. Use it as a context manager, or :meth:`close` it.
 
     Args:
-        file: a path or a seekable binary file object.
+        file: a path, a URL (NPZ: each read fetches only its bytes; HDF5: copied into a local
+            spool file on opening) or a seekable binary file object.
         device, like: the defaults of :meth:`get` (see :func:`load`).
         format: ``'npz'`` or ``'hdf5'``, for a file its content does not tell.
+        storage_options: for a URL, the options of its fsspec filesystem.
     """
 
-    def __init__(self, file, *, device=None, like=None, format: str | None = None):
+    def __init__(self, file, *, device=None, like=None, format: str | None = None,
+                 storage_options: dict | None = None):
         self.name = display_name(file)
         self._placement = _Placement.of(device, like)
         self._resources = contextlib.ExitStack()
-        self._reader = self._resources.enter_context(inspection.open_reader(file, format))
+        self._reader = self._resources.enter_context(
+            inspection.open_reader(file, format, storage_options))
         self._keys = self._reader.keys()
 
     def keys(self) -> list[str]:
@@ -300,9 +314,11 @@ class LazyFile:
         return f'<gpuserial.LazyFile {self.name!r}, {len(self._keys)} entries>'
 
 
-def open(file, *, device=None, like=None, format: str | None = None) -> LazyFile:
+def open(file, *, device=None, like=None, format: str | None = None,
+         storage_options: dict | None = None) -> LazyFile:
     """Opens an NPZ or HDF5 file for lazy access (see :class:`LazyFile`)."""
-    return LazyFile(file, device=device, like=like, format=format)
+    return LazyFile(file, device=device, like=like, format=format,
+                    storage_options=storage_options)
 
 
 class LazySlice:

@@ -34,7 +34,7 @@ import numpy
 
 from gpuserial.engine import devices, transfer
 from gpuserial.formats import hdf5, npz
-from gpuserial.storage import _fileio
+from gpuserial.storage import _fileio, remote
 from gpuserial.storage._fileio import atomic_output, display_name
 
 __all__ = ['SaveHandle', 'save_async', 'wait_all']
@@ -70,12 +70,14 @@ class SaveHandle:
 
 def save_async(file, obj, format: str = 'npz', *, compression: bool | int | None = None,
                durable: bool = True, staging: str | None = None,
-               max_host_bytes: int = DEFAULT_MAX_HOST_BYTES, sync: bool = False) -> SaveHandle:
+               max_host_bytes: int = DEFAULT_MAX_HOST_BYTES, sync: bool = False,
+               storage_options: dict | None = None) -> SaveHandle:
     """Saves ``obj`` as :func:`~gpuserial.save_npz` or :func:`~gpuserial.save_hdf5` would (the
     same bytes), writing in the background.
 
     Args:
-        file: a path, or a binary file object the caller leaves alone until committed.
+        file: a path, a URL (``s3://bucket/key``, ...: streamed to the object, committed
+            last), or a binary file object the caller leaves alone until committed.
         obj: a serializable object, or a dict of arrays.
         format: ``'npz'`` or ``'hdf5'``.
         compression: as the format's save takes it (None: its default).
@@ -83,6 +85,7 @@ def save_async(file, obj, format: str = 'npz', *, compression: bool | int | None
         staging: ``'device'`` or ``'host'`` for device arrays (None: ``'device'``).
         max_host_bytes: the most host memory the staged copies take at once.
         sync: first wait for all work on the arrays' devices, on every stream.
+        storage_options: for a URL, the options of its fsspec filesystem.
 
     Raises:
         ValueError: a bad argument. Errors of ``serialize`` and of staging raise here, and
@@ -94,14 +97,17 @@ def save_async(file, obj, format: str = 'npz', *, compression: bool | int | None
         raise ValueError(f'staging must be one of {STAGINGS} or None, not {staging!r}')
     if max_host_bytes < 1:
         raise ValueError(f'max_host_bytes must be positive, not {max_host_bytes!r}')
+    location = remote.location_of(file, storage_options)  # checked before anything starts
     _fileio.wait_for_save(file)
     _raise_unreported()
     if format == 'npz':
         items = list(npz.collect(file, obj).items())
         compressed = True if compression is None else bool(compression)
+        nbytes = sum(value.nbytes for _, value in items) + len(items) * npz.MEMBER_OVERHEAD_BYTES
 
         def write(entries: Iterator[tuple]) -> None:
-            with atomic_output(file, durable=durable) as out:
+            with atomic_output(file, durable=durable, storage_options=storage_options,
+                               size_hint=nbytes) as out:
                 npz.write_npz(out, entries, compressed)
     else:
         serializer, plan = hdf5.collect(file, obj, 4 if compression is None else compression,
@@ -109,7 +115,8 @@ def save_async(file, obj, format: str = 'npz', *, compression: bool | int | None
         items = plan.entries
 
         def write(entries: Iterator[tuple]) -> None:
-            hdf5.write_planned(file, serializer, plan, durable=durable, entries=entries)
+            hdf5.write_planned(file if location is None else location, serializer, plan,
+                               durable=durable, entries=entries)
     if sync:
         devices.synchronize_devices_of(item[-1] for item in items)
     return _start(display_name(file), file, items, write, staging or 'device', max_host_bytes)

@@ -206,6 +206,13 @@ class WindowedFile:
     def tell(self) -> int:
         return self.position
 
+    def expect(self, start: int, end: int) -> None:
+        """Says that the bytes from ``start`` to ``end`` (a member's data) are to be read in
+        order, to a file that can read them ahead in larger pieces (an object in a store)."""
+        expect = getattr(self.fp, 'expect', None)
+        if expect is not None:
+            expect(start, end)
+
     def _cached(self, count: int) -> memoryview | None:
         """The next ``count`` bytes from the window, refilled when they are not in it; None
         for a large read, which goes straight to the file."""
@@ -358,6 +365,9 @@ class MemberReader:
         self.info = info
         self.position = data_start_of(fp, info) if data_start is None else data_start
         self.left = info.compress_size  # stored bytes not yet read
+        expect = getattr(fp, 'expect', None)  # a remote file reads ahead within the member
+        if expect is not None:
+            expect(self.position, self.position + self.left)
         self.produced = 0
         self.crc = 0
         self.inflater = deflate_module.decompressobj(-15) if info.compress_type else None

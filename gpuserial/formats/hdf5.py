@@ -29,7 +29,7 @@ from gpuserial.errors import (
 )
 from gpuserial.formats import loading
 from gpuserial.serializer import Serializer, as_serializable, child_path, entry_key
-from gpuserial.storage import _signals
+from gpuserial.storage import _signals, remote
 from gpuserial.storage._fileio import atomic_path, display_name, is_path, wait_for_save
 
 resource: ModuleType | None
@@ -448,11 +448,13 @@ class HDF5Deserializer(loading.ReaderDeserializer):
 
 
 def save_hdf5(filename, obj, compression: int = 4, *, durable: bool = True,
-              progress: bool | None = None, sync: bool = False) -> None:
+              progress: bool | None = None, sync: bool = False,
+              storage_options: dict | None = None) -> None:
     """Saves an object to a file in HDF5 format.
 
     Args:
-        filename: a path (str or os.PathLike) or a binary file object to write into.
+        filename: a path (str or os.PathLike), a URL (``s3://bucket/key``, ...; an fsspec
+            ``OpenFile`` too) or a binary file object to write into.
         obj: a serializable object, or a dict of arrays (nested dicts become groups).
         compression: the gzip level (0 to 9; 0 is none) for entries of more than one element.
         durable: for a path, fsync the file and its directory so the save survives a machine
@@ -462,15 +464,21 @@ def save_hdf5(filename, obj, compression: int = 4, *, durable: bool = True,
         sync: first wait for all work on the devices of the arrays, on every stream. Without
             it, the copies wait only for the work queued on the calling thread's current
             stream of each device (what wrote the arrays, as a rule).
+        storage_options: for a URL, the options of its fsspec filesystem.
 
     A save to a path goes to a temporary file beside it that replaces the target only once
-    complete: a failed save leaves the old file as it was.
+    complete: a failed save leaves the old file as it was. HDF5 needs to seek, so a save to a
+    URL writes a local spool file first (in ``$GPUSERIAL_SPOOL_DIR``, else the temporary
+    directory: disk use is the file's size) and then streams it to the object, which appears
+    only once complete.
     """
     serializer, plan = collect(filename, obj, compression, progress=progress)
+    location = remote.location_of(filename, storage_options)
     wait_for_save(filename)
     if sync:
         devices.synchronize_devices_of(value for *_, value in plan.entries)
-    write_planned(filename, serializer, plan, durable=durable)
+    write_planned(filename if location is None else location, serializer, plan,
+                  durable=durable)
 
 
 def collect(filename, obj, compression: int, *, progress: bool | None = None
@@ -483,9 +491,18 @@ def collect(filename, obj, compression: int, *, progress: bool | None = None
 
 
 def write_planned(filename, serializer: HDF5Serializer, plan: _Plan, *, durable: bool,
-                  entries: Iterable[tuple] | None = None) -> None:
-    """Writes ``plan`` to ``filename`` (a path: atomically; or a binary file object), taking
-    its entries from ``entries`` when given (the same entries, staged elsewhere)."""
+                  entries: Iterable[tuple] | None = None,
+                  storage_options: dict | None = None) -> None:
+    """Writes ``plan`` to ``filename`` (a path: atomically; a :class:`remote.Location`: through
+    a spool file, committed last; or a binary file object), taking its entries from
+    ``entries`` when given (the same entries, staged elsewhere)."""
+    location = (filename if isinstance(filename, remote.Location)
+                else remote.location_of(filename, storage_options))
+    if location is not None:
+        with remote.spool_path('.h5') as spool:
+            write_planned(spool, serializer, plan, durable=False, entries=entries)
+            remote.upload_file(spool, location)  # Ctrl-C aborts the upload
+        return
     if not is_path(filename):
         with _signals.deferred():
             _write_guarded(filename, serializer, plan, entries)
@@ -597,11 +614,26 @@ class _KeptErrorFile(io.RawIOBase):
                 self.error = error
 
 
-def open_hdf5(filename) -> h5py.File:
-    """Opens an HDF5 file for reading, with clear errors."""
+def open_hdf5(filename, storage_options: dict | None = None) -> h5py.File:
+    """Opens an HDF5 file for reading, with clear errors.
+
+    A URL (with ``storage_options``) is first copied whole into a local spool file (in
+    ``$GPUSERIAL_SPOOL_DIR``, else the temporary directory), whose name is removed once h5py
+    has it open: its disk space returns when the file is closed, or when the process ends.
+    """
     name = display_name(filename)
     size = None
     wait_for_save(filename)
+    location = remote.location_of(filename, storage_options)
+    if location is not None:
+        with remote.spool_path('.h5') as spool:
+            remote.download_file(location, spool)
+            size = os.path.getsize(spool)
+            try:
+                return h5py.File(spool, 'r')
+            except (OSError, ValueError) as error:
+                why = 'the file is empty (0 bytes)' if size == 0 else error
+                raise CorruptFileError(f'{name!r}: not an HDF5 file: {why}') from None
     if is_path(filename):
         try:  # Python's own errors for a missing, unreadable or directory path
             with open(filename, 'rb') as f:
@@ -618,7 +650,8 @@ def open_hdf5(filename) -> h5py.File:
 
 
 def load_hdf5(filename, obj, *, path: str = '', strict: bool = True, ignore_names=None,
-              device=None, progress: bool | None = None) -> None:
+              device=None, progress: bool | None = None,
+              storage_options: dict | None = None) -> None:
     """Loads an object from a file in HDF5 format.
 
     ``obj.serialize`` is called once. Each key, shape, cast and dataset size is checked as it is
@@ -630,7 +663,8 @@ def load_hdf5(filename, obj, *, path: str = '', strict: bool = True, ignore_name
     one being filled, which may hold part of the bad data (``error.partly_filled``).
 
     Args:
-        filename: a path (str or os.PathLike) or a binary file object to read from.
+        filename: a path (str or os.PathLike), a URL (copied whole into a local spool file
+            first: see :func:`open_hdf5`) or a binary file object to read from.
         obj: a serializable object, or a dict of arrays to fill.
         path: keyword-only; the base path that deserialization starts from.
         strict: keyword-only; whether a missing key is an error (a ``KeyError``).
@@ -641,6 +675,7 @@ def load_hdf5(filename, obj, *, path: str = '', strict: bool = True, ignore_name
             their ``to_device``.
         progress: keyword-only; a progress bar on stderr: None (the default) for one on a
             terminal when the load is large, True or False to decide.
+        storage_options: keyword-only; for a URL, the options of its fsspec filesystem.
 
     Raises:
         FileNotFoundError: no such file.
@@ -650,7 +685,7 @@ def load_hdf5(filename, obj, *, path: str = '', strict: bool = True, ignore_name
         gpuserial.errors.CorruptFileError: the file is not valid HDF5 (also a ``ValueError``).
         gpuserial.errors.UnsafeCastError: a scalar does not cast safely (also a ``TypeError``).
     """
-    with open_hdf5(filename) as f, _signals.deferred():
+    with open_hdf5(filename, storage_options) as f, _signals.deferred():
         reader = _GroupReader(f, display_name(filename))
         HDF5Deserializer(reader, strict, path=path, ignore_names=ignore_names, device=device,
                          progress=progress).load(obj)

@@ -38,6 +38,7 @@ SMALL_BYTES = 1 << 20  # arrays up to this size load in one read, without the st
 HEADER_GUESS = 256  # bytes read for a member's .npy header, which numpy pads to 128
 READ_ERRORS = (_zipread.ZipError, OSError, EOFError)  # a member's, named with the file and key
 SMALL_MEMBER_BYTES = 64 << 10  # arrays up to this size are written whole, with neighbours
+MEMBER_OVERHEAD_BYTES = 512  # a member's zip headers and .npy header, at a guess (upload sizes)
 
 
 class DictionarySerializer(Serializer):
@@ -105,11 +106,13 @@ def collect(file, obj) -> dict:
 
 
 def save_npz(file, obj, compression: bool = True, *, durable: bool = True,
-             progress: bool | None = None, sync: bool = False) -> None:
+             progress: bool | None = None, sync: bool = False,
+             storage_options: dict | None = None) -> None:
     """Saves an object to a file in NPZ format.
 
     Args:
-        file: a path (str or os.PathLike) or a binary file object to write into.
+        file: a path (str or os.PathLike), a URL (``s3://bucket/key``, ``memory://x``, ...; an
+            fsspec ``OpenFile`` too), or a binary file object to write into.
         obj: a serializable object, or a dict of arrays (nested dicts flatten to ``a/b``).
         compression: deflate the members (else store them).
         durable: for a path, fsync the file and its directory so the save survives a machine
@@ -119,16 +122,20 @@ def save_npz(file, obj, compression: bool = True, *, durable: bool = True,
         sync: first wait for all work on the devices of the arrays, on every stream. Without
             it, the copies wait only for the work queued on the calling thread's current
             stream of each device (what wrote the arrays, as a rule).
+        storage_options: for a URL, the options of its fsspec filesystem (credentials, an
+            ``endpoint_url`` in ``client_kwargs``, ...).
 
     A save to a path goes to a temporary file beside it that replaces the target only once
-    complete: a failed save leaves the old file as it was.
+    complete: a failed save leaves the old file as it was. A save to a URL streams to the
+    object, which appears only once complete (see :mod:`gpuserial.storage.remote`).
     """
     entries = collect(file, obj)
     wait_for_save(file)
     if sync:
         devices.synchronize_devices_of(entries.values())
     total = sum(value.nbytes for value in entries.values())
-    with atomic_output(file, durable=durable) as out, \
+    with atomic_output(file, durable=durable, storage_options=storage_options,
+                       size_hint=total + len(entries) * MEMBER_OVERHEAD_BYTES) as out, \
             _progress.bar(total, f'save {display_name(file)}', progress) as shown:
         write_npz(out, entries, compression, shown)
 
@@ -611,7 +618,8 @@ def _why_not_a_zip(file) -> str:
 
 
 def load_npz(file, obj, path: str = '', strict: bool = True, ignore_names=None, *,
-             device=None, progress: bool | None = None) -> None:
+             device=None, progress: bool | None = None,
+             storage_options: dict | None = None) -> None:
     """Loads an object from a file in NPZ format.
 
     ``obj.serialize`` is called once. Each key, shape, cast and member size is checked as it is
@@ -623,7 +631,8 @@ def load_npz(file, obj, path: str = '', strict: bool = True, ignore_names=None, 
     and the one being filled, which may hold part of the bad data (``error.partly_filled``).
 
     Args:
-        file: a path (str or os.PathLike) or a binary file object to read from.
+        file: a path (str or os.PathLike), a URL (read by ranges: only the members asked for)
+            or a binary file object to read from.
         obj: a serializable object, or a dict of arrays to fill.
         path: the base path that deserialization starts from (loads a sub-tree).
         strict: whether a missing key is an error (a ``KeyError``), else it is skipped.
@@ -634,6 +643,7 @@ def load_npz(file, obj, path: str = '', strict: bool = True, ignore_names=None, 
             their ``to_device``.
         progress: keyword-only; a progress bar on stderr: None (the default) for one on a
             terminal when the load is large, True or False to decide.
+        storage_options: keyword-only; for a URL, the options of its fsspec filesystem.
 
     Raises:
         FileNotFoundError: no such file.
@@ -643,7 +653,7 @@ def load_npz(file, obj, path: str = '', strict: bool = True, ignore_names=None, 
         gpuserial.errors.CorruptFileError: the file is not valid NPZ (also a ``ValueError``).
         gpuserial.errors.UnsafeCastError: a scalar does not cast safely (also a ``TypeError``).
     """
-    with open_input(file) as stream, open_npz(stream) as archive:
+    with open_input(file, storage_options) as stream, open_npz(stream) as archive:
         reader = _ZipReader(archive, display_name(file))
         NpzDeserializer(reader, path, strict, ignore_names, device=device,
                         progress=progress).load(obj)

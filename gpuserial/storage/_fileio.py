@@ -13,17 +13,23 @@ import socket
 import sys
 import threading
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import BinaryIO, cast
+
+from gpuserial.storage import remote
 
 TEMP_SUFFIX = '.gpuserial-tmp'
 
 
 def is_path(file) -> bool:
-    return isinstance(file, (str, bytes, os.PathLike))
+    """Whether ``file`` is a local path (a URL is not: see :mod:`gpuserial.storage.remote`)."""
+    return isinstance(file, (str, bytes, os.PathLike)) and not remote.is_url(file)
 
 
 def display_name(file) -> str:
-    """How messages name ``file``: its path, or the name of a file object, or its type."""
+    """How messages name ``file``: its path or URL, or the name of a file object, or its
+    type."""
+    if remote.is_remote(file):
+        return remote.display(file)
     if is_path(file):
         return os.fsdecode(file)
     name = getattr(file, 'name', None)
@@ -205,12 +211,20 @@ _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 
 @contextlib.contextmanager
-def atomic_output(file, *, durable: bool) -> Iterator[BinaryIO]:
+def atomic_output(file, *, durable: bool, storage_options: dict | None = None,
+                  size_hint: int | None = None) -> Iterator[BinaryIO]:
     """A binary file to write into that replaces ``file`` only when the block succeeds.
 
-    For a path, as :func:`atomic_path` says. A file object is written as it is, with no such
-    guarantee.
+    For a path, as :func:`atomic_path` says. For a URL (with ``storage_options``) or an fsspec
+    file, a stream to the object committed last (:func:`remote.remote_output`; ``size_hint``,
+    the bytes expected, sizes its upload blocks). A file object is written as it is, with no
+    such guarantee.
     """
+    location = remote.location_of(file, storage_options)
+    if location is not None:
+        with remote.remote_output(location, size_hint) as out:
+            yield cast(BinaryIO, out)
+        return
     if not is_path(file):
         yield file
         return
@@ -228,10 +242,16 @@ _UMASK = _read_umask()  # read once, at import: os.umask is process-wide and not
 
 
 @contextlib.contextmanager
-def open_input(file) -> Iterator[BinaryIO]:
-    """``file`` opened for reading when it is a path, else the file object itself (once no
-    save to it is in flight)."""
+def open_input(file, storage_options: dict | None = None) -> Iterator[BinaryIO]:
+    """``file`` opened for reading when it is a path, a URL (with ``storage_options``) or an
+    fsspec file (:func:`remote.remote_input`), else the file object itself (once no save to
+    it is in flight)."""
     wait_for_save(file)
+    location = remote.location_of(file, storage_options)
+    if location is not None:
+        with remote.remote_input(location) as f:
+            yield cast(BinaryIO, f)
+        return
     if not is_path(file):
         yield file
         return
@@ -259,6 +279,8 @@ if hasattr(os, 'register_at_fork'):
 
 
 def _save_key(file) -> object:
+    if remote.is_remote(file):
+        return remote.save_key(file)
     return os.path.realpath(os.fsdecode(file)) if is_path(file) else ('file object', id(file))
 
 

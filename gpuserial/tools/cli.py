@@ -54,6 +54,16 @@ def parse_device(text: str):
         return text
 
 
+def parse_storage_options(text: str) -> dict:
+    try:
+        options = json.loads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f'not JSON: {text!r} ({error})') from None
+    if not isinstance(options, dict):
+        raise argparse.ArgumentTypeError(f'not a JSON object: {text!r}')
+    return options
+
+
 def format_bytes(nbytes: int) -> str:
     """``'512 B'``, ``'1.5 KiB'``, ``'256.0 MiB'``, ``'1.00 GiB'``."""
     if nbytes < 1024:
@@ -124,7 +134,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         else:
             print('\n'.join(reading.describe_lines(args.file)))
         return 0
-    info = inspection.inspect_file(args.file)
+    info = inspection.inspect_file(args.file, storage_options=args.storage_options)
     if args.json:
         print(json.dumps(info.as_dict(), indent=2))
     else:
@@ -136,7 +146,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     format = inspection.format_for_path(args.dst, args.format)
     compression = None if args.compression in (None, -1) else args.compression
     result = inspection.convert(args.src, args.dst, format=format, compression=compression,
-                                progress=False if args.no_progress else None)
+                                progress=False if args.no_progress else None,
+                                storage_options=args.storage_options)
     how = {('npz', 0): 'stored', ('hdf5', 0): 'uncompressed'}.get(
         (result.format, result.compression),
         'deflate' if result.format == 'npz' else f'gzip {result.compression}')
@@ -184,7 +195,8 @@ def diff_lines(result: inspection.DiffResult, a: str, b: str, rtol: float = 0.0,
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    result = inspection.diff_files(args.a, args.b, rtol=args.rtol, atol=args.atol)
+    result = inspection.diff_files(args.a, args.b, rtol=args.rtol, atol=args.atol,
+                                   storage_options=args.storage_options)
     print('\n'.join(diff_lines(result, args.a, args.b, args.rtol, args.atol)))
     return 0 if result.equal else 1
 
@@ -237,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     verbose = argparse.ArgumentParser(add_help=False)
     verbose.add_argument('-v', '--verbose', action='store_true', default=argparse.SUPPRESS,
                          help='show the traceback of an error')
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument('--storage-options', type=parse_storage_options, metavar='JSON',
+                        help='for URLs (s3://bucket/key, gs://, ...): the options of their '
+                             'fsspec filesystem, as a JSON object (e.g. \'{"client_kwargs": '
+                             '{"endpoint_url": "http://127.0.0.1:9000"}}\')')
     parser = argparse.ArgumentParser(
         prog=PROG, description='Save, load, inspect and compare checkpoints of GPU-resident '
         'models (Chainer-compatible NPZ and HDF5).')
@@ -260,17 +277,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     inspect = commands.add_parser(
-        'inspect', parents=[verbose], help='list the keys of an NPZ or HDF5 file',
+        'inspect', parents=[verbose, remote], help='list the keys of an NPZ or HDF5 file',
         description='Show the tree of keys of an NPZ (gpuserial, NumPy, Chainer) or HDF5 file '
         'with shape, dtype, stored and raw size, compression and None entries, plus totals. '
         'For a sharded checkpoint directory: each key\'s kind, global shape, dtype and chunks '
         'per file. Reads metadata only: no data is loaded and nothing is unpickled.')
-    inspect.add_argument('file', help='an NPZ or HDF5 file, or a sharded checkpoint directory')
+    inspect.add_argument('file', help='an NPZ or HDF5 file, a URL, or a sharded checkpoint '
+                         'directory')
     inspect.add_argument('--json', action='store_true', help='print JSON for scripts')
     inspect.set_defaults(func=cmd_inspect)
 
     convert = commands.add_parser(
-        'convert', parents=[verbose], help='convert between NPZ and HDF5, or recompress',
+        'convert', parents=[verbose, remote], help='convert between NPZ and HDF5, or recompress',
         description='Write the entries of SRC into DST, entry by entry (memory bounded by the '
         'largest entry); DST is replaced atomically once complete. Stored None entries stay '
         'None.')
@@ -300,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     consolidate.set_defaults(func=cmd_consolidate)
 
     diff = commands.add_parser(
-        'diff', parents=[verbose], help='compare two checkpoints',
+        'diff', parents=[verbose, remote], help='compare two checkpoints',
         description='Compare two NPZ/HDF5 files key by key: keys only in one, shape and dtype '
         'changes, and the largest absolute and relative differences (relative to B). Values '
         'are equal when |a - b| <= atol + rtol * |b| (exact by default; NaN equals NaN). Exit '

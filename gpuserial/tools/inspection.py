@@ -27,7 +27,7 @@ from gpuserial.engine import transfer
 from gpuserial.engine.progress import bar, counted
 from gpuserial.errors import CorruptFileError
 from gpuserial.formats import _npy, _zipread, _zipstream, hdf5, loading, npz
-from gpuserial.storage import _signals
+from gpuserial.storage import _signals, remote
 from gpuserial.storage._fileio import atomic_output, atomic_path, display_name, is_path, open_input
 
 __all__ = ['ConvertResult', 'DiffResult', 'EntryInfo', 'FileInfo', 'KeyDiff', 'compression_level',
@@ -149,22 +149,39 @@ class FileInfo:
                            'nbytes': self.nbytes, 'stored_bytes': self.stored_bytes}}
 
 
-def inspect_file(path) -> FileInfo:
+def inspect_file(path, *, storage_options: dict | None = None) -> FileInfo:
     """Lists the entries of an NPZ or HDF5 file from its metadata, without loading any data.
+
+    ``path`` may be a URL (with ``storage_options``): an NPZ object is read by ranges (its
+    directory and each member's header), an HDF5 one through a local spool file.
 
     Raises:
         FileNotFoundError: no such file.
         gpuserial.errors.CorruptFileError: not NPZ/HDF5, or a header or directory is corrupt.
     """
+    if remote.is_remote(path):
+        name = display_name(path)
+        with open_input(path, storage_options) as f:
+            format = _format_of_stream(f)
+            size = f.seek(0, os.SEEK_END)
+            if format == 'npz':
+                return FileInfo(name, format, size, tuple(_inspect_npz(f, name)))
+        return FileInfo(name, format, size,
+                        tuple(_inspect_hdf5(path, name, storage_options)))
+    remote.location_of(path, storage_options)  # storage_options only with a URL
     path = os.fsdecode(path)
     format = detect_format(path)
-    entries = _inspect_npz(path) if format == 'npz' else _inspect_hdf5(path)
+    if format == 'npz':
+        with open(path, 'rb') as f:
+            entries = _inspect_npz(f, path)
+    else:
+        entries = _inspect_hdf5(path, path)
     return FileInfo(path, format, os.path.getsize(path), tuple(entries))
 
 
-def _inspect_npz(path: str) -> list[EntryInfo]:
+def _inspect_npz(f, path: str) -> list[EntryInfo]:
     entries = []
-    with open(path, 'rb') as f, npz.open_npz(f) as archive:
+    with npz.open_npz(f) as archive:
         size = f.seek(0, os.SEEK_END)
         npz.npy_members(archive, path)  # some other zip is refused
         for info in archive.infolist():
@@ -209,7 +226,7 @@ def _npz_header(fp, info) -> tuple[str, _npy.Header]:
     return ('none' if _npy.is_chainer_none(header, payload) else 'object'), header
 
 
-def _inspect_hdf5(path: str) -> list[EntryInfo]:
+def _inspect_hdf5(path, name: str, storage_options: dict | None = None) -> list[EntryInfo]:
     entries = []
 
     def visit(name: str, node) -> None:
@@ -231,11 +248,11 @@ def _inspect_hdf5(path: str) -> list[EntryInfo]:
         entries.append(EntryInfo(name, kind, tuple(node.shape), dtype_name(dtype), nbytes, stored,
                                  compression))
 
-    with hdf5.open_hdf5(path) as f:
+    with hdf5.open_hdf5(path, storage_options) as f:
         try:
             f.visititems(visit)
         except (OSError, KeyError, RuntimeError) as error:
-            raise CorruptFileError(f'{path!r}: unreadable HDF5 metadata: {error}') from None
+            raise CorruptFileError(f'{name!r}: unreadable HDF5 metadata: {error}') from None
     return entries
 
 
@@ -272,9 +289,24 @@ class _Source:
 
 
 @contextlib.contextmanager
-def open_reader(file, format: str | None = None) -> Iterator[loading.Reader]:
+def open_reader(file, format: str | None = None, storage_options: dict | None = None
+                ) -> Iterator[loading.Reader]:
     """The checked reader of an NPZ or HDF5 file: a path (its format recognised by content
-    unless given) or a seekable binary file object."""
+    unless given), a URL (with ``storage_options``; NPZ read by ranges, HDF5 through a spool
+    file) or a seekable binary file object."""
+    if remote.is_remote(file):
+        with open_input(file, storage_options) as stream:
+            if format is None:
+                format = _format_of_stream(stream)
+            format_for_path('', format)  # a known one
+            if format == 'npz':
+                with npz.open_npz(stream) as archive:
+                    yield npz._ZipReader(archive, display_name(file))
+                return
+        with hdf5.open_hdf5(file, storage_options) as f:
+            yield hdf5._GroupReader(f, display_name(file))
+        return
+    remote.location_of(file, storage_options)  # storage_options only with a URL
     if format is None:
         format = detect_format(file) if is_path(file) else _format_of_stream(file)
     format_for_path('', format)  # a known one
@@ -299,8 +331,14 @@ def _format_of_stream(fp) -> str:
 
 
 @contextlib.contextmanager
-def open_source(path) -> Iterator[_Source]:
-    """Opens an NPZ or HDF5 file (recognised by content) for reading entry by entry."""
+def open_source(path, storage_options: dict | None = None) -> Iterator[_Source]:
+    """Opens an NPZ or HDF5 file or URL (recognised by content) for reading entry by entry."""
+    if remote.is_remote(path):
+        with open_reader(path, None, storage_options) as reader:
+            format = 'hdf5' if isinstance(reader, hdf5._GroupReader) else 'npz'
+            yield _Source(display_name(path), format, reader, reader.keys())
+        return
+    remote.location_of(path, storage_options)  # storage_options only with a URL
     path = os.fsdecode(path)
     format = detect_format(path)
     with open_reader(path, format) as reader:
@@ -360,17 +398,22 @@ def _describe(entry: loading.Entry) -> str:
     return 'None' if entry.dtype is None else f'{entry.shape} {dtype_name(entry.dtype)}'
 
 
-def diff_files(a, b, *, rtol: float = 0.0, atol: float = 0.0) -> DiffResult:
+def diff_files(a, b, *, rtol: float = 0.0, atol: float = 0.0,
+               storage_options: dict | None = None) -> DiffResult:
     """Compares two files (NPZ or HDF5, in any mix), entry by entry.
 
     Two values are equal when ``|a - b| <= atol + rtol * |b|`` everywhere (NaN equals NaN); with
     the default tolerances of 0 that is exact equality. Entries are read one at a time.
+    Either file may be a URL; ``storage_options`` serve the URLs among them.
 
     Raises:
         FileNotFoundError, gpuserial.errors.CorruptFileError: a file cannot be read.
     """
     changed = []
-    with open_source(a) as first, open_source(b) as second, _signals.deferred():
+    first_options = storage_options if remote.is_url(a) else None
+    second_options = storage_options if remote.is_url(b) else None
+    with open_source(a, first_options) as first, open_source(b, second_options) as second, \
+            _signals.deferred():
         entries_a = {key: first.entry(key) for key in first.keys}  # every header checked
         entries_b = {key: second.entry(key) for key in second.keys}
         common = [key for key in entries_a if key in entries_b]
@@ -466,7 +509,8 @@ class ConvertResult:
 
 
 def convert(src, dst, *, format: str | None = None, compression: int | bool | None = None,
-            progress: bool | None = None, durable: bool = True) -> ConvertResult:
+            progress: bool | None = None, durable: bool = True,
+            storage_options: dict | None = None) -> ConvertResult:
     """Writes the entries of ``src`` into ``dst``, in another format or compression.
 
     Args:
@@ -479,31 +523,38 @@ def convert(src, dst, *, format: str | None = None, compression: int | bool | No
         progress: a progress bar: None (the default) on a terminal for large files only, or
             True/False (see :func:`gpuserial.engine.progress.bar`).
         durable: fsync the new file and its directory.
+        storage_options: the options of the fsspec filesystems of ``src`` or ``dst`` where
+            either is a URL (an object is written committed last; HDF5 through a spool file).
 
     Raises:
         ValueError: an unknown format or compression level, or keys HDF5 cannot hold (``a`` and
             ``a/b`` both).
         FileNotFoundError, gpuserial.errors.CorruptFileError: ``src`` cannot be read.
     """
-    format = format_for_path(dst, format)
+    format = format_for_path(display_name(dst), format)
     level = compression_level(format, compression)
-    directory = os.path.dirname(os.fsdecode(dst)) or '.'
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f'{os.fsdecode(dst)!r}: no such directory {directory!r}')
-    with open_source(src) as source:
+    dst_options = storage_options if remote.is_url(dst) else None
+    if not remote.is_remote(dst):
+        directory = os.path.dirname(os.fsdecode(dst)) or '.'
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f'{os.fsdecode(dst)!r}: no such directory {directory!r}')
+    with open_source(src, storage_options if remote.is_url(src) else None) as source:
         entries = [source.entry(key) for key in source.keys]
         total = sum(e.size * e.dtype.itemsize for e in entries
                     if e.dtype is not None and not e.dtype.hasobject)
-        name = os.path.basename(os.fsdecode(dst))
+        name = os.path.basename(display_name(dst))
         with bar(2 * total, f'convert {name}', progress) as shown:  # read, then write
             source.reader.progress = shown
             write = _write_npz if format == 'npz' else _write_hdf5
-            write(source, entries, dst, level, shown, durable)
+            write(source, entries, dst, level, shown, durable, dst_options)
     return ConvertResult(format, level, len(entries), total)
 
 
-def _write_npz(source: _Source, entries, dst, level: int, shown, durable: bool) -> None:
-    with (atomic_output(dst, durable=durable) as out,
+def _write_npz(source: _Source, entries, dst, level: int, shown, durable: bool,
+               storage_options: dict | None) -> None:
+    size_hint = sum(entry.nbytes for entry in entries) + len(entries) * npz.MEMBER_OVERHEAD_BYTES
+    with (atomic_output(dst, durable=durable, storage_options=storage_options,
+                        size_hint=size_hint) as out,
           _zipstream.ZipWriter(out, compression=level > 0) as archive, _signals.deferred()):
         for entry in entries:
             value = source.read(entry)
@@ -517,9 +568,16 @@ def _write_npz(source: _Source, entries, dst, level: int, shown, durable: bool) 
             del value
 
 
-def _write_hdf5(source: _Source, entries, dst, level: int, shown, durable: bool) -> None:
-    name = os.fsdecode(dst)
+def _write_hdf5(source: _Source, entries, dst, level: int, shown, durable: bool,
+                storage_options: dict | None) -> None:
+    name = display_name(dst)
     hdf5.check_paths({'/' + entry.key: f'key {entry.key!r}' for entry in entries}, name)
+    location = remote.location_of(dst, storage_options)
+    if location is not None:  # HDF5 needs to seek: a local spool file, then streamed
+        with remote.spool_path('.h5') as spool:
+            _write_hdf5(source, entries, spool, level, shown, False, None)
+            remote.upload_file(spool, location)
+        return
     with atomic_path(dst, durable=durable) as temp, h5py.File(temp, 'x') as f, \
             _signals.deferred():
         for entry in entries:

@@ -1,0 +1,218 @@
+"""Saves and loads to S3 (moto's server on loopback), gpuserial against its peers.
+
+gpuserial.save / gpuserial.load of a model to ``s3://`` against ``torch.save`` into
+``fs.open(..., 'wb')`` / ``torch.load`` from ``fs.open(..., 'rb')``, and safetensors'
+``save`` bytes + ``fs.pipe`` / ``fs.cat`` + ``load``. On loopback the network costs little,
+so the ratios measure each client's own overhead (serialization, copies, request pattern):
+the part gpuserial controls. Also: the requests a save makes (no CopyObject; bytes uploaded
+against the payload) and, in a fresh process, the peak resident memory a save adds (VmHWM).
+
+    python -m benchmarks.remote --bytes 1GiB --rounds 3 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy
+
+import gpuserial
+from gpuserial.storage import remote
+from gpuserial.tools import bench
+
+CREDENTIALS = {'AWS_DEFAULT_REGION': 'us-east-1', 'AWS_ACCESS_KEY_ID': 'bench',
+               'AWS_SECRET_ACCESS_KEY': 'bench'}
+PEAK_SLACK = 32 << 20  # the issue's bound: pool + upload buffers + 32 MiB
+
+
+def _server():
+    os.environ.update(CREDENTIALS)
+    from moto.server import ThreadedMotoServer
+    server = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    return server, {'client_kwargs': {'endpoint_url': f'http://{host}:{port}'}}
+
+
+def _filesystem(options: dict):
+    import s3fs
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir('bench')
+    return fs
+
+
+def _cases(fs, options: dict, model: dict) -> dict:
+    """name -> (save, load, check of the loaded value)."""
+    first = next(iter(model))
+
+    def ours_save():
+        gpuserial.save('s3://bench/ours.npz', model, storage_options=options)
+
+    def ours_load():
+        return gpuserial.load('s3://bench/ours.npz', storage_options=options)[first]
+
+    cases = {'gpuserial': (ours_save, ours_load)}
+    try:
+        import torch
+        tensors = {key: torch.from_numpy(value) for key, value in model.items()}
+
+        def torch_save():
+            with fs.open('bench/torch.pt', 'wb') as f:
+                torch.save(tensors, f)
+
+        def torch_load():
+            with fs.open('bench/torch.pt', 'rb') as f:
+                return torch.load(f, weights_only=True)[first].numpy()
+
+        cases['torch.save + fs.open'] = (torch_save, torch_load)
+    except ImportError:
+        pass
+    try:
+        import safetensors.numpy
+
+        def safetensors_save():
+            fs.pipe('bench/model.safetensors', safetensors.numpy.save(model))
+
+        def safetensors_load():
+            return safetensors.numpy.load(fs.cat('bench/model.safetensors'))[first]
+
+        cases['safetensors + fs.pipe'] = (safetensors_save, safetensors_load)
+    except ImportError:
+        pass
+    return cases
+
+
+def _timed(function) -> tuple[float, object]:
+    gc.collect()
+    start = time.perf_counter()
+    value = function()
+    return time.perf_counter() - start, value
+
+
+def _requests(fs, options: dict, model: dict) -> dict:
+    """The S3 operations and uploaded bytes of one gpuserial save."""
+    calls: list[tuple[str, int]] = []
+
+    def record(params, model, **_):
+        body = params.get('Body')
+        size = body.getbuffer().nbytes if isinstance(body, io.BytesIO) else len(body or b'')
+        calls.append((model.name, size))
+
+    fs.connect()
+    fs.s3.meta.events.register('before-parameter-build.s3', record)
+    gpuserial.save('s3://bench/requests.npz', model, storage_options=options)
+    fs.s3.meta.events.unregister('before-parameter-build.s3', record)
+    operations: dict[str, int] = {}
+    for name, _ in calls:
+        operations[name] = operations.get(name, 0) + 1
+    payload = bench.model_nbytes(model)
+    uploaded = sum(size for _, size in calls)
+    return {'operations': operations, 'payload': payload, 'uploaded': uploaded,
+            'uploaded_ratio': uploaded / payload if payload else None,
+            'copy_requests': operations.get('CopyObject', 0) + operations.get('UploadPartCopy', 0)}
+
+
+def _status(field: str) -> int:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _peak_child(nbytes: int, endpoint: str) -> dict:
+    """In this (fresh) process, against the parent's server: the resident high-water mark one
+    save adds to the model's."""
+    os.environ.update(CREDENTIALS)
+    options = {'client_kwargs': {'endpoint_url': endpoint}}
+    model = bench.make_model(nbytes)
+    gpuserial.save('s3://bench/warm.npz', {'w': numpy.ones(4)}, storage_options=options)
+    gc.collect()
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')  # resets VmHWM to the current resident set
+    baseline = _status('VmRSS')
+    gpuserial.save('s3://bench/peak.npz', model, storage_options=options)
+    extra = _status('VmHWM') - baseline
+    block = remote.upload_block(nbytes)
+    # NumPy arrays: no pinned pool. The upload buffer is s3fs's: its block, and the copy of it
+    # it takes to send as a part (BytesIO.read), so two blocks.
+    bound = 2 * block + PEAK_SLACK
+    return {'bytes': nbytes, 'extra': extra, 'upload_block': block, 'bound': bound,
+            'verdict': 'PASS' if extra <= bound else 'FAIL'}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--bytes', type=bench.parse_size, default=bench.parse_size('256MiB'))
+    parser.add_argument('--rounds', type=int, default=3)
+    parser.add_argument('--peak', action='store_true',
+                        help='also measure the peak memory of a save, in a fresh process')
+    parser.add_argument('--json', help='write the results here')
+    parser.add_argument('--child-peak', nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child_peak is not None:
+        print(json.dumps(_peak_child(int(args.child_peak[0]), args.child_peak[1])))
+        return 0
+    server, options = _server()
+    try:
+        fs = _filesystem(options)
+        model = bench.make_model(args.bytes)
+        first = next(iter(model))
+        cases = _cases(fs, options, model)
+        seconds: dict[str, dict[str, list[float]]] = {
+            name: {'save': [], 'load': []} for name in cases}
+        for _ in range(args.rounds):  # interleaved: drifts of the machine hit every case
+            for name, (save, load) in cases.items():
+                seconds[name]['save'].append(_timed(save)[0])
+                took, value = _timed(load)
+                assert numpy.asarray(value).tobytes() == model[first].tobytes(), name
+                seconds[name]['load'].append(took)
+                del value
+        requests = _requests(fs, options, model)
+        del model
+        fs.rm('bench', recursive=True)
+        fs.mkdir('bench')
+        if args.peak:  # the server stays in this process: the child counts only its own
+            out = subprocess.run([sys.executable, '-m', 'benchmarks.remote', '--child-peak',
+                                  str(args.bytes), options['client_kwargs']['endpoint_url']],
+                                 capture_output=True, text=True, check=True)
+            peak = json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        server.stop()
+    medians = {name: {way: statistics.median(times) for way, times in ways.items()}
+               for name, ways in seconds.items()}
+    ours = medians['gpuserial']
+    ratios = {name: {way: ours[way] / took for way, took in ways.items()}
+              for name, ways in medians.items() if name != 'gpuserial'}
+    report = {'machine': bench.machine_info(), 'bytes': args.bytes, 'rounds': args.rounds,
+              'seconds': seconds, 'medians': medians,
+              'ratios (gpuserial time / peer time)': ratios, 'requests': requests}
+    gib = args.bytes / (1 << 30)
+    print(f'{bench.format_size(args.bytes)} to moto on loopback, median of {args.rounds}:')
+    for name, ways in medians.items():
+        print(f'  {name:24s} save {ways["save"]:7.2f} s ({gib / ways["save"]:.2f} GiB/s)   '
+              f'load {ways["load"]:7.2f} s ({gib / ways["load"]:.2f} GiB/s)')
+    for name, ways in ratios.items():
+        print(f'  gpuserial / {name}: save {ways["save"]:.2f}, load {ways["load"]:.2f}')
+    print(f'  requests of a save: {requests["operations"]}, uploaded '
+          f'{requests["uploaded_ratio"]:.4f} x payload, {requests["copy_requests"]} copies')
+    if args.peak:
+        report['peak'] = peak
+        print(f'  peak memory a save adds: {bench.format_size(peak["extra"])} (bound '
+              f'{bench.format_size(peak["bound"])}: 2 upload blocks + 32 MiB): {peak["verdict"]}')
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,367 @@
+"""Object storage through fsspec: ``s3://bucket/key``, ``gs://``, ``memory://``, ... URLs.
+
+Object stores have no atomic rename, no fsync and no cheap seek, so a save there does not go
+through a temporary file and a rename. It streams to the final key through the filesystem's
+buffered writer (on S3 a multipart upload, one part per upload block), and the object appears
+only when the upload is committed, after the last byte: a save that fails or is interrupted
+(Ctrl-C too) aborts the upload and leaves no object and the previous one as it was. That is
+fsspec's own transaction protocol (files opened with ``autocommit=False``, then ``commit()`` or
+``discard()``), used only for the filesystems known to honour it (:data:`TRANSACTIONAL`). Any
+other filesystem writes a temporary key beside the target and moves it into place once
+complete: where the store's move is a copy and a delete, that final move is not atomic.
+
+Reads open the object with no fsspec cache: the zip reader's own read-ahead window decides
+the read sizes, so a load of some keys fetches the directory and only those members' bytes,
+each large read in ranged GETs of at most :data:`READ_PIECE` bytes (bounded memory).
+
+fsspec is imported only here, and only when a URL or an fsspec file is seen: ``import
+gpuserial`` and local use never import it. Install it with ``pip install gpuserial[remote]``
+(plus the store's package: ``s3fs``, ``gcsfs``, ...).
+
+Helpers for layouts of several objects (sharded checkpoints: data objects first, an index
+object committed last): :func:`write_object`, :func:`read_object` and :func:`list_objects`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import secrets
+import sys
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+__all__ = ['READ_PIECE', 'SPOOL_DIR_VARIABLE', 'TRANSACTIONAL', 'UPLOAD_BLOCK', 'Location',
+           'is_remote', 'is_url', 'list_objects', 'location_of', 'read_object', 'remote_input',
+           'remote_output', 'spool_directory', 'write_object']
+
+UPLOAD_BLOCK = 16 << 20  # bytes buffered per uploaded part (S3 takes 5 MiB at least)
+MAX_PARTS = 9000  # S3 takes up to 10,000 parts: larger objects get larger blocks
+READ_PIECE = 16 << 20  # the most bytes one ranged read fetches (a large member: several)
+COPY_PIECE = 8 << 20  # bytes copied at a time between a spool file and an object
+SPOOL_DIR_VARIABLE = 'GPUSERIAL_SPOOL_DIR'  # where HDF5 spool files go (default: the temp dir)
+TEMP_MARK = '.gpuserial-tmp-'  # in the temporary keys of non-transactional filesystems
+# Filesystems whose files opened with autocommit=False publish nothing until commit() and
+# leave nothing after discard(): S3 (a multipart upload, aborted), memory, local files.
+TRANSACTIONAL = frozenset({'s3', 's3a', 'memory', 'file', 'local'})
+_SCHEME = re.compile(r'[A-Za-z][A-Za-z0-9+.\-]+://')  # two letters at least: not C:\
+
+
+def is_url(file) -> bool:
+    """Whether ``file`` is a URL (``s3://bucket/key``, ``memory://x``, chained ``a::b://c``)."""
+    return isinstance(file, str) and (_SCHEME.match(file) is not None or (
+        '::' in file and _SCHEME.match(file.rsplit('::', 1)[-1]) is not None))
+
+
+def _is_open_file(file) -> bool:
+    core = sys.modules.get('fsspec.core')  # never imported for it
+    return core is not None and isinstance(file, core.OpenFile)
+
+
+def is_remote(file) -> bool:
+    """Whether ``file`` goes through fsspec: a URL, or an ``fsspec.core.OpenFile`` (which
+    carries its filesystem: ``fsspec.core.OpenFile(fs, path)`` for a filesystem object)."""
+    return is_url(file) or _is_open_file(file)
+
+
+@dataclasses.dataclass(frozen=True)
+class Location:
+    """An object: its fsspec filesystem and its path there."""
+
+    fs: Any
+    path: str
+
+    @property
+    def url(self) -> str:
+        return self.fs.unstrip_protocol(self.path)
+
+    @property
+    def protocols(self) -> tuple[str, ...]:
+        protocol = self.fs.protocol
+        return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def _fsspec():
+    try:
+        import fsspec
+        import fsspec.core
+    except ImportError:
+        raise ImportError('URLs need fsspec: pip install gpuserial[remote] (and the store\'s '
+                          'package, such as s3fs for s3://)') from None
+    return fsspec
+
+
+def location_of(file, storage_options: dict | None = None) -> Location | None:
+    """The object ``file`` names (a URL with ``storage_options``, or an fsspec ``OpenFile``),
+    or None for a local path or a file object.
+
+    Raises:
+        TypeError: ``storage_options`` with something other than a URL.
+    """
+    if is_url(file):
+        fs, path = _fsspec().core.url_to_fs(file, **(storage_options or {}))
+        return Location(fs, path)
+    if storage_options is not None:
+        raise TypeError(f'storage_options= goes with a URL, not with {display(file)!r}')
+    if _is_open_file(file):
+        return Location(file.fs, file.path)
+    return None
+
+
+def display(file) -> str:
+    """A URL as it is; an fsspec ``OpenFile`` as its URL."""
+    return file.fs.unstrip_protocol(file.path) if _is_open_file(file) else str(file)
+
+
+def save_key(file) -> object:
+    """What identifies the object ``file`` among saves in flight."""
+    return ('object', display(file))
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def upload_block(size_hint: int | None) -> int:
+    """The upload block for an object of about ``size_hint`` bytes: :data:`UPLOAD_BLOCK`, or
+    more where the object would otherwise take more than :data:`MAX_PARTS` parts."""
+    if not size_hint:
+        return UPLOAD_BLOCK
+    return max(UPLOAD_BLOCK, -(-size_hint // MAX_PARTS))
+
+
+@contextlib.contextmanager
+def remote_output(location: Location, size_hint: int | None = None) -> Iterator[Upload]:
+    """A binary stream (not seekable) into the object at ``location``, committed only when
+    the block succeeds.
+
+    Peak memory is about two upload blocks (:func:`upload_block`). On any exception (Ctrl-C
+    too) the upload is aborted: no object is left at the key, and the previous one, if any,
+    was never touched. For a filesystem outside :data:`TRANSACTIONAL`, the stream goes to a
+    temporary key beside the target, moved into place on success (not atomic where the store
+    moves by copying) and removed on failure.
+    """
+    fs, path = location.fs, location.path
+    block = upload_block(size_hint)
+    if TRANSACTIONAL.intersection(location.protocols):
+        f = fs.open(path, 'wb', autocommit=False, block_size=block)
+        try:
+            yield Upload(f, location.url)
+            f.close()
+            f.commit()
+        except BaseException:
+            _discard(f)
+            raise
+        return
+    temp = f'{path}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(6)}'
+    try:
+        with fs.open(temp, 'wb', block_size=block) as f:
+            yield Upload(f, location.url)
+        fs.mv(temp, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.rm(temp)
+        raise
+
+
+def _discard(f) -> None:
+    """Throws away what ``f`` (opened with autocommit=False) wrote, committing nothing."""
+    spec = sys.modules['fsspec.spec']
+    with contextlib.suppress(Exception):
+        if isinstance(f, spec.AbstractBufferedFile):
+            f.discard()  # aborts the multipart upload; close() would complete it
+            f.closed = True  # nor may its finalizer flush it
+        else:
+            f.close()
+            f.discard()
+
+
+class Upload:
+    """The stream a save writes into: the filesystem's file, seen as not seekable (the zip
+    writer then puts each member's CRC and sizes after its data, never seeking back)."""
+
+    def __init__(self, f, name: str):
+        self.f = f
+        self.name = name
+        self.position = 0
+
+    def write(self, data) -> int:
+        count = len(memoryview(data).cast('B'))
+        self.f.write(data)
+        self.position += count
+        return count
+
+    def tell(self) -> int:
+        return self.position
+
+    def seekable(self) -> bool:
+        return False
+
+    def flush(self) -> None:
+        pass  # the filesystem uploads whole blocks; the commit sends the rest
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+@contextlib.contextmanager
+def remote_input(location: Location) -> Iterator[Ranged]:
+    """The object at ``location`` opened for reading with no read-ahead cache: each read is
+    one ranged GET (a large ``readinto``, several of at most :data:`READ_PIECE` bytes).
+
+    Raises:
+        FileNotFoundError: no such object.
+    """
+    try:
+        f = location.fs.open(location.path, 'rb', cache_type='none')
+    except FileNotFoundError:
+        raise FileNotFoundError(f'{location.url!r}: no such object') from None
+    except IsADirectoryError:
+        raise IsADirectoryError(f'{location.url!r}: is a directory, not a file') from None
+    try:
+        yield Ranged(f, location.url)
+    finally:
+        f.close()
+
+
+class Ranged:
+    """A seekable binary file over an object. Each read is one ranged GET of what was asked
+    for (a large one, pieces of at most :data:`READ_PIECE`), except inside a range announced
+    with :meth:`expect` (a zip member's data, read in order in engine-sized chunks): there
+    small reads fetch ahead up to :data:`READ_PIECE` bytes, never past the range's end."""
+
+    def __init__(self, f, name: str):
+        self.f = f
+        self.name = name
+        self.position = 0
+        self.extent = (0, 0)  # the range announced, read ahead within
+        self.ahead = b''  # bytes read ahead, from ahead_start
+        self.ahead_start = 0
+
+    def expect(self, start: int, end: int) -> None:
+        self.extent = (start, end)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 0:
+            self.position = offset
+        elif whence == 1:
+            self.position += offset
+        else:
+            self.position = self.f.seek(offset, whence)
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, count: int = -1) -> bytes:
+        if count is None or count < 0:
+            count = max(0, self.f.seek(0, 2) - self.position)
+        buffer = bytearray(count)
+        return bytes(buffer[:self.readinto(buffer)])
+
+    def readinto(self, buffer) -> int:
+        buffer = memoryview(buffer).cast('B')
+        done = 0
+        while done < len(buffer):
+            at = self.position - self.ahead_start
+            if 0 <= at < len(self.ahead):
+                count = min(len(buffer) - done, len(self.ahead) - at)
+                buffer[done:done + count] = self.ahead[at:at + count]
+            else:
+                wanted = len(buffer) - done
+                start, end = self.extent
+                if wanted < READ_PIECE and start <= self.position < end:
+                    self.f.seek(self.position)
+                    self.ahead = self.f.read(min(READ_PIECE, max(wanted, end - self.position)))
+                    self.ahead_start = self.position
+                    if not self.ahead:
+                        break
+                    continue
+                self.f.seek(self.position)
+                data = self.f.read(min(READ_PIECE, wanted))
+                if not data:
+                    break
+                count = len(data)
+                buffer[done:done + count] = data
+            done += count
+            self.position += count
+        return done
+
+    def close(self) -> None:
+        self.ahead = b''
+        self.f.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Spool files (HDF5, which needs seek), and objects of a layout
+
+
+def spool_directory() -> str:
+    """Where spool files go: ``$GPUSERIAL_SPOOL_DIR``, else the temporary directory."""
+    return os.environ.get(SPOOL_DIR_VARIABLE) or tempfile.gettempdir()
+
+
+@contextlib.contextmanager
+def spool_path(suffix: str = '') -> Iterator[str]:
+    """A fresh path in :func:`spool_directory` (not created), removed after the block."""
+    path = os.path.join(spool_directory(),
+                        f'gpuserial-spool-{os.getpid()}-{secrets.token_hex(6)}{suffix}')
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def upload_file(local: str, location: Location) -> None:
+    """Streams the local file ``local`` to the object at ``location`` (see
+    :func:`remote_output`)."""
+    size = os.path.getsize(local)
+    with open(local, 'rb') as src, remote_output(location, size) as out:
+        buffer = memoryview(bytearray(COPY_PIECE))
+        while count := src.readinto(buffer):
+            out.write(buffer[:count])
+
+
+def download_file(location: Location, local: str) -> None:
+    """Copies the object at ``location`` into a new local file ``local``."""
+    with remote_input(location) as src, open(local, 'xb') as out:
+        buffer = memoryview(bytearray(COPY_PIECE))
+        while count := src.readinto(buffer):
+            out.write(buffer[:count])
+
+
+def write_object(location: Location, data: bytes) -> None:
+    """Writes a small object whole, as a save does (committed last): for an index or marker
+    written after the data objects it names."""
+    with remote_output(location, len(data)) as out:
+        out.write(data)
+
+
+def read_object(location: Location) -> bytes:
+    """A small object's bytes.
+
+    Raises:
+        FileNotFoundError: no such object.
+    """
+    try:
+        return location.fs.cat_file(location.path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f'{location.url!r}: no such object') from None
+
+
+def list_objects(location: Location) -> list[str]:
+    """The paths of the objects under ``location`` (a prefix, as a directory), sorted, without
+    the temporary keys of saves in progress; empty where there are none."""
+    try:
+        found = location.fs.find(location.path)
+    except FileNotFoundError:
+        return []
+    return sorted(path for path in found if TEMP_MARK not in path.rsplit('/', 1)[-1])

@@ -1,0 +1,423 @@
+"""Object storage through fsspec, against a real S3 API on loopback (moto's server) and
+fsspec's memory filesystem: round trips bit for bit, ranged reads of only the keys asked for,
+uploads committed last (a failed save leaves no object and the previous one intact), no copy
+of data, and fsspec imported only for URLs."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import fsspec
+import fsspec.core
+import numpy
+import pytest
+import s3fs
+from fsspec.implementations.memory import MemoryFileSystem
+
+import gpuserial
+from gpuserial.engine import asyncsave
+from gpuserial.storage import remote
+
+CREDENTIALS = {'AWS_DEFAULT_REGION': 'us-east-1', 'AWS_ACCESS_KEY_ID': 'testing',
+               'AWS_SECRET_ACCESS_KEY': 'testing'}
+MiB = 1 << 20
+_buckets = itertools.count()
+
+
+@pytest.fixture(scope='session')
+def moto_endpoint():
+    """moto's S3 server on 127.0.0.1 (a free port), in this process, for the session."""
+    from moto.server import ThreadedMotoServer
+    saved = {name: os.environ.get(name) for name in CREDENTIALS}
+    os.environ.update(CREDENTIALS)  # no region_name: s3fs would send a LocationConstraint
+    server = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f'http://{host}:{port}'
+    finally:
+        server.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+class Bucket:
+    """A fresh bucket, its storage options, and the S3 calls made through its filesystem."""
+
+    def __init__(self, endpoint: str):
+        s3fs.S3FileSystem.clear_instance_cache()
+        self.options = {'client_kwargs': {'endpoint_url': endpoint}}
+        self.fs = s3fs.S3FileSystem(**self.options)  # the instance URLs with these options get
+        self.name = f'bucket-{os.getpid()}-{next(_buckets)}'
+        self.fs.mkdir(self.name)
+        self.calls: list[tuple[str, dict]] = []
+        self.fs.connect()
+        self.fs.s3.meta.events.register('before-parameter-build.s3', self._record)
+
+    def _record(self, params, model, **_):
+        self.calls.append((model.name, dict(params)))
+
+    def url(self, key: str) -> str:
+        return f's3://{self.name}/{key}'
+
+    def operations(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+    def uploaded_bytes(self) -> int:
+        return sum(_length(params.get('Body')) for name, params in self.calls
+                   if name in ('PutObject', 'UploadPart'))
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """The byte ranges GetObject asked for (inclusive ends, as HTTP says them)."""
+        found = []
+        for name, params in self.calls:
+            if name == 'GetObject':
+                first, last = params['Range'].removeprefix('bytes=').split('-')
+                found.append((int(first), int(last)))
+        return found
+
+    def keys(self) -> list[str]:
+        self.fs.invalidate_cache()
+        return sorted(path.split('/', 1)[1] for path in self.fs.find(self.name))
+
+
+def _length(body) -> int:
+    if body is None:
+        return 0
+    if isinstance(body, io.BytesIO):
+        return body.getbuffer().nbytes
+    return len(body)
+
+
+@pytest.fixture
+def bucket(moto_endpoint):
+    yield Bucket(moto_endpoint)
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def memory():
+    fs = MemoryFileSystem()
+    fs.store.clear()
+    fs.pseudo_dirs.clear()
+    fs.pseudo_dirs.append('')
+    yield fs
+    fs.store.clear()
+
+
+def _model(seed: int = 0) -> dict:
+    rng = numpy.random.default_rng(seed)
+    return {
+        'l1/W': rng.standard_normal((300, 200)).astype(numpy.float32),
+        'l1/b': numpy.frombuffer(rng.bytes(64 * 4), numpy.float32).copy(),  # NaN bits too
+        'l2/W': rng.standard_normal((3, 5, 7)).astype(numpy.float16),
+        'step': numpy.array(12345678901, numpy.int64),
+        'mask': rng.random(33) > 0.5,
+        'empty': numpy.zeros((0, 4), numpy.float64),
+    }
+
+
+def _assert_bits(loaded: dict, expected: dict) -> None:
+    assert sorted(loaded) == sorted(expected)  # HDF5 lists its keys sorted
+    for key, value in expected.items():
+        assert loaded[key].dtype == value.dtype and loaded[key].shape == value.shape, key
+        assert loaded[key].tobytes() == value.tobytes(), key
+
+
+CASES = [('x.npz', False), ('x.npz', True), ('x.h5', 0), ('x.h5', 4)]
+
+
+@pytest.mark.parametrize('name, compression', CASES,
+                         ids=['npz-stored', 'npz-deflate', 'hdf5', 'hdf5-gzip'])
+def test_round_trip_to_s3_is_bit_for_bit(bucket, name, compression):
+    model = _model()
+    url = bucket.url(f'run/{name}')
+    gpuserial.save(url, model, compression=compression, storage_options=bucket.options)
+    _assert_bits(gpuserial.load(url, storage_options=bucket.options), model)
+    assert bucket.keys() == [f'run/{name}']  # no temporary or spool object left
+
+
+@pytest.mark.parametrize('name, compression', CASES,
+                         ids=['npz-stored', 'npz-deflate', 'hdf5', 'hdf5-gzip'])
+def test_round_trip_to_memory_is_bit_for_bit(memory, name, compression):
+    model = _model(1)
+    gpuserial.save(f'memory://ckpt/{name}', model, compression=compression)
+    _assert_bits(gpuserial.load(f'memory://ckpt/{name}'), model)
+    assert sorted(memory.store) == [f'/ckpt/{name}']
+
+
+def test_chainer_calls_and_load_into_take_urls(bucket):
+    model = _model(2)
+    for url in (bucket.url('a.npz'), bucket.url('a.h5')):
+        save, load = ((gpuserial.save_npz, gpuserial.load_npz) if url.endswith('.npz')
+                      else (gpuserial.save_hdf5, gpuserial.load_hdf5))
+        save(url, model, storage_options=bucket.options)
+        target = {key: numpy.zeros_like(value) for key, value in model.items()}
+        load(url, target, storage_options=bucket.options)
+        _assert_bits(target, model)
+        target = {key: numpy.zeros_like(value) for key, value in model.items()}
+        report = gpuserial.load_into(url, target, storage_options=bucket.options)
+        assert report.missing_keys == [] and report.unexpected_keys == []
+        _assert_bits(target, model)
+
+
+@pytest.mark.parametrize('name', ['x.npz', 'x.h5'])
+def test_open_and_get_slice_over_s3(bucket, name):
+    model = _model(3)
+    url = bucket.url(name)
+    gpuserial.save(url, model, storage_options=bucket.options)
+    with gpuserial.open(url, storage_options=bucket.options) as f:
+        assert sorted(f.keys()) == sorted(model)
+        assert f.get_slice('l1/W')[10:20, 5:7].tobytes() == model['l1/W'][10:20, 5:7].tobytes()
+        assert f.get('l2/W').tobytes() == model['l2/W'].tobytes()
+        assert f.metadata('l1/W').shape == (300, 200)
+
+
+def test_a_subset_load_reads_only_its_byte_ranges(bucket):
+    model = {f'layer{i}': numpy.full(MiB // 4, i, numpy.float32) for i in range(8)}
+    url = bucket.url('big.npz')
+    gpuserial.save(url, model, storage_options=bucket.options)
+    size = bucket.fs.size(bucket.url('big.npz'))
+    bucket.calls.clear()
+    loaded = gpuserial.load(url, keys=['layer5'], storage_options=bucket.options)
+    assert loaded['layer5'].tobytes() == model['layer5'].tobytes()
+    ranges = bucket.ranges()
+    fetched = sum(last - first + 1 for first, last in ranges)
+    # the member's bytes, the zip directory, and a read-ahead window for its headers at most
+    assert MiB <= fetched <= MiB + 512 * 1024, ranges
+    assert fetched < size / 6
+    with gpuserial.open(url, storage_options=bucket.options) as f:
+        bucket.calls.clear()
+        assert f.get_slice('layer2')[:256].tolist() == [2.0] * 256
+        assert sum(last - first + 1 for first, last in bucket.ranges()) < 300 * 1024
+
+
+def test_a_large_member_is_read_in_bounded_pieces(bucket, monkeypatch):
+    monkeypatch.setattr(remote, 'READ_PIECE', MiB)
+    array = numpy.arange(3 * MiB // 8 + 5, dtype=numpy.float64)
+    url = bucket.url('piece.npz')
+    gpuserial.save(url, {'a': array}, storage_options=bucket.options)
+    bucket.calls.clear()
+    assert gpuserial.load(url, storage_options=bucket.options)['a'].tobytes() == array.tobytes()
+    ranges = bucket.ranges()
+    assert max(last - first + 1 for first, last in ranges) <= MiB
+    # read ahead within the member (the engine asks for smaller chunks): 4 pieces of data,
+    # and the first bytes, the end of the file and the member's headers
+    assert len(ranges) <= 4 + 5, ranges
+
+
+def test_a_save_uploads_the_payload_once_and_never_copies(bucket):
+    model = {'w': numpy.random.default_rng(0).standard_normal(40 * MiB // 8)}  # 3 parts
+    payload = 40 * MiB
+    gpuserial.save(bucket.url('m.npz'), model, storage_options=bucket.options)
+    operations = bucket.operations()
+    assert 'CopyObject' not in operations and 'UploadPartCopy' not in operations
+    assert 'DeleteObject' not in operations
+    assert operations.count('UploadPart') == 3 and 'CompleteMultipartUpload' in operations
+    assert payload <= bucket.uploaded_bytes() <= 1.02 * payload
+
+
+class _Failing(Exception):
+    pass
+
+
+@pytest.mark.parametrize('error', [_Failing, KeyboardInterrupt])
+def test_a_failed_upload_leaves_no_object_and_the_previous_one_intact(bucket, monkeypatch,
+                                                                      error):
+    old = {'w': numpy.ones(1000, numpy.float32)}
+    url = bucket.url('ckpt.npz')
+    gpuserial.save(url, old, storage_options=bucket.options)
+    write = remote.Upload.write
+
+    def failing(self, data):
+        if self.position > 20 * MiB:  # after a part was uploaded
+            raise error('the network went away')
+        return write(self, data)
+
+    monkeypatch.setattr(remote.Upload, 'write', failing)
+    new = {'w': numpy.zeros(40 * MiB // 4, numpy.float32)}
+    for target in (url, bucket.url('fresh.npz')):
+        bucket.calls.clear()
+        with pytest.raises(error, match='network'):
+            gpuserial.save(target, new, storage_options=bucket.options)
+        assert 'UploadPart' in bucket.operations()
+        assert 'AbortMultipartUpload' in bucket.operations()
+        assert 'CompleteMultipartUpload' not in bucket.operations()
+    assert bucket.keys() == ['ckpt.npz']
+    _assert_bits(gpuserial.load(url, storage_options=bucket.options), old)
+    uploads = bucket.fs.s3  # no multipart upload left open either
+    assert bucket.fs.call_s3('list_multipart_uploads', Bucket=bucket.name).get('Uploads', []) \
+        == [], uploads
+
+
+def test_a_failed_hdf5_save_leaves_no_object_and_no_spool_file(bucket, monkeypatch, tmp_path):
+    monkeypatch.setenv(remote.SPOOL_DIR_VARIABLE, str(tmp_path))
+    url = bucket.url('ckpt.h5')
+    gpuserial.save(url, {'a': numpy.arange(5)}, storage_options=bucket.options)
+
+    def failing(local, location):
+        raise _Failing('upload refused')
+
+    monkeypatch.setattr(remote, 'upload_file', failing)
+    with pytest.raises(_Failing):
+        gpuserial.save(url, {'a': numpy.zeros(5)}, storage_options=bucket.options)
+    assert gpuserial.load(url, storage_options=bucket.options)['a'].tolist() == [0, 1, 2, 3, 4]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_serialize_writes_nothing(bucket):
+    class Exploding:
+        def serialize(self, serializer):
+            serializer('a', numpy.ones(3))
+            raise _Failing('serialize failed')
+
+    with pytest.raises(_Failing):
+        gpuserial.save_npz(bucket.url('x.npz'), Exploding(), storage_options=bucket.options)
+    assert bucket.keys() == []
+
+
+def test_hdf5_loads_spool_into_the_chosen_directory_and_leave_nothing(memory, monkeypatch,
+                                                                      tmp_path):
+    monkeypatch.setenv(remote.SPOOL_DIR_VARIABLE, str(tmp_path))
+    gpuserial.save('memory://a/x.h5', {'a': numpy.arange(4)})
+    with gpuserial.open('memory://a/x.h5') as f:
+        assert f.get('a').tolist() == [0, 1, 2, 3]
+        assert list(tmp_path.iterdir()) == []  # the name is gone once h5py holds the file
+    assert list(tmp_path.iterdir()) == []
+
+
+class _CopyingMemory(MemoryFileSystem):
+    """A store outside remote.TRANSACTIONAL (as an unknown one would be)."""
+
+    protocol = ('copymem',)
+
+
+def test_a_store_without_transactions_goes_through_a_temporary_key(memory, monkeypatch):
+    fsspec.register_implementation('copymem', _CopyingMemory, clobber=True)
+    fs = _CopyingMemory()
+    url = 'copymem://b/x.npz'
+    gpuserial.save(url, {'a': numpy.arange(3)})
+    moved = []
+    monkeypatch.setattr(_CopyingMemory, 'mv', lambda self, a, b: moved.append((a, b))
+                        or MemoryFileSystem.mv(self, a, b))
+    gpuserial.save(url, {'a': numpy.arange(4)})
+    assert len(moved) == 1 and remote.TEMP_MARK in moved[0][0]
+    assert gpuserial.load(url)['a'].tolist() == [0, 1, 2, 3]
+
+    def failing(self, data):
+        raise _Failing('refused')
+
+    monkeypatch.setattr(remote.Upload, 'write', failing)
+    with pytest.raises(_Failing):
+        gpuserial.save(url, {'a': numpy.arange(9)})
+    monkeypatch.undo()
+    assert gpuserial.load(url)['a'].tolist() == [0, 1, 2, 3]
+    assert [path for path in fs.store if 'x.npz' in path] == [fs._strip_protocol(url)]
+
+
+def test_an_fsspec_open_file_carries_its_filesystem(bucket):
+    target = fsspec.core.OpenFile(bucket.fs, f'{bucket.name}/o.npz')
+    gpuserial.save(target, {'a': numpy.arange(3)})
+    assert gpuserial.load(target)['a'].tolist() == [0, 1, 2]
+    assert gpuserial.load(bucket.url('o.npz'), storage_options=bucket.options)['a'].tolist() \
+        == [0, 1, 2]
+    with pytest.raises(TypeError, match='storage_options= goes with a URL'):
+        gpuserial.load(target, storage_options=bucket.options)
+
+
+def test_async_saves_to_s3(bucket):
+    model = _model(4)
+    for name in ('async.npz', 'async.h5'):
+        handle = gpuserial.save_async(bucket.url(name), model, format=name[-3:].replace(
+            '.h5', 'hdf5').lstrip('.'), storage_options=bucket.options)
+        handle.committed.result(timeout=60)
+        _assert_bits(gpuserial.load(bucket.url(name), storage_options=bucket.options), model)
+    asyncsave.wait_all()
+
+
+def test_errors_name_the_url(bucket, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"'s3://.*/missing.npz': no such object"):
+        gpuserial.load(bucket.url('missing.npz'), storage_options=bucket.options)
+    with pytest.raises(FileNotFoundError, match='no such object'):
+        gpuserial.load_npz(bucket.url('missing.npz'), {}, storage_options=bucket.options)
+    bucket.fs.pipe(bucket.url('junk.npz'), b'not a zip at all')
+    with pytest.raises(gpuserial.errors.CorruptFileError, match=r"junk.npz.*not an NPZ or HDF5"):
+        gpuserial.load(bucket.url('junk.npz'), storage_options=bucket.options)
+    with pytest.raises(gpuserial.errors.CorruptFileError, match=r"junk.npz.*not an NPZ \(zip\)"):
+        gpuserial.load_npz(bucket.url('junk.npz'), {}, storage_options=bucket.options)
+    with pytest.raises(TypeError, match=r"storage_options= goes with a URL, not with '.*x.npz'"):
+        gpuserial.save(str(tmp_path / 'x.npz'), {}, storage_options={'anon': True})
+
+
+def test_layout_helpers_commit_objects_and_list_them(bucket):
+    prefix = remote.location_of(bucket.url('ckpt'), bucket.options)
+    assert prefix is not None and remote.list_objects(prefix) == []
+    for name in ('shard-0.npz', 'shard-1.npz', 'index.json'):
+        remote.write_object(remote.Location(prefix.fs, f'{prefix.path}/{name}'), name.encode())
+    bucket.fs.pipe(f'{prefix.path}/x.npz{remote.TEMP_MARK}1-ab', b'partial')
+    assert remote.list_objects(prefix) == [f'{prefix.path}/{name}' for name in
+                                           ('index.json', 'shard-0.npz', 'shard-1.npz')]
+    index = remote.Location(prefix.fs, f'{prefix.path}/index.json')
+    assert remote.read_object(index) == b'index.json'
+    with pytest.raises(FileNotFoundError, match='no such object'):
+        remote.read_object(remote.Location(prefix.fs, f'{prefix.path}/none'))
+    assert 'CopyObject' not in bucket.operations()
+
+
+@pytest.mark.parametrize('text, expected', [
+    ('s3://bucket/key.npz', True), ('memory://x', True), ('simplecache::s3://b/k', True),
+    ('gs://b/k', True), ('x.npz', False), ('/tmp/x.npz', False), ('C:\\x.npz', False),
+    ('c://x', False), (b's3://b/k', False)])
+def test_what_is_a_url(text, expected):
+    assert remote.is_url(text) is expected
+
+
+def test_upload_blocks_grow_for_huge_objects():
+    assert remote.upload_block(None) == remote.UPLOAD_BLOCK
+    assert remote.upload_block(MiB) == remote.UPLOAD_BLOCK
+    huge = 10 * remote.UPLOAD_BLOCK * remote.MAX_PARTS
+    assert remote.upload_block(huge) * remote.MAX_PARTS >= huge
+
+
+def test_local_use_never_imports_fsspec(tmp_path):
+    code = ('import io, sys, numpy, gpuserial, gpuserial.serializers;'
+            'f = io.BytesIO(); gpuserial.save_npz(f, {"a": numpy.ones(2)});'
+            'f.seek(0); gpuserial.load(f); gpuserial.load_npz(f, {"a": numpy.ones(2)});'
+            f'gpuserial.save({str(tmp_path / "x.npz")!r}, {{"a": numpy.ones(2)}});'
+            f'gpuserial.load({str(tmp_path / "x.npz")!r});'
+            f'gpuserial.save({str(tmp_path / "x.h5")!r}, {{"a": numpy.ones(2)}});'
+            f'gpuserial.load({str(tmp_path / "x.h5")!r});'
+            'print([m for m in ("fsspec", "s3fs", "botocore") if m in sys.modules])')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == '[]'
+
+
+def test_the_cli_inspects_converts_and_diffs_urls(bucket, tmp_path, capsys):
+    from gpuserial.tools import cli
+    options = ['--storage-options', json.dumps(bucket.options)]
+    model = _model(5)
+    gpuserial.save(bucket.url('a.npz'), model, storage_options=bucket.options)
+    assert cli.main(['inspect', bucket.url('a.npz'), '--json', *options]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info['format'] == 'npz' and len(info['entries']) == len(model)
+    assert cli.main(['convert', bucket.url('a.npz'), bucket.url('b.h5'), '--no-progress',
+                     *options]) == 0
+    assert cli.main(['convert', bucket.url('b.h5'), str(tmp_path / 'c.npz'), '--no-progress',
+                     *options]) == 0
+    capsys.readouterr()
+    assert cli.main(['diff', bucket.url('a.npz'), bucket.url('b.h5'), *options]) == 0
+    assert cli.main(['diff', bucket.url('a.npz'), str(tmp_path / 'c.npz'), *options]) == 0
+    assert cli.main(['inspect', bucket.url('b.h5'), *options]) == 0
+    assert 'total: 6 entries' in capsys.readouterr().out
+    assert bucket.keys() == ['a.npz', 'b.h5']
+    with pytest.raises(SystemExit):
+        cli.main(['inspect', bucket.url('a.npz'), '--storage-options', '[1]'])
+    assert 'not a JSON object' in capsys.readouterr().err
