@@ -179,9 +179,8 @@ class _Placement:
         """An array for ``entry`` and whether it waits to be filled, or its whole value."""
         if entry.shape is None or entry.dtype is None:  # a stored None
             return None, False
-        if entry.dtype.hasobject:  # HDF5 strings (other objects were refused by entry())
-            value = reader.read_scalar(entry)
-            return numpy.asarray(value.tolist() if value.dtype.hasobject else value), False
+        if entry.dtype.hasobject:
+            return loading.read_text(reader, entry), False
         self._check_holds(entry.dtype, reader.where(entry.key))
         reader.check_size(entry, allocating=True)
         on = self.device if entry.dtype.kind != 'V' else devices.CPU  # NumPy alone holds those

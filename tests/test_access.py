@@ -97,6 +97,24 @@ def test_load_of_a_file_object_without_a_name(tmp_path, kind):
     numpy.testing.assert_array_equal(loaded['f32'], STATE['f32'])
 
 
+def test_load_of_what_is_no_checkpoint_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"missing\.npz'?: no such file"):
+        gpuserial.load(tmp_path / 'missing.npz')
+    with pytest.raises(CorruptFileError, match=r"'<BytesIO>': not an NPZ or HDF5 file \(it "
+                                               r"starts with b'garbage '"):
+        gpuserial.load(io.BytesIO(b'garbage and more'))
+    (tmp_path / 'text.npz').write_text('not a zip at all')
+    with pytest.raises(CorruptFileError, match="text.npz'?: not an NPZ or HDF5 file"):
+        gpuserial.open(tmp_path / 'text.npz')
+
+
+def test_load_gives_hdf5_text_as_str_arrays(tmp_path):
+    gpuserial.save(tmp_path / 'a.h5', {'name': numpy.array(['ab', 'c']), 'one': 'xyz'})
+    loaded = gpuserial.load(tmp_path / 'a.h5')
+    assert loaded['name'].tolist() == ['ab', 'c'] and loaded['name'].dtype.kind == 'U'
+    assert loaded['one'].tolist() == 'xyz'
+
+
 def test_load_reads_numpy_and_chainer_style_files(tmp_path):
     path = tmp_path / 'numpy.npz'
     numpy.savez(path, a=numpy.arange(3), b=numpy.asfortranarray(numpy.ones((2, 3))))

@@ -190,6 +190,13 @@ class _PendingFills:
                 reader.progress = progress.SILENT
 
 
+def read_text(reader: Reader, entry: Entry) -> numpy.ndarray:
+    """An entry of object dtype (HDF5 strings; other objects were refused by ``entry()``)
+    as a NumPy ``str`` array."""
+    value = reader.read_scalar(entry)
+    return numpy.asarray(value.tolist() if value.dtype.hasobject else value)
+
+
 def run_fills(reader: Reader, fills: list[tuple[Entry, object]], show_progress: bool | None
               ) -> None:
     """Fills each array from its entry, in the reader's best order (see :class:`Reader`)."""

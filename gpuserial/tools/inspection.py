@@ -278,9 +278,8 @@ class _Source:
         """The entry's value: None, or a host array (strings as a ``str`` array)."""
         if entry.dtype is None:  # a stored None
             return None
-        if entry.dtype.hasobject:  # HDF5 strings (other objects were refused by entry())
-            value = self.reader.read_scalar(entry)
-            return numpy.asarray(value.tolist() if value.dtype.hasobject else value)
+        if entry.dtype.hasobject:
+            return loading.read_text(self.reader, entry)
         self.reader.check_size(entry, allocating=True)
         assert entry.shape is not None  # with the dtype
         array = numpy.empty(entry.shape, entry.dtype)
