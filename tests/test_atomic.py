@@ -120,22 +120,35 @@ def test_write_fails_midway(fmt, old_file, monkeypatch, error):
     path, old = old_file
     seen = []
     if fmt.startswith('npz'):
-        module, names = _zipstream.ZipWriter, ['write_member', 'write_small_member']
+        module, names = _zipstream.ZipWriter, ['write_member', 'write_small_members']
     else:
         module, names = hdf5, ['write_entry']
     calls = []
 
+    def count():
+        calls.append(1)
+        if len(calls) == 3:
+            seen.append(crafting.temporaries(path.parent))
+            raise error
+
     def failing(original):
         def write(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == 3:
-                seen.append(crafting.temporaries(path.parent))
-                raise error
+            count()
             return original(*args, **kwargs)
         return write
 
+    def failing_members(original):  # small members are written many to a call: one each
+        def write(writer, members):
+            def counted():
+                for member in members:
+                    count()
+                    yield member
+            return original(writer, counted())
+        return write
+
     for name in names:
-        monkeypatch.setattr(module, name, failing(getattr(module, name)))
+        wrap = failing_members if name == 'write_small_members' else failing
+        monkeypatch.setattr(module, name, wrap(getattr(module, name)))
     with pytest.raises(type(error)):
         FORMATS[fmt][0](path, kill_saver.state(1))
     assert len(seen) == 1 and len(seen[0]) == 1

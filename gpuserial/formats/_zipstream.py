@@ -43,6 +43,7 @@ VERSION = 45  # ZIP64
 UTF8_FLAG = 0x800
 ENCRYPTED_FLAG = 0x01
 DESCRIPTOR_FLAG = 0x08
+FILE_ATTRIBUTES = 0o100644 << 16  # a regular file, rw-r--r-- (as zipfile writes it)
 PIECE = 1 << 18  # data is checksummed and (de)compressed in pieces that stay in the CPU's cache
 WRITE_PIECE = 1 << 20  # stored chunks this large are checksummed on a thread while written in
 #                        pieces this size (larger writes measured slower and prone to stalls)
@@ -105,32 +106,52 @@ class ZipWriter:
         CRC and sizes go into its local header at once (no descriptor, no seek back; ZIP64 only
         past 4 GiB), and it is written together with its small neighbours, a write per
         :data:`WRITE_PIECE` bytes."""
-        data = memoryview(data).cast('B')
-        crc = crc32(data, crc32(header))
-        size = len(header) + len(data)
-        if self.method == DEFLATED:
-            deflater = deflate_module.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -15)
-            data = deflater.compress(header) + deflater.compress(data) + deflater.flush()
-            header = b''
-        compressed = len(header) + len(data)
-        encoded = name.encode('utf-8')
-        flags = 0 if encoded.isascii() else UTF8_FLAG
-        offset = self.position
-        if max(size, compressed) < ZIP64_LIMIT:  # as a small member's sizes nearly always are
-            local = LOCAL.pack(b'PK\x03\x04', VERSION, flags, self.method, self.time, self.date,
-                               crc, compressed, size, len(encoded), 0) + encoded
-        else:
-            local = (LOCAL.pack(b'PK\x03\x04', VERSION, flags, self.method, self.time,
-                                self.date, crc, MARKER32, MARKER32, len(encoded),
-                                LOCAL_ZIP64_EXTRA.size) + encoded
-                     + LOCAL_ZIP64_EXTRA.pack(1, 16, size, compressed))
-        self.pending += local
-        self.pending += header
-        self.pending += data
-        self.position += len(local) + compressed
-        self.central.append(self._central_entry(encoded, flags, crc, size, compressed, offset))
-        if len(self.pending) >= WRITE_PIECE:
-            self._flush_pending()
+        self.write_small_members([(name, header, memoryview(data).cast('B'))])
+
+    def write_small_members(self, members: Iterable[tuple[str, bytes, bytes | memoryview]]
+                            ) -> None:
+        """:meth:`write_small_member` of each ``(name, header, data)`` in turn, in one loop (a
+        model has thousands); ``data`` is bytes or a memoryview of bytes (format ``B``)."""
+        pending, central = self.pending, self.central
+        for name, header, data in members:
+            crc = crc32(data, crc32(header))
+            size = len(header) + len(data)
+            if self.method == DEFLATED:
+                deflater = deflate_module.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -15)
+                data = deflater.compress(header) + deflater.compress(data) + deflater.flush()
+                header = b''
+            compressed = len(header) + len(data)
+            encoded = name.encode('utf-8')
+            flags = 0 if encoded.isascii() else UTF8_FLAG
+            offset = self.position
+            if max(size, compressed, offset) < ZIP64_LIMIT:  # nearly always: no ZIP64 fields
+                local = LOCAL.pack(b'PK\x03\x04', VERSION, flags, self.method, self.time,
+                                   self.date, crc, compressed, size, len(encoded), 0) + encoded
+                central.append(CENTRAL.pack(
+                    b'PK\x01\x02', VERSION, 3, VERSION, flags, self.method, self.time,
+                    self.date, crc, compressed, size, len(encoded), 0, 0, 0, 0, FILE_ATTRIBUTES,
+                    offset) + encoded)
+            else:
+                local = self._local_header(encoded, flags, crc, size, compressed)
+                central.append(self._central_entry(encoded, flags, crc, size, compressed, offset))
+            pending += local
+            pending += header
+            pending += data
+            self.position = offset + len(local) + compressed
+            if len(pending) >= WRITE_PIECE:
+                self._flush_pending()
+                pending = self.pending
+
+    def _local_header(self, encoded: bytes, flags: int, crc: int, size: int, compressed: int
+                      ) -> bytes:
+        """A small member's local header, its name included (ZIP64 only for sizes past 4 GiB,
+        as zipfile writes it)."""
+        if max(size, compressed) < ZIP64_LIMIT:
+            return LOCAL.pack(b'PK\x03\x04', VERSION, flags, self.method, self.time, self.date,
+                              crc, compressed, size, len(encoded), 0) + encoded
+        return (LOCAL.pack(b'PK\x03\x04', VERSION, flags, self.method, self.time, self.date,
+                           crc, MARKER32, MARKER32, len(encoded), LOCAL_ZIP64_EXTRA.size)
+                + encoded + LOCAL_ZIP64_EXTRA.pack(1, 16, size, compressed))
 
     def _checksum_on_a_thread(self, data: memoryview, crc: int) -> Future | None:
         """The CRC of ``data`` (continuing ``crc``) under way on this writer's thread, or None
@@ -223,7 +244,7 @@ class ZipWriter:
             extra = struct.pack('<HH', 1, len(extra)) + extra
         return CENTRAL.pack(
             b'PK\x01\x02', VERSION, 3, VERSION, flags, self.method, self.time, self.date, crc,
-            _field(compressed), _field(size), len(encoded), len(extra), 0, 0, 0, 0o100644 << 16,
+            _field(compressed), _field(size), len(encoded), len(extra), 0, 0, 0, FILE_ATTRIBUTES,
             _field(offset)) + encoded + extra
 
     def close(self) -> None:

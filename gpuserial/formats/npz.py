@@ -12,7 +12,7 @@ import io
 import itertools
 import os
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, BinaryIO, Protocol, cast
 
 import numpy
@@ -73,6 +73,9 @@ class DictionarySerializer(Serializer):
             raise KeyCollisionError(f'key {full_key!r}: stored twice, as {first!r} under path '
                                     f'{path!r} and as {key!r} under path {self.path!r}')
         self._sources[full_key] = (self.path, key)
+        if type(value) is numpy.ndarray and value.dtype.kind != 'V':  # stored as it is
+            self.target[full_key] = value
+            return value
         stored = devices.engine_array(value)  # torch, JAX: views of their memory
         if not devices.is_array(stored):
             stored = numpy.asarray(stored)
@@ -161,13 +164,11 @@ def write_npz(out: BinaryIO, entries: Mapping[str, object] | Iterable[tuple[str,
                             key + SUFFIX, _npy.encode_header(array.dtype, array.shape), data)
                         shown.update(array.nbytes)
                 continue
+            if how == WHOLE:
+                archive.write_small_members(_whole_members(run, shown))
+                continue
             for key, array in run:
-                if how == WHOLE:
-                    archive.write_small_member(key + SUFFIX,
-                                               _npy.encode_header(array.dtype, array.shape),
-                                               memoryview(array.reshape(-1).view(numpy.uint8)))
-                    shown.update(array.nbytes)
-                elif array.dtype.hasobject:
+                if array.dtype.hasobject:
                     if not _is_stored_none(array):
                         raise TypeError(f'cannot save key {key!r}: object arrays other than '
                                         f'None are not supported')
@@ -194,6 +195,23 @@ def _how_written(item: tuple[str, Any]) -> str:
     if type(array) is numpy.ndarray:
         return WHOLE
     return PACKED if array.nbytes <= transfer.settings().chunk_bytes else STREAMED
+
+
+def _whole_members(run: Iterable[tuple[str, numpy.ndarray]], shown: _progress.Progress
+                   ) -> Iterator[tuple[str, bytes, memoryview]]:
+    """The members of small host arrays, as :meth:`ZipWriter.write_small_members` takes them,
+    each counted as shown once written."""
+    for key, array in run:
+        yield key + SUFFIX, _npy.encode_header(array.dtype, array.shape), host_bytes(array)
+        shown.update(array.nbytes)
+
+
+def host_bytes(array: numpy.ndarray) -> memoryview:
+    """The bytes of a C-contiguous host array, not copied."""
+    try:
+        return memoryview(array).cast('B')
+    except (TypeError, ValueError):  # no buffer of its dtype (datetimes); zeros in its shape
+        return memoryview(array.reshape(-1).view(numpy.uint8))
 
 
 def _chain(*iterables):
