@@ -208,10 +208,11 @@ def _whole_members(run: Iterable[tuple[str, numpy.ndarray]], shown: _progress.Pr
 
 def host_bytes(array: numpy.ndarray) -> memoryview:
     """The bytes of a C-contiguous host array, not copied."""
+    # numpy's stubs under Python 3.11 do not say that arrays are buffers
     try:
-        return memoryview(array).cast('B')
+        return memoryview(array).cast('B')  # type: ignore[arg-type]
     except (TypeError, ValueError):  # no buffer of its dtype (datetimes); zeros in its shape
-        return memoryview(array.reshape(-1).view(numpy.uint8))
+        return memoryview(array.reshape(-1).view(numpy.uint8))  # type: ignore[arg-type]
 
 
 def _chain(*iterables):
