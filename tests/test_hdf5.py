@@ -241,3 +241,38 @@ def test_a_save_to_a_bare_file_name_lands_in_the_working_directory(tmp_path, mon
     target = {'x': numpy.zeros(3, numpy.int64)}
     serializers.load_hdf5(tmp_path / 'm.h5', target)
     assert target['x'].tolist() == [0, 1, 2]
+
+
+PLAIN_AND_NOT = {
+    'a': {'b': numpy.arange(12, dtype=numpy.float32).reshape(3, 4), 'c/d': numpy.arange(5)},
+    'e/f/g': numpy.float32(3), 'bools': numpy.array([True, False]),
+    'big_endian': numpy.arange(3, dtype='>f8'), 'complex': numpy.ones(4, 'c8'),
+    'half': numpy.ones(7, 'f2'), 'empty': numpy.zeros((2, 0)), 'scalar': numpy.ones((), 'u2'),
+    'strided': numpy.arange(12).reshape(3, 4)[:, ::2], 'fortran': numpy.arange(10.).reshape(2, 5).T,
+    'bytes': numpy.array([b'ab', b'cd']), 'n': 5, 'text': 'text', 'none': None,
+}
+
+
+@pytest.mark.parametrize('compression', [0, 4])
+def test_plain_arrays_made_without_h5py_objects_make_the_same_file(tmp_path, monkeypatch,
+                                                                    compression):
+    """Small arrays of numbers are created with h5py's low-level calls: the file is the one
+    that create_dataset makes, byte for byte, and h5py reads it back."""
+    fast = tmp_path / 'fast.h5'
+    serializers.save_hdf5(fast, PLAIN_AND_NOT, compression=compression)
+    monkeypatch.setattr(hdf5, 'PLAIN_KINDS', frozenset())  # every array through create_dataset
+    general = tmp_path / 'general.h5'
+    serializers.save_hdf5(general, PLAIN_AND_NOT, compression=compression)
+    assert fast.read_bytes() == general.read_bytes()
+    with h5py.File(fast, 'r') as f:
+        numpy.testing.assert_array_equal(f['a/c/d'][()], numpy.arange(5))
+        assert f['big_endian'].dtype == numpy.dtype('>f8') and f['e/f/g'][()] == 3
+        assert (f['a/b'].compression, f['a/b'].chunks) == (('gzip', (3, 4)) if compression
+                                                           else (None, None))
+
+
+def test_a_plain_dataset_where_one_is_already_names_the_key(tmp_path):
+    with h5py.File(tmp_path / 'model.h5', 'w') as f:
+        f.create_dataset('w', data=numpy.zeros(3))
+        with pytest.raises(ValueError, match=r"key 'w': .*name already exists"):
+            hdf5.HDF5Serializer(f)('w', numpy.ones(3))

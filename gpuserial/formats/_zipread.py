@@ -152,7 +152,10 @@ def _members(data: bytes, concat: int) -> list[Member]:
             raise ZipError(f'zip file version {needed / 10:.1f}')
         start = position + CENTRAL.size
         raw_name = data[start:start + name_length]
-        name = raw_name.decode('utf-8' if flags & UTF8_FLAG else 'cp437')
+        if raw_name.isascii():  # as nearly every name is: the same text in cp437 and UTF-8
+            name = raw_name.decode('ascii')
+        else:
+            name = raw_name.decode('utf-8' if flags & UTF8_FLAG else 'cp437')
         if MARKER32 in (size, compressed, offset):
             size, compressed, offset = _zip64(
                 data[start + name_length:start + name_length + extra_length],
@@ -231,6 +234,9 @@ class WindowedFile:
         window where they fit in one, else read at once. The position is left at ``position``,
         not past the bytes."""
         self.position = position
+        at = position - self.start
+        if 0 <= at and at + count <= len(self.data):  # in the window, as small reads nearly are
+            return self.data[at:at + count]
         cached = self._cached(count)
         if cached is None:
             self.fp.seek(position)

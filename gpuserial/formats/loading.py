@@ -161,8 +161,10 @@ class _PendingFills:
             reading: Entry | None = None
             ordered: set[devices.Device] = set()  # devices whose copies wait for the caller's
             try:
-                for whole, run in itertools.groupby(reader.in_read_order(self.fills),
-                                                    key=lambda fill: reader.reads_whole(*fill)):
+                for whole, run in itertools.groupby(
+                        reader.in_read_order(self.fills),  # host arrays are never read whole
+                        key=lambda fill: type(fill[1]) is not numpy.ndarray
+                        and reader.reads_whole(*fill)):
                     if whole:  # small device arrays: through shared buffers
                         batch = list(run)
 
@@ -396,7 +398,7 @@ class ReaderDeserializer(Deserializer):
         if tuple(value.shape) != entry.shape:
             raise MismatchError(f'{self.reader.where(entry.key)}: stored shape {entry.shape} '
                                 f'does not match the target shape {tuple(value.shape)}')
-        if not _casts(entry.dtype, value.dtype):
+        if value.dtype != entry.dtype and not _casts(entry.dtype, value.dtype):
             raise MismatchError(f'{self.reader.where(entry.key)}: stored dtype {entry.dtype} '
                                 f'does not cast to the target dtype {value.dtype} (same_kind)')
 

@@ -277,16 +277,15 @@ class _ZipReader(loading.Reader):
         return list(self._infos)
 
     def entry(self, key: str) -> loading.Entry | None:
-        if key not in self._entries:
-            info = self._infos.get(key)
-            self._entries[key] = None if info is None else self._parse(key, info)
-        return self._entries[key]
-
-    def _parse(self, key: str, info) -> loading.Entry:
+        if key in self._entries:
+            return self._entries[key]
+        info = self._infos.get(key)
         try:
-            return self._parsed(key, info)
+            entry = None if info is None else self._parsed(key, info)
         except (_npy.HeaderError, *READ_ERRORS) as error:
             raise CorruptFileError(f'{self.where(key)}: {error}') from None
+        self._entries[key] = entry
+        return entry
 
     def _parsed(self, key: str, info) -> loading.Entry:
         if info.header_offset < 0:
@@ -377,7 +376,7 @@ class _ZipReader(loading.Reader):
                     and isinstance(target, numpy.ndarray) and target.flags.c_contiguous
                     and target.dtype == header.dtype):  # small: one read, no staging
                 _zipread.read_stored(self.archive.fp, info, data_start, header.length,
-                                     target.reshape(-1).view(numpy.uint8))
+                                     host_bytes(target))
                 self.progress.update(header.nbytes)
                 return
             member = _zipread.MemberReader(self.archive.fp, info, data_start)
