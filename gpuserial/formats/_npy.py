@@ -24,6 +24,7 @@ PREFIX_LEN = len(MAGIC) + 2  # magic, major, minor
 ALIGN = 64  # numpy pads the header so that the data starts on a 64-byte boundary
 MAX_HEADER_LEN = 10000  # numpy's own limit on a header it will parse
 VERSION_1_MAX_HEADER = 0xFFFF
+LENGTH_V1, LENGTH_V2 = struct.Struct('<H'), struct.Struct('<I')  # the header length's field
 HEADER_KEYS = {'descr', 'fortran_order', 'shape'}
 MAX_NDIM = 64 if numpy.lib.NumpyVersion(numpy.__version__) >= '2.0.0' else 32  # numpy's own
 MAX_EXTENT = numpy.iinfo(numpy.intp).max  # numpy refuses shapes whose bytes could exceed this
@@ -236,13 +237,13 @@ def header_length(prefix: bytes | memoryview) -> int:
         raise HeaderError(f'not a .npy member (starts {bytes(prefix[:8])!r})')
     version = prefix[6], prefix[7]
     if version == (1, 0):
-        (length,) = struct.unpack_from('<H', prefix, PREFIX_LEN)
-        fixed = PREFIX_LEN + 2
+        (length,) = LENGTH_V1.unpack_from(prefix, PREFIX_LEN)
+        fixed = PREFIX_LEN + LENGTH_V1.size
     elif version in ((2, 0), (3, 0)):
         if len(prefix) < PREFIX_LEN + 4:
             raise HeaderError('truncated .npy header')
-        (length,) = struct.unpack_from('<I', prefix, PREFIX_LEN)
-        fixed = PREFIX_LEN + 4
+        (length,) = LENGTH_V2.unpack_from(prefix, PREFIX_LEN)
+        fixed = PREFIX_LEN + LENGTH_V2.size
     else:
         raise HeaderError(f'unsupported .npy version {version[0]}.{version[1]}')
     if length > MAX_HEADER_LEN:

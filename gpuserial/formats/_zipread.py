@@ -334,7 +334,9 @@ def read_stored(fp: WindowedFile, info, data_start: int, head: int, out) -> None
         if len(data) < info.file_size:
             raise MemberError(f'truncated: the file ends {info.file_size - len(data)} bytes '
                               f'early')
-        _check_crc(info, crc32(data))  # before ``out`` changes: it may be the caller's array
+        crc = crc32(data)  # checked before ``out`` changes: it may be the caller's array
+        if crc != info.CRC:
+            raise _crc_mismatch(info, crc)
         out[:] = data[head:]
         return
     crc = crc32(fp.view(data_start, head))  # larger: straight into ``out``
@@ -345,13 +347,14 @@ def read_stored(fp: WindowedFile, info, data_start: int, head: int, out) -> None
         if not count:
             raise MemberError(f'truncated: the file ends {len(out) - done} bytes early')
         done += count
-    _check_crc(info, crc32(out, crc))
-
-
-def _check_crc(info, crc: int) -> None:
+    crc = crc32(out, crc)
     if crc != info.CRC:
-        raise MemberError(f'CRC mismatch (directory {info.CRC:08x}, data {crc:08x}): the data '
-                          f'is corrupt')
+        raise _crc_mismatch(info, crc)
+
+
+def _crc_mismatch(info, crc: int) -> MemberError:
+    return MemberError(f'CRC mismatch (directory {info.CRC:08x}, data {crc:08x}): the data is '
+                       f'corrupt')
 
 
 class MemberReader:

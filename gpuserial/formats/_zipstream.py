@@ -113,10 +113,11 @@ class ZipWriter:
         """:meth:`write_small_member` of each ``(name, header, data)`` in turn, in one loop (a
         model has thousands); ``data`` is bytes or a memoryview of bytes (format ``B``)."""
         pending, central = self.pending, self.central
+        method, dos_time, dos_date = self.method, self.time, self.date
         for name, header, data in members:
             crc = crc32(data, crc32(header))
             size = len(header) + len(data)
-            if self.method == DEFLATED:
+            if method == DEFLATED:
                 deflater = deflate_module.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -15)
                 data = deflater.compress(header) + deflater.compress(data) + deflater.flush()
                 header = b''
@@ -125,12 +126,12 @@ class ZipWriter:
             flags = 0 if encoded.isascii() else UTF8_FLAG
             offset = self.position
             if max(size, compressed, offset) < ZIP64_LIMIT:  # nearly always: no ZIP64 fields
-                local = LOCAL.pack(b'PK\x03\x04', VERSION, flags, self.method, self.time,
-                                   self.date, crc, compressed, size, len(encoded), 0) + encoded
+                local = LOCAL.pack(b'PK\x03\x04', VERSION, flags, method, dos_time, dos_date,
+                                   crc, compressed, size, len(encoded), 0) + encoded
                 central.append(CENTRAL.pack(
-                    b'PK\x01\x02', VERSION, 3, VERSION, flags, self.method, self.time,
-                    self.date, crc, compressed, size, len(encoded), 0, 0, 0, 0, FILE_ATTRIBUTES,
-                    offset) + encoded)
+                    b'PK\x01\x02', VERSION, 3, VERSION, flags, method, dos_time, dos_date,
+                    crc, compressed, size, len(encoded), 0, 0, 0, 0, FILE_ATTRIBUTES, offset)
+                    + encoded)
             else:
                 local = self._local_header(encoded, flags, crc, size, compressed)
                 central.append(self._central_entry(encoded, flags, crc, size, compressed, offset))

@@ -62,7 +62,9 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        return self.size * self.dtype.itemsize if self.dtype is not None else 0
+        if self.shape is None or self.dtype is None:  # a stored None
+            return 0
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +107,13 @@ class Reader:
     def read_into(self, entry: Entry, dst) -> None:
         """Fills ``dst`` (of the entry's shape, any backend, any dtype it casts to) in place."""
         raise NotImplementedError
+
+    def read_many(self, fills: list[tuple[Entry, object]], filled: list[str]) -> None:
+        """:meth:`read_into` for each ``(entry, array)`` in turn, each entry's key appended to
+        ``filled`` once its array is filled (so an error comes while filling the next one)."""
+        for entry, array in fills:
+            self.read_into(entry, array)
+            filled.append(entry.key)
 
     def reads_whole(self, entry: Entry, dst) -> bool:
         """Whether ``dst`` is better filled with :meth:`read_whole` through a shared buffer
@@ -165,8 +174,8 @@ class _PendingFills:
                         reader.in_read_order(self.fills),  # host arrays are never read whole
                         key=lambda fill: type(fill[1]) is not numpy.ndarray
                         and reader.reads_whole(*fill)):
+                    batch = list(run)
                     if whole:  # small device arrays: through shared buffers
-                        batch = list(run)
 
                         def read_whole(entry, buffer):
                             nonlocal reading
@@ -181,9 +190,12 @@ class _PendingFills:
                                 batch[index][0].key),
                             ordered=ordered)
                         continue
-                    for reading, array in run:
-                        reader.read_into(reading, array)
-                        filled.append(reading.key)
+                    first = len(filled)
+                    try:
+                        reader.read_many(batch, filled)
+                    except GpuserialError:
+                        reading = batch[len(filled) - first][0]
+                        raise
             except GpuserialError as error:
                 if reading is None:
                     raise

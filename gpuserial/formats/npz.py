@@ -303,7 +303,7 @@ class _ZipReader(loading.Reader):
             member = _InflatedHead(self.archive.fp, info, data_start)
             head = member.read_header()
         header = _npy.decode_header(head)
-        if header.is_object:
+        if header.dtype.hasobject:
             payload_length = info.file_size - header.length
             payload = b''
             if payload_length <= _npy.NONE_PICKLE_MAX_LEN:
@@ -369,28 +369,38 @@ class _ZipReader(loading.Reader):
         self.progress.update(header.nbytes)
 
     def read_into(self, entry: loading.Entry, dst) -> None:
-        info, header, data_start = entry.token
-        target = dst.T if header.fortran_order else dst
-        try:
-            if (info.compress_type == _zipstream.STORED and header.nbytes <= SMALL_BYTES
-                    and isinstance(target, numpy.ndarray) and target.flags.c_contiguous
-                    and target.dtype == header.dtype):  # small: one read, no staging
-                _zipread.read_stored(self.archive.fp, info, data_start, header.length,
-                                     host_bytes(target))
-                self.progress.update(header.nbytes)
-                return
-            member = _zipread.MemberReader(self.archive.fp, info, data_start)
-            member.read(header.length)
+        self.read_many([(entry, dst)], [])
 
-            def read_into(buffer: memoryview) -> None:
-                member.readinto(buffer)
-                self.progress.update(len(buffer))
+    def read_many(self, fills: list[tuple[loading.Entry, Any]], filled: list[str]) -> None:
+        """Fills each array in turn (see :meth:`loading.Reader.read_many`), in one loop: a small
+        stored member into a host array of its dtype in one read from the window, the rest
+        streamed through the staging engine."""
+        for entry, dst in fills:
+            info, header, data_start = entry.token
+            target = dst.T if header.fortran_order else dst
+            try:
+                if (info.compress_type == _zipstream.STORED and header.nbytes <= SMALL_BYTES
+                        and isinstance(target, numpy.ndarray) and target.flags.c_contiguous
+                        and target.dtype == header.dtype):
+                    _zipread.read_stored(self.archive.fp, info, data_start, header.length,
+                                         host_bytes(target))
+                    self.progress.update(header.nbytes)
+                else:
+                    self._stream_into(info, header, data_start, target)
+            except READ_ERRORS as error:
+                raise CorruptFileError(f'{self.where(entry.key)}: {error}') from None
+            filled.append(entry.key)
 
-            transfer.fill(target, read_into, header.dtype)
-            member.finish()
-        except READ_ERRORS as error:
-            raise CorruptFileError(f'{self.where(entry.key)}: {error}') from None
+    def _stream_into(self, info, header: _npy.Header, data_start: int, target) -> None:
+        member = _zipread.MemberReader(self.archive.fp, info, data_start)
+        member.read(header.length)
 
+        def read_into(buffer: memoryview) -> None:
+            member.readinto(buffer)
+            self.progress.update(len(buffer))
+
+        transfer.fill(target, read_into, header.dtype)
+        member.finish()
 
     def stored_size(self, entry: loading.Entry) -> tuple[int, bool]:
         info = entry.token if entry.is_none else entry.token[0]
