@@ -62,9 +62,7 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        if self.shape is None or self.dtype is None:  # a stored None
-            return 0
-        return math.prod(self.shape) * self.dtype.itemsize
+        return self.size * self.dtype.itemsize if self.dtype is not None else 0
 
 
 @dataclasses.dataclass(frozen=True)
