@@ -306,7 +306,7 @@ def test_a_failed_index_write_fails_every_rank_and_keeps_the_previous_checkpoint
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, 'No space left on device')
 
-    monkeypatch.setattr(collectives.json, 'dump', full_disk)
+    monkeypatch.setattr(collectives.json, 'dumps', full_disk)
     results = run_ranks(2, lambda comm: save_sharded(tmp_path, {'w': W + 1}, comm))
     assert type(results[0]) is OSError and results[0].errno == errno.ENOSPC  # its own error
     assert isinstance(results[1], RankFailedError)

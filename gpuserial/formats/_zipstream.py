@@ -80,6 +80,7 @@ class ZipWriter:
         self.central: list[bytes] = []
         self.checksummer: ThreadPoolExecutor | None = None  # started by the first large chunk
         self.pending = bytearray()  # small members not yet written, in order
+        self.data_starts: dict[str, int] = {}  # where each member's data starts
 
     def __enter__(self) -> ZipWriter:
         return self
@@ -127,6 +128,7 @@ class ZipWriter:
         self.pending += local
         self.pending += header
         self.pending += data
+        self.data_starts[name] = offset + len(local)
         self.position += len(local) + compressed
         self.central.append(self._central_entry(encoded, flags, crc, size, compressed, offset))
         if len(self.pending) >= WRITE_PIECE:
@@ -177,6 +179,7 @@ class ZipWriter:
                                0, MARKER32, MARKER32, len(encoded),
                                LOCAL_ZIP64_EXTRA.size) + encoded
                     + LOCAL_ZIP64_EXTRA.pack(1, 16, 0, 0))
+        self.data_starts[name] = self.position
         crc, size, compressed = 0, 0, 0
         compressor = (deflate_module.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -15)
                       if self.method == DEFLATED else None)

@@ -141,13 +141,20 @@ def save_npz(file, obj, compression: bool = True, *, durable: bool = True,
 
 
 def write_npz(out: BinaryIO, entries: Mapping[str, object] | Iterable[tuple[str, object]],
-              compression: bool, shown: _progress.Progress = _progress.SILENT) -> None:
+              compression: bool, shown: _progress.Progress = _progress.SILENT
+              ) -> dict[str, int]:
     """Writes ``entries`` (arrays of any backend, or 0-d object arrays holding None) as NPZ.
 
     Runs of small contiguous device arrays are copied to the host together (packed) and
     written whole, as are small host arrays (each on its own: an iterable of entries is taken
     one at a time, never read ahead); larger arrays stream through the staging engine chunk by
-    chunk."""
+    chunk.
+
+    Returns:
+        Where each member's data (its ``.npy`` header, then its values when stored) starts in
+        ``out``, by member name (``key.npy``): a position in ``out`` where it can seek, else
+        counted from where it stood.
+    """
     items = entries.items() if isinstance(entries, Mapping) else entries
     ordered: set[devices.Device] = set()  # devices whose copies wait for the caller's work
     with _zipstream.ZipWriter(out, compression=compression) as archive:
@@ -178,6 +185,7 @@ def write_npz(out: BinaryIO, entries: Mapping[str, object] | Iterable[tuple[str,
                         archive.write_member(key + SUFFIX,
                                              _chain([header], _progress.counted(chunks, shown)),
                                              SMALL_MEMBER_BYTES + len(header))
+    return archive.data_starts
 
 
 PACKED, WHOLE, STREAMED = 'packed', 'whole', 'streamed'

@@ -134,7 +134,8 @@ def upload_block(size_hint: int | None) -> int:
 
 
 @contextlib.contextmanager
-def remote_output(location: Location, size_hint: int | None = None) -> Iterator[Upload]:
+def remote_output(location: Location, size_hint: int | None = None, *,
+                  fresh: bool = False) -> Iterator[Upload]:
     """A binary stream (not seekable) into the object at ``location``, committed only when
     the block succeeds.
 
@@ -142,7 +143,9 @@ def remote_output(location: Location, size_hint: int | None = None) -> Iterator[
     too) the upload is aborted: no object is left at the key, and the previous one, if any,
     was never touched. For a filesystem outside :data:`TRANSACTIONAL`, the stream goes to a
     temporary key beside the target, moved into place on success (not atomic where the store
-    moves by copying) and removed on failure.
+    moves by copying) and removed on failure; with ``fresh`` (a key new to this save, which
+    no reader looks at before a later commit names it: a sharded checkpoint's data objects)
+    it goes straight to the key, with no move, and a failure removes what it wrote.
     """
     fs, path = location.fs, location.path
     block = upload_block(size_hint)
@@ -156,11 +159,12 @@ def remote_output(location: Location, size_hint: int | None = None) -> Iterator[
             _discard(f)
             raise
         return
-    temp = f'{path}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(6)}'
+    temp = path if fresh else f'{path}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(6)}'
     try:
         with fs.open(temp, 'wb', block_size=block) as f:
             yield Upload(f, location.url)
-        fs.mv(temp, path)
+        if temp != path:
+            fs.mv(temp, path)
     except BaseException:
         with contextlib.suppress(Exception):
             fs.rm(temp)
@@ -259,6 +263,11 @@ class Ranged:
 
     def seekable(self) -> bool:
         return True
+
+    def pread(self, buffer, offset: int) -> int:
+        """Reads into ``buffer`` from ``offset`` (as :meth:`readinto`); returns the count."""
+        self.seek(offset)
+        return self.readinto(buffer)
 
     def read(self, count: int = -1) -> bytes:
         if count is None or count < 0:
