@@ -217,7 +217,7 @@ def _uploads(folder: RemoteFolder, older_than: float, now: float) -> list[Leftov
     bucket, _, key = folder.path.partition('/')
     found = []
     for upload in fs.list_multipart_uploads(bucket):
-        if upload['Key'].startswith(key):
+        if upload['Key'].startswith(f'{key}/' if key else ''):
             url = fs.unstrip_protocol(f'{bucket}/{upload["Key"]}')
             found.append(_by_age(
                 f'{url} (upload {upload["UploadId"]})', None, 'an incomplete multipart upload',

@@ -114,21 +114,27 @@ class _LocalRanged:
 
 
 class RemoteFolder:
-    """A prefix of an fsspec filesystem, seen as a directory (``prefix/name``)."""
+    """A prefix of an fsspec filesystem, seen as a directory (``prefix/name``).
 
-    def __init__(self, fs, path: str):
+    Args:
+        fs: the filesystem.
+        path: the prefix, as the filesystem names it.
+        name: its URL as the caller wrote it (messages and results name objects under it).
+    """
+
+    def __init__(self, fs, path: str, name: str):
         self.fs = fs
         self.path = path.rstrip('/')
-        self.name = fs.unstrip_protocol(self.path)
+        self.name = name.rstrip('/')
 
     def location(self, name: str) -> remote.Location:
         return remote.Location(self.fs, f'{self.path}/{name}')
 
     def show(self, name: str) -> str:
-        return self.location(name).url
+        return f'{self.name}/{name}'
 
     def child(self, name: str) -> RemoteFolder:
-        return RemoteFolder(self.fs, f'{self.path}/{name}')
+        return RemoteFolder(self.fs, f'{self.path}/{name}', self.show(name))
 
     def make(self) -> None:
         pass  # object stores have no directories (and s3fs's makedirs would make a bucket)
@@ -215,7 +221,7 @@ def folder_of(directory, storage_options: dict | None = None) -> Folder:
         return directory
     location = remote.location_of(directory, storage_options)
     if location is not None:
-        return RemoteFolder(location.fs, location.path)
+        return RemoteFolder(location.fs, location.path, remote.display(directory))
     return LocalFolder(os.fsdecode(directory))
 
 
