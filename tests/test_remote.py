@@ -266,21 +266,6 @@ def test_errors_name_the_url(bucket, tmp_path):
         gpuserial.save(str(tmp_path / 'x.npz'), {}, storage_options={'anon': True})
 
 
-def test_layout_helpers_commit_objects_and_list_them(bucket):
-    prefix = remote.location_of(bucket.url('ckpt'), bucket.options)
-    assert prefix is not None and remote.list_objects(prefix) == []
-    for name in ('shard-0.npz', 'shard-1.npz', 'index.json'):
-        remote.write_object(remote.Location(prefix.fs, f'{prefix.path}/{name}'), name.encode())
-    bucket.fs.pipe(f'{prefix.path}/x.npz{remote.TEMP_MARK}1-ab', b'partial')
-    assert remote.list_objects(prefix) == [f'{prefix.path}/{name}' for name in
-                                           ('index.json', 'shard-0.npz', 'shard-1.npz')]
-    index = remote.Location(prefix.fs, f'{prefix.path}/index.json')
-    assert remote.read_object(index) == b'index.json'
-    with pytest.raises(FileNotFoundError, match='no such object'):
-        remote.read_object(remote.Location(prefix.fs, f'{prefix.path}/none'))
-    assert 'CopyObject' not in bucket.operations()
-
-
 @pytest.mark.parametrize('text, expected', [
     ('s3://bucket/key.npz', True), ('memory://x', True), ('simplecache::s3://b/k', True),
     ('gs://b/k', True), ('x.npz', False), ('/tmp/x.npz', False), ('C:\\x.npz', False),

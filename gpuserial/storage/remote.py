@@ -18,8 +18,8 @@ fsspec is imported only here, and only when a URL or an fsspec file is seen: ``i
 gpuserial`` and local use never import it. Install it with ``pip install gpuserial[remote]``
 (plus the store's package: ``s3fs``, ``gcsfs``, ...).
 
-Helpers for layouts of several objects (sharded checkpoints: data objects first, an index
-object committed last): :func:`write_object`, :func:`read_object` and :func:`list_objects`.
+Layouts of several objects (sharded checkpoints: data objects first, an index object
+committed last) go through :mod:`gpuserial.storage.folders`, which builds on this module.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from collections.abc import Iterator
 from typing import Any
 
 __all__ = ['READ_PIECE', 'SPOOL_DIR_VARIABLE', 'TRANSACTIONAL', 'UPLOAD_BLOCK', 'Location',
-           'is_remote', 'is_url', 'list_objects', 'location_of', 'read_object', 'remote_input',
-           'remote_output', 'spool_directory', 'write_object']
+           'is_remote', 'is_url', 'location_of', 'remote_input', 'remote_output',
+           'spool_directory']
 
 UPLOAD_BLOCK = 16 << 20  # bytes buffered per uploaded part (S3 takes 5 MiB at least)
 MAX_PARTS = 9000  # S3 takes up to 10,000 parts: larger objects get larger blocks
@@ -309,7 +309,7 @@ class Ranged:
 
 
 # ---------------------------------------------------------------------------------------------
-# Spool files (HDF5, which needs seek), and objects of a layout
+# Spool files (HDF5, which needs seek)
 
 
 def spool_directory() -> str:
@@ -345,32 +345,3 @@ def download_file(location: Location, local: str) -> None:
         buffer = memoryview(bytearray(COPY_PIECE))
         while count := src.readinto(buffer):
             out.write(buffer[:count])
-
-
-def write_object(location: Location, data: bytes) -> None:
-    """Writes a small object whole, as a save does (committed last): for an index or marker
-    written after the data objects it names."""
-    with remote_output(location, len(data)) as out:
-        out.write(data)
-
-
-def read_object(location: Location) -> bytes:
-    """A small object's bytes.
-
-    Raises:
-        FileNotFoundError: no such object.
-    """
-    try:
-        return location.fs.cat_file(location.path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f'{location.url!r}: no such object') from None
-
-
-def list_objects(location: Location) -> list[str]:
-    """The paths of the objects under ``location`` (a prefix, as a directory), sorted, without
-    the temporary keys of saves in progress; empty where there are none."""
-    try:
-        found = location.fs.find(location.path)
-    except FileNotFoundError:
-        return []
-    return sorted(path for path in found if TEMP_MARK not in path.rsplit('/', 1)[-1])
