@@ -120,6 +120,7 @@ class Leftover:
         size: its bytes (None where not known: an upload in progress).
         why: what it is, and why it is kept where it is.
         removable: whether :func:`clean` removes it (or would, with ``dry_run``).
+        remove: removes it (what :func:`clean` calls for each removable one).
     """
 
     path: str
