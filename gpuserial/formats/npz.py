@@ -19,7 +19,13 @@ import numpy
 
 from gpuserial.engine import devices, transfer
 from gpuserial.engine import progress as _progress
-from gpuserial.errors import CorruptFileError, InvalidKeyError, KeyCollisionError, UnsafeFileError
+from gpuserial.errors import (
+    CorruptFileError,
+    DeviceError,
+    InvalidKeyError,
+    KeyCollisionError,
+    UnsafeFileError,
+)
 from gpuserial.formats import _npy, _zipread, _zipstream, loading
 from gpuserial.serializer import Serializer, as_serializable, child_path, entry_key
 from gpuserial.storage._fileio import (
@@ -73,7 +79,10 @@ class DictionarySerializer(Serializer):
             raise KeyCollisionError(f'key {full_key!r}: stored twice, as {first!r} under path '
                                     f'{path!r} and as {key!r} under path {self.path!r}')
         self._sources[full_key] = (self.path, key)
-        stored = devices.engine_array(value)  # torch, JAX: views of their memory
+        try:
+            stored = devices.engine_array(value)  # torch, JAX: views of their memory
+        except DeviceError as error:
+            raise DeviceError(f'key {full_key!r}: {error}') from None
         if not devices.is_array(stored):
             stored = numpy.asarray(stored)
         elif not self.keep_device:
@@ -101,7 +110,7 @@ def collect(file, obj) -> dict:
     the file."""
     try:
         return serialize_refs(obj)
-    except (InvalidKeyError, KeyCollisionError) as error:
+    except (InvalidKeyError, KeyCollisionError, DeviceError) as error:
         raise type(error)(f'{display_name(file)!r}, {error}') from None
 
 
