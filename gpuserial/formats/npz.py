@@ -544,9 +544,15 @@ def _reader_of(npz, name: str | None = None) -> loading.Reader:
     archive = getattr(npz, 'zip', None)  # numpy.load()'s NpzFile
     if isinstance(npz, zipfile.ZipFile):
         archive = npz
+    if isinstance(npz, numpy.lib.npyio.NpzFile) and archive is None:
+        raise ValueError('the NPZ file (a numpy.load() result) is closed: read it while it is '
+                         'open')
     if isinstance(archive, zipfile.ZipFile):
+        if archive.fp is None:
+            raise ValueError(f'{archive.filename!r}: the NPZ file is closed: read it while it is '
+                             f'open')
         # zipfile's stub types its file IO[bytes], which has no readinto: it is the caller's
-        # binary file (or None once the ZipFile is closed, an AttributeError in Archive)
+        # binary file
         return _ZipReader(Archive(cast(ArchiveFile, archive.fp), archive.infolist()),
                           name or display_name(archive.fp))
     if isinstance(npz, Archive):
