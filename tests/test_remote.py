@@ -5,9 +5,11 @@ of data, and fsspec imported only for URLs."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
+import threading
 
 import fsspec
 import fsspec.core
@@ -110,7 +112,7 @@ def test_a_subset_load_reads_only_its_byte_ranges(bucket):
 
 
 def test_a_large_member_is_read_in_bounded_pieces(bucket, monkeypatch):
-    monkeypatch.setattr(remote, 'READ_PIECE', MiB)
+    monkeypatch.setattr(remote, 'FETCH_PIECE', MiB)
     array = numpy.arange(3 * MiB // 8 + 5, dtype=numpy.float64)
     url = bucket.url('piece.npz')
     gpuserial.save(url, {'a': array}, storage_options=bucket.options)
@@ -118,9 +120,60 @@ def test_a_large_member_is_read_in_bounded_pieces(bucket, monkeypatch):
     assert gpuserial.load(url, storage_options=bucket.options)['a'].tobytes() == array.tobytes()
     ranges = bucket.ranges()
     assert max(last - first + 1 for first, last in ranges) <= MiB
-    # read ahead within the member (the engine asks for smaller chunks): 4 pieces of data,
-    # and the first bytes, the end of the file and the member's headers
-    assert len(ranges) <= 4 + 5, ranges
+    # fetched ahead within the member, never past it: 4 pieces of data; and the first bytes,
+    # the end of the file, the member's headers and the window after its data
+    assert len(ranges) <= 4 + 6, ranges
+
+
+def test_a_member_is_fetched_ahead_by_several_gets_at_once(memory, monkeypatch):
+    monkeypatch.setattr(remote, 'FETCH_PIECE', 512 * 1024)  # more than the zip reader's window
+    array = numpy.arange(4 * MiB // 8, dtype=numpy.float64)  # 8 pieces
+    gpuserial.save('memory://a/big.npz', {'a': array})
+    both_in_flight = threading.Barrier(2, timeout=10)  # broken unless 2 GETs overlap
+    fetched, in_flight, most = [], [0], [0]
+    lock = threading.Lock()
+    cat_file = MemoryFileSystem.cat_file
+
+    def counting(self, path, start=None, end=None, **kwargs):
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+            fetched.append((start, end))
+            first = len(fetched) <= 2
+        try:
+            if first:
+                both_in_flight.wait()
+            return cat_file(self, path, start, end, **kwargs)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    monkeypatch.setattr(MemoryFileSystem, 'cat_file', counting)
+    assert gpuserial.load('memory://a/big.npz')['a'].tobytes() == array.tobytes()
+    assert 2 <= most[0] <= remote.FETCHES_IN_FLIGHT
+    assert all(end - start <= 512 * 1024 for start, end in fetched)
+    fetched.sort()  # the member's data, each byte once
+    assert all(end == next_start for (_, end), (next_start, _) in zip(fetched, fetched[1:],
+                                                                           strict=False))
+    assert fetched[-1][1] - fetched[0][0] == array.nbytes
+
+
+def test_a_failed_fetch_ahead_fails_the_load_and_names_the_url(memory, monkeypatch):
+    monkeypatch.setattr(remote, 'FETCH_PIECE', 64 * 1024)
+    gpuserial.save('memory://a/big.npz', {'a': numpy.ones(MiB // 8)})
+    cat_file = MemoryFileSystem.cat_file
+    calls = itertools.count()
+
+    def failing(self, path, start=None, end=None, **kwargs):
+        if next(calls) == 5:
+            raise ConnectionError('connection reset')
+        return cat_file(self, path, start, end, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, 'cat_file', failing)
+    target = {'a': numpy.zeros(MiB // 8)}
+    with pytest.raises(gpuserial.GpuserialError,
+                       match=r"memory://a/big\.npz'?, key 'a': connection reset"):
+        gpuserial.load_into('memory://a/big.npz', target)
 
 
 def test_a_save_uploads_the_payload_once_and_never_copies(bucket):

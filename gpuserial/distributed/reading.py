@@ -5,7 +5,7 @@ Every read is of exactly the bytes a request needs: the index says where each ch
 data starts, and :func:`gpuserial.formats.loading.box_reads` gives the runs of a box. Locally
 each run is a ``pread``; from an object store, the runs of a piece that lie closer together
 than :data:`MAX_GAP` are fetched in one ranged read of at most
-:data:`gpuserial.storage.remote.READ_PIECE` bytes (a strided block costs a few requests, not
+:data:`gpuserial.storage.remote.FETCH_PIECE` bytes (a strided block costs a few requests, not
 one per row). The runs stream into the target through :func:`gpuserial.engine.transfer.fill`
 (device arrays through the pinned staging buffers), so no chunk is ever held whole on the
 host. A piece that is a whole chunk is checked against the chunk's CRC-32 as it streams in; a
@@ -204,12 +204,12 @@ class _RunStream:
 
     def _announce_window(self) -> None:
         """Announces the runs from this one on that lie within :data:`MAX_GAP` of each other,
-        :data:`remote.READ_PIECE` bytes at most in all (one run at least)."""
+        :data:`remote.FETCH_PIECE` bytes at most in all (one run at least)."""
         positions, run = self.positions, self.run
         start = positions[self.at]
         stop, end = self.at + 1, start + run
         while (stop < len(positions) and positions[stop] - end <= MAX_GAP
-               and positions[stop] + run - start <= remote.READ_PIECE):
+               and positions[stop] + run - start <= remote.FETCH_PIECE):
             stop, end = stop + 1, positions[stop] + run
         self.source.expect(start, end)
         self.window_stop = stop

@@ -19,7 +19,13 @@ import numpy
 
 from gpuserial.engine import devices, transfer
 from gpuserial.engine import progress as _progress
-from gpuserial.errors import CorruptFileError, InvalidKeyError, KeyCollisionError, UnsafeFileError
+from gpuserial.errors import (
+    CorruptFileError,
+    DeviceError,
+    InvalidKeyError,
+    KeyCollisionError,
+    UnsafeFileError,
+)
 from gpuserial.formats import _npy, _zipread, _zipstream, loading
 from gpuserial.serializer import Serializer, as_serializable, child_path, entry_key
 from gpuserial.storage._fileio import (
@@ -73,7 +79,10 @@ class DictionarySerializer(Serializer):
             raise KeyCollisionError(f'key {full_key!r}: stored twice, as {first!r} under path '
                                     f'{path!r} and as {key!r} under path {self.path!r}')
         self._sources[full_key] = (self.path, key)
-        stored = devices.engine_array(value)  # torch, JAX: views of their memory
+        try:
+            stored = devices.engine_array(value)  # torch, JAX: views of their memory
+        except DeviceError as error:
+            raise DeviceError(f'key {full_key!r}: {error}') from None
         if not devices.is_array(stored):
             stored = numpy.asarray(stored)
         elif not self.keep_device:
@@ -101,7 +110,7 @@ def collect(file, obj) -> dict:
     the file."""
     try:
         return serialize_refs(obj)
-    except (InvalidKeyError, KeyCollisionError) as error:
+    except (InvalidKeyError, KeyCollisionError, DeviceError) as error:
         raise type(error)(f'{display_name(file)!r}, {error}') from None
 
 
@@ -543,9 +552,15 @@ def _reader_of(npz, name: str | None = None) -> loading.Reader:
     archive = getattr(npz, 'zip', None)  # numpy.load()'s NpzFile
     if isinstance(npz, zipfile.ZipFile):
         archive = npz
+    if isinstance(npz, numpy.lib.npyio.NpzFile) and archive is None:
+        raise ValueError('the NPZ file (a numpy.load() result) is closed: read it while it is '
+                         'open')
     if isinstance(archive, zipfile.ZipFile):
+        if archive.fp is None:
+            raise ValueError(f'{archive.filename!r}: the NPZ file is closed: read it while it is '
+                             f'open')
         # zipfile's stub types its file IO[bytes], which has no readinto: it is the caller's
-        # binary file (or None once the ZipFile is closed, an AttributeError in Archive)
+        # binary file
         return _ZipReader(Archive(cast(ArchiveFile, archive.fp), archive.infolist()),
                           name or display_name(archive.fp))
     if isinstance(npz, Archive):

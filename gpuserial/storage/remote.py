@@ -11,8 +11,9 @@ other filesystem writes a temporary key beside the target and moves it into plac
 complete: where the store's move is a copy and a delete, that final move is not atomic.
 
 Reads open the object with no fsspec cache: the zip reader's own read-ahead window decides
-the read sizes, so a load of some keys fetches the directory and only those members' bytes,
-each large read in ranged GETs of at most :data:`READ_PIECE` bytes (bounded memory).
+the read sizes, so a load of some keys fetches the directory and only those members' bytes;
+large reads and members' data go as ranged GETs of :data:`FETCH_PIECE` bytes, several in
+flight at once (bounded memory).
 
 fsspec is imported only here, and only when a URL or an fsspec file is seen: ``import
 gpuserial`` and local use never import it. Install it with ``pip install gpuserial[remote]``
@@ -24,6 +25,8 @@ committed last) go through :mod:`gpuserial.storage.folders`, which builds on thi
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import os
@@ -34,13 +37,14 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ['READ_PIECE', 'SPOOL_DIR_VARIABLE', 'TRANSACTIONAL', 'UPLOAD_BLOCK', 'Location',
-           'is_remote', 'is_url', 'location_of', 'remote_input', 'remote_output',
-           'spool_directory']
+__all__ = ['FETCHES_IN_FLIGHT', 'FETCH_PIECE', 'SPOOL_DIR_VARIABLE', 'TRANSACTIONAL',
+           'UPLOAD_BLOCK', 'Location', 'is_remote', 'is_url', 'location_of', 'remote_input',
+           'remote_output', 'spool_directory']
 
 UPLOAD_BLOCK = 16 << 20  # bytes buffered per uploaded part (S3 takes 5 MiB at least)
 MAX_PARTS = 9000  # S3 takes up to 10,000 parts: larger objects get larger blocks
-READ_PIECE = 16 << 20  # the most bytes one ranged read fetches (a large member: several)
+FETCH_PIECE = 16 << 20  # the most bytes of one ranged GET
+FETCHES_IN_FLIGHT = 4  # ranged GETs at once, ahead of the reader, in a large read or a member
 COPY_PIECE = 8 << 20  # bytes copied at a time between a spool file and an object
 SPOOL_DIR_VARIABLE = 'GPUSERIAL_SPOOL_DIR'  # where HDF5 spool files go (default: the temp dir)
 TEMP_MARK = '.gpuserial-tmp-'  # in the temporary keys of non-transactional filesystems
@@ -214,8 +218,9 @@ class Upload:
 
 @contextlib.contextmanager
 def remote_input(location: Location) -> Iterator[Ranged]:
-    """The object at ``location`` opened for reading with no read-ahead cache: each read is
-    one ranged GET (a large ``readinto``, several of at most :data:`READ_PIECE` bytes).
+    """The object at ``location`` opened for reading with no read-ahead cache of fsspec's:
+    reads are ranged GETs of what was asked for, and within a member's data, fetches ahead in
+    parallel (see :class:`Ranged`).
 
     Raises:
         FileNotFoundError: no such object.
@@ -226,27 +231,34 @@ def remote_input(location: Location) -> Iterator[Ranged]:
         raise FileNotFoundError(f'{location.url!r}: no such object') from None
     except IsADirectoryError:
         raise IsADirectoryError(f'{location.url!r}: is a directory, not a file') from None
+    ranged = Ranged(f, location)
     try:
-        yield Ranged(f, location.url)
+        yield ranged
     finally:
-        f.close()
+        ranged.close()
 
 
 class Ranged:
-    """A seekable binary file over an object. Each read is one ranged GET of what was asked
-    for (a large one, pieces of at most :data:`READ_PIECE`), except inside a range announced
-    with :meth:`expect` (a zip member's data, read in order in engine-sized chunks): there
-    small reads fetch ahead up to :data:`READ_PIECE` bytes, never past the range's end."""
+    """A seekable binary file over an object. A small read is one ranged GET of what was asked
+    for. A large read, and reads inside a range announced with :meth:`expect` (a zip member's
+    data, read in order), are fetched as ranged GETs of :data:`FETCH_PIECE` bytes, up to
+    :data:`FETCHES_IN_FLIGHT` at once ahead of the reader, never past the read or the range.
+    One GET at a time is bound by its round trip and one connection's rate; several in flight
+    are how object stores give their bandwidth. Memory: at most
+    ``FETCHES_IN_FLIGHT * FETCH_PIECE`` bytes."""
 
-    def __init__(self, f, name: str):
+    def __init__(self, f, location: Location):
         self.f = f
-        self.name = name
+        self.location = location
+        self.name = location.url
         self.position = 0
-        self.extent = (0, 0)  # the range announced, read ahead within
-        self.ahead = b''  # bytes read ahead, from ahead_start
-        self.ahead_start = 0
+        self.extent = (0, 0)  # the range announced, fetched ahead within
+        self.fetches: collections.deque = collections.deque()  # (start, Future of bytes)
+        self.fetched_to = 0  # where the next fetch ahead starts
+        self.pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def expect(self, start: int, end: int) -> None:
+        self._drop_fetches()
         self.extent = (start, end)
 
     def seek(self, offset: int, whence: int = 0) -> int:
@@ -277,34 +289,63 @@ class Ranged:
 
     def readinto(self, buffer) -> int:
         buffer = memoryview(buffer).cast('B')
+        start, end = self.extent
+        if len(buffer) <= FETCH_PIECE or start <= self.position < end:
+            return self._read(buffer)
+        self.expect(self.position, self.position + len(buffer))  # a large read: in pieces too
+        try:
+            return self._read(buffer)
+        finally:
+            self.expect(start, end)
+
+    def _read(self, buffer: memoryview) -> int:
         done = 0
         while done < len(buffer):
-            at = self.position - self.ahead_start
-            if 0 <= at < len(self.ahead):
-                count = min(len(buffer) - done, len(self.ahead) - at)
-                buffer[done:done + count] = self.ahead[at:at + count]
+            start, end = self.extent
+            if start <= self.position < end:
+                data, at = self._fetched()
+                count = min(len(buffer) - done, len(data) - at)
             else:
-                wanted = len(buffer) - done
-                start, end = self.extent
-                if wanted < READ_PIECE and start <= self.position < end:
-                    self.f.seek(self.position)
-                    self.ahead = self.f.read(min(READ_PIECE, max(wanted, end - self.position)))
-                    self.ahead_start = self.position
-                    if not self.ahead:
-                        break
-                    continue
                 self.f.seek(self.position)
-                data = self.f.read(min(READ_PIECE, wanted))
-                if not data:
-                    break
+                data, at = self.f.read(min(FETCH_PIECE, len(buffer) - done)), 0
                 count = len(data)
-                buffer[done:done + count] = data
+            if count <= 0:
+                break
+            buffer[done:done + count] = data[at:at + count]
             done += count
             self.position += count
         return done
 
+    def _fetched(self) -> tuple[bytes, int]:
+        """The fetched piece holding ``position`` and the offset of ``position`` in it (at its
+        end when the object ends there), the fetches ahead topped up."""
+        while self.fetches and self.fetches[0][0] + FETCH_PIECE <= self.position:
+            self.fetches.popleft()[1].cancel()  # read past
+        if not self.fetches or self.fetches[0][0] > self.position:  # a seek: start afresh
+            self._drop_fetches()
+            self.fetched_to = self.position
+        _, end = self.extent
+        if self.pool is None:
+            self.pool = concurrent.futures.ThreadPoolExecutor(FETCHES_IN_FLIGHT,
+                                                              'gpuserial-fetch')
+        while len(self.fetches) < FETCHES_IN_FLIGHT and self.fetched_to < end:
+            stop = min(self.fetched_to + FETCH_PIECE, end)
+            self.fetches.append((self.fetched_to, self.pool.submit(
+                self.location.fs.cat_file, self.location.path, start=self.fetched_to, end=stop)))
+            self.fetched_to = stop
+        piece_start, fetch = self.fetches[0]
+        return fetch.result(), self.position - piece_start
+
+    def _drop_fetches(self) -> None:
+        for _, fetch in self.fetches:
+            fetch.cancel()
+        self.fetches.clear()
+
     def close(self) -> None:
-        self.ahead = b''
+        self._drop_fetches()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
         self.f.close()
 
 
