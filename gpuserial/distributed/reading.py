@@ -211,7 +211,7 @@ class _RunStream:
         while (stop < len(positions) and positions[stop] - end <= MAX_GAP
                and positions[stop] + run - start <= remote.FETCH_PIECE):
             stop, end = stop + 1, positions[stop] + run
-        self.source.expect(start, end)
+        self.source.expect([(start, end)])
         self.window_stop = stop
 
     def finish(self) -> None:

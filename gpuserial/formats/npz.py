@@ -344,7 +344,14 @@ class _ZipReader(loading.Reader):
                                    f'bytes, more than {info.compress_size} stored bytes can hold')
 
     def in_read_order(self, fills: list) -> list:
-        return sorted(fills, key=lambda fill: fill[0].token[0].header_offset)
+        """The fills in the file's order, their members announced to a file that can fetch
+        them ahead (an object in a store)."""
+        ordered = sorted(fills, key=lambda fill: fill[0].token[0].header_offset)
+        expect = getattr(self.archive.fp, 'expect', None)
+        if expect is not None:
+            expect([(data_start, data_start + info.compress_size)
+                    for info, _, data_start in (entry.token for entry, _ in ordered)])
+        return ordered
 
     def reads_whole(self, entry: loading.Entry, dst) -> bool:
         header = entry.token[1]

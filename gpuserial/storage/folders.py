@@ -106,7 +106,7 @@ class _LocalRanged:
     def __init__(self, fd: int):
         self.fd = fd
 
-    def expect(self, start: int, end: int) -> None:
+    def expect(self, ranges: list[tuple[int, int]]) -> None:
         pass
 
     def pread(self, buffer: memoryview, offset: int) -> int:

@@ -25,10 +25,12 @@ committed last) go through :mod:`gpuserial.storage.folders`, which builds on thi
 
 from __future__ import annotations
 
+import bisect
 import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import math
 import os
 import re
 import secrets
@@ -45,6 +47,7 @@ UPLOAD_BLOCK = 16 << 20  # bytes buffered per uploaded part (S3 takes 5 MiB at l
 MAX_PARTS = 9000  # S3 takes up to 10,000 parts: larger objects get larger blocks
 FETCH_PIECE = 16 << 20  # the most bytes of one ranged GET
 FETCHES_IN_FLIGHT = 4  # ranged GETs at once, ahead of the reader, in a large read or a member
+FETCH_GAP = 64 << 10  # announced ranges this close are fetched as one (the gap too)
 COPY_PIECE = 8 << 20  # bytes copied at a time between a spool file and an object
 SPOOL_DIR_VARIABLE = 'GPUSERIAL_SPOOL_DIR'  # where HDF5 spool files go (default: the temp dir)
 TEMP_MARK = '.gpuserial-tmp-'  # in the temporary keys of non-transactional filesystems
@@ -239,27 +242,43 @@ def remote_input(location: Location) -> Iterator[Ranged]:
 
 
 class Ranged:
-    """A seekable binary file over an object. A small read is one ranged GET of what was asked
-    for. A large read, and reads inside a range announced with :meth:`expect` (a zip member's
-    data, read in order), are fetched as ranged GETs of :data:`FETCH_PIECE` bytes, up to
-    :data:`FETCHES_IN_FLIGHT` at once ahead of the reader, never past the read or the range.
-    One GET at a time is bound by its round trip and one connection's rate; several in flight
-    are how object stores give their bandwidth. Memory: at most
-    ``FETCHES_IN_FLIGHT * FETCH_PIECE`` bytes."""
+    """A seekable binary file over an object.
+
+    A small read is one ranged GET of what was asked for. Byte ranges announced with
+    :meth:`expect` (the members a load reads, in order) and large reads are fetched as ranged
+    GETs of :data:`FETCH_PIECE` bytes, up to :data:`FETCHES_IN_FLIGHT` at once ahead of the
+    reader, never outside those ranges. One GET at a time is bound by its round trip and one
+    connection's rate; several in flight are how object stores give their bandwidth. Memory:
+    at most ``FETCHES_IN_FLIGHT + 1`` pieces.
+    """
 
     def __init__(self, f, location: Location):
         self.f = f
         self.location = location
         self.name = location.url
         self.position = 0
-        self.extent = (0, 0)  # the range announced, fetched ahead within
-        self.fetches: collections.deque = collections.deque()  # (start, Future of bytes)
-        self.fetched_to = 0  # where the next fetch ahead starts
+        self.ranges: list[tuple[int, int]] = []  # announced: fetched ahead, in order
+        self.fetches: collections.deque = collections.deque()  # (start, stop, Future of bytes)
+        self.next_fetch = (0, 0)  # the range and the position the next fetch starts at
         self.pool: concurrent.futures.ThreadPoolExecutor | None = None
 
-    def expect(self, start: int, end: int) -> None:
+    def expect(self, ranges: list[tuple[int, int]]) -> None:
+        """Announces byte ranges, increasing, to be read in order; ranges within those
+        announced before (a member of a load that announced them all) change nothing."""
+        if all(self._range_at(start) == self._range_at(end - 1) is not None
+               for start, end in ranges if end > start):
+            return
         self._drop_fetches()
-        self.extent = (start, end)
+        self.ranges = []
+        for start, end in ranges:
+            if self.ranges and start - self.ranges[-1][1] <= FETCH_GAP:
+                self.ranges[-1] = (self.ranges[-1][0], max(end, self.ranges[-1][1]))
+            elif end > start:
+                self.ranges.append((start, end))
+
+    def _range_at(self, position: int) -> int | None:
+        index = bisect.bisect_right(self.ranges, (position, math.inf)) - 1
+        return index if index >= 0 and position < self.ranges[index][1] else None
 
     def seek(self, offset: int, whence: int = 0) -> int:
         if whence == 0:
@@ -289,21 +308,21 @@ class Ranged:
 
     def readinto(self, buffer) -> int:
         buffer = memoryview(buffer).cast('B')
-        start, end = self.extent
-        if len(buffer) <= FETCH_PIECE or start <= self.position < end:
+        if len(buffer) <= FETCH_PIECE or self._range_at(self.position) is not None:
             return self._read(buffer)
-        self.expect(self.position, self.position + len(buffer))  # a large read: in pieces too
+        announced = self.ranges  # a large read: in pieces too
+        self.expect([(self.position, self.position + len(buffer))])
         try:
             return self._read(buffer)
         finally:
-            self.expect(start, end)
+            self.expect(announced)
 
     def _read(self, buffer: memoryview) -> int:
         done = 0
         while done < len(buffer):
-            start, end = self.extent
-            if start <= self.position < end:
-                data, at = self._fetched()
+            index = self._range_at(self.position)
+            if index is not None:
+                data, at = self._fetched(index)
                 count = min(len(buffer) - done, len(data) - at)
             else:
                 self.f.seek(self.position)
@@ -316,28 +335,41 @@ class Ranged:
             self.position += count
         return done
 
-    def _fetched(self) -> tuple[bytes, int]:
-        """The fetched piece holding ``position`` and the offset of ``position`` in it (at its
-        end when the object ends there), the fetches ahead topped up."""
-        while self.fetches and self.fetches[0][0] + FETCH_PIECE <= self.position:
-            self.fetches.popleft()[1].cancel()  # read past
+    def _fetched(self, index: int) -> tuple[bytes, int]:
+        """The fetched piece holding ``position`` (in announced range ``index``) and the offset
+        of ``position`` in it (at its end when the object ends there), the fetches ahead topped
+        up."""
+        while self.fetches and self.fetches[0][1] <= self.position:
+            self.fetches.popleft()[2].cancel()  # read past
         if not self.fetches or self.fetches[0][0] > self.position:  # a seek: start afresh
             self._drop_fetches()
-            self.fetched_to = self.position
-        _, end = self.extent
+            self.next_fetch = (index, self.position)
         if self.pool is None:
             self.pool = concurrent.futures.ThreadPoolExecutor(FETCHES_IN_FLIGHT,
                                                               'gpuserial-fetch')
-        while len(self.fetches) < FETCHES_IN_FLIGHT and self.fetched_to < end:
-            stop = min(self.fetched_to + FETCH_PIECE, end)
-            self.fetches.append((self.fetched_to, self.pool.submit(
-                self.location.fs.cat_file, self.location.path, start=self.fetched_to, end=stop)))
-            self.fetched_to = stop
-        piece_start, fetch = self.fetches[0]
-        return fetch.result(), self.position - piece_start
+        while len(self.fetches) < FETCHES_IN_FLIGHT and self.next_fetch[0] < len(self.ranges):
+            index, start = self.next_fetch
+            end = self.ranges[index][1]
+            stop = min(start + FETCH_PIECE, end)
+            self.fetches.append((start, stop, self.pool.submit(self._fetch, start, stop)))
+            following = index + 1
+            self.next_fetch = ((index, stop) if stop < end else
+                               (following, self.ranges[following][0])
+                               if following < len(self.ranges) else (following, 0))
+        start, _, fetch = self.fetches[0]
+        return fetch.result(), self.position - start
+
+    def _fetch(self, start: int, stop: int) -> bytes:
+        """One ranged GET, through the open file where it has its own (s3fs's names the
+        object's ETag, so that a save replacing the object meanwhile fails the read)."""
+        fetch_range = getattr(self.f, '_fetch_range', None)
+        if fetch_range is not None:
+            stop = min(stop, self.f.size)
+            return fetch_range(start, stop) if start < stop else b''
+        return self.location.fs.cat_file(self.location.path, start=start, end=stop)
 
     def _drop_fetches(self) -> None:
-        for _, fetch in self.fetches:
+        for _, _, fetch in self.fetches:
             fetch.cancel()
         self.fetches.clear()
 
@@ -383,6 +415,8 @@ def upload_file(local: str, location: Location) -> None:
 def download_file(location: Location, local: str) -> None:
     """Copies the object at ``location`` into a new local file ``local``."""
     with remote_input(location) as src, open(local, 'xb') as out:
+        src.expect([(0, src.seek(0, 2))])
+        src.seek(0)
         buffer = memoryview(bytearray(COPY_PIECE))
         while count := src.readinto(buffer):
             out.write(buffer[:count])
