@@ -45,7 +45,7 @@ __all__ = ['FETCHES_IN_FLIGHT', 'FETCH_PIECE', 'SPOOL_DIR_VARIABLE', 'TRANSACTIO
 
 UPLOAD_BLOCK = 16 << 20  # bytes buffered per uploaded part (S3 takes 5 MiB at least)
 MAX_PARTS = 9000  # S3 takes up to 10,000 parts: larger objects get larger blocks
-FETCH_PIECE = 16 << 20  # the most bytes of one ranged GET
+FETCH_PIECE = 8 << 20  # the most bytes of one ranged GET
 FETCHES_IN_FLIGHT = 4  # ranged GETs at once, ahead of the reader, in a large read or a member
 FETCH_GAP = 64 << 10  # announced ranges this close are fetched as one (the gap too)
 COPY_PIECE = 8 << 20  # bytes copied at a time between a spool file and an object
@@ -322,23 +322,22 @@ class Ranged:
         while done < len(buffer):
             index = self._range_at(self.position)
             if index is not None:
-                data, at = self._fetched(index)
-                count = min(len(buffer) - done, len(data) - at)
+                count = self._copy_fetched(index, buffer[done:])
             else:
                 self.f.seek(self.position)
-                data, at = self.f.read(min(FETCH_PIECE, len(buffer) - done)), 0
+                data = self.f.read(min(FETCH_PIECE, len(buffer) - done))
                 count = len(data)
+                buffer[done:done + count] = data
             if count <= 0:
                 break
-            buffer[done:done + count] = data[at:at + count]
             done += count
             self.position += count
         return done
 
-    def _fetched(self, index: int) -> tuple[bytes, int]:
-        """The fetched piece holding ``position`` (in announced range ``index``) and the offset
-        of ``position`` in it (at its end when the object ends there), the fetches ahead topped
-        up."""
+    def _copy_fetched(self, index: int, buffer: memoryview) -> int:
+        """Copies into ``buffer`` from the fetched piece that holds ``position`` (in announced
+        range ``index``), the fetches ahead topped up; returns the count (0 where the object
+        ends)."""
         while self.fetches and self.fetches[0][1] <= self.position:
             self.fetches.popleft()[2].cancel()  # read past
         if not self.fetches or self.fetches[0][0] > self.position:  # a seek: start afresh
@@ -357,7 +356,10 @@ class Ranged:
                                (following, self.ranges[following][0])
                                if following < len(self.ranges) else (following, 0))
         start, _, fetch = self.fetches[0]
-        return fetch.result(), self.position - start
+        piece = memoryview(fetch.result())[self.position - start:]
+        count = min(len(buffer), len(piece))
+        buffer[:count] = piece[:count]
+        return count
 
     def _fetch(self, start: int, stop: int) -> bytes:
         """One ranged GET, through the open file where it has its own (s3fs's names the
