@@ -17,6 +17,7 @@ from gpuserial.errors import (
                               KeyCollisionError,
                               KeyNotFoundError,
                               MismatchError,
+                              ReadFailedError,
                               UnsafeCastError,
                               UnsafeFileError,
 )
@@ -65,9 +66,10 @@ __all__ = [
     'EntryMetadata', 'LazyFile', 'LoadReport', 'latest', 'load', 'load_into', 'save',
     'GpuserialError', 'GradientMethod', 'HDF5Deserializer', 'HDF5Serializer', 'InvalidKeyError',
     'KeyCollisionError', 'KeyNotFoundError', 'Linear', 'Link', 'MismatchError', 'MomentumSGD',
-    'NpzDeserializer', 'Optimizer', 'Parameter', 'SaveHandle', 'SerialIterator', 'Serializer',
-    'StandardUpdater', 'Trainer', 'UnsafeCastError', 'UnsafeFileError', 'UpdateRule', 'configure',
-    'get_array_module', 'get_device', 'get_trigger', 'gpu_available', 'load_hdf5', 'load_npz',
-    'optimizers', 'release_pool', 'save_hdf5', 'save_async', 'save_npz', 'serialize',
-    'serializers', 'snapshot', 'snapshot_object', 'training', 'wait_all',
+    'NpzDeserializer', 'Optimizer', 'Parameter', 'ReadFailedError', 'SaveHandle',
+    'SerialIterator', 'Serializer', 'StandardUpdater', 'Trainer', 'UnsafeCastError',
+    'UnsafeFileError', 'UpdateRule', 'configure', 'get_array_module', 'get_device', 'get_trigger',
+    'gpu_available', 'load_hdf5', 'load_npz', 'optimizers', 'release_pool', 'save_hdf5',
+    'save_async', 'save_npz', 'serialize', 'serializers', 'snapshot', 'snapshot_object',
+    'training', 'wait_all',
 ]

@@ -34,7 +34,7 @@ from gpuserial.distributed.index import (
     plan_reads,
 )
 from gpuserial.engine import transfer
-from gpuserial.errors import CorruptFileError, MismatchError
+from gpuserial.errors import CorruptFileError, MismatchError, ReadFailedError
 from gpuserial.formats import _zipstream, loading, npz
 from gpuserial.formats.loading import Entry
 from gpuserial.storage import remote
@@ -189,8 +189,11 @@ class _RunStream:
             if self.at >= self.window_stop:
                 self._announce_window()
             count = min(self.run - self.within, len(buffer) - done)
-            got = self.source.pread(buffer[done:done + count],
-                                    self.positions[self.at] + self.within)
+            try:
+                got = self.source.pread(buffer[done:done + count],
+                                        self.positions[self.at] + self.within)
+            except OSError as error:
+                raise ReadFailedError(f'{self._where()}: reading failed: {error}') from error
             if got == 0:
                 raise CorruptFileError(f'{self._where()}: truncated: the file ends at byte '
                                        f'{self.positions[self.at] + self.within}')

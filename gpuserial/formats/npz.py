@@ -22,8 +22,10 @@ from gpuserial.engine import progress as _progress
 from gpuserial.errors import (
     CorruptFileError,
     DeviceError,
+    GpuserialError,
     InvalidKeyError,
     KeyCollisionError,
+    ReadFailedError,
     UnsafeFileError,
 )
 from gpuserial.formats import _npy, _zipread, _zipstream, loading
@@ -262,6 +264,14 @@ class Archive:
         self.close()
 
 
+def _read_error(where: str, error: BaseException) -> GpuserialError:
+    """A member's read error as gpuserial's, naming the file and key: an I/O or network error
+    (the file may be whole) apart from what the bytes read say of the file."""
+    if isinstance(error, OSError):
+        return ReadFailedError(f'{where}: reading failed: {error}')
+    return CorruptFileError(f'{where}: {error}')
+
+
 class _ZipReader(loading.Reader):
     """Entries of an NPZ zip, read member by member; headers parsed once and checked."""
 
@@ -284,7 +294,7 @@ class _ZipReader(loading.Reader):
         try:
             return self._parsed(key, info)
         except (_npy.HeaderError, *READ_ERRORS) as error:
-            raise CorruptFileError(f'{self.where(key)}: {error}') from None
+            raise _read_error(self.where(key), error) from error
 
     def _parsed(self, key: str, info) -> loading.Entry:
         if info.header_offset < 0:
@@ -371,7 +381,7 @@ class _ZipReader(loading.Reader):
                 member.readinto(buffer)
                 member.finish()
         except READ_ERRORS as error:
-            raise CorruptFileError(f'{self.where(entry.key)}: {error}') from None
+            raise _read_error(self.where(entry.key), error) from error
         self.progress.update(header.nbytes)
 
     def read_into(self, entry: loading.Entry, dst) -> None:
@@ -395,7 +405,7 @@ class _ZipReader(loading.Reader):
             transfer.fill(target, read_into, header.dtype)
             member.finish()
         except READ_ERRORS as error:
-            raise CorruptFileError(f'{self.where(entry.key)}: {error}') from None
+            raise _read_error(self.where(entry.key), error) from error
 
 
     def stored_size(self, entry: loading.Entry) -> tuple[int, bool]:
@@ -422,7 +432,7 @@ class _ZipReader(loading.Reader):
                     _skip(member, offset - (member.produced - header.length))
                     member.readinto(into[index * run * itemsize:(index + 1) * run * itemsize])
         except READ_ERRORS as error:
-            raise CorruptFileError(f'{self.where(entry.key)}: {error}') from None
+            raise _read_error(self.where(entry.key), error) from error
         self.progress.update(into.nbytes)
         return out.T if header.fortran_order else out
 
@@ -626,7 +636,8 @@ def open_npz(file) -> Archive:
             raise CorruptFileError(f'{name!r}: not an NPZ (zip) file: reading it needs a '
                                    f'seekable file ({error})') from None
         if isinstance(error, OSError) and not isinstance(error, PermissionError):
-            raise CorruptFileError(f'{name!r}: cannot read the zip directory: {error}') from None
+            raise ReadFailedError(f'{name!r}: reading the zip directory failed: {error}'
+                                  ) from error
         raise
 
 
