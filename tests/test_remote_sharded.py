@@ -37,6 +37,7 @@ from gpuserial.storage.folders import folder_of, join
 from gpuserial.tools import cli
 from tests import kill_sharded
 from tests.fakecomm import SoloComm, run_ranks
+from tests.test_distributed import small_trainer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 G = numpy.random.default_rng(0).standard_normal((64, 48)).astype(numpy.float32)
@@ -167,19 +168,24 @@ def test_loads_fetch_only_the_byte_ranges_they_need(bucket):
     assert 'other' in read_index(url, bucket.options).entries  # present, and never read
 
 
-def test_a_rank_failing_mid_upload_keeps_the_previous_checkpoint(bucket, monkeypatch):
-    url = bucket.url('ckpt')
-    save(url, 3, bucket.options)
-    before = bucket.keys()
+def fail_writing(monkeypatch, name: str) -> None:
+    """Makes the writing of the data file whose name holds ``name`` fail after some bytes."""
     write_npz = collectives.npz.write_npz
 
     def failing(out, items, compression):
-        if 'rank-00001' in out.name:
+        if name in out.name:
             out.write(b'partial data')
             raise OSError(28, 'No space left on device (injected)')
         return write_npz(out, items, compression)
 
     monkeypatch.setattr(collectives.npz, 'write_npz', failing)
+
+
+def test_a_rank_failing_mid_upload_keeps_the_previous_checkpoint(bucket, monkeypatch):
+    url = bucket.url('ckpt')
+    save(url, 3, bucket.options)
+    before = bucket.keys()
+    fail_writing(monkeypatch, 'rank-00001')
     bucket.calls.clear()
     results = run_ranks(3, lambda comm: save_sharded(url, state(3, comm.rank, plus=1), comm,
                                                      storage_options=bucket.options))
@@ -253,15 +259,7 @@ def test_a_store_without_transactions_gets_data_in_place_and_the_index_moved(mem
     load_sharded('copymem2://b/ckpt', target, SoloComm())
     check(target)
     keys = sorted(path for path in memory.store if '/ckpt/' in path)
-    write_npz = collectives.npz.write_npz
-
-    def failing(out, items, compression):
-        if 'rank-00000' in out.name:
-            out.write(b'partial data')
-            raise OSError(28, 'No space left on device (injected)')
-        return write_npz(out, items, compression)
-
-    monkeypatch.setattr(collectives.npz, 'write_npz', failing)
+    fail_writing(monkeypatch, 'rank-00000')
     results = run_ranks(2, lambda comm: save_sharded('copymem2://b/ckpt', state(2, comm.rank),
                                                      comm))
     assert isinstance(results[0], OSError) and isinstance(results[1], RankFailedError)
@@ -271,22 +269,8 @@ def test_a_store_without_transactions_gets_data_in_place_and_the_index_moved(mem
 def test_multi_node_snapshot_to_a_url_and_latest(memory, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
-    def trainer_of(out):
-        model = gpuserial.Linear(3, 2)
-        optimizer = gpuserial.MomentumSGD(lr=0.1)
-        optimizer.setup(model)
-        data = [(numpy.ones(3, numpy.float32), numpy.zeros(2, numpy.float32))] * 8
-
-        def step(model, batch):
-            model.W.grad = numpy.full_like(model.W.array, 0.5)
-            model.b.grad = numpy.full_like(model.b.array, 0.5)
-
-        iterator = gpuserial.SerialIterator(data, batch_size=2, shuffle=False)
-        updater = gpuserial.StandardUpdater(iterator, optimizer, step)
-        return gpuserial.Trainer(updater, stop_trigger=(4, 'iteration'), out=out)
-
     def train(comm):
-        trainer = trainer_of('memory://train')
+        trainer = small_trainer('memory://train', 4)
         trainer.extend(multi_node_snapshot(comm), trigger=(2, 'iteration'))
         trainer.run()
 
@@ -294,7 +278,7 @@ def test_multi_node_snapshot_to_a_url_and_latest(memory, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []  # no local directory named after the URL
     found = gpuserial.latest('memory://train')
     assert found == 'memory://train/snapshot_iter_4'
-    resumed = trainer_of('memory://train')
+    resumed = small_trainer('memory://train', 4)
     load_sharded(found, resumed, SoloComm())
     assert resumed.updater.iteration == 4
 
