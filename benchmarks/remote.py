@@ -90,6 +90,102 @@ def _cases(fs, options: dict, model: dict) -> dict:
     return cases
 
 
+def _modelled_store(latency: float, rate: float):
+    """An in-memory store whose every request costs a round trip (``latency`` seconds) plus
+    its bytes at one connection's ``rate`` (bytes/s), as sleeps, which release the GIL, so
+    that requests in flight overlap as on a real object store. Reads through ``open`` fetch
+    blocks of 50 MiB ahead, as s3fs does by default; ``cache_type='none'`` reads what is
+    asked for."""
+    from fsspec.implementations.memory import MemoryFileSystem
+    from fsspec.spec import AbstractBufferedFile
+
+    def cost(nbytes: int) -> None:
+        time.sleep(latency + nbytes / rate)
+
+    class Ranged(AbstractBufferedFile):
+        def _fetch_range(self, start, end):
+            data = self.fs.store[self.path].getbuffer()[start:end].tobytes()
+            cost(len(data))
+            return data
+
+    class ModelledStore(MemoryFileSystem):
+        protocol = 'modelled'
+        store: dict = {}  # its own, not memory://'s
+        pseudo_dirs = ['']
+
+        def cat_file(self, path, start=None, end=None, **kwargs):
+            data = super().cat_file(path, start, end, **kwargs)
+            cost(len(data))
+            return data
+
+        def _open(self, path, mode='rb', block_size=None, autocommit=True,
+                  cache_options=None, cache_type='readahead', **kwargs):
+            if 'r' not in mode:
+                return super()._open(path, mode, block_size, autocommit, cache_options, **kwargs)
+            path = self._strip_protocol(path)
+            if path not in self.store:
+                raise FileNotFoundError(path)
+            return Ranged(self, path, mode, block_size or 50 << 20, cache_type=cache_type,
+                          size=self.store[path].getbuffer().nbytes)
+
+    return ModelledStore()
+
+
+def _modelled_loads(model: dict, rounds: int, latency: float, rate: float) -> dict:
+    """Loads through :func:`_modelled_store`: gpuserial with its fetches in flight, and with
+    one at a time, against torch.load from fs.open and safetensors from fs.cat; medians."""
+    import fsspec.core
+    fs = _modelled_store(latency, rate)
+    first = next(iter(model))
+    ours_file = fsspec.core.OpenFile(fs, 'bench/ours.npz')
+    gpuserial.save(ours_file, model)
+    cases = {}
+
+    def ours():
+        return gpuserial.load(ours_file)[first]
+
+    def ours_serial():
+        in_flight = remote.FETCHES_IN_FLIGHT
+        remote.FETCHES_IN_FLIGHT = 1
+        try:
+            return ours()
+        finally:
+            remote.FETCHES_IN_FLIGHT = in_flight
+
+    cases['gpuserial'] = ours
+    cases['gpuserial, one GET at a time'] = ours_serial
+    try:
+        import torch
+        buffer = io.BytesIO()
+        torch.save({key: torch.from_numpy(value) for key, value in model.items()}, buffer)
+        fs.pipe('bench/torch.pt', buffer.getvalue())
+        del buffer
+
+        def torch_load():
+            with fs.open('bench/torch.pt', 'rb') as f:
+                return torch.load(f, weights_only=True)[first].numpy()
+
+        cases['torch.load from fs.open'] = torch_load
+    except ImportError:
+        pass
+    try:
+        import safetensors.numpy
+        fs.pipe('bench/model.safetensors', safetensors.numpy.save(model))
+        cases['safetensors from fs.cat'] = (
+            lambda: safetensors.numpy.load(fs.cat('bench/model.safetensors'))[first])
+    except ImportError:
+        pass
+    seconds: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, load in cases.items():
+            took, value = _timed(load)
+            assert numpy.asarray(value).tobytes() == model[first].tobytes(), name
+            seconds[name].append(took)
+            del value
+    fs.store.clear()
+    return {name: statistics.median(times) for name, times in seconds.items()}
+
+
 def _timed(function) -> tuple[float, object]:
     gc.collect()
     start = time.perf_counter()
@@ -149,6 +245,23 @@ def _peak_child(nbytes: int, endpoint: str) -> dict:
             'verdict': 'PASS' if extra <= bound else 'FAIL'}
 
 
+def _report_modelled(args) -> int:
+    latency_ms, rate = args.modelled
+    medians = _modelled_loads(bench.make_model(args.bytes), args.rounds, latency_ms / 1000,
+                              rate * 1e6)
+    ours = medians['gpuserial']
+    print(f'{bench.format_size(args.bytes)} loaded from a modelled store ({latency_ms:g} ms a '
+          f'request, {rate:g} MB/s a connection), median of {args.rounds}:')
+    for name, took in medians.items():
+        print(f'  {name:30s} {took:7.2f} s   gpuserial time / this: {ours / took:.2f}')
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump({'machine': bench.machine_info(), 'bytes': args.bytes,
+                       'rounds': args.rounds, 'latency_ms': latency_ms, 'mb_per_s': rate,
+                       'medians': medians}, f, indent=2)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--bytes', type=bench.parse_size, default=bench.parse_size('256MiB'))
@@ -156,11 +269,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--peak', action='store_true',
                         help='also measure the peak memory of a save, in a fresh process')
     parser.add_argument('--json', help='write the results here')
+    parser.add_argument('--modelled', nargs=2, type=float, metavar=('LATENCY_MS', 'MB_PER_S'),
+                        help='instead of moto, loads from an in-memory store whose requests '
+                             'each cost a round trip and their bytes at one connection\'s rate')
     parser.add_argument('--child-peak', nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_peak is not None:
         print(json.dumps(_peak_child(int(args.child_peak[0]), args.child_peak[1])))
         return 0
+    if args.modelled is not None:
+        return _report_modelled(args)
     server, options = _server()
     try:
         fs = _filesystem(options)

@@ -71,9 +71,14 @@ MODULES = {
                                     'test_access'],
     'gpuserial/engine/asyncsave.py': ['test_async', 'test_atomic', 'test_engine_rules'],
     'gpuserial/access.py': ['test_access', 'test_readme'],
-    'gpuserial/distributed/index.py': ['test_distributed', 'test_distributed_mpi'],
-    'gpuserial/distributed/mpi.py': ['test_distributed', 'test_distributed_mpi'],
-    'gpuserial/distributed/reading.py': ['test_distributed', 'test_distributed_mpi'],
+    'gpuserial/distributed/index.py': ['test_distributed', 'test_distributed_mpi',
+                                       'test_remote_sharded'],
+    'gpuserial/distributed/mpi.py': ['test_distributed', 'test_distributed_mpi',
+                                     'test_remote_sharded'],
+    'gpuserial/distributed/reading.py': ['test_distributed', 'test_distributed_mpi',
+                                         'test_remote_sharded'],
+    'gpuserial/storage/folders.py': ['test_remote_sharded', 'test_distributed'],
+    'gpuserial/checkpoints.py': ['test_remote_sharded', 'test_cli'],
 }
 # Code that only runs on a real GPU (CuPy's backend): its mutants are run, and counted, where a
 # GPU is usable; elsewhere they are listed as needing one, outside the score.

@@ -5,6 +5,7 @@ import sys
 from gpuserial import serializers
 from gpuserial.access import EntryMetadata, LazyFile, LoadReport, load, load_into, save
 from gpuserial.access import open as open  # not in __all__: see below
+from gpuserial.checkpoints import latest
 from gpuserial.engine.asyncsave import SaveHandle, save_async, wait_all
 from gpuserial.engine.devices import Device, get_array_module, get_device, gpu_available
 from gpuserial.engine.transfer import configure, release_pool
@@ -16,6 +17,7 @@ from gpuserial.errors import (
                               KeyCollisionError,
                               KeyNotFoundError,
                               MismatchError,
+                              ReadFailedError,
                               UnsafeCastError,
                               UnsafeFileError,
 )
@@ -61,12 +63,13 @@ __version__ = '0.1.0'
 __all__ = [
     'SGD', 'AbstractSerializer', 'Adam', 'BatchNormalization', 'Chain', 'ChainList',
     'CorruptFileError', 'Deserializer', 'Device', 'DeviceError', 'DictionarySerializer',
-    'EntryMetadata', 'LazyFile', 'LoadReport', 'load', 'load_into', 'save',
+    'EntryMetadata', 'LazyFile', 'LoadReport', 'latest', 'load', 'load_into', 'save',
     'GpuserialError', 'GradientMethod', 'HDF5Deserializer', 'HDF5Serializer', 'InvalidKeyError',
     'KeyCollisionError', 'KeyNotFoundError', 'Linear', 'Link', 'MismatchError', 'MomentumSGD',
-    'NpzDeserializer', 'Optimizer', 'Parameter', 'SaveHandle', 'SerialIterator', 'Serializer',
-    'StandardUpdater', 'Trainer', 'UnsafeCastError', 'UnsafeFileError', 'UpdateRule', 'configure',
-    'get_array_module', 'get_device', 'get_trigger', 'gpu_available', 'load_hdf5', 'load_npz',
-    'optimizers', 'release_pool', 'save_hdf5', 'save_async', 'save_npz', 'serialize',
-    'serializers', 'snapshot', 'snapshot_object', 'training', 'wait_all',
+    'NpzDeserializer', 'Optimizer', 'Parameter', 'ReadFailedError', 'SaveHandle',
+    'SerialIterator', 'Serializer', 'StandardUpdater', 'Trainer', 'UnsafeCastError',
+    'UnsafeFileError', 'UpdateRule', 'configure', 'get_array_module', 'get_device', 'get_trigger',
+    'gpu_available', 'load_hdf5', 'load_npz', 'optimizers', 'release_pool', 'save_hdf5',
+    'save_async', 'save_npz', 'serialize', 'serializers', 'snapshot', 'snapshot_object',
+    'training', 'wait_all',
 ]

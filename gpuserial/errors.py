@@ -32,6 +32,11 @@ class CorruptFileError(GpuserialError, ValueError):
     """A file is not a valid NPZ/HDF5 file, is truncated, or fails its checksum."""
 
 
+class ReadFailedError(GpuserialError, OSError):
+    """Reading a file failed (an I/O or network error), not its content: the file may be
+    whole, and a later try may read it."""
+
+
 class UnsafeFileError(CorruptFileError):
     """A file holds something that loading would have to execute (a pickle)."""
 

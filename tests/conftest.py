@@ -1,8 +1,10 @@
-"""The device fixture (CPU, the stand-in, real GPUs), the ``gpu`` marker's skip, and the
-Chainer environment the ``chainer`` tests run in."""
+"""The device fixture (CPU, the stand-in, real GPUs), the ``gpu`` marker's skip, the Chainer
+environment the ``chainer`` tests run in, and object storage (moto's S3 server, memory://)."""
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import os
 import pathlib
@@ -171,3 +173,102 @@ def address_space_limit():
         yield limit
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+# ---------------------------------------------------------------------------------------------
+# Object storage: moto's S3 server on loopback, fsspec's memory filesystem (imported only here)
+
+
+CREDENTIALS = {'AWS_DEFAULT_REGION': 'us-east-1', 'AWS_ACCESS_KEY_ID': 'testing',
+               'AWS_SECRET_ACCESS_KEY': 'testing'}
+_buckets = itertools.count()
+
+
+@pytest.fixture(scope='session')
+def moto_endpoint():
+    """moto's S3 server on 127.0.0.1 (a free port), in this process, for the session."""
+    from moto.server import ThreadedMotoServer
+    saved = {name: os.environ.get(name) for name in CREDENTIALS}
+    os.environ.update(CREDENTIALS)  # no region_name: s3fs would send a LocationConstraint
+    server = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f'http://{host}:{port}'
+    finally:
+        server.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+class Bucket:
+    """A fresh bucket, its storage options, and the S3 calls made through its filesystem."""
+
+    def __init__(self, endpoint: str):
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
+        self.options = {'client_kwargs': {'endpoint_url': endpoint}}
+        self.fs = s3fs.S3FileSystem(**self.options)  # the instance URLs with these options get
+        self.name = f'bucket-{os.getpid()}-{next(_buckets)}'
+        self.fs.mkdir(self.name)
+        self.calls: list[tuple[str, dict]] = []
+        self.fs.connect()
+        self.fs.s3.meta.events.register('before-parameter-build.s3', self._record)
+
+    def _record(self, params, model, **_):
+        self.calls.append((model.name, dict(params)))
+
+    def url(self, key: str) -> str:
+        return f's3://{self.name}/{key}'
+
+    def operations(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+    def uploaded_bytes(self) -> int:
+        return sum(_length(params.get('Body')) for name, params in self.calls
+                   if name in ('PutObject', 'UploadPart'))
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """The byte ranges GetObject asked for (inclusive ends, as HTTP says them)."""
+        found = []
+        for name, params in self.calls:
+            if name == 'GetObject':
+                first, last = params['Range'].removeprefix('bytes=').split('-')
+                found.append((int(first), int(last)))
+        return found
+
+    def keys(self) -> list[str]:
+        self.fs.invalidate_cache()
+        return sorted(path.split('/', 1)[1] for path in self.fs.find(self.name))
+
+
+def _length(body) -> int:
+    if body is None:
+        return 0
+    if isinstance(body, io.BytesIO):
+        return body.getbuffer().nbytes
+    return len(body)
+
+
+@pytest.fixture
+def bucket(moto_endpoint):
+    import s3fs
+
+    yield Bucket(moto_endpoint)
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def memory():
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    fs = MemoryFileSystem()
+    fs.store.clear()
+    fs.pseudo_dirs.clear()
+    fs.pseudo_dirs.append('')
+    yield fs
+    fs.store.clear()

@@ -2,6 +2,8 @@
 
     mpiexec -n 4 python tests/mpi_worker.py matrix DIR    # save with N, load with M, 1..4
     mpiexec -n 3 python tests/mpi_worker.py fail DIR      # a rank fails mid-save
+    mpiexec -n 3 python tests/mpi_worker.py remote URL    # save with 3, load with 2 and 3
+                                                          # (options: $GPUSERIAL_TEST_OPTIONS)
 
 Each rank writes what it found to ``DIR/<mode>-rank-<r>.json`` for the test to check, and
 raises (exits non-zero) where a check fails.
@@ -149,5 +151,21 @@ def fail(directory: str) -> None:
     sys.exit(3)  # every rank exits non-zero, as a training script would on such an error
 
 
+def remote(url: str) -> None:
+    """A save by every rank to an object store, then loads by 2 and by every rank."""
+    world = MPI.COMM_WORLD
+    options = json.loads(os.environ['GPUSERIAL_TEST_OPTIONS'])
+    arrays = global_arrays()
+    save_sharded(url, state(world.size, world.rank, arrays, False), world,
+                 storage_options=options)
+    for m in (2, world.size):
+        comm = world.Split(0 if world.rank < m else 1, world.rank)
+        if world.rank < m:
+            target = state(m, comm.rank, arrays, True)
+            load_sharded(url, target, comm, storage_options=options)
+            check(target, state(m, comm.rank, arrays, False), world.size, m)
+        comm.Free()
+
+
 if __name__ == '__main__':
-    {'matrix': matrix, 'fail': fail}[sys.argv[1]](sys.argv[2])
+    {'matrix': matrix, 'fail': fail, 'remote': remote}[sys.argv[1]](sys.argv[2])

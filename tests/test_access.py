@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import subprocess
+import sys
 import zipfile
 
 import numpy
@@ -337,6 +340,76 @@ def test_jax_arrays_in_a_mapping_are_replaced_with_loaded_ones(tmp_path):
     target = {'x': jax.numpy.zeros(3, dtype=jax.numpy.float32)}
     gpuserial.load_into(tmp_path / 'a.h5', target)
     assert isinstance(target['x'], jax.Array) and target['x'].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_a_tensor_the_engine_cannot_stage_names_the_file_and_key_and_keeps_the_old_file(
+        tmp_path, kind):
+    torch = _torch()
+    path = path_for(tmp_path, kind)
+    gpuserial.save(path, {'layer': {'w': numpy.ones(3)}}, compression=kind == 'npz-deflated')
+    before = path.read_bytes()
+    with pytest.raises(gpuserial.DeviceError, match=r"state\.\w+'?, key 'layer/w': torch "
+                                                    r"tensors on meta"):
+        gpuserial.save(path, {'layer': {'w': torch.empty(3, device='meta')}})
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+SPREAD_JAX_SCRIPT = r"""
+import sys
+import jax, jax.numpy as jnp, ml_dtypes, numpy
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import gpuserial
+from gpuserial.engine import devices
+
+assert len(jax.devices()) == 4, jax.devices()
+mesh = Mesh(numpy.array(jax.devices()).reshape(2, 2), ('a', 'b'))
+def spread(values, spec):
+    return jax.device_put(values, NamedSharding(mesh, spec))
+rng = numpy.random.default_rng(0)
+values = {'blocks': rng.standard_normal((6, 8)).astype(numpy.float32),
+          'rows': rng.standard_normal((4, 6)).astype(ml_dtypes.bfloat16),
+          'everywhere': numpy.arange(6, dtype=numpy.int32)}
+arrays = {'blocks': spread(values['blocks'], P('a', 'b')),
+          'rows': spread(values['rows'], P('a')),
+          'everywhere': spread(values['everywhere'], P())}
+# a replicated array is written from one replica, without a copy
+one = numpy.asarray(arrays['everywhere'].addressable_shards[0].data)
+assert numpy.shares_memory(devices.engine_array(arrays['everywhere']), one)
+for name in ('a.npz', 'a.h5'):
+    path = sys.argv[1] + '/' + name
+    gpuserial.save(path, arrays)
+    if name.endswith('.npz'):  # numpy reads it: the values as they are, bfloat16 as its bits
+        with numpy.load(path) as stored:
+            assert stored['blocks'].tobytes() == values['blocks'].tobytes()
+            assert stored['rows'].tobytes() == values['rows'].tobytes()
+            assert stored['everywhere'].tolist() == values['everywhere'].tolist()
+    # loaded into arrays spread otherwise: new arrays with the targets' shardings
+    targets = {'blocks': spread(numpy.zeros((6, 8), numpy.float32), P(None, 'b')),
+               'rows': spread(numpy.zeros((4, 6), ml_dtypes.bfloat16), P('b', 'a')),
+               'everywhere': spread(numpy.zeros(6, numpy.int32), P('a'))}
+    before = {key: value.sharding for key, value in targets.items()}
+    gpuserial.load_into(path, targets)
+    for key, value in targets.items():
+        assert value.sharding == before[key], (key, value.sharding)
+        assert value.dtype == values[key].dtype, key
+        assert numpy.asarray(value).tobytes() == values[key].tobytes(), key
+    # as new arrays: on one device
+    loaded = gpuserial.load(path, like='jax')
+    assert all(len(value.devices()) == 1 for value in loaded.values())
+    assert numpy.asarray(loaded['blocks']).tobytes() == values['blocks'].tobytes()
+print('ok')
+"""
+
+
+@pytest.mark.jax
+def test_jax_arrays_spread_over_devices_save_and_load_with_their_shardings(tmp_path):
+    _jax()
+    pytest.importorskip('ml_dtypes')
+    # several CPU devices need the setting before JAX starts: in a process of its own
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES='4', JAX_PLATFORMS='cpu')
+    done = subprocess.run([sys.executable, '-c', SPREAD_JAX_SCRIPT, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == 'ok', done.stderr[-3000:]
 
 
 def test_ml_dtypes_numpy_arrays_round_trip_and_load_in_place(tmp_path, kind):

@@ -57,3 +57,14 @@ def test_every_listed_equivalent_mutant_is_one_the_script_makes():
                    (ROOT / 'ci' / 'mutants-equivalent.txt').read_text().splitlines()
                    if line.strip() and not line.startswith('#')]
     assert equivalents and [i for i in equivalents if i not in made] == []
+
+
+def test_equivalent_ids_follow_their_lines_and_changed_lines_are_reported(tmp_path):
+    sys.path.insert(0, str(ROOT / 'ci'))
+    try:
+        import remap_equivalents
+    finally:
+        sys.path.remove(str(ROOT / 'ci'))
+    old = ['a = 1', 'b = 2', 'c = 3', 'd = 4']
+    new = ['import x', 'a = 1', 'b = 2', 'c = 30', 'd = 4']
+    assert remap_equivalents.line_map(old, new) == {1: 2, 2: 3, 4: 5}

@@ -678,11 +678,11 @@ def test_clean_lists_and_removes_only_stale_temporaries(capsys, tmp_path):
     assert out.splitlines() == [
         f'would remove {stale} (2.0 KiB, process {pid} is gone)',
         f'kept {live} (10 B, process {os.getpid()} is running)',
-        'would remove 1 stale temporary file(s) (2.0 KiB); kept 1']
+        'would remove 1 leftover(s) (2.0 KiB); kept 1']
     assert stale.exists()
     status, out, err = run(capsys, 'clean', tmp_path)
     assert status == 0
-    assert out.splitlines()[-1] == 'removed 1 stale temporary file(s) (2.0 KiB); kept 1'
+    assert out.splitlines()[-1] == 'removed 1 leftover(s) (2.0 KiB); kept 1'
     assert not stale.exists() and live.exists() and (tmp_path / 'snapshot_iter_50').exists()
 
 

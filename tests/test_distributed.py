@@ -306,7 +306,7 @@ def test_a_failed_index_write_fails_every_rank_and_keeps_the_previous_checkpoint
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, 'No space left on device')
 
-    monkeypatch.setattr(collectives.json, 'dump', full_disk)
+    monkeypatch.setattr(collectives.json, 'dumps', full_disk)
     results = run_ranks(2, lambda comm: save_sharded(tmp_path, {'w': W + 1}, comm))
     assert type(results[0]) is OSError and results[0].errno == errno.ENOSPC  # its own error
     assert isinstance(results[1], RankFailedError)
@@ -488,31 +488,34 @@ def test_chainer_loads_a_consolidated_checkpoint(tmp_path):
     assert out == link.W.array.tobytes() + link.b.array.tobytes()
 
 
+def small_trainer(out, iterations: int) -> gpuserial.Trainer:
+    """A trainer of a small linear model with momentum, the same on every rank, that stops
+    after ``iterations``."""
+    model = gpuserial.Linear(3, 2)
+    model.W.array[...] = 1
+    optimizer = gpuserial.MomentumSGD(lr=0.1)
+    optimizer.setup(model)
+    data = [(numpy.ones(3, numpy.float32), numpy.zeros(2, numpy.float32))] * 8
+
+    def step(model, batch):
+        model.W.grad = numpy.full_like(model.W.array, 0.5)
+        model.b.grad = numpy.full_like(model.b.array, 0.5)
+
+    iterator = gpuserial.SerialIterator(data, batch_size=2, shuffle=False)
+    updater = gpuserial.StandardUpdater(iterator, optimizer, step)
+    return gpuserial.Trainer(updater, stop_trigger=(iterations, 'iteration'), out=out)
+
+
 def test_multi_node_snapshot_saves_the_trainers_of_every_rank(tmp_path):
-    def trainer_of(comm, out):
-        model = gpuserial.Linear(3, 2)
-        model.W.array[...] = 1
-        optimizer = gpuserial.MomentumSGD(lr=0.1)
-        optimizer.setup(model)
-        data = [(numpy.ones(3, numpy.float32), numpy.zeros(2, numpy.float32))] * 8
-
-        def step(model, batch):
-            model.W.grad = numpy.full_like(model.W.array, 0.5)
-            model.b.grad = numpy.full_like(model.b.array, 0.5)
-
-        iterator = gpuserial.SerialIterator(data, batch_size=2, shuffle=False)
-        updater = gpuserial.StandardUpdater(iterator, optimizer, step)
-        return gpuserial.Trainer(updater, stop_trigger=(3, 'iteration'), out=out)
-
     def train(comm):
-        trainer = trainer_of(comm, tmp_path)
+        trainer = small_trainer(tmp_path, 3)
         trainer.extend(multi_node_snapshot(comm), trigger=(3, 'iteration'))
         trainer.run()
         return trainer.updater.get_optimizer('main').target.W.array.copy()
 
     trained = run_ranks(2, train)
     assert trained[0].tobytes() == trained[1].tobytes()
-    resumed = trainer_of(SoloComm(), tmp_path)
+    resumed = small_trainer(tmp_path, 3)
     load_sharded(tmp_path / 'snapshot_iter_3', resumed, SoloComm())
     assert resumed.updater.iteration == 3
     assert resumed.updater.get_optimizer('main').target.W.array.tobytes() == trained[0].tobytes()

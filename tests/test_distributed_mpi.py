@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+import gpuserial
 from gpuserial.distributed import read_index
 from tests import mpi_worker
 
@@ -23,10 +24,11 @@ TIMEOUT = 120
 pytestmark = pytest.mark.mpi
 
 
-def mpiexec(ranks: int, mode: str, directory: pathlib.Path) -> subprocess.CompletedProcess:
+def mpiexec(ranks: int, mode: str, directory: pathlib.Path | str,
+            options: dict | None = None) -> subprocess.CompletedProcess:
     assert MPIEXEC.exists(), (f'no mpiexec beside {sys.executable}: install the test extras '
                               f"(pip install -e '.[test]' brings mpi4py and mpich)")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), GPUSERIAL_TEST_OPTIONS=json.dumps(options))
     return subprocess.run([str(MPIEXEC), '-n', str(ranks), sys.executable,
                            str(ROOT / 'tests' / 'mpi_worker.py'), mode, str(directory)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
@@ -75,3 +77,16 @@ def test_a_rank_failing_mid_save_fails_every_rank_and_keeps_the_checkpoint(tmp_p
     index = read_index(directory)
     assert sorted(p.name for p in directory.iterdir()) == sorted(
         ['index.json', *index.files, *(f'fail-rank-{r}.json' for r in range(3))])
+
+
+def test_ranks_save_to_s3_and_load_over_http(bucket):
+    """Processes that share moto's server (its port) with this one: 3 ranks save, 2 and 3
+    load, bit for bit (checked by the ranks); the objects are the index and its data."""
+    url = bucket.url('run/snapshot_iter_7')
+    done = mpiexec(3, 'remote', url, bucket.options)
+    assert done.returncode == 0, done.stderr[-3000:]
+    index = read_index(url, bucket.options)
+    assert index.world_size == 3
+    assert bucket.keys() == sorted(['run/snapshot_iter_7/index.json',
+                                    *(f'run/snapshot_iter_7/{name}' for name in index.files)])
+    assert gpuserial.latest(bucket.url('run'), bucket.options) == url

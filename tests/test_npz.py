@@ -537,3 +537,16 @@ def test_the_bytes_of_a_member_do_not_depend_on_the_arrays_layout(tmp_path, monk
             serializers.save_npz(tmp_path / 'a.npz', {'x': strided}, compression)
             serializers.save_npz(tmp_path / 'b.npz', {'x': strided.copy()}, compression)
             assert (tmp_path / 'a.npz').read_bytes() == (tmp_path / 'b.npz').read_bytes()
+
+
+def test_a_closed_npz_file_is_refused_by_name(tmp_path):
+    path = tmp_path / 'a.npz'
+    numpy.savez(path, w=numpy.ones(3))
+    archive = zipfile.ZipFile(path)
+    archive.close()
+    with pytest.raises(ValueError, match=r"a\.npz'?: the NPZ file is closed"):
+        serializers.NpzDeserializer(archive)
+    loaded = numpy.load(path)
+    loaded.close()
+    with pytest.raises(ValueError, match=r'numpy\.load\(\) result\) is closed'):
+        serializers.NpzDeserializer(loaded)

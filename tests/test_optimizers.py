@@ -358,3 +358,12 @@ def test_gpu_updates_match_numpy(name):
     for (name_, p), (_, q) in zip(model.namedparams(), cpu_model.namedparams(), strict=True):
         numpy.testing.assert_allclose(p.array.get(), q.array, rtol=1e-6, atol=1e-7,
                                       err_msg=name_)
+
+
+@pytest.mark.parametrize('call', ['serialize', 'update', 'reallocate_cleared_grads'])
+def test_an_optimizer_without_a_target_says_to_call_setup(call):
+    optimizer = Adam()
+    arguments = {'serialize': (serializers.DictionarySerializer(),)}.get(call, ())
+    with pytest.raises(RuntimeError, match=r'this Adam has no target link: call setup\(link\)'):
+        getattr(optimizer, call)(*arguments)
+    assert (optimizer.t, optimizer.epoch) == (0, 0)

@@ -65,6 +65,7 @@ def test_python_blocks_run_in_order(tmp_path, monkeypatch):
     assert '<Device @numpy> <Device @numpy>' in out
     assert "'my.model', key 'l3/W': not in the file" in out
     assert "['embedding', 'model/W', 'model/step']" in out
+    assert 'memory://run/snapshot_iter_200' in out
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         'ckpt.npz', 'my.h5', 'my.model', 'my.state', 'result', 'sharded', 'sharded.npz',
         'state.npz']

@@ -5,112 +5,22 @@ of data, and fsspec imported only for URLs."""
 
 from __future__ import annotations
 
-import io
-import itertools
 import json
-import os
 import subprocess
 import sys
+import threading
 
 import fsspec
 import fsspec.core
 import numpy
 import pytest
-import s3fs
 from fsspec.implementations.memory import MemoryFileSystem
 
 import gpuserial
 from gpuserial.engine import asyncsave
 from gpuserial.storage import remote
 
-CREDENTIALS = {'AWS_DEFAULT_REGION': 'us-east-1', 'AWS_ACCESS_KEY_ID': 'testing',
-               'AWS_SECRET_ACCESS_KEY': 'testing'}
 MiB = 1 << 20
-_buckets = itertools.count()
-
-
-@pytest.fixture(scope='session')
-def moto_endpoint():
-    """moto's S3 server on 127.0.0.1 (a free port), in this process, for the session."""
-    from moto.server import ThreadedMotoServer
-    saved = {name: os.environ.get(name) for name in CREDENTIALS}
-    os.environ.update(CREDENTIALS)  # no region_name: s3fs would send a LocationConstraint
-    server = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f'http://{host}:{port}'
-    finally:
-        server.stop()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-class Bucket:
-    """A fresh bucket, its storage options, and the S3 calls made through its filesystem."""
-
-    def __init__(self, endpoint: str):
-        s3fs.S3FileSystem.clear_instance_cache()
-        self.options = {'client_kwargs': {'endpoint_url': endpoint}}
-        self.fs = s3fs.S3FileSystem(**self.options)  # the instance URLs with these options get
-        self.name = f'bucket-{os.getpid()}-{next(_buckets)}'
-        self.fs.mkdir(self.name)
-        self.calls: list[tuple[str, dict]] = []
-        self.fs.connect()
-        self.fs.s3.meta.events.register('before-parameter-build.s3', self._record)
-
-    def _record(self, params, model, **_):
-        self.calls.append((model.name, dict(params)))
-
-    def url(self, key: str) -> str:
-        return f's3://{self.name}/{key}'
-
-    def operations(self) -> list[str]:
-        return [name for name, _ in self.calls]
-
-    def uploaded_bytes(self) -> int:
-        return sum(_length(params.get('Body')) for name, params in self.calls
-                   if name in ('PutObject', 'UploadPart'))
-
-    def ranges(self) -> list[tuple[int, int]]:
-        """The byte ranges GetObject asked for (inclusive ends, as HTTP says them)."""
-        found = []
-        for name, params in self.calls:
-            if name == 'GetObject':
-                first, last = params['Range'].removeprefix('bytes=').split('-')
-                found.append((int(first), int(last)))
-        return found
-
-    def keys(self) -> list[str]:
-        self.fs.invalidate_cache()
-        return sorted(path.split('/', 1)[1] for path in self.fs.find(self.name))
-
-
-def _length(body) -> int:
-    if body is None:
-        return 0
-    if isinstance(body, io.BytesIO):
-        return body.getbuffer().nbytes
-    return len(body)
-
-
-@pytest.fixture
-def bucket(moto_endpoint):
-    yield Bucket(moto_endpoint)
-    s3fs.S3FileSystem.clear_instance_cache()
-
-
-@pytest.fixture
-def memory():
-    fs = MemoryFileSystem()
-    fs.store.clear()
-    fs.pseudo_dirs.clear()
-    fs.pseudo_dirs.append('')
-    yield fs
-    fs.store.clear()
 
 
 def _model(seed: int = 0) -> dict:
@@ -181,6 +91,21 @@ def test_open_and_get_slice_over_s3(bucket, name):
         assert f.metadata('l1/W').shape == (300, 200)
 
 
+def test_an_object_replaced_while_open_fails_the_read_rather_than_mixing(bucket, monkeypatch):
+    monkeypatch.setattr(remote, 'FETCH_PIECE', MiB)
+    url = bucket.url('m.npz')
+    size = 3 * MiB  # data fetched ahead in pieces
+    gpuserial.save(url, {'a': numpy.zeros(size // 4, numpy.float32)},
+                   storage_options=bucket.options)
+    with gpuserial.open(url, storage_options=bucket.options) as f:
+        assert f.metadata('a').nbytes == size  # its headers read: what is left is data
+        gpuserial.save(url, {'a': numpy.ones(size // 4, numpy.float32)},
+                       storage_options=bucket.options)
+        with pytest.raises(gpuserial.GpuserialError,
+                           match=r"m\.npz', key 'a': .*Etag .* no longer exists"):
+            f.get_slice('a')[:]  # a slice checks no CRC: the ETag alone keeps it whole
+
+
 def test_a_subset_load_reads_only_its_byte_ranges(bucket):
     model = {f'layer{i}': numpy.full(MiB // 4, i, numpy.float32) for i in range(8)}
     url = bucket.url('big.npz')
@@ -201,7 +126,7 @@ def test_a_subset_load_reads_only_its_byte_ranges(bucket):
 
 
 def test_a_large_member_is_read_in_bounded_pieces(bucket, monkeypatch):
-    monkeypatch.setattr(remote, 'READ_PIECE', MiB)
+    monkeypatch.setattr(remote, 'FETCH_PIECE', MiB)
     array = numpy.arange(3 * MiB // 8 + 5, dtype=numpy.float64)
     url = bucket.url('piece.npz')
     gpuserial.save(url, {'a': array}, storage_options=bucket.options)
@@ -209,9 +134,66 @@ def test_a_large_member_is_read_in_bounded_pieces(bucket, monkeypatch):
     assert gpuserial.load(url, storage_options=bucket.options)['a'].tobytes() == array.tobytes()
     ranges = bucket.ranges()
     assert max(last - first + 1 for first, last in ranges) <= MiB
-    # read ahead within the member (the engine asks for smaller chunks): 4 pieces of data,
-    # and the first bytes, the end of the file and the member's headers
-    assert len(ranges) <= 4 + 5, ranges
+    # fetched ahead within the member, never past it: 4 pieces of data; and the first bytes,
+    # the end of the file, the member's headers and the window after its data
+    assert len(ranges) <= 4 + 6, ranges
+
+
+@pytest.mark.parametrize('sizes', [[4 * MiB], [MiB // 2 + 8] * 7 + [3000]])
+def test_a_load_fetches_its_members_ahead_several_gets_at_once(memory, monkeypatch, sizes):
+    piece = 512 * 1024  # more than the zip reader's window
+    monkeypatch.setattr(remote, 'FETCH_PIECE', piece)
+    model = {f'm{index}': numpy.full(size // 8, index, numpy.float64)
+             for index, size in enumerate(sizes)}
+    gpuserial.save('memory://a/big.npz', model)
+    both_in_flight = threading.Barrier(2, timeout=10)  # broken unless 2 GETs overlap
+    fetched, in_flight, most = [], [0], [0]
+    lock = threading.Lock()
+    cat_file = MemoryFileSystem.cat_file
+
+    def counting(self, path, start=None, end=None, **kwargs):
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+            fetched.append((start, end))
+            first = len(fetched) <= 2
+        try:
+            if first:
+                both_in_flight.wait()
+            return cat_file(self, path, start, end, **kwargs)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    monkeypatch.setattr(MemoryFileSystem, 'cat_file', counting)
+    _assert_bits(gpuserial.load('memory://a/big.npz'), model)
+    assert 2 <= most[0] <= remote.FETCHES_IN_FLIGHT
+    fetched.sort()  # the members' data and the headers between them, each byte once
+    assert all(end == next_start for (_, end), (next_start, _) in zip(fetched, fetched[1:],
+                                                                           strict=False))
+    span = fetched[-1][1] - fetched[0][0]
+    payload = sum(value.nbytes for value in model.values())
+    assert payload <= span < payload + 256 * len(model)
+    assert len(fetched) == -(-span // piece)  # whole pieces across the members' boundaries
+
+
+def test_a_failed_fetch_ahead_fails_the_load_and_names_the_url(memory, monkeypatch):
+    monkeypatch.setattr(remote, 'FETCH_PIECE', 64 * 1024)
+    gpuserial.save('memory://a/big.npz', {'a': numpy.ones(MiB // 8)})
+    cat_file = MemoryFileSystem.cat_file
+
+    def failing(self, path, start=None, end=None, **kwargs):
+        if MiB // 2 <= start < 900 * 1024:  # data, after its headers, before the directory
+            raise ConnectionError('connection reset')
+        return cat_file(self, path, start, end, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, 'cat_file', failing)
+    target = {'a': numpy.zeros(MiB // 8)}
+    with pytest.raises(gpuserial.ReadFailedError,  # not a corrupt file: the network failed
+                       match=r"memory://a/big\.npz', key 'a': reading failed: connection "
+                             r"reset \(the load stopped while filling 'a'") as raised:
+        gpuserial.load_into('memory://a/big.npz', target)
+    assert isinstance(raised.value, OSError) and raised.value.partly_filled == 'a'
 
 
 def test_a_save_uploads_the_payload_once_and_never_copies(bucket):
@@ -355,21 +337,6 @@ def test_errors_name_the_url(bucket, tmp_path):
         gpuserial.load_npz(bucket.url('junk.npz'), {}, storage_options=bucket.options)
     with pytest.raises(TypeError, match=r"storage_options= goes with a URL, not with '.*x.npz'"):
         gpuserial.save(str(tmp_path / 'x.npz'), {}, storage_options={'anon': True})
-
-
-def test_layout_helpers_commit_objects_and_list_them(bucket):
-    prefix = remote.location_of(bucket.url('ckpt'), bucket.options)
-    assert prefix is not None and remote.list_objects(prefix) == []
-    for name in ('shard-0.npz', 'shard-1.npz', 'index.json'):
-        remote.write_object(remote.Location(prefix.fs, f'{prefix.path}/{name}'), name.encode())
-    bucket.fs.pipe(f'{prefix.path}/x.npz{remote.TEMP_MARK}1-ab', b'partial')
-    assert remote.list_objects(prefix) == [f'{prefix.path}/{name}' for name in
-                                           ('index.json', 'shard-0.npz', 'shard-1.npz')]
-    index = remote.Location(prefix.fs, f'{prefix.path}/index.json')
-    assert remote.read_object(index) == b'index.json'
-    with pytest.raises(FileNotFoundError, match='no such object'):
-        remote.read_object(remote.Location(prefix.fs, f'{prefix.path}/none'))
-    assert 'CopyObject' not in bucket.operations()
 
 
 @pytest.mark.parametrize('text, expected', [

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,8 +33,9 @@ from numpy.lib import format as npformat
 
 from gpuserial.errors import CorruptFileError, GpuserialError, MismatchError
 
-__all__ = ['INDEX_NAME', 'Chunk', 'EntryMeta', 'Piece', 'RankFailedError', 'SavePlan', 'Shard',
-           'file_name', 'normalize_box', 'parse_index', 'plan_reads', 'plan_save']
+__all__ = ['FILE_NAME', 'INDEX_NAME', 'Chunk', 'EntryMeta', 'Piece', 'RankFailedError',
+           'SavePlan', 'Shard', 'file_name', 'normalize_box', 'parse_index', 'plan_reads',
+           'plan_save']
 
 INDEX_NAME = 'index.json'
 FORMAT = 'gpuserial.sharded'
@@ -56,8 +58,11 @@ class RankFailedError(GpuserialError, RuntimeError):
 
 
 def file_name(rank: int, token: str) -> str:
-    """The data file a rank writes in one save."""
+    """The data file a rank writes in one save (its name matches :data:`FILE_NAME`)."""
     return f'rank-{rank:05d}-{token}.npz'
+
+
+FILE_NAME = re.compile(r'rank-\d{5,}-[0-9a-f]+\.npz')  # the names file_name gives
 
 
 def normalize_box(global_shape: Sequence[int], index, where: str) -> Box:

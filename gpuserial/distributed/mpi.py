@@ -9,11 +9,15 @@ that a failure on any rank makes every rank raise and none waits forever:
    The descriptions are gathered; every rank computes the same plan from them
    (:func:`~gpuserial.distributed.index.plan_save`).
 2. Every rank writes the chunks the plan gives it into its own stored NPZ, under a name new to
-   this save (atomically: a temporary file, fsync'd and renamed).
-3. Rank 0 writes ``index.json`` (temporary file, fsync, rename, directory fsync): the commit
-   point. Then the data files of the checkpoint it replaced are removed.
+   this save, streamed to that name (locally a temporary file, fsync'd and renamed; on an
+   object store an upload straight to the final key, committed when complete: never a copy).
+3. Rank 0 writes ``index.json`` (committed as a whole: locally temporary file, fsync, rename,
+   directory fsync): the commit point. Only then are the data files of the checkpoint it
+   replaced removed.
 
-A failed save removes the files it wrote and leaves the previous checkpoint as it was.
+The directory is a local path or a URL (:mod:`gpuserial.storage.folders`). A failed save
+removes the files it wrote and leaves the previous checkpoint as it was. A save killed outright
+leaves data files that no index names: :func:`gpuserial.checkpoints.clean` removes them.
 """
 
 from __future__ import annotations
@@ -42,9 +46,9 @@ from gpuserial.distributed.index import (
 from gpuserial.distributed.reading import ReadStats, ShardedReader, read_index
 from gpuserial.engine import transfer
 from gpuserial.errors import KeyNotFoundError, MismatchError
-from gpuserial.formats import _npy, _zipread, _zipstream, loading, npz
+from gpuserial.formats import _npy, _zipstream, loading, npz
 from gpuserial.serializer import child_path, entry_key
-from gpuserial.storage._fileio import atomic_output, atomic_path
+from gpuserial.storage.folders import Folder, folder_of
 
 __all__ = ['load_sharded', 'save_sharded']
 
@@ -146,18 +150,18 @@ def _crc(array) -> int:
     return crc
 
 
-def _describe(obj, shards: Shards | None, directory: str, rank: int):
+def _describe(obj, shards: Shards | None, folder: Folder, rank: int):
     """Step 1 on one rank: the entries, and their descriptions to gather."""
-    os.makedirs(directory, exist_ok=True)
+    folder.make()
     target, boxes, _ = _target(obj, shards)
-    entries = npz.collect(directory, target)
+    entries = npz.collect(folder.name, target)
     unknown = sorted(set(boxes) - set(entries))
     if unknown:
-        raise KeyNotFoundError(f'{directory!r}: shards= names keys the object does not store: '
+        raise KeyNotFoundError(f'{folder.name!r}: shards= names keys the object does not store: '
                                f'{", ".join(map(repr, unknown))}')
     metas = []
     for key, array in entries.items():
-        where = f'{directory!r}, key {key!r}'
+        where = f'{folder.name!r}, key {key!r}'
         if array.dtype.hasobject:
             if not (isinstance(array, numpy.ndarray) and array.shape == ()
                     and array[()] is None):
@@ -178,44 +182,33 @@ def _describe(obj, shards: Shards | None, directory: str, rank: int):
     return entries, metas, token
 
 
-def _write(directory: str, name: str, items: list[tuple[str, Any]], durable: bool
+def _write(folder: Folder, name: str, items: list[tuple[str, Any]], durable: bool
            ) -> tuple[dict[str, int], int]:
-    """Step 2 on one rank: its file; where each member's data starts, and the file's size."""
-    path = os.path.join(directory, name)
-    with atomic_output(path, durable=durable) as out:
-        npz.write_npz(out, items, compression=False)
-    offsets = {}
-    with open(path, 'rb') as f:
-        for info in _zipread.read_directory(f):
-            start = _zipread.data_start_of(f, info)
-            f.seek(start)
-            offsets[info.filename[:-len(npz.SUFFIX)]] = start + _npy.header_length(
-                f.read(_npy.PREFIX_LEN + 4))
-        size = f.seek(0, os.SEEK_END)
+    """Step 2 on one rank: its file, streamed to its final name; where each member's values
+    start (after its ``.npy`` header), and the file's size."""
+    size_hint = sum(array.nbytes for _, array in items) + len(items) * npz.MEMBER_OVERHEAD_BYTES
+    with folder.output(name, durable=durable, fresh=True, size_hint=size_hint) as out:
+        starts = npz.write_npz(out, items, compression=False)
+        size = out.tell()
+    offsets = {member: starts[member + npz.SUFFIX] + len(_npy.encode_header(array.dtype,
+                                                                            array.shape))
+               for member, array in items}
     return offsets, size
 
 
-def _commit(directory: str, document: dict, durable: bool) -> list[str]:
-    """Step 3 on rank 0: the index, written atomically; returns the replaced checkpoint's
-    files."""
+def _commit(folder: Folder, document: dict, durable: bool) -> list[str]:
+    """Step 3 on rank 0: the index, committed whole; returns the replaced checkpoint's files."""
     try:
-        old = list(read_index(directory).files)
+        old = list(read_index(folder).files)
     except Exception:  # none, or not readable: nothing of it to remove
         old = []
-    with atomic_path(os.path.join(directory, INDEX_NAME), durable=durable) as temp, \
-            open(temp, 'x') as out:
-        json.dump(document, out, indent=1)
+    with folder.output(INDEX_NAME, durable=durable) as out:
+        out.write(json.dumps(document, indent=1).encode())
     return [name for name in old if name not in document['files']]
 
 
-def _remove(directory: str, names) -> None:
-    for name in names:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(directory, name))
-
-
 def save_sharded(directory: str | os.PathLike, obj, comm=None, *, shards: Shards | None = None,
-                 durable: bool = True) -> None:
+                 durable: bool = True, storage_options: dict | None = None) -> None:
     """Saves every rank's object into one sharded checkpoint (collective: every rank calls it).
 
     Values that every rank holding the key holds alike (same shape, dtype and CRC-32 of the
@@ -225,14 +218,16 @@ def save_sharded(directory: str | os.PathLike, obj, comm=None, *, shards: Shards
     per rank (``local``). The checkpoint exists once ``index.json`` is in place, written last.
 
     Args:
-        directory: the checkpoint's directory (made if missing; shared by every rank). A
-            checkpoint already there stays whole until the new index replaces it; then its
-            data files are removed.
+        directory: the checkpoint's directory (made if missing; shared by every rank), or a
+            URL (``s3://bucket/run/step-100``: objects ``.../rank-00000-TOKEN.npz`` and
+            ``.../index.json``). A checkpoint already there stays whole until the new index
+            replaces it; then its data files are removed.
         obj: a serializable object, or a dict (values may be :class:`Shard`).
         comm: an mpi4py communicator (default ``MPI.COMM_WORLD``).
         shards: for objects, full key -> ``(global_shape, index)``: the part of a global array
             this rank's entry holds (``index`` a slice or a tuple of slices of step 1).
-        durable: fsync the files and the directory.
+        durable: fsync the files and the directory (local directories).
+        storage_options: for a URL, the options of its fsspec filesystem.
 
     Raises:
         gpuserial.distributed.RankFailedError: on the other ranks, when a rank failed; the
@@ -242,35 +237,35 @@ def save_sharded(directory: str | os.PathLike, obj, comm=None, *, shards: Shards
     """
     comm = _world(comm)
     rank = comm.rank
-    directory = os.fsdecode(directory)
-    status, error = _run(rank, _describe, obj, shards, directory, rank)
+    folder = folder_of(directory, storage_options)
+    status, error = _run(rank, _describe, obj, shards, folder, rank)
     gathered = _share(comm, dataclasses.replace(
         status, payload=None if status.payload is None else status.payload[1:]),
-        error, f'saving {directory!r}')
+        error, f'saving {folder.name!r}')
     entries = status.payload[0]
     token = gathered[0][1]
     plan = plan_save([metas for metas, _ in gathered])
     name = file_name(rank, token)
     items = [(member, entries[key]) for key, member in plan.writes[rank]]
-    status, error = _run(rank, lambda: _write(directory, name, items, durable) if items
+    status, error = _run(rank, lambda: _write(folder, name, items, durable) if items
                          else ({}, 0))
-    written = _share(comm, status, error, f'saving {directory!r}',
-                     cleanup=lambda: _remove(directory, [name]))
+    written = _share(comm, status, error, f'saving {folder.name!r}',
+                     cleanup=lambda: folder.remove([name]))
     status = _Status(rank)
     if rank == 0:
         document = plan.document(comm.size, token, {r: w[0] for r, w in enumerate(written)},
                                  {r: w[1] for r, w in enumerate(written)})
-        status, error = _run(rank, _commit, directory, document, durable)
+        status, error = _run(rank, _commit, folder, document, durable)
     result = comm.bcast(status, root=0)
     if result.failure is not None:
-        _remove(directory, [name])
+        folder.remove([name])
         if rank == 0:
             assert error is not None
             raise error
-        raise RankFailedError(f'saving {directory!r} failed on rank 0 writing the index '
+        raise RankFailedError(f'saving {folder.name!r} failed on rank 0 writing the index '
                               f'({result.failure})', {0: result.failure})
     if rank == 0:
-        _remove(directory, result.payload)
+        folder.remove(result.payload)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,24 +282,27 @@ def _portable(error: BaseException) -> BaseException:
 
 
 def load_sharded(directory: str | os.PathLike, obj, comm=None, *, shards: Shards | None = None,
-                 path: str = '', strict: bool = True, ignore_names=None,
-                 device=None) -> ReadStats:
+                 path: str = '', strict: bool = True, ignore_names=None, device=None,
+                 storage_options: dict | None = None) -> ReadStats:
     """Loads every rank's object from a sharded checkpoint (collective: every rank calls it),
     saved by any number of ranks.
 
     Each rank reads what its object asks for: whole arrays, or for a :class:`Shard` in a dict
     (or a key named in ``shards``) its block of the global array. Only the bytes of the saved
     chunks that intersect the request are read, straight into the target (device arrays
-    through the staging engine). A ``local`` key gives each rank the value saved by the rank
-    of the same number. The semantics are :func:`gpuserial.load_npz`'s: arrays load in place
-    with a ``same_kind`` cast and an exact shape, and a failed load fills no array.
+    through the staging engine); from an object store, by ranged reads of those bytes (runs
+    of a piece closer than :data:`~gpuserial.distributed.reading.MAX_GAP` in one request).
+    A ``local`` key gives each rank the value saved by the rank of the same number. The
+    semantics are :func:`gpuserial.load_npz`'s: arrays load in place with a ``same_kind`` cast
+    and an exact shape, and a failed load fills no array.
 
     Args:
-        directory: the checkpoint's directory.
+        directory: the checkpoint's directory, or its URL.
         obj: a serializable object, or a dict (values may be :class:`Shard`).
         comm: an mpi4py communicator (default ``MPI.COMM_WORLD``).
         shards: for objects, full key -> ``(global_shape, index)``: the block to load.
         path, strict, ignore_names, device: as for :func:`gpuserial.load_npz`.
+        storage_options: for a URL, the options of its fsspec filesystem.
 
     Returns:
         The bytes this rank read from the data files and the bytes of the values it filled.
@@ -316,11 +314,11 @@ def load_sharded(directory: str | os.PathLike, obj, comm=None, *, shards: Shards
     """
     comm = _world(comm)
     rank = comm.rank
-    directory = os.fsdecode(directory)
+    folder = folder_of(directory, storage_options)
     shared: tuple[Any, BaseException | None] = (None, None)
     if rank == 0:
         try:
-            shared = (read_index(directory), None)
+            shared = (read_index(folder), None)
         except Exception as problem:
             shared = (None, _portable(problem))
     index, failure = comm.bcast(shared, root=0)
@@ -329,7 +327,7 @@ def load_sharded(directory: str | os.PathLike, obj, comm=None, *, shards: Shards
 
     def load():
         target, boxes, plain = _target(obj, shards)
-        with ShardedReader(directory, index, rank, boxes) as reader:
+        with ShardedReader(folder, index, rank, boxes) as reader:
             loading.ReaderDeserializer(reader, path, strict, ignore_names,
                                        device=device).load(target)
         if plain is not None:
@@ -337,5 +335,5 @@ def load_sharded(directory: str | os.PathLike, obj, comm=None, *, shards: Shards
         return reader.stats
 
     status, error = _run(rank, load)
-    _share(comm, dataclasses.replace(status, payload=None), error, f'loading {directory!r}')
+    _share(comm, dataclasses.replace(status, payload=None), error, f'loading {folder.name!r}')
     return status.payload

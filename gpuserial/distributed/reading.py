@@ -1,12 +1,15 @@
 """Reading a sharded checkpoint: the index, byte-range reads of chunks straight into targets,
 consolidation into one NPZ, and a description for ``gpuserial inspect``.
 
-Every read is a ``pread`` of exactly the bytes a request needs: the index says where each
-chunk's C-order data starts, and :func:`gpuserial.formats.loading.box_reads` gives the runs of
-a box. The runs stream into the target through :func:`gpuserial.engine.transfer.fill` (device
-arrays through the pinned staging buffers), so no chunk is ever held whole on the host. A
-piece that is a whole chunk is checked against the chunk's CRC-32 as it streams in; a part of
-a chunk cannot be (the CRC covers the whole chunk).
+Every read is of exactly the bytes a request needs: the index says where each chunk's C-order
+data starts, and :func:`gpuserial.formats.loading.box_reads` gives the runs of a box. Locally
+each run is a ``pread``; from an object store, the runs of a piece that lie closer together
+than :data:`MAX_GAP` are fetched in one ranged read of at most
+:data:`gpuserial.storage.remote.FETCH_PIECE` bytes (a strided block costs a few requests, not
+one per row). The runs stream into the target through :func:`gpuserial.engine.transfer.fill`
+(device arrays through the pinned staging buffers), so no chunk is ever held whole on the
+host. A piece that is a whole chunk is checked against the chunk's CRC-32 as it streams in; a
+part of a chunk cannot be (the CRC covers the whole chunk).
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy
 
@@ -31,31 +34,31 @@ from gpuserial.distributed.index import (
     plan_reads,
 )
 from gpuserial.engine import transfer
-from gpuserial.errors import CorruptFileError, MismatchError
+from gpuserial.errors import CorruptFileError, MismatchError, ReadFailedError
 from gpuserial.formats import _zipstream, loading, npz
 from gpuserial.formats.loading import Entry
+from gpuserial.storage import remote
 from gpuserial.storage._fileio import atomic_output
+from gpuserial.storage.folders import folder_of
 
 MAX_INDEX_BYTES = 1 << 30  # an index larger than this is not one
+MAX_GAP = 1 << 16  # remote reads: runs this close are fetched in one request, gap and all
 
 
-def read_index(directory) -> Index:
-    """The checked index of the checkpoint in ``directory``.
+def read_index(directory, storage_options: dict | None = None) -> Index:
+    """The checked index of the checkpoint in ``directory`` (a path or a URL).
 
     Raises:
-        FileNotFoundError: no such directory, or no committed checkpoint in it (no index).
+        FileNotFoundError: no committed checkpoint there (no index).
         gpuserial.errors.CorruptFileError: the index is not valid.
     """
-    directory = os.fsdecode(directory)
-    path = os.path.join(directory, INDEX_NAME)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f'{directory!r}: no such directory')
+    folder = folder_of(directory, storage_options)
     try:
-        with open(path, 'rb') as f:
-            text = f.read(MAX_INDEX_BYTES + 1)
+        text = folder.read_bytes(INDEX_NAME, MAX_INDEX_BYTES)
     except FileNotFoundError:
-        raise FileNotFoundError(f'{directory!r}: no sharded checkpoint here (no {INDEX_NAME}: '
+        raise FileNotFoundError(f'{folder.name!r}: no sharded checkpoint here (no {INDEX_NAME}: '
                                 f'never saved, or a save that did not commit)') from None
+    path = folder.show(INDEX_NAME)
     if len(text) > MAX_INDEX_BYTES:
         raise CorruptFileError(f'{path!r}: larger than {MAX_INDEX_BYTES} bytes')
     return parse_index(text, path)
@@ -77,21 +80,22 @@ class ShardedReader(loading.Reader):
     number (none for a rank the save did not have).
 
     Args:
-        directory: the checkpoint.
+        directory: the checkpoint (a path, a URL or a folder).
         index: its parsed index.
         rank: this rank (for local keys).
         shards: full key -> box (``(start, stop)`` per dimension) of the blocks to read.
     """
 
-    def __init__(self, directory: str, index: Index, rank: int,
+    def __init__(self, directory, index: Index, rank: int,
                  shards: Mapping[str, tuple[tuple[int, ...], object]] | None = None):
-        self.directory = directory
-        self.name = directory
+        self.folder = folder_of(directory)
+        self.name = self.folder.name
         self.index = index
         self.rank = rank
         self.shards = dict(shards or {})
         self.stats = ReadStats()
-        self._fds: dict[str, int] = {}
+        self._files: dict[str, Any] = {}  # data files opened, by name
+        self._open = contextlib.ExitStack()
 
     def keys(self) -> list[str]:
         return self.index.keys()
@@ -133,20 +137,20 @@ class ShardedReader(loading.Reader):
             transfer.fill(target, stream.read_into, entry.dtype)
             stream.finish()
 
-    def fd(self, name: str) -> int:
-        if name not in self._fds:
-            path = os.path.join(self.directory, name)
+    def source(self, name: str):
+        """The data file ``name``, opened once for reads at offsets (``pread``, ``expect``)."""
+        if name not in self._files:
             try:
-                self._fds[name] = os.open(path, os.O_RDONLY)
+                self._files[name] = self._open.enter_context(self.folder.open_ranged(name))
             except FileNotFoundError:
-                raise CorruptFileError(f'{path!r}: a data file of the checkpoint is missing '
-                                       f'(removed by a later save?)') from None
-        return self._fds[name]
+                raise CorruptFileError(f'{self.folder.show(name)!r}: a data file of the '
+                                       f'checkpoint is missing (removed by a later save?)'
+                                       ) from None
+        return self._files[name]
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self._files.clear()
+        self._open.close()
 
     def __enter__(self) -> ShardedReader:
         return self
@@ -156,8 +160,10 @@ class ShardedReader(loading.Reader):
 
 
 class _RunStream:
-    """The C-order bytes of one piece, read run by run (exact preads), as a stream for
-    :func:`gpuserial.engine.transfer.fill`; its CRC-32 checked when the piece is a whole chunk."""
+    """The C-order bytes of one piece, read run by run (exact reads at offsets), as a stream
+    for :func:`gpuserial.engine.transfer.fill`; its CRC-32 checked when the piece is a whole
+    chunk. Each window of near runs is announced to the file before it is read (remote files
+    fetch it in one request)."""
 
     def __init__(self, reader: ShardedReader, piece: Piece, dtype: numpy.dtype, key: str):
         self.reader = reader
@@ -170,7 +176,8 @@ class _RunStream:
         self.at = 0  # the run being read
         self.within = 0  # bytes of it read
         self.crc = 0 if piece.whole_chunk else None
-        self.fd = reader.fd(chunk.file)
+        self.source = reader.source(chunk.file)
+        self.window_stop = 0  # the first run past the window announced
 
     def read_into(self, buffer: memoryview) -> None:
         buffer = buffer.cast('B')
@@ -179,9 +186,14 @@ class _RunStream:
             if self.at >= len(self.positions):
                 raise CorruptFileError(f'{self._where()}: asked for more bytes than the piece '
                                        f'holds')
+            if self.at >= self.window_stop:
+                self._announce_window()
             count = min(self.run - self.within, len(buffer) - done)
-            got = os.preadv(self.fd, [buffer[done:done + count]],
-                            self.positions[self.at] + self.within)
+            try:
+                got = self.source.pread(buffer[done:done + count],
+                                        self.positions[self.at] + self.within)
+            except OSError as error:
+                raise ReadFailedError(f'{self._where()}: reading failed: {error}') from error
             if got == 0:
                 raise CorruptFileError(f'{self._where()}: truncated: the file ends at byte '
                                        f'{self.positions[self.at] + self.within}')
@@ -193,6 +205,18 @@ class _RunStream:
         if self.crc is not None:
             self.crc = _zipstream.crc32(buffer, self.crc)
 
+    def _announce_window(self) -> None:
+        """Announces the runs from this one on that lie within :data:`MAX_GAP` of each other,
+        :data:`remote.FETCH_PIECE` bytes at most in all (one run at least)."""
+        positions, run = self.positions, self.run
+        start = positions[self.at]
+        stop, end = self.at + 1, start + run
+        while (stop < len(positions) and positions[stop] - end <= MAX_GAP
+               and positions[stop] + run - start <= remote.FETCH_PIECE):
+            stop, end = stop + 1, positions[stop] + run
+        self.source.expect([(start, end)])
+        self.window_stop = stop
+
     def finish(self) -> None:
         if self.crc is not None and self.crc != self.piece.chunk.crc:
             raise CorruptFileError(f'{self._where()}: CRC-32 mismatch: the index says '
@@ -200,7 +224,7 @@ class _RunStream:
                                    f'{self.crc:#010x}')
 
     def _where(self) -> str:
-        path = os.path.join(self.reader.directory, self.piece.chunk.file)
+        path = self.reader.folder.show(self.piece.chunk.file)
         return f'{path!r}, key {self.key!r} (member {self.piece.chunk.member!r})'
 
 
@@ -217,25 +241,28 @@ class ConsolidateResult:
 
 
 def consolidate(directory, out, *, rank: int = 0, compression: bool = False,
-                durable: bool = True) -> ConsolidateResult:
+                durable: bool = True, storage_options: dict | None = None
+                ) -> ConsolidateResult:
     """Writes a sharded checkpoint as one ordinary NPZ (what Chainer's ``load_npz`` and
     ``numpy.load`` read): every key as its whole global array, a ``local`` key as rank
     ``rank``'s value (left out where that rank saved none). One global array is in memory at a
     time; the file is replaced atomically.
 
     Args:
-        directory: the checkpoint.
-        out: the NPZ to write (a path or a binary file object).
+        directory: the checkpoint (a path or a URL).
+        out: the NPZ to write (a path, a URL or a binary file object).
         rank: whose value of per-rank (``local``) keys to keep.
         compression: deflate the members.
         durable: fsync the file and its directory.
+        storage_options: the options of the fsspec filesystem of the URLs among
+            ``directory`` and ``out``.
 
     Raises:
         FileNotFoundError: no committed checkpoint in ``directory``.
         gpuserial.errors.CorruptFileError: the index or a data file is not valid.
     """
-    directory = os.fsdecode(directory)
-    index = read_index(directory)
+    folder = folder_of(directory, storage_options if remote.is_url(directory) else None)
+    index = read_index(folder)
     counted = {'entries': 0, 'nbytes': 0}
 
     def entries(reader: ShardedReader) -> Iterator[tuple[str, numpy.ndarray]]:
@@ -253,22 +280,24 @@ def consolidate(directory, out, *, rank: int = 0, compression: bool = False,
             counted['nbytes'] += value.nbytes if entry.dtype is not None else 0
             yield key, value
 
-    with ShardedReader(directory, index, rank) as reader, \
-            atomic_output(out, durable=durable) as stream:
+    with ShardedReader(folder, index, rank) as reader, \
+            atomic_output(out, durable=durable,
+                          storage_options=storage_options if remote.is_url(out) else None
+                          ) as stream:
         npz.write_npz(stream, entries(reader), compression)
     return ConsolidateResult(counted['entries'], counted['nbytes'])
 
 
-def is_checkpoint(path) -> bool:
-    """Whether ``path`` is a directory holding a sharded checkpoint's index."""
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, INDEX_NAME))
+def is_checkpoint(path, storage_options: dict | None = None) -> bool:
+    """Whether ``path`` (a directory or a URL) holds a sharded checkpoint's index."""
+    return folder_of(path, storage_options).exists(INDEX_NAME)
 
 
-def describe(directory) -> dict:
+def describe(directory, storage_options: dict | None = None) -> dict:
     """A JSON-ready description of a checkpoint: totals, files, and per key its kind, global
     shape, dtype and chunks (from the index only: no data is read)."""
-    directory = os.fsdecode(directory)
-    index = read_index(directory)
+    folder = folder_of(directory, storage_options)
+    index = read_index(folder)
 
     def entry_dict(saved: SavedEntry) -> dict:
         if saved.kind == 'none':
@@ -284,16 +313,16 @@ def describe(directory) -> dict:
         entries[key] = {'kind': 'local', 'ranks': {r: entry_dict(e) for r, e in ranks.items()}}
     unique = sum(e.get('nbytes', 0) for e in entries.values())
     unique += sum(r.get('nbytes', 0) for e in entries.values() for r in e.get('ranks', {}).values())
-    return {'path': directory, 'format': 'sharded', 'world_size': index.world_size,
+    return {'path': folder.name, 'format': 'sharded', 'world_size': index.world_size,
             'token': index.token, 'files': dict(index.files),
             'file_bytes': sum(index.files.values()), 'nbytes': unique,
             'entries': dict(sorted(entries.items()))}
 
 
-def describe_lines(directory) -> list[str]:
+def describe_lines(directory, storage_options: dict | None = None) -> list[str]:
     """``gpuserial inspect DIR``: one line per key (kind, global shape, dtype, chunks per
     file), then the files and totals."""
-    info = describe(directory)
+    info = describe(directory, storage_options)
     lines = [f'{info["path"]}: sharded checkpoint, saved by {info["world_size"]} rank(s), '
              f'{len(info["files"])} data file(s), {len(info["entries"])} keys']
     rows = [('key', 'kind', 'shape', 'dtype', 'chunks')]
@@ -330,8 +359,10 @@ def _shape(shape) -> str:
 
 
 @contextlib.contextmanager
-def open_checkpoint(directory, rank: int = 0) -> Iterator[ShardedReader]:
-    """A reader of the checkpoint in ``directory`` as rank ``rank`` sees it (whole arrays)."""
-    directory = os.fsdecode(directory)
-    with ShardedReader(directory, read_index(directory), rank) as reader:
+def open_checkpoint(directory, rank: int = 0, storage_options: dict | None = None
+                    ) -> Iterator[ShardedReader]:
+    """A reader of the checkpoint in ``directory`` (a path or a URL) as rank ``rank`` sees it
+    (whole arrays)."""
+    folder = folder_of(directory, storage_options)
+    with ShardedReader(folder, read_index(folder), rank) as reader:
         yield reader

@@ -570,6 +570,15 @@ class Framework:
         """The Device that ``spec``, a device object of this framework, names; else None."""
         return None
 
+    def stored_dtype(self, value) -> numpy.dtype:
+        """The dtype ``value`` is stored as (extension dtypes in their encoding)."""
+        return self.engine_array(value).dtype
+
+    def new_like(self, value, array):
+        """A new array of this framework with the values of ``array`` (NumPy or CuPy, read
+        where :meth:`device_of` says), placed where ``value`` is."""
+        return self.from_engine(array, self.device_of(value))
+
 
 def _gpu_view(value, spec):
     cupy = _usable_cupy()
@@ -657,15 +666,15 @@ class _Jax(Framework):
         jax = sys.modules.get('jax')
         return jax is not None and isinstance(value, jax.Array)
 
-    def _device(self, array):
+    def _placed(self, array):
+        """The one device ``array`` lives on, or None when it is spread over several."""
         placed = array.devices()
-        if len(placed) != 1:
-            raise DeviceError(f'a JAX array spread over {len(placed)} devices cannot be staged: '
-                              f'gather it first (jax.device_get or a single-device sharding)')
-        return next(iter(placed))
+        return next(iter(placed)) if len(placed) == 1 else None
 
     def engine_array(self, array, writable=False):
-        on = self._device(array)
+        on = self._placed(array)
+        if on is None:
+            return self._spread_array(array)
         if on.platform == 'cpu':
             host = numpy.asarray(array)  # a view of its memory (ml_dtypes' bfloat16 too)
         elif extension_of(array.dtype) is None:
@@ -675,8 +684,31 @@ class _Jax(Framework):
         name = extension_of(host.dtype)
         return host if name is None else host.view(encoded_dtype(name))
 
+    def _spread_array(self, array):
+        """An array spread over several devices: one replica when every device holds all of it,
+        else gathered on the host (one host copy of the array while it is written)."""
+        if not array.is_fully_addressable:
+            raise DeviceError(f'a JAX array of shape {array.shape} spread over several processes '
+                              f'cannot be saved by one of them: save each process\'s blocks with '
+                              f'gpuserial.distributed.save_sharded')
+        if array.is_fully_replicated:
+            return self.engine_array(array.addressable_shards[0].data)
+        host = numpy.asarray(array)
+        name = extension_of(host.dtype)
+        return host if name is None else host.view(encoded_dtype(name))
+
+    def stored_dtype(self, array) -> numpy.dtype:
+        name = extension_of(numpy.dtype(array.dtype))
+        return numpy.dtype(array.dtype) if name is None else encoded_dtype(name)
+
     def device_of(self, array) -> Device:
-        return self.device(self._device(array))
+        on = self._placed(array)
+        return CPU if on is None else self.device(on)  # a spread array is read on the host
+
+    def new_like(self, value, array):
+        if self._placed(value) is not None:
+            return super().new_like(value, array)
+        return sys.modules['jax'].device_put(_native(decoded(array)), value.sharding)
 
     def from_engine(self, array, device):
         jax = sys.modules.get('jax') or __import__('jax')

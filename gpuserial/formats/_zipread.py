@@ -209,12 +209,12 @@ class WindowedFile:
     def tell(self) -> int:
         return self.position
 
-    def expect(self, start: int, end: int) -> None:
-        """Says that the bytes from ``start`` to ``end`` (a member's data) are to be read in
-        order, to a file that can read them ahead in larger pieces (an object in a store)."""
+    def expect(self, ranges: list[tuple[int, int]]) -> None:
+        """Says that these byte ranges (members' data, increasing) are to be read in order, to
+        a file that can fetch them ahead (an object in a store)."""
         expect = getattr(self.fp, 'expect', None)
         if expect is not None:
-            expect(start, end)
+            expect(ranges)
 
     def _cached(self, count: int) -> memoryview | None:
         """The next ``count`` bytes from the window, refilled when they are not in it; None
@@ -376,7 +376,7 @@ class MemberReader:
         self.left = info.compress_size  # stored bytes not yet read
         expect = getattr(fp, 'expect', None)  # a remote file reads ahead within the member
         if expect is not None:
-            expect(self.position, self.position + self.left)
+            expect([(self.position, self.position + self.left)])
         self.produced = 0
         self.crc = 0
         self.inflater = deflate_module.decompressobj(-15) if info.compress_type else None

@@ -81,6 +81,7 @@ class ZipWriter:
         self.central: list[bytes] = []
         self.checksummer: ThreadPoolExecutor | None = None  # started by the first large chunk
         self.pending = bytearray()  # small members not yet written, in order
+        self.data_starts: dict[str, int] = {}  # where each member's data starts
 
     def __enter__(self) -> ZipWriter:
         return self
@@ -138,6 +139,7 @@ class ZipWriter:
             pending += local
             pending += header
             pending += data
+            self.data_starts[name] = offset + len(local)
             self.position = offset + len(local) + compressed
             if len(pending) >= WRITE_PIECE:
                 self._flush_pending()
@@ -199,6 +201,7 @@ class ZipWriter:
                                0, MARKER32, MARKER32, len(encoded),
                                LOCAL_ZIP64_EXTRA.size) + encoded
                     + LOCAL_ZIP64_EXTRA.pack(1, 16, 0, 0))
+        self.data_starts[name] = self.position
         crc, size, compressed = 0, 0, 0
         compressor = (deflate_module.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -15)
                       if self.method == DEFLATED else None)

@@ -22,6 +22,7 @@ from gpuserial.engine import devices, transfer
 from gpuserial.engine import progress as _progress
 from gpuserial.errors import (
     CorruptFileError,
+    DeviceError,
     InvalidKeyError,
     KeyCollisionError,
     MismatchError,
@@ -86,7 +87,11 @@ class HDF5Serializer(Serializer):
 
     def __call__(self, key: str, value):
         key = entry_key('', key)
-        stored = devices.engine_array(value)  # torch, JAX: views of their memory
+        try:
+            stored = devices.engine_array(value)  # torch, JAX: views of their memory
+        except DeviceError as error:
+            raise DeviceError(f'{self.name!r}, key {_dataset_path(self.group, key)[1:]!r}: '
+                              f'{error}') from None
         if self._plan is not None:
             self._plan.entries.append((self.group, key, _dataset_path(self.group, key), stored))
         else:

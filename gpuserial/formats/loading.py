@@ -379,13 +379,18 @@ class ReaderDeserializer(Deserializer):
 
     def _load_view(self, entry: Entry, value, framework: devices.Framework | None):
         """A torch tensor, filled in place through a view of its memory; a JAX array, which
-        is immutable, as a new one on its device (read at once); a NumPy array of a dtype NumPy
-        lacks (ml_dtypes' bfloat16), filled through its stored encoding."""
-        view = devices.engine_array(value, writable=framework is None or framework.mutable)
+        is immutable, as a new one (read at once) placed as it is, on its device or with its
+        sharding, or on the load's device; a NumPy array of a dtype NumPy lacks (ml_dtypes'
+        bfloat16), filled through its stored encoding."""
         if framework is not None and not framework.mutable:
-            self._check_fits(entry, view)
+            dtype = framework.stored_dtype(value)
+            self._check_fits(entry, value.shape, dtype)
             device = self.device or framework.device_of(value)
-            return framework.from_engine(self._new_array(entry, view.dtype, device), device)
+            array = self._new_array(entry, dtype, device)
+            if self.device is None:
+                return framework.new_like(value, array)
+            return framework.from_engine(array, device)
+        view = devices.engine_array(value, writable=True)
         loaded = self._load_array(entry, view)
         if loaded is view:
             return value
@@ -393,7 +398,7 @@ class ReaderDeserializer(Deserializer):
         return loaded if framework is None else framework.from_engine(loaded, self.device)
 
     def _load_array(self, entry: Entry, value):
-        self._check_fits(entry, value)
+        self._check_fits(entry, value.shape, value.dtype)
         if (self.device is not None and self._new_arrays_on_device
                 and devices.device_of(value) != self.device):
             return self._new_array(entry, value.dtype)
@@ -404,13 +409,13 @@ class ReaderDeserializer(Deserializer):
             self.reader.read_into(entry, value)
         return value
 
-    def _check_fits(self, entry: Entry, value) -> None:
-        if tuple(value.shape) != entry.shape:
+    def _check_fits(self, entry: Entry, shape, dtype: numpy.dtype) -> None:
+        if tuple(shape) != entry.shape:
             raise MismatchError(f'{self.reader.where(entry.key)}: stored shape {entry.shape} '
-                                f'does not match the target shape {tuple(value.shape)}')
-        if value.dtype != entry.dtype and not _casts(entry.dtype, value.dtype):
+                                f'does not match the target shape {tuple(shape)}')
+        if dtype != entry.dtype and not _casts(entry.dtype, dtype):
             raise MismatchError(f'{self.reader.where(entry.key)}: stored dtype {entry.dtype} '
-                                f'does not cast to the target dtype {value.dtype} (same_kind)')
+                                f'does not cast to the target dtype {dtype} (same_kind)')
 
     def _load_scalar(self, entry: Entry, value):
         """The stored value as ``type(value)``, by a safe cast: numbers into numbers (any

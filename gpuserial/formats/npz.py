@@ -19,7 +19,15 @@ import numpy
 
 from gpuserial.engine import devices, transfer
 from gpuserial.engine import progress as _progress
-from gpuserial.errors import CorruptFileError, InvalidKeyError, KeyCollisionError, UnsafeFileError
+from gpuserial.errors import (
+    CorruptFileError,
+    DeviceError,
+    GpuserialError,
+    InvalidKeyError,
+    KeyCollisionError,
+    ReadFailedError,
+    UnsafeFileError,
+)
 from gpuserial.formats import _npy, _zipread, _zipstream, loading
 from gpuserial.serializer import Serializer, as_serializable, child_path, entry_key
 from gpuserial.storage._fileio import (
@@ -76,7 +84,10 @@ class DictionarySerializer(Serializer):
         if type(value) is numpy.ndarray and value.dtype.kind != 'V':  # stored as it is
             self.target[full_key] = value
             return value
-        stored = devices.engine_array(value)  # torch, JAX: views of their memory
+        try:
+            stored = devices.engine_array(value)  # torch, JAX: views of their memory
+        except DeviceError as error:
+            raise DeviceError(f'key {full_key!r}: {error}') from None
         if not devices.is_array(stored):
             stored = numpy.asarray(stored)
         elif not self.keep_device:
@@ -104,7 +115,7 @@ def collect(file, obj) -> dict:
     the file."""
     try:
         return serialize_refs(obj)
-    except (InvalidKeyError, KeyCollisionError) as error:
+    except (InvalidKeyError, KeyCollisionError, DeviceError) as error:
         raise type(error)(f'{display_name(file)!r}, {error}') from None
 
 
@@ -144,13 +155,20 @@ def save_npz(file, obj, compression: bool = True, *, durable: bool = True,
 
 
 def write_npz(out: BinaryIO, entries: Mapping[str, object] | Iterable[tuple[str, object]],
-              compression: bool, shown: _progress.Progress = _progress.SILENT) -> None:
+              compression: bool, shown: _progress.Progress = _progress.SILENT
+              ) -> dict[str, int]:
     """Writes ``entries`` (arrays of any backend, or 0-d object arrays holding None) as NPZ.
 
     Runs of small contiguous device arrays are copied to the host together (packed) and
     written whole, as are small host arrays (each on its own: an iterable of entries is taken
     one at a time, never read ahead); larger arrays stream through the staging engine chunk by
-    chunk."""
+    chunk.
+
+    Returns:
+        Where each member's data (its ``.npy`` header, then its values when stored) starts in
+        ``out``, by member name (``key.npy``): a position in ``out`` where it can seek, else
+        counted from where it stood.
+    """
     items = entries.items() if isinstance(entries, Mapping) else entries
     ordered: set[devices.Device] = set()  # devices whose copies wait for the caller's work
     with _zipstream.ZipWriter(out, compression=compression) as archive:
@@ -179,6 +197,7 @@ def write_npz(out: BinaryIO, entries: Mapping[str, object] | Iterable[tuple[str,
                         archive.write_member(key + SUFFIX,
                                              _chain([header], _progress.counted(chunks, shown)),
                                              SMALL_MEMBER_BYTES + len(header))
+    return archive.data_starts
 
 
 PACKED, WHOLE, STREAMED = 'packed', 'whole', 'streamed'
@@ -264,6 +283,14 @@ class Archive:
         self.close()
 
 
+def _read_error(where: str, error: BaseException) -> GpuserialError:
+    """A member's read error as gpuserial's, naming the file and key: an I/O or network error
+    (the file may be whole) apart from what the bytes read say of the file."""
+    if isinstance(error, OSError):
+        return ReadFailedError(f'{where}: reading failed: {error}')
+    return CorruptFileError(f'{where}: {error}')
+
+
 class _ZipReader(loading.Reader):
     """Entries of an NPZ zip, read member by member; headers parsed once and checked."""
 
@@ -283,7 +310,7 @@ class _ZipReader(loading.Reader):
         try:
             entry = None if info is None else self._parsed(key, info)
         except (_npy.HeaderError, *READ_ERRORS) as error:
-            raise CorruptFileError(f'{self.where(key)}: {error}') from None
+            raise _read_error(self.where(key), error) from error
         self._entries[key] = entry
         return entry
 
@@ -345,7 +372,14 @@ class _ZipReader(loading.Reader):
                                    f'bytes, more than {info.compress_size} stored bytes can hold')
 
     def in_read_order(self, fills: list) -> list:
-        return sorted(fills, key=lambda fill: fill[0].token[0].header_offset)
+        """The fills in the file's order, their members announced to a file that can fetch
+        them ahead (an object in a store)."""
+        ordered = sorted(fills, key=lambda fill: fill[0].token[0].header_offset)
+        expect = getattr(self.archive.fp, 'expect', None)
+        if expect is not None:
+            expect([(data_start, data_start + info.compress_size)
+                    for info, _, data_start in (entry.token for entry, _ in ordered)])
+        return ordered
 
     def reads_whole(self, entry: loading.Entry, dst) -> bool:
         header = entry.token[1]
@@ -365,7 +399,7 @@ class _ZipReader(loading.Reader):
                 member.readinto(buffer)
                 member.finish()
         except READ_ERRORS as error:
-            raise CorruptFileError(f'{self.where(entry.key)}: {error}') from None
+            raise _read_error(self.where(entry.key), error) from error
         self.progress.update(header.nbytes)
 
     def read_into(self, entry: loading.Entry, dst) -> None:
@@ -388,7 +422,7 @@ class _ZipReader(loading.Reader):
                 else:
                     self._stream_into(info, header, data_start, target)
             except READ_ERRORS as error:
-                raise CorruptFileError(f'{self.where(entry.key)}: {error}') from None
+                raise _read_error(self.where(entry.key), error) from error
             filled.append(entry.key)
 
     def _stream_into(self, info, header: _npy.Header, data_start: int, target) -> None:
@@ -426,7 +460,7 @@ class _ZipReader(loading.Reader):
                     _skip(member, offset - (member.produced - header.length))
                     member.readinto(into[index * run * itemsize:(index + 1) * run * itemsize])
         except READ_ERRORS as error:
-            raise CorruptFileError(f'{self.where(entry.key)}: {error}') from None
+            raise _read_error(self.where(entry.key), error) from error
         self.progress.update(into.nbytes)
         return out.T if header.fortran_order else out
 
@@ -563,9 +597,15 @@ def _reader_of(npz, name: str | None = None) -> loading.Reader:
     archive = getattr(npz, 'zip', None)  # numpy.load()'s NpzFile
     if isinstance(npz, zipfile.ZipFile):
         archive = npz
+    if isinstance(npz, numpy.lib.npyio.NpzFile) and archive is None:
+        raise ValueError('the NPZ file (a numpy.load() result) is closed: read it while it is '
+                         'open')
     if isinstance(archive, zipfile.ZipFile):
+        if archive.fp is None:
+            raise ValueError(f'{archive.filename!r}: the NPZ file is closed: read it while it is '
+                             f'open')
         # zipfile's stub types its file IO[bytes], which has no readinto: it is the caller's
-        # binary file (or None once the ZipFile is closed, an AttributeError in Archive)
+        # binary file
         return _ZipReader(Archive(cast(ArchiveFile, archive.fp), archive.infolist()),
                           name or display_name(archive.fp))
     if isinstance(npz, Archive):
@@ -624,7 +664,8 @@ def open_npz(file) -> Archive:
             raise CorruptFileError(f'{name!r}: not an NPZ (zip) file: reading it needs a '
                                    f'seekable file ({error})') from None
         if isinstance(error, OSError) and not isinstance(error, PermissionError):
-            raise CorruptFileError(f'{name!r}: cannot read the zip directory: {error}') from None
+            raise ReadFailedError(f'{name!r}: reading the zip directory failed: {error}'
+                                  ) from error
         raise
 
 

@@ -278,15 +278,21 @@ class Optimizer:
                                'auto_new_epoch=False to the updater or stop calling new_epoch')
         self.epoch += 1
 
+    def _set_up_target(self) -> Link:
+        if self.target is None:
+            raise RuntimeError(f'this {type(self).__name__} has no target link: call '
+                               f'setup(link) first')
+        return self.target
+
     def serialize(self, serializer) -> None:
         """Saves or loads ``t``, ``epoch`` and each update rule under its parameter's path.
 
         The target link's parameters themselves are not included, as in Chainer.
         """
+        target = self._set_up_target()
         self.t = serializer('t', self.t)
         self.epoch = serializer('epoch', self.epoch)
-        assert self.target is not None, 'call setup(link) first'
-        for name, param in self.target.namedparams():
+        for name, param in target.namedparams():
             rule = getattr(param, 'update_rule', None)
             if rule is not None:
                 rule.serialize(serializer[name])
@@ -309,8 +315,7 @@ class GradientMethod(Optimizer):
 
     def reallocate_cleared_grads(self) -> None:
         """Gives every initialized parameter without a gradient a zero gradient, as Chainer."""
-        assert self.target is not None, 'call setup(link) first'
-        for param in self.target.params(include_uninit=False):
+        for param in self._set_up_target().params(include_uninit=False):
             if param.grad is None:
                 param.zerograd()
 
@@ -321,13 +326,13 @@ class GradientMethod(Optimizer):
             lossfun: Optional callable that sets the gradients; when given, the gradients are
                 cleared first and ``lossfun(*args, **kwargs)`` is called.
         """
-        assert self.target is not None, 'call setup(link) first'
+        target = self._set_up_target()
         if lossfun is not None:
-            self.target.cleargrads()
+            target.cleargrads()
             lossfun(*args, **kwargs)
         self.reallocate_cleared_grads()
         self.t += 1
-        for param in self.target.params():
+        for param in target.params():
             param.update()
         self.reallocate_cleared_grads()
 

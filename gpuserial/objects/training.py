@@ -30,6 +30,8 @@ import numpy
 from gpuserial import serializers
 from gpuserial.engine import asyncsave, devices
 from gpuserial.serializer import Serializer
+from gpuserial.storage import remote
+from gpuserial.storage.folders import join
 
 __all__ = ['Extension', 'IntervalTrigger', 'PRIORITY_EDITOR', 'PRIORITY_READER',
            'PRIORITY_WRITER', 'SerialIterator', 'StandardUpdater', 'Trainer', 'get_trigger',
@@ -352,6 +354,12 @@ class Extension:
         """Saves or loads the extension's state (nothing by default)."""
 
 
+def _make_out(out: str) -> None:
+    """Makes the output directory ``out``; a URL needs none (object stores have none)."""
+    if not remote.is_url(out):
+        os.makedirs(out, exist_ok=True)
+
+
 class _Snapshot(Extension):
     trigger = (1, 'epoch')
     priority = -100  # its name is '_Snapshot', as in Chainer (extension_triggers/_Snapshot/...)
@@ -378,8 +386,8 @@ class _Snapshot(Extension):
         target = trainer if self._target is None else self._target
         filename = self.filename
         filename = filename(trainer) if callable(filename) else filename.format(trainer)
-        os.makedirs(trainer.out, exist_ok=True)
-        path = os.path.join(trainer.out, filename)
+        _make_out(trainer.out)
+        path = join(trainer.out, filename)
         if self._async_format is not None:
             self._saving = [handle for handle in self._saving if not handle.done()]
             self._saving.append(asyncsave.save_async(path, target, self._async_format))
@@ -538,7 +546,7 @@ class Trainer:
         """
         if self._done:
             raise RuntimeError('cannot run training loop multiple times')
-        os.makedirs(self.out, exist_ok=True)
+        _make_out(self.out)
         entries = sorted(self._extensions.values(), key=lambda e: e.priority, reverse=True)
         self._start_at = time.perf_counter()
         for entry in entries:

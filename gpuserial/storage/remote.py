@@ -11,21 +11,26 @@ other filesystem writes a temporary key beside the target and moves it into plac
 complete: where the store's move is a copy and a delete, that final move is not atomic.
 
 Reads open the object with no fsspec cache: the zip reader's own read-ahead window decides
-the read sizes, so a load of some keys fetches the directory and only those members' bytes,
-each large read in ranged GETs of at most :data:`READ_PIECE` bytes (bounded memory).
+the read sizes, so a load of some keys fetches the directory and only those members' bytes;
+large reads and members' data go as ranged GETs of :data:`FETCH_PIECE` bytes, several in
+flight at once (bounded memory).
 
 fsspec is imported only here, and only when a URL or an fsspec file is seen: ``import
 gpuserial`` and local use never import it. Install it with ``pip install gpuserial[remote]``
 (plus the store's package: ``s3fs``, ``gcsfs``, ...).
 
-Helpers for layouts of several objects (sharded checkpoints: data objects first, an index
-object committed last): :func:`write_object`, :func:`read_object` and :func:`list_objects`.
+Layouts of several objects (sharded checkpoints: data objects first, an index object
+committed last) go through :mod:`gpuserial.storage.folders`, which builds on this module.
 """
 
 from __future__ import annotations
 
+import bisect
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
+import math
 import os
 import re
 import secrets
@@ -34,13 +39,15 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ['READ_PIECE', 'SPOOL_DIR_VARIABLE', 'TRANSACTIONAL', 'UPLOAD_BLOCK', 'Location',
-           'is_remote', 'is_url', 'list_objects', 'location_of', 'read_object', 'remote_input',
-           'remote_output', 'spool_directory', 'write_object']
+__all__ = ['FETCHES_IN_FLIGHT', 'FETCH_PIECE', 'SPOOL_DIR_VARIABLE', 'TRANSACTIONAL',
+           'UPLOAD_BLOCK', 'Location', 'is_remote', 'is_url', 'location_of', 'remote_input',
+           'remote_output', 'spool_directory']
 
 UPLOAD_BLOCK = 16 << 20  # bytes buffered per uploaded part (S3 takes 5 MiB at least)
 MAX_PARTS = 9000  # S3 takes up to 10,000 parts: larger objects get larger blocks
-READ_PIECE = 16 << 20  # the most bytes one ranged read fetches (a large member: several)
+FETCH_PIECE = 8 << 20  # the most bytes of one ranged GET
+FETCHES_IN_FLIGHT = 4  # ranged GETs at once, ahead of the reader, in a large read or a member
+FETCH_GAP = 64 << 10  # announced ranges this close are fetched as one (the gap too)
 COPY_PIECE = 8 << 20  # bytes copied at a time between a spool file and an object
 SPOOL_DIR_VARIABLE = 'GPUSERIAL_SPOOL_DIR'  # where HDF5 spool files go (default: the temp dir)
 TEMP_MARK = '.gpuserial-tmp-'  # in the temporary keys of non-transactional filesystems
@@ -134,7 +141,8 @@ def upload_block(size_hint: int | None) -> int:
 
 
 @contextlib.contextmanager
-def remote_output(location: Location, size_hint: int | None = None) -> Iterator[Upload]:
+def remote_output(location: Location, size_hint: int | None = None, *,
+                  fresh: bool = False) -> Iterator[Upload]:
     """A binary stream (not seekable) into the object at ``location``, committed only when
     the block succeeds.
 
@@ -142,7 +150,9 @@ def remote_output(location: Location, size_hint: int | None = None) -> Iterator[
     too) the upload is aborted: no object is left at the key, and the previous one, if any,
     was never touched. For a filesystem outside :data:`TRANSACTIONAL`, the stream goes to a
     temporary key beside the target, moved into place on success (not atomic where the store
-    moves by copying) and removed on failure.
+    moves by copying) and removed on failure; with ``fresh`` (a key new to this save, which
+    no reader looks at before a later commit names it: a sharded checkpoint's data objects)
+    it goes straight to the key, with no move, and a failure removes what it wrote.
     """
     fs, path = location.fs, location.path
     block = upload_block(size_hint)
@@ -156,11 +166,12 @@ def remote_output(location: Location, size_hint: int | None = None) -> Iterator[
             _discard(f)
             raise
         return
-    temp = f'{path}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(6)}'
+    temp = path if fresh else f'{path}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(6)}'
     try:
         with fs.open(temp, 'wb', block_size=block) as f:
             yield Upload(f, location.url)
-        fs.mv(temp, path)
+        if temp != path:
+            fs.mv(temp, path)
     except BaseException:
         with contextlib.suppress(Exception):
             fs.rm(temp)
@@ -210,8 +221,9 @@ class Upload:
 
 @contextlib.contextmanager
 def remote_input(location: Location) -> Iterator[Ranged]:
-    """The object at ``location`` opened for reading with no read-ahead cache: each read is
-    one ranged GET (a large ``readinto``, several of at most :data:`READ_PIECE` bytes).
+    """The object at ``location`` opened for reading with no read-ahead cache of fsspec's:
+    reads are ranged GETs of what was asked for, and within a member's data, fetches ahead in
+    parallel (see :class:`Ranged`).
 
     Raises:
         FileNotFoundError: no such object.
@@ -222,28 +234,51 @@ def remote_input(location: Location) -> Iterator[Ranged]:
         raise FileNotFoundError(f'{location.url!r}: no such object') from None
     except IsADirectoryError:
         raise IsADirectoryError(f'{location.url!r}: is a directory, not a file') from None
+    ranged = Ranged(f, location)
     try:
-        yield Ranged(f, location.url)
+        yield ranged
     finally:
-        f.close()
+        ranged.close()
 
 
 class Ranged:
-    """A seekable binary file over an object. Each read is one ranged GET of what was asked
-    for (a large one, pieces of at most :data:`READ_PIECE`), except inside a range announced
-    with :meth:`expect` (a zip member's data, read in order in engine-sized chunks): there
-    small reads fetch ahead up to :data:`READ_PIECE` bytes, never past the range's end."""
+    """A seekable binary file over an object.
 
-    def __init__(self, f, name: str):
+    A small read is one ranged GET of what was asked for. Byte ranges announced with
+    :meth:`expect` (the members a load reads, in order) and large reads are fetched as ranged
+    GETs of :data:`FETCH_PIECE` bytes, up to :data:`FETCHES_IN_FLIGHT` at once ahead of the
+    reader, never outside those ranges. One GET at a time is bound by its round trip and one
+    connection's rate; several in flight are how object stores give their bandwidth. Memory:
+    at most ``FETCHES_IN_FLIGHT + 1`` pieces.
+    """
+
+    def __init__(self, f, location: Location):
         self.f = f
-        self.name = name
+        self.location = location
+        self.name = location.url
         self.position = 0
-        self.extent = (0, 0)  # the range announced, read ahead within
-        self.ahead = b''  # bytes read ahead, from ahead_start
-        self.ahead_start = 0
+        self.ranges: list[tuple[int, int]] = []  # announced: fetched ahead, in order
+        self.fetches: collections.deque = collections.deque()  # (start, stop, Future of bytes)
+        self.next_fetch = (0, 0)  # the range and the position the next fetch starts at
+        self.pool: concurrent.futures.ThreadPoolExecutor | None = None
 
-    def expect(self, start: int, end: int) -> None:
-        self.extent = (start, end)
+    def expect(self, ranges: list[tuple[int, int]]) -> None:
+        """Announces byte ranges, increasing, to be read in order; ranges within those
+        announced before (a member of a load that announced them all) change nothing."""
+        if all(self._range_at(start) == self._range_at(end - 1) is not None
+               for start, end in ranges if end > start):
+            return
+        self._drop_fetches()
+        self.ranges = []
+        for start, end in ranges:
+            if self.ranges and start - self.ranges[-1][1] <= FETCH_GAP:
+                self.ranges[-1] = (self.ranges[-1][0], max(end, self.ranges[-1][1]))
+            elif end > start:
+                self.ranges.append((start, end))
+
+    def _range_at(self, position: int) -> int | None:
+        index = bisect.bisect_right(self.ranges, (position, math.inf)) - 1
+        return index if index >= 0 and position < self.ranges[index][1] else None
 
     def seek(self, offset: int, whence: int = 0) -> int:
         if whence == 0:
@@ -260,6 +295,11 @@ class Ranged:
     def seekable(self) -> bool:
         return True
 
+    def pread(self, buffer, offset: int) -> int:
+        """Reads into ``buffer`` from ``offset`` (as :meth:`readinto`); returns the count."""
+        self.seek(offset)
+        return self.readinto(buffer)
+
     def read(self, count: int = -1) -> bytes:
         if count is None or count < 0:
             count = max(0, self.f.seek(0, 2) - self.position)
@@ -268,39 +308,83 @@ class Ranged:
 
     def readinto(self, buffer) -> int:
         buffer = memoryview(buffer).cast('B')
+        if len(buffer) <= FETCH_PIECE or self._range_at(self.position) is not None:
+            return self._read(buffer)
+        announced = self.ranges  # a large read: in pieces too
+        self.expect([(self.position, self.position + len(buffer))])
+        try:
+            return self._read(buffer)
+        finally:
+            self.expect(announced)
+
+    def _read(self, buffer: memoryview) -> int:
         done = 0
         while done < len(buffer):
-            at = self.position - self.ahead_start
-            if 0 <= at < len(self.ahead):
-                count = min(len(buffer) - done, len(self.ahead) - at)
-                buffer[done:done + count] = self.ahead[at:at + count]
+            index = self._range_at(self.position)
+            if index is not None:
+                count = self._copy_fetched(index, buffer[done:])
             else:
-                wanted = len(buffer) - done
-                start, end = self.extent
-                if wanted < READ_PIECE and start <= self.position < end:
-                    self.f.seek(self.position)
-                    self.ahead = self.f.read(min(READ_PIECE, max(wanted, end - self.position)))
-                    self.ahead_start = self.position
-                    if not self.ahead:
-                        break
-                    continue
                 self.f.seek(self.position)
-                data = self.f.read(min(READ_PIECE, wanted))
-                if not data:
-                    break
+                data = self.f.read(min(FETCH_PIECE, len(buffer) - done))
                 count = len(data)
                 buffer[done:done + count] = data
+            if count <= 0:
+                break
             done += count
             self.position += count
         return done
 
+    def _copy_fetched(self, index: int, buffer: memoryview) -> int:
+        """Copies into ``buffer`` from the fetched piece that holds ``position`` (in announced
+        range ``index``), the fetches ahead topped up; returns the count (0 where the object
+        ends)."""
+        while self.fetches and self.fetches[0][1] <= self.position:
+            self.fetches.popleft()[2].cancel()  # read past
+        if not self.fetches or self.fetches[0][0] > self.position:  # a seek: start afresh
+            self._drop_fetches()
+            self.next_fetch = (index, self.position)
+        if self.pool is None:
+            self.pool = concurrent.futures.ThreadPoolExecutor(FETCHES_IN_FLIGHT,
+                                                              'gpuserial-fetch')
+        while len(self.fetches) < FETCHES_IN_FLIGHT and self.next_fetch[0] < len(self.ranges):
+            index, start = self.next_fetch
+            end = self.ranges[index][1]
+            stop = min(start + FETCH_PIECE, end)
+            self.fetches.append((start, stop, self.pool.submit(self._fetch, start, stop)))
+            following = index + 1
+            self.next_fetch = ((index, stop) if stop < end else
+                               (following, self.ranges[following][0])
+                               if following < len(self.ranges) else (following, 0))
+        start, _, fetch = self.fetches[0]
+        piece = memoryview(fetch.result())[self.position - start:]
+        count = min(len(buffer), len(piece))
+        buffer[:count] = piece[:count]
+        return count
+
+    def _fetch(self, start: int, stop: int) -> bytes:
+        """One ranged GET, through the open file where it has its own (s3fs's names the
+        object's ETag, so that a save replacing the object meanwhile fails the read)."""
+        fetch_range = getattr(self.f, '_fetch_range', None)
+        if fetch_range is not None:
+            stop = min(stop, self.f.size)
+            return fetch_range(start, stop) if start < stop else b''
+        return self.location.fs.cat_file(self.location.path, start=start, end=stop)
+
+    def _drop_fetches(self) -> None:
+        for _, _, fetch in self.fetches:
+            fetch.cancel()
+        self.fetches.clear()
+
     def close(self) -> None:
-        self.ahead = b''
+        self._drop_fetches()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
         self.f.close()
 
 
 # ---------------------------------------------------------------------------------------------
-# Spool files (HDF5, which needs seek), and objects of a layout
+# Spool files (HDF5, which needs seek)
 
 
 def spool_directory() -> str:
@@ -333,35 +417,8 @@ def upload_file(local: str, location: Location) -> None:
 def download_file(location: Location, local: str) -> None:
     """Copies the object at ``location`` into a new local file ``local``."""
     with remote_input(location) as src, open(local, 'xb') as out:
+        src.expect([(0, src.seek(0, 2))])
+        src.seek(0)
         buffer = memoryview(bytearray(COPY_PIECE))
         while count := src.readinto(buffer):
             out.write(buffer[:count])
-
-
-def write_object(location: Location, data: bytes) -> None:
-    """Writes a small object whole, as a save does (committed last): for an index or marker
-    written after the data objects it names."""
-    with remote_output(location, len(data)) as out:
-        out.write(data)
-
-
-def read_object(location: Location) -> bytes:
-    """A small object's bytes.
-
-    Raises:
-        FileNotFoundError: no such object.
-    """
-    try:
-        return location.fs.cat_file(location.path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f'{location.url!r}: no such object') from None
-
-
-def list_objects(location: Location) -> list[str]:
-    """The paths of the objects under ``location`` (a prefix, as a directory), sorted, without
-    the temporary keys of saves in progress; empty where there are none."""
-    try:
-        found = location.fs.find(location.path)
-    except FileNotFoundError:
-        return []
-    return sorted(path for path in found if TEMP_MARK not in path.rsplit('/', 1)[-1])

@@ -15,6 +15,8 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+from gpuserial.checkpoints import CLEAN_AGE
+from gpuserial.storage import remote
 from gpuserial.tools import inspection
 
 __all__ = ['build_parser', 'main']
@@ -123,17 +125,18 @@ def inspect_lines(info: inspection.FileInfo) -> list[str]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    if os.path.isdir(args.file):  # a sharded checkpoint (gpuserial.distributed)
+    if remote.is_url(args.file) or os.path.isdir(args.file):  # a sharded checkpoint?
         from gpuserial.distributed import reading
 
-        if not reading.is_checkpoint(args.file):
+        if reading.is_checkpoint(args.file, args.storage_options):
+            if args.json:
+                print(json.dumps(reading.describe(args.file, args.storage_options), indent=2))
+            else:
+                print('\n'.join(reading.describe_lines(args.file, args.storage_options)))
+            return 0
+        if not remote.is_url(args.file):
             raise IsADirectoryError(f'{args.file!r}: is a directory, not an NPZ or HDF5 file, '
                                     f'nor a sharded checkpoint (no index.json in it)')
-        if args.json:
-            print(json.dumps(reading.describe(args.file), indent=2))
-        else:
-            print('\n'.join(reading.describe_lines(args.file)))
-        return 0
     info = inspection.inspect_file(args.file, storage_options=args.storage_options)
     if args.json:
         print(json.dumps(info.as_dict(), indent=2))
@@ -160,7 +163,8 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
     from gpuserial.distributed import reading
 
     result = reading.consolidate(args.dir, args.out, rank=args.rank,
-                                 compression=args.compression not in (None, 0))
+                                 compression=args.compression not in (None, 0),
+                                 storage_options=args.storage_options)
     print(f'{args.dir} -> {args.out}: {result.entries} entries, {format_bytes(result.nbytes)}, '
           f'NPZ ({"deflate" if args.compression not in (None, 0) else "stored"})')
     return 0
@@ -202,30 +206,24 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    from gpuserial.storage import _fileio
+    from gpuserial import checkpoints
 
-    removed = kept = 0
-    freed = 0
-    for directory in args.dirs:
-        if not os.path.isdir(directory):
-            raise NotADirectoryError(f'{directory!r}: no such directory')
-        for temporary in _fileio.temporaries(directory):
-            size = format_bytes(temporary.size)
-            if not temporary.stale:
-                kept += 1
-                print(f'kept {temporary.path} ({size}, {temporary.why})')
-                continue
-            if not args.dry_run:
-                try:
-                    os.unlink(temporary.path)
-                except FileNotFoundError:  # removed meanwhile, by a save there
-                    continue
-            removed += 1
-            freed += temporary.size
-            verb = 'would remove' if args.dry_run else 'removed'
-            print(f'{verb} {temporary.path} ({size}, {temporary.why})')
+    removed = kept = freed = 0
     verb = 'would remove' if args.dry_run else 'removed'
-    print(f'{verb} {removed} stale temporary file(s) ({format_bytes(freed)}); kept {kept}')
+    for prefix in args.prefixes:
+        for leftover in checkpoints.clean(prefix, older_than=args.older_than,
+                                          dry_run=args.dry_run,
+                                          storage_options=args.storage_options):
+            detail = (leftover.why if leftover.size is None
+                      else f'{format_bytes(leftover.size)}, {leftover.why}')
+            if leftover.removable:
+                removed += 1
+                freed += leftover.size or 0
+                print(f'{verb} {leftover.path} ({detail})')
+            else:
+                kept += 1
+                print(f'kept {leftover.path} ({detail})')
+    print(f'{verb} {removed} leftover(s) ({format_bytes(freed)}); kept {kept}')
     return 0
 
 
@@ -249,11 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     verbose = argparse.ArgumentParser(add_help=False)
     verbose.add_argument('-v', '--verbose', action='store_true', default=argparse.SUPPRESS,
                          help='show the traceback of an error')
-    remote = argparse.ArgumentParser(add_help=False)
-    remote.add_argument('--storage-options', type=parse_storage_options, metavar='JSON',
-                        help='for URLs (s3://bucket/key, gs://, ...): the options of their '
-                             'fsspec filesystem, as a JSON object (e.g. \'{"client_kwargs": '
-                             '{"endpoint_url": "http://127.0.0.1:9000"}}\')')
+    remote_options = argparse.ArgumentParser(add_help=False)
+    remote_options.add_argument(
+        '--storage-options', type=parse_storage_options, metavar='JSON',
+        help='for URLs (s3://bucket/key, gs://, ...): the options of their fsspec filesystem, '
+        'as a JSON object (e.g. \'{"client_kwargs": {"endpoint_url": '
+        '"http://127.0.0.1:9000"}}\')')
     parser = argparse.ArgumentParser(
         prog=PROG, description='Save, load, inspect and compare checkpoints of GPU-resident '
         'models (Chainer-compatible NPZ and HDF5).')
@@ -277,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     inspect = commands.add_parser(
-        'inspect', parents=[verbose, remote], help='list the keys of an NPZ or HDF5 file',
+        'inspect', parents=[verbose, remote_options],
+        help='list the keys of an NPZ or HDF5 file, or of a sharded checkpoint',
         description='Show the tree of keys of an NPZ (gpuserial, NumPy, Chainer) or HDF5 file '
         'with shape, dtype, stored and raw size, compression and None entries, plus totals. '
         'For a sharded checkpoint directory: each key\'s kind, global shape, dtype and chunks '
@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(func=cmd_inspect)
 
     convert = commands.add_parser(
-        'convert', parents=[verbose, remote], help='convert between NPZ and HDF5, or recompress',
+        'convert', parents=[verbose, remote_options],
+        help='convert between NPZ and HDF5, or recompress',
         description='Write the entries of SRC into DST, entry by entry (memory bounded by the '
         'largest entry); DST is replaced atomically once complete. Stored None entries stay '
         'None.')
@@ -304,13 +305,15 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(func=cmd_convert)
 
     consolidate = commands.add_parser(
-        'consolidate', parents=[verbose], help='write a sharded checkpoint as one NPZ',
+        'consolidate', parents=[verbose, remote_options], help='write a sharded checkpoint as '
+        'one NPZ',
         description='Write the sharded checkpoint in DIR (gpuserial.distributed) as one '
         "ordinary NPZ that numpy.load and Chainer's load_npz read: every key as its whole "
         'global array, per-rank keys as one rank\'s value. One array is in memory at a time; '
         'OUT is replaced atomically once complete.')
-    consolidate.add_argument('dir', help='the checkpoint directory (holding index.json)')
-    consolidate.add_argument('out', help='the NPZ file to write')
+    consolidate.add_argument('dir', help='the checkpoint directory (holding index.json), or '
+                             'its URL')
+    consolidate.add_argument('out', help='the NPZ file (or URL) to write')
     consolidate.add_argument('--rank', type=int, default=0,
                              help='whose value of per-rank keys to keep (default 0)')
     consolidate.add_argument('--compression', type=parse_compression,
@@ -318,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     consolidate.set_defaults(func=cmd_consolidate)
 
     diff = commands.add_parser(
-        'diff', parents=[verbose, remote], help='compare two checkpoints',
+        'diff', parents=[verbose, remote_options], help='compare two checkpoints',
         description='Compare two NPZ/HDF5 files key by key: keys only in one, shape and dtype '
         'changes, and the largest absolute and relative differences (relative to B). Values '
         'are equal when |a - b| <= atol + rtol * |b| (exact by default; NaN equals NaN). Exit '
@@ -342,17 +345,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
 
     clean = commands.add_parser(
-        'clean', parents=[verbose], help='remove temporary files left by killed saves',
-        description='A save writes a temporary file beside its target '
-        '(.NAME.PID-HOST-TOKEN.gpuserial-tmp) and renames it into place. A save that is killed '
-        '(SIGKILL, a preempted job) leaves it behind; the next save into the same directory '
-        'removes such files. This command lists them and removes the stale ones: only '
-        "gpuserial's own, only those whose process, on this host, is gone (never a running "
-        "save's, never another host's).")
-    clean.add_argument('dirs', nargs='*', default=['.'], metavar='DIR',
-                       help='directories to clean (default: the current one)')
+        'clean', parents=[verbose, remote_options],
+        help='remove what killed saves left behind',
+        description='Lists and removes what saves that never committed left in PREFIX (a '
+        'directory or a URL) and in the directories directly in it: temporary files of local '
+        'saves (.NAME.PID-HOST-TOKEN.gpuserial-tmp) whose process, on this host, is gone, or '
+        "another host's older than --older-than; temporary keys of saves to object stores "
+        'without transactions, data files of sharded checkpoints that no index names, and '
+        '(S3) incomplete multipart uploads, older than --older-than. Never anything a '
+        'committed checkpoint uses, never a running save\'s temporary file.')
+    clean.add_argument('prefixes', nargs='*', default=['.'], metavar='PREFIX',
+                       help='directories or URLs to clean (default: the current directory)')
     clean.add_argument('-n', '--dry-run', action='store_true',
                        help='only list what would be removed')
+    clean.add_argument('--older-than', type=float, default=CLEAN_AGE, metavar='SECONDS',
+                       help='leave younger leftovers alone: a save in flight may be writing '
+                       f'them (default {CLEAN_AGE:.0f}, an hour); must exceed the longest save')
     clean.set_defaults(func=cmd_clean)
     return parser
 
