@@ -312,7 +312,12 @@ def stored_head(fp: WindowedFile, info, count: int) -> tuple[int, memoryview]:
     name_end = LOCAL.size + name_length
     if len(view) < name_end:
         raise MemberError(f'truncated: {len(view)} of {name_end} header bytes')
-    start = _checked_local(info, signature, flags, view[LOCAL.size:name_end], extra_length)
+    name = view[LOCAL.size:name_end]
+    if (signature == b'PK\x03\x04' and not flags & ENCRYPTED_FLAG
+            and name == getattr(info, 'raw_name', None)):  # as nearly always: all is well
+        start = info.header_offset + name_end + extra_length
+    else:
+        start = _checked_local(info, signature, flags, name, extra_length)
     wanted = min(count, info.file_size)
     head = view[start - info.header_offset:start - info.header_offset + wanted]
     if len(head) < wanted:

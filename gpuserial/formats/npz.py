@@ -375,7 +375,7 @@ class _ZipReader(loading.Reader):
         """The fills in the file's order, their members announced to a file that can fetch
         them ahead (an object in a store)."""
         ordered = sorted(fills, key=lambda fill: fill[0].token[0].header_offset)
-        expect = getattr(self.archive.fp, 'expect', None)
+        expect = getattr(self.archive.raw, 'expect', None)  # none for a local file
         if expect is not None:
             expect([(data_start, data_start + info.compress_size)
                     for info, _, data_start in (entry.token for entry, _ in ordered)])
