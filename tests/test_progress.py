@@ -40,15 +40,6 @@ def test_should_show(total, enabled, stream, shown):
     assert progress.should_show(total, enabled, stream()) is shown
 
 
-@pytest.mark.parametrize(('enabled', 'stream', 'shown'), [
-    (None, Terminal, True), (None, io.StringIO, False), (None, Closed, False),
-    (True, io.StringIO, True), (False, Terminal, False),
-])
-def test_may_show_whatever_the_size(enabled, stream, shown):
-    assert progress.may_show(enabled, stream()) is shown
-    assert progress.should_show(BIG, enabled, stream()) is shown
-
-
 def test_should_show_looks_at_stderr_by_default(monkeypatch):
     monkeypatch.setattr(sys, 'stderr', Terminal())
     assert progress.should_show(BIG, None)
@@ -133,10 +124,8 @@ def test_a_load_counts_every_array_byte_of_its_single_pass(tmp_path, monkeypatch
     recorder = _Recorder()
     monkeypatch.setattr(progress, 'bar', recorder)
     target = {'a': numpy.zeros(1000), 'b': None, 'n': 0}  # b is read during the pass
-    load(path, target, progress=True)
+    load(path, target)
     assert recorder.bars == [{'desc': f'load {path}', 'total': 8000 + 96, 'done': 8000 + 96}]
-    load(path, target, progress=False)  # no bar to show: the bytes are not counted up front
-    assert recorder.bars[1] == {'desc': f'load {path}', 'total': 0, 'done': 8000 + 96}
 
 
 def test_an_hdf5_save_counts_every_array_byte_of_its_single_pass(tmp_path, monkeypatch):

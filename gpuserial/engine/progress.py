@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import Protocol, TextIO
 
-__all__ = ['THRESHOLD_BYTES', 'Progress', 'bar', 'counted', 'may_show', 'should_show']
+__all__ = ['THRESHOLD_BYTES', 'Progress', 'bar', 'counted', 'should_show']
 
 THRESHOLD_BYTES = 256 << 20  # below this, an automatic bar would only flicker
 MIN_INTERVAL_S = 0.2  # at most five redraws a second
@@ -44,15 +44,6 @@ def _is_terminal(stream: TextIO | None) -> bool:
         return False
 
 
-def may_show(enabled: bool | None, stream: TextIO | None = None) -> bool:
-    """Whether a bar may be shown at all, whatever its size (a caller can then skip counting
-    the bytes): ``enabled``, or for None whether ``stream`` (default ``sys.stderr``) is a
-    terminal."""
-    if enabled is not None:
-        return bool(enabled)
-    return _is_terminal(sys.stderr if stream is None else stream)
-
-
 def should_show(total_bytes: int, enabled: bool | None, stream: TextIO | None = None) -> bool:
     """Whether a bar of ``total_bytes`` is shown (see the module's rule for ``enabled=None``).
 
@@ -63,7 +54,8 @@ def should_show(total_bytes: int, enabled: bool | None, stream: TextIO | None = 
     """
     if enabled is not None:
         return bool(enabled)
-    return total_bytes >= THRESHOLD_BYTES and may_show(None, stream)
+    return total_bytes >= THRESHOLD_BYTES and _is_terminal(sys.stderr if stream is None
+                                                            else stream)
 
 
 @contextlib.contextmanager

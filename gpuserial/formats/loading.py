@@ -160,8 +160,7 @@ class _PendingFills:
         self.bytes_read_already = 0  # entries read during the pass (value=None, device=)
 
     def run(self, reader: Reader, show_progress: bool | None) -> None:
-        total = (self.bytes_read_already + sum(entry.nbytes for entry, _ in self.fills)
-                 if progress.may_show(show_progress) else 0)  # counted only for a bar
+        total = self.bytes_read_already + sum(entry.nbytes for entry, _ in self.fills)
         with progress.bar(total, f'load {reader.name}', show_progress) as shown:
             shown.update(self.bytes_read_already)
             reader.progress = shown
@@ -399,7 +398,8 @@ class ReaderDeserializer(Deserializer):
         return loaded if framework is None else framework.from_engine(loaded, self.device)
 
     def _load_array(self, entry: Entry, value):
-        self._check_fits(entry, value.shape, value.dtype)
+        if value.dtype != entry.dtype or tuple(value.shape) != entry.shape:  # else it fits
+            self._check_fits(entry, value.shape, value.dtype)
         if (self.device is not None and self._new_arrays_on_device
                 and devices.device_of(value) != self.device):
             return self._new_array(entry, value.dtype)
