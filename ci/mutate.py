@@ -77,6 +77,7 @@ MODULES = {
                                      'test_remote_sharded'],
     'gpuserial/distributed/reading.py': ['test_distributed', 'test_distributed_mpi',
                                          'test_remote_sharded'],
+    'gpuserial/storage/remote.py': ['test_remote', 'test_remote_sharded'],
     'gpuserial/storage/folders.py': ['test_remote_sharded', 'test_distributed'],
     'gpuserial/checkpoints.py': ['test_remote_sharded', 'test_cli'],
 }

@@ -14,7 +14,7 @@ import fsspec
 import fsspec.core
 import numpy
 import pytest
-from fsspec.implementations.memory import MemoryFileSystem
+from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 
 import gpuserial
 from gpuserial.engine import asyncsave
@@ -175,6 +175,49 @@ def test_a_load_fetches_its_members_ahead_several_gets_at_once(memory, monkeypat
     payload = sum(value.nbytes for value in model.values())
     assert payload <= span < payload + 256 * len(model)
     assert len(fetched) == -(-span // piece)  # whole pieces across the members' boundaries
+
+
+def test_announced_ranges_merge_and_ranges_within_them_change_nothing(memory, monkeypatch):
+    monkeypatch.setattr(remote, 'FETCH_PIECE', 64 * 1024)
+    data = bytes(range(256)) * 4096  # 1 MiB
+    memory.pipe('/a/obj', data)
+    closed: list = []
+    monkeypatch.setattr(MemoryFile, 'close', lambda self: closed.append(self))  # its own: a no-op
+    with remote.remote_input(remote.location_of('memory://a/obj')) as f:
+        gap = remote.FETCH_GAP
+        f.expect([(0, 100), (100 + gap, 200_000), (200_001 + gap, 300_000)])
+        announced = [(0, 200_000), (200_001 + gap, 300_000)]
+        assert f.ranges == announced  # a gap of FETCH_GAP joins, one byte more does not
+        f.expect([(100_000, 200_000)])  # a member within them
+        f.expect([(280_000, 300_000)])
+        assert f.ranges == announced
+        f.seek(400_000)  # a large read outside them: in pieces, then they are back
+        assert f.read(200_000) == data[400_000:600_000]
+        assert f.ranges == announced
+        f.expect([(280_000, 300_001)])  # past their end: a new announcement
+        assert f.ranges == [(280_000, 300_001)]
+        f.seek(290_000)
+        assert f.read(100_000) == data[290_000:390_000]
+    assert closed == [f.f]  # the fsspec file too
+
+
+def test_an_hdf5_download_fetches_ahead_several_gets_at_once(memory, monkeypatch):
+    monkeypatch.setattr(remote, 'FETCH_PIECE', 256 * 1024)
+    monkeypatch.setattr(remote, 'COPY_PIECE', 256 * 1024)  # each copy no larger than a piece
+    model = {'a': numpy.arange(MiB // 4, dtype=numpy.float64)}
+    gpuserial.save('memory://a/m.h5', model)
+    both_in_flight = threading.Barrier(2, timeout=10)  # broken unless 2 GETs overlap
+    cat_file, calls = MemoryFileSystem.cat_file, []
+
+    def waiting(self, path, start=None, end=None, **kwargs):
+        calls.append(start)
+        if len(calls) <= 2:
+            both_in_flight.wait()
+        return cat_file(self, path, start, end, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, 'cat_file', waiting)
+    _assert_bits(gpuserial.load('memory://a/m.h5'), model)
+    assert len(calls) >= 2  # through ranged GETs ahead, not plain reads
 
 
 def test_a_failed_fetch_ahead_fails_the_load_and_names_the_url(memory, monkeypatch):

@@ -7,16 +7,20 @@ checkpoint whole and found by latest()."""
 
 from __future__ import annotations
 
+import datetime
+import io
 import json
 import os
 import pathlib
 import signal
 import subprocess
 import sys
+import time
 
 import fsspec
 import numpy
 import pytest
+import s3fs
 from fsspec.implementations.memory import MemoryFileSystem
 
 import gpuserial
@@ -33,7 +37,7 @@ from gpuserial.distributed import (
 )
 from gpuserial.distributed import mpi as collectives
 from gpuserial.storage import _fileio, remote
-from gpuserial.storage.folders import folder_of, join
+from gpuserial.storage.folders import RemoteFolder, folder_of, join
 from gpuserial.tools import cli
 from tests import kill_sharded
 from tests.fakecomm import SoloComm, run_ranks
@@ -324,6 +328,20 @@ def test_latest_is_the_committed_checkpoint_with_the_largest_number(prefix):
     save(join(root, 'snapshot_iter_11'), 1, options)  # now committed
     assert gpuserial.latest(root, options) == join(root, 'snapshot_iter_11')
     assert gpuserial.latest(join(root, 'snapshot_iter_11'), options) is None  # its data files
+    gpuserial.save(join(root, 'snapshot_iter_12.h5'), {'a': numpy.arange(3)},
+                   storage_options=options)  # HDF5, told by its first 8 bytes
+    assert gpuserial.latest(root, options) == join(root, 'snapshot_iter_12.h5')
+
+
+def test_latest_sees_what_another_writer_committed_after_it_looked(bucket):
+    root = bucket.url('run')
+    _npz(join(root, 'step-1.npz'), bucket.options)
+    assert gpuserial.latest(root, bucket.options) == join(root, 'step-1.npz')
+    buffer = io.BytesIO()
+    numpy.savez(buffer, a=numpy.arange(3))
+    other = s3fs.S3FileSystem(skip_instance_cache=True, **bucket.options)  # another process's
+    other.pipe(f'{bucket.name}/run/step-2.npz', buffer.getvalue())
+    assert gpuserial.latest(root, bucket.options) == join(root, 'step-2.npz')
 
 
 def test_latest_goes_by_commit_time_where_a_name_has_no_number(tmp_path, memory):
@@ -393,6 +411,44 @@ def test_a_save_killed_before_its_commit_leaves_the_previous_one(tmp_path, reque
 
 # ---------------------------------------------------------------------------------------------
 # clean()
+
+
+def test_ages_read_in_units_and_an_age_equal_to_the_limit_is_old_enough():
+    assert [checkpoints._age_text(seconds) for seconds in (119, 120, 7199, 7200)] == [
+        '119 s', '2 min', '120 min', '2.0 h']
+    leftover = checkpoints._by_age('x', 1, 'a file', 60.0, 60.0, lambda: None)
+    assert leftover.removable and leftover.why == 'a file, 60 s old'
+    kept = checkpoints._by_age('x', 1, 'a file', 59.0, 60.0, lambda: None)
+    assert not kept.removable and kept.why == 'a file, 59 s old, younger than 60 s'
+
+
+def test_uploads_under_the_prefix_are_aborted_by_their_age():
+    now = time.time()
+
+    def upload(key: str, age: float) -> dict:
+        return {'Key': key, 'UploadId': f'id-{key}',
+                'Initiated': datetime.datetime.fromtimestamp(now - age, datetime.timezone.utc)}
+
+    class Store:  # what clean asks of s3fs
+        aborted: list = []
+
+        def list_multipart_uploads(self, bucket):
+            assert bucket == 'bucket'
+            return [upload('run/young.npz', 10), upload('run/old.npz', 100),
+                    upload('runs/other.npz', 100)]
+
+        def unstrip_protocol(self, path):
+            return f's3://{path}'
+
+        def abort_mpu(self, bucket, key, upload_id):
+            self.aborted.append((bucket, key, upload_id))
+
+    found = checkpoints._uploads(RemoteFolder(Store(), 'bucket/run', 's3://bucket/run'), 60, now)
+    assert [(leftover.path, leftover.removable) for leftover in found] == [
+        ('s3://bucket/run/young.npz (upload id-run/young.npz)', False),
+        ('s3://bucket/run/old.npz (upload id-run/old.npz)', True)]
+    found[1].remove()
+    assert Store.aborted == [('bucket', 'run/old.npz', 'id-run/old.npz')]
 
 
 def _dead_pid() -> int:
