@@ -166,7 +166,7 @@ def test_loads_fetch_only_the_byte_ranges_they_need(bucket):
         (f'big/{chunks[0].file}', span(chunks[0], 120 * row, 128 * row)),
         (f'big/{chunks[128].file}', span(chunks[128], 0, 8 * row))])
     # columns 0:100 of every row: 128 runs of 400 bytes per chunk, 3696 bytes apart, come in
-    # one request per chunk (the gaps are read too: below MAX_GAP, cheaper than 127 requests)
+    # one request per chunk (the gaps are read too: below FETCH_GAP, cheaper than 127 requests)
     assert sorted(load_block((slice(None), slice(0, 100)))) == sorted([
         (f'big/{chunk.file}', span(chunk, 0, 127 * row + 400)) for chunk in chunks.values()])
     assert 'other' in read_index(url, bucket.options).entries  # present, and never read

@@ -291,7 +291,7 @@ def load_sharded(directory: str | os.PathLike, obj, comm=None, *, shards: Shards
     (or a key named in ``shards``) its block of the global array. Only the bytes of the saved
     chunks that intersect the request are read, straight into the target (device arrays
     through the staging engine); from an object store, by ranged reads of those bytes (runs
-    of a piece closer than :data:`~gpuserial.distributed.reading.MAX_GAP` in one request).
+    of a piece closer than :data:`~gpuserial.storage.remote.FETCH_GAP` in one request).
     A ``local`` key gives each rank the value saved by the rank of the same number. The
     semantics are :func:`gpuserial.load_npz`'s: arrays load in place with a ``same_kind`` cast
     and an exact shape, and a failed load fills no array.

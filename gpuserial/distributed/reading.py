@@ -4,7 +4,7 @@ consolidation into one NPZ, and a description for ``gpuserial inspect``.
 Every read is of exactly the bytes a request needs: the index says where each chunk's C-order
 data starts, and :func:`gpuserial.formats.loading.box_reads` gives the runs of a box. Locally
 each run is a ``pread``; from an object store, the runs of a piece that lie closer together
-than :data:`MAX_GAP` are fetched in one ranged read of at most
+than :data:`remote.FETCH_GAP` are fetched in one ranged read of at most
 :data:`gpuserial.storage.remote.FETCH_PIECE` bytes (a strided block costs a few requests, not
 one per row). The runs stream into the target through :func:`gpuserial.engine.transfer.fill`
 (device arrays through the pinned staging buffers), so no chunk is ever held whole on the
@@ -42,7 +42,6 @@ from gpuserial.storage._fileio import atomic_output
 from gpuserial.storage.folders import folder_of
 
 MAX_INDEX_BYTES = 1 << 30  # an index larger than this is not one
-MAX_GAP = 1 << 16  # remote reads: runs this close are fetched in one request, gap and all
 
 
 def read_index(directory, storage_options: dict | None = None) -> Index:
@@ -206,12 +205,12 @@ class _RunStream:
             self.crc = _zipstream.crc32(buffer, self.crc)
 
     def _announce_window(self) -> None:
-        """Announces the runs from this one on that lie within :data:`MAX_GAP` of each other,
-        :data:`remote.FETCH_PIECE` bytes at most in all (one run at least)."""
+        """Announces the runs from this one on that lie within :data:`remote.FETCH_GAP` of each
+        other, :data:`remote.FETCH_PIECE` bytes at most in all (one run at least)."""
         positions, run = self.positions, self.run
         start = positions[self.at]
         stop, end = self.at + 1, start + run
-        while (stop < len(positions) and positions[stop] - end <= MAX_GAP
+        while (stop < len(positions) and positions[stop] - end <= remote.FETCH_GAP
                and positions[stop] + run - start <= remote.FETCH_PIECE):
             stop, end = stop + 1, positions[stop] + run
         self.source.expect([(start, end)])
