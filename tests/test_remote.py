@@ -382,6 +382,15 @@ def test_errors_name_the_url(bucket, tmp_path):
         gpuserial.save(str(tmp_path / 'x.npz'), {}, storage_options={'anon': True})
 
 
+def test_errors_name_the_url_as_it_was_written(memory):
+    """memory:// keeps its paths as /a/x: the messages show the URL the caller wrote."""
+    with pytest.raises(FileNotFoundError, match=r"^'memory://a/missing\.npz': no such object"):
+        gpuserial.load('memory://a/missing.npz')
+    memory.pipe('/a/junk.npz', b'not a zip at all')
+    with pytest.raises(gpuserial.CorruptFileError, match=r"^'memory://a/junk\.npz': not an NPZ"):
+        gpuserial.load_npz('memory://a/junk.npz', {})
+
+
 @pytest.mark.parametrize('text, expected', [
     ('s3://bucket/key.npz', True), ('memory://x', True), ('simplecache::s3://b/k', True),
     ('gs://b/k', True), ('x.npz', False), ('/tmp/x.npz', False), ('C:\\x.npz', False),

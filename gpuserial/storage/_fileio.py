@@ -249,7 +249,7 @@ def open_input(file, storage_options: dict | None = None) -> Iterator[BinaryIO]:
     wait_for_save(file)
     location = remote.location_of(file, storage_options)
     if location is not None:
-        with remote.remote_input(location) as f:
+        with remote.remote_input(location, remote.display(file)) as f:
             yield cast(BinaryIO, f)
         return
     if not is_path(file):

@@ -164,7 +164,7 @@ class RemoteFolder:
     @contextlib.contextmanager
     def open_ranged(self, name: str) -> Iterator[remote.Ranged]:
         """The object, for ranged reads. Raises FileNotFoundError."""
-        with remote.remote_input(self.location(name)) as f:
+        with remote.remote_input(self.location(name), self.show(name)) as f:
             yield f
 
     def remove(self, names) -> None:

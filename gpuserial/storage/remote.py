@@ -220,21 +220,22 @@ class Upload:
 
 
 @contextlib.contextmanager
-def remote_input(location: Location) -> Iterator[Ranged]:
+def remote_input(location: Location, name: str | None = None) -> Iterator[Ranged]:
     """The object at ``location`` opened for reading with no read-ahead cache of fsspec's:
     reads are ranged GETs of what was asked for, and within a member's data, fetches ahead in
-    parallel (see :class:`Ranged`).
+    parallel (see :class:`Ranged`). ``name`` is how messages show it (default: its URL).
 
     Raises:
         FileNotFoundError: no such object.
     """
+    name = name or location.url
     try:
         f = location.fs.open(location.path, 'rb', cache_type='none')
     except FileNotFoundError:
-        raise FileNotFoundError(f'{location.url!r}: no such object') from None
+        raise FileNotFoundError(f'{name!r}: no such object') from None
     except IsADirectoryError:
-        raise IsADirectoryError(f'{location.url!r}: is a directory, not a file') from None
-    ranged = Ranged(f, location)
+        raise IsADirectoryError(f'{name!r}: is a directory, not a file') from None
+    ranged = Ranged(f, location, name)
     try:
         yield ranged
     finally:
@@ -252,10 +253,10 @@ class Ranged:
     at most ``FETCHES_IN_FLIGHT + 1`` pieces.
     """
 
-    def __init__(self, f, location: Location):
+    def __init__(self, f, location: Location, name: str):
         self.f = f
         self.location = location
-        self.name = location.url
+        self.name = name  # as messages show it
         self.position = 0
         self.ranges: list[tuple[int, int]] = []  # announced: fetched ahead, in order
         self.fetches: collections.deque = collections.deque()  # (start, stop, Future of bytes)
