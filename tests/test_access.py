@@ -152,6 +152,26 @@ def test_large_new_host_arrays_get_their_own_mapping(tmp_path, kind):
     assert memory_of(loaded['small']) is None
 
 
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='MAP_POPULATE is Linux\'s')
+def test_a_large_new_host_array_is_resident_before_it_is_written():
+    array = devices.CPU.backend.empty((devices.OWN_MAPPING_BYTES // 4 + 1024,), numpy.float32,
+                                      devices.CPU)
+    start = array.__array_interface__['data'][0]
+    with open('/proc/self/smaps') as smaps:
+        lines = smaps.read().splitlines()
+    for index, line in enumerate(lines):
+        low, _, high = line.partition(' ')[0].partition('-')
+        if high and int(low, 16) <= start < int(high, 16):
+            mapping_bytes = int(high, 16) - int(low, 16)
+            rss = next(int(entry.split()[1]) * 1024 for entry in lines[index + 1:]
+                       if entry.startswith('Rss:'))
+            break
+    else:
+        raise AssertionError('the array is in no mapping of /proc/self/smaps')
+    assert mapping_bytes >= array.nbytes
+    assert rss == mapping_bytes  # every page made up front, none left to fault in
+
+
 def test_save_refuses_what_is_not_a_mapping(tmp_path):
     with pytest.raises(TypeError, match='takes a mapping of arrays, got list'):
         gpuserial.save(tmp_path / 'x.npz', [numpy.zeros(1)])

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import gpuserial
 from gpuserial import serializers
 from gpuserial.engine import transfer
 from gpuserial.errors import CorruptFileError
@@ -550,3 +551,76 @@ def test_a_closed_npz_file_is_refused_by_name(tmp_path):
     loaded.close()
     with pytest.raises(ValueError, match=r'numpy\.load\(\) result\) is closed'):
         serializers.NpzDeserializer(loaded)
+
+
+def _npz_with_every_kind_of_member() -> bytes:
+    """Members as numpy writes them (numbers of every layout, text), a stored None, a version
+    2.0 header, and a member whose local header carries a ZIP64 extra field."""
+    arrays = {'f': numpy.arange(6.0).reshape(2, 3), 'scalar': numpy.float32(2.5),
+              'fortran': numpy.asfortranarray(numpy.arange(12, dtype=numpy.int16).reshape(3, 4)),
+              'empty': numpy.zeros((0, 3)), 'big-endian': numpy.arange(4, dtype='>u4'),
+              'text': numpy.array(['ab', 'c'])}
+    members = {key + '.npy': crafting.npy_of(numpy.asarray(value)) for key, value in arrays.items()}
+    members['none.npy'] = _npy.none_member()
+    members['v2.npy'] = crafting.npy_member(crafting.header_text('<i4', (2,)) + ' ' * 50 + '\n',
+                                            numpy.arange(2, dtype='<i4').tobytes(), (2, 0))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, 'w') as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+        with archive.open('extra.npy', 'w', force_zip64=True) as member:
+            member.write(crafting.npy_of(numpy.arange(3.0)))
+    return out.getvalue()
+
+
+def test_members_as_numpy_writes_them_take_the_short_path_and_parse_as_the_full_one(monkeypatch):
+    data = _npz_with_every_kind_of_member()
+    general = []  # keys parsed by the general path (it checks the member first)
+    check_member = _zipread.check_member
+    monkeypatch.setattr(_zipread, 'check_member', lambda info: (general.append(info.filename),
+                                                                check_member(info))[1])
+    with npz.open_npz(io.BytesIO(data)) as archive:
+        reader = npz._ZipReader(archive, 'mixed.npz')
+        short = {key: reader.entry(key) for key in reader.keys()}
+    assert sorted(general) == ['none.npy', 'v2.npy']
+    monkeypatch.setattr(_zipread, 'regular_stored', lambda *args: None)
+    with npz.open_npz(io.BytesIO(data)) as archive:
+        reader = npz._ZipReader(archive, 'mixed.npz')
+        full = {key: reader.entry(key) for key in reader.keys()}
+    assert short == full
+    assert len(general) == 2 + len(full)
+    loaded = gpuserial.load(io.BytesIO(data))
+    with numpy.load(io.BytesIO(data), allow_pickle=True) as expected:
+        for key in expected.files:
+            if key == 'none':
+                assert loaded[key] is None
+            else:
+                assert loaded[key].dtype == expected[key].dtype
+                numpy.testing.assert_array_equal(loaded[key], expected[key])
+
+
+def test_a_member_whose_local_header_would_lie_past_the_end_is_truncated(tmp_path):
+    data = crafting.npz_of({'x': crafting.npy_of(numpy.arange(3.0))})
+    for field, value in (('compress_size', 0), ('file_size', 0), ('header_offset', len(data) - 10)):
+        data = crafting.patch_central(data, 'x.npy', field, value)
+    path = tmp_path / 'lying.npz'
+    path.write_bytes(data)
+    with pytest.raises(CorruptFileError, match=f"'{path}', key 'x': truncated: 10 of 30 header "
+                                               f"bytes"):
+        serializers.load_npz(path, {'x': numpy.zeros(3)})
+
+
+@pytest.mark.parametrize('shape', [(3,), (1,) * 63 + (100000,)])  # headers of 128 and 320 bytes
+def test_a_version_1_header_whole_in_the_window_is_decoded_there(shape):
+    header = _npy.encode_header(numpy.dtype('<f4'), shape)
+    assert len(header) == (128 if shape == (3,) else 320)
+    for data, at in ((header, 0), (b'xyz' + header + b'payload', 3)):
+        decoded = _npy.regular_header(data, at)
+        assert decoded == _npy.decode_header(header)
+        assert decoded.length == len(header)
+    assert _npy.regular_header(header[:-1], 0) is None  # not whole there
+    assert _npy.regular_header(header[:_npy.V1_FIXED - 1], 0) is None
+    with pytest.raises(_npy.HeaderError):  # whole, but it claims no text at all
+        _npy.regular_header(_npy.V1_PREFIX + b'\x00\x00', 0)
+    version_2 = crafting.npy_member(crafting.header_text('<f4', shape), version=(2, 0))
+    assert _npy.regular_header(version_2, 0) is None

@@ -110,6 +110,12 @@ def _ended(data: bytes, **fields) -> bytes:
     return bytes(out)
 
 
+def _cut_before_end(data: bytes, count: int) -> bytes:
+    """``data`` with the last ``count`` bytes of its directory gone, its end record saying so."""
+    offset, values = crafting.end_record(data)
+    return _ended(data[:offset - count] + data[offset:], size=values[5] - count)
+
+
 def _valid() -> bytes:
     return crafting.npz_of({'x': crafting.npy_of(numpy.arange(3.0))})
 
@@ -126,6 +132,8 @@ BROKEN = {
     'a ZIP64 marker without its field': (
         lambda: crafting.patch_central(_valid(), 'x.npy', 'file_size', 0xFFFFFFFF),
         'a field says ZIP64, but there is no ZIP64 extra field'),
+    'a last record cut short': (lambda: _cut_before_end(_valid(), 10),
+                                'Truncated central directory'),
     'a directory cut short': (lambda: _ended(_valid(), size=crafting.end_record(_valid())[1][5]
                                              + 10, start=crafting.end_record(_valid())[1][6] - 10),
                               'Bad magic number for central directory|Truncated'),
@@ -140,6 +148,27 @@ def test_a_broken_directory_is_refused_naming_the_file(tmp_path, case):
     with pytest.raises(CorruptFileError, match=f"'{path}': not an NPZ \\(zip\\) file: "
                        f'({message})'):
         serializers.load_npz(path, {'x': None})
+
+
+def test_names_without_the_utf8_flag_read_as_cp437_as_zipfile_reads_them():
+    data = bytearray(crafting.zip_of({'é.npy': b'abc', 'plain.npy': b''}))
+    for signature, flags_at in ((b'PK\x03\x04', 6), (b'PK\x01\x02', 8)):  # local, central
+        at = data.find(signature)
+        struct.pack_into('<H', data, at + flags_at,
+                         struct.unpack_from('<H', data, at + flags_at)[0] & ~0x800)
+    assert _our_members(bytes(data)) == _zipfile_members(bytes(data))
+    assert _our_members(bytes(data))[0][0] == 'é'.encode().decode('cp437') + '.npy'
+
+
+def test_members_with_comments_read_as_zipfile_reads_them():
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, 'w') as archive:
+        for name, comment in (('a.npy', b'a comment'), ('b.npy', b''), ('c.npy', b'x' * 300)):
+            info = zipfile.ZipInfo(name)
+            info.comment = comment
+            archive.writestr(info, name.encode())
+    assert _our_members(out.getvalue()) == _zipfile_members(out.getvalue())
+    assert [m[0] for m in _our_members(out.getvalue())] == ['a.npy', 'b.npy', 'c.npy']
 
 
 def test_zip64_fields_fill_only_the_fields_that_say_so():
@@ -170,8 +199,18 @@ def test_the_window_gives_the_files_bytes_for_every_read(window):
             windowed.seek(position)
             assert windowed.read(count) == data[position:position + count]
             assert windowed.tell() == min(position + count, max(position, len(data)))
-        else:
+        elif rng.integers(0, 2):
             assert bytes(windowed.view(position, count)) == data[position:position + count]
+        else:
+            held, at = windowed.window_at(position, count)
+            assert held[at:at + count] == data[position:position + count]
+    fresh = _zipread.WindowedFile(io.BytesIO(data), window=window)
+    first, at = fresh.window_at(7, 1)  # read from 7
+    assert (first[at:at + 1], len(first)) == (data[7:8], window)
+    last = 7 + window - 3  # the window's last three bytes
+    assert fresh.window_at(last, 3) == (first, window - 3)
+    held, at = fresh.window_at(last + 1, 3)  # past it: read again
+    assert held[at:at + 3] == data[last + 1:last + 4]
     windowed.seek(10)
     buffer = bytearray(_zipread.DIRECT + 7)  # a large read goes straight to the file
     count = windowed.readinto(buffer)

@@ -25,6 +25,8 @@ ALIGN = 64  # numpy pads the header so that the data starts on a 64-byte boundar
 MAX_HEADER_LEN = 10000  # numpy's own limit on a header it will parse
 VERSION_1_MAX_HEADER = 0xFFFF
 LENGTH_V1, LENGTH_V2 = struct.Struct('<H'), struct.Struct('<I')  # the header length's field
+V1_PREFIX = MAGIC + b'\x01\x00'
+V1_FIXED = PREFIX_LEN + LENGTH_V1.size  # a version 1.0 header's bytes before its text
 HEADER_KEYS = {'descr', 'fortran_order', 'shape'}
 MAX_NDIM = 64 if numpy.lib.NumpyVersion(numpy.__version__) >= '2.0.0' else 32  # numpy's own
 MAX_EXTENT = numpy.iinfo(numpy.intp).max  # numpy refuses shapes whose bytes could exceed this
@@ -225,6 +227,15 @@ def encode_header(dtype: numpy.dtype, shape: tuple[int, ...]) -> bytes:
 def none_member() -> bytes:
     """The whole ``.npy`` member for a stored ``None``, as Chainer writes it."""
     return encode_header(numpy.dtype(object), ()) + NONE_PICKLE
+
+
+def regular_header(data: bytes, at: int) -> Header | None:
+    """The header at ``at`` in ``data`` when it is numpy's usual (version 1.0) and whole there,
+    decoded (see :func:`decode_header`); None for any other, which the caller reads in full."""
+    if not data.startswith(V1_PREFIX, at) or len(data) < at + V1_FIXED:
+        return None
+    end = at + V1_FIXED + (data[at + PREFIX_LEN] | data[at + PREFIX_LEN + 1] << 8)
+    return decode_header(data[at:end]) if end <= len(data) else None
 
 
 def header_length(prefix: bytes | memoryview) -> int:

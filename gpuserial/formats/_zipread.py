@@ -30,7 +30,7 @@ from gpuserial.formats._zipstream import (
 
 __all__ = ['Input', 'Member', 'MemberError', 'MemberReader', 'NotAZip', 'WindowedFile',
            'ZipError', 'check_member', 'data_start_of', 'read_directory', 'read_stored',
-           'stored_head']
+           'regular_stored', 'stored_head']
 
 MAX_EXTRACT_VERSION = 63  # ZIP 6.3: what zipfile reads too
 END_SIGNATURE = b'PK\x05\x06'
@@ -140,28 +140,31 @@ def _end_record_at(tail: bytes) -> int:
 
 
 def _members(data: bytes, concat: int) -> list[Member]:
-    members, position = [], 0
+    members: list[Member] = []
+    add, unpack, fixed = members.append, CENTRAL_READ.unpack_from, CENTRAL.size  # looked up once
+    new = tuple.__new__  # a NamedTuple's own __new__ is a Python function: twice as slow
+    position = 0
     while position < len(data):
-        if position + CENTRAL.size > len(data):
+        if position + fixed > len(data):
             raise ZipError('Truncated central directory')
         (signature, needed, flags, method, crc, compressed, size, name_length, extra_length,
-         comment_length, offset) = CENTRAL_READ.unpack_from(data, position)
+         comment_length, offset) = unpack(data, position)
         if signature != b'PK\x01\x02':
             raise ZipError('Bad magic number for central directory')
         if needed > MAX_EXTRACT_VERSION:
             raise ZipError(f'zip file version {needed / 10:.1f}')
-        start = position + CENTRAL.size
+        start = position + fixed
         raw_name = data[start:start + name_length]
         if raw_name.isascii():  # as nearly every name is: the same text in cp437 and UTF-8
             name = raw_name.decode('ascii')
         else:
             name = raw_name.decode('utf-8' if flags & UTF8_FLAG else 'cp437')
-        if MARKER32 in (size, compressed, offset):
+        if size == MARKER32 or compressed == MARKER32 or offset == MARKER32:
             size, compressed, offset = _zip64(
                 data[start + name_length:start + name_length + extra_length],
                 size, compressed, offset)
-        members.append(Member(name, offset + concat, compressed, size, crc, method, flags,
-                              raw_name))
+        add(new(Member, (name, offset + concat, compressed, size, crc, method, flags,
+                         raw_name)))
         position = start + name_length + extra_length + comment_length
     return members
 
@@ -196,7 +199,8 @@ class WindowedFile:
         self.fp = fp
         self.window = window
         self.start = 0
-        self.data = memoryview(b'')
+        self.bytes = b''  # the window
+        self.data = memoryview(self.bytes)
         self.position = 0
 
     def seek(self, offset: int, whence: int = 0) -> int:
@@ -225,9 +229,22 @@ class WindowedFile:
         if count >= DIRECT:
             return None
         self.fp.seek(self.position)
-        self.data = memoryview(self.fp.read(max(self.window, count)))
+        self.bytes = self.fp.read(max(self.window, count))
+        self.data = memoryview(self.bytes)
         self.start = self.position
         return self.data[:count]
+
+    def window_at(self, position: int, count: int) -> tuple[bytes, int]:
+        """The window, refilled to hold up to ``count`` bytes at ``position`` (fewer at the end
+        of the file; ``count`` below :data:`DIRECT`), and where ``position`` lies in it: small
+        reads slice and compare its bytes without a view each. The position is left at
+        ``position``."""
+        self.position = position
+        at = position - self.start
+        if not (0 <= at and at + count <= len(self.bytes)):
+            self._cached(count)
+            at = position - self.start
+        return self.bytes, at
 
     def view(self, position: int, count: int) -> memoryview:
         """Up to ``count`` bytes at ``position`` (fewer at the end of the file): a view of the
@@ -302,9 +319,36 @@ def _checked_local(info, signature: bytes, flags: int, name: bytes | memoryview,
     return info.header_offset + LOCAL.size + len(name) + extra_length
 
 
-def stored_head(fp: WindowedFile, info, count: int) -> tuple[int, memoryview]:
+def regular_stored(fp: WindowedFile, info, count: int) -> tuple[bytes, int, int] | None:
+    """The common case of :func:`stored_head`, in few steps: for a stored, unencrypted member
+    whose local header repeats the directory's name bytes, the window, where the member's data
+    starts in it and in the file, with up to ``count`` of its bytes in the window; None for any
+    other member (:func:`stored_head` then checks it and says what is wrong)."""
+    raw_name = getattr(info, 'raw_name', None)  # a zipfile.ZipInfo has none
+    offset = info.header_offset
+    if (info.compress_type != STORED or info.flag_bits & ENCRYPTED_FLAG or raw_name is None
+            or info.compress_size != info.file_size or offset < 0):
+        return None
+    window, at = fp.window_at(offset, LOCAL.size + HEAD_GUESS + count)
+    if len(window) - at < LOCAL.size:
+        return None
+    signature, flags, name_length, extra_length = LOCAL_CHECKED.unpack_from(window, at)
+    if (signature != b'PK\x03\x04' or flags & ENCRYPTED_FLAG or name_length != len(raw_name)
+            or not window.startswith(raw_name, at + LOCAL.size)):
+        return None
+    start = at + LOCAL.size + name_length + extra_length
+    if len(window) - start < min(count, info.file_size):
+        return None
+    return window, start, offset + start - at
+
+
+def stored_head(fp: WindowedFile, info, count: int) -> tuple[int, bytes]:
     """For a stored member: where its data starts (its local header checked) and up to
     ``count`` of its first bytes, from the window where they fit."""
+    regular = regular_stored(fp, info, count)
+    if regular is not None:
+        window, at, start = regular
+        return start, window[at:at + min(count, info.file_size)]
     view = fp.view(info.header_offset, LOCAL.size + HEAD_GUESS + count)
     if len(view) < LOCAL.size:
         raise MemberError(f'truncated: {len(view)} of {LOCAL.size} header bytes')
@@ -312,16 +356,11 @@ def stored_head(fp: WindowedFile, info, count: int) -> tuple[int, memoryview]:
     name_end = LOCAL.size + name_length
     if len(view) < name_end:
         raise MemberError(f'truncated: {len(view)} of {name_end} header bytes')
-    name = view[LOCAL.size:name_end]
-    if (signature == b'PK\x03\x04' and not flags & ENCRYPTED_FLAG
-            and name == getattr(info, 'raw_name', None)):  # as nearly always: all is well
-        start = info.header_offset + name_end + extra_length
-    else:
-        start = _checked_local(info, signature, flags, name, extra_length)
+    start = _checked_local(info, signature, flags, view[LOCAL.size:name_end], extra_length)
     wanted = min(count, info.file_size)
-    head = view[start - info.header_offset:start - info.header_offset + wanted]
+    head = bytes(view[start - info.header_offset:start - info.header_offset + wanted])
     if len(head) < wanted:
-        head = fp.view(start, wanted)
+        head = bytes(fp.view(start, wanted))
         if len(head) < wanted:
             raise MemberError(f'truncated: the file ends within the member ({info.file_size} '
                               f'bytes)')

@@ -115,8 +115,12 @@ class ZipWriter:
         model has thousands); ``data`` is bytes or a memoryview of bytes (format ``B``)."""
         pending, central = self.pending, self.central
         method, dos_time, dos_date = self.method, self.time, self.date
+        header_crcs: dict[bytes, int] = {}  # a model's arrays share a few headers
         for name, header, data in members:
-            crc = crc32(data, crc32(header))
+            header_crc = header_crcs.get(header)
+            if header_crc is None:
+                header_crc = header_crcs[header] = crc32(header)
+            crc = crc32(data, header_crc)
             size = len(header) + len(data)
             if method == DEFLATED:
                 deflater = deflate_module.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -15)

@@ -321,6 +321,13 @@ class _ZipReader(loading.Reader):
         if info.header_offset + info.compress_size > self.archive.size:
             raise _zipread.MemberError(f'the member runs past the end of the file '
                                        f'({self.archive.size} bytes): truncated?')
+        regular = _zipread.regular_stored(self.archive.fp, info, HEADER_GUESS)
+        if regular is not None:  # as numpy and gpuserial write members: checked in few steps
+            window, at, data_start = regular
+            header = _npy.regular_header(window, at)
+            if (header is not None and not header.dtype.hasobject and header.dtype.itemsize
+                    and header.length + header.nbytes == info.file_size):
+                return loading.Entry(key, header.shape, header.dtype, (info, header, data_start))
         _zipread.check_member(info)
         if info.compress_type == _zipstream.STORED:
             data_start, head = self._stored_header(info)
@@ -360,13 +367,15 @@ class _ZipReader(loading.Reader):
             raise _npy.HeaderError(f'a header of {length} bytes in a member of '
                                    f'{info.file_size}')
         if length > len(head):
-            head = self.archive.fp.view(data_start, length)
+            head = bytes(self.archive.fp.view(data_start, length))
             if len(head) < length:
                 raise _zipread.MemberError('truncated: the file ends within the .npy header')
-        return data_start, bytes(head[:length])
+        return data_start, head[:length]
 
     def check_size(self, entry: loading.Entry, allocating: bool = False) -> None:
         info, header, _ = entry.token
+        if not info.compress_type:  # stored: its size was checked against the header
+            return
         if header.nbytes > max(info.compress_size, 1) * MAX_DEFLATE_RATIO:
             raise CorruptFileError(f'{self.where(entry.key)}: header claims {header.nbytes} '
                                    f'bytes, more than {info.compress_size} stored bytes can hold')
