@@ -445,6 +445,66 @@ def test_ml_dtypes_numpy_arrays_round_trip_and_load_in_place(tmp_path, kind):
     assert bits(target) == bits(array)
 
 
+class _Bf16OnDevice:
+    """A bfloat16 tensor on a stand-in GPU, as torch holds one on CUDA: the engine sees its bits
+    as integers of its size (CuPy has no bfloat16)."""
+
+    def __init__(self, bits):
+        self.bits = bits
+        self.shape = bits.shape
+
+
+class _Bf16Framework(devices.Framework):
+    name = 'stand-in bfloat16'
+    mutable = True
+
+    def owns(self, value):
+        return isinstance(value, _Bf16OnDevice)
+
+    def engine_array(self, value, writable=False):
+        return value.bits
+
+    def extension(self, value):
+        return 'bfloat16'
+
+    def device_of(self, value):
+        return devices.device_of(value.bits)
+
+    def from_engine(self, array, device):  # a host array of the encoding, read by the load
+        return _Bf16OnDevice(device.send(array.view('<u2')))
+
+
+@pytest.mark.parametrize('shape', [(3,), (300, 200)])  # packed with its neighbours; streamed
+def test_bfloat16_loads_in_place_into_a_gpu_view_of_its_bits(tmp_path, kind, monkeypatch,
+                                                              shape):
+    ml_dtypes = pytest.importorskip('ml_dtypes')
+    from tests import standin
+    monkeypatch.setitem(devices.FRAMEWORKS, 'stand-in bfloat16', _Bf16Framework())
+    rng = numpy.random.default_rng(7)
+    values = {key: rng.standard_normal(shape).astype(ml_dtypes.bfloat16) for key in 'ab'}
+    path = path_for(tmp_path, kind)
+    save(path, kind, values)
+    on_0 = standin.StandInDevice(0)
+    target = {key: _Bf16OnDevice(on_0.send(numpy.zeros(shape, numpy.uint16))) for key in 'ab'}
+    held = {key: value.bits for key, value in target.items()}
+    report = gpuserial.load_into(path, target)
+    assert (report.missing_keys, report.unexpected_keys) == ([], [])
+    for key, value in values.items():
+        assert target[key].bits is held[key]  # in place
+        assert target[key].bits.get().tobytes() == value.tobytes()
+
+    moved = {key: _Bf16OnDevice(on_0.send(numpy.zeros(shape, numpy.uint16))) for key in 'ab'}
+    on_1 = standin.StandInDevice(1)
+    gpuserial.load_into(path, moved, device=on_1)
+    for key, value in values.items():  # new arrays there, the same bits
+        assert devices.device_of(moved[key].bits) == on_1
+        assert moved[key].bits.get().tobytes() == value.tobytes()
+
+    plain = {key: on_0.send(numpy.zeros(shape, numpy.int16)) for key in 'ab'}
+    with pytest.raises(MismatchError, match="'a'.*does not cast to the target dtype int16"):
+        gpuserial.load_into(path, plain)  # integers of no framework are not bfloat16
+
+
 # ---------------------------------------------------------------------------------------------
 # Load reports
 
@@ -678,16 +738,23 @@ def test_torch_cuda_tensors_save_and_load_in_place(tmp_path, kind):
 
 
 @pytest.mark.gpu
-def test_bfloat16_cuda_tensors_save_through_the_host_and_load_new(tmp_path):
+def test_bfloat16_cuda_tensors_save_through_the_host_and_load_in_place(tmp_path, kind):
     torch = _torch()
-    tensor = torch.randn(17, device='cuda').to(torch.bfloat16)
-    gpuserial.save(tmp_path / 'a.npz', {'b': tensor})
-    loaded = gpuserial.load(tmp_path / 'a.npz', device='cuda:0', like='torch')['b']
-    assert loaded.is_cuda and loaded.dtype == torch.bfloat16 and torch.equal(loaded, tensor)
-    with pytest.raises(DeviceError, match='cannot be loaded in place yet'):
-        gpuserial.load_into(tmp_path / 'a.npz', {'b': torch.zeros_like(tensor)})
+    source = {'small': torch.randn(17, device='cuda').to(torch.bfloat16),  # packed
+              'large': torch.randn(300, 200, device='cuda').to(torch.bfloat16)}  # streamed
+    path = path_for(tmp_path, kind)
+    save(path, kind, source)
+    for key, tensor in source.items():
+        loaded = gpuserial.load(path, device='cuda:0', like='torch')[key]
+        assert loaded.is_cuda and loaded.dtype == torch.bfloat16 and torch.equal(loaded, tensor)
+    target = {key: torch.zeros_like(value) for key, value in source.items()}
+    pointers = {key: value.data_ptr() for key, value in target.items()}
+    assert gpuserial.load_into(path, target) == gpuserial.LoadReport([], [])
+    for key, value in target.items():
+        assert value.data_ptr() == pointers[key] and value.dtype == torch.bfloat16
+        assert torch.equal(value, source[key])
     with pytest.raises(DeviceError, match='bfloat16 has no dtype on @cupy:0'):
-        gpuserial.load(tmp_path / 'a.npz', device='cuda:0')
+        gpuserial.load(path, device='cuda:0')
 
 
 def test_a_star_import_keeps_the_builtin_open():

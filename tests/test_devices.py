@@ -145,3 +145,15 @@ def test_the_array_module_is_that_of_the_first_array_not_numpys():
     with devices.register_backend(Backend()):
         assert devices.get_array_module(numpy.zeros(1), [1.0]) is module
         assert devices.get_array_module(numpy.zeros(1)) is numpy
+
+
+def test_integers_of_an_extension_dtypes_size_hold_its_bits_little_endian_only():
+    bfloat16, float8 = devices.encoded_dtype('bfloat16'), devices.encoded_dtype('float8_e5m2')
+    assert devices.holds_bits_of(numpy.dtype('<i2'), bfloat16)
+    assert devices.holds_bits_of(numpy.dtype('<u2'), bfloat16)
+    assert devices.holds_bits_of(numpy.dtype('u1'), float8)
+    assert not devices.holds_bits_of(numpy.dtype('>i2'), bfloat16)  # other bytes in memory
+    assert not devices.holds_bits_of(numpy.dtype('<f2'), bfloat16)  # values, not bits
+    assert not devices.holds_bits_of(numpy.dtype('u1'), bfloat16)  # another size
+    assert not devices.holds_bits_of(numpy.dtype('<i2'), numpy.dtype('<u2'))  # no extension
+    assert not devices.holds_bits_of(numpy.dtype('<i2'), numpy.dtype([('other', '<u2')]))

@@ -534,6 +534,15 @@ def extension_of(dtype: numpy.dtype) -> str | None:
     return None
 
 
+def holds_bits_of(dtype: numpy.dtype, stored: numpy.dtype) -> bool:
+    """Whether arrays of ``dtype`` hold values ``stored`` as an extension dtype's encoding bit
+    for bit: little-endian integers of its size, as the engine views a framework's bfloat16 on a
+    GPU (CuPy has no such dtype). The loader decides which targets may; the engine and readers
+    then move the bits as they are."""
+    return (extension_of(stored) is not None and dtype.kind in 'iu'
+            and dtype.itemsize == stored.itemsize and dtype.str[0] in '<|')
+
+
 def decoded(array):
     """A host array in an extension encoding as ml_dtypes' type when ml_dtypes is installed
     (a view); any other array as it is."""
@@ -580,6 +589,11 @@ class Framework:
     def stored_dtype(self, value) -> numpy.dtype:
         """The dtype ``value`` is stored as (extension dtypes in their encoding)."""
         return self.engine_array(value).dtype
+
+    def extension(self, value) -> str | None:
+        """The extension dtype of ``value`` (``'bfloat16'``, ...; see :data:`EXTENSION_DTYPES`),
+        else None."""
+        return None
 
     def new_like(self, value, array):
         """A new array of this framework with the values of ``array`` (NumPy or CuPy, read
@@ -630,12 +644,14 @@ class _Torch(Framework):
                               f'the CPU or a CUDA device')
         elif extension is None:
             return _gpu_view(tensor, 'torch CUDA')
-        elif writable:  # CuPy holds no such dtype, and a host copy would not load in place
-            raise DeviceError(f'a {extension} torch tensor on {tensor.device} cannot be loaded in '
-                              f'place yet: load it with gpuserial.load(..., device=) instead')
+        elif writable:  # CuPy holds no such dtype: its bits as integers (see holds_bits_of)
+            return _gpu_view(as_ints, 'torch CUDA')
         else:
-            array = as_ints.cpu().numpy()  # a host copy: CuPy holds no such dtype
+            array = as_ints.cpu().numpy()  # a host copy: written with its encoding's header
         return array if extension is None else array.view(encoded_dtype(extension))
+
+    def extension(self, tensor) -> str | None:
+        return self._extensions(sys.modules['torch']).get(tensor.dtype)
 
     def device_of(self, tensor) -> Device:
         return self.device(tensor.device)

@@ -29,6 +29,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 
 import numpy
 
+from gpuserial.engine import devices
 from gpuserial.engine.devices import NUMPY, Backend, Device, backend_of
 from gpuserial.storage import _signals
 
@@ -539,7 +540,9 @@ def fill(dst, read_into: Callable[[memoryview], None], src_dtype: numpy.dtype, *
     Returns once the data is in ``dst`` for every stream and thread.
 
     Args:
-        dst: the array to fill (any backend), of the stored shape; values are cast to its dtype.
+        dst: the array to fill (any backend), of the stored shape; values are cast to its dtype
+            (an extension dtype's encoding fills integers of its size bit for bit: see
+            :func:`gpuserial.engine.devices.holds_bits_of`).
         read_into: fills a whole writable byte buffer with the next bytes of the stream.
         src_dtype: the dtype of the stored values.
         blocks: ``(index, start, stop)`` triples from :func:`hyperslabs` in which to ask
@@ -550,6 +553,8 @@ def fill(dst, read_into: Callable[[memoryview], None], src_dtype: numpy.dtype, *
     if dst.size == 0:
         return
     src_dtype = numpy.dtype(src_dtype)
+    if src_dtype != dst.dtype and devices.holds_bits_of(dst.dtype, src_dtype):
+        src_dtype = dst.dtype  # an extension dtype's encoding into integers: bit for bit
     contiguous = backend.is_contiguous(dst)
     itemsize = max(src_dtype.itemsize, dst.dtype.itemsize)
     blocks = _blocks(dst, contiguous, blocks, chunk_bytes, itemsize)

@@ -407,10 +407,14 @@ class _GroupReader(loading.Reader):
                 self.progress.update(dst[index].nbytes if index else dst.nbytes)
             return
         position = iter(blocks)
+        # what h5py reads into: the target's dtype (h5py converts), or the stored encoding
+        # whose bits the target holds (see devices.holds_bits_of)
+        assert entry.dtype is not None  # not a stored None
+        read_as = entry.dtype if devices.holds_bits_of(dst.dtype, entry.dtype) else dst.dtype
 
         def read_into(buffer: memoryview) -> None:
             index, _, _ = next(position)
-            block = numpy.frombuffer(buffer, dst.dtype).reshape(
+            block = numpy.frombuffer(buffer, read_as).reshape(
                 transfer.block_shape(dst.shape, index))
             if index:
                 self._guard(entry, lambda: dataset.read_direct(block, source_sel=index))

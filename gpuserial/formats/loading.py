@@ -391,18 +391,23 @@ class ReaderDeserializer(Deserializer):
                 return framework.new_like(value, array)
             return framework.from_engine(array, device)
         view = devices.engine_array(value, writable=True)
-        loaded = self._load_array(entry, view)
+        extension = None if framework is None else framework.extension(value)
+        loaded = self._load_array(entry, view, None if extension is None
+                                  else devices.encoded_dtype(extension))
         if loaded is view:
             return value
         assert self.device is not None  # a new array only for another device
         return loaded if framework is None else framework.from_engine(loaded, self.device)
 
-    def _load_array(self, entry: Entry, value):
-        if value.dtype != entry.dtype or tuple(value.shape) != entry.shape:  # else it fits
-            self._check_fits(entry, value.shape, value.dtype)
+    def _load_array(self, entry: Entry, value, holds: numpy.dtype | None = None):
+        """``value`` filled in place (or a new array on the load's device). ``holds``: the
+        encoding whose bits a view of integers holds (a torch bfloat16 tensor on a GPU)."""
+        dtype = value.dtype if holds is None else holds
+        if dtype != entry.dtype or tuple(value.shape) != entry.shape:  # else it fits
+            self._check_fits(entry, value.shape, dtype)
         if (self.device is not None and self._new_arrays_on_device
                 and devices.device_of(value) != self.device):
-            return self._new_array(entry, value.dtype)
+            return self._new_array(entry, dtype)
         self.reader.check_size(entry)
         if self._pending is not None:
             self._pending.fills.append((entry, value))

@@ -394,7 +394,8 @@ class _ZipReader(loading.Reader):
         header = entry.token[1]
         return (not isinstance(dst, numpy.ndarray) and devices.is_array(dst)
                 and header.nbytes <= min(SMALL_MEMBER_BYTES, transfer.settings().chunk_bytes)
-                and dst.dtype == header.dtype and not header.fortran_order
+                and (dst.dtype == header.dtype or devices.holds_bits_of(dst.dtype, header.dtype))
+                and not header.fortran_order
                 and bool(dst.flags.c_contiguous))
 
     def read_whole(self, entry: loading.Entry, buffer: memoryview) -> None:
