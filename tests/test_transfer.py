@@ -3,7 +3,7 @@
 import numpy
 import pytest
 
-from gpuserial.engine import transfer
+from gpuserial.engine import devices, transfer
 from tests.conftest import host
 from tests.standin import BACKEND, StandInDevice
 
@@ -78,6 +78,17 @@ def test_fill_with_a_cast(device, small_chunks, src, dst):
     target = device.send(numpy.zeros((10, 10), dst))
     transfer.fill(target, _reader(values.tobytes(), []), values.dtype)
     numpy.testing.assert_array_equal(host(target), values.astype(dst))
+
+
+@pytest.mark.parametrize(('encoding', 'dst'), [('bfloat16', '<i2'), ('bfloat16', '<u2'),
+                                               ('float8_e4m3fn', 'u1')])
+def test_fill_moves_an_extension_encoding_into_integers_of_its_size_bit_for_bit(
+        device, small_chunks, encoding, dst):
+    stored = devices.encoded_dtype(encoding)
+    values = _values(100, f'V{stored.itemsize}').view(stored).reshape(10, 10)
+    target = device.send(numpy.zeros((10, 10), dst))
+    transfer.fill(target, _reader(values.tobytes(), []), stored)
+    assert host(target).tobytes() == values.tobytes()
 
 
 def test_fill_a_non_contiguous_target(device, small_chunks):
