@@ -23,9 +23,11 @@ from gpuserial.engine import progress as _progress
 from gpuserial.errors import (
     CorruptFileError,
     DeviceError,
+    GpuserialError,
     InvalidKeyError,
     KeyCollisionError,
     MismatchError,
+    ReadFailedError,
     UnsafeFileError,
 )
 from gpuserial.formats import loading
@@ -340,14 +342,14 @@ class _GroupReader(loading.Reader):
         except KeyError:  # no such path, a dangling link, a path through a dataset
             return None
         except (OSError, ValueError, RuntimeError) as error:
-            raise CorruptFileError(f'{where}: {error}') from None
+            raise _read_error(where, error) from None
         if not isinstance(found, h5py.h5d.DatasetID):
             kind = 'group' if isinstance(found, h5py.h5g.GroupID) else 'datatype'
             raise MismatchError(f'{where}: is an HDF5 {kind}, not a dataset')
         try:  # a corrupt file's datatype or dataspace fails to decode here
             shape, dtype = found.shape, found.dtype
         except (OSError, KeyError, ValueError, TypeError, RuntimeError) as error:
-            raise CorruptFileError(f'{where}: {error}') from None
+            raise _read_error(where, error) from None
         if shape is None:
             return loading.Entry(key, None, None, found)
         if dtype.hasobject and h5py.check_string_dtype(dtype) is None:
@@ -440,7 +442,18 @@ class _GroupReader(loading.Reader):
         try:
             return read()
         except (OSError, TypeError, ValueError, RuntimeError) as error:  # h5py's, on bad files
-            raise CorruptFileError(f'{self.where(entry.key)}: {error}') from None
+            raise _read_error(self.where(entry.key), error) from None
+
+
+def _read_error(where: str, error: BaseException, what: str = '', size: int | None = None
+                ) -> GpuserialError:
+    """An error of h5py's as gpuserial's, naming the file (and key). One that carries an errno
+    came from the OS or the file object (the read failed; the file may be whole); HDF5's own
+    complaints about a file's contents carry none, and say it is corrupt (``what`` first)."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return ReadFailedError(f'{where}: reading failed: {error}')
+    why = 'the file is empty (0 bytes)' if size == 0 else error
+    return CorruptFileError(f'{where}: {what}{why}')
 
 
 def _chunks(dataset: h5py.h5d.DatasetID) -> tuple | None:
@@ -666,8 +679,7 @@ def open_hdf5(filename, storage_options: dict | None = None) -> h5py.File:
             try:
                 return h5py.File(spool, 'r')
             except (OSError, ValueError) as error:
-                why = 'the file is empty (0 bytes)' if size == 0 else error
-                raise CorruptFileError(f'{name!r}: not an HDF5 file: {why}') from None
+                raise _read_error(repr(name), error, 'not an HDF5 file: ', size) from None
     if is_path(filename):
         try:  # Python's own errors for a missing, unreadable or directory path
             with open(filename, 'rb') as f:
@@ -679,8 +691,7 @@ def open_hdf5(filename, storage_options: dict | None = None) -> h5py.File:
     try:
         return h5py.File(filename, 'r')
     except (OSError, ValueError) as error:
-        why = 'the file is empty (0 bytes)' if size == 0 else error
-        raise CorruptFileError(f'{name!r}: not an HDF5 file: {why}') from None
+        raise _read_error(repr(name), error, 'not an HDF5 file: ', size) from None
 
 
 def load_hdf5(filename, obj, *, path: str = '', strict: bool = True, ignore_names=None,
@@ -717,6 +728,7 @@ def load_hdf5(filename, obj, *, path: str = '', strict: bool = True, ignore_name
         gpuserial.errors.KeyNotFoundError: a key is missing (also a ``KeyError``).
         gpuserial.errors.MismatchError: a shape or dtype does not fit (also a ``ValueError``).
         gpuserial.errors.CorruptFileError: the file is not valid HDF5 (also a ``ValueError``).
+        gpuserial.errors.ReadFailedError: reading the file failed (also an ``OSError``).
         gpuserial.errors.UnsafeCastError: a scalar does not cast safely (also a ``TypeError``).
     """
     with open_hdf5(filename, storage_options) as f, _signals.deferred():

@@ -730,6 +730,7 @@ def load_npz(file, obj, path: str = '', strict: bool = True, ignore_names=None, 
         gpuserial.errors.KeyNotFoundError: a key is missing (also a ``KeyError``).
         gpuserial.errors.MismatchError: a shape or dtype does not fit (also a ``ValueError``).
         gpuserial.errors.CorruptFileError: the file is not valid NPZ (also a ``ValueError``).
+        gpuserial.errors.ReadFailedError: reading the file failed (also an ``OSError``).
         gpuserial.errors.UnsafeCastError: a scalar does not cast safely (also a ``TypeError``).
     """
     with open_input(file, storage_options) as stream, open_npz(stream) as archive:
