@@ -25,6 +25,7 @@ import time
 import numpy
 
 import gpuserial
+from gpuserial.distributed import load_sharded, save_sharded
 from gpuserial.storage import remote
 from gpuserial.tools import bench
 
@@ -154,6 +155,16 @@ def _modelled_loads(model: dict, rounds: int, latency: float, rate: float) -> di
 
     cases['gpuserial'] = ours
     cases['gpuserial, one GET at a time'] = ours_serial
+    sharded = 'modelled://bench/sharded'
+    fsspec.register_implementation('modelled', type(fs), clobber=True)
+    save_sharded(sharded, model, _OneRank(), durable=False)
+
+    def ours_sharded():  # one rank's file, loaded by one rank
+        target = {key: numpy.empty_like(value) for key, value in model.items()}
+        load_sharded(sharded, target, _OneRank())
+        return target[first]
+
+    cases['gpuserial load_sharded'] = ours_sharded
     try:
         import torch
         buffer = io.BytesIO()
@@ -184,6 +195,18 @@ def _modelled_loads(model: dict, rounds: int, latency: float, rate: float) -> di
             del value
     fs.store.clear()
     return {name: statistics.median(times) for name, times in seconds.items()}
+
+
+class _OneRank:
+    """A communicator of one rank (no MPI needed)."""
+
+    rank, size = 0, 1
+
+    def allgather(self, obj):
+        return [obj]
+
+    def bcast(self, obj, root=0):
+        return obj
 
 
 def _timed(function) -> tuple[float, object]:
@@ -247,16 +270,24 @@ def _peak_child(nbytes: int, endpoint: str) -> dict:
 
 def _report_modelled(args) -> int:
     latency_ms, rate = args.modelled
-    medians = _modelled_loads(bench.make_model(args.bytes), args.rounds, latency_ms / 1000,
-                              rate * 1e6)
+    if args.model == 'uniform':
+        model = bench.make_model(args.bytes)
+    else:  # the shapes of a real model, with Adam's state (benchmarks/small_entries.py)
+        from benchmarks.small_entries import MODELS
+        rng = numpy.random.default_rng(0)
+        model = {key: numpy.asarray(rng.standard_normal(shape, dtype=numpy.float32))
+                 for key, shape in MODELS[args.model](None).items()}
+    size = sum(value.nbytes for value in model.values())
+    medians = _modelled_loads(model, args.rounds, latency_ms / 1000, rate * 1e6)
     ours = medians['gpuserial']
-    print(f'{bench.format_size(args.bytes)} loaded from a modelled store ({latency_ms:g} ms a '
-          f'request, {rate:g} MB/s a connection), median of {args.rounds}:')
+    print(f'{bench.format_size(size)} in {len(model)} arrays ({args.model}) loaded from a '
+          f'modelled store ({latency_ms:g} ms a request, {rate:g} MB/s a connection), median '
+          f'of {args.rounds}:')
     for name, took in medians.items():
         print(f'  {name:30s} {took:7.2f} s   gpuserial time / this: {ours / took:.2f}')
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump({'machine': bench.machine_info(), 'bytes': args.bytes,
+            json.dump({'machine': bench.machine_info(), 'bytes': size, 'model': args.model,
                        'rounds': args.rounds, 'latency_ms': latency_ms, 'mb_per_s': rate,
                        'medians': medians}, f, indent=2)
     return 0
@@ -272,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--modelled', nargs=2, type=float, metavar=('LATENCY_MS', 'MB_PER_S'),
                         help='instead of moto, loads from an in-memory store whose requests '
                              'each cost a round trip and their bytes at one connection\'s rate')
+    parser.add_argument('--model', default='uniform',
+                        choices=['uniform', 'resnet50+adam', 'gpt2-small+adam'],
+                        help='with --modelled: 16 arrays of --bytes in all, or a real model\'s '
+                             'shapes')
     parser.add_argument('--child-peak', nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_peak is not None:

@@ -100,3 +100,17 @@ def test_remote_compares_peers_on_moto(tmp_path, capsys):
     assert 1 <= report['requests']['uploaded_ratio'] <= 1.02
     assert report['peak']['extra'] >= 0 and report['peak']['verdict'] in ('PASS', 'FAIL')
     assert 'gpuserial / torch.save' in capsys.readouterr().out
+
+
+def test_remote_modelled_loads_include_a_sharded_checkpoint(tmp_path, capsys):
+    from benchmarks import remote
+    out = tmp_path / 'modelled.json'
+    assert remote.main(['--modelled', '1', '1000', '--bytes', '1MiB', '--rounds', '1',
+                        '--json', str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {'gpuserial', 'gpuserial, one GET at a time',
+            'gpuserial load_sharded'} <= set(report['medians'])
+    from gpuserial.tools import bench
+    assert report['bytes'] == sum(value.nbytes for value in bench.make_model(1 << 20).values())
+    assert report['model'] == 'uniform'
+    assert 'gpuserial load_sharded' in capsys.readouterr().out

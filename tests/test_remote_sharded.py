@@ -172,6 +172,26 @@ def test_loads_fetch_only_the_byte_ranges_they_need(bucket):
     assert 'other' in read_index(url, bucket.options).entries  # present, and never read
 
 
+def test_a_load_of_many_small_entries_fetches_ahead_across_them(bucket):
+    rng = numpy.random.default_rng(3)
+    many = {f'layer{i}/W': rng.standard_normal(256 + i).astype(numpy.float32) for i in range(60)}
+    url = bucket.url('many')
+    save_sharded(url, many, SoloComm(), storage_options=bucket.options)
+    index = read_index(url, bucket.options)
+    bucket.calls.clear()
+    target = {key: numpy.zeros_like(many[key]) for key in reversed(many)}  # read in file order
+    load_sharded(url, target, SoloComm(), storage_options=bucket.options)
+    for key, value in many.items():
+        assert target[key].tobytes() == value.tobytes()
+    data = [(key, span) for key, span in gets(bucket) if not key.endswith('index.json')]
+    (name,) = index.files  # one rank, one data file: its entries in one ranged read
+    chunks = sorted((c for e in index.entries.values() for c in e.chunks),
+                    key=lambda c: c.data_offset)
+    last = chunks[-1]
+    end = last.data_offset + int(numpy.prod(last.shape)) * 4
+    assert data == [(f'many/{name}', f'bytes={chunks[0].data_offset}-{end - 1}')]
+
+
 def fail_writing(monkeypatch, name: str) -> None:
     """Makes the writing of the data file whose name holds ``name`` fail after some bytes."""
     write_npz = collectives.npz.write_npz

@@ -3,13 +3,14 @@ consolidation into one NPZ, and a description for ``gpuserial inspect``.
 
 Every read is of exactly the bytes a request needs: the index says where each chunk's C-order
 data starts, and :func:`gpuserial.formats.loading.box_reads` gives the runs of a box. Locally
-each run is a ``pread``; from an object store, the runs of a piece that lie closer together
-than :data:`remote.FETCH_GAP` are fetched in one ranged read of at most
-:data:`gpuserial.storage.remote.FETCH_PIECE` bytes (a strided block costs a few requests, not
-one per row). The runs stream into the target through :func:`gpuserial.engine.transfer.fill`
-(device arrays through the pinned staging buffers), so no chunk is ever held whole on the
-host. A piece that is a whole chunk is checked against the chunk's CRC-32 as it streams in; a
-part of a chunk cannot be (the CRC covers the whole chunk).
+each run is a ``pread``; from an object store, every run of a piece is announced before the
+first is read, so that runs closer together than :data:`remote.FETCH_GAP` come in one ranged
+read (a strided block costs a few requests, not one per row), in pieces of at most
+:data:`gpuserial.storage.remote.FETCH_PIECE` bytes, several in flight. The runs stream into
+the target through :func:`gpuserial.engine.transfer.fill` (device arrays through the pinned
+staging buffers), so no chunk is ever held whole on the host. A piece that is a whole chunk is
+checked against the chunk's CRC-32 as it streams in; a part of a chunk cannot be (the CRC
+covers the whole chunk).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from gpuserial.formats import _zipstream, loading, npz
 from gpuserial.formats.loading import Entry
 from gpuserial.storage import remote
 from gpuserial.storage._fileio import atomic_output
-from gpuserial.storage.folders import folder_of
+from gpuserial.storage.folders import RemoteFolder, folder_of
 
 MAX_INDEX_BYTES = 1 << 30  # an index larger than this is not one
 
@@ -125,6 +126,32 @@ class ShardedReader(loading.Reader):
     def stored_size(self, entry: Entry) -> tuple[int, bool]:
         return entry.nbytes, False
 
+    def in_read_order(self, fills: list[tuple[Entry, Any]]) -> list[tuple[Entry, Any]]:
+        """The fills that read from one data file, grouped by file in each file's order, then
+        those that read from several (a resharded load). From an object store, each file is
+        told first every range the fills of the first kind will read from it, so that it
+        fetches ahead across entries (neighbouring entries in one request, several requests
+        in flight) while the reads go through it in order; the others announce their pieces
+        one at a time, so that the fetches of one file at most are in flight."""
+        single: list[tuple[Entry, Any]] = []
+        spread: list[tuple[Entry, Any]] = []
+        for fill in fills:
+            files = {piece.chunk.file for piece in fill[0].token}
+            (single if len(files) == 1 else spread).append(fill)
+        single.sort(key=lambda fill: (fill[0].token[0].chunk.file,
+                                      fill[0].token[0].chunk.data_offset))
+        if isinstance(self.folder, RemoteFolder):
+            plans: dict[str, list[tuple[int, int]]] = {}
+            for entry, _ in single:
+                assert entry.dtype is not None  # filled: not a stored None
+                for piece in entry.token:
+                    positions, run = _runs(piece, entry.dtype)
+                    plans.setdefault(piece.chunk.file, []).extend(
+                        (position, position + run) for position in positions)
+            for name, ranges in plans.items():
+                self.source(name).expect(sorted(ranges))
+        return single + spread
+
     def read_into(self, entry: Entry, dst) -> None:
         assert entry.dtype is not None
         self.stats.bytes_needed += entry.nbytes
@@ -158,25 +185,30 @@ class ShardedReader(loading.Reader):
         self.close()
 
 
+def _runs(piece: Piece, dtype: numpy.dtype) -> tuple[list[int], int]:
+    """Where each run of the piece's bytes starts in its data file, and a run's bytes."""
+    chunk = piece.chunk
+    offsets, run = loading.box_reads(chunk.shape, [(a, b, 1) for a, b in piece.src])
+    return (chunk.data_offset + offsets * dtype.itemsize).tolist(), run * dtype.itemsize
+
+
 class _RunStream:
     """The C-order bytes of one piece, read run by run (exact reads at offsets), as a stream
     for :func:`gpuserial.engine.transfer.fill`; its CRC-32 checked when the piece is a whole
-    chunk. Each window of near runs is announced to the file before it is read (remote files
-    fetch it in one request)."""
+    chunk. Its runs are announced to the file first (an object in a store fetches them ahead,
+    :data:`remote.FETCHES_IN_FLIGHT` requests at a time; the piece's reads consume them all,
+    so none stay fetched once it is read)."""
 
     def __init__(self, reader: ShardedReader, piece: Piece, dtype: numpy.dtype, key: str):
         self.reader = reader
         self.piece = piece
         self.key = key
-        chunk = piece.chunk
-        offsets, run = loading.box_reads(chunk.shape, [(a, b, 1) for a, b in piece.src])
-        self.positions = (chunk.data_offset + offsets * dtype.itemsize).tolist()
-        self.run = run * dtype.itemsize
+        self.positions, self.run = _runs(piece, dtype)
         self.at = 0  # the run being read
         self.within = 0  # bytes of it read
         self.crc = 0 if piece.whole_chunk else None
-        self.source = reader.source(chunk.file)
-        self.window_stop = 0  # the first run past the window announced
+        self.source = reader.source(piece.chunk.file)
+        self.source.expect([(position, position + self.run) for position in self.positions])
 
     def read_into(self, buffer: memoryview) -> None:
         buffer = buffer.cast('B')
@@ -185,8 +217,6 @@ class _RunStream:
             if self.at >= len(self.positions):
                 raise CorruptFileError(f'{self._where()}: asked for more bytes than the piece '
                                        f'holds')
-            if self.at >= self.window_stop:
-                self._announce_window()
             count = min(self.run - self.within, len(buffer) - done)
             try:
                 got = self.source.pread(buffer[done:done + count],
@@ -203,18 +233,6 @@ class _RunStream:
                 self.at, self.within = self.at + 1, 0
         if self.crc is not None:
             self.crc = _zipstream.crc32(buffer, self.crc)
-
-    def _announce_window(self) -> None:
-        """Announces the runs from this one on that lie within :data:`remote.FETCH_GAP` of each
-        other, :data:`remote.FETCH_PIECE` bytes at most in all (one run at least)."""
-        positions, run = self.positions, self.run
-        start = positions[self.at]
-        stop, end = self.at + 1, start + run
-        while (stop < len(positions) and positions[stop] - end <= remote.FETCH_GAP
-               and positions[stop] + run - start <= remote.FETCH_PIECE):
-            stop, end = stop + 1, positions[stop] + run
-        self.source.expect([(start, end)])
-        self.window_stop = stop
 
     def finish(self) -> None:
         if self.crc is not None and self.crc != self.piece.chunk.crc:
