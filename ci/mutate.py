@@ -13,6 +13,7 @@ are, where no GPU is usable, the mutants of code only a real GPU runs (CuPy's ba
     python ci/mutate.py                       # every mutant of every core module
     python ci/mutate.py --sample 40 --seed 1  # 40 mutants per module, drawn with seed 1
     python ci/mutate.py --modules gpuserial/formats/_npy.py --list   # only list the mutants
+    python ci/mutate.py --lines gpuserial/formats/npz.py:320-340      # a change's lines only
 
 It uses the interpreter it runs with (the test environment: ``.venv/bin/python``) and writes a
 JSON report (``--json``). Exit status 0 when the score reaches ``--target`` (default 0.9).
@@ -283,6 +284,15 @@ def equivalents() -> dict[str, str]:
     return found
 
 
+def _span(text: str) -> tuple[str, int, int]:
+    """``MODULE:FIRST-LAST`` (or ``MODULE:LINE``) as (module, first, last)."""
+    module, _, lines = text.rpartition(':')
+    first, _, last = lines.partition('-')
+    if module not in MODULES or not first.isdigit() or not (last or first).isdigit():
+        raise SystemExit(f'--lines takes MODULE:FIRST-LAST of a core module, got {text!r}')
+    return module, int(first), int(last or first)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--modules', nargs='+', default=list(MODULES), choices=list(MODULES))
@@ -293,7 +303,13 @@ def main(argv=None) -> int:
     parser.add_argument('--target', type=float, default=0.9)
     parser.add_argument('--json', help='write the report here')
     parser.add_argument('--list', action='store_true', help='list the mutants and stop')
+    parser.add_argument('--lines', nargs='+', metavar='MODULE:FIRST-LAST',
+                        help='only the mutants that start on these lines (a change\'s)')
     args = parser.parse_args(argv)
+    spans = [_span(text) for text in args.lines or ()]
+    if spans:
+        args.modules = [module for module in args.modules
+                        if any(module == span[0] for span in spans)]
 
     chosen: list[Mutant] = []
     for module in args.modules:
@@ -304,7 +320,9 @@ def main(argv=None) -> int:
             flat = f'gpuserial/{pathlib.PurePath(module).name}'
             every = sorted(random.Random(f'{args.seed}:{flat}').sample(every, args.sample),
                            key=lambda m: (m.line, m.col))
-        chosen += every
+        chosen += [mutant for mutant in every if not spans or any(
+            mutant.module == module and first <= mutant.line <= last
+            for module, first, last in spans)]
     if args.list:
         for mutant in chosen:
             print(f'{mutant.id}: {mutant.original!r} -> {mutant.replacement!r}')

@@ -68,3 +68,19 @@ def test_equivalent_ids_follow_their_lines_and_changed_lines_are_reported(tmp_pa
     old = ['a = 1', 'b = 2', 'c = 3', 'd = 4']
     new = ['import x', 'a = 1', 'b = 2', 'c = 30', 'd = 4']
     assert remap_equivalents.line_map(old, new) == {1: 2, 2: 3, 4: 5}
+
+
+def test_lines_choose_the_mutants_that_start_on_them():
+    listed = subprocess.run([sys.executable, 'ci/mutate.py', '--list', '--lines',
+                             'gpuserial/formats/_npy.py:30-40', 'gpuserial/serializer.py:90'],
+                            cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    ids = [line.split(': ')[0] for line in listed.splitlines() if ': ' in line]
+    assert ids and all(
+        (module == 'gpuserial/formats/_npy.py' and 30 <= int(line) <= 40)
+        or (module == 'gpuserial/serializer.py' and line == '90')
+        for module, line in (i.split(':')[:2] for i in ids))
+    assert {i.split(':')[0] for i in ids} == {'gpuserial/formats/_npy.py',
+                                              'gpuserial/serializer.py'}
+    refused = subprocess.run([sys.executable, 'ci/mutate.py', '--list', '--lines', 'x.py:1-2'],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode != 0 and "got 'x.py:1-2'" in refused.stderr
