@@ -7,8 +7,10 @@ intact and no temporary file is left (or, after SIGKILL, at most one, which the 
 removes).
 """
 
+import ctypes
 import errno
 import io
+import itertools
 import json
 import os
 import pathlib
@@ -657,3 +659,120 @@ def test_a_save_into_a_missing_directory_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"cannot save to .*: no such directory "
                                                 + repr(str(tmp_path / 'missing'))):
         serializers.save_npz(tmp_path / 'missing' / 'm.npz', {'x': numpy.zeros(2)})
+
+
+class _WritebackCalls:
+    """Stands in for ``sync_file_range``: records each call (offset, length, flags, the file's
+    size then) and passes it on to the real one where there is one."""
+
+    def __init__(self, monkeypatch, step: int):
+        self.calls: list[tuple[int, int, int, int]] = []
+        self.real = _fileio._sync_file_range
+        monkeypatch.setattr(_fileio, '_sync_file_range', self)
+        monkeypatch.setattr(_fileio, 'WRITEBACK_STEP', step)
+
+    def __call__(self, fd: int, offset: int, length: int, flags: int) -> int:
+        self.calls.append((offset, length, flags, os.fstat(fd).st_size))
+        return 0 if self.real is None else self.real(fd, offset, length, flags)
+
+    def handed(self) -> list[tuple[int, int]]:
+        return [(o, n) for o, n, flags, _ in self.calls if flags == _fileio._SYNC_FILE_RANGE_WRITE]
+
+    def waited(self) -> list[tuple[int, int]]:
+        return [(o, n) for o, n, flags, _ in self.calls if flags != _fileio._SYNC_FILE_RANGE_WRITE]
+
+
+def _until(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, 'the writeback thread did not keep up'
+        time.sleep(0.001)
+
+
+def test_the_early_writeback_hands_each_written_step_to_the_disk_and_waits_for_the_one_before(
+        tmp_path, monkeypatch):
+    step = 4096
+    calls = _WritebackCalls(monkeypatch, step)
+    path = tmp_path / 'file'
+    with _fileio._early_writeback(str(path)):
+        time.sleep(0.02)  # the thread looks for the file before it exists
+        with open(path, 'xb') as f:
+            for written, whole_steps in ((step, 1), (2 * step, 3), (3 * step + step // 2, 6)):
+                f.write(os.urandom(written))
+                f.flush()
+                _until(lambda n=whole_steps * step: sum(m for _, m in calls.handed()) >= n)
+    # 1 step, then 2 more (handed as one range), then 3.5 more: 3 whole ones, the half left
+    assert calls.handed() == [(0, step), (step, 2 * step), (3 * step, 3 * step)]
+    assert calls.waited() == [(0, step), (step, 2 * step)]
+    assert all(offset + length <= size for offset, length, _, size in calls.calls)
+    assert [t.name for t in threading.enumerate() if t.name == 'gpuserial-writeback'] == []
+
+
+@pytest.mark.parametrize('fmt', ['npz', 'npz-stored', 'hdf5'])
+def test_a_durable_save_hands_its_bytes_to_the_disk_while_it_writes(fmt, tmp_path, monkeypatch):
+    """Only durable saves, and only the file's bytes written so far, in whole steps, in order;
+    the save's file is whole and its descriptors closed."""
+    from gpuserial.engine import transfer
+    step = 64 << 10
+    calls = _WritebackCalls(monkeypatch, step)
+    real_check = _signals.check
+    monkeypatch.setattr(_signals, 'check', lambda: time.sleep(0.002) or real_check())
+    state = {f'a{i}': numpy.random.default_rng(i).random(1 << 17) for i in range(4)}  # 4 MiB
+    save, load, ext = FORMATS[fmt]
+    before = sorted(os.listdir('/proc/self/fd'))
+    with transfer.configure(chunk_bytes=64 << 10):
+        save(tmp_path / f'fast{ext}', state, durable=False)
+        assert calls.calls == []
+        save(tmp_path / f'm{ext}', state)
+    size = os.stat(tmp_path / f'm{ext}').st_size
+    handed = calls.handed()
+    assert sum(n for _, n in handed) >= size // 2  # most of it before the save ended
+    assert [o for o, _ in handed] == [0] + list(itertools.accumulate(n for _, n in handed[:-1]))
+    assert all(o % step == 0 and n % step == 0 and o + n <= size for o, n in handed)
+    assert calls.waited() == handed[:len(calls.waited())]
+    assert len(calls.waited()) >= len(handed) - 1
+    assert sorted(os.listdir('/proc/self/fd')) == before
+    target = {key: numpy.zeros_like(value) for key, value in state.items()}
+    load(tmp_path / f'm{ext}', target)
+    assert all(numpy.array_equal(target[key], state[key]) for key in state)
+
+
+def test_where_the_writeback_call_fails_the_durable_save_goes_on_without_it(
+        tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(_fileio, '_sync_file_range', lambda *args: calls.append(args) or -1)
+    monkeypatch.setattr(_fileio, 'WRITEBACK_STEP', 4096)
+    path = tmp_path / 'file'
+    with _fileio._early_writeback(str(path)):
+        with open(path, 'xb') as f:
+            f.write(bytes(3 * 4096))
+            f.flush()
+            _until(lambda: calls)
+            f.write(bytes(3 * 4096))
+            f.flush()
+            time.sleep(0.05)
+    assert len(calls) == 1  # tried once, then left to the fsync
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason="sync_file_range is Linux's")
+def test_the_writeback_call_is_bound_to_linuxs_own(tmp_path):
+    """64-bit offsets beyond 4 GiB reach the kernel as they are: a range there of a file
+    opened for reading is accepted, a negative one refused with EINVAL."""
+    path = tmp_path / 'file'
+    path.write_bytes(b'x' * 4096)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert _fileio._sync_file_range(fd, 5 << 30, 4096, _fileio._SYNC_FILE_RANGE_WRITE) == 0
+        assert _fileio._sync_file_range(fd, 0, 4096,
+                                        _fileio._SYNC_FILE_RANGE_WRITE_AND_WAIT) == 0
+        assert _fileio._sync_file_range(fd, -1, 4096, _fileio._SYNC_FILE_RANGE_WRITE) == -1
+        assert ctypes.get_errno() == errno.EINVAL
+    finally:
+        os.close(fd)
+
+
+def test_the_writeback_flags_are_the_kernels():
+    """As ``<linux/fs.h>`` defines them (the kernel's ABI): a wrong value would start no
+    writeback, or stop waiting for the step before, and still pass every other test."""
+    assert _fileio._SYNC_FILE_RANGE_WRITE == 2  # SYNC_FILE_RANGE_WRITE
+    assert _fileio._SYNC_FILE_RANGE_WRITE_AND_WAIT == 7  # ..._WAIT_BEFORE | _WRITE | _WAIT_AFTER
