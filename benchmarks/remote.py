@@ -146,12 +146,12 @@ def _modelled_loads(model: dict, rounds: int, latency: float, rate: float) -> di
         return gpuserial.load(ours_file)[first]
 
     def ours_serial():
-        in_flight = remote.FETCHES_IN_FLIGHT
-        remote.FETCHES_IN_FLIGHT = 1
+        in_flight = remote.FETCHES_IN_FLIGHT, remote.SMALL_FETCHES_IN_FLIGHT
+        remote.FETCHES_IN_FLIGHT = remote.SMALL_FETCHES_IN_FLIGHT = 1
         try:
             return ours()
         finally:
-            remote.FETCHES_IN_FLIGHT = in_flight
+            remote.FETCHES_IN_FLIGHT, remote.SMALL_FETCHES_IN_FLIGHT = in_flight
 
     cases['gpuserial'] = ours
     cases['gpuserial, one GET at a time'] = ours_serial
@@ -268,15 +268,24 @@ def _peak_child(nbytes: int, endpoint: str) -> dict:
             'verdict': 'PASS' if extra <= bound else 'FAIL'}
 
 
+REAL_MODELS = ('resnet50+adam', 'gpt2-small+adam', '10000x4KiB')
+
+
+def real_model_shapes(name: str) -> dict[str, tuple]:
+    """The shapes of a real model's entries, with Adam's state (benchmarks/small_entries.py),
+    at full size."""
+    from benchmarks.small_entries import MODELS
+    return MODELS[name](1.0)
+
+
 def _report_modelled(args) -> int:
     latency_ms, rate = args.modelled
     if args.model == 'uniform':
         model = bench.make_model(args.bytes)
-    else:  # the shapes of a real model, with Adam's state (benchmarks/small_entries.py)
-        from benchmarks.small_entries import MODELS
+    else:
         rng = numpy.random.default_rng(0)
         model = {key: numpy.asarray(rng.standard_normal(shape, dtype=numpy.float32))
-                 for key, shape in MODELS[args.model](None).items()}
+                 for key, shape in real_model_shapes(args.model).items()}
     size = sum(value.nbytes for value in model.values())
     medians = _modelled_loads(model, args.rounds, latency_ms / 1000, rate * 1e6)
     ours = medians['gpuserial']
@@ -304,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                         help='instead of moto, loads from an in-memory store whose requests '
                              'each cost a round trip and their bytes at one connection\'s rate')
     parser.add_argument('--model', default='uniform',
-                        choices=['uniform', 'resnet50+adam', 'gpt2-small+adam'],
+                        choices=['uniform', *REAL_MODELS],
                         help='with --modelled: 16 arrays of --bytes in all, or a real model\'s '
                              'shapes')
     parser.add_argument('--child-peak', nargs=2, help=argparse.SUPPRESS)

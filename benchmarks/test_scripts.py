@@ -2,6 +2,7 @@
 sharded_save.py, remote.py) run, tiny, so that they cannot rot."""
 
 import json
+import math
 
 import pytest
 
@@ -114,3 +115,12 @@ def test_remote_modelled_loads_include_a_sharded_checkpoint(tmp_path, capsys):
     assert report['bytes'] == sum(value.nbytes for value in bench.make_model(1 << 20).values())
     assert report['model'] == 'uniform'
     assert 'gpuserial load_sharded' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('name', ['resnet50+adam', 'gpt2-small+adam', '10000x4KiB'])
+def test_remote_modelled_loads_take_every_real_model_at_full_size(name):
+    from benchmarks import remote
+    assert name in remote.REAL_MODELS
+    shapes = remote.real_model_shapes(name)
+    params = sum(math.prod(shape) for shape in shapes.values())
+    assert len(shapes) >= 150 and params > 10_000_000

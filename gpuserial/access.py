@@ -105,6 +105,7 @@ def load(file, device=None, keys: Iterable[str] | None = None, *, like=None,
     place = _Placement.of(device, like)
     with inspection.open_reader(file, format, storage_options) as reader:
         wanted = reader.keys() if keys is None else list(keys)
+        reader.expect_entries(wanted)  # an object in a store fetches their headers ahead
         found, fills = {}, []
         for key in wanted:
             entry = reader.entry(key)

@@ -5,10 +5,12 @@ of data, and fsspec imported only for URLs."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 import threading
+import zipfile
 
 import fsspec
 import fsspec.core
@@ -18,6 +20,7 @@ from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 
 import gpuserial
 from gpuserial.engine import asyncsave
+from gpuserial.formats import npz
 from gpuserial.storage import remote
 
 MiB = 1 << 20
@@ -141,11 +144,16 @@ def test_a_large_member_is_read_in_bounded_pieces(bucket, monkeypatch):
 
 @pytest.mark.parametrize('sizes', [[4 * MiB], [MiB // 2 + 8] * 7 + [3000]])
 def test_a_load_fetches_its_members_ahead_several_gets_at_once(memory, monkeypatch, sizes):
+    """First each member's headers (a window's bytes at its local header), then the data:
+    pieces across the members, each byte once, several GETs in flight."""
     piece = 512 * 1024  # more than the zip reader's window
     monkeypatch.setattr(remote, 'FETCH_PIECE', piece)
     model = {f'm{index}': numpy.full(size // 8, index, numpy.float64)
              for index, size in enumerate(sizes)}
     gpuserial.save('memory://a/big.npz', model)
+    size = memory.size('/a/big.npz')
+    with zipfile.ZipFile(io.BytesIO(memory.cat_file('/a/big.npz'))) as archive:
+        offsets = sorted(info.header_offset for info in archive.infolist())
     both_in_flight = threading.Barrier(2, timeout=10)  # broken unless 2 GETs overlap
     fetched, in_flight, most = [], [0], [0]
     lock = threading.Lock()
@@ -156,7 +164,7 @@ def test_a_load_fetches_its_members_ahead_several_gets_at_once(memory, monkeypat
             in_flight[0] += 1
             most[0] = max(most[0], in_flight[0])
             fetched.append((start, end))
-            first = len(fetched) <= 2
+            first = len(fetched) - len(offsets) in (1, 2)  # the first two pieces of data
         try:
             if first:
                 both_in_flight.wait()
@@ -167,14 +175,119 @@ def test_a_load_fetches_its_members_ahead_several_gets_at_once(memory, monkeypat
 
     monkeypatch.setattr(MemoryFileSystem, 'cat_file', counting)
     _assert_bits(gpuserial.load('memory://a/big.npz'), model)
+    headers, data = fetched[:len(offsets)], sorted(fetched[len(offsets):])
+    assert headers == [(offset, min(size, offset + npz.REMOTE_WINDOW)) for offset in offsets]
     assert 2 <= most[0] <= remote.FETCHES_IN_FLIGHT
-    fetched.sort()  # the members' data and the headers between them, each byte once
-    assert all(end == next_start for (_, end), (next_start, _) in zip(fetched, fetched[1:],
-                                                                           strict=False))
-    span = fetched[-1][1] - fetched[0][0]
+    # the members' data and the headers between them, each byte once
+    assert all(end == next_start for (_, end), (next_start, _) in zip(data, data[1:],
+                                                                       strict=False))
+    span = data[-1][1] - data[0][0]
     payload = sum(value.nbytes for value in model.values())
     assert payload <= span < payload + 256 * len(model)
-    assert len(fetched) == -(-span // piece)  # whole pieces across the members' boundaries
+    assert len(data) == -(-span // piece)  # whole pieces across the members' boundaries
+
+
+class _Gets:
+    """Records the ranged GETs of memory:// objects, how many were in flight at most, and
+    holds the first ``gate`` of them until that many are in flight at once."""
+
+    def __init__(self, monkeypatch, gate: int = 0):
+        self.ranges: list[tuple[int, int]] = []
+        self.in_flight = self.most = 0
+        self.lock = threading.Lock()
+        self.barrier = threading.Barrier(gate, timeout=10) if gate else None  # broken unless
+        cat_file = MemoryFileSystem.cat_file  # `gate` GETs overlap
+
+        def counting(fs, path, start=None, end=None, **kwargs):
+            with self.lock:
+                self.in_flight += 1
+                self.most = max(self.most, self.in_flight)
+                self.ranges.append((start, end))
+                held = self.barrier is not None and len(self.ranges) <= gate
+            try:
+                if held:
+                    self.barrier.wait()
+                return cat_file(fs, path, start, end, **kwargs)
+            finally:
+                with self.lock:
+                    self.in_flight -= 1
+
+        monkeypatch.setattr(MemoryFileSystem, 'cat_file', counting)
+
+
+@pytest.mark.parametrize('how', ['load_npz', 'load', 'load keys reversed'])
+def test_a_load_fetches_the_members_headers_ahead_many_at_once(memory, monkeypatch, how):
+    """Members far apart: each one's headers a GET of their own, more in flight at once than
+    pieces of data are (a round trip each otherwise); then the data, each byte once."""
+    model = {f'm{index:02d}': numpy.full(32 * 1024, index, numpy.float64) for index in range(12)}
+    gpuserial.save('memory://a/m.npz', model)  # 256 KiB members: their headers far apart
+    size = memory.size('/a/m.npz')
+    with zipfile.ZipFile(io.BytesIO(memory.cat_file('/a/m.npz'))) as archive:
+        offsets = sorted(info.header_offset for info in archive.infolist())
+    gate = remote.FETCHES_IN_FLIGHT + 4
+    gets = _Gets(monkeypatch, gate)
+    if how == 'load_npz':
+        loaded = {key: numpy.zeros_like(value) for key, value in model.items()}
+        gpuserial.load_npz('memory://a/m.npz', loaded)
+    else:
+        keys = list(model)[::-1] if how == 'load keys reversed' else None
+        loaded = gpuserial.load('memory://a/m.npz', keys=keys)
+    _assert_bits(loaded, model)
+    headers = [(offset, min(size, offset + npz.REMOTE_WINDOW)) for offset in offsets]
+    assert gets.ranges[:len(headers)] == headers  # whatever the order asked: the file's
+    assert gate <= gets.most <= remote.SMALL_FETCHES_IN_FLIGHT
+    data = sorted(gets.ranges[len(headers):])
+    assert all(end == start for (_, end), (start, _) in zip(data, data[1:], strict=False))
+    assert data[0][0] < offsets[0] + npz.REMOTE_WINDOW and data[-1][1] > offsets[-1]
+
+
+def test_a_bad_member_fetched_ahead_fails_only_the_load_that_asks_for_it(memory):
+    model = {f'm{index}': numpy.full(1000, index, numpy.float32) for index in range(4)}
+    gpuserial.save('memory://a/m.npz', model)
+    data = bytearray(memory.cat_file('/a/m.npz'))
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as archive:
+        offset = archive.getinfo('m2.npy').header_offset
+    data[offset:offset + 4] = b'PK\x05\x06'  # not a local header's signature
+    memory.pipe('/a/m.npz', bytes(data))
+    others = [key for key in model if key != 'm2']
+    _assert_bits(gpuserial.load('memory://a/m.npz', keys=others), {k: model[k] for k in others})
+    target = {key: numpy.zeros(1000, numpy.float32) for key in others}
+    gpuserial.load_npz('memory://a/m.npz', target)
+    _assert_bits(target, {key: model[key] for key in others})
+    with pytest.raises(gpuserial.KeyNotFoundError, match=r"m\.npz', key 'm9': not in the"):
+        gpuserial.load('memory://a/m.npz', keys=['m0', 'm9'])
+    assert list(gpuserial.load('memory://a/m.npz', keys=['m9', 'm1'], strict=False)) == ['m1']
+    for load in (lambda: gpuserial.load('memory://a/m.npz'),
+                 lambda: gpuserial.load_npz('memory://a/m.npz', {'m2': numpy.zeros(1000)})):
+        with pytest.raises(gpuserial.CorruptFileError,
+                           match=r"m\.npz', key 'm2': bad local file header"):
+            load()
+
+
+def test_small_announced_ranges_are_fetched_many_at_once_within_the_bytes_of_a_few_pieces(
+        memory, monkeypatch):
+    piece = 64 * 1024
+    monkeypatch.setattr(remote, 'FETCH_PIECE', piece)
+    data = bytes(range(256)) * 4096 * 4  # 4 MiB
+    memory.pipe('/a/obj', data)
+    with remote.remote_input(remote.location_of('memory://a/obj')) as f:
+        for length, most in ((40 * 1024, 6), (1000, remote.SMALL_FETCHES_IN_FLIGHT),
+                             (3 * piece, remote.FETCHES_IN_FLIGHT)):
+            apart = length + remote.FETCH_GAP + 1  # not merged
+            ranges = [(start, start + length) for start in range(0, len(data) - length, apart)]
+            f.expect(ranges)
+            f.seek(ranges[0][0])
+            assert f.read(100) == data[ranges[0][0]:ranges[0][0] + 100]
+            # in flight: as many as fit in FETCHES_IN_FLIGHT pieces' bytes, 16 at most
+            assert len(f.fetches) == most, length
+            assert sum(stop - start for start, stop, _ in f.fetches) <= (
+                remote.FETCHES_IN_FLIGHT * piece)
+            f.seek(ranges[1][0])  # the first read past: topped up to as many again
+            assert f.read(100) == data[ranges[1][0]:ranges[1][0] + 100]
+            assert len(f.fetches) == most, length
+            for start, stop in ranges:  # and every range reads right
+                f.seek(start)
+                assert f.read(stop - start) == data[start:stop]
 
 
 def test_announced_ranges_merge_and_ranges_within_them_change_nothing(memory, monkeypatch):

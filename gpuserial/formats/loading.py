@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import itertools
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy
@@ -101,6 +102,11 @@ class Reader:
     def entry(self, key: str) -> Entry | None:
         """The entry under ``key``, checked against the file, or None when there is none."""
         raise NotImplementedError
+
+    def expect_entries(self, keys: Iterable[str] | None = None, under: str = '') -> None:
+        """Says which entries :meth:`entry` is about to be asked for (these keys, else all
+        those under this path), so that a file that can fetch ahead (an object in a store)
+        reads their headers ahead; by default nothing."""
 
     def read_into(self, entry: Entry, dst) -> None:
         """Fills ``dst`` (of the entry's shape, any backend, any dtype it casts to) in place."""
@@ -310,6 +316,7 @@ class ReaderDeserializer(Deserializer):
                             f'device={self.device.name!r}: it has no to_device() and does not '
                             f'declare keeps_returned_arrays; load it without device= and move '
                             f'its arrays')
+        self.reader.expect_entries(under=self.path)
         pending = _PendingFills()
         deferring = object.__new__(type(self))  # this deserializer, deferring its fills
         deferring.__dict__.update(self.__dict__, _pending=pending, _new_arrays_on_device=keeps)

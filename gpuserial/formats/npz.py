@@ -47,6 +47,7 @@ HEADER_GUESS = 256  # bytes read for a member's .npy header, which numpy pads to
 READ_ERRORS = (_zipread.ZipError, OSError, EOFError)  # a member's, named with the file and key
 SMALL_MEMBER_BYTES = 64 << 10  # arrays up to this size are written whole, with neighbours
 MEMBER_OVERHEAD_BYTES = 512  # a member's zip headers and .npy header, at a guess (upload sizes)
+REMOTE_WINDOW = 4 << 10  # the read-ahead window of an object in a store: a member's headers
 
 
 class DictionarySerializer(Serializer):
@@ -265,7 +266,9 @@ class Archive:
     def __init__(self, fp: ArchiveFile, members: list | None = None, owned: bool = False):
         self.raw = fp
         self.members = _zipread.read_directory(fp) if members is None else members
-        self.fp = _zipread.WindowedFile(fp)
+        self.expect = getattr(fp, 'expect', None)  # an object in a store fetches ahead
+        self.fp = _zipread.WindowedFile(fp, _zipread.WINDOW if self.expect is None
+                                        else REMOTE_WINDOW)
         self.size = fp.seek(0, os.SEEK_END)
         self.owned = owned
 
@@ -299,6 +302,25 @@ class _ZipReader(loading.Reader):
         self.name = name
         self._infos = npy_members(archive, name)
         self._entries: dict[str, loading.Entry | None] = {}
+
+    def expect_entries(self, keys: Iterable[str] | None = None, under: str = '') -> None:
+        """For an object in a store: parses these members' headers now, in the file's order,
+        the store told first all their ranges, so that they are fetched ahead, several at once
+        (else one round trip each, in whatever order they are asked for). A member that fails
+        is left to fail again when asked for."""
+        if self.archive.expect is None:
+            return
+        size = self.archive.size
+        wanted = (((key, self._infos.get(key)) for key in keys) if keys is not None else
+                  ((key, info) for key, info in self._infos.items() if key.startswith(under)))
+        ordered = sorted((info.header_offset, key) for key, info in wanted
+                         if info is not None and key not in self._entries
+                         and 0 <= info.header_offset < size)
+        self.archive.expect([(offset, min(size, offset + REMOTE_WINDOW))
+                             for offset, _ in ordered])
+        for _, key in ordered:
+            with contextlib.suppress(GpuserialError):
+                self.entry(key)
 
     def keys(self) -> list[str]:
         return list(self._infos)
@@ -384,10 +406,9 @@ class _ZipReader(loading.Reader):
         """The fills in the file's order, their members announced to a file that can fetch
         them ahead (an object in a store)."""
         ordered = sorted(fills, key=lambda fill: fill[0].token[0].header_offset)
-        expect = getattr(self.archive.raw, 'expect', None)  # none for a local file
-        if expect is not None:
-            expect([(data_start, data_start + info.compress_size)
-                    for info, _, data_start in (entry.token for entry, _ in ordered)])
+        if self.archive.expect is not None:  # none for a local file
+            self.archive.expect([(data_start, data_start + info.compress_size)
+                                 for info, _, data_start in (entry.token for entry, _ in ordered)])
         return ordered
 
     def reads_whole(self, entry: loading.Entry, dst) -> bool:

@@ -47,6 +47,8 @@ UPLOAD_BLOCK = 16 << 20  # bytes buffered per uploaded part (S3 takes 5 MiB at l
 MAX_PARTS = 9000  # S3 takes up to 10,000 parts: larger objects get larger blocks
 FETCH_PIECE = 8 << 20  # the most bytes of one ranged GET
 FETCHES_IN_FLIGHT = 4  # ranged GETs at once, ahead of the reader, in a large read or a member
+SMALL_FETCHES_IN_FLIGHT = 16  # GETs at once of ranges smaller than a piece (members' headers),
+# while their bytes are no more than FETCHES_IN_FLIGHT pieces
 FETCH_GAP = 64 << 10  # announced ranges this close are fetched as one (the gap too)
 COPY_PIECE = 8 << 20  # bytes copied at a time between a spool file and an object
 SPOOL_DIR_VARIABLE = 'GPUSERIAL_SPOOL_DIR'  # where HDF5 spool files go (default: the temp dir)
@@ -248,7 +250,8 @@ class Ranged:
     A small read is one ranged GET of what was asked for. Byte ranges announced with
     :meth:`expect` (the members a load reads, in order) and large reads are fetched as ranged
     GETs of :data:`FETCH_PIECE` bytes, up to :data:`FETCHES_IN_FLIGHT` at once ahead of the
-    reader, never outside those ranges. One GET at a time is bound by its round trip and one
+    reader (up to :data:`SMALL_FETCHES_IN_FLIGHT` of smaller ranges, as many bytes at most),
+    never outside those ranges. One GET at a time is bound by its round trip and one
     connection's rate; several in flight are how object stores give their bandwidth. Memory:
     at most ``FETCHES_IN_FLIGHT + 1`` pieces.
     """
@@ -345,12 +348,17 @@ class Ranged:
             self._drop_fetches()
             self.next_fetch = (index, self.position)
         if self.pool is None:
-            self.pool = concurrent.futures.ThreadPoolExecutor(FETCHES_IN_FLIGHT,
-                                                              'gpuserial-fetch')
-        while len(self.fetches) < FETCHES_IN_FLIGHT and self.next_fetch[0] < len(self.ranges):
+            self.pool = concurrent.futures.ThreadPoolExecutor(
+                max(FETCHES_IN_FLIGHT, SMALL_FETCHES_IN_FLIGHT), 'gpuserial-fetch')
+        in_flight = sum(stop - start for start, stop, _ in self.fetches)
+        while (self.next_fetch[0] < len(self.ranges)
+               and len(self.fetches) < max(FETCHES_IN_FLIGHT, SMALL_FETCHES_IN_FLIGHT)):
             index, start = self.next_fetch
             end = self.ranges[index][1]
             stop = min(start + FETCH_PIECE, end)
+            in_flight += stop - start
+            if self.fetches and in_flight > FETCHES_IN_FLIGHT * FETCH_PIECE:
+                break
             self.fetches.append((start, stop, self.pool.submit(self._fetch, start, stop)))
             following = index + 1
             self.next_fetch = ((index, stop) if stop < end else
