@@ -61,6 +61,8 @@ CPU_PAIRS = [
          'gpuserial.load_npz compressed', 'numpy.load compressed (Chainer)', 1.3),
     Pair('save_npz durable vs raw write+fsync', 'durable', 'gpuserial.save_npz +fsync',
          'raw write +fsync', None),
+    Pair('save_hdf5 durable vs h5py+fsync', 'durable', 'gpuserial.save_hdf5 +fsync',
+         'h5py create_dataset +fsync', None),
     Pair('save_npz vs torch.save', 'peers', 'gpuserial.save_npz', 'torch.save', None),
     Pair('save_npz vs safetensors', 'peers', 'gpuserial.save_npz', 'safetensors save_file',
          None),
