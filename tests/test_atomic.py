@@ -670,6 +670,7 @@ class _WritebackCalls:
         self.real = _fileio._sync_file_range
         monkeypatch.setattr(_fileio, '_sync_file_range', self)
         monkeypatch.setattr(_fileio, 'WRITEBACK_STEP', step)
+        monkeypatch.setattr(_fileio, 'WRITEBACK_MIN', 2 * step)
 
     def __call__(self, fd: int, offset: int, length: int, flags: int) -> int:
         self.calls.append((offset, length, flags, os.fstat(fd).st_size))
@@ -776,3 +777,24 @@ def test_the_writeback_flags_are_the_kernels():
     writeback, or stop waiting for the step before, and still pass every other test."""
     assert _fileio._SYNC_FILE_RANGE_WRITE == 2  # SYNC_FILE_RANGE_WRITE
     assert _fileio._SYNC_FILE_RANGE_WRITE_AND_WAIT == 7  # ..._WAIT_BEFORE | _WRITE | _WAIT_AFTER
+
+
+@pytest.mark.parametrize('fmt', ['npz', 'npz-stored', 'hdf5'])
+def test_only_durable_saves_of_writeback_min_bytes_or_more_start_the_writeback(
+        fmt, tmp_path, monkeypatch):
+    """Below it the thread would cost a small save more than the fsync it shortens."""
+    started = []
+    real = _fileio._early_writeback
+    monkeypatch.setattr(_fileio, '_early_writeback', lambda path: started.append(path)
+                        or real(path))
+    save, load, ext = FORMATS[fmt]
+    state = {'a': numpy.random.default_rng(0).random(1 << 14)}  # 128 KiB
+    save(tmp_path / f'small{ext}', state)
+    assert started == []
+    monkeypatch.setattr(_fileio, 'WRITEBACK_MIN', state['a'].nbytes)
+    save(tmp_path / f'm{ext}', state)
+    save(tmp_path / f'not{ext}', state, durable=False)
+    assert len(started) == 1 and os.path.basename(started[0]).startswith(f'.m{ext}.')
+    target = {'a': numpy.zeros(1 << 14)}
+    load(tmp_path / f'm{ext}', target)
+    assert numpy.array_equal(target['a'], state['a'])

@@ -554,7 +554,8 @@ def write_planned(filename, serializer: HDF5Serializer, plan: _Plan, *, durable:
         with _signals.deferred():
             _write_guarded(filename, serializer, plan, entries)
         return
-    with atomic_path(filename, durable=durable) as temp, _signals.deferred():
+    with atomic_path(filename, durable=durable, size_hint=_file_bytes(plan)) as temp, \
+            _signals.deferred():
         if _roomy(os.path.dirname(temp) or '.', plan):  # libhdf5 writes the file itself
             open(temp, 'xb').close()  # Python's own error if it cannot be made
             os.unlink(temp)  # for libhdf5 to create: truncating a file makes ext4 flush on close
@@ -565,13 +566,18 @@ def write_planned(filename, serializer: HDF5Serializer, plan: _Plan, *, durable:
                 _write_guarded(out, serializer, plan, entries)
 
 
+def _file_bytes(plan: _Plan) -> int:
+    """The bytes of the file ``plan`` makes, at a guess (without compression)."""
+    return plan.nbytes + len(plan.entries) * HDF5_ENTRY_BYTES + HDF5_FILE_BYTES
+
+
 def _roomy(directory: str, plan: _Plan) -> bool:
     """Whether the disk has room to spare for the file: libhdf5 crashes the process when a write
     fails as it closes a file (HDF5 2.0), so a save that might fill the disk writes through
     :class:`_KeptErrorFile` instead, more slowly (about 1.5 times for many small entries)."""
     if resource is None:  # pragma: no cover - not on Windows
         return False
-    needed = plan.nbytes + len(plan.entries) * HDF5_ENTRY_BYTES + HDF5_FILE_BYTES
+    needed = _file_bytes(plan)
     try:
         info = os.statvfs(directory)
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]  # a process's own file size limit

@@ -130,7 +130,7 @@ def _fsync_directory(directory: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path, *, durable: bool) -> Iterator[str]:
+def atomic_path(path, *, durable: bool, size_hint: int | None = None) -> Iterator[str]:
     """A fresh temporary path beside ``path`` that replaces it only when the block succeeds.
 
     The block creates the file (it does not exist yet: opening a fresh file costs ext4 much
@@ -140,7 +140,9 @@ def atomic_path(path, *, durable: bool) -> Iterator[str]:
     other processes, but after a crash of the machine the file may be old or empty. On any
     exception (Ctrl-C too) the temporary file is removed and the target is left as it was.
     Temporary files left in the directory by saves whose process died (killed, or its machine
-    rebooted) are removed by the next save there, whatever their target.
+    rebooted) are removed by the next save there, whatever their target. A durable save of
+    ``size_hint`` bytes or more (or of an unknown size) hands its bytes to the disk as it
+    writes them (:func:`_early_writeback`).
     """
     path = os.fsdecode(path)
     if os.path.islink(path):  # write through the link, as numpy does, keeping the link
@@ -154,7 +156,9 @@ def atomic_path(path, *, durable: bool) -> Iterator[str]:
     temp = f'{_temp_prefix(path)}{os.getpid()}-{HOST}-{secrets.token_hex(6)}{TEMP_SUFFIX}'
     try:
         try:
-            with _early_writeback(temp) if durable else contextlib.nullcontext():
+            with (_early_writeback(temp) if durable and (size_hint is None
+                                                         or size_hint >= WRITEBACK_MIN)
+                  else contextlib.nullcontext()):
                 yield temp
         except OSError as error:
             if error.filename != temp:
@@ -180,6 +184,7 @@ def atomic_path(path, *, durable: bool) -> Iterator[str]:
 
 
 WRITEBACK_STEP = 8 << 20  # bytes the early writeback hands the disk at a time, at least
+WRITEBACK_MIN = 2 * WRITEBACK_STEP  # smaller saves: the thread would cost more than it saves
 _WRITEBACK_POLL = 0.005  # seconds between its looks at the file's size
 
 
@@ -294,7 +299,8 @@ def atomic_output(file, *, durable: bool, storage_options: dict | None = None,
     if not is_path(file):
         yield file
         return
-    with atomic_path(file, durable=durable) as temp, open(temp, 'xb') as out:
+    with atomic_path(file, durable=durable, size_hint=size_hint) as temp, \
+            open(temp, 'xb') as out:
         yield out
 
 

@@ -56,7 +56,7 @@ class LocalFolder:
                size_hint: int | None = None) -> contextlib.AbstractContextManager[BinaryIO]:
         """A file replaced atomically once the block succeeds (``fresh`` changes nothing: a
         rename costs nothing here)."""
-        return _fileio.atomic_output(self.show(name), durable=durable)
+        return _fileio.atomic_output(self.show(name), durable=durable, size_hint=size_hint)
 
     def read_bytes(self, name: str, limit: int) -> bytes:
         """The file's first ``limit + 1`` bytes at most (so a longer file shows).
