@@ -738,10 +738,26 @@ def test_a_durable_save_hands_its_bytes_to_the_disk_while_it_writes(fmt, tmp_pat
     assert all(numpy.array_equal(target[key], state[key]) for key in state)
 
 
-def test_where_the_writeback_call_fails_the_durable_save_goes_on_without_it(
-        tmp_path, monkeypatch):
+def _failing_writeback(monkeypatch, error: int, on_flags: int) -> list:
+    """``sync_file_range`` failing with ``error`` for calls with ``on_flags``; its calls."""
     calls = []
-    monkeypatch.setattr(_fileio, '_sync_file_range', lambda *args: calls.append(args) or -1)
+
+    def call(fd, offset, length, flags):
+        calls.append((offset, length, flags))
+        if flags != on_flags:
+            return 0
+        ctypes.set_errno(error)
+        return -1
+
+    monkeypatch.setattr(_fileio, '_sync_file_range', call)
+    return calls
+
+
+@pytest.mark.parametrize('error', [errno.EINVAL, errno.ENOSYS, errno.ESPIPE],
+                         ids=['einval', 'enosys', 'espipe'])
+def test_where_the_writeback_call_is_unsupported_the_save_goes_on_without_it(
+        tmp_path, monkeypatch, error):
+    calls = _failing_writeback(monkeypatch, error, _fileio._SYNC_FILE_RANGE_WRITE)
     monkeypatch.setattr(_fileio, 'WRITEBACK_STEP', 4096)
     path = tmp_path / 'file'
     with _fileio._early_writeback(str(path)):
@@ -753,6 +769,30 @@ def test_where_the_writeback_call_fails_the_durable_save_goes_on_without_it(
             f.flush()
             time.sleep(0.05)
     assert len(calls) == 1  # tried once, then left to the fsync
+
+
+@pytest.mark.parametrize('flags', [_fileio._SYNC_FILE_RANGE_WRITE,
+                                   _fileio._SYNC_FILE_RANGE_WRITE_AND_WAIT],
+                         ids=['start', 'wait'])
+@pytest.mark.parametrize('error', [errno.EIO, errno.ENOSPC], ids=['eio', 'enospc'])
+def test_a_failed_writeback_fails_the_durable_save_and_leaves_the_old_file(
+        fmt, old_file, monkeypatch, flags, error):
+    """The kernel reports a writeback error once, to the call that waits (or starts) it: the
+    fsync after would not see it, so the save raises it, and the old file stays."""
+    from gpuserial.engine import transfer
+    calls = _failing_writeback(monkeypatch, error, flags)
+    monkeypatch.setattr(_fileio, 'WRITEBACK_STEP', 64 << 10)
+    monkeypatch.setattr(_fileio, 'WRITEBACK_MIN', 0)
+    real_check = _signals.check
+    monkeypatch.setattr(_signals, 'check', lambda: time.sleep(0.002) or real_check())
+    path, old = old_file
+    state = dict(kill_saver.state(1), big=numpy.random.default_rng(0).random(1 << 18))  # 2 MiB
+    with transfer.configure(chunk_bytes=64 << 10), \
+            pytest.raises(OSError, match=r'\(writing the file back to the disk\)') as raised:
+        FORMATS[fmt][0](path, state)
+    assert raised.value.errno == error
+    assert calls[-1][2] == flags
+    _assert_intact(path, old, fmt)
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason="sync_file_range is Linux's")
@@ -798,3 +838,16 @@ def test_only_durable_saves_of_writeback_min_bytes_or_more_start_the_writeback(
     target = {'a': numpy.zeros(1 << 14)}
     load(tmp_path / f'm{ext}', target)
     assert numpy.array_equal(target['a'], state['a'])
+
+
+def test_where_no_thread_can_start_a_durable_save_goes_on_without_the_writeback(
+        tmp_path, monkeypatch):
+    def refused(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(_fileio, 'WRITEBACK_MIN', 0)
+    monkeypatch.setattr(threading.Thread, 'start', refused)
+    serializers.save_npz(tmp_path / 'm.npz', kill_saver.state(1), compression=False)
+    target = kill_saver.zeros()
+    serializers.load_npz(tmp_path / 'm.npz', target)
+    assert target['which'] == 1

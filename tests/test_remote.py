@@ -5,11 +5,13 @@ of data, and fsspec imported only for URLs."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 
 import fsspec
@@ -128,6 +130,37 @@ def test_a_subset_load_reads_only_its_byte_ranges(bucket):
         assert sum(last - first + 1 for first, last in bucket.ranges()) < 300 * 1024
 
 
+@pytest.mark.parametrize('compression', [False, True], ids=['stored', 'deflated'])
+def test_a_load_into_an_object_asking_for_one_member_reads_little_else(bucket, compression):
+    """Stored members' headers are read ahead (4 KiB each), whether asked for or not; the data
+    of members not asked for, never, nor (deflated) anything of theirs."""
+    rng = numpy.random.default_rng(0)
+    model = {f'layer{i}': rng.integers(0, 256, MiB, dtype=numpy.uint8) for i in range(10)}
+    url = bucket.url('big.npz')
+    gpuserial.save(url, model, compression=compression, storage_options=bucket.options)
+    bucket.calls.clear()
+    target = {'layer5': numpy.zeros(MiB, numpy.uint8)}
+    gpuserial.load_npz(url, target, storage_options=bucket.options)
+    assert target['layer5'].tobytes() == model['layer5'].tobytes()
+    ranges = bucket.ranges()
+    fetched = sum(last - first + 1 for first, last in ranges)
+    headers = 0 if compression else len(model) * npz.REMOTE_WINDOW
+    # the member, the zip directory, read-ahead windows (256 KiB) before and after its data
+    assert MiB <= fetched <= MiB + 3 * 256 * 1024 + headers, ranges
+    assert len(ranges) <= 6 + (len(model) if not compression else 0), ranges
+
+
+def test_lazy_access_to_many_small_members_reads_a_window_of_them_at_a_time(bucket):
+    model = {f'm{i:03d}': numpy.full(1024, i, numpy.float32) for i in range(200)}  # 4 KiB each
+    url = bucket.url('small.npz')
+    gpuserial.save(url, model, storage_options=bucket.options)
+    with gpuserial.open(url, storage_options=bucket.options) as f:
+        bucket.calls.clear()
+        assert all(f.metadata(key).shape == (1024,) for key in f.keys())
+        assert len(bucket.ranges()) <= 6  # 256 KiB windows: some 60 members each
+        assert f.get('m123').tolist() == [123.0] * 1024
+
+
 def test_a_large_member_is_read_in_bounded_pieces(bucket, monkeypatch):
     monkeypatch.setattr(remote, 'FETCH_PIECE', MiB)
     array = numpy.arange(3 * MiB // 8 + 5, dtype=numpy.float64)
@@ -241,6 +274,25 @@ def test_a_load_fetches_the_members_headers_ahead_many_at_once(memory, monkeypat
     assert data[0][0] < offsets[0] + npz.REMOTE_WINDOW and data[-1][1] > offsets[-1]
 
 
+def test_small_members_between_large_ones_are_fetched_once(memory, monkeypatch):
+    """Where the store fetches ahead, the zip reader reads no window ahead of its own: a window
+    run past the start of the next large member would make that member's read go back, and
+    the fetches start afresh."""
+    monkeypatch.setattr(remote, 'FETCH_PIECE', 256 * 1024)
+    rng = numpy.random.default_rng(0)
+    model = {}
+    for index in range(12):
+        model[f'w{index:02d}'] = rng.random(600 * 1024 // 8)  # read straight into the array
+        model[f'b{index:02d}'] = rng.random(1024 // 8)  # through the window
+    gpuserial.save('memory://a/m.npz', model)
+    size = memory.size('/a/m.npz')
+    gets = _Gets(monkeypatch)
+    _assert_bits(gpuserial.load('memory://a/m.npz'), model)
+    fetched = sum(end - start for start, end in gets.ranges)
+    headers = len(model) * npz.REMOTE_WINDOW
+    assert fetched <= size + headers, (fetched, size)
+
+
 def test_a_bad_member_fetched_ahead_fails_only_the_load_that_asks_for_it(memory):
     model = {f'm{index}': numpy.full(1000, index, numpy.float32) for index in range(4)}
     gpuserial.save('memory://a/m.npz', model)
@@ -288,6 +340,62 @@ def test_small_announced_ranges_are_fetched_many_at_once_within_the_bytes_of_a_f
             for start, stop in ranges:  # and every range reads right
                 f.seek(start)
                 assert f.read(stop - start) == data[start:stop]
+
+
+def test_fetches_dropped_while_running_still_count_against_the_bytes_in_flight(
+        memory, monkeypatch):
+    """A read past them or a seek back drops the fetches ahead, but those already running hold
+    their memory and their connection until they end: new ones wait for room."""
+    piece = 64 * 1024
+    monkeypatch.setattr(remote, 'FETCH_PIECE', piece)
+    data = bytes(range(256)) * 4096  # 1 MiB
+    memory.pipe('/a/obj', data)
+    gates = {range(1, 4): threading.Event(), range(9, 12): threading.Event()}  # pieces held
+    running, most = [0], [0]
+    lock = threading.Lock()
+    cat_file = MemoryFileSystem.cat_file
+
+    def held(fs, path, start=None, end=None, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            for pieces, gate in gates.items():
+                if start // piece in pieces:
+                    assert gate.wait(10)
+            return cat_file(fs, path, start, end, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    def running_ahead(f) -> None:  # the fetches after the first have started (none queued)
+        deadline = time.monotonic() + 10
+        while not all(fetch.running() for _, _, fetch in list(f.fetches)[1:]):
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+
+    def held_bytes(f) -> int:
+        return sum(stop - start for start, stop, _ in (*f.fetches, *f.dropped))
+
+    monkeypatch.setattr(MemoryFileSystem, 'cat_file', held)
+    with remote.remote_input(remote.location_of('memory://a/obj')) as f:
+        f.expect([(0, len(data))])
+        assert f.read(100) == data[:100]  # pieces 1-3 now run, held
+        running_ahead(f)
+        f.seek(8 * piece)  # read past them: dropped, but they still run
+        assert f.read(100) == data[8 * piece:8 * piece + 100]
+        assert len(f.dropped) == 3 and len(f.fetches) == 1  # room for one piece only
+        assert held_bytes(f) <= remote.FETCHES_IN_FLIGHT * piece
+        gates[range(1, 4)].set()
+        concurrent.futures.wait([fetch for _, _, fetch in f.dropped], timeout=10)
+        assert f.read(piece - 100) == data[8 * piece + 100:9 * piece]  # 9-11 now run, held
+        running_ahead(f)
+        f.seek(0)  # back: a fresh start, 9-11 dropped while running
+        assert f.read(100) == data[:100]
+        assert len(f.dropped) == 3 and held_bytes(f) <= remote.FETCHES_IN_FLIGHT * piece
+        assert most[0] <= remote.FETCHES_IN_FLIGHT
+        gates[range(9, 12)].set()
+        assert f.read(len(data)) == data[100:]
 
 
 def test_announced_ranges_merge_and_ranges_within_them_change_nothing(memory, monkeypatch):

@@ -228,8 +228,11 @@ class WindowedFile:
             return self.data[at:at + count]
         if count >= DIRECT:
             return None
+        fetching = getattr(self.fp, 'fetching_ahead', None)  # an object in a store
+        size = count if fetching is not None and fetching(self.position) else max(self.window,
+                                                                                   count)
         self.fp.seek(self.position)
-        self.bytes = self.fp.read(max(self.window, count))
+        self.bytes = self.fp.read(size)
         self.data = memoryview(self.bytes)
         self.start = self.position
         return self.data[:count]

@@ -47,7 +47,7 @@ HEADER_GUESS = 256  # bytes read for a member's .npy header, which numpy pads to
 READ_ERRORS = (_zipread.ZipError, OSError, EOFError)  # a member's, named with the file and key
 SMALL_MEMBER_BYTES = 64 << 10  # arrays up to this size are written whole, with neighbours
 MEMBER_OVERHEAD_BYTES = 512  # a member's zip headers and .npy header, at a guess (upload sizes)
-REMOTE_WINDOW = 4 << 10  # the read-ahead window of an object in a store: a member's headers
+REMOTE_WINDOW = 4 << 10  # bytes fetched at each member's local header for its headers
 
 
 class DictionarySerializer(Serializer):
@@ -267,8 +267,7 @@ class Archive:
         self.raw = fp
         self.members = _zipread.read_directory(fp) if members is None else members
         self.expect = getattr(fp, 'expect', None)  # an object in a store fetches ahead
-        self.fp = _zipread.WindowedFile(fp, _zipread.WINDOW if self.expect is None
-                                        else REMOTE_WINDOW)
+        self.fp = _zipread.WindowedFile(fp)
         self.size = fp.seek(0, os.SEEK_END)
         self.owned = owned
 
@@ -305,17 +304,19 @@ class _ZipReader(loading.Reader):
 
     def expect_entries(self, keys: Iterable[str] | None = None, under: str = '') -> None:
         """For an object in a store: parses these members' headers now, in the file's order,
-        the store told first all their ranges, so that they are fetched ahead, several at once
-        (else one round trip each, in whatever order they are asked for). A member that fails
-        is left to fail again when asked for."""
+        the store told first all their ranges (:data:`REMOTE_WINDOW` at each local header), so
+        that they are fetched ahead, several at once (else one round trip each, in whatever
+        order they are asked for). Stored members only: a
+        deflated member's header is read as its data is. A member that fails is left to fail
+        again when asked for."""
         if self.archive.expect is None:
             return
         size = self.archive.size
         wanted = (((key, self._infos.get(key)) for key in keys) if keys is not None else
                   ((key, info) for key, info in self._infos.items() if key.startswith(under)))
         ordered = sorted((info.header_offset, key) for key, info in wanted
-                         if info is not None and key not in self._entries
-                         and 0 <= info.header_offset < size)
+                         if info is not None and info.compress_type == _zipstream.STORED
+                         and key not in self._entries and 0 <= info.header_offset < size)
         self.archive.expect([(offset, min(size, offset + REMOTE_WINDOW))
                              for offset, _ in ordered])
         for _, key in ordered:

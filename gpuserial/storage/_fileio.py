@@ -6,6 +6,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import hashlib
 import os
 import secrets
@@ -204,41 +205,56 @@ def _early_writeback(path: str) -> Iterator[None]:
     if _sync_file_range is None:
         yield
         return
-    stop = threading.Event()
-    thread = threading.Thread(target=_follow, args=(path, stop), name='gpuserial-writeback')
-    thread.start()
+    stop, failed = threading.Event(), list[int]()
+    thread = threading.Thread(target=_follow, args=(path, stop, failed), daemon=True,
+                              name='gpuserial-writeback')
+    try:
+        thread.start()
+    except RuntimeError:  # no thread to be had (the interpreter is exiting): the fsync does all
+        yield
+        return
     try:
         yield
     finally:
         stop.set()
         thread.join()
+    if failed:  # the kernel tells a writeback error once: to the thread's call, not the fsync
+        raise OSError(failed[0], f'{os.strerror(failed[0])} (writing the file back to the disk)')
 
 
-def _follow(path: str, stop: threading.Event) -> None:
+def _follow(path: str, stop: threading.Event, failed: list[int]) -> None:
+    """The thread of :func:`_early_writeback`: until ``stop``, hands over each whole step of
+    the file at ``path`` and waits for the one before; appends to ``failed`` the errno of a
+    writeback that failed (else lost: the kernel reports it once)."""
     fd = None
     try:
         started = 0  # the file's bytes before this have been handed to the disk
         waiting: tuple[int, int] | None = None  # the step handed over last, not yet waited on
-        while True:
+        while not stop.is_set():
             if fd is None:
                 with contextlib.suppress(FileNotFoundError):  # the block has not created it yet
                     fd = os.open(path, os.O_RDONLY)
             if fd is not None:
                 end = os.fstat(fd).st_size // WRITEBACK_STEP * WRITEBACK_STEP
                 if end > started:
-                    if _sync_file_range(fd, started, end - started, _SYNC_FILE_RANGE_WRITE):
-                        return  # not supported here: the final fsync does it all
-                    if waiting is not None:
-                        _sync_file_range(fd, *waiting, _SYNC_FILE_RANGE_WRITE_AND_WAIT)
+                    if (_sync_file_range(fd, started, end - started, _SYNC_FILE_RANGE_WRITE)
+                            or waiting is not None and _sync_file_range(
+                                fd, *waiting, _SYNC_FILE_RANGE_WRITE_AND_WAIT)):
+                        error = ctypes.get_errno()
+                        if error not in _UNSUPPORTED:
+                            failed.append(error)
+                        return  # the final fsync does the rest
                     waiting, started = (started, end - started), end
                     continue
-            if stop.wait(_WRITEBACK_POLL):
-                return
+            stop.wait(_WRITEBACK_POLL)
     except OSError:  # the file is gone (the save failed): nothing left to help with
         return
     finally:
         if fd is not None:
             os.close(fd)
+
+
+_UNSUPPORTED = {errno.EINVAL, errno.ESPIPE, errno.ENOSYS, errno.EOPNOTSUPP}  # no such call here
 
 
 def _linux_call(name: str, *argtypes):

@@ -263,6 +263,7 @@ class Ranged:
         self.position = 0
         self.ranges: list[tuple[int, int]] = []  # announced: fetched ahead, in order
         self.fetches: collections.deque = collections.deque()  # (start, stop, Future of bytes)
+        self.dropped: list = []  # fetches no longer wanted that were running: their memory
         self.next_fetch = (0, 0)  # the range and the position the next fetch starts at
         self.pool: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -279,6 +280,12 @@ class Ranged:
                 self.ranges[-1] = (self.ranges[-1][0], max(end, self.ranges[-1][1]))
             elif end > start:
                 self.ranges.append((start, end))
+
+    def fetching_ahead(self, position: int) -> bool:
+        """Whether ``position`` lies in an announced range, fetched ahead: a reader's own
+        read-ahead there gains nothing, and a read it ran past would start the fetches
+        afresh."""
+        return self._range_at(position) is not None
 
     def _range_at(self, position: int) -> int | None:
         index = bisect.bisect_right(self.ranges, (position, math.inf)) - 1
@@ -343,21 +350,23 @@ class Ranged:
         range ``index``), the fetches ahead topped up; returns the count (0 where the object
         ends)."""
         while self.fetches and self.fetches[0][1] <= self.position:
-            self.fetches.popleft()[2].cancel()  # read past
+            self._drop(self.fetches.popleft())  # read past
         if not self.fetches or self.fetches[0][0] > self.position:  # a seek: start afresh
             self._drop_fetches()
             self.next_fetch = (index, self.position)
         if self.pool is None:
             self.pool = concurrent.futures.ThreadPoolExecutor(
                 max(FETCHES_IN_FLIGHT, SMALL_FETCHES_IN_FLIGHT), 'gpuserial-fetch')
-        in_flight = sum(stop - start for start, stop, _ in self.fetches)
-        while (self.next_fetch[0] < len(self.ranges)
-               and len(self.fetches) < max(FETCHES_IN_FLIGHT, SMALL_FETCHES_IN_FLIGHT)):
+        self.dropped = [fetch for fetch in self.dropped if not fetch[2].done()]
+        running = (*self.fetches, *self.dropped)  # all count: their memory, their connections
+        in_flight, count = sum(stop - start for start, stop, _ in running), len(running)
+        while self.next_fetch[0] < len(self.ranges):
             index, start = self.next_fetch
             end = self.ranges[index][1]
             stop = min(start + FETCH_PIECE, end)
-            in_flight += stop - start
-            if self.fetches and in_flight > FETCHES_IN_FLIGHT * FETCH_PIECE:
+            in_flight, count = in_flight + stop - start, count + 1
+            if self.fetches and (in_flight > FETCHES_IN_FLIGHT * FETCH_PIECE
+                                 or count > max(FETCHES_IN_FLIGHT, SMALL_FETCHES_IN_FLIGHT)):
                 break
             self.fetches.append((start, stop, self.pool.submit(self._fetch, start, stop)))
             following = index + 1
@@ -379,9 +388,14 @@ class Ranged:
             return fetch_range(start, stop) if start < stop else b''
         return self.location.fs.cat_file(self.location.path, start=start, end=stop)
 
+    def _drop(self, fetch: tuple) -> None:
+        """Cancels a fetch, or where it runs already, keeps it counted until it is done."""
+        if not fetch[2].cancel():  # running (or done: dropped at the next count)
+            self.dropped.append(fetch)
+
     def _drop_fetches(self) -> None:
-        for _, _, fetch in self.fetches:
-            fetch.cancel()
+        for fetch in self.fetches:
+            self._drop(fetch)
         self.fetches.clear()
 
     def close(self) -> None:
