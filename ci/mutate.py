@@ -55,7 +55,7 @@ MODULES = {
     'gpuserial/formats/_zipstream.py': ['test_npz', 'test_zipread', 'test_hostile',
                                         'test_formats', 'test_atomic'],
     'gpuserial/formats/_zipread.py': ['test_zipread', 'test_npz', 'test_hostile',
-                                      'test_formats'],
+                                      'test_formats', 'test_remote'],
     'gpuserial/formats/npz.py': ['test_npz', 'test_zipread', 'test_formats', 'test_hostile',
                                  'test_transactional', 'test_chainer_cases', 'test_protocol',
                                  'test_engine_rules', 'test_progress', 'test_async',

@@ -42,6 +42,7 @@ assert LOCAL_CHECKED.size == LOCAL.size and CENTRAL_READ.size == CENTRAL.size
 WINDOW = 256 << 10  # bytes read ahead for small reads
 DIRECT = 64 << 10  # reads this large skip the window: straight into the caller's buffer
 HEAD_GUESS = 256  # local header name and extra field bytes read with it, at a guess
+HEAD_PIECE = 1 << 10  # deflated bytes read at a time for a member's first bytes (its header)
 
 
 class ZipError(ValueError):
@@ -415,14 +416,15 @@ class MemberReader:
             header is then not read again).
     """
 
-    def __init__(self, fp: Input, info, data_start: int | None = None):
+    def __init__(self, fp: Input, info, data_start: int | None = None, *, head: bool = False):
         check_member(info)
         self.fp = fp
         self.info = info
         self.position = data_start_of(fp, info) if data_start is None else data_start
         self.left = info.compress_size  # stored bytes not yet read
+        self.raw_piece = HEAD_PIECE if head else PIECE
         expect = getattr(fp, 'expect', None)  # a remote file reads ahead within the member
-        if expect is not None:
+        if expect is not None and not head:
             expect([(self.position, self.position + self.left)])
         self.produced = 0
         self.crc = 0
@@ -466,7 +468,7 @@ class MemberReader:
             done = 0
             while done < wanted:
                 if not self.pending and self.left:
-                    self.pending = self._raw(PIECE)
+                    self.pending = self._raw(self.raw_piece)
                 try:  # with no input left, this drains what the inflater holds
                     data = self.inflater.decompress(self.pending, min(PIECE, wanted - done))
                 except DEFLATE_ERRORS as error:

@@ -306,17 +306,16 @@ class _ZipReader(loading.Reader):
         """For an object in a store: parses these members' headers now, in the file's order,
         the store told first all their ranges (:data:`REMOTE_WINDOW` at each local header), so
         that they are fetched ahead, several at once (else one round trip each, in whatever
-        order they are asked for). Stored members only: a
-        deflated member's header is read as its data is. A member that fails is left to fail
-        again when asked for."""
+        order they are asked for). A member that fails is left to fail again when asked
+        for."""
         if self.archive.expect is None:
             return
         size = self.archive.size
         wanted = (((key, self._infos.get(key)) for key in keys) if keys is not None else
                   ((key, info) for key, info in self._infos.items() if key.startswith(under)))
         ordered = sorted((info.header_offset, key) for key, info in wanted
-                         if info is not None and info.compress_type == _zipstream.STORED
-                         and key not in self._entries and 0 <= info.header_offset < size)
+                         if info is not None and key not in self._entries
+                         and 0 <= info.header_offset < size)
         self.archive.expect([(offset, min(size, offset + REMOTE_WINDOW))
                              for offset, _ in ordered])
         for _, key in ordered:
@@ -550,7 +549,7 @@ class _InflatedHead:
     for its length here; its CRC when the array is read)."""
 
     def __init__(self, fp, info, data_start: int):
-        self.member = _zipread.MemberReader(fp, info, data_start)
+        self.member = _zipread.MemberReader(fp, info, data_start, head=True)
         self.size = info.file_size
 
     def read_header(self) -> bytes:
