@@ -790,7 +790,7 @@ def test_a_failed_writeback_fails_the_durable_save_and_leaves_the_old_file(
     with transfer.configure(chunk_bytes=64 << 10), \
             pytest.raises(OSError, match=r'\(writing the file back to the disk\)') as raised:
         FORMATS[fmt][0](path, state)
-    assert raised.value.errno == error
+    assert raised.value.errno == error and raised.value.filename == str(path)
     assert calls[-1][2] == flags
     _assert_intact(path, old, fmt)
 
@@ -825,8 +825,8 @@ def test_only_durable_saves_of_writeback_min_bytes_or_more_start_the_writeback(
     """Below it the thread would cost a small save more than the fsync it shortens."""
     started = []
     real = _fileio._early_writeback
-    monkeypatch.setattr(_fileio, '_early_writeback', lambda path: started.append(path)
-                        or real(path))
+    monkeypatch.setattr(_fileio, '_early_writeback', lambda path, target: started.append(path)
+                        or real(path, target))
     save, load, ext = FORMATS[fmt]
     state = {'a': numpy.random.default_rng(0).random(1 << 14)}  # 128 KiB
     save(tmp_path / f'small{ext}', state)

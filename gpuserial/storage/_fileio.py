@@ -157,7 +157,7 @@ def atomic_path(path, *, durable: bool, size_hint: int | None = None) -> Iterato
     temp = f'{_temp_prefix(path)}{os.getpid()}-{HOST}-{secrets.token_hex(6)}{TEMP_SUFFIX}'
     try:
         try:
-            with (_early_writeback(temp) if durable and (size_hint is None
+            with (_early_writeback(temp, path) if durable and (size_hint is None
                                                          or size_hint >= WRITEBACK_MIN)
                   else contextlib.nullcontext()):
                 yield temp
@@ -190,8 +190,9 @@ _WRITEBACK_POLL = 0.005  # seconds between its looks at the file's size
 
 
 @contextlib.contextmanager
-def _early_writeback(path: str) -> Iterator[None]:
-    """While the block writes the file at ``path``, hand its written bytes to the disk.
+def _early_writeback(path: str, target: str | None = None) -> Iterator[None]:
+    """While the block writes the file at ``path``, hand its written bytes to the disk (an
+    error names ``target``, the file the save is for, else ``path``).
 
     The pages of a save stay dirty in the page cache until something writes them back; left
     alone, a durable save's final fsync then waits for the disk to take the whole file, after
@@ -219,7 +220,8 @@ def _early_writeback(path: str) -> Iterator[None]:
         stop.set()
         thread.join()
     if failed:  # the kernel tells a writeback error once: to the thread's call, not the fsync
-        raise OSError(failed[0], f'{os.strerror(failed[0])} (writing the file back to the disk)')
+        raise OSError(failed[0], f'{os.strerror(failed[0])} (writing the file back to the disk)',
+                      target or path)
 
 
 def _follow(path: str, stop: threading.Event, failed: list[int]) -> None:
