@@ -362,10 +362,69 @@ def _written(members: dict, out=None, compression: bool = False) -> bytes:
     return out.getvalue()
 
 
-def test_members_are_unix_files_of_mode_644():
-    with zipfile.ZipFile(io.BytesIO(_written({'a.npy': b'x', 'b.npy': bytes(100_000)}))) as z:
-        for info in z.infolist():
-            assert info.create_system == 3 and info.external_attr >> 16 == 0o100644
+@pytest.mark.parametrize('compression', [False, True])
+def test_members_are_unix_files_of_mode_644_with_the_fields_zipfile_writes(compression):
+    out = io.BytesIO()
+    with _zipstream.ZipWriter(out, compression=compression) as writer:
+        writer.write_member('streamed.npy', [bytes(100_000)])
+        writer.write_small_member('small.npy', b'head', b'x')
+        writer.write_small_members([('sm\u00e5ll.npy', b'', memoryview(b'yz'))])
+    moment = time.localtime()
+    with zipfile.ZipFile(io.BytesIO(out.getvalue())) as z:
+        infos = z.infolist()
+        assert [i.filename for i in infos] == ['streamed.npy', 'small.npy', 'sm\u00e5ll.npy']
+        for info in infos:
+            assert info.create_system == 3 and info.external_attr == 0o100644 << 16
+            assert info.create_version == info.extract_version == 45
+            assert info.compress_type == (zipfile.ZIP_DEFLATED if compression
+                                          else zipfile.ZIP_STORED)
+            assert info.date_time[:3] == moment[:3]  # the day the writer was made
+            assert not info.extra and not info.comment and info.internal_attr == info.volume == 0
+        assert [i.flag_bits & 0x800 for i in infos[1:]] == [0, 0x800]  # UTF-8 names say so
+        assert z.read('small.npy') == b'headx' and z.read('sm\u00e5ll.npy') == b'yz'
+        assert z.testzip() is None
+
+
+def test_small_members_are_written_as_they_come_a_piece_at_a_time():
+    out = crafting.Unseekable()
+    writes = []
+    write = out.write
+    out.write = lambda data: writes.append(len(data)) or write(data)
+    member = _zipstream.WRITE_PIECE // 4  # with its local header: four make a piece exactly
+    writer = _zipstream.ZipWriter(out, compression=False)
+    writer.write_small_members(
+        (name, b'', memoryview(bytes(member - _zipstream.LOCAL.size - len(name))))
+        for name in 'abcdefghi')
+    assert writes == [_zipstream.WRITE_PIECE] * 2  # the ninth is still pending
+    writer.close()
+    assert sum(writes) == len(out.data)
+    with zipfile.ZipFile(io.BytesIO(bytes(out.data))) as z:
+        assert z.namelist() == list('abcdefghi') and z.testzip() is None
+
+
+def test_a_small_member_at_the_zip64_limit_gets_its_offset_in_a_zip64_field(monkeypatch):
+    monkeypatch.setattr(_zipstream, 'ZIP64_LIMIT', _zipstream.LOCAL.size + 2)  # where b starts
+    out = io.BytesIO()
+    with _zipstream.ZipWriter(out, compression=False) as writer:
+        writer.write_small_members([('a', b'', memoryview(b'x')), ('b', b'', memoryview(b''))])
+    data = out.getvalue()
+    records = {'a': data.index(b'PK\x01\x02'), 'b': data.rindex(b'PK\x01\x02')}
+    extra_length = struct.unpack_from('<H', data, records['b'] + 30)[0]
+    assert struct.unpack_from('<H', data, records['a'] + 30)[0] == 0 and extra_length == 12
+    assert struct.unpack_from('<HHQ', data, records['b'] + 46 + 1) == (
+        1, 8, _zipstream.LOCAL.size + 2)
+    assert struct.unpack_from('<I', data, records['b'] + 42)[0] == _zipstream.MARKER32
+
+
+@pytest.mark.parametrize('count, zip64', [(0xFFFE, False), (0xFFFF, True)])
+def test_as_many_members_as_the_16_bit_count_holds_get_zip64_end_records(count, zip64):
+    out = io.BytesIO()
+    with _zipstream.ZipWriter(out, compression=False) as writer:
+        writer.write_small_members((f'{i}', b'', memoryview(b'')) for i in range(count))
+    data = out.getvalue()
+    assert (b'PK\x06\x06' in data) == zip64
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        assert len(z.infolist()) == count
 
 
 def test_a_directory_as_large_as_the_zip64_limit_gets_zip64_end_records(monkeypatch):

@@ -55,6 +55,14 @@ END = struct.Struct('<4sHHHHIIH')
 END64 = struct.Struct('<4sQHHIIQQQQ')
 END64_LOCATOR = struct.Struct('<4sIQI')
 DESCRIPTOR64 = struct.Struct('<4sIQQ')
+# A small member's records as its loop packs them: the fields that are the same for every member
+# of a writer, packed once, then those that vary
+LOCAL_FIXED = struct.Struct('<4sHHHHH')  # signature, version needed, flags, method, time, date
+CENTRAL_FIXED = struct.Struct('<4sBBHHHHH')  # signature, made by (version, Unix), then as local
+CENTRAL_MIDDLE = struct.Struct('<HHHHI')  # extra and comment lengths, disk, attributes
+LOCAL_VARYING = struct.Struct(f'<{LOCAL_FIXED.size}sIIIHH')  # crc, sizes, name and extra lengths
+CENTRAL_VARYING = struct.Struct(  # crc, sizes, name length, the middle, offset
+    f'<{CENTRAL_FIXED.size}sIIIH{CENTRAL_MIDDLE.size}sI')
 
 
 def _dos_time(moment: time.struct_time) -> tuple[int, int]:
@@ -82,6 +90,7 @@ class ZipWriter:
         self.checksummer: ThreadPoolExecutor | None = None  # started by the first large chunk
         self.pending = bytearray()  # small members not yet written, in order
         self.data_starts: dict[str, int] = {}  # where each member's data starts
+        self.fixed_fields = self._fixed_fields()
 
     def __enter__(self) -> ZipWriter:
         return self
@@ -113,41 +122,57 @@ class ZipWriter:
                             ) -> None:
         """:meth:`write_small_member` of each ``(name, header, data)`` in turn, in one loop (a
         model has thousands); ``data`` is bytes or a memoryview of bytes (format ``B``)."""
-        pending, central = self.pending, self.central
-        method, dos_time, dos_date = self.method, self.time, self.date
+        pending, central, data_starts = self.pending, self.central, self.data_starts
+        local_fixed, central_fixed, central_middle = self.fixed_fields
+        pack_local, pack_central = LOCAL_VARYING.pack, CENTRAL_VARYING.pack
+        deflated = self.method == DEFLATED
+        position = self.position
         header_crcs: dict[bytes, int] = {}  # a model's arrays share a few headers
         for name, header, data in members:
             header_crc = header_crcs.get(header)
             if header_crc is None:
                 header_crc = header_crcs[header] = crc32(header)
             crc = crc32(data, header_crc)
-            size = len(header) + len(data)
-            if method == DEFLATED:
+            size = compressed = len(header) + len(data)
+            if deflated:
                 deflater = deflate_module.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -15)
                 data = deflater.compress(header) + deflater.compress(data) + deflater.flush()
                 header = b''
-            compressed = len(header) + len(data)
+                compressed = len(data)
             encoded = name.encode('utf-8')
             flags = 0 if encoded.isascii() else UTF8_FLAG
-            offset = self.position
-            if max(size, compressed, offset) < ZIP64_LIMIT:  # nearly always: no ZIP64 fields
-                local = LOCAL.pack(b'PK\x03\x04', VERSION, flags, method, dos_time, dos_date,
-                                   crc, compressed, size, len(encoded), 0) + encoded
-                central.append(CENTRAL.pack(
-                    b'PK\x01\x02', VERSION, 3, VERSION, flags, method, dos_time, dos_date,
-                    crc, compressed, size, len(encoded), 0, 0, 0, 0, FILE_ATTRIBUTES, offset)
-                    + encoded)
+            offset = position
+            if offset + size + compressed < ZIP64_LIMIT:  # nearly always: no ZIP64 fields
+                local = pack_local(local_fixed[flags], crc, compressed, size, len(encoded), 0
+                                   ) + encoded
+                central.append(pack_central(central_fixed[flags], crc, compressed, size,
+                                            len(encoded), central_middle, offset) + encoded)
             else:
                 local = self._local_header(encoded, flags, crc, size, compressed)
                 central.append(self._central_entry(encoded, flags, crc, size, compressed, offset))
             pending += local
             pending += header
             pending += data
-            self.data_starts[name] = offset + len(local)
-            self.position = offset + len(local) + compressed
+            data_starts[name] = position = offset + len(local)
+            position += compressed
             if len(pending) >= WRITE_PIECE:
+                self.position = position
                 self._flush_pending()
                 pending = self.pending
+        self.position = position
+
+    def _fixed_fields(self) -> tuple[dict[int, bytes], dict[int, bytes], bytes]:
+        """The fields of a small member's records that are the same for every member of this
+        writer, as :data:`LOCAL_VARYING` and :data:`CENTRAL_VARYING` take them: the local and
+        directory records' leading fields by flags (an ASCII or UTF-8 name), and the directory
+        record's middle fields."""
+        local_fixed, central_fixed = {}, {}
+        for flags in (0, UTF8_FLAG):
+            local_fixed[flags] = LOCAL_FIXED.pack(b'PK\x03\x04', VERSION, flags, self.method,
+                                                  self.time, self.date)
+            central_fixed[flags] = CENTRAL_FIXED.pack(b'PK\x01\x02', VERSION, 3, VERSION, flags,
+                                                      self.method, self.time, self.date)
+        return local_fixed, central_fixed, CENTRAL_MIDDLE.pack(0, 0, 0, 0, FILE_ATTRIBUTES)
 
     def _local_header(self, encoded: bytes, flags: int, crc: int, size: int, compressed: int
                       ) -> bytes:
@@ -259,10 +284,7 @@ class ZipWriter:
         """Writes the central directory (and the ZIP64 end records where needed)."""
         self._stop_checksummer()  # no member data follows
         start = self.position
-        for entry in self.central:  # gathered with the small members, then written at once
-            self.pending += entry
-            self.position += len(entry)
-        self._flush_pending()
+        self._write(b''.join(self.central))  # gathered member by member, written at once
         size = self.position - start
         count = len(self.central)
         zip64 = count >= MARKER16 or start >= ZIP64_LIMIT or size >= ZIP64_LIMIT
