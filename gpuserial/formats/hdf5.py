@@ -12,6 +12,7 @@ import functools
 import io
 import math
 import os
+import re
 from collections.abc import Collection, Iterable
 from types import ModuleType
 
@@ -324,8 +325,11 @@ class _GroupReader(loading.Reader):
 
     def keys(self) -> list[str]:
         keys: list[str] = []
-        self.group.visititems(lambda name, node: keys.append(name)
-                              if isinstance(node, h5py.Dataset) else None)
+        try:
+            self.group.visititems(lambda name, node: keys.append(name)
+                                  if isinstance(node, h5py.Dataset) else None)
+        except (OSError, KeyError, ValueError, RuntimeError) as error:
+            raise _read_error(repr(self.name), error) from None
         return keys
 
     def entry(self, key: str) -> loading.Entry | None:
@@ -339,8 +343,10 @@ class _GroupReader(loading.Reader):
         where = self.where(key)
         try:
             found = h5py.h5o.open(self.group.id, key.encode('utf-8'))
-        except KeyError:  # no such path, a dangling link, a path through a dataset
-            return None
+        except KeyError as error:  # no such path, a dangling link, a path through a dataset
+            if _read_errno(error) is None:
+                return None
+            raise _read_error(where, error) from None  # a read of the group's metadata failed
         except (OSError, ValueError, RuntimeError) as error:
             raise _read_error(where, error) from None
         if not isinstance(found, h5py.h5d.DatasetID):
@@ -447,13 +453,30 @@ class _GroupReader(loading.Reader):
 
 def _read_error(where: str, error: BaseException, what: str = '', size: int | None = None
                 ) -> GpuserialError:
-    """An error of h5py's as gpuserial's, naming the file (and key). One that carries an errno
-    came from the OS or the file object (the read failed; the file may be whole); HDF5's own
-    complaints about a file's contents carry none, and say it is corrupt (``what`` first)."""
-    if isinstance(error, OSError) and error.errno is not None:
-        return ReadFailedError(f'{where}: reading failed: {error}')
-    why = 'the file is empty (0 bytes)' if size == 0 else error
+    """An error of h5py's as gpuserial's, naming the file (and key). One with an errno (see
+    :func:`_read_errno`) came from the OS or the file object (the read failed; the file may be
+    whole); HDF5's own complaints about a file's contents have none, and say it is corrupt
+    (``what`` first)."""
+    text = error.args[0] if isinstance(error, KeyError) and error.args else error  # no repr
+    if _read_errno(error) is not None:
+        return ReadFailedError(f'{where}: reading failed: {text}')
+    why = 'the file is empty (0 bytes)' if size == 0 else text
     return CorruptFileError(f'{where}: {what}{why}')
+
+
+# What libhdf5's file drivers say when a read of the file fails (sec2, the default for paths:
+# "file read failed: time = ..., filename = '...', file descriptor = 3, errno = 5, ...")
+_FAILED_READ = re.compile(r'file read failed: .*?\berrno = (\d+)', re.DOTALL)
+
+
+def _read_errno(error: BaseException) -> int | None:
+    """The errno of the failed read behind an h5py error, else None: the error's own, or the
+    one libhdf5's file driver wrote into its message, where h5py raises what it was doing when
+    the read failed (a ``KeyError`` while opening an object, an ``OSError`` without errno)."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.errno
+    found = _FAILED_READ.search(str(error))
+    return int(found.group(1)) if found else None
 
 
 def _chunks(dataset: h5py.h5d.DatasetID) -> tuple | None:

@@ -25,7 +25,7 @@ import numpy
 
 from gpuserial.engine import transfer
 from gpuserial.engine.progress import bar, counted
-from gpuserial.errors import CorruptFileError
+from gpuserial.errors import CorruptFileError, ReadFailedError
 from gpuserial.formats import _npy, _zipread, _zipstream, hdf5, loading, npz
 from gpuserial.storage import _signals, remote
 from gpuserial.storage._fileio import atomic_output, atomic_path, display_name, is_path, open_input
@@ -61,11 +61,15 @@ def detect_format(path) -> str:
     Raises:
         FileNotFoundError: no such file.
         gpuserial.errors.CorruptFileError: neither a zip nor an HDF5 file.
+        gpuserial.errors.ReadFailedError: reading the file failed (also an ``OSError``).
     """
     path = os.fsdecode(path)
     _check_readable(path)
-    with open(path, 'rb') as f:
-        head = f.read(8)
+    with open(path, 'rb') as f:  # its errors name the path
+        try:
+            head = f.read(8)
+        except OSError as error:
+            raise ReadFailedError(f'{path!r}: reading failed: {error}') from None
     if head.startswith(ZIP_SIGNATURES):
         return 'npz'
     if h5py.is_hdf5(path):  # also finds a signature after a user block

@@ -1,0 +1,143 @@
+"""A disk whose reads fail: every load says so (a ReadFailedError naming the file), never that a
+key is missing or the file corrupt, and never loads part of the file without a word.
+
+Real libhdf5 and real files: a small preloaded library (``tests/eio_shim.c``, built here) makes
+the reads of one file fail with EIO from a given offset on, in a child process.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy
+import pytest
+
+from gpuserial import serializers
+from gpuserial.errors import KeyNotFoundError, ReadFailedError
+
+SHIM_SOURCE = os.path.join(os.path.dirname(__file__), 'eio_shim.c')
+
+# Loads of one file in a child, reads failing from each offset given in turn: what each gave
+CHILD = '''
+import json, os, sys
+import numpy
+import gpuserial
+from gpuserial import serializers
+
+path, offsets = sys.argv[1], [int(a) for a in sys.argv[2:]]
+load = serializers.load_hdf5 if path.endswith('.h5') else serializers.load_npz
+outcomes = []
+for offset in offsets:
+    os.environ['EIO_AFTER'] = str(offset)
+    for strict in (True, False):
+        target = {'a': {'w': numpy.zeros(1000), 'b': numpy.zeros(10)}, 'c': numpy.zeros(5000)}
+        try:
+            load(path, target, strict=strict)
+            whole = (target['a']['w'] == numpy.arange(1000)).all() and (
+                target['a']['b'] == 1).all() and (target['c'] == numpy.arange(5000)).all()
+            outcome = 'loaded' if whole else 'loaded in part'
+        except Exception as error:
+            outcome = f'{type(error).__name__}: {error}'
+        outcomes.append([offset, strict, outcome])
+    try:
+        gpuserial.load(path)
+        outcomes.append([offset, 'gpuserial.load', 'loaded'])
+    except Exception as error:
+        outcomes.append([offset, 'gpuserial.load', f'{type(error).__name__}: {error}'])
+print(json.dumps(outcomes))
+'''
+
+
+@pytest.fixture(scope='module')
+def shim(tmp_path_factory) -> str:
+    if not sys.platform.startswith('linux'):
+        pytest.skip('the shim is preloaded with LD_PRELOAD and finds paths in /proc')
+    compiler = shutil.which('cc') or shutil.which('gcc')
+    if compiler is None:
+        pytest.skip('no C compiler to build tests/eio_shim.c')
+    library = tmp_path_factory.mktemp('shim') / 'eio_shim.so'
+    subprocess.run([compiler, '-shared', '-fPIC', '-o', str(library), SHIM_SOURCE, '-ldl'],
+                   check=True)
+    return str(library)
+
+
+def _model() -> dict:
+    return {'a': {'w': numpy.arange(1000.0), 'b': numpy.ones(10)}, 'c': numpy.arange(5000.0)}
+
+
+def _outcomes(shim: str, path, offsets) -> list:
+    env = dict(os.environ, LD_PRELOAD=shim, EIO_NAME=os.path.basename(path))
+    run = subprocess.run([sys.executable, '-c', CHILD, str(path), *map(str, offsets)],
+                         env=env, capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(run.stdout)
+
+
+@pytest.mark.parametrize('save, name', [(serializers.save_hdf5, 'failing.h5'),
+                                        (serializers.save_npz, 'failing.npz')],
+                         ids=['hdf5', 'npz'])
+def test_reads_that_fail_anywhere_in_the_file_fail_the_load_and_say_so(tmp_path, shim, save,
+                                                                       name):
+    path = tmp_path / name
+    save(path, _model())
+    size = os.path.getsize(path)
+    offsets = sorted({0, 100, *range(512, size, 512)})
+    outcomes = _outcomes(shim, path, offsets)
+    assert len(outcomes) == 3 * len(offsets)
+    failed = [outcome for *_, outcome in outcomes if outcome != 'loaded']
+    for outcome in failed:
+        assert outcome.startswith(f"ReadFailedError: {str(path)!r}"), outcome
+        assert 'Input/output error' in outcome, outcome
+    assert len(failed) > len(offsets)  # from the start of the file, and in its metadata
+
+
+def test_the_first_bytes_of_a_file_that_cannot_be_read_fail_the_format_check(tmp_path, shim):
+    path = tmp_path / 'failing.npz'
+    serializers.save_npz(path, _model())
+    env = dict(os.environ, LD_PRELOAD=shim, EIO_NAME='failing.npz', EIO_AFTER='0',
+               EIO_UNTIL='1')  # only the read of its first bytes
+    load = 'import sys, gpuserial; gpuserial.load(sys.argv[1])'
+    run = subprocess.run([sys.executable, '-c', load, str(path)], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 1
+    assert (f"gpuserial.errors.ReadFailedError: {str(path)!r}: reading failed: [Errno 5] "
+            f"Input/output error") in run.stderr
+
+
+# The failure as h5py reports it, without the shim: a KeyError while opening an object, whose
+# text carries libhdf5's message from its file driver (from the run of the test above)
+FAILED_OPEN = ("Unable to synchronously open object (file read failed: time = Mon Dec  7 "
+               "07:17:12 2026\n, filename = 'm.h5', file descriptor = 3, errno = 5, error "
+               "message = 'Input/output error', buf = 0x55f0977f2c40, total read size = 328, "
+               "bytes this sub-read = 328, offset = 1072)")
+
+
+@pytest.mark.parametrize('strict', [True, False])
+def test_an_object_that_cannot_be_opened_for_a_failed_read_is_not_a_missing_key(
+        tmp_path, monkeypatch, strict):
+    path = tmp_path / 'm.h5'
+    serializers.save_hdf5(path, _model())
+
+    def failing_open(group, name, *args, **kwargs):
+        raise KeyError(FAILED_OPEN)
+
+    monkeypatch.setattr(h5py.h5o, 'open', failing_open)
+    target = {'c': numpy.zeros(5000)}
+    failed = f"{str(path)!r}, key 'c': reading failed: Unable to synchronously open object ("
+    with pytest.raises(ReadFailedError, match=re.escape(failed + 'file read failed: ')):
+        serializers.load_hdf5(path, target, strict=strict)
+    assert (target['c'] == 0).all()
+
+
+def test_an_object_that_is_not_there_is_still_a_missing_key(tmp_path, monkeypatch):
+    path = tmp_path / 'm.h5'
+    serializers.save_hdf5(path, _model())
+    target = {'d': numpy.zeros(3)}
+    missing = f"{str(path)!r}, key 'd': not in the file"
+    with pytest.raises(KeyNotFoundError, match=re.escape(missing)):
+        serializers.load_hdf5(path, target)
+    serializers.load_hdf5(path, target, strict=False)
+    assert (target['d'] == 0).all()
