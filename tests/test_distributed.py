@@ -310,9 +310,11 @@ def test_a_failed_index_write_fails_every_rank_and_keeps_the_previous_checkpoint
     results = run_ranks(2, lambda comm: save_sharded(tmp_path, {'w': W + 1}, comm))
     assert type(results[0]) is OSError and results[0].errno == errno.ENOSPC  # its own error
     assert isinstance(results[1], RankFailedError)
+    error = (f'OSError: [Errno 28] No space left on device (writing the file): '
+             f'{str(tmp_path / "index.json")!r}')  # the write's error names the file
     assert str(results[1]) == (f'saving {str(tmp_path)!r} failed on rank 0 writing the index '
-                               f'(OSError: [Errno 28] No space left on device)')
-    assert results[1].failures == {0: 'OSError: [Errno 28] No space left on device'}
+                               f'({error})')
+    assert results[1].failures == {0: error}
     assert sorted(os.listdir(tmp_path)) == before  # the new data files and the index's temp
     monkeypatch.undo()
     target = {'w': numpy.zeros_like(W)}

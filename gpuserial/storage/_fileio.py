@@ -162,10 +162,13 @@ def atomic_path(path, *, durable: bool, size_hint: int | None = None) -> Iterato
                   else contextlib.nullcontext()):
                 yield temp
         except OSError as error:
-            if error.filename != temp:
-                raise
-            raise type(error)(error.errno, f'{error.strerror} (creating a temporary file beside '
-                              f'it to save to)', path) from None
+            if error.filename == temp:
+                raise type(error)(error.errno, f'{error.strerror} (creating a temporary file '
+                                  f'beside it to save to)', path) from None
+            if error.filename is None and error.errno is not None and type(error) in _NAMELESS:
+                raise type(error)(error.errno, f'{error.strerror} (writing the file)',
+                                  path) from None  # a write's error says which file
+            raise
         if durable:
             fd = os.open(temp, os.O_RDONLY)
             try:
@@ -183,6 +186,9 @@ def atomic_path(path, *, durable: bool, size_hint: int | None = None) -> Iterato
     if durable:
         _fsync_directory(os.path.dirname(path))
 
+
+# The errors of a failed write or read that name no file, as the OS raises them
+_NAMELESS = (OSError, BlockingIOError, InterruptedError, PermissionError, TimeoutError)
 
 WRITEBACK_STEP = 8 << 20  # bytes the early writeback hands the disk at a time, at least
 WRITEBACK_MIN = 2 * WRITEBACK_STEP  # smaller saves: the thread would cost more than it saves
