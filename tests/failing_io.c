@@ -1,14 +1,16 @@
 /* Preloaded (LD_PRELOAD), makes the reads or writes of one file fail, as a failing or full disk
  * does, for tests/test_io_failures.py. The file: the one whose path contains $FAIL_NAME. Reads
- * (read, pread) at an offset from $FAIL_READS_FROM on, and before $FAIL_READS_UNTIL where set,
- * fail with EIO; writes (write, pwrite) at an offset from $FAIL_WRITES_FROM on fail with the
- * errno $FAIL_WRITES_ERRNO (ENOSPC where unset). */
+ * (read, pread) of bytes from offset $FAIL_READS_FROM on, and before $FAIL_READS_UNTIL where
+ * set, fail with EIO; writes (write, pwrite) of bytes from offset $FAIL_WRITES_FROM on fail
+ * with the errno $FAIL_WRITES_ERRNO (ENOSPC where unset). Where $FAIL_FREE_BYTES is set, statvfs says
+ * every file system has that many bytes free (a disk nearly full). */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/statvfs.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -25,13 +27,13 @@ static int named(int fd) {
     return strstr(path, name) != NULL;
 }
 
-/* -1 when this read or write goes on, else the errno it fails with */
-static int failure(int fd, off_t offset, int writing) {
+/* -1 when this read or write of count bytes at offset goes on, else the errno it fails with */
+static int failure(int fd, off_t offset, size_t count, int writing) {
     const char *from = getenv(writing ? "FAIL_WRITES_FROM" : "FAIL_READS_FROM");
     const char *until = writing ? NULL : getenv("FAIL_READS_UNTIL");
     const char *code = getenv("FAIL_WRITES_ERRNO");
-    if (!from || offset < 0 || offset < atoll(from) || (until && offset >= atoll(until))
-            || !named(fd))
+    if (!from || offset < 0 || offset + (off_t)count <= atoll(from)
+            || (until && offset >= atoll(until)) || !named(fd))
         return -1;
     return writing ? (code ? atoi(code) : ENOSPC) : EIO;
 }
@@ -45,7 +47,7 @@ ssize_t pread(int fd, void *buf, size_t count, off_t offset) {
     static reading_at real;
     if (!real)
         real = (reading_at)dlsym(RTLD_NEXT, "pread");
-    int code = failure(fd, offset, 0);
+    int code = failure(fd, offset, count, 0);
     if (code >= 0) {
         errno = code;
         return -1;
@@ -61,7 +63,7 @@ ssize_t read(int fd, void *buf, size_t count) {
     static reading real;
     if (!real)
         real = (reading)dlsym(RTLD_NEXT, "read");
-    int code = failure(fd, lseek(fd, 0, SEEK_CUR), 0);  /* -1: not seekable, never fails */
+    int code = failure(fd, lseek(fd, 0, SEEK_CUR), count, 0);  /* -1: not seekable, never fails */
     if (code >= 0) {
         errno = code;
         return -1;
@@ -73,7 +75,7 @@ ssize_t pwrite(int fd, const void *buf, size_t count, off_t offset) {
     static writing_at real;
     if (!real)
         real = (writing_at)dlsym(RTLD_NEXT, "pwrite");
-    int code = failure(fd, offset, 1);
+    int code = failure(fd, offset, count, 1);
     if (code >= 0) {
         errno = code;
         return -1;
@@ -89,10 +91,27 @@ ssize_t write(int fd, const void *buf, size_t count) {
     static writing real;
     if (!real)
         real = (writing)dlsym(RTLD_NEXT, "write");
-    int code = failure(fd, lseek(fd, 0, SEEK_CUR), 1);
+    int code = failure(fd, lseek(fd, 0, SEEK_CUR), count, 1);
     if (code >= 0) {
         errno = code;
         return -1;
     }
     return real(fd, buf, count);
+}
+
+typedef int (*stating)(const char *, struct statvfs *);
+
+int statvfs(const char *path, struct statvfs *info) {
+    static stating real;
+    if (!real)
+        real = (stating)dlsym(RTLD_NEXT, "statvfs");
+    int result = real(path, info);
+    const char *free = getenv("FAIL_FREE_BYTES");
+    if (result == 0 && free)
+        info->f_bavail = info->f_bfree = atoll(free) / info->f_frsize;
+    return result;
+}
+
+int statvfs64(const char *path, struct statvfs64 *info) {
+    return statvfs(path, (struct statvfs *)info);
 }
