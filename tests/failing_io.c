@@ -2,9 +2,11 @@
  * does, for tests/test_io_failures.py. The file: the one whose path contains $FAIL_NAME. Reads
  * (read, pread) of bytes from offset $FAIL_READS_FROM on, and before $FAIL_READS_UNTIL where
  * set, fail with EIO; writes (write, pwrite) of bytes from offset $FAIL_WRITES_FROM on fail
- * with the errno $FAIL_WRITES_ERRNO (ENOSPC where unset). Where $FAIL_FREE_BYTES is set, statvfs says
- * every file system has that many bytes free (a disk nearly full). */
+ * with the errno $FAIL_WRITES_ERRNO (ENOSPC where unset). Where $FAIL_FREE_BYTES is set,
+ * statvfs (of a path) says its file system has that many bytes free (a disk nearly full). */
+#undef _FILE_OFFSET_BITS  /* pread and pread64 below are two symbols: define each once */
 #define _GNU_SOURCE
+#define _LARGEFILE64_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
 #include <stdio.h>
@@ -27,71 +29,64 @@ static int named(int fd) {
     return strstr(path, name) != NULL;
 }
 
-/* -1 when this read or write of count bytes at offset goes on, else the errno it fails with */
-static int failure(int fd, off_t offset, size_t count, int writing) {
+/* -1 when this read or write of count bytes at offset (-1: at the descriptor's position) goes
+ * on, else the errno it fails with */
+static int failure(int fd, off64_t offset, size_t count, int writing) {
     const char *from = getenv(writing ? "FAIL_WRITES_FROM" : "FAIL_READS_FROM");
     const char *until = writing ? NULL : getenv("FAIL_READS_UNTIL");
     const char *code = getenv("FAIL_WRITES_ERRNO");
-    if (!from || offset < 0 || offset + (off_t)count <= atoll(from)
-            || (until && offset >= atoll(until)) || !named(fd))
+    if (!from || !named(fd))
+        return -1;
+    if (offset < 0) {
+        int saved = errno;
+        offset = lseek64(fd, 0, SEEK_CUR);  /* -1 where not seekable: never fails */
+        errno = saved;
+    }
+    if (offset < 0 || offset + (off64_t)count <= atoll(from) || (until && offset >= atoll(until)))
         return -1;
     return writing ? (code ? atoi(code) : ENOSPC) : EIO;
 }
 
-typedef ssize_t (*reading_at)(int, void *, size_t, off_t);
-typedef ssize_t (*reading)(int, void *, size_t);
-typedef ssize_t (*writing_at)(int, const void *, size_t, off_t);
-typedef ssize_t (*writing)(int, const void *, size_t);
-
-ssize_t pread(int fd, void *buf, size_t count, off_t offset) {
-    static reading_at real;
-    if (!real)
-        real = (reading_at)dlsym(RTLD_NEXT, "pread");
-    int code = failure(fd, offset, count, 0);
-    if (code >= 0) {
-        errno = code;
-        return -1;
+/* Each call and its 64-bit twin (the same on 64-bit Linux, two symbols either way) */
+#define FAILING(name, type, buffer)                                                      \
+    ssize_t name(int fd, buffer buf, size_t count, type offset) {                       \
+        static ssize_t (*real)(int, buffer, size_t, type);                              \
+        if (!real)                                                                        \
+            real = (ssize_t (*)(int, buffer, size_t, type))dlsym(RTLD_NEXT, #name);       \
+        int code = failure(fd, offset, count, WRITING);                                  \
+        if (code >= 0) {                                                                  \
+            errno = code;                                                                 \
+            return -1;                                                                    \
+        }                                                                                 \
+        return real(fd, buf, count, offset);                                              \
     }
-    return real(fd, buf, count, offset);
-}
 
-ssize_t pread64(int fd, void *buf, size_t count, off_t offset) {
-    return pread(fd, buf, count, offset);
-}
+#define WRITING 0
+FAILING(pread, off_t, void *)
+FAILING(pread64, off64_t, void *)
+#undef WRITING
+#define WRITING 1
+FAILING(pwrite, off_t, const void *)
+FAILING(pwrite64, off64_t, const void *)
+#undef WRITING
 
 ssize_t read(int fd, void *buf, size_t count) {
-    static reading real;
+    static ssize_t (*real)(int, void *, size_t);
     if (!real)
-        real = (reading)dlsym(RTLD_NEXT, "read");
-    int code = failure(fd, lseek(fd, 0, SEEK_CUR), count, 0);  /* -1: not seekable, never fails */
+        real = (ssize_t (*)(int, void *, size_t))dlsym(RTLD_NEXT, "read");
+    int code = failure(fd, -1, count, 0);
     if (code >= 0) {
         errno = code;
         return -1;
     }
     return real(fd, buf, count);
-}
-
-ssize_t pwrite(int fd, const void *buf, size_t count, off_t offset) {
-    static writing_at real;
-    if (!real)
-        real = (writing_at)dlsym(RTLD_NEXT, "pwrite");
-    int code = failure(fd, offset, count, 1);
-    if (code >= 0) {
-        errno = code;
-        return -1;
-    }
-    return real(fd, buf, count, offset);
-}
-
-ssize_t pwrite64(int fd, const void *buf, size_t count, off_t offset) {
-    return pwrite(fd, buf, count, offset);
 }
 
 ssize_t write(int fd, const void *buf, size_t count) {
-    static writing real;
+    static ssize_t (*real)(int, const void *, size_t);
     if (!real)
-        real = (writing)dlsym(RTLD_NEXT, "write");
-    int code = failure(fd, lseek(fd, 0, SEEK_CUR), count, 1);
+        real = (ssize_t (*)(int, const void *, size_t))dlsym(RTLD_NEXT, "write");
+    int code = failure(fd, -1, count, 1);
     if (code >= 0) {
         errno = code;
         return -1;
@@ -99,19 +94,17 @@ ssize_t write(int fd, const void *buf, size_t count) {
     return real(fd, buf, count);
 }
 
-typedef int (*stating)(const char *, struct statvfs *);
+#define STATING(name, type)                                                               \
+    int name(const char *path, struct type *info) {                                       \
+        static int (*real)(const char *, struct type *);                                  \
+        if (!real)                                                                        \
+            real = (int (*)(const char *, struct type *))dlsym(RTLD_NEXT, #name);         \
+        int result = real(path, info);                                                    \
+        const char *free = getenv("FAIL_FREE_BYTES");                                     \
+        if (result == 0 && free && info->f_frsize)                                        \
+            info->f_bavail = info->f_bfree = atoll(free) / info->f_frsize;                \
+        return result;                                                                    \
+    }
 
-int statvfs(const char *path, struct statvfs *info) {
-    static stating real;
-    if (!real)
-        real = (stating)dlsym(RTLD_NEXT, "statvfs");
-    int result = real(path, info);
-    const char *free = getenv("FAIL_FREE_BYTES");
-    if (result == 0 && free)
-        info->f_bavail = info->f_bfree = atoll(free) / info->f_frsize;
-    return result;
-}
-
-int statvfs64(const char *path, struct statvfs64 *info) {
-    return statvfs(path, (struct statvfs *)info);
-}
+STATING(statvfs, statvfs)
+STATING(statvfs64, statvfs64)

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 
 import numpy
 import pytest
@@ -793,6 +794,24 @@ def test_a_failed_writeback_fails_the_durable_save_and_leaves_the_old_file(
     assert raised.value.errno == error and raised.value.filename == str(path)
     assert calls[-1][2] == flags
     _assert_intact(path, old, fmt)
+
+
+@pytest.mark.parametrize('error', [errno.EIO, errno.EDQUOT], ids=['eio', 'edquot'])
+def test_a_failed_fsync_fails_the_durable_save_naming_the_file_and_leaves_the_old_file(
+        fmt, old_file, monkeypatch, error):
+    def failing_fsync(fd):
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(os, 'fsync', failing_fsync)
+    path, old = old_file
+    with pytest.raises(OSError, match=re.escape(
+            f'{os.strerror(error)} (flushing the file to the disk)')) as raised:
+        FORMATS[fmt][0](path, kill_saver.state(1))
+    assert raised.value.errno == error and raised.value.filename == str(path)
+    assert type(raised.value) is OSError  # with the failing call's frames
+    assert 'failing_fsync' in [f.name for f in traceback.extract_tb(raised.value.__traceback__)]
+    _assert_intact(path, old, fmt)
+    assert crafting.temporaries(path.parent) == []
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason="sync_file_range is Linux's")

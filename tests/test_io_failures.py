@@ -30,6 +30,7 @@ import json, os, sys
 import numpy
 import gpuserial
 from gpuserial import serializers
+from gpuserial.tools import inspection
 
 path, offsets = sys.argv[1], [int(a) for a in sys.argv[2:]]
 load = serializers.load_hdf5 if path.endswith('.h5') else serializers.load_npz
@@ -46,11 +47,13 @@ for offset in offsets:
         except Exception as error:
             outcome = f'{type(error).__name__}: {error}'
         outcomes.append([offset, strict, outcome])
-    try:
-        gpuserial.load(path)
-        outcomes.append([offset, 'gpuserial.load', 'loaded'])
-    except Exception as error:
-        outcomes.append([offset, 'gpuserial.load', f'{type(error).__name__}: {error}'])
+    for name, call in (('gpuserial.load', lambda: gpuserial.load(path)),
+                       ('inspect', lambda: inspection.inspect_file(path))):
+        try:
+            call()
+            outcomes.append([offset, name, 'loaded'])
+        except Exception as error:
+            outcomes.append([offset, name, f'{type(error).__name__}: {error}'])
 print(json.dumps(outcomes))
 '''
 
@@ -89,7 +92,7 @@ def test_reads_that_fail_anywhere_in_the_file_fail_the_load_and_say_so(tmp_path,
     size = os.path.getsize(path)
     offsets = sorted({0, 100, *range(512, size, 512)})
     outcomes = _outcomes(shim, path, offsets)
-    assert len(outcomes) == 3 * len(offsets)
+    assert len(outcomes) == 4 * len(offsets)
     failed = [outcome for *_, outcome in outcomes if outcome != 'loaded']
     for outcome in failed:
         assert outcome.startswith(f"ReadFailedError: {str(path)!r}"), outcome
@@ -129,21 +132,24 @@ def test_an_object_that_cannot_be_opened_for_a_failed_read_is_not_a_missing_key(
 
     monkeypatch.setattr(h5py.h5o, 'open', failing_open)
     target = {'c': numpy.zeros(5000)}
-    failed = f"{str(path)!r}, key 'c': reading failed: Unable to synchronously open object ("
-    with pytest.raises(ReadFailedError, match=re.escape(failed + 'file read failed: ')):
+    failed = (f"{str(path)!r}, key 'c': reading failed: [Errno 5] Input/output error "
+              f"(libhdf5: Unable to synchronously open object, at offset 1072)")
+    with pytest.raises(ReadFailedError, match=re.escape(failed)) as raised:
         serializers.load_hdf5(path, target, strict=strict)
+    assert raised.value.errno == 5
     assert (target['c'] == 0).all()
 
 
-def test_an_object_that_is_not_there_is_still_a_missing_key(tmp_path, monkeypatch):
+@pytest.mark.parametrize('key', ['d', 'file read failed: errno = 5'])
+def test_an_object_that_is_not_there_is_still_a_missing_key(tmp_path, key):
     path = tmp_path / 'm.h5'
     serializers.save_hdf5(path, _model())
-    target = {'d': numpy.zeros(3)}
-    missing = f"{str(path)!r}, key 'd': not in the file"
+    target = {key: numpy.zeros(3)}
+    missing = f"{str(path)!r}, key {key!r}: not in the file"
     with pytest.raises(KeyNotFoundError, match=re.escape(missing)):
         serializers.load_hdf5(path, target)
     serializers.load_hdf5(path, target, strict=False)
-    assert (target['d'] == 0).all()
+    assert (target[key] == 0).all()
 
 
 # Saves of one file in a child, writes failing from each offset given in turn: what each gave,

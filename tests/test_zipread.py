@@ -416,6 +416,24 @@ def test_a_small_member_at_the_zip64_limit_gets_its_offset_in_a_zip64_field(monk
     assert struct.unpack_from('<I', data, records['b'] + 42)[0] == _zipstream.MARKER32
 
 
+def test_a_loop_of_small_members_stopped_by_an_error_keeps_where_they_end():
+    members = [(f'm{i}.npy', b'head', memoryview(bytes(100_000))) for i in range(15)]
+
+    def failing_after(count):
+        yield from members[:count]
+        raise RuntimeError('the next member could not be made')
+
+    whole = _zipstream.ZipWriter(io.BytesIO(), compression=False)
+    whole.write_small_members(members)  # past a write piece: the loop flushes on the way
+    stopped = _zipstream.ZipWriter(io.BytesIO(), compression=False)
+    with pytest.raises(RuntimeError):
+        stopped.write_small_members(failing_after(14))
+    partial = _zipstream.ZipWriter(io.BytesIO(), compression=False)
+    partial.write_small_members(members[:14])
+    assert stopped.position == partial.position < whole.position
+    assert stopped.data_starts == partial.data_starts
+
+
 @pytest.mark.parametrize('count, zip64', [(0xFFFE, False), (0xFFFF, True)])
 def test_as_many_members_as_the_16_bit_count_holds_get_zip64_end_records(count, zip64):
     out = io.BytesIO()

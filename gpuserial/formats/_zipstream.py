@@ -128,38 +128,40 @@ class ZipWriter:
         deflated = self.method == DEFLATED
         position = self.position
         header_crcs: dict[bytes, int] = {}  # a model's arrays share a few headers
-        for name, header, data in members:
-            header_crc = header_crcs.get(header)
-            if header_crc is None:
-                header_crc = header_crcs[header] = crc32(header)
-            crc = crc32(data, header_crc)
-            size = compressed = len(header) + len(data)
-            if deflated:
-                deflater = deflate_module.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -15)
-                data = deflater.compress(header) + deflater.compress(data) + deflater.flush()
-                header = b''
-                compressed = len(data)
-            encoded = name.encode('utf-8')
-            flags = 0 if encoded.isascii() else UTF8_FLAG
-            offset = position
-            if offset + size + compressed < ZIP64_LIMIT:  # nearly always: no ZIP64 fields
-                local = pack_local(local_fixed[flags], crc, compressed, size, len(encoded), 0
-                                   ) + encoded
-                central.append(pack_central(central_fixed[flags], crc, compressed, size,
-                                            len(encoded), central_middle, offset) + encoded)
-            else:
-                local = self._local_header(encoded, flags, crc, size, compressed)
-                central.append(self._central_entry(encoded, flags, crc, size, compressed, offset))
-            pending += local
-            pending += header
-            pending += data
-            data_starts[name] = position = offset + len(local)
-            position += compressed
-            if len(pending) >= WRITE_PIECE:
-                self.position = position
-                self._flush_pending()
-                pending = self.pending
-        self.position = position
+        try:
+            for name, header, data in members:
+                header_crc = header_crcs.get(header)
+                if header_crc is None:
+                    header_crc = header_crcs[header] = crc32(header)
+                crc = crc32(data, header_crc)
+                size = compressed = len(header) + len(data)
+                if deflated:
+                    deflater = deflate_module.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -15)
+                    data = deflater.compress(header) + deflater.compress(data) + deflater.flush()
+                    header = b''
+                    compressed = len(data)
+                encoded = name.encode('utf-8')
+                flags = 0 if encoded.isascii() else UTF8_FLAG
+                offset = position
+                if offset + size + compressed < ZIP64_LIMIT:  # nearly always: no ZIP64 fields
+                    local = pack_local(local_fixed[flags], crc, compressed, size, len(encoded), 0
+                                       ) + encoded
+                    central.append(pack_central(central_fixed[flags], crc, compressed, size,
+                                                len(encoded), central_middle, offset) + encoded)
+                else:
+                    local = self._local_header(encoded, flags, crc, size, compressed)
+                    central.append(self._central_entry(encoded, flags, crc, size, compressed,
+                                                       offset))
+                pending += local
+                pending += header
+                pending += data
+                data_starts[name] = position = offset + len(local)
+                position += compressed
+                if len(pending) >= WRITE_PIECE:
+                    self._flush_pending()
+                    pending = self.pending
+        finally:  # where the members gathered so far end, whatever stopped the loop
+            self.position = position
 
     def _fixed_fields(self) -> tuple[dict[int, bytes], dict[int, bytes], bytes]:
         """The fields of a small member's records that are the same for every member of this

@@ -329,7 +329,7 @@ class _GroupReader(loading.Reader):
             self.group.visititems(lambda name, node: keys.append(name)
                                   if isinstance(node, h5py.Dataset) else None)
         except (OSError, KeyError, ValueError, RuntimeError) as error:
-            raise _read_error(repr(self.name), error) from None
+            raise read_error(repr(self.name), error) from None
         return keys
 
     def entry(self, key: str) -> loading.Entry | None:
@@ -344,18 +344,18 @@ class _GroupReader(loading.Reader):
         try:
             found = h5py.h5o.open(self.group.id, key.encode('utf-8'))
         except KeyError as error:  # no such path, a dangling link, a path through a dataset
-            if _read_errno(error) is None:
+            if not error.args or _failed_read(str(error.args[0])) is None:
                 return None
-            raise _read_error(where, error) from None  # a read of the group's metadata failed
+            raise read_error(where, error) from None  # a read of the group's metadata failed
         except (OSError, ValueError, RuntimeError) as error:
-            raise _read_error(where, error) from None
+            raise read_error(where, error) from None
         if not isinstance(found, h5py.h5d.DatasetID):
             kind = 'group' if isinstance(found, h5py.h5g.GroupID) else 'datatype'
             raise MismatchError(f'{where}: is an HDF5 {kind}, not a dataset')
         try:  # a corrupt file's datatype or dataspace fails to decode here
             shape, dtype = found.shape, found.dtype
         except (OSError, KeyError, ValueError, TypeError, RuntimeError) as error:
-            raise _read_error(where, error) from None
+            raise read_error(where, error) from None
         if shape is None:
             return loading.Entry(key, None, None, found)
         if dtype.hasobject and h5py.check_string_dtype(dtype) is None:
@@ -448,35 +448,46 @@ class _GroupReader(loading.Reader):
         try:
             return read()
         except (OSError, TypeError, ValueError, RuntimeError) as error:  # h5py's, on bad files
-            raise _read_error(self.where(entry.key), error) from None
+            raise read_error(self.where(entry.key), error) from None
 
 
-def _read_error(where: str, error: BaseException, what: str = '', size: int | None = None
-                ) -> GpuserialError:
+def read_error(where: str, error: BaseException, what: str = '', size: int | None = None
+               ) -> GpuserialError:
     """An error of h5py's as gpuserial's, naming the file (and key). One with an errno (see
-    :func:`_read_errno`) came from the OS or the file object (the read failed; the file may be
-    whole); HDF5's own complaints about a file's contents have none, and say it is corrupt
-    (``what`` first)."""
-    text = error.args[0] if isinstance(error, KeyError) and error.args else error  # no repr
-    if _read_errno(error) is not None:
-        return ReadFailedError(f'{where}: reading failed: {text}')
-    why = 'the file is empty (0 bytes)' if size == 0 else text
-    return CorruptFileError(f'{where}: {what}{why}')
+    :func:`_failed_read`) came from the OS or the file object (the read failed; the file may
+    be whole), and keeps it; HDF5's own complaints about a file's contents have none, and say
+    it is corrupt (``what`` first)."""
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    failed = _failed_read(text)
+    if failed is not None:  # libhdf5's file driver: its words, less the time and pointer
+        code, words, offset = failed
+        doing = re.sub(r'^\[Errno \d+\] ', '', text.split(' (file read failed', 1)[0])
+        text = f'[Errno {code}] {words} (libhdf5: {doing}, at offset {offset})'
+    elif isinstance(error, OSError) and error.errno is not None:
+        code = error.errno
+    else:
+        why = 'the file is empty (0 bytes)' if size == 0 else text
+        return CorruptFileError(f'{where}: {what}{why}')
+    failure = ReadFailedError(f'{where}: reading failed: {text}')
+    failure.errno = code
+    return failure
 
 
-# What libhdf5's file drivers say when a read of the file fails (sec2, the default for paths:
-# "file read failed: time = ..., filename = '...', file descriptor = 3, errno = 5, ...")
-_FAILED_READ = re.compile(r'file read failed: .*?\berrno = (\d+)', re.DOTALL)
+# What libhdf5's file drivers say when a read of the file fails (sec2, the default for paths),
+# inside h5py's message for what it was doing: "... (file read failed: time = Mon Dec  7
+# 07:17:12 2026\n, filename = 'm.h5', file descriptor = 3, errno = 5, error message =
+# 'Input/output error', buf = 0x55f0977f2c40, total read size = 328, ..., offset = 1072)"
+_FAILED_READ = re.compile(r"\(file read failed: time = [^,]*, filename = '.*?', file "
+                          r"descriptor = -?\d+, errno = (\d+), error message = '([^']*)',"
+                          r".*?offset = (\d+)\)", re.DOTALL)
 
 
-def _read_errno(error: BaseException) -> int | None:
-    """The errno of the failed read behind an h5py error, else None: the error's own, or the
-    one libhdf5's file driver wrote into its message, where h5py raises what it was doing when
-    the read failed (a ``KeyError`` while opening an object, an ``OSError`` without errno)."""
-    if isinstance(error, OSError) and error.errno is not None:
-        return error.errno
-    found = _FAILED_READ.search(str(error))
-    return int(found.group(1)) if found else None
+def _failed_read(text: str) -> tuple[int, str, int] | None:
+    """The errno, its words and the offset of the failed read that libhdf5's file driver wrote
+    into an h5py error's text, which h5py raises as what it was doing when the read failed (a
+    ``KeyError`` while opening an object, an ``OSError`` without errno); else None."""
+    found = _FAILED_READ.search(text)
+    return None if found is None else (int(found[1]), found[2], int(found[3]))
 
 
 def _chunks(dataset: h5py.h5d.DatasetID) -> tuple | None:
@@ -708,7 +719,7 @@ def open_hdf5(filename, storage_options: dict | None = None) -> h5py.File:
             try:
                 return h5py.File(spool, 'r')
             except (OSError, ValueError) as error:
-                raise _read_error(repr(name), error, 'not an HDF5 file: ', size) from None
+                raise read_error(repr(name), error, 'not an HDF5 file: ', size) from None
     if is_path(filename):
         try:  # Python's own errors for a missing, unreadable or directory path
             with open(filename, 'rb') as f:
@@ -720,7 +731,7 @@ def open_hdf5(filename, storage_options: dict | None = None) -> h5py.File:
     try:
         return h5py.File(filename, 'r')
     except (OSError, ValueError) as error:
-        raise _read_error(repr(name), error, 'not an HDF5 file: ', size) from None
+        raise read_error(repr(name), error, 'not an HDF5 file: ', size) from None
 
 
 def load_hdf5(filename, obj, *, path: str = '', strict: bool = True, ignore_names=None,

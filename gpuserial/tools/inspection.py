@@ -256,7 +256,7 @@ def _inspect_hdf5(path, name: str, storage_options: dict | None = None) -> list[
         try:
             f.visititems(visit)
         except (OSError, KeyError, RuntimeError) as error:
-            raise CorruptFileError(f'{name!r}: unreadable HDF5 metadata: {error}') from None
+            raise hdf5.read_error(repr(name), error, 'unreadable HDF5 metadata: ') from None
     return entries
 
 
