@@ -28,6 +28,7 @@ import numpy
 import pytest
 
 from gpuserial import serializers
+from gpuserial.errors import ReadFailedError
 from gpuserial.formats import _zipstream, hdf5
 from gpuserial.storage import _fileio, _signals
 from tests import crafting, interrupt_child, kill_saver
@@ -88,8 +89,10 @@ class FailsHalfway:
         serializer('which', 1)
 
 
-ERRORS = [RuntimeError('boom'), KeyboardInterrupt(), OSError(errno.ENOSPC, 'disk full')]
-ERROR_IDS = ['exception', 'ctrl-c', 'enospc']
+ERRORS = [RuntimeError('boom'), KeyboardInterrupt(), OSError(errno.ENOSPC, 'disk full'),
+          PermissionError(errno.EACCES, 'Permission denied', 'another file'),
+          ReadFailedError("'source.npz': reading failed: [Errno 5] Input/output error")]
+ERROR_IDS = ['exception', 'ctrl-c', 'enospc', 'another-file', 'read-failed']
 
 
 @pytest.mark.parametrize('error', ERRORS, ids=ERROR_IDS)
@@ -152,8 +155,10 @@ def test_write_fails_midway(fmt, old_file, monkeypatch, error):
     for name in names:
         wrap = failing_members if name == 'write_small_members' else failing
         monkeypatch.setattr(module, name, wrap(getattr(module, name)))
-    with pytest.raises(type(error)):
+    with pytest.raises(type(error)) as raised:
         FORMATS[fmt][0](path, kill_saver.state(1))
+    if getattr(error, 'filename', None) is not None or isinstance(error, ReadFailedError):
+        assert raised.value is error  # names its own file: raised as it is
     assert len(seen) == 1 and len(seen[0]) == 1
     monkeypatch.undo()
     _assert_intact(path, old, fmt)

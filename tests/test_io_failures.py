@@ -213,3 +213,18 @@ def test_writes_that_fail_anywhere_in_the_file_fail_the_save_and_keep_the_old_fi
         assert outcome == f'OSError: [Errno {code}] {text} (writing the file): {str(path)!r}', (
             offset, save, durable)
         assert old and left == [], (offset, save, durable)
+
+
+def test_a_listing_that_fails_to_read_is_a_read_failure(tmp_path, monkeypatch):
+    path = tmp_path / 'm.h5'
+    serializers.save_hdf5(path, _model())
+
+    def failing_visit(group, visit):
+        raise RuntimeError(FAILED_OPEN.replace('Unable to synchronously open object',
+                                               'Object visitation failed'))
+
+    monkeypatch.setattr(h5py.Group, 'visititems', failing_visit)
+    with pytest.raises(ReadFailedError, match=re.escape(
+            f"{str(path)!r}: reading failed: [Errno 5] Input/output error (libhdf5: Object "
+            f"visitation failed, at offset 1072)")):
+        gpuserial.open(path).keys()

@@ -166,9 +166,9 @@ def atomic_path(path, *, durable: bool, size_hint: int | None = None) -> Iterato
                 raise type(error)(error.errno, f'{error.strerror} (creating a temporary file '
                                   f'beside it to save to)', path) from None
             named = _naming(error, path, 'writing the file')
-            if named is error:
-                raise
-            raise named from None
+            if named is not error:
+                raise named from None
+            raise
         if durable:
             fd = os.open(temp, os.O_RDONLY)
             try:
