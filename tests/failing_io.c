@@ -1,6 +1,6 @@
 /* Preloaded (LD_PRELOAD), makes the reads or writes of one file fail, as a failing or full disk
  * does, for tests/test_io_failures.py. The file: the one whose path contains $FAIL_NAME. Reads
- * (read, pread) of bytes from offset $FAIL_READS_FROM on, and before $FAIL_READS_UNTIL where
+ * (read, pread, preadv, preadv2) of bytes from offset $FAIL_READS_FROM on, and before $FAIL_READS_UNTIL where
  * set, fail with EIO; writes (write, pwrite) of bytes from offset $FAIL_WRITES_FROM on fail
  * with the errno $FAIL_WRITES_ERRNO (ENOSPC where unset). Where $FAIL_FREE_BYTES is set,
  * statvfs (of a path) says its file system has that many bytes free (a disk nearly full). */
@@ -14,6 +14,7 @@
 #include <string.h>
 #include <sys/statvfs.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 static int named(int fd) {
@@ -69,6 +70,45 @@ FAILING(pread64, off64_t, void *)
 FAILING(pwrite, off_t, const void *)
 FAILING(pwrite64, off64_t, const void *)
 #undef WRITING
+
+#define FAILING_V(name, type)                                                             \
+    ssize_t name(int fd, const struct iovec *iov, int iovcnt, type offset) {              \
+        static ssize_t (*real)(int, const struct iovec *, int, type);                     \
+        if (!real)                                                                        \
+            real = (ssize_t (*)(int, const struct iovec *, int, type))dlsym(RTLD_NEXT, #name); \
+        size_t count = 0;                                                                 \
+        for (int i = 0; i < iovcnt; i++)                                                  \
+            count += iov[i].iov_len;                                                      \
+        int code = failure(fd, offset, count, 0);                                         \
+        if (code >= 0) {                                                                  \
+            errno = code;                                                                 \
+            return -1;                                                                    \
+        }                                                                                 \
+        return real(fd, iov, iovcnt, offset);                                             \
+    }
+
+FAILING_V(preadv, off_t)
+FAILING_V(preadv64, off64_t)
+
+#define FAILING_V2(name, type)                                                            \
+    ssize_t name(int fd, const struct iovec *iov, int iovcnt, type offset, int flags) {   \
+        static ssize_t (*real)(int, const struct iovec *, int, type, int);                \
+        if (!real)                                                                        \
+            real = (ssize_t (*)(int, const struct iovec *, int, type, int))dlsym(         \
+                RTLD_NEXT, #name);                                                        \
+        size_t count = 0;                                                                 \
+        for (int i = 0; i < iovcnt; i++)                                                  \
+            count += iov[i].iov_len;                                                      \
+        int code = failure(fd, offset, count, 0);                                         \
+        if (code >= 0) {                                                                  \
+            errno = code;                                                                 \
+            return -1;                                                                    \
+        }                                                                                 \
+        return real(fd, iov, iovcnt, offset, flags);                                      \
+    }
+
+FAILING_V2(preadv2, off_t)  /* Python's os.preadv */
+FAILING_V2(preadv64v2, off64_t)
 
 ssize_t read(int fd, void *buf, size_t count) {
     static ssize_t (*real)(int, void *, size_t);

@@ -228,3 +228,61 @@ def test_a_listing_that_fails_to_read_is_a_read_failure(tmp_path, monkeypatch):
             f"{str(path)!r}: reading failed: [Errno 5] Input/output error (libhdf5: Object "
             f"visitation failed, at offset 1072)")):
         gpuserial.open(path).keys()
+
+
+# A sharded checkpoint in a child: its save with the data file's writes failing from each offset
+# (the previous checkpoint must stay whole), then its load with the data file's reads failing
+SHARDED_CHILD = '''
+import json, os, sys
+import numpy
+from gpuserial.distributed.mpi import load_sharded, save_sharded
+from tests.fakecomm import SoloComm
+
+directory, offsets = sys.argv[1], [int(a) for a in sys.argv[2:]]
+model = {'a': {'w': numpy.arange(100000.0), 'b': numpy.ones(10)}, 'c': numpy.arange(5000.0)}
+outcomes = []
+for variable in ('FAIL_WRITES_FROM', 'FAIL_READS_FROM'):
+    for offset in offsets:
+        os.environ[variable] = str(offset)
+        target = {'a': {'w': numpy.zeros(100000), 'b': numpy.zeros(10)}, 'c': numpy.zeros(5000)}
+        try:
+            if variable == 'FAIL_WRITES_FROM':
+                save_sharded(directory, {'a': {'w': -model['a']['w']}}, SoloComm())
+            else:
+                load_sharded(directory, target, SoloComm())
+            outcome = 'done'
+        except Exception as error:
+            outcome = f'{type(error).__name__}: {error}'
+        del os.environ[variable]
+        load_sharded(directory, target, SoloComm())  # the checkpoint there, read in full
+        whole = (target['a']['w'] == model['a']['w']).all() and (target['c'] == model['c']).all()
+        outcomes.append([variable, offset, outcome, bool(whole), sorted(os.listdir(directory))])
+print(json.dumps(outcomes))
+'''
+
+
+def test_a_sharded_checkpoint_on_a_failing_disk(tmp_path, shim):
+    from gpuserial.distributed.mpi import save_sharded
+    from tests.fakecomm import SoloComm
+    directory = tmp_path / 'ckpt'
+    save_sharded(directory, _model() | {'a': {'w': numpy.arange(100000.0), 'b': numpy.ones(10)}},
+                 SoloComm())
+    files = sorted(os.listdir(directory))
+    offsets = [0, 100, 5000, 400000, 800000]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # for tests.fakecomm
+    env = dict(os.environ, LD_PRELOAD=shim, FAIL_NAME='rank-', PYTHONPATH=root)
+    run = subprocess.run([sys.executable, '-c', SHARDED_CHILD, str(directory),
+                          *map(str, offsets)], env=env, capture_output=True, text=True,
+                         timeout=120, check=True)
+    outcomes = json.loads(run.stdout)
+    assert len(outcomes) == 2 * len(offsets)
+    for variable, offset, outcome, whole, listed in outcomes:
+        assert whole and listed == files, (variable, offset)  # the old checkpoint, whole
+        if variable == 'FAIL_WRITES_FROM':
+            assert re.fullmatch(r"OSError: \[Errno 28\] No space left on device \(writing the "
+                                rf"file\): '{re.escape(str(directory))}/rank-00000-\w+\.npz'",
+                                outcome), (offset, outcome)
+        else:
+            assert re.match(rf"ReadFailedError: '{re.escape(str(directory))}/rank-00000-\w+\."
+                            r"npz', key '[\w/]+' \(member '[\w/]+'\): reading failed: \[Errno 5\] "
+                            r"Input/output error", outcome), (offset, outcome)
