@@ -21,6 +21,7 @@ import pytest
 import gpuserial
 from gpuserial import serializers
 from gpuserial.errors import KeyNotFoundError, ReadFailedError
+from gpuserial.formats import hdf5
 
 SHIM_SOURCE = os.path.join(os.path.dirname(__file__), 'failing_io.c')
 
@@ -119,6 +120,14 @@ FAILED_OPEN = ("Unable to synchronously open object (file read failed: time = Mo
                "07:17:12 2026\n, filename = 'm.h5', file descriptor = 3, errno = 5, error "
                "message = 'Input/output error', buf = 0x55f0977f2c40, total read size = 328, "
                "bytes this sub-read = 328, offset = 1072)")
+
+
+def test_libhdf5s_failed_read_is_found_in_any_language():
+    french = FAILED_OPEN.replace("'Input/output error'", "'Erreur d'entr\u00e9e/sortie'")
+    assert hdf5._failed_read(french) == (5, "Erreur d'entr\u00e9e/sortie", 1072)
+    assert hdf5._failed_read(FAILED_OPEN) == (5, 'Input/output error', 1072)
+    assert hdf5._failed_read("Unable to synchronously open object (object 'file read failed: "
+                             "errno = 5' doesn't exist)") is None
 
 
 @pytest.mark.parametrize('strict', [True, False])

@@ -478,7 +478,7 @@ def read_error(where: str, error: BaseException, what: str = '', size: int | Non
 # 07:17:12 2026\n, filename = 'm.h5', file descriptor = 3, errno = 5, error message =
 # 'Input/output error', buf = 0x55f0977f2c40, total read size = 328, ..., offset = 1072)"
 _FAILED_READ = re.compile(r"\(file read failed: time = [^,]*, filename = '.*?', file "
-                          r"descriptor = -?\d+, errno = (\d+), error message = '([^']*)',"
+                          r"descriptor = -?\d+, errno = (\d+), error message = '(.*?)',"
                           r".*?offset = (\d+)\)", re.DOTALL)
 
 
