@@ -295,3 +295,33 @@ def test_a_sharded_checkpoint_on_a_failing_disk(tmp_path, shim):
             assert re.match(rf"ReadFailedError: '{re.escape(str(directory))}/rank-00000-\w+\."
                             r"npz', key '[\w/]+' \(member '[\w/]+'\): reading failed: \[Errno 5\] "
                             r"Input/output error", outcome), (offset, outcome)
+
+
+def test_a_checkpoints_first_bytes_or_index_that_cannot_be_read_say_so(tmp_path, shim):
+    """latest() reads each file's first bytes, a sharded load its index: a failed read there is
+    a ReadFailedError naming the file, never a bare OSError (nor a checkpoint skipped)."""
+    from gpuserial.distributed.mpi import save_sharded
+    from tests.fakecomm import SoloComm
+    gpuserial.save(tmp_path / 'snapshot_1.npz', _model())
+    save_sharded(tmp_path / 'sharded_3', _model(), SoloComm())
+    gpuserial.save(tmp_path / 'snapshot_4.npz', _model())  # the newest
+    child = ('import sys, gpuserial\nfrom gpuserial.distributed.mpi import load_sharded\n'
+             'from tests.fakecomm import SoloComm\n'
+             'call = sys.argv[1]\n'
+             'try:\n'
+             "    if call == 'latest':\n"
+             '        gpuserial.latest(sys.argv[2])\n'
+             '    else:\n'
+             "        load_sharded(sys.argv[2], {'c': None}, SoloComm(), strict=False)\n"
+             "    print('done')\n"
+             'except Exception as error:\n'
+             "    print(f'{type(error).__name__}: {error}')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # for tests.fakecomm
+    for call, failing, where in (('latest', 'snapshot_4.npz', tmp_path),
+                                 ('load', 'index.json', tmp_path / 'sharded_3')):
+        env = dict(os.environ, LD_PRELOAD=shim, FAIL_NAME=failing, FAIL_READS_FROM='0',
+                   PYTHONPATH=root)
+        run = subprocess.run([sys.executable, '-c', child, call, str(where)], env=env,
+                             capture_output=True, text=True, timeout=60, check=True)
+        assert run.stdout.strip() == (f"ReadFailedError: {str(where / failing)!r}: reading "
+                                      f"failed: [Errno 5] Input/output error"), call

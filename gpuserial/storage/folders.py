@@ -22,6 +22,7 @@ import os
 from collections.abc import Iterator
 from typing import BinaryIO, cast
 
+from gpuserial.errors import ReadFailedError
 from gpuserial.storage import _fileio, remote
 
 __all__ = ['Item', 'LocalFolder', 'RemoteFolder', 'folder_of']
@@ -63,9 +64,13 @@ class LocalFolder:
 
         Raises:
             FileNotFoundError: no such file.
+            gpuserial.errors.ReadFailedError: reading it failed (also an ``OSError``).
         """
-        with open(self.show(name), 'rb') as f:
-            return f.read(limit + 1)
+        with open(self.show(name), 'rb') as f:  # its errors name the file
+            try:
+                return f.read(limit + 1)
+            except OSError as error:
+                raise ReadFailedError(f'{self.show(name)!r}: reading failed: {error}') from None
 
     @contextlib.contextmanager
     def open_ranged(self, name: str) -> Iterator[_LocalRanged]:
