@@ -80,8 +80,8 @@ MODULES = {
     'gpuserial/distributed/reading.py': ['test_distributed', 'test_distributed_mpi',
                                          'test_remote_sharded'],
     'gpuserial/storage/remote.py': ['test_remote', 'test_remote_sharded'],
-    'gpuserial/storage/folders.py': ['test_remote_sharded', 'test_distributed'],
-    'gpuserial/checkpoints.py': ['test_remote_sharded', 'test_cli'],
+    'gpuserial/storage/folders.py': ['test_remote_sharded', 'test_distributed', 'test_io_failures'],
+    'gpuserial/checkpoints.py': ['test_remote_sharded', 'test_cli', 'test_io_failures'],
 }
 # Code that only runs on a real GPU (CuPy's backend): its mutants are run, and counted, where a
 # GPU is usable; elsewhere they are listed as needing one, outside the score.
