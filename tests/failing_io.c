@@ -71,43 +71,40 @@ FAILING(pwrite, off_t, const void *)
 FAILING(pwrite64, off64_t, const void *)
 #undef WRITING
 
+/* Whether a vectored read at offset fails (errno set) */
+static int vector_fails(int fd, const struct iovec *iov, int iovcnt, off64_t offset) {
+    size_t count = 0;
+    for (int i = 0; i < iovcnt; i++)
+        count += iov[i].iov_len;
+    int code = failure(fd, offset, count, 0);
+    if (code >= 0)
+        errno = code;
+    return code >= 0;
+}
+
 #define FAILING_V(name, type)                                                             \
     ssize_t name(int fd, const struct iovec *iov, int iovcnt, type offset) {              \
         static ssize_t (*real)(int, const struct iovec *, int, type);                     \
         if (!real)                                                                        \
             real = (ssize_t (*)(int, const struct iovec *, int, type))dlsym(RTLD_NEXT, #name); \
-        size_t count = 0;                                                                 \
-        for (int i = 0; i < iovcnt; i++)                                                  \
-            count += iov[i].iov_len;                                                      \
-        int code = failure(fd, offset, count, 0);                                         \
-        if (code >= 0) {                                                                  \
-            errno = code;                                                                 \
-            return -1;                                                                    \
-        }                                                                                 \
-        return real(fd, iov, iovcnt, offset);                                             \
+        return vector_fails(fd, iov, iovcnt, offset) ? -1 : real(fd, iov, iovcnt, offset);  \
     }
 
 FAILING_V(preadv, off_t)
 FAILING_V(preadv64, off64_t)
 
+/* preadv2: Python's os.preadv */
 #define FAILING_V2(name, type)                                                            \
     ssize_t name(int fd, const struct iovec *iov, int iovcnt, type offset, int flags) {   \
         static ssize_t (*real)(int, const struct iovec *, int, type, int);                \
         if (!real)                                                                        \
             real = (ssize_t (*)(int, const struct iovec *, int, type, int))dlsym(         \
                 RTLD_NEXT, #name);                                                        \
-        size_t count = 0;                                                                 \
-        for (int i = 0; i < iovcnt; i++)                                                  \
-            count += iov[i].iov_len;                                                      \
-        int code = failure(fd, offset, count, 0);                                         \
-        if (code >= 0) {                                                                  \
-            errno = code;                                                                 \
-            return -1;                                                                    \
-        }                                                                                 \
-        return real(fd, iov, iovcnt, offset, flags);                                      \
+        return vector_fails(fd, iov, iovcnt, offset) ? -1                                 \
+                                                     : real(fd, iov, iovcnt, offset, flags); \
     }
 
-FAILING_V2(preadv2, off_t)  /* Python's os.preadv */
+FAILING_V2(preadv2, off_t)
 FAILING_V2(preadv64v2, off64_t)
 
 ssize_t read(int fd, void *buf, size_t count) {
