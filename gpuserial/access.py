@@ -194,14 +194,15 @@ class _Placement:
         if self.framework is not None:
             return self.framework.from_engine(value, self.device)
         if isinstance(value, numpy.ndarray) and not self.device.backend.is_host:
-            self._check_holds(value.dtype, where)  # a slice, read on the host
-            return self.device.send(value)
+            self._check_holds(value.dtype, where)  # read on the host: an extension dtype, a slice
+            return self.device.send(devices.decoded(value))
         return devices.decoded(value)
 
     def _check_holds(self, dtype: numpy.dtype, where: str) -> None:
-        """Raises when the arrays made here cannot hold ``dtype`` (bfloat16 on CuPy)."""
+        """Raises when the arrays made here cannot hold ``dtype`` (bfloat16 on CuPy before 14)."""
         extension = devices.extension_of(dtype)
-        if extension is not None and self.framework is None and not self.device.backend.is_host:
+        if (extension is not None and self.framework is None and not self.device.backend.is_host
+                and not self.device.backend.holds_extension(extension, self.device)):
             raise DeviceError(f"{where}: {extension} has no dtype on {self.device.name}; "
                               f"load it with like='torch' or like='jax', or on the CPU")
 

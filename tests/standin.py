@@ -113,6 +113,7 @@ class StandInBackend(devices.Backend):
         self.pageable_copies_allowed = False  # only where a test expects the engine's fallback
         self.waits = 0  # events waited for by the engine
         self.orderings: list[int] = []  # the device of each order_after_current, in order
+        self.extension_dtypes = True  # holds ml_dtypes' bfloat16, ..., as CuPy does from 14 on
 
     # -- arrays -------------------------------------------------------------------------------
 
@@ -122,7 +123,13 @@ class StandInBackend(devices.Backend):
     def device_of(self, array) -> devices.Device:
         return array.device
 
+    def _check_holds(self, dtype) -> None:
+        dtype = numpy.dtype(dtype)
+        if dtype.names is None and devices.extension_of(dtype) and not self.extension_dtypes:
+            raise StandInError(f'a device array of {dtype}, which this device does not hold')
+
     def empty(self, shape, dtype, device):
+        self._check_holds(dtype)
         array = StandInArray(numpy.empty(shape, dtype), device)
         self.allocations.append(array.nbytes)
         return array
@@ -133,10 +140,15 @@ class StandInBackend(devices.Backend):
                 return array
             array.device.backend.synchronize_device(array.device.id)  # a peer copy
             return StandInArray(array._data.copy(), device)
-        return StandInArray(numpy.array(devices.to_host(array), copy=True), device)
+        host = numpy.array(devices.to_host(array), copy=True)
+        self._check_holds(host.dtype)
+        return StandInArray(host, device)
 
     def to_numpy(self, array):
         return array.get()
+
+    def holds_extension(self, name, device) -> bool:
+        return self.extension_dtypes
 
     def assign(self, dst, src, stream=None) -> None:
         """``dst[...] = src``: a kernel on ``stream`` (None: the current stream), as CuPy

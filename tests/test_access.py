@@ -198,9 +198,10 @@ def test_save_compression_off_by_default_and_on_request(tmp_path):
         assert f.metadata('zeros').compressed
 
 
-def test_bfloat16_onto_a_device_without_the_dtype_is_a_clear_error(tmp_path):
+def test_bfloat16_onto_a_device_without_the_dtype_is_a_clear_error(tmp_path, monkeypatch):
     ml_dtypes = pytest.importorskip('ml_dtypes')
     from tests import standin
+    monkeypatch.setattr(standin.BACKEND, 'extension_dtypes', False)  # as CuPy before 14
     gpuserial.save(tmp_path / 'a.npz', {'b': numpy.ones(3, ml_dtypes.bfloat16)})
     with pytest.raises(DeviceError, match="'b': bfloat16 has no dtype on @standin:0; load it "
                                           "with like='torch'"):
@@ -437,6 +438,69 @@ def test_ml_dtypes_numpy_arrays_round_trip_and_load_in_place(tmp_path, kind):
     serializers.load_npz(path, {'x': target}) if kind != 'hdf5' else serializers.load_hdf5(
         path, {'x': target})
     assert bits(target) == bits(array)
+
+
+@pytest.mark.parametrize('shape', [(3,), (300, 200)])  # packed with its neighbours; streamed
+def test_bfloat16_device_arrays_save_and_load_as_themselves(tmp_path, kind, shape):
+    """Device arrays of ml_dtypes' bfloat16 (CuPy from 14 on, here the stand-in) are stored in
+    its encoding, not as anonymous bytes, and load in place or as new device arrays."""
+    ml_dtypes = pytest.importorskip('ml_dtypes')
+    from tests import standin
+    on_0, on_1 = standin.StandInDevice(0), standin.StandInDevice(1)
+    rng = numpy.random.default_rng(3)
+    values = {key: rng.standard_normal(shape).astype(ml_dtypes.bfloat16) for key in 'ab'}
+    path = path_for(tmp_path, kind)
+    save(path, kind, {key: on_0.send(value) for key, value in values.items()})
+    if kind != 'hdf5':
+        with numpy.load(path) as raw:
+            assert raw['a'].dtype == devices.encoded_dtype('bfloat16')
+    loaded = gpuserial.load(path)
+    for key, value in values.items():
+        assert loaded[key].dtype == value.dtype and bits(loaded[key]) == bits(value)
+
+    target = {key: on_0.send(numpy.zeros(shape, ml_dtypes.bfloat16)) for key in 'ab'}
+    held = dict(target)
+    assert gpuserial.load_into(path, target) == gpuserial.LoadReport([], [])
+    for key, value in values.items():
+        assert target[key] is held[key] and target[key].dtype == value.dtype
+        assert bits(target[key]) == bits(value)
+
+    gpuserial.load_into(path, target, device=on_1)  # new arrays there
+    loaded = gpuserial.load(path, device=on_1)
+    with gpuserial.open(path, device=on_1) as f:
+        rows = f.get_slice('a')[1:3]
+    for arrays in (target, loaded):
+        for key, value in values.items():
+            assert devices.device_of(arrays[key]) == on_1 and arrays[key].dtype == value.dtype
+            assert bits(arrays[key]) == bits(value)
+    assert devices.device_of(rows) == on_1 and bits(rows) == bits(values['a'][1:3])
+
+
+def test_bfloat16_targets_moved_to_another_device_keep_their_type(tmp_path, kind,
+                                                                   monkeypatch):
+    ml_dtypes = pytest.importorskip('ml_dtypes')
+    from tests import standin
+    on_0 = standin.StandInDevice(0)
+    value = numpy.array([0.5, -1.25, 7.0], ml_dtypes.bfloat16)
+    path = path_for(tmp_path, kind)
+    save(path, kind, {'x': value})
+    onto_cpu = {'x': on_0.send(numpy.zeros(3, ml_dtypes.bfloat16))}
+    gpuserial.load_into(path, onto_cpu, device='cpu')
+    assert type(onto_cpu['x']) is numpy.ndarray and onto_cpu['x'].dtype == value.dtype
+    assert bits(onto_cpu['x']) == bits(value)
+
+    onto_device = {'x': numpy.zeros(3, ml_dtypes.bfloat16)}
+    gpuserial.load_into(path, onto_device, device=on_0)
+    assert devices.device_of(onto_device['x']) == on_0 and onto_device['x'].dtype == value.dtype
+    assert bits(onto_device['x']) == bits(value)
+
+    monkeypatch.setattr(standin.BACKEND, 'extension_dtypes', False)  # as CuPy before 14
+    kept = numpy.zeros(3, ml_dtypes.bfloat16)
+    target = {'x': kept}
+    with pytest.raises(DeviceError, match="'x': bfloat16 has no dtype on @standin:0; load it "
+                                          "on the CPU"):
+        gpuserial.load_into(path, target, device=on_0)
+    assert target['x'] is kept and not kept.any()
 
 
 class _Bf16OnDevice:
@@ -732,7 +796,7 @@ def test_torch_cuda_tensors_save_and_load_in_place(tmp_path, kind):
 
 
 @pytest.mark.gpu
-def test_bfloat16_cuda_tensors_save_through_the_host_and_load_in_place(tmp_path, kind):
+def test_bfloat16_cuda_tensors_save_and_load_in_place(tmp_path, kind):
     torch = _torch()
     source = {'small': torch.randn(17, device='cuda').to(torch.bfloat16),  # packed
               'large': torch.randn(300, 200, device='cuda').to(torch.bfloat16)}  # streamed
@@ -747,8 +811,33 @@ def test_bfloat16_cuda_tensors_save_through_the_host_and_load_in_place(tmp_path,
     for key, value in target.items():
         assert value.data_ptr() == pointers[key] and value.dtype == torch.bfloat16
         assert torch.equal(value, source[key])
-    with pytest.raises(DeviceError, match='bfloat16 has no dtype on @cupy:0'):
-        gpuserial.load(path, device='cuda:0')
+    if devices.CUPY.holds_extension('bfloat16', devices.get_device('cuda:0')):  # CuPy 14 on
+        for key, array in gpuserial.load(path, device='cuda:0').items():
+            assert str(array.dtype) == 'bfloat16' and bits(array) == bits(source[key])
+    else:
+        with pytest.raises(DeviceError, match='bfloat16 has no dtype on @cupy:0'):
+            gpuserial.load(path, device='cuda:0')
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('shape', [(17,), (300, 200)])  # packed; streamed
+def test_cupy_bfloat16_arrays_save_and_load_in_place(tmp_path, kind, shape):
+    ml_dtypes = pytest.importorskip('ml_dtypes')
+    gpu = devices.get_device('cuda:0')
+    if not devices.CUPY.holds_extension('bfloat16', gpu):
+        pytest.skip('CuPy before 14 has no bfloat16 arrays')
+    rng = numpy.random.default_rng(5)
+    values = {key: rng.standard_normal(shape).astype(ml_dtypes.bfloat16) for key in 'ab'}
+    path = path_for(tmp_path, kind)
+    save(path, kind, {key: gpu.send(value) for key, value in values.items()})
+    target = {key: gpu.send(numpy.zeros(shape, ml_dtypes.bfloat16)) for key in 'ab'}
+    pointers = {key: value.data.ptr for key, value in target.items()}
+    assert gpuserial.load_into(path, target) == gpuserial.LoadReport([], [])
+    loaded = gpuserial.load(path, device=gpu)
+    for key, value in values.items():
+        assert target[key].data.ptr == pointers[key] and target[key].dtype == value.dtype
+        assert bits(target[key]) == bits(value) and bits(loaded[key]) == bits(value)
+        assert devices.device_of(loaded[key]) == gpu and loaded[key].dtype == value.dtype
 
 
 def test_a_star_import_keeps_the_builtin_open():

@@ -241,6 +241,17 @@ class Backend:
         """A flat uint8 view of a C-contiguous array."""
         return array.reshape(-1).view(numpy.uint8)
 
+    def engine_view(self, array, name: str, writable: bool):
+        """``array``, of the extension dtype ``name`` (ml_dtypes' bfloat16, ...), as the engine
+        moves it: in its stored encoding to be written, as its bits in integers of its size
+        to be filled in place (see :func:`holds_bits_of`)."""
+        return array.view(bits_dtype(name) if writable else encoded_dtype(name))
+
+    def holds_extension(self, name: str, device: Device) -> bool:
+        """Whether arrays made on ``device`` can hold the extension dtype ``name`` (else such
+        values load onto the host, or into a framework's arrays)."""
+        return False
+
     def assign(self, dst, src, stream=None) -> None:
         """``dst[...] = src`` for two arrays of this backend on one device, queued on ``stream``
         (None: the current stream)."""
@@ -360,6 +371,9 @@ class _CupyBackend(Backend):
         with _cupy().cuda.Device(array.device.id):
             return array.get()
 
+    def holds_extension(self, name, device):
+        return _cupy_holds(name, device.id)
+
     def assign(self, dst, src, stream=None) -> None:
         cupy = _cupy()
         with cupy.cuda.Device(dst.device.id), stream or contextlib.nullcontext():
@@ -422,6 +436,19 @@ class _CupyBackend(Backend):
     def forget_in_child(self) -> None:
         """After a fork: the parent's streams are not the child's."""
         self._streams = {}
+
+
+@functools.cache
+def _cupy_holds(name: str, device_id: int) -> bool:
+    """Whether CuPy makes arrays of ml_dtypes' ``name`` (bfloat16 from CuPy 14 on)."""
+    try:
+        import ml_dtypes
+        cupy = _cupy()
+        with cupy.cuda.Device(device_id):
+            cupy.empty(0, getattr(ml_dtypes, name))
+    except (ImportError, AttributeError, TypeError, ValueError, NotImplementedError):
+        return False
+    return True
 
 
 def _marker(cupy):
@@ -522,6 +549,12 @@ def encoded_dtype(name: str) -> numpy.dtype:
     return numpy.dtype([(name, f'<u{EXTENSION_DTYPES[name]}')])
 
 
+def bits_dtype(name: str) -> numpy.dtype:
+    """The integers whose bits hold values of the extension dtype ``name``, as engines view
+    them (see :func:`holds_bits_of`)."""
+    return numpy.dtype(f'<u{EXTENSION_DTYPES[name]}')
+
+
 def extension_of(dtype: numpy.dtype) -> str | None:
     """The extension dtype's name for ml_dtypes' dtype or for its stored encoding, else None."""
     if dtype.kind != 'V':
@@ -536,9 +569,9 @@ def extension_of(dtype: numpy.dtype) -> str | None:
 
 def holds_bits_of(dtype: numpy.dtype, stored: numpy.dtype) -> bool:
     """Whether arrays of ``dtype`` hold values ``stored`` as an extension dtype's encoding bit
-    for bit: little-endian integers of its size, as the engine views a framework's bfloat16 on a
-    GPU (CuPy has no such dtype). The loader decides which targets may; the engine and readers
-    then move the bits as they are."""
+    for bit: little-endian integers of its size, as the engine views a bfloat16 array on a GPU
+    to fill it. The loader decides which targets may; the engine and readers then move the bits
+    as they are."""
     return (extension_of(stored) is not None and dtype.kind in 'iu'
             and dtype.itemsize == stored.itemsize and dtype.str[0] in '<|')
 
@@ -644,10 +677,10 @@ class _Torch(Framework):
                               f'the CPU or a CUDA device')
         elif extension is None:
             return _gpu_view(tensor, 'torch CUDA')
-        elif writable:  # CuPy holds no such dtype: its bits as integers (see holds_bits_of)
-            return _gpu_view(as_ints, 'torch CUDA')
-        else:
-            array = as_ints.cpu().numpy()  # a host copy: written with its encoding's header
+        else:  # its bits as integers (CuPy before 14 has no such dtype), filled as they are
+            array = _gpu_view(as_ints, 'torch CUDA')
+            if writable:
+                return array
         return array if extension is None else array.view(encoded_dtype(extension))
 
     def extension(self, tensor) -> str | None:
@@ -703,7 +736,7 @@ class _Jax(Framework):
         elif extension_of(array.dtype) is None:
             return _gpu_view(array, 'JAX GPU')
         else:
-            host = numpy.asarray(array)  # a host copy: CuPy holds no such dtype
+            host = numpy.asarray(array)  # a host copy: CuPy before 14 holds no such dtype
         name = extension_of(host.dtype)
         return host if name is None else host.view(encoded_dtype(name))
 
@@ -776,9 +809,16 @@ def framework_of(value) -> Framework | None:
 def engine_array(value, writable: bool = False):
     """What the engine and the formats handle for ``value``: NumPy, CuPy and stand-in arrays as
     they are; torch tensors and JAX arrays as zero-copy NumPy or CuPy views of their memory;
-    dtypes NumPy lacks in their stored encoding; anything else as it is."""
+    dtypes NumPy lacks in their stored encoding, or on a device as their bits to be filled
+    (``writable``; see :meth:`Backend.engine_view`); anything else as it is."""
     if type(value) is numpy.ndarray:
         name = extension_of(value.dtype) if value.dtype.kind == 'V' else None
         return value if name is None else value.view(encoded_dtype(name))
     framework = framework_of(value)
-    return value if framework is None else framework.engine_array(value, writable)
+    if framework is not None:
+        return framework.engine_array(value, writable)
+    backend = backend_of(value)
+    if backend is None:
+        return value
+    name = extension_of(numpy.dtype(value.dtype))
+    return value if name is None else backend.engine_view(value, name, writable)

@@ -29,7 +29,13 @@ from typing import Any
 import numpy
 
 from gpuserial.engine import devices, progress, transfer
-from gpuserial.errors import GpuserialError, KeyNotFoundError, MismatchError, UnsafeCastError
+from gpuserial.errors import (
+    DeviceError,
+    GpuserialError,
+    KeyNotFoundError,
+    MismatchError,
+    UnsafeCastError,
+)
 from gpuserial.serializer import (
     Deserializer,
     DictTarget,
@@ -357,11 +363,9 @@ class ReaderDeserializer(Deserializer):
             return None
         if value is None:
             return self._new_array(entry, entry.dtype)
-        if type(value) is numpy.ndarray:
+        if type(value) is numpy.ndarray or devices.is_array(value):
             if value.dtype.kind == 'V':  # ml_dtypes' bfloat16, ...: through its encoding
                 return self._load_view(entry, value, None)
-            return self._load_array(entry, value)
-        if devices.is_array(value):
             return self._load_array(entry, value)
         framework = devices.framework_of(value)
         if framework is not None:
@@ -370,7 +374,7 @@ class ReaderDeserializer(Deserializer):
 
     def _new_array(self, entry: Entry, dtype: numpy.dtype, device: devices.Device | None = None):
         """A new array on ``device`` (by default the load's, else the CPU), read at once; an
-        extension dtype (bfloat16, ...) is read on the host, where only NumPy can hold it."""
+        extension dtype (bfloat16, ...) is read on the host, in its stored encoding."""
         self.reader.check_size(entry, allocating=True)
         assert entry.shape is not None  # not a stored None
         device = device or self.device or devices.CPU
@@ -398,13 +402,21 @@ class ReaderDeserializer(Deserializer):
                 return framework.new_like(value, array)
             return framework.from_engine(array, device)
         view = devices.engine_array(value, writable=True)
-        extension = None if framework is None else framework.extension(value)
+        extension = (devices.extension_of(numpy.dtype(value.dtype)) if framework is None
+                     else framework.extension(value))
         loaded = self._load_array(entry, view, None if extension is None
                                   else devices.encoded_dtype(extension))
         if loaded is view:
             return value
         assert self.device is not None  # a new array only for another device
-        return loaded if framework is None else framework.from_engine(loaded, self.device)
+        if framework is not None:
+            return framework.from_engine(loaded, self.device)
+        if extension is None or self.device.backend.is_host:
+            return devices.decoded(loaded)
+        if not self.device.backend.holds_extension(extension, self.device):
+            raise DeviceError(f'{self.reader.where(entry.key)}: {extension} has no dtype on '
+                              f'{self.device.name}; load it on the CPU')
+        return self.device.send(devices.decoded(loaded))  # read on the host (_new_array)
 
     def _load_array(self, entry: Entry, value, holds: numpy.dtype | None = None):
         """``value`` filled in place (or a new array on the load's device). ``holds``: the
