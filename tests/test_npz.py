@@ -183,11 +183,14 @@ def test_an_array_over_4_gib(tmp_path):
 MiB = 1 << 20
 
 
+THREADED = _zipstream.THREAD_MIN  # stored chunks this large are checksummed on a thread
+
+
 def _large_arrays(device) -> dict:
-    """Arrays that cross several 1 MiB chunks, one ending mid-chunk."""
+    """Arrays that cross several chunks of THREADED bytes, one ending mid-chunk."""
     rng = numpy.random.default_rng(0)
-    return {'w': device.send(rng.standard_normal((3, MiB // 4 + 7)).astype(numpy.float32)),
-            'b': device.send(rng.integers(0, 255, 2 * MiB + 1, dtype=numpy.uint8))}
+    return {'w': device.send(rng.standard_normal((3, THREADED // 4 + 7)).astype(numpy.float32)),
+            'b': device.send(rng.integers(0, 255, 2 * THREADED + 1, dtype=numpy.uint8))}
 
 
 @pytest.mark.parametrize('seekable', [True, False])
@@ -195,14 +198,14 @@ def test_large_stored_chunks_are_checksummed_on_another_thread(monkeypatch, devi
     checksummed_on = set()
 
     def recording_crc32(data, value=0):
-        if len(data) >= _zipstream.WRITE_PIECE:
+        if len(data) >= THREADED:
             checksummed_on.add(threading.current_thread().name.split('_')[0])
         return zlib.crc32(data, value)
 
     monkeypatch.setattr(_zipstream, 'crc32', recording_crc32)
     arrays = _large_arrays(device)
     out = io.BytesIO() if seekable else crafting.Unseekable()
-    with transfer.configure(chunk_bytes=MiB):
+    with transfer.configure(chunk_bytes=THREADED):
         serializers.save_npz(out, arrays, compression=False)
     assert checksummed_on == {'gpuserial-crc'}
     data = out.getvalue() if seekable else bytes(out.data)
@@ -225,11 +228,11 @@ def _slow_crc32(monkeypatch, finished: threading.Event | None = None) -> None:
 
 def test_a_chunk_is_not_reused_before_its_checksum_is_done(monkeypatch):
     _slow_crc32(monkeypatch)
-    buffer = bytearray(MiB)
+    buffer = bytearray(THREADED)
 
     def refilled_chunks():  # one buffer, refilled on every resume, as the staging engine does
         for value in range(4):
-            buffer[:] = bytes([value]) * MiB
+            buffer[:] = bytes([value]) * THREADED
             yield buffer
 
     out = io.BytesIO()
@@ -237,7 +240,7 @@ def test_a_chunk_is_not_reused_before_its_checksum_is_done(monkeypatch):
         archive.write_member('m', refilled_chunks())
     with zipfile.ZipFile(out) as archive:
         assert archive.testzip() is None
-        assert archive.read('m') == b''.join(bytes([v]) * MiB for v in range(4))
+        assert archive.read('m') == b''.join(bytes([v]) * THREADED for v in range(4))
 
 
 def test_a_failed_write_waits_for_the_checksum_before_raising(monkeypatch):
@@ -251,7 +254,7 @@ def test_a_failed_write_waits_for_the_checksum_before_raising(monkeypatch):
             return super().write(data)
 
     with pytest.raises(OSError, match='No space left'):
-        serializers.save_npz(FullDisk(), {'w': numpy.ones(MiB, numpy.float32)},
+        serializers.save_npz(FullDisk(), {'w': numpy.ones(THREADED // 4, numpy.float32)},
                              compression=False)
     assert finished.is_set()  # the chunk's memory was still the writer's when the error left
 
@@ -294,14 +297,14 @@ class _Uncounting:
 
 @pytest.mark.parametrize('seekable', [True, False])
 def test_short_writes_are_completed(seekable):
-    arrays = {'w': numpy.arange(MiB, dtype=numpy.float32), 'b': numpy.arange(10)}
+    arrays = {'w': numpy.arange(THREADED // 4, dtype=numpy.float32), 'b': numpy.arange(10)}
     out = _Trickle(seekable)
     serializers.save_npz(out, arrays, compression=False)
     _check_with_numpy(out.file.getvalue(), arrays)
 
 
 def test_a_write_that_returns_none_took_everything_unless_raw():
-    arrays = {'w': numpy.arange(MiB, dtype=numpy.float32)}
+    arrays = {'w': numpy.arange(THREADED // 4, dtype=numpy.float32)}
     out = _Uncounting()
     serializers.save_npz(out, arrays, compression=False)
     _check_with_numpy(bytes(out.data), arrays)
@@ -315,14 +318,15 @@ def test_a_write_that_returns_none_took_everything_unless_raw():
 
 
 def test_the_checksum_thread_ends_with_the_save():
-    serializers.save_npz(io.BytesIO(), {'w': numpy.ones(MiB, numpy.float32)}, compression=False)
+    serializers.save_npz(io.BytesIO(), {'w': numpy.ones(THREADED // 4, numpy.float32)},
+                         compression=False)
     assert not [t for t in threading.enumerate() if t.name.startswith('gpuserial-crc')]
 
 
 @pytest.mark.skipif(not hasattr(os, 'fork'), reason='needs fork')
 @pytest.mark.filterwarnings('ignore:.*fork.*:DeprecationWarning')  # Python 3.12+ on threads
 def test_a_forked_child_saves_after_its_parent_did(tmp_path):
-    arrays = {'w': numpy.arange(MiB, dtype=numpy.float32)}
+    arrays = {'w': numpy.arange(THREADED // 4, dtype=numpy.float32)}
     serializers.save_npz(tmp_path / 'parent.npz', arrays, compression=False)  # starts threads
     child = multiprocessing.get_context('fork').Process(
         target=serializers.save_npz, args=(tmp_path / 'child.npz', arrays, False))
@@ -355,7 +359,7 @@ def test_a_save_from_an_atexit_handler_checksums_without_threads(tmp_path):
 def test_a_save_from_a_signal_handler_inside_a_submit_checksums_inline(monkeypatch):
     """A handler that saves while the interrupted save is inside ``submit`` (whose locks are
     not reentrant) must not submit again: its chunks are checksummed inline."""
-    arrays = {'w': numpy.arange(MiB, dtype=numpy.float32)}
+    arrays = {'w': numpy.arange(THREADED // 4, dtype=numpy.float32)}
     nested = io.BytesIO()
     submits = []
 
