@@ -67,7 +67,7 @@ MODULES = {
     'gpuserial/storage/_fileio.py': ['test_atomic', 'test_cli', 'test_async', 'test_io_failures'],
     'gpuserial/storage/_signals.py': ['test_atomic'],
     'gpuserial/engine/transfer.py': ['test_transfer', 'test_engine_rules', 'test_formats',
-                                     'test_concurrency', 'test_async'],
+                                     'test_concurrency', 'test_async', 'test_access'],
     'gpuserial/engine/devices.py': ['test_devices', 'test_engine_rules', 'test_transfer',
                                     'test_formats', 'test_async', 'test_protocol',
                                     'test_access'],

@@ -124,8 +124,13 @@ class StandInBackend(devices.Backend):
         return array.device
 
     def _check_holds(self, dtype) -> None:
+        """Device arrays are made of plain dtypes only: no structured ones (the stored encoding
+        of bfloat16 is one: CuPy's kernels cannot take it, and before 14 it cannot make it),
+        and ml_dtypes' types only where the device holds them (CuPy from 14 on)."""
         dtype = numpy.dtype(dtype)
-        if dtype.names is None and devices.extension_of(dtype) and not self.extension_dtypes:
+        if dtype.names is not None:
+            raise StandInError(f'a device array of the structured dtype {dtype}')
+        if devices.extension_of(dtype) and not self.extension_dtypes:
             raise StandInError(f'a device array of {dtype}, which this device does not hold')
 
     def empty(self, shape, dtype, device):
@@ -138,6 +143,7 @@ class StandInBackend(devices.Backend):
         if isinstance(array, StandInArray):
             if array.device == device:
                 return array
+            self._check_holds(array.dtype)
             array.device.backend.synchronize_device(array.device.id)  # a peer copy
             return StandInArray(array._data.copy(), device)
         host = numpy.array(devices.to_host(array), copy=True)
@@ -155,6 +161,8 @@ class StandInBackend(devices.Backend):
         launches it."""
         if dst.device != src.device:
             raise StandInError('assign between devices')
+        if dst.dtype.names is not None or src.dtype.names is not None:
+            raise StandInError('a kernel on a structured dtype')
         if stream is None:
             stream = self.current_stream(dst.device.id)
         self._check_device(stream, dst.device.id)
