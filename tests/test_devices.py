@@ -157,3 +157,15 @@ def test_integers_of_an_extension_dtypes_size_hold_its_bits_little_endian_only()
     assert not devices.holds_bits_of(numpy.dtype('u1'), bfloat16)  # another size
     assert not devices.holds_bits_of(numpy.dtype('<i2'), numpy.dtype('<u2'))  # no extension
     assert not devices.holds_bits_of(numpy.dtype('<i2'), numpy.dtype([('other', '<u2')]))
+
+
+def test_cupy_holds_bfloat16_from_version_14_on():
+    """CuPy allocates arrays of any dtype, but only from 14 on do its kernels take bfloat16 (and
+    14 takes no float8): loads make CuPy arrays of such a dtype only then."""
+    cupy = pytest.importorskip('cupy')
+    pytest.importorskip('ml_dtypes')
+    major = int(cupy.__version__.split('.')[0])
+    gpu = devices.CudaDevice(0)  # the answer needs no GPU
+    assert devices.CUPY.holds_extension('bfloat16', gpu) == (major >= 14)
+    if major <= 14:
+        assert not devices.CUPY.holds_extension('float8_e4m3fn', gpu)

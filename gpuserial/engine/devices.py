@@ -372,7 +372,7 @@ class _CupyBackend(Backend):
             return array.get()
 
     def holds_extension(self, name, device):
-        return _cupy_holds(name, device.id)
+        return _cupy_holds(name)
 
     def assign(self, dst, src, stream=None) -> None:
         cupy = _cupy()
@@ -439,14 +439,15 @@ class _CupyBackend(Backend):
 
 
 @functools.cache
-def _cupy_holds(name: str, device_id: int) -> bool:
-    """Whether CuPy makes arrays of ml_dtypes' ``name`` (bfloat16 from CuPy 14 on)."""
+def _cupy_holds(name: str) -> bool:
+    """Whether CuPy's arrays hold ml_dtypes' ``name`` as a type its kernels compute with
+    (bfloat16 from CuPy 14 on; any CuPy would allocate one, but before 14 no kernel takes it):
+    asked of the C type names CuPy writes its kernels with."""
     try:
         import ml_dtypes
-        cupy = _cupy()
-        with cupy.cuda.Device(device_id):
-            cupy.empty(0, getattr(ml_dtypes, name))
-    except (ImportError, AttributeError, TypeError, ValueError, NotImplementedError):
+        from cupy._core import _scalar
+        _scalar.get_typename(numpy.dtype(getattr(ml_dtypes, name)))
+    except (ImportError, AttributeError, KeyError, TypeError, ValueError):
         return False
     return True
 
