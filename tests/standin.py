@@ -61,7 +61,10 @@ class StandInArray:
 
     def get(self) -> numpy.ndarray:
         """A host copy once all work on the device is done (``cupy.ndarray.get`` does the same
-        for its stream)."""
+        for its stream; for a non-contiguous array it first runs a copy kernel, which takes no
+        structured dtype)."""
+        if self._data.dtype.names is not None and not self._data.flags.c_contiguous:
+            raise StandInError('a kernel on a structured dtype (get of a non-contiguous array)')
         BACKEND.synchronize_device(self.device.id)
         return self._data.copy()
 

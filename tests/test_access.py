@@ -355,6 +355,9 @@ def test_jax_arrays_in_a_mapping_are_replaced_with_loaded_ones(tmp_path):
     target = {'x': jax.numpy.zeros(3, dtype=jax.numpy.float32)}
     gpuserial.load_into(tmp_path / 'a.h5', target)
     assert isinstance(target['x'], jax.Array) and target['x'].tolist() == [0.0, 1.0, 2.0]
+    with pytest.raises(MismatchError, match="'x': stored shape \\(3,\\) does not match the "
+                                            "target shape \\(4,\\)"):
+        gpuserial.load_into(tmp_path / 'a.h5', {'x': jax.numpy.zeros(4, dtype=jax.numpy.float32)})
 
 
 def test_a_tensor_the_engine_cannot_stage_names_the_file_and_key_and_keeps_the_old_file(
@@ -427,38 +430,48 @@ def test_jax_arrays_spread_over_devices_save_and_load_with_their_shardings(tmp_p
     assert done.returncode == 0 and done.stdout.strip() == 'ok', done.stderr[-3000:]
 
 
-def test_ml_dtypes_numpy_arrays_round_trip_and_load_in_place(tmp_path, kind):
+EXTENSIONS = list(devices.EXTENSION_DTYPES)  # ml_dtypes' types: kind 'V', float8_e5m2 'f'
+
+
+@pytest.mark.parametrize('name', EXTENSIONS)
+def test_ml_dtypes_numpy_arrays_round_trip_and_load_in_place(tmp_path, kind, name):
     ml_dtypes = pytest.importorskip('ml_dtypes')
-    array = numpy.array([0.5, -1.25, 7.0], ml_dtypes.bfloat16)
+    array = numpy.array([0.5, -1.25, 7.0], getattr(ml_dtypes, name))
     path = path_for(tmp_path, kind)
     save(path, kind, {'x': array})
+    if kind != 'hdf5':
+        with numpy.load(path) as raw:
+            assert raw['x'].dtype == devices.encoded_dtype(name)
     loaded = gpuserial.load(path)['x']
     assert loaded.dtype == array.dtype and bits(loaded) == bits(array)
-    target = numpy.zeros(3, ml_dtypes.bfloat16)
+    target = numpy.zeros(3, getattr(ml_dtypes, name))
     serializers.load_npz(path, {'x': target}) if kind != 'hdf5' else serializers.load_hdf5(
         path, {'x': target})
     assert bits(target) == bits(array)
 
 
+@pytest.mark.parametrize('name', EXTENSIONS)
 @pytest.mark.parametrize('shape', [(3,), (300, 200)])  # packed with its neighbours; streamed
-def test_bfloat16_device_arrays_save_and_load_as_themselves(tmp_path, kind, shape):
-    """Device arrays of ml_dtypes' bfloat16 (CuPy from 14 on, here the stand-in) are stored in
-    its encoding, not as anonymous bytes, and load in place or as new device arrays."""
+def test_bfloat16_device_arrays_save_and_load_as_themselves(tmp_path, kind, shape, name):
+    """Device arrays of ml_dtypes' bfloat16 (CuPy from 14 on, here the stand-in) and float8 are
+    stored in its encoding, not as anonymous bytes, and load in place or as new device
+    arrays."""
     ml_dtypes = pytest.importorskip('ml_dtypes')
     from tests import standin
     on_0, on_1 = standin.StandInDevice(0), standin.StandInDevice(1)
     rng = numpy.random.default_rng(3)
-    values = {key: rng.standard_normal(shape).astype(ml_dtypes.bfloat16) for key in 'ab'}
+    dtype = numpy.dtype(getattr(ml_dtypes, name))
+    values = {key: rng.standard_normal(shape).astype(dtype) for key in 'ab'}
     path = path_for(tmp_path, kind)
     save(path, kind, {key: on_0.send(value) for key, value in values.items()})
     if kind != 'hdf5':
         with numpy.load(path) as raw:
-            assert raw['a'].dtype == devices.encoded_dtype('bfloat16')
+            assert raw['a'].dtype == devices.encoded_dtype(name)
     loaded = gpuserial.load(path)
     for key, value in values.items():
         assert loaded[key].dtype == value.dtype and bits(loaded[key]) == bits(value)
 
-    target = {key: on_0.send(numpy.zeros(shape, ml_dtypes.bfloat16)) for key in 'ab'}
+    target = {key: on_0.send(numpy.zeros(shape, dtype)) for key in 'ab'}
     held = dict(target)
     assert gpuserial.load_into(path, target) == gpuserial.LoadReport([], [])
     for key, value in values.items():
@@ -502,6 +515,70 @@ def test_bfloat16_device_arrays_of_any_layout_save_by_their_bits(tmp_path, kind,
         assert bits(target[key]) == bits(expected)
 
 
+def test_bfloat16_device_arrays_of_any_layout_reach_the_host(tmp_path):
+    """serialize() and a save staged on the host copy device arrays to the host, a
+    non-contiguous one through a kernel (CuPy's get()): as integers, like the engine."""
+    ml_dtypes = pytest.importorskip('ml_dtypes')
+    from tests import standin
+    on_0 = standin.StandInDevice(0)
+    value = numpy.linspace(-3, 3, 600, dtype=numpy.float32).astype(ml_dtypes.bfloat16)
+    value = value.reshape(20, 30)
+    arrays = {'rows': on_0.send(value), 'columns': on_0.send(value).T}
+    flat = gpuserial.serialize(arrays)
+    gpuserial.save_async(tmp_path / 'host.npz', arrays, staging='host').result()
+    loaded = gpuserial.load(tmp_path / 'host.npz')
+    for key, expected in (('rows', value), ('columns', value.T)):
+        assert type(flat[key]) is numpy.ndarray and bits(flat[key]) == bits(expected)
+        assert loaded[key].dtype == value.dtype and bits(loaded[key]) == bits(expected)
+
+
+@pytest.mark.parametrize('where', ['cpu', 'standin'])
+def test_an_extension_dtype_loads_only_into_itself(tmp_path, kind, where):
+    """NumPy casts one structured encoding into another field by field, and into numbers not at
+    all: bfloat16 bits into a float8 target would be truncated integers."""
+    ml_dtypes = pytest.importorskip('ml_dtypes')
+    from tests import standin
+    path = path_for(tmp_path, kind)
+    save(path, kind, {'x': numpy.ones(3, ml_dtypes.bfloat16)})
+    for dtype in (ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2, numpy.float32, numpy.uint16):
+        target = numpy.zeros(3, dtype)
+        if where == 'standin':
+            target = standin.StandInDevice(0).send(target)
+        with pytest.raises(MismatchError, match="'x': stored dtype .*bfloat16.* does not cast"):
+            gpuserial.load_into(path, {'x': target})
+        assert not host(devices.engine_array(target)).view(numpy.uint8).any()
+
+
+def test_new_arrays_of_an_extension_dtype_are_of_that_type(tmp_path, kind, monkeypatch):
+    """A None in the target, or an uninitialized parameter: a new array of that type, on the
+    load's device where it holds the type (else an error), converted by value into a
+    parameter's dtype."""
+    ml_dtypes = pytest.importorskip('ml_dtypes')
+    from tests import standin
+    on_0 = standin.StandInDevice(0)
+    value = numpy.array([0.5, -1.25, 7.0], ml_dtypes.bfloat16)
+    path = path_for(tmp_path, kind)
+    save(path, kind, {'x': value, 'W': value})
+    for device in (None, on_0):
+        target: dict = {'x': None}
+        gpuserial.load_into(path, target, device=device, strict=False)
+        assert devices.device_of(target['x']) == (device or devices.CPU)
+        assert target['x'].dtype == value.dtype and bits(target['x']) == bits(value)
+    link = gpuserial.Link()
+    with link.init_scope():
+        link.W = gpuserial.Parameter()  # float32, shaped by the load
+    gpuserial.load_into(path, link, strict=False)
+    assert link.W.array.dtype == numpy.float32
+    assert link.W.array.tolist() == [0.5, -1.25, 7.0]  # values, not their bits
+    monkeypatch.setitem(sys.modules, 'ml_dtypes', None)  # not installed: bits, not values
+    link.W.array = None
+    with pytest.raises(MismatchError, match="parameter 'W': stored values of dtype .*bfloat16"):
+        gpuserial.load_into(path, link, strict=False)
+    monkeypatch.setattr(standin.BACKEND, 'extension_dtypes', False)  # as CuPy before 14
+    with pytest.raises(DeviceError, match="'x': bfloat16 has no dtype on @standin:0"):
+        gpuserial.load_into(path, {'x': None}, device=on_0, strict=False)
+
+
 def test_bfloat16_targets_moved_to_another_device_keep_their_type(tmp_path, kind,
                                                                    monkeypatch):
     ml_dtypes = pytest.importorskip('ml_dtypes')
@@ -519,6 +596,8 @@ def test_bfloat16_targets_moved_to_another_device_keep_their_type(tmp_path, kind
     gpuserial.load_into(path, onto_device, device=on_0)
     assert devices.device_of(onto_device['x']) == on_0 and onto_device['x'].dtype == value.dtype
     assert bits(onto_device['x']) == bits(value)
+    with pytest.raises(MismatchError, match="'x': stored shape \\(3,\\) does not match"):
+        gpuserial.load_into(path, {'x': numpy.zeros(4, ml_dtypes.bfloat16)}, device=on_0)
 
     monkeypatch.setattr(standin.BACKEND, 'extension_dtypes', False)  # as CuPy before 14
     kept = numpy.zeros(3, ml_dtypes.bfloat16)

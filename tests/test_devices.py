@@ -169,3 +169,12 @@ def test_cupy_holds_bfloat16_from_version_14_on():
     assert devices.CUPY.holds_extension('bfloat16', gpu) == (major >= 14)
     if major <= 14:
         assert not devices.CUPY.holds_extension('float8_e4m3fn', gpu)
+
+
+def test_extension_dtypes_are_ml_dtypes_types_of_those_names_and_their_encodings():
+    ml_dtypes = pytest.importorskip('ml_dtypes')
+    for name in devices.EXTENSION_DTYPES:  # float8_e5m2 is of kind 'f' in ml_dtypes 0.7
+        assert devices.extension_of(numpy.dtype(getattr(ml_dtypes, name))) == name
+        assert devices.extension_of(devices.encoded_dtype(name)) == name
+    for other in (ml_dtypes.int4, numpy.float32, '>u2', 'V2', [('bfloat16', '>u2')]):
+        assert devices.extension_of(numpy.dtype(other)) is None

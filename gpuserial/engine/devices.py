@@ -329,7 +329,9 @@ class _NumpyBackend(Backend):
         source = backend_of(array)
         if source is None or source is self:
             return numpy.asarray(array)
-        return source.to_numpy(array)
+        plain = kernel_view(array)  # a non-contiguous array is made contiguous by a kernel
+        host = source.to_numpy(plain)
+        return host if plain is array else host.view(array.dtype)
 
 
 class _CupyBackend(Backend):
@@ -557,15 +559,25 @@ def bits_dtype(name: str) -> numpy.dtype:
 
 
 def extension_of(dtype: numpy.dtype) -> str | None:
-    """The extension dtype's name for ml_dtypes' dtype or for its stored encoding, else None."""
-    if dtype.kind != 'V':
+    """The extension dtype's name for ml_dtypes' dtype or for its stored encoding, else None.
+    ml_dtypes' types are NumPy types defined outside it (``isbuiltin`` 2), of kind ``'V'`` or
+    ``'f'`` (float8_e5m2 with ml_dtypes 0.7); their encodings are structured."""
+    if dtype.isbuiltin == 1:  # one of NumPy's own types, the common case
         return None
     if dtype.names is None:
-        return dtype.name if dtype.name in EXTENSION_DTYPES else None
+        return dtype.name if dtype.isbuiltin == 2 and dtype.name in EXTENSION_DTYPES else None
     name = dtype.names[0]
     if len(dtype.names) == 1 and name in EXTENSION_DTYPES and dtype == encoded_dtype(name):
         return name
     return None
+
+
+def kernel_view(array):
+    """``array`` as a device kernel can copy it: in the stored encoding of an extension dtype
+    (a structured dtype, which CuPy's kernels take only from 14 on), as the integers of its
+    bits; any other array as it is."""
+    name = extension_of(array.dtype) if array.dtype.names else None
+    return array if name is None else array.view(bits_dtype(name))
 
 
 def holds_bits_of(dtype: numpy.dtype, stored: numpy.dtype) -> bool:
@@ -678,10 +690,12 @@ class _Torch(Framework):
                               f'the CPU or a CUDA device')
         elif extension is None:
             return _gpu_view(tensor, 'torch CUDA')
-        else:  # its bits as integers (CuPy before 14 has no such dtype), filled as they are
+        elif writable:  # its bits as integers (CuPy before 14 has no such dtype), filled so
+            return _gpu_view(as_ints, 'torch CUDA')
+        elif _usable_cupy() is None:  # no GPU view without CuPy: a host copy, to be written
+            array = as_ints.cpu().numpy()
+        else:
             array = _gpu_view(as_ints, 'torch CUDA')
-            if writable:
-                return array
         return array if extension is None else array.view(encoded_dtype(extension))
 
     def extension(self, tensor) -> str | None:
@@ -813,7 +827,7 @@ def engine_array(value, writable: bool = False):
     dtypes NumPy lacks in their stored encoding, or on a device as their bits to be filled
     (``writable``; see :meth:`Backend.engine_view`); anything else as it is."""
     if type(value) is numpy.ndarray:
-        name = extension_of(value.dtype) if value.dtype.kind == 'V' else None
+        name = extension_of(value.dtype)
         return value if name is None else value.view(encoded_dtype(name))
     framework = framework_of(value)
     if framework is not None:

@@ -313,7 +313,7 @@ def _host_to_host(array: numpy.ndarray, contiguous: bool, blocks) -> Iterator[me
 
 def _device_to_host(backend: Backend, device: Device, array, contiguous: bool,
                     blocks) -> Iterator[memoryview]:
-    array = _as_kernels_copy(array)
+    array = devices.kernel_view(array)
     itemsize = array.dtype.itemsize
     largest = max(stop - start for _, start, stop in blocks) * itemsize
     stream = backend.stream(device)
@@ -385,7 +385,7 @@ def device_copies(arrays: Sequence) -> tuple[list, Callable[[], None]]:
         if (backend, device) not in streams:
             streams[backend, device] = backend.stream(device)
             backend.order_after_current(streams[backend, device], device)
-        plain = _as_kernels_copy(array)
+        plain = devices.kernel_view(array)
         copy = backend.empty(plain.shape, plain.dtype, device)
         backend.assign(copy, plain, streams[backend, device])
         copies.append(copy if plain is array else copy.view(array.dtype))
@@ -398,13 +398,6 @@ def device_copies(arrays: Sequence) -> tuple[list, Callable[[], None]]:
         for backend, event in events:
             backend.wait(event)
     return copies, wait
-
-
-def _as_kernels_copy(array):
-    """``array`` as a device kernel can copy it: in the stored encoding of an extension dtype
-    (a structured dtype, which CuPy's kernels cannot take), as the integers of its bits."""
-    name = devices.extension_of(array.dtype) if array.dtype.names else None
-    return array if name is None else array.view(devices.bits_dtype(name))
 
 
 def _backend_and_device(array) -> tuple[Backend, Device | None]:

@@ -268,7 +268,11 @@ def _stopped(error: GpuserialError, key: str, filled: list[str], count: int
 
 @functools.lru_cache(maxsize=1024)
 def _casts(stored: numpy.dtype, target: numpy.dtype) -> bool:
-    """Whether stored values load into the target's dtype (NumPy's ``same_kind``)."""
+    """Whether stored values load into the target's dtype (NumPy's ``same_kind``); structured
+    dtypes (such as the encodings of bfloat16 and float8) only into themselves: NumPy would
+    cast them field by field, bits as numbers."""
+    if stored.names is not None or target.names is not None:
+        return False
     return bool(numpy.can_cast(stored, target, 'same_kind'))
 
 
@@ -362,9 +366,9 @@ class ReaderDeserializer(Deserializer):
         if entry.dtype is None:  # a stored None
             return None
         if value is None:
-            return self._new_array(entry, entry.dtype)
+            return self._new_placed(entry, entry.dtype)
         if type(value) is numpy.ndarray or devices.is_array(value):
-            if value.dtype.kind == 'V':  # ml_dtypes' bfloat16, ...: through its encoding
+            if devices.extension_of(value.dtype) is not None:  # ml_dtypes' bfloat16, ...
                 return self._load_view(entry, value, None)
             return self._load_array(entry, value)
         framework = devices.framework_of(value)
@@ -388,6 +392,25 @@ class ReaderDeserializer(Deserializer):
             self._pending.bytes_read_already += entry.nbytes
         return array
 
+    def _new_placed(self, entry: Entry, dtype: numpy.dtype):
+        """A new array of ``dtype`` on the load's device (else the CPU), read at once; an
+        extension dtype's encoding as that type (ml_dtypes' on the host, where installed), on
+        a device that holds it (else an error, before anything is read)."""
+        extension = devices.extension_of(dtype)
+        if extension is None:
+            return self._new_array(entry, dtype)
+        device = self.device or devices.CPU
+        if not device.backend.is_host and not device.backend.holds_extension(extension, device):
+            raise DeviceError(f'{self.reader.where(entry.key)}: {extension} has no dtype on '
+                              f'{device.name}; load it on the CPU')
+        host = devices.decoded(self._new_array(entry, dtype))  # read on the host
+        return host if device.backend.is_host else device.send(host)
+
+    def _moves(self, value) -> bool:
+        """Whether ``value`` is replaced with a new array on the load's device."""
+        return (self.device is not None and self._new_arrays_on_device
+                and devices.device_of(value) != self.device)
+
     def _load_view(self, entry: Entry, value, framework: devices.Framework | None):
         """A torch tensor, filled in place through a view of its memory; a JAX array, which
         is immutable, as a new one (read at once) placed as it is, on its device or with its
@@ -401,22 +424,19 @@ class ReaderDeserializer(Deserializer):
             if self.device is None:
                 return framework.new_like(value, array)
             return framework.from_engine(array, device)
-        view = devices.engine_array(value, writable=True)
         extension = (devices.extension_of(numpy.dtype(value.dtype)) if framework is None
                      else framework.extension(value))
-        loaded = self._load_array(entry, view, None if extension is None
-                                  else devices.encoded_dtype(extension))
+        holds = None if extension is None else devices.encoded_dtype(extension)
+        if framework is None and self._moves(value):  # an array of that type, elsewhere
+            assert holds is not None and entry.dtype is not None  # an extension; not a None
+            self._check_fits(entry, value.shape, holds)
+            return self._new_placed(entry, entry.dtype)
+        view = devices.engine_array(value, writable=True)
+        loaded = self._load_array(entry, view, holds)
         if loaded is view:
             return value
-        assert self.device is not None  # a new array only for another device
-        if framework is not None:
-            return framework.from_engine(loaded, self.device)
-        if extension is None or self.device.backend.is_host:
-            return devices.decoded(loaded)
-        if not self.device.backend.holds_extension(extension, self.device):
-            raise DeviceError(f'{self.reader.where(entry.key)}: {extension} has no dtype on '
-                              f'{self.device.name}; load it on the CPU')
-        return self.device.send(devices.decoded(loaded))  # read on the host (_new_array)
+        assert framework is not None and self.device is not None  # the view moved
+        return framework.from_engine(loaded, self.device)
 
     def _load_array(self, entry: Entry, value, holds: numpy.dtype | None = None):
         """``value`` filled in place (or a new array on the load's device). ``holds``: the
@@ -424,8 +444,7 @@ class ReaderDeserializer(Deserializer):
         dtype = value.dtype if holds is None else holds
         if dtype != entry.dtype or tuple(value.shape) != entry.shape:  # else it fits
             self._check_fits(entry, value.shape, dtype)
-        if (self.device is not None and self._new_arrays_on_device
-                and devices.device_of(value) != self.device):
+        if self._moves(value):
             return self._new_array(entry, dtype)
         self.reader.check_size(entry)
         if self._pending is not None:

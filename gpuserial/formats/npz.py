@@ -82,7 +82,7 @@ class DictionarySerializer(Serializer):
             raise KeyCollisionError(f'key {full_key!r}: stored twice, as {first!r} under path '
                                     f'{path!r} and as {key!r} under path {self.path!r}')
         self._sources[full_key] = (self.path, key)
-        if type(value) is numpy.ndarray and value.dtype.kind != 'V':  # stored as it is
+        if type(value) is numpy.ndarray and value.dtype.isbuiltin == 1:  # stored as it is
             self.target[full_key] = value
             return value
         try:

@@ -16,6 +16,7 @@ import numpy
 
 from gpuserial.engine import devices
 from gpuserial.engine.devices import Device
+from gpuserial.errors import MismatchError
 
 if TYPE_CHECKING:
     from gpuserial.objects.optimizers import UpdateRule
@@ -377,7 +378,7 @@ class Link:
             param = d[name]
             data = serializer(name, param.array)
             if data is not None and data is not param.array:
-                _install(param, data)
+                _install(param, data, name)
         for name in self._persistent:
             value = d[name]
             if not devices.is_array(value) and callable(getattr(value, 'serialize', None)):
@@ -394,7 +395,7 @@ class Link:
         raise NotImplementedError(f'{type(self).__name__} has no forward')
 
 
-def _install(param: Parameter, data) -> None:
+def _install(param: Parameter, data, name: str) -> None:
     """Sets a loaded array as ``param``'s data, moving its gradient along.
 
     The array keeps the parameter's dtype. An uninitialized parameter of a link that was moved
@@ -402,6 +403,10 @@ def _install(param: Parameter, data) -> None:
     """
     backend, device = devices.backend_of(data), devices.device_of(data)
     assert backend is not None  # a deserializer hands back arrays
+    if data.dtype.names is not None and data.dtype != param.dtype:  # NumPy would cast the bits
+        raise MismatchError(f'parameter {name!r}: stored values of dtype {data.dtype} do not '
+                            f'convert to its dtype {param.dtype} (bfloat16 and float8 values '
+                            f'do where ml_dtypes is installed)')
     if data.dtype != param.dtype:
         cast = backend.empty(data.shape, param.dtype, device)
         backend.assign(cast, data)
