@@ -1,9 +1,9 @@
 """Property-based tests: random trees round-trip bit-exactly; damaged files fail cleanly.
 
-Trees are nested dicts of arrays (every dtype, shapes with 0-d and empty axes, non-contiguous
-views) and scalars (int, float, bool, str). Damaged files are random truncations and byte
-flips of valid ones: each either loads the right values or raises a clean error, in bounded
-time and memory.
+Trees are nested dicts of arrays (every dtype, bfloat16 and float8 too, shapes with 0-d and
+empty axes, non-contiguous views) and scalars (int, float, bool, str). Damaged files are random
+truncations and byte flips of valid ones: each either loads the right values or raises a clean
+error, in bounded time and memory.
 """
 
 from __future__ import annotations
@@ -26,7 +26,13 @@ from gpuserial.engine import devices, transfer
 from gpuserial.errors import GpuserialError
 from tests.conftest import host, make_device
 
+try:
+    import ml_dtypes
+except ImportError:  # pragma: no cover - a test dependency (through jax)
+    ml_dtypes = None
+
 DTYPES = ['?', 'i1', 'i2', 'i4', 'i8', 'u1', 'u2', 'u4', 'u8', 'f2', 'f4', 'f8', 'c8', 'c16']
+EXTENSIONS = list(devices.EXTENSION_DTYPES) if ml_dtypes is not None else []
 CLEAN_ERRORS = (GpuserialError, FileNotFoundError, IsADirectoryError)
 MEMORY_BOUND = 64 << 20  # what one load may allocate at most, for files of a few KB
 
@@ -48,10 +54,15 @@ VIEWS = ['contiguous', 'transposed', 'strided', 'reversed', 'fortran']
 
 @st.composite
 def array_leaves(draw):
-    """(values, view): values a contiguous NumPy array; view how to present it when saving."""
-    dtype = numpy.dtype(draw(st.sampled_from(DTYPES)))
+    """(values, view): values a contiguous NumPy array; view how to present it when saving.
+    ml_dtypes' types (bfloat16, float8) are drawn as their bits."""
+    name = draw(st.sampled_from(DTYPES + EXTENSIONS))
     shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=5))
-    values = draw(hnp.arrays(dtype, shape))
+    if name in devices.EXTENSION_DTYPES:
+        bits = draw(hnp.arrays(devices.bits_dtype(name), shape))
+        values = bits.view(numpy.dtype(getattr(ml_dtypes, name)))
+    else:
+        values = draw(hnp.arrays(numpy.dtype(name), shape))
     view = draw(st.sampled_from(VIEWS)) if values.ndim else 'contiguous'
     return Leaf(values, view)
 
