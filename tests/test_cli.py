@@ -304,6 +304,23 @@ def test_diff_shape_dtype_none_and_values(capsys, tmp_path):
     assert lines[-1].startswith('different: 8 common keys (2 equal, 6 differ)')
 
 
+def test_bfloat16_and_float8_are_shown_and_compared_as_their_types(capsys, tmp_path):
+    ml_dtypes = pytest.importorskip('ml_dtypes')
+    a = {'w': numpy.array([[1.0, 1.0], [1.0, 2.0]], ml_dtypes.bfloat16),
+         'f8': numpy.ones(4, ml_dtypes.float8_e5m2)}
+    serializers.save_npz(tmp_path / 'a.npz', a)
+    serializers.save_hdf5(tmp_path / 'b.h5', dict(a, w=a['w'] * 3))
+    status, out, _ = run(capsys, 'inspect', tmp_path / 'a.npz')
+    assert status == 0
+    assert any(line.split()[:3] == ['w', '(2,', '2)'] and 'bfloat16' in line
+               for line in out.splitlines())
+    assert any(line.startswith('f8 ') and 'float8_e5m2' in line for line in out.splitlines())
+    status, out, _ = run(capsys, 'diff', tmp_path / 'a.npz', tmp_path / 'b.h5')
+    assert status == 1
+    assert ('values differ: w (2, 2) bfloat16: 4 element(s) differ, max abs diff 4, max rel '
+            'diff 0.666667') in out.splitlines()
+
+
 def test_diff_tolerances(capsys, tmp_path):
     serializers.save_npz(tmp_path / 'a.npz', {'w': numpy.array([1.0, 100.0])})
     serializers.save_npz(tmp_path / 'b.npz', {'w': numpy.array([1.001, 100.1])})

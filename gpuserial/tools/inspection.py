@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import h5py
 import numpy
 
-from gpuserial.engine import transfer
+from gpuserial.engine import devices, transfer
 from gpuserial.engine.progress import bar, counted
 from gpuserial.errors import CorruptFileError, ReadFailedError
 from gpuserial.formats import _npy, _zipread, _zipstream, hdf5, loading, npz
@@ -389,9 +389,13 @@ class DiffResult:
 
 
 def dtype_name(dtype: numpy.dtype) -> str:
-    """``'float32'`` for numbers, ``'str'`` for strings (NumPy's or HDF5's), else NumPy's code."""
+    """``'float32'`` for numbers, ``'bfloat16'`` for its encoding (and float8's), ``'str'`` for
+    strings (NumPy's or HDF5's), else NumPy's code."""
     if dtype.kind in 'biufcmM':
         return dtype.name
+    extension = devices.extension_of(dtype)
+    if extension is not None:
+        return extension
     if dtype.kind == 'U' or h5py.check_string_dtype(dtype) is not None:
         return 'str'
     return dtype.str
@@ -435,7 +439,7 @@ def _diff_entry(key, x, y, first, second, rtol, atol) -> KeyDiff | None:
         return None if x.is_none and y.is_none else KeyDiff(key, 'none', a, b)
     if x.shape != y.shape:
         return KeyDiff(key, 'shape', a, b)
-    left, right = first.read(x), second.read(y)
+    left, right = _comparable(first.read(x)), _comparable(second.read(y))
     what = 'values' if a == b else 'dtype'
     if left.dtype.kind in NUMERIC and right.dtype.kind in NUMERIC:
         max_abs, max_rel, count = _compare(left, right, rtol, atol)
@@ -444,6 +448,13 @@ def _diff_entry(key, x, y, first, second, rtol, atol) -> KeyDiff | None:
         equal = left.dtype.kind == right.dtype.kind and numpy.array_equal(left, right)
         found = KeyDiff(key, what, a, b, count=0 if equal else max(left.size, 1))
     return None if what == 'values' and found.count == 0 else found
+
+
+def _comparable(array: numpy.ndarray) -> numpy.ndarray:
+    """An array as it is compared: an extension dtype's values as float32, which holds every
+    bfloat16 and float8 value (where ml_dtypes is installed; else its bits, equal or not)."""
+    decoded = devices.decoded(array)
+    return array if decoded is array else decoded.astype(numpy.float32)
 
 
 def _compare(a: numpy.ndarray, b: numpy.ndarray, rtol: float, atol: float
