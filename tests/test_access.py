@@ -549,6 +549,17 @@ def test_an_extension_dtype_loads_only_into_itself(tmp_path, kind, where):
         assert not host(devices.engine_array(target)).view(numpy.uint8).any()
 
 
+def test_targets_of_other_non_builtin_dtypes_move_as_plain_arrays(tmp_path, kind):
+    """Big-endian and string targets are not extension dtypes: moved like any array."""
+    from tests import standin
+    on_0 = standin.StandInDevice(0)
+    path = path_for(tmp_path, kind)
+    save(path, kind, {'x': numpy.arange(3, dtype='>i4')})
+    target = {'x': numpy.zeros(3, '>i4')}
+    gpuserial.load_into(path, target, device=on_0)
+    assert devices.device_of(target['x']) == on_0 and host(target['x']).tolist() == [0, 1, 2]
+
+
 def test_new_arrays_of_an_extension_dtype_are_of_that_type(tmp_path, kind, monkeypatch):
     """A None in the target, or an uninitialized parameter: a new array of that type, on the
     load's device where it holds the type (else an error), converted by value into a

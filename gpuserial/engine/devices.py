@@ -241,12 +241,6 @@ class Backend:
         """A flat uint8 view of a C-contiguous array."""
         return array.reshape(-1).view(numpy.uint8)
 
-    def engine_view(self, array, name: str, writable: bool):
-        """``array``, of the extension dtype ``name`` (ml_dtypes' bfloat16, ...), as the engine
-        moves it: in its stored encoding to be written, as its bits in integers of its size
-        to be filled in place (see :func:`holds_bits_of`)."""
-        return array.view(bits_dtype(name) if writable else encoded_dtype(name))
-
     def holds_extension(self, name: str, device: Device) -> bool:
         """Whether arrays made on ``device`` can hold the extension dtype ``name`` (else such
         values load onto the host, or into a framework's arrays)."""
@@ -824,16 +818,18 @@ def framework_of(value) -> Framework | None:
 def engine_array(value, writable: bool = False):
     """What the engine and the formats handle for ``value``: NumPy, CuPy and stand-in arrays as
     they are; torch tensors and JAX arrays as zero-copy NumPy or CuPy views of their memory;
-    dtypes NumPy lacks in their stored encoding, or on a device as their bits to be filled
-    (``writable``; see :meth:`Backend.engine_view`); anything else as it is."""
+    dtypes NumPy lacks in their stored encoding, or on a device as their bits in integers of
+    their size, to be filled (``writable``; see :func:`holds_bits_of`); anything else as it
+    is."""
     if type(value) is numpy.ndarray:
         name = extension_of(value.dtype)
         return value if name is None else value.view(encoded_dtype(name))
     framework = framework_of(value)
     if framework is not None:
         return framework.engine_array(value, writable)
-    backend = backend_of(value)
-    if backend is None:
+    if backend_of(value) is None:
         return value
     name = extension_of(numpy.dtype(value.dtype))
-    return value if name is None else backend.engine_view(value, name, writable)
+    if name is None:
+        return value
+    return value.view(bits_dtype(name) if writable else encoded_dtype(name))

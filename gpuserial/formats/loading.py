@@ -368,7 +368,8 @@ class ReaderDeserializer(Deserializer):
         if value is None:
             return self._new_placed(entry, entry.dtype)
         if type(value) is numpy.ndarray or devices.is_array(value):
-            if devices.extension_of(value.dtype) is not None:  # ml_dtypes' bfloat16, ...
+            # ml_dtypes' bfloat16, ... (never one of NumPy's own types): through its encoding
+            if value.dtype.isbuiltin != 1 and devices.extension_of(value.dtype) is not None:
                 return self._load_view(entry, value, None)
             return self._load_array(entry, value)
         framework = devices.framework_of(value)
