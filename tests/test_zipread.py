@@ -503,3 +503,52 @@ def test_a_deflated_member_reads_in_parts_larger_than_a_piece():
                                                                   len(payload) - start)
     reader.finish()
     assert bytes(out) == payload
+
+
+@pytest.mark.parametrize('size', [4096, 200_000])  # from the window, and straight from the file
+def test_read_stored_fills_any_contiguous_buffer_with_the_members_bytes(size):
+    payload = numpy.random.default_rng(1).integers(0, 256, size, dtype=numpy.uint8).tobytes()
+    data = _written({'a.npy': payload})
+    (member,) = _zipread.read_directory(io.BytesIO(data))
+    start = _zipread.data_start_of(io.BytesIO(data), member)
+    head = 16
+    for out in (numpy.zeros((size - head) // 4, numpy.float32),  # read as float32, 4 bytes each
+                numpy.zeros((2, (size - head) // 2), numpy.uint8)):  # two rows of bytes
+        _zipread.read_stored(_zipread.WindowedFile(io.BytesIO(data)), member, start, head,
+                             memoryview(out))
+        assert out.tobytes() == payload[head:]
+
+
+class _ReadsBytearrays(io.RawIOBase):
+    """A file whose reads return a bytearray, not bytes, as a user's file-like object may."""
+
+    def __init__(self, data: bytes):
+        self.inner = io.BytesIO(data)
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, offset, whence=0):
+        return self.inner.seek(offset, whence)
+
+    def tell(self):
+        return self.inner.tell()
+
+    def read(self, count=-1):
+        return bytearray(self.inner.read(count))
+
+    def readinto(self, buffer):
+        return self.inner.readinto(buffer)
+
+
+def test_an_npz_loads_from_a_file_whose_reads_return_bytearrays():
+    saved = {f'p{i}/W': numpy.arange(i, i + 300, dtype=numpy.float32) for i in range(5)}
+    out = io.BytesIO()
+    serializers.save_npz(out, saved, compression=False)  # stored: read from the window
+    loaded = {key: numpy.zeros_like(value) for key, value in saved.items()}
+    serializers.load_npz(_ReadsBytearrays(out.getvalue()), loaded)
+    for key, value in saved.items():
+        numpy.testing.assert_array_equal(loaded[key], value)

@@ -230,12 +230,19 @@ def none_member() -> bytes:
 
 
 def regular_header(data: bytes, at: int) -> Header | None:
-    """The header at ``at`` in ``data`` when it is numpy's usual (version 1.0) and whole there,
-    decoded (see :func:`decode_header`); None for any other, which the caller reads in full."""
-    if not data.startswith(V1_PREFIX, at) or len(data) < at + V1_FIXED:
+    """The header at ``at`` in ``data`` (bytes) when it is numpy's usual (version 1.0) and
+    whole there, decoded (see :func:`decode_header`); None for any other, which the caller
+    reads in full."""
+    if not data.startswith(V1_PREFIX, at):
         return None
-    end = at + V1_FIXED + (data[at + PREFIX_LEN] | data[at + PREFIX_LEN + 1] << 8)
-    return decode_header(data[at:end]) if end <= len(data) else None
+    end = at + V1_FIXED
+    if end > len(data):
+        return None
+    end += data[end - 2] | data[end - 1] << 8  # the header's length, a little-endian uint16
+    if end > len(data):
+        return None
+    header = data[at:end]
+    return _decode_cached(header) if len(header) <= CACHED_HEADER_LEN else _decode(header)
 
 
 def header_length(prefix: bytes | memoryview) -> int:

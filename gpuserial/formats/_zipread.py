@@ -233,7 +233,8 @@ class WindowedFile:
         size = count if fetching is not None and fetching(self.position) else max(self.window,
                                                                                    count)
         self.fp.seek(self.position)
-        self.bytes = self.fp.read(size)
+        data = self.fp.read(size)
+        self.bytes = data if type(data) is bytes else bytes(data)  # sliced into headers to hash
         self.data = memoryview(self.bytes)
         self.start = self.position
         return self.data[:count]
@@ -328,20 +329,21 @@ def regular_stored(fp: WindowedFile, info, count: int) -> tuple[bytes, int, int]
     whose local header repeats the directory's name bytes, the window, where the member's data
     starts in it and in the file, with up to ``count`` of its bytes in the window; None for any
     other member (:func:`stored_head` then checks it and says what is wrong)."""
-    raw_name = getattr(info, 'raw_name', None)  # a zipfile.ZipInfo has none
-    offset = info.header_offset
-    if (info.compress_type != STORED or info.flag_bits & ENCRYPTED_FLAG or raw_name is None
-            or info.compress_size != info.file_size or offset < 0):
+    if type(info) is not Member:  # a zipfile.ZipInfo: no name bytes to compare
+        return None
+    _, offset, compress_size, file_size, _, method, flags, raw_name = info
+    if method != STORED or flags & ENCRYPTED_FLAG or compress_size != file_size or offset < 0:
         return None
     window, at = fp.window_at(offset, LOCAL.size + HEAD_GUESS + count)
-    if len(window) - at < LOCAL.size:
+    start = at + LOCAL.size
+    if len(window) < start:
         return None
     signature, flags, name_length, extra_length = LOCAL_CHECKED.unpack_from(window, at)
     if (signature != b'PK\x03\x04' or flags & ENCRYPTED_FLAG or name_length != len(raw_name)
-            or not window.startswith(raw_name, at + LOCAL.size)):
+            or not window.startswith(raw_name, start)):
         return None
-    start = at + LOCAL.size + name_length + extra_length
-    if len(window) - start < min(count, info.file_size):
+    start += name_length + extra_length
+    if len(window) - start < (count if count < file_size else file_size):
         return None
     return window, start, offset + start - at
 
@@ -374,7 +376,8 @@ def stored_head(fp: WindowedFile, info, count: int) -> tuple[int, bytes]:
 def read_stored(fp: WindowedFile, info, data_start: int, head: int, out) -> None:
     """Reads a whole stored member: its first ``head`` bytes are skipped, the rest go into
     ``out`` (exactly that long); checks the CRC of all of it."""
-    out = memoryview(out).cast('B')
+    if type(out) is not memoryview or out.format != 'B' or out.ndim != 1:  # else cast already
+        out = memoryview(out).cast('B')
     if head + len(out) != info.file_size:
         raise MemberError(f'asked for {head + len(out)} bytes of a member of {info.file_size}')
     if info.file_size < DIRECT:  # from the window, with its neighbours

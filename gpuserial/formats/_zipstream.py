@@ -128,6 +128,7 @@ class ZipWriter:
         pending, central, data_starts = self.pending, self.central, self.data_starts
         local_fixed, central_fixed, central_middle = self.fixed_fields
         pack_local, pack_central = LOCAL_VARYING.pack, CENTRAL_VARYING.pack
+        local_size = LOCAL_VARYING.size
         deflated = self.method == DEFLATED
         position = self.position
         header_crcs: dict[bytes, int] = {}  # a model's arrays share a few headers
@@ -144,21 +145,24 @@ class ZipWriter:
                     header = b''
                     compressed = len(data)
                 encoded = name.encode('utf-8')
-                flags = 0 if encoded.isascii() else UTF8_FLAG
+                flags = 0 if name.isascii() else UTF8_FLAG
                 offset = position
                 if offset + size + compressed < ZIP64_LIMIT:  # nearly always: no ZIP64 fields
-                    local = pack_local(local_fixed[flags], crc, compressed, size, len(encoded), 0
-                                       ) + encoded
+                    pending += pack_local(local_fixed[flags], crc, compressed, size,
+                                          len(encoded), 0)
+                    pending += encoded
                     central.append(pack_central(central_fixed[flags], crc, compressed, size,
                                                 len(encoded), central_middle, offset) + encoded)
+                    position = offset + local_size + len(encoded)
                 else:
                     local = self._local_header(encoded, flags, crc, size, compressed)
                     central.append(self._central_entry(encoded, flags, crc, size, compressed,
                                                        offset))
-                pending += local
+                    pending += local
+                    position = offset + len(local)
                 pending += header
                 pending += data
-                data_starts[name] = position = offset + len(local)
+                data_starts[name] = position
                 position += compressed
                 if len(pending) >= WRITE_PIECE:
                     self._flush_pending()

@@ -443,9 +443,9 @@ class ReaderDeserializer(Deserializer):
         """``value`` filled in place (or a new array on the load's device). ``holds``: the
         encoding whose bits a view of integers holds (a torch bfloat16 tensor on a GPU)."""
         dtype = value.dtype if holds is None else holds
-        if dtype != entry.dtype or tuple(value.shape) != entry.shape:  # else it fits
+        if dtype != entry.dtype or value.shape != entry.shape:  # else it fits
             self._check_fits(entry, value.shape, dtype)
-        if self._moves(value):
+        if self.device is not None and self._moves(value):
             return self._new_array(entry, dtype)
         self.reader.check_size(entry)
         if self._pending is not None:

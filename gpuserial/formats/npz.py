@@ -440,16 +440,16 @@ class _ZipReader(loading.Reader):
         """Fills each array in turn (see :meth:`loading.Reader.read_many`), in one loop: a small
         stored member into a host array of its dtype in one read from the window, the rest
         streamed through the staging engine."""
+        fp, shown, read_stored = self.archive.fp, self.progress, _zipread.read_stored
         for entry, dst in fills:
             info, header, data_start = entry.token
             target = dst.T if header.fortran_order else dst
             try:
-                if (info.compress_type == _zipstream.STORED and header.nbytes <= SMALL_BYTES
+                if (not info.compress_type and header.nbytes <= SMALL_BYTES  # stored
                         and isinstance(target, numpy.ndarray) and target.flags.c_contiguous
                         and target.dtype == header.dtype):
-                    _zipread.read_stored(self.archive.fp, info, data_start, header.length,
-                                         host_bytes(target))
-                    self.progress.update(header.nbytes)
+                    read_stored(fp, info, data_start, header.length, host_bytes(target))
+                    shown.update(header.nbytes)
                 else:
                     self._stream_into(info, header, data_start, target)
             except READ_ERRORS as error:
