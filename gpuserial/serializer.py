@@ -98,6 +98,8 @@ def _checked(key, path: str) -> str:
                               f'keys are strings')
     if not key.strip('/'):
         raise InvalidKeyError(f'key {key!r} under path {path!r} is empty')
+    if '\x00' in key:  # HDF5 and numpy.load would cut the name there
+        raise InvalidKeyError(f'key {key!r} under path {path!r} holds a NUL character')
     return key
 
 

@@ -306,6 +306,18 @@ def test_torch_tensors_load_in_place(tmp_path, kind):
     assert parameter.requires_grad
 
 
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_an_expanded_torch_tensor_is_refused_not_filled(tmp_path, kind, dtype):
+    torch = _torch()
+    path = path_for(tmp_path, kind)
+    save(path, kind, {'w': torch.arange(6.0).reshape(2, 3).to(getattr(torch, dtype))})
+    expanded = torch.zeros(3, dtype=getattr(torch, dtype)).expand(2, 3)  # rows share memory
+    with pytest.raises(MismatchError, match="'w': the target array cannot be loaded in place: "
+                                            "its elements share memory"):
+        gpuserial.load_into(path, {'w': expanded})
+    assert expanded.float().eq(0).all()
+
+
 def test_a_chainer_style_object_of_torch_tensors(tmp_path, fmt):
     torch = _torch()
     save_fn, load_fn, suffix = fmt

@@ -7,6 +7,7 @@ import concurrent.futures
 import gc
 import io
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -299,13 +300,20 @@ def test_wait_all_raises_an_error_no_call_has_raised(tmp_path):
 
 
 @pytest.mark.parametrize('fmt', ['npz', 'hdf5'])
-def test_a_failed_save_leaves_the_old_file_and_no_temporary(tmp_path, fmt):
+def test_a_failed_save_leaves_the_old_file_and_no_temporary(tmp_path, fmt, monkeypatch):
     path = tmp_path / f'm{EXT[fmt]}'
     SAVES[fmt](path, kill_saver.state(0))
     old = path.read_bytes()
-    bad = {**kill_saver.state(1), 'objects': numpy.array([object(), object()])}
-    handle = gpuserial.save_async(path, bad, fmt)
-    with pytest.raises(TypeError, match='objects|object arrays'):
+    module, function = (npz, 'write_npz') if fmt == 'npz' else (hdf5, 'write_entry')
+    original = getattr(module, function)
+
+    def failing(*args, **kwargs):  # after some bytes of the new file are written
+        original(*args, **kwargs)
+        raise OSError(5, 'Input/output error')
+
+    monkeypatch.setattr(module, function, failing)
+    handle = gpuserial.save_async(path, kill_saver.state(1), fmt)
+    with pytest.raises(OSError, match='Input/output error'):
         handle.result(timeout=30)
     asyncsave._unreported.clear()
     assert path.read_bytes() == old
@@ -322,6 +330,18 @@ def test_an_error_of_serialize_raises_at_the_call_and_writes_nothing(tmp_path):
         gpuserial.save_async(tmp_path / 'm.npz', Broken())
     assert list(tmp_path.iterdir()) == []
     gpuserial.wait_all()
+
+
+@pytest.mark.parametrize('format', ['npz', 'hdf5'])
+def test_an_object_that_cannot_be_saved_raises_at_the_call_naming_the_file(tmp_path, format):
+    path = tmp_path / 'm'
+    serializers.save_npz(path, {'a': numpy.ones(2)}) if format == 'npz' else \
+        serializers.save_hdf5(path, {'a': numpy.ones(2)})
+    old = path.read_bytes()
+    with pytest.raises(TypeError, match=re.escape(f"{str(path)!r}, key 'b'")):
+        gpuserial.save_async(path, {'a': numpy.zeros(2), 'b': object()}, format=format)
+    gpuserial.wait_all()
+    assert path.read_bytes() == old and sorted(tmp_path.iterdir()) == [path]
 
 
 def test_an_interrupt_while_staging_stops_the_writer_and_keeps_the_old_file(tmp_path,
@@ -365,11 +385,11 @@ def _held_writes(monkeypatch) -> tuple[threading.Event, list]:
     go, log = threading.Event(), []
     original = npz.write_npz
 
-    def write_npz(out, entries, compression, *args):
+    def write_npz(out, entries, compression, *args, **kwargs):
         log.append('start')
         if log.count('start') == 1:
             assert go.wait(timeout=30)
-        original(out, entries, compression, *args)
+        original(out, entries, compression, *args, **kwargs)
         log.append('end')
     monkeypatch.setattr(npz, 'write_npz', write_npz)
     return go, log
@@ -588,11 +608,11 @@ def test_the_next_save_of_a_file_raises_the_error_of_the_save_in_flight_to_it(tm
     go = threading.Event()
     original = npz.write_npz
 
-    def failing_once(out, entries, compression, *args):
+    def failing_once(out, entries, compression, *args, **kwargs):
         if not go.is_set():
             assert go.wait(timeout=30)
             raise OSError(28, 'No space left on device')
-        original(out, entries, compression, *args)
+        original(out, entries, compression, *args, **kwargs)
     monkeypatch.setattr(npz, 'write_npz', failing_once)
     path = tmp_path / 'm.npz'
     first = gpuserial.save_async(path, {'x': numpy.zeros(3)})

@@ -14,6 +14,7 @@ import pathlib
 import subprocess
 import sys
 import tracemalloc
+import warnings
 import zipfile
 
 import h5py
@@ -419,6 +420,15 @@ def test_convert_strings(capsys, tmp_path):
             if source == 'c.npz':
                 assert list(f['names'].asstr()[()]) == ['a', 'bc']
         assert run(capsys, 'diff', tmp_path / source, tmp_path / 'd.h5')[0] == 0
+
+
+def test_convert_of_hdf5_bytes_to_npz_keeps_them_without_a_warning(capsys, tmp_path):
+    serializers.save_hdf5(tmp_path / 'a.h5', {'tags': numpy.array([b'x', b'yz'])})
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # numpy warns of dtype metadata it cannot store
+        assert run(capsys, 'convert', tmp_path / 'a.h5', tmp_path / 'b.npz')[0] == 0
+    with numpy.load(tmp_path / 'b.npz') as f:
+        assert f['tags'].tolist() == [b'x', b'yz'] and f['tags'].dtype == numpy.dtype('S2')
 
 
 def test_convert_keys_that_hdf5_cannot_hold(capsys, tmp_path):

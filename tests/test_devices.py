@@ -178,3 +178,23 @@ def test_extension_dtypes_are_ml_dtypes_types_of_those_names_and_their_encodings
         assert devices.extension_of(devices.encoded_dtype(name)) == name
     for other in (ml_dtypes.int4, numpy.float32, '>u2', 'V2', [('bfloat16', '>u2')]):
         assert devices.extension_of(numpy.dtype(other)) is None
+
+
+def test_why_not_fillable_tells_overlapping_elements_from_strided_ones():
+    base = numpy.zeros((4, 6), numpy.float32)
+    for fillable in (base, base.T, base[::2, ::3], base[::-1, 1:], base[:, ::2].T,
+                     numpy.zeros((3, 1, 4))[:, :, ::2], numpy.zeros((2, 0, 3))):
+        assert devices.why_not_fillable(fillable) is None, fillable.strides
+    strided = numpy.lib.stride_tricks.as_strided
+    for apart in (strided(numpy.zeros(8, numpy.float32), (2, 2), (12, 8)),  # bytes 0 8 12 20
+                  strided(numpy.zeros(4, numpy.float32), (2, 2), (4, 8))):  # bytes 0 8 4 12
+        assert devices.why_not_fillable(apart) is None, apart.strides
+    shared = [strided(numpy.zeros(4, numpy.float32), (3, 2), (4, 0)),  # a column repeated
+              strided(numpy.zeros(6, numpy.float32), (2, 3), (8, 4)),  # rows share an element
+              strided(numpy.zeros(6, numpy.float32), (4,), (2,))]  # items overlap by half
+    for array in shared:
+        assert devices.why_not_fillable(array).startswith('its elements share memory'), \
+            array.strides
+    read_only = numpy.zeros(3)
+    read_only.setflags(write=False)
+    assert devices.why_not_fillable(read_only) == 'it is read-only'

@@ -110,6 +110,36 @@ def test_text_arrays_are_saved_as_utf8_strings(tmp_path):
     assert target == {'word': 'xyz'}
 
 
+@pytest.mark.parametrize('words', [numpy.array(['ab', 'çé']), numpy.array('héllo')])
+def test_text_arrays_load_as_str_arrays_new_or_in_place(tmp_path, words):
+    serializers.save_hdf5(tmp_path / 'm.h5', {'w': words})
+    target = {'w': None}  # a new array, as a NPZ load gives
+    serializers.load_hdf5(tmp_path / 'm.h5', target)
+    assert target['w'].dtype.kind == 'U' and target['w'].tolist() == words.tolist()
+    in_place = numpy.zeros(words.shape, 'U5')
+    serializers.load_hdf5(tmp_path / 'm.h5', {'w': in_place})
+    assert in_place.tolist() == words.tolist()
+
+
+@pytest.mark.parametrize('keys', [('a//b', 'a/b'), ('./a', 'a'), ('x/./y', 'x/y')])
+def test_keys_that_name_one_hdf5_path_collide_before_anything_is_written(tmp_path, keys):
+    with pytest.raises(KeyCollisionError, match=r"key 'a/b': stored twice|key 'a': stored "
+                                                 r"twice|key 'x/y': stored twice"):
+        serializers.save_hdf5(tmp_path / 'm.h5', {key: numpy.ones(1) for key in keys})
+    assert not (tmp_path / 'm.h5').exists()
+    serializers.save_hdf5(tmp_path / 'm.h5', {'a/../b': numpy.ones(1)})  # '..': just a name
+    with h5py.File(tmp_path / 'm.h5') as f:
+        assert list(f['a']) == ['..'] and list(f['a/..']) == ['b']
+
+
+def test_a_key_ending_in_a_slash_is_refused_by_hdf5(tmp_path):
+    from gpuserial.errors import InvalidKeyError
+    with pytest.raises(InvalidKeyError, match=r"m.h5', key 'a/b/' of group '/': the name of an "
+                                              r"HDF5 dataset cannot end with '/'"):
+        serializers.save_hdf5(tmp_path / 'm.h5', {'a/b/': numpy.ones(1)})
+    assert not (tmp_path / 'm.h5').exists()
+
+
 def test_a_group_where_a_dataset_is_stored_already(tmp_path):
     with h5py.File(tmp_path / 'm.h5', 'w') as f:
         f.create_dataset('a', data=1)

@@ -491,7 +491,7 @@ HDF5_CASES = {
                     r'stored shape \(3, 2\) does not match the target shape \(3,\)'),
     'strings into floats': (lambda f: f.create_dataset('x', data=['a', 'b', 'c']),
                             {'x': numpy.zeros(3)}, MismatchError,
-                            'stored dtype object does not cast to the target dtype float64'),
+                            'stored text does not cast to the target dtype float64'),
     'bytes into floats': (lambda f: f.create_dataset('x', data=numpy.array([b'a'] * 3)),
                           {'x': numpy.zeros(3)}, MismatchError,
                           'stored dtype |S1 does not cast to the target dtype float64'),
@@ -663,8 +663,10 @@ def test_object_arrays_are_named_with_the_file_and_key(tmp_path):
     with pytest.raises(TypeError, match=_where(path, 'g/x') + ': a ndarray of objects cannot be '
                        'saved'):
         serializers.save_hdf5(path, {'g': {'x': numpy.array([1, 'a'], object)}})
-    with pytest.raises(TypeError, match="cannot save key 'g/x': object arrays"):
-        serializers.save_npz(tmp_path / 'm.npz', {'g': {'x': numpy.array([1, 'a'], object)}})
+    path = tmp_path / 'm.npz'
+    with pytest.raises(TypeError, match=_where(path, 'g/x') + ': object arrays other than None '
+                       'cannot be saved'):
+        serializers.save_npz(path, {'g': {'x': numpy.array([1, 'a'], object)}})
     assert crafting.temporaries(tmp_path) == []
 
 

@@ -1,5 +1,6 @@
 """The protocol module: key paths, ignore_names, dict targets, and Chainer's scalar/array rules."""
 
+import re
 import sys
 import types
 
@@ -297,6 +298,18 @@ def test_keys_that_are_not_strings_are_refused_and_str_subclasses_taken_as_str()
     serializer(Name('/w'), numpy.zeros(1))
     assert [type(key) for key in serializer.target] == [str]
     assert list(serializer.target) == ['w']
+
+
+@pytest.mark.parametrize('save', [serializers.save_npz, serializers.save_hdf5])
+@pytest.mark.parametrize('state', [{'w\x00eights': numpy.ones(1)},  # an entry, a child
+                                   {'a\x00': {'w': numpy.ones(1)}}])
+def test_a_key_holding_nul_is_refused_not_cut_short(tmp_path, save, state):
+    from gpuserial.errors import InvalidKeyError
+    path = tmp_path / 'm'
+    with pytest.raises(InvalidKeyError, match=re.escape(f"{str(path)!r}, key ") + ".*"
+                       "holds a NUL character"):
+        save(path, state)
+    assert not path.exists()
 
 
 def test_the_base_classes_leave_their_abstract_methods_to_subclasses():

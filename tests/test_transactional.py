@@ -319,3 +319,42 @@ def test_crc_mismatch_in_array_data_names_the_member(tmp_path, compression):
     with pytest.raises(CorruptFileError, match=re.escape(f"{str(path)!r}, key 'z': ")
                        + '(CRC mismatch|corrupt deflate data|the deflate stream)'):
         serializers.load_npz(path, target)
+
+
+def _read_only(array):
+    array.setflags(write=False)
+    return array
+
+
+# Arrays a load cannot fill in place, as ``z``: the error says why, before any array is filled.
+UNFILLABLE = {
+    'read-only': (lambda: _read_only(numpy.full(6, 7, numpy.float32)), 'it is read-only'),
+    'a broadcast': (lambda: numpy.broadcast_to(numpy.float32(7), (6,)), 'it is read-only'),
+    'writable, one element six times': (  # as_strided keeps it writable
+        lambda: numpy.lib.stride_tricks.as_strided(numpy.full(1, 7, numpy.float32), (6,), (0,)),
+        r'its elements share memory \(a broadcast or expanded view\)'),
+}
+
+
+@pytest.mark.parametrize('case', list(UNFILLABLE))
+@pytest.mark.parametrize('fmt', ['npz', 'hdf5'])
+def test_a_target_that_cannot_be_filled_in_place_fails_the_load_before_any_fill(
+        tmp_path, kind, fmt, case):
+    save, load = {'npz': (serializers.save_npz, serializers.load_npz),
+                  'hdf5': (serializers.save_hdf5, serializers.load_hdf5)}[fmt]
+    path = tmp_path / f'm.{fmt}'
+    save(path, _source())
+    make, why = UNFILLABLE[case]
+    target, state = _target(kind, make_device('cpu'))
+    if kind == 'dict':
+        target['z'] = make()
+    else:
+        target.z = make()
+    before = _snapshot(state())
+    where = re.escape(f'{str(path)!r}, key \'z\': the target array cannot be loaded in place: ')
+    with pytest.raises(MismatchError, match=where + why):
+        load(path, target)
+    if kind == 'dict':
+        _assert_untouched(state(), before)
+    else:
+        _assert_only_handed_values_kept(state(), before)

@@ -102,13 +102,14 @@ def save_async(file, obj, format: str = 'npz', *, compression: bool | int | None
     _raise_unreported()
     if format == 'npz':
         items = list(npz.collect(file, obj).items())
+        npz.check_storable(items, display_name(file))
         compressed = True if compression is None else bool(compression)
         nbytes = sum(value.nbytes for _, value in items) + len(items) * npz.MEMBER_OVERHEAD_BYTES
 
         def write(entries: Iterator[tuple]) -> None:
             with atomic_output(file, durable=durable, storage_options=storage_options,
                                size_hint=nbytes) as out:
-                npz.write_npz(out, entries, compressed)
+                npz.write_npz(out, entries, compressed, name=display_name(file))
     else:
         serializer, plan = hdf5.collect(file, obj, 4 if compression is None else compression,
                                         progress=False)

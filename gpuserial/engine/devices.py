@@ -519,6 +519,24 @@ def to_host(value):
     return NUMPY.send(value, CPU)
 
 
+def why_not_fillable(array) -> str | None:
+    """Why ``array`` cannot be filled in place (it is read-only, or its elements share memory,
+    as a broadcast or an expanded tensor's do), else None."""
+    flags = array.flags
+    if not getattr(flags, 'writeable', True):  # CuPy's arrays have no such flag: writable
+        return 'it is read-only'
+    if flags.c_contiguous or flags.f_contiguous:
+        return None
+    span = array.itemsize  # the bytes the dimensions taken so far reach, from the first
+    dimensions = zip(array.shape, array.strides, strict=True)
+    for stride, extent in sorted((abs(stride), extent) for extent, stride in dimensions
+                                 if extent > 1):
+        if stride < span:  # may land on an element of those dimensions (0: a broadcast)
+            return 'its elements share memory (a broadcast or expanded view)'
+        span += stride * (extent - 1)
+    return None
+
+
 def synchronize_devices_of(arrays: Iterable) -> None:
     """Waits for all work queued on the devices that hold any of ``arrays``, on every stream."""
     seen = set()

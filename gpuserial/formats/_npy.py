@@ -211,8 +211,12 @@ class Header:
 
 @functools.lru_cache(maxsize=1024)
 def encode_header(dtype: numpy.dtype, shape: tuple[int, ...]) -> bytes:
-    """The header of a C-order ``.npy`` of ``dtype`` and ``shape``, padded as numpy pads it."""
-    descr = npformat.dtype_to_descr(numpy.dtype(dtype))
+    """The header of a C-order ``.npy`` of ``dtype`` and ``shape``, padded as numpy pads it
+    (a dtype's metadata, such as h5py's string encoding, is not stored)."""
+    dtype = numpy.dtype(dtype)
+    if dtype.metadata is not None and dtype.names is None:
+        dtype = numpy.dtype(dtype.str)
+    descr = npformat.dtype_to_descr(dtype)
     text = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {tuple(shape)!r}, }}"
     body = text.encode('latin1')
     for version, length_format in ((b'\x01\x00', '<H'), (b'\x02\x00', '<I')):  # noqa: B007

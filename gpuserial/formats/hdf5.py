@@ -90,12 +90,16 @@ class HDF5Serializer(Serializer):
 
     def __call__(self, key: str, value):
         key = entry_key('', key)
+        if key.endswith('/'):
+            raise InvalidKeyError(f'key {key!r} of group {self.group.name!r}: the name of an '
+                                  f'HDF5 dataset cannot end with \'/\'')
         try:
             stored = devices.engine_array(value)  # torch, JAX: views of their memory
         except DeviceError as error:
             raise DeviceError(f'{self.name!r}, key {_dataset_path(self.group, key)[1:]!r}: '
                               f'{error}') from None
-        if self._plan is not None:
+        if self._plan is not None:  # checked now: the writes may come later (save_async)
+            _check_storable(self.group, key, stored, self.name)
             self._plan.entries.append((self.group, key, _dataset_path(self.group, key), stored))
         else:
             write_entry(self.group, key, stored, self.compression, self.name)
@@ -172,7 +176,10 @@ def _where(name: str, group, key: str) -> str:
 
 
 def _dataset_path(group, key: str) -> str:
-    return group.name.rstrip('/') + '/' + key
+    """The path HDF5 gives dataset ``key`` of ``group``: ``'a//b'`` and ``'./a/b'`` name
+    ``'/a/b'`` there (``'..'`` is a name like any other)."""
+    return '/' + '/'.join(part for part in f'{group.name}/{key}'.split('/')
+                          if part not in ('', '.'))
 
 
 def _check_keys(plan: _Plan, name: str) -> None:
@@ -204,14 +211,19 @@ def check_paths(sources: dict[str, str], name: str, groups: Collection[str] = fr
                                     f'other entries, so {source} cannot be a dataset')
 
 
+def _check_storable(group: h5py.Group, key: str, value, name: str) -> None:
+    """Raises for a value no dataset can hold: objects other than strings and None."""
+    if value is not None and not isinstance(value, str):
+        if (value.dtype if devices.is_array(value) else numpy.asarray(value).dtype).hasobject:
+            raise TypeError(f'{_where(name, group, key)}: a {type(value).__name__} of objects '
+                            f'cannot be saved (arrays, numbers, strings and None can)')
+
+
 def write_entry(group: h5py.Group, key: str, value, compression: int | None, name: str,
                  shown: _progress.Progress = _progress.SILENT) -> None:
     """Creates dataset ``key`` in ``group`` for one entry, as Chainer writes it."""
     is_array = devices.is_array(value)
-    if value is not None and not isinstance(value, str):
-        if (value.dtype if is_array else numpy.asarray(value).dtype).hasobject:
-            raise TypeError(f'{_where(name, group, key)}: a {type(value).__name__} of objects '
-                            f'cannot be saved (arrays, numbers, strings and None can)')
+    _check_storable(group, key, value, name)
     try:
         if value is None:
             group.create_dataset(key, data=h5py.Empty('f'))
@@ -397,6 +409,10 @@ class _GroupReader(loading.Reader):
     def read_into(self, entry: loading.Entry, dst) -> None:
         dataset = entry.token
         if dst.size == 0:
+            return
+        if entry.dtype is not None and entry.dtype.hasobject:  # text, into a NumPy str array
+            dst[...] = loading.read_text(self, entry)
+            self.progress.update(dst.nbytes)
             return
         backend = devices.backend_of(dst)
         assert backend is not None  # an array of some backend

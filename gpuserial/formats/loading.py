@@ -266,6 +266,9 @@ def _stopped(error: GpuserialError, key: str, filled: list[str], count: int
     return stopped
 
 
+TEXT = numpy.dtype(str)  # what an entry of HDF5 text loads as
+
+
 @functools.lru_cache(maxsize=1024)
 def _casts(stored: numpy.dtype, target: numpy.dtype) -> bool:
     """Whether stored values load into the target's dtype (NumPy's ``same_kind``); structured
@@ -366,6 +369,8 @@ class ReaderDeserializer(Deserializer):
         if entry.dtype is None:  # a stored None
             return None
         if value is None:
+            if entry.dtype.hasobject:  # HDF5 text (the readers refuse other objects)
+                return read_text(self.reader, entry)
             return self._new_placed(entry, entry.dtype)
         if type(value) is numpy.ndarray or devices.is_array(value):
             # ml_dtypes' bfloat16, ... (never one of NumPy's own types): through its encoding
@@ -447,6 +452,10 @@ class ReaderDeserializer(Deserializer):
             self._check_fits(entry, value.shape, dtype)
         if self.device is not None and self._moves(value):
             return self._new_array(entry, dtype)
+        why = devices.why_not_fillable(value)
+        if why is not None:
+            raise MismatchError(f'{self.reader.where(entry.key)}: the target array cannot be '
+                                f'loaded in place: {why}')
         self.reader.check_size(entry)
         if self._pending is not None:
             self._pending.fills.append((entry, value))
@@ -458,9 +467,12 @@ class ReaderDeserializer(Deserializer):
         if tuple(shape) != entry.shape:
             raise MismatchError(f'{self.reader.where(entry.key)}: stored shape {entry.shape} '
                                 f'does not match the target shape {tuple(shape)}')
-        if dtype != entry.dtype and not _casts(entry.dtype, dtype):
-            raise MismatchError(f'{self.reader.where(entry.key)}: stored dtype {entry.dtype} '
-                                f'does not cast to the target dtype {dtype} (same_kind)')
+        assert entry.dtype is not None  # not a stored None
+        text = entry.dtype.hasobject  # HDF5 text (the readers refuse other objects): as str
+        if dtype != entry.dtype and not _casts(TEXT if text else entry.dtype, dtype):
+            stored = 'text' if text else f'dtype {entry.dtype}'
+            raise MismatchError(f'{self.reader.where(entry.key)}: stored {stored} does not '
+                                f'cast to the target dtype {dtype} (same_kind)')
 
     def _load_scalar(self, entry: Entry, value):
         """The stored value as ``type(value)``, by a safe cast: numbers into numbers (any

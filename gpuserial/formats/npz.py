@@ -152,18 +152,20 @@ def save_npz(file, obj, compression: bool = True, *, durable: bool = True,
     with atomic_output(file, durable=durable, storage_options=storage_options,
                        size_hint=total + len(entries) * MEMBER_OVERHEAD_BYTES) as out, \
             _progress.bar(total, f'save {display_name(file)}', progress) as shown:
-        write_npz(out, entries, compression, shown)
+        write_npz(out, entries, compression, shown, name=display_name(file))
 
 
 def write_npz(out: BinaryIO, entries: Mapping[str, object] | Iterable[tuple[str, object]],
-              compression: bool, shown: _progress.Progress = _progress.SILENT
-              ) -> dict[str, int]:
+              compression: bool, shown: _progress.Progress = _progress.SILENT, *,
+              name: str = '<file>') -> dict[str, int]:
     """Writes ``entries`` (arrays of any backend, or 0-d object arrays holding None) as NPZ.
 
     Runs of small contiguous device arrays are copied to the host together (packed) and
     written whole, as are small host arrays (each on its own: an iterable of entries is taken
     one at a time, never read ahead); larger arrays stream through the staging engine chunk by
     chunk.
+
+    ``name`` names the file in errors.
 
     Returns:
         Where each member's data (its ``.npy`` header, then its values when stored) starts in
@@ -189,8 +191,7 @@ def write_npz(out: BinaryIO, entries: Mapping[str, object] | Iterable[tuple[str,
             for key, array in run:
                 if array.dtype.hasobject:
                     if not _is_stored_none(array):
-                        raise TypeError(f'cannot save key {key!r}: object arrays other than '
-                                        f'None are not supported')
+                        raise _unstorable(name, key)
                     archive.write_small_member(key + SUFFIX, _npy.none_member())
                 else:
                     header = _npy.encode_header(array.dtype, array.shape)
@@ -242,6 +243,19 @@ def _chain(*iterables):
 
 def _is_stored_none(array) -> bool:
     return isinstance(array, numpy.ndarray) and array.shape == () and array[()] is None
+
+
+def check_storable(entries: Iterable[tuple[str, Any]], name: str) -> None:
+    """Raises for an entry a save cannot store (an object array other than a stored None),
+    before the save starts (a save checks as it writes)."""
+    for key, value in entries:
+        if value.dtype.hasobject and not _is_stored_none(value):
+            raise _unstorable(name, key)
+
+
+def _unstorable(name: str, key: str) -> TypeError:
+    return TypeError(f'{name!r}, key {key!r}: object arrays other than None cannot be saved '
+                     f'(arrays, numbers, strings and None can)')
 
 
 # ---------------------------------------------------------------------------------------------

@@ -157,14 +157,18 @@ class SerialIterator:
 
     def _serialize_random_state(self, serializer) -> None:
         kind, key, pos, has_gauss, gauss = self._random.get_state()
+        saving = isinstance(serializer, Serializer)
         try:  # a load reads the key at once (value None): set_state needs it now
-            key = serializer('key', key if isinstance(serializer, Serializer) else None)
+            key = serializer('key', key if saving else None)
+            if key is None:  # not in the file (strict=False) or ignored: keep this state
+                return
             pos = serializer('pos', int(pos))
             has_gauss = serializer('has_gauss', int(has_gauss))
             gauss = serializer('cached_gaussian', float(gauss))
         except KeyError:  # a Chainer snapshot: keep this iterator's own random state
             return
-        self._random.set_state((kind, _on_host(key), pos, has_gauss, gauss))
+        if not saving:
+            self._random.set_state((kind, _on_host(key), pos, has_gauss, gauss))
 
 
 def _on_host(array) -> numpy.ndarray:
