@@ -4,6 +4,7 @@ import ast
 import pathlib
 import subprocess
 import sys
+import types
 
 import numpy
 import pytest
@@ -183,7 +184,8 @@ def test_extension_dtypes_are_ml_dtypes_types_of_those_names_and_their_encodings
 def test_why_not_fillable_tells_overlapping_elements_from_strided_ones():
     base = numpy.zeros((4, 6), numpy.float32)
     for fillable in (base, base.T, base[::2, ::3], base[::-1, 1:], base[:, ::2].T,
-                     numpy.zeros((3, 1, 4))[:, :, ::2], numpy.zeros((2, 0, 3))):
+                     numpy.zeros((3, 1, 4))[:, :, ::2], numpy.zeros((3, 4))[:, None, ::2],
+                     numpy.zeros((2, 0, 3))):
         assert devices.why_not_fillable(fillable) is None, fillable.strides
     strided = numpy.lib.stride_tricks.as_strided
     for apart in (strided(numpy.zeros(8, numpy.float32), (2, 2), (12, 8)),  # bytes 0 8 12 20
@@ -198,3 +200,10 @@ def test_why_not_fillable_tells_overlapping_elements_from_strided_ones():
     read_only = numpy.zeros(3)
     read_only.setflags(write=False)
     assert devices.why_not_fillable(read_only) == 'it is read-only'
+
+
+def test_why_not_fillable_takes_arrays_whose_flags_say_nothing_of_writing():
+    class DeviceArray:  # as CuPy's: contiguity flags, no writeable flag
+        flags = types.SimpleNamespace(c_contiguous=True, f_contiguous=True)
+
+    assert devices.why_not_fillable(DeviceArray()) is None

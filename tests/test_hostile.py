@@ -668,6 +668,11 @@ def test_object_arrays_are_named_with_the_file_and_key(tmp_path):
                        'cannot be saved'):
         serializers.save_npz(path, {'g': {'x': numpy.array([1, 'a'], object)}})
     assert crafting.temporaries(tmp_path) == []
+    with h5py.File(tmp_path / 'open.h5', 'w') as f:  # a serializer made on an open file
+        with pytest.raises(TypeError, match=_where(tmp_path / 'open.h5', 'x') + ': a ndarray of '
+                           'objects cannot be saved'):
+            serializers.HDF5Serializer(f)('x', numpy.array([1, 'a'], object))
+        assert list(f) == []
 
 
 def _encrypted(where: str) -> bytes:

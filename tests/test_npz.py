@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 import zipfile
 import zlib
 
@@ -628,3 +629,22 @@ def test_a_version_1_header_whole_in_the_window_is_decoded_there(shape):
         _npy.regular_header(_npy.V1_PREFIX + b'\x00\x00', 0)
     version_2 = crafting.npy_member(crafting.header_text('<f4', shape), version=(2, 0))
     assert _npy.regular_header(version_2, 0) is None
+
+
+def test_a_dtypes_metadata_is_not_stored_nor_warned_about():
+    h5py = pytest.importorskip('h5py')
+    _npy.encode_header.cache_clear()  # dtypes equal but for their metadata share an entry
+    text = h5py.string_dtype('ascii', 2)
+    padded = numpy.dtype({'names': ['a', 'b'], 'formats': ['<u2', ('<f4', (2,))],
+                          'offsets': [0, 4], 'itemsize': 16})
+    marked = numpy.dtype({'names': ['a', 'b'], 'offsets': [0, 4], 'itemsize': 16,
+                          'formats': [numpy.dtype('<u2', metadata={'m': 1}),
+                                      (numpy.dtype('<f4', metadata={'m': 2}), (2,))]},
+                         metadata={'m': 3})
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # numpy warns of metadata it cannot store
+        assert _npy.decode_header(_npy.encode_header(text, (3,))).dtype == numpy.dtype('S2')
+        decoded = _npy.decode_header(_npy.encode_header(marked, (3,))).dtype
+        assert decoded == padded and decoded.metadata is None
+        assert decoded.fields['b'][0].subdtype[0].metadata is None
+        assert _npy.decode_header(_npy.encode_header(padded, (3,))).dtype == padded

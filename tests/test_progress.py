@@ -128,6 +128,18 @@ def test_a_load_counts_every_array_byte_of_its_single_pass(tmp_path, monkeypatch
     assert recorder.bars == [{'desc': f'load {path}', 'total': 8000 + 96, 'done': 8000 + 96}]
 
 
+def test_a_load_of_hdf5_text_into_str_arrays_counts_what_it_planned(tmp_path, monkeypatch):
+    path = tmp_path / 'm.h5'
+    serializers.save_hdf5(path, {'a': numpy.ones(10), 'words': numpy.array(['ab', 'cde'])})
+    recorder = _Recorder()
+    monkeypatch.setattr(progress, 'bar', recorder)
+    load = {'a': numpy.zeros(10), 'words': numpy.zeros(2, 'U3')}
+    serializers.load_hdf5(path, load)
+    assert load['words'].tolist() == ['ab', 'cde']
+    (bar,) = recorder.bars
+    assert bar['done'] == bar['total'] > 80  # the floats and the text
+
+
 def test_an_hdf5_save_counts_every_array_byte_of_its_single_pass(tmp_path, monkeypatch):
     recorder = _Recorder()
     monkeypatch.setattr(progress, 'bar', recorder)

@@ -412,7 +412,7 @@ class _GroupReader(loading.Reader):
             return
         if entry.dtype is not None and entry.dtype.hasobject:  # text, into a NumPy str array
             dst[...] = loading.read_text(self, entry)
-            self.progress.update(dst.nbytes)
+            self.progress.update(entry.nbytes)  # as the load's total counts it
             return
         backend = devices.backend_of(dst)
         assert backend is not None  # an array of some backend
