@@ -318,6 +318,23 @@ def test_an_expanded_torch_tensor_is_refused_not_filled(tmp_path, kind, dtype):
     assert expanded.float().eq(0).all()
 
 
+def test_torch_cpu_tensors_load_in_place_where_dlpack_views_are_read_only(tmp_path, kind,
+                                                                          monkeypatch):
+    torch = _torch()
+    path = path_for(tmp_path, kind)
+    save(path, kind, {'w': torch.arange(4.0), 'b': torch.ones(2, dtype=torch.bfloat16)})
+
+    def read_only(value):  # as numpy.from_dlpack gives them before NumPy 2.3
+        array = numpy.asarray(value)
+        array.setflags(write=False)
+        return array
+
+    monkeypatch.setattr(numpy, 'from_dlpack', read_only)
+    target = {'w': torch.zeros(4), 'b': torch.zeros(2, dtype=torch.bfloat16)}
+    gpuserial.load_into(path, target)
+    assert target['w'].tolist() == [0.0, 1.0, 2.0, 3.0] and target['b'].tolist() == [1.0, 1.0]
+
+
 def test_a_chainer_style_object_of_torch_tensors(tmp_path, fmt):
     torch = _torch()
     save_fn, load_fn, suffix = fmt

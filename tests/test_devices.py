@@ -197,13 +197,36 @@ def test_why_not_fillable_tells_overlapping_elements_from_strided_ones():
     for array in shared:
         assert devices.why_not_fillable(array).startswith('its elements share memory'), \
             array.strides
+    int32 = numpy.zeros(64, numpy.int32)
+    interleaved = strided(int32, (3, 2), (8, 12))  # bytes 0 12 8 20 16 28: compared one by one
+    assert devices.why_not_fillable(interleaved) is None
+    assert devices.why_not_fillable(strided(int32, (3, 2), (8, 16))).startswith(
+        'its elements share memory')  # bytes 0 16 8 24 16 32: 16 twice
     read_only = numpy.zeros(3)
     read_only.setflags(write=False)
     assert devices.why_not_fillable(read_only) == 'it is read-only'
+    assert devices.why_not_fillable(read_only[:0]) is None  # nothing to fill
+
+
+def test_why_not_fillable_says_when_too_many_elements_are_interleaved_to_compare(monkeypatch):
+    strided = numpy.lib.stride_tricks.as_strided
+    interleaved = strided(numpy.zeros(64, numpy.int32), (3, 2), (8, 12))  # 6 elements
+    monkeypatch.setattr(devices, 'OVERLAP_CHECK_MAX', 6)  # compared
+    assert devices.why_not_fillable(interleaved) is None
+    monkeypatch.setattr(devices, 'OVERLAP_CHECK_MAX', 5)  # too many
+    assert devices.why_not_fillable(interleaved) == ('its strides (8, 12) interleave its '
+                                                     'elements, which may share memory (too '
+                                                     'many to compare)')
+    # known without comparing: rows of 5 of 6 floats (each stride clears the bytes before it),
+    # and one element six times
+    assert devices.why_not_fillable(numpy.zeros((4, 6), numpy.float32)[:, :5]) is None
+    assert devices.why_not_fillable(strided(numpy.zeros(1), (6,), (0,))).startswith(
+        'its elements share memory (a broadcast')
 
 
 def test_why_not_fillable_takes_arrays_whose_flags_say_nothing_of_writing():
     class DeviceArray:  # as CuPy's: contiguity flags, no writeable flag
+        size = 3
         flags = types.SimpleNamespace(c_contiguous=True, f_contiguous=True)
 
     assert devices.why_not_fillable(DeviceArray()) is None

@@ -2,6 +2,7 @@
 
 import io
 import os
+import re
 import resource
 
 import h5py
@@ -110,6 +111,16 @@ def test_text_arrays_are_saved_as_utf8_strings(tmp_path):
     assert target == {'word': 'xyz'}
 
 
+def test_text_loads_into_str_arrays_on_the_host_when_the_load_has_a_device(tmp_path):
+    serializers.save_hdf5(tmp_path / 'm.h5', {'w': numpy.array(['ab', 'çé']), 'x': numpy.ones(2),
+                                               'none': numpy.array([], 'U1')})
+    target = {'w': numpy.zeros(2, 'U4'), 'x': numpy.zeros(2), 'none': None}
+    serializers.load_hdf5(tmp_path / 'm.h5', target, device=StandInDevice(1))
+    assert type(target['w']) is numpy.ndarray and target['w'].tolist() == ['ab', 'çé']
+    assert target['x'].device == StandInDevice(1)  # the numbers moved
+    assert target['none'].dtype.kind == 'U' and target['none'].shape == (0,)  # empty text
+
+
 @pytest.mark.parametrize('words', [numpy.array(['ab', 'çé']), numpy.array('héllo')])
 def test_text_arrays_load_as_str_arrays_new_or_in_place(tmp_path, words):
     serializers.save_hdf5(tmp_path / 'm.h5', {'w': words})
@@ -132,11 +143,25 @@ def test_keys_that_name_one_hdf5_path_collide_before_anything_is_written(tmp_pat
         assert list(f['a']) == ['..'] and list(f['a/..']) == ['b']
 
 
-def test_a_key_ending_in_a_slash_is_refused_by_hdf5(tmp_path):
+@pytest.mark.parametrize('key', ['a/b/', 'a/.', '.'])
+def test_a_key_that_names_its_group_is_refused_by_hdf5(tmp_path, key):
     from gpuserial.errors import InvalidKeyError
-    with pytest.raises(InvalidKeyError, match=r"m.h5', key 'a/b/' of group '/': the name of an "
-                                              r"HDF5 dataset cannot end with '/'"):
-        serializers.save_hdf5(tmp_path / 'm.h5', {'a/b/': numpy.ones(1)})
+    with pytest.raises(InvalidKeyError, match=re.escape(f"m.h5', key {key!r} of group '/': the "
+                                                        f"name of an HDF5 dataset cannot end")):
+        serializers.save_hdf5(tmp_path / 'm.h5', {key: numpy.ones(1)})
+    assert not (tmp_path / 'm.h5').exists()
+
+
+@pytest.mark.parametrize('group', ['a//b', './a/b', 'a/./b'])
+def test_a_group_asked_for_by_another_spelling_of_a_dataset_path_collides_first(tmp_path,
+                                                                               group):
+    class Model:
+        def serialize(self, serializer):
+            serializer[group]  # an empty group, made where the dataset would go
+            serializer('a/b', numpy.ones(1))
+
+    with pytest.raises(KeyCollisionError, match="key 'a/b': a group of that name"):
+        serializers.save_hdf5(tmp_path / 'm.h5', Model())
     assert not (tmp_path / 'm.h5').exists()
 
 

@@ -648,3 +648,21 @@ def test_a_dtypes_metadata_is_not_stored_nor_warned_about():
         assert decoded == padded and decoded.metadata is None
         assert decoded.fields['b'][0].subdtype[0].metadata is None
         assert _npy.decode_header(_npy.encode_header(padded, (3,))).dtype == padded
+        titled = numpy.dtype([(('the count', 'n'), numpy.dtype('<i4', metadata={'m': 1}))])
+        decoded = _npy.decode_header(_npy.encode_header(titled, (3,))).dtype
+        assert decoded == titled and decoded.fields['n'][2] == 'the count'
+
+
+def test_structured_dtypes_keep_their_titles_and_padding():
+    titled = numpy.dtype([(('the count', 'n'), '<i4'), ('x', '<f8')])
+    padded = numpy.dtype({'names': ['a', 'b'], 'formats': ['i1', '<i4'], 'offsets': [0, 4],
+                          'itemsize': 12})
+    for dtype in (titled, padded):
+        values = numpy.zeros(3, dtype)
+        values[dtype.names[0]] = [1, 2, 3]
+        out = io.BytesIO()
+        serializers.save_npz(out, {'v': values}, compression=False)
+        assert numpy.load(io.BytesIO(out.getvalue()))['v'].dtype == dtype
+        target = {'v': numpy.zeros(3, dtype)}
+        serializers.load_npz(io.BytesIO(out.getvalue()), target)
+        assert target['v'].tobytes() == values.tobytes()

@@ -519,6 +519,16 @@ def test_read_stored_fills_any_contiguous_buffer_with_the_members_bytes(size):
         assert out.tobytes() == payload[head:]
 
 
+def test_read_stored_refuses_a_buffer_with_gaps():
+    data = _written({'a.npy': bytes(range(200))})
+    (member,) = _zipread.read_directory(io.BytesIO(data))
+    start = _zipread.data_start_of(io.BytesIO(data), member)
+    every_other = memoryview(bytearray(400))[::2]  # 200 bytes, one in two
+    with pytest.raises(TypeError, match='C-contiguous'):
+        _zipread.read_stored(_zipread.WindowedFile(io.BytesIO(data)), member, start, 0,
+                             every_other)
+
+
 class _ReadsBytearrays(io.RawIOBase):
     """A file whose reads return a bytearray, not bytes, as a user's file-like object may."""
 

@@ -522,19 +522,44 @@ def to_host(value):
 def why_not_fillable(array) -> str | None:
     """Why ``array`` cannot be filled in place (it is read-only, or its elements share memory,
     as a broadcast or an expanded tensor's do), else None."""
+    if array.size == 0:  # nothing to fill
+        return None
     flags = array.flags
     if not getattr(flags, 'writeable', True):  # CuPy's arrays have no such flag: writable
         return 'it is read-only'
     if flags.c_contiguous or flags.f_contiguous:
         return None
-    span = array.itemsize  # the bytes the dimensions taken so far reach, from the first
-    dimensions = zip(array.shape, array.strides, strict=True)
-    for stride, extent in sorted((abs(stride), extent) for extent, stride in dimensions
-                                 if extent > 1):
-        if stride < span:  # may land on an element of those dimensions (0: a broadcast)
-            return 'its elements share memory (a broadcast or expanded view)'
+    overlaps = _overlaps(array.shape, array.strides, array.itemsize)
+    if overlaps is None:
+        return (f'its strides {array.strides} interleave its elements, which may share memory '
+                f'(too many to compare)')
+    return 'its elements share memory (a broadcast or expanded view)' if overlaps else None
+
+
+OVERLAP_CHECK_MAX = 1 << 22  # elements whose offsets are compared one by one, at most
+
+
+def _overlaps(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> bool | None:
+    """Whether two elements of a strided array share a byte: at once when each dimension's
+    stride clears the bytes the smaller ones reach or one is 0, else by comparing every
+    element's offset; None (not known) where there are too many."""
+    dimensions = sorted((abs(stride), extent) for extent, stride
+                        in zip(shape, strides, strict=True) if extent > 1)
+    span = itemsize  # the bytes the dimensions taken so far reach, from the first
+    for stride, extent in dimensions:
+        if stride < span:
+            break
         span += stride * (extent - 1)
-    return None
+    else:
+        return False
+    if any(stride == 0 for stride, _ in dimensions):
+        return True
+    if math.prod(shape) > OVERLAP_CHECK_MAX:
+        return None
+    offsets = numpy.zeros(1, numpy.int64)
+    for stride, extent in dimensions:
+        offsets = (offsets[:, None] + numpy.arange(extent, dtype=numpy.int64) * stride).ravel()
+    return bool((numpy.diff(numpy.sort(offsets)) < itemsize).any())
 
 
 def synchronize_devices_of(arrays: Iterable) -> None:
@@ -696,7 +721,7 @@ class _Torch(Framework):
         if extension is not None:
             as_ints = tensor.view({1: torch.uint8, 2: torch.int16}[EXTENSION_DTYPES[extension]])
         if tensor.device.type == 'cpu':
-            array = numpy.from_dlpack(as_ints)
+            array = as_ints.numpy()  # writable: numpy.from_dlpack's are not before NumPy 2.3
         elif tensor.device.type != 'cuda':
             raise DeviceError(f'torch tensors on {tensor.device} are not supported: move them to '
                               f'the CPU or a CUDA device')

@@ -227,16 +227,29 @@ def encode_header(dtype: numpy.dtype, shape: tuple[int, ...]) -> bytes:
 
 def _without_metadata(dtype: numpy.dtype) -> numpy.dtype:
     """``dtype`` without the metadata on it or on its fields (h5py marks its strings and enums
-    so), which a ``.npy`` header cannot hold (numpy warns of it)."""
+    so), which a ``.npy`` header cannot hold (numpy warns of it); ``dtype`` itself when it has
+    none."""
+    if not _has_metadata(dtype):
+        return dtype
     if dtype.subdtype is not None:  # an array of a dtype, as a field's type
         base, shape = dtype.subdtype
         return numpy.dtype((_without_metadata(base), shape))
     if dtype.names is None or dtype.fields is None:
-        return dtype if dtype.metadata is None else numpy.dtype(dtype.str)
+        return numpy.dtype(dtype.str)
     fields = [dtype.fields[name] for name in dtype.names]
     return numpy.dtype({'names': list(dtype.names), 'itemsize': dtype.itemsize,
                         'formats': [_without_metadata(field[0]) for field in fields],
-                        'offsets': [field[1] for field in fields]})
+                        'offsets': [field[1] for field in fields],
+                        'titles': [field[2] if len(field) > 2 else None for field in fields]})
+
+
+def _has_metadata(dtype: numpy.dtype) -> bool:
+    if dtype.metadata is not None:
+        return True
+    if dtype.subdtype is not None:
+        return _has_metadata(dtype.subdtype[0])
+    return dtype.fields is not None and any(_has_metadata(field[0])
+                                            for field in dtype.fields.values())
 
 
 def none_member() -> bytes:

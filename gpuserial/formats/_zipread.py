@@ -376,7 +376,8 @@ def stored_head(fp: WindowedFile, info, count: int) -> tuple[int, bytes]:
 def read_stored(fp: WindowedFile, info, data_start: int, head: int, out) -> None:
     """Reads a whole stored member: its first ``head`` bytes are skipped, the rest go into
     ``out`` (exactly that long); checks the CRC of all of it."""
-    if type(out) is not memoryview or out.format != 'B' or out.ndim != 1:  # else cast already
+    if (type(out) is not memoryview or out.format != 'B' or out.ndim != 1
+            or not out.c_contiguous):  # else cast already
         out = memoryview(out).cast('B')
     if head + len(out) != info.file_size:
         raise MemberError(f'asked for {head + len(out)} bytes of a member of {info.file_size}')

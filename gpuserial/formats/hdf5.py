@@ -90,9 +90,9 @@ class HDF5Serializer(Serializer):
 
     def __call__(self, key: str, value):
         key = entry_key('', key)
-        if key.endswith('/'):
+        if key.rsplit('/', 1)[-1] in ('', '.'):  # HDF5 would take it for its group
             raise InvalidKeyError(f'key {key!r} of group {self.group.name!r}: the name of an '
-                                  f'HDF5 dataset cannot end with \'/\'')
+                                  f'HDF5 dataset cannot end with \'/\' or \'/.\'')
         try:
             stored = devices.engine_array(value)  # torch, JAX: views of their memory
         except DeviceError as error:
@@ -161,7 +161,7 @@ class _Planned:
         self.name = name
 
     def require_group(self, name: str) -> _Planned:
-        return _Planned(self.name.rstrip('/') + '/' + name)
+        return _Planned(_dataset_path(self, name))  # as HDF5 will name it
 
 
 def _file_name(group) -> str:

@@ -218,7 +218,7 @@ def read_text(reader: Reader, entry: Entry) -> numpy.ndarray:
     """An entry of object dtype (HDF5 strings; other objects were refused by ``entry()``)
     as a NumPy ``str`` array."""
     value = reader.read_scalar(entry)
-    return numpy.asarray(value.tolist() if value.dtype.hasobject else value)
+    return value.astype(str) if value.dtype.hasobject else numpy.asarray(value)
 
 
 def run_fills(reader: Reader, fills: list[tuple[Entry, object]], show_progress: bool | None
@@ -450,8 +450,8 @@ class ReaderDeserializer(Deserializer):
         dtype = value.dtype if holds is None else holds
         if dtype != entry.dtype or value.shape != entry.shape:  # else it fits
             self._check_fits(entry, value.shape, dtype)
-        if self.device is not None and self._moves(value):
-            return self._new_array(entry, dtype)
+        if self.device is not None and dtype.kind not in 'US' and self._moves(value):
+            return self._new_array(entry, dtype)  # (text stays on the host, filled in place)
         why = devices.why_not_fillable(value)
         if why is not None:
             raise MismatchError(f'{self.reader.where(entry.key)}: the target array cannot be '
