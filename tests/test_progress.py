@@ -82,6 +82,23 @@ def test_missing_tqdm_gives_a_silent_bar(monkeypatch):
         assert shown is progress.SILENT
 
 
+def test_a_total_to_count_is_counted_only_where_a_bar_may_show():
+    calls = []
+
+    def total():
+        calls.append(1)
+        return BIG
+
+    with progress.bar(total, 'load', stream=io.StringIO()) as shown:  # not a terminal
+        assert shown is progress.SILENT
+    with progress.bar(total, 'load', False, stream=Terminal()) as shown:
+        assert shown is progress.SILENT
+    assert calls == []
+    with progress.bar(total, 'load', stream=Terminal()) as shown:
+        assert shown is not progress.SILENT and shown.total == BIG
+    assert calls == [1]
+
+
 def test_counted_passes_chunks_through_and_counts_them():
     class Counter:
         total = 0
@@ -103,7 +120,7 @@ class _Recorder:
 
     @contextlib.contextmanager
     def __call__(self, total, desc, enabled=None, *, stream=None):
-        counted = {'desc': desc, 'total': total, 'done': 0}
+        counted = {'desc': desc, 'total': total() if callable(total) else total, 'done': 0}
         self.bars.append(counted)
 
         class Shown:

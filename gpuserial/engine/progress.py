@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol, TextIO
 
 __all__ = ['THRESHOLD_BYTES', 'Progress', 'bar', 'counted', 'should_show']
@@ -59,12 +59,13 @@ def should_show(total_bytes: int, enabled: bool | None, stream: TextIO | None = 
 
 
 @contextlib.contextmanager
-def bar(total_bytes: int, desc: str, enabled: bool | None = None, *,
+def bar(total_bytes: int | Callable[[], int], desc: str, enabled: bool | None = None, *,
         stream: TextIO | None = None) -> Iterator[Progress]:
     """A progress bar over ``total_bytes`` bytes, as a context manager.
 
     Args:
-        total_bytes: the bytes the operation will move (the bar's 100%).
+        total_bytes: the bytes the operation will move (the bar's 100%), or a function that
+            counts them, called only where a bar may be shown.
         desc: a short label, such as ``'save model.npz'``.
         enabled: True shows a bar, False shows none, None (the default) shows one only when
             ``stream`` is a terminal and ``total_bytes >= THRESHOLD_BYTES``.
@@ -75,6 +76,8 @@ def bar(total_bytes: int, desc: str, enabled: bool | None = None, *,
         The bar is closed (and cleared) when the block ends, whether or not it succeeded.
     """
     stream = sys.stderr if stream is None else stream
+    if callable(total_bytes):  # counted only where a bar of any size would show
+        total_bytes = total_bytes() if should_show(THRESHOLD_BYTES, enabled, stream) else 0
     if not should_show(total_bytes, enabled, stream):
         yield SILENT
         return

@@ -172,7 +172,9 @@ class _PendingFills:
         self.bytes_read_already = 0  # entries read during the pass (value=None, device=)
 
     def run(self, reader: Reader, show_progress: bool | None) -> None:
-        total = self.bytes_read_already + sum(entry.nbytes for entry, _ in self.fills)
+        def total() -> int:
+            return self.bytes_read_already + sum(entry.nbytes for entry, _ in self.fills)
+
         with progress.bar(total, f'load {reader.name}', show_progress) as shown:
             shown.update(self.bytes_read_already)
             reader.progress = shown
