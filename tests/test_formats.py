@@ -272,7 +272,8 @@ def test_progress_counts_every_array_byte(tmp_path, monkeypatch, small_chunks, n
 
     @contextlib.contextmanager
     def recording_bar(total, desc, enabled=None, **kwargs):
-        bars.append((desc.split()[0], Recording(total), enabled))
+        bars.append((desc.split()[0], Recording(total() if callable(total) else total),
+                     enabled))
         yield bars[-1][1]
 
     monkeypatch.setattr(progress, 'bar', recording_bar)

@@ -260,7 +260,7 @@ def test_a_load_of_blocks_counts_every_byte(tmp_path, monkeypatch):
     class Recorder:
         def __call__(self, total, desc, enabled=None, *, stream=None):
             import contextlib
-            counted.append(('total', total))
+            counted.append(('total', total() if callable(total) else total))
             return contextlib.nullcontext(Bar())
 
     array = numpy.arange(3 << 17, dtype=numpy.float64)  # 3 MiB: three blocks of 1 MiB
