@@ -11,7 +11,7 @@ import pytest
 
 from gpuserial import serializers
 from gpuserial.engine import transfer
-from gpuserial.errors import KeyCollisionError
+from gpuserial.errors import KeyCollisionError, MismatchError
 from gpuserial.formats import hdf5
 from tests.conftest import host
 from tests.standin import StandInDevice
@@ -130,6 +130,11 @@ def test_text_arrays_load_as_str_arrays_new_or_in_place(tmp_path, words):
     in_place = numpy.zeros(words.shape, 'U5')
     serializers.load_hdf5(tmp_path / 'm.h5', {'w': in_place})
     assert in_place.tolist() == words.tolist()
+    narrow = numpy.zeros(words.shape, 'U2')  # 'héllo' would be cut short
+    if words.dtype.itemsize > narrow.dtype.itemsize:
+        with pytest.raises(MismatchError, match=r"key 'w': stored text \(<U5\) does not cast"):
+            serializers.load_hdf5(tmp_path / 'm.h5', {'w': narrow})
+        assert narrow.tolist() == numpy.zeros(words.shape, 'U2').tolist()
 
 
 @pytest.mark.parametrize('keys', [('a//b', 'a/b'), ('./a', 'a'), ('x/./y', 'x/y')])

@@ -491,7 +491,7 @@ HDF5_CASES = {
                     r'stored shape \(3, 2\) does not match the target shape \(3,\)'),
     'strings into floats': (lambda f: f.create_dataset('x', data=['a', 'b', 'c']),
                             {'x': numpy.zeros(3)}, MismatchError,
-                            'stored text does not cast to the target dtype float64'),
+                            r'stored text \(<U1\) does not cast to the target dtype float64'),
     'bytes into floats': (lambda f: f.create_dataset('x', data=numpy.array([b'a'] * 3)),
                           {'x': numpy.zeros(3)}, MismatchError,
                           'stored dtype |S1 does not cast to the target dtype float64'),

@@ -206,6 +206,22 @@ def test_array_cast_follows_same_kind():
     assert isinstance(info.value, MismatchError)
 
 
+@pytest.mark.parametrize('stored, target', [
+    (numpy.array(['héllo', 'b']), 'U3'),  # cut short
+    (numpy.array([b'hello', b'b']), 'S3'),
+    (numpy.array(['ab', 'c']), 'S5')])  # str into bytes: would fail on non-ASCII text
+def test_text_loads_only_into_text_that_holds_it_whole(stored, target):
+    value = numpy.zeros(2, target)
+    with pytest.raises(MismatchError, match=r"key 'k': stored dtype .* does not cast to the "
+                                            r"target dtype .*text only into text at least as "
+                                            r"wide"):
+        serializers.NpzDeserializer({'k': stored})('k', value)
+    assert value.tolist() == numpy.zeros(2, target).tolist()
+    wide = numpy.zeros(2, 'U8')
+    serializers.NpzDeserializer({'k': numpy.array([b'ab', b'c'])})('k', wide)  # bytes fit
+    assert wide.tolist() == ['ab', 'c']
+
+
 def test_shape_must_match_exactly_no_broadcasting():
     with pytest.raises(ValueError, match=r"key 'k': stored shape \(1, 3\) does not match the "
                                          r"target shape \(2, 3\)"):

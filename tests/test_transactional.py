@@ -141,7 +141,7 @@ COMMON_CASES = {
                    r'stored shape \(7,\) does not match the target shape \(6,\)'),
     'dtype of z': (lambda s: dict(s, z=numpy.zeros(6, numpy.complex128)), MismatchError, 'z',
                    r'stored dtype complex128 does not cast to the target dtype float32 '
-                   r'\(same_kind\)'),
+                   r'\(same_kind'),
     'int into float32 in z is fine, but k is a float': (
         lambda s: dict(s, z=numpy.arange(6), k=2.5), UnsafeCastError, 'k',
         'stored dtype float64 does not cast safely to int'),

@@ -268,16 +268,16 @@ def _stopped(error: GpuserialError, key: str, filled: list[str], count: int
     return stopped
 
 
-TEXT = numpy.dtype(str)  # what an entry of HDF5 text loads as
-
-
 @functools.lru_cache(maxsize=1024)
 def _casts(stored: numpy.dtype, target: numpy.dtype) -> bool:
-    """Whether stored values load into the target's dtype (NumPy's ``same_kind``); structured
+    """Whether stored values load into the target's dtype (NumPy's ``same_kind``; text into text
+    at least as wide); structured
     dtypes (such as the encodings of bfloat16 and float8) only into themselves: NumPy would
     cast them field by field, bits as numbers."""
     if stored.names is not None or target.names is not None:
         return False
+    if stored.kind in 'US':  # text, only where it fits whole (same_kind would cut it short)
+        return bool(numpy.can_cast(stored, target, 'safe'))
     return bool(numpy.can_cast(stored, target, 'same_kind'))
 
 
@@ -470,11 +470,17 @@ class ReaderDeserializer(Deserializer):
             raise MismatchError(f'{self.reader.where(entry.key)}: stored shape {entry.shape} '
                                 f'does not match the target shape {tuple(shape)}')
         assert entry.dtype is not None  # not a stored None
-        text = entry.dtype.hasobject  # HDF5 text (the readers refuse other objects): as str
-        if dtype != entry.dtype and not _casts(TEXT if text else entry.dtype, dtype):
-            stored = 'text' if text else f'dtype {entry.dtype}'
-            raise MismatchError(f'{self.reader.where(entry.key)}: stored {stored} does not '
-                                f'cast to the target dtype {dtype} (same_kind)')
+        if dtype == entry.dtype:
+            return
+        if entry.dtype.hasobject:  # HDF5 text (the readers refuse other objects), as wide as
+            stored = read_text(self.reader, entry).dtype  # its longest string: read to know
+            what = f'text ({stored})'
+        else:
+            stored, what = entry.dtype, f'dtype {entry.dtype}'
+        if not _casts(stored, dtype):
+            raise MismatchError(f'{self.reader.where(entry.key)}: stored {what} does not cast '
+                                f'to the target dtype {dtype} (same_kind; text only into text '
+                                f'at least as wide)')
 
     def _load_scalar(self, entry: Entry, value):
         """The stored value as ``type(value)``, by a safe cast: numbers into numbers (any
