@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -612,7 +613,8 @@ def test_new_arrays_of_an_extension_dtype_are_of_that_type(tmp_path, kind, monke
     assert link.W.array.tolist() == [0.5, -1.25, 7.0]  # values, not their bits
     monkeypatch.setitem(sys.modules, 'ml_dtypes', None)  # not installed: bits, not values
     link.W.array = None
-    with pytest.raises(MismatchError, match="parameter 'W': stored values of dtype .*bfloat16"):
+    with pytest.raises(MismatchError, match=re.escape(f"{str(path)!r}, key 'W': parameter 'W': "
+                                                      f"stored values of dtype") + '.*bfloat16'):
         gpuserial.load_into(path, link, strict=False)
     monkeypatch.setattr(standin.BACKEND, 'extension_dtypes', False)  # as CuPy before 14
     with pytest.raises(DeviceError, match="'x': bfloat16 has no dtype on @standin:0"):

@@ -157,6 +157,26 @@ def test_a_key_that_names_its_group_is_refused_by_hdf5(tmp_path, key):
     assert not (tmp_path / 'm.h5').exists()
 
 
+def test_key_errors_name_the_file_and_the_group_path_however_the_serializer_was_made(
+        tmp_path):
+    from gpuserial.errors import InvalidKeyError
+    path = tmp_path / 'm.h5'
+    with pytest.raises(InvalidKeyError, match=re.escape(f"{str(path)!r}, key '' under path "
+                                                        f"'a/' is empty")):
+        serializers.save_hdf5(path, {'a': {'': numpy.ones(1)}})
+    with h5py.File(path, 'w') as f:  # made directly on an open file: no save to name it
+        child = serializers.HDF5Serializer(f)['a']
+        with pytest.raises(InvalidKeyError, match=re.escape(f"{str(path)!r}, key 'x\\x00' "
+                                                            f"under path 'a/' holds a NUL")):
+            child('x\x00', numpy.ones(1))
+        with pytest.raises(InvalidKeyError, match=re.escape(f"{str(path)!r}, key '/' under "
+                                                            f"path 'a/' is empty")):
+            child['/']
+        with pytest.raises(InvalidKeyError, match=re.escape(f"{str(path)!r}, key 'b/' of group "
+                                                            f"'/a': the name of an HDF5")):
+            child('b/', numpy.ones(1))
+
+
 @pytest.mark.parametrize('group', ['a//b', './a/b', 'a/./b'])
 def test_a_group_asked_for_by_another_spelling_of_a_dataset_path_collides_first(tmp_path,
                                                                                group):

@@ -75,8 +75,17 @@ class HDF5Serializer(Serializer):
         self.name = _file_name(group) if name is None else name
         self._plan: _Plan | None = None  # while collecting: the groups and entries stored
 
+    def _path(self) -> str:
+        """The path of this serializer's group, as the keys under it spell it (``'a/b/'``)."""
+        path = self.group.name.strip('/')
+        return path + '/' if path else ''
+
     def __getitem__(self, key: str) -> HDF5Serializer:
-        name = child_path('', key).rstrip('/')
+        path = self._path()
+        try:
+            name = child_path(path, key)[len(path):].rstrip('/')
+        except InvalidKeyError as error:
+            raise InvalidKeyError(f'{self.name!r}, {error}') from None
         try:
             group = self.group.require_group(name)
         except (TypeError, ValueError) as error:  # a dataset of that name is in the way
@@ -89,10 +98,14 @@ class HDF5Serializer(Serializer):
         return child
 
     def __call__(self, key: str, value):
-        key = entry_key('', key)
+        path = self._path()
+        try:
+            key = entry_key(path, key)[len(path):]
+        except InvalidKeyError as error:
+            raise InvalidKeyError(f'{self.name!r}, {error}') from None
         if key.rsplit('/', 1)[-1] in ('', '.'):  # HDF5 would take it for its group
-            raise InvalidKeyError(f'key {key!r} of group {self.group.name!r}: the name of an '
-                                  f'HDF5 dataset cannot end with \'/\' or \'/.\'')
+            raise InvalidKeyError(f'{self.name!r}, key {key!r} of group {self.group.name!r}: '
+                                  f'the name of an HDF5 dataset cannot end with \'/\' or \'/.\'')
         try:
             stored = devices.engine_array(value)  # torch, JAX: views of their memory
         except DeviceError as error:
@@ -115,8 +128,6 @@ class HDF5Serializer(Serializer):
         self._plan = plan
         try:
             as_serializable(obj).serialize(self)
-        except InvalidKeyError as error:
-            raise InvalidKeyError(f'{self.name!r}, {error}') from None
         finally:
             self._plan = None
         _check_keys(plan, self.name)

@@ -343,6 +343,11 @@ class ReaderDeserializer(Deserializer):
             # whatever the load did not carry (gradients, arrays it did not load)
             obj.to_device(devices.device_spec_for(obj, self.device))
 
+    def where(self, key: str) -> str:
+        """How messages name entry ``key`` under this deserializer's path: the file and the
+        full key."""
+        return self.reader.where(entry_key(self.path, key))
+
     def load_reporting(self, obj) -> LoadReport:
         """:meth:`load`, returning what the file and the object did not share: the keys under
         this path that the file holds and ``serialize`` never asked for (nor ignored), and the

@@ -378,7 +378,13 @@ class Link:
             param = d[name]
             data = serializer(name, param.array)
             if data is not None and data is not param.array:
-                _install(param, data, name)
+                try:
+                    _install(param, data, name)
+                except MismatchError as error:  # gpuserial's deserializers name the file
+                    where = getattr(serializer, 'where', None)
+                    if where is None:
+                        raise
+                    raise MismatchError(f'{where(name)}: {error}') from None
         for name in self._persistent:
             value = d[name]
             if not devices.is_array(value) and callable(getattr(value, 'serialize', None)):
