@@ -54,3 +54,17 @@ def where(file: object, key: str | None = None) -> str:
     name = getattr(file, 'name', file)
     text = f'{name!r}' if isinstance(name, str) else f'<{type(file).__name__}>'
     return f'{text}, key {key!r}' if key is not None else text
+
+
+# The errors of a failed write or read that name no file, as the OS raises them
+_NAMELESS = (OSError, BlockingIOError, InterruptedError, PermissionError, TimeoutError)
+
+
+def naming(error: OSError, name: str, doing: str) -> OSError:
+    """``error``, of a call that names no file (a write, an fsync, an upload), as the same
+    error naming the file or object ``name`` and what was being done, with its traceback; any
+    other error as it is."""
+    if error.filename is not None or error.errno is None or type(error) not in _NAMELESS:
+        return error
+    named = type(error)(error.errno, f'{error.strerror} ({doing})', name)
+    return named.with_traceback(error.__traceback__)

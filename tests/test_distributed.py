@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import numpy
 import pytest
@@ -27,7 +28,7 @@ from gpuserial.distributed import (
 )
 from gpuserial.distributed import index as layout
 from gpuserial.distributed import mpi as collectives
-from gpuserial.errors import CorruptFileError, KeyNotFoundError, MismatchError
+from gpuserial.errors import CorruptFileError, KeyCollisionError, KeyNotFoundError, MismatchError
 from gpuserial.tools import cli
 from tests.conftest import CHAINER_PYTHON, host
 from tests.fakecomm import SoloComm, run_ranks
@@ -181,6 +182,10 @@ def test_a_valid_index_parses():
      re.escape("'i', key 'w': chunk [2:6] is outside the shape (4,)")),
     (index_doc(entries={'w': {'kind': 'replicated', 'shape': [], 'dtype': '|O'}}),
      "'i', key 'w': an object dtype"),
+    (index_doc(entries={'w': {'kind': 'replicated', 'shape': [], 'dtype': 'zz'}}),
+     "'i', key 'w': not a dtype: 'zz'"),
+    (index_doc(entries={'w': {'kind': 'replicated', 'shape': [], 'dtype': [['a']]}}),
+     re.escape("'i', key 'w': not a dtype: [['a']]")),
     (index_doc(entries={'w': {'kind': 'replicated', 'shape': [-1], 'dtype': '<f4'}}),
      "'i', key 'w': shape must be a list of non-negative integers"),
 ])
@@ -327,8 +332,62 @@ def test_inconsistent_shards_fail_every_rank_before_writing(tmp_path):
         tmp_path, {'w': Shard(numpy.ones(3), (4,), slice(comm.rank, comm.rank + 3))}, comm))
     for result in results:
         assert isinstance(result, MismatchError)
-        assert "key 'w': parts [0:3] (rank 0) and [1:4] (rank 1) overlap" in str(result)
+        assert str(result) == (f"{str(tmp_path)!r}, key 'w': parts [0:3] (rank 0) and [1:4] "
+                               f"(rank 1) overlap")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_key_that_is_another_keys_shard_member_collides_before_writing(tmp_path):
+    state = {'emb': Shard(numpy.arange(4.0), (4,), slice(0, 4)), 'emb@0': numpy.full(4, 7.0)}
+    with pytest.raises(KeyCollisionError, match=re.escape(
+            f"{str(tmp_path)!r}, key 'emb@0': its data would be stored as member 'emb@0', as "
+            f"would key 'emb'")):
+        save_sharded(tmp_path, state, SoloComm())
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failure_while_rank_0_makes_the_index_fails_every_rank(tmp_path, monkeypatch):
+    def failing(*args, **kwargs):
+        raise UserWarning('metadata on a dtype is not saved')  # as under -W error
+
+    monkeypatch.setattr(layout.SavePlan, 'document', failing)
+    results = run_ranks(2, lambda comm: save_sharded(tmp_path, {'w': W}, comm))
+    assert isinstance(results[0], UserWarning)  # not a hang of rank 1
+    assert isinstance(results[1], RankFailedError) and 'metadata' in str(results[1])
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_load_that_fails_on_one_rank_fills_no_rank(tmp_path):
+    run_ranks(2, lambda comm: save_sharded(tmp_path, {'w': W, 'step': 100}, comm))
+    targets = [{'w': numpy.zeros_like(W), 'step': 0} for _ in range(2)]
+    targets[1]['missing'] = numpy.zeros(3)  # asked for by rank 1 alone
+    results = run_ranks(2, lambda comm: load_sharded(tmp_path, targets[comm.rank], comm))
+    assert isinstance(results[1], KeyNotFoundError) and isinstance(results[0], RankFailedError)
+    for target in targets:
+        assert not target['w'].any() and target['step'] == 0
+
+
+def test_a_load_with_a_path_finds_the_shards_of_a_dict_under_it(tmp_path):
+    run_ranks(2, lambda comm: save_sharded(
+        tmp_path, {'model': {'g': Shard(W[split(5, 2, comm.rank)], (5, 3), split(5, 2, comm.rank))},
+                   'step': 3}, comm))
+    target = {'g': Shard(numpy.zeros((2, 3)), (5, 3), slice(1, 3))}
+    load_sharded(tmp_path, target, SoloComm(), path='model/')
+    assert target['g'].array.tobytes() == W[1:3].tobytes()
+
+
+@pytest.mark.parametrize('dtype', [
+    numpy.dtype([(('the title', 'a'), '<f4'), ('b', '<i4')]),
+    numpy.dtype([('n', [('x', '<f4'), ('y', '<i2', (2, 3))]), ('b', 'u1')]),
+    numpy.dtype('<f4', metadata={'units': 'm'})])  # not in the index: no warning either
+def test_dtypes_round_trip_through_the_index(tmp_path, dtype):
+    values = numpy.zeros(3, dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        save_sharded(tmp_path, {'v': values}, SoloComm())
+    target = {'v': numpy.ones(3, dtype)}
+    load_sharded(tmp_path, target, SoloComm())
+    assert target['v'].dtype == dtype and target['v'].tobytes() == values.tobytes()
 
 
 @pytest.mark.parametrize('n', [1, 2])

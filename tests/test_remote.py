@@ -6,6 +6,7 @@ of data, and fsspec imported only for URLs."""
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import io
 import json
 import subprocess
@@ -517,6 +518,47 @@ def test_a_failed_upload_leaves_no_object_and_the_previous_one_intact(bucket, mo
     uploads = bucket.fs.s3  # no multipart upload left open either
     assert bucket.fs.call_s3('list_multipart_uploads', Bucket=bucket.name).get('Uploads', []) \
         == [], uploads
+
+
+def test_a_failed_save_to_memory_leaves_the_previous_object_and_hides_the_new_one(memory,
+                                                                                 monkeypatch):
+    old = {'w': numpy.arange(1000, dtype=numpy.float32)}
+    gpuserial.save('memory://run/step-1.npz', old)
+    seen = []
+
+    def failing(self, data):  # mid-save: what can a reader see now?
+        seen.append((sorted(memory.find('/run')), gpuserial.latest('memory://run')))
+        raise _Failing('out of memory')
+
+    monkeypatch.setattr(remote.Upload, 'write', failing)
+    for url in ('memory://run/step-1.npz', 'memory://run/step-2.npz'):
+        with pytest.raises(_Failing):
+            gpuserial.save(url, {'w': numpy.zeros(1000, numpy.float32)})
+    assert [latest for _, latest in seen] == ['memory://run/step-1.npz'] * 2
+    assert all('/run/step-2.npz' not in keys for keys, _ in seen)
+    assert memory.find('/run') == ['/run/step-1.npz']
+    _assert_bits(gpuserial.load('memory://run/step-1.npz'), old)
+
+    def full(self, data):  # an OSError of the store's, which names no object
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    monkeypatch.setattr(remote.Upload, 'write', full)
+    with pytest.raises(OSError, match=r'No space left on device \(writing the object\)') as raised:
+        gpuserial.save('memory://run/step-3.npz', old)
+    assert raised.value.errno == errno.ENOSPC
+    assert raised.value.filename == 'memory:///run/step-3.npz'
+
+
+def test_a_failed_upload_names_the_object(bucket, monkeypatch):
+    def failing(self, data):  # an OSError of the store's, which names no object
+        raise OSError(errno.EIO, 'Input/output error')
+
+    monkeypatch.setattr(remote.Upload, 'write', failing)
+    with pytest.raises(OSError, match=r'Input/output error \(writing the object\)') as raised:
+        gpuserial.save(bucket.url('m.npz'), {'w': numpy.ones(3)},
+                       storage_options=bucket.options)
+    assert raised.value.filename == bucket.url('m.npz')
+    assert bucket.keys() == []
 
 
 def test_a_failed_hdf5_save_leaves_no_object_and_no_spool_file(bucket, monkeypatch, tmp_path):

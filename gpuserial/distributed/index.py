@@ -31,7 +31,8 @@ from typing import Any
 import numpy
 from numpy.lib import format as npformat
 
-from gpuserial.errors import CorruptFileError, GpuserialError, MismatchError
+from gpuserial.errors import CorruptFileError, GpuserialError, KeyCollisionError, MismatchError
+from gpuserial.formats import _npy
 
 __all__ = ['FILE_NAME', 'INDEX_NAME', 'Chunk', 'EntryMeta', 'Piece', 'RankFailedError',
            'SavePlan', 'Shard', 'file_name', 'normalize_box', 'parse_index', 'plan_reads',
@@ -224,6 +225,8 @@ def plan_save(metas: Sequence[Sequence[EntryMeta]]) -> SavePlan:
         MismatchError: ranks disagree on a shard's global shape or dtype, a key is a shard on
             some ranks and a whole value on others, parts overlap without being equal, two
             ranks hold the same part with different values, or the parts leave a gap.
+        KeyCollisionError: a key's data would be stored under another key's member name
+            (``emb@0`` is a shard of ``emb``).
     """
     by_key: dict[str, list[tuple[int, EntryMeta]]] = {}
     for rank, rank_metas in enumerate(metas):
@@ -257,6 +260,13 @@ def plan_save(metas: Sequence[Sequence[EntryMeta]]) -> SavePlan:
                 chunk = Chunk((0,) * len(meta.shape), meta.shape, rank, key, meta.crc)
                 local[key][rank] = PlannedEntry('array', meta.shape, meta.dtype, [chunk])
                 jobs.append((meta.nbytes, key, key, [rank], chunk))
+    owners: dict[str, str] = {}  # member name: the key whose data it holds
+    for _, key, member, _, _ in jobs:
+        if owners.setdefault(member, key) != key:
+            raise KeyCollisionError(f'key {key!r}: its data would be stored as member '
+                                    f'{member!r}, as would key {owners[member]!r}\'s (a '
+                                    f'shard\'s member is its key, {SHARD_MARK!r} and its '
+                                    f'offsets)')
     writers = _assign(jobs, len(metas))
     writes: dict[int, list[tuple[str, str]]] = {rank: [] for rank in range(len(metas))}
     for key, entry in entries.items():
@@ -350,18 +360,20 @@ def _intersect(a: Box, b: Box) -> Box | None:
 def dtype_to_json(dtype: numpy.dtype):
     """The dtype as numpy's ``.npy`` header writes it (``'<f4'``, or a list for structured
     dtypes such as the encoding of bfloat16)."""
-    return npformat.dtype_to_descr(dtype)
+    return npformat.dtype_to_descr(_npy.without_metadata(dtype))
 
 
 def dtype_from_json(descr, where: str) -> numpy.dtype:
-    def tuples(value):
-        if isinstance(value, list):
-            return [tuple(tuples(v) for v in field) if isinstance(field, list) else field
-                    for field in value]
-        return value
+    def fields(value):  # a structured dtype's fields, as JSON gave back their tuples
+        return [field(*item) if isinstance(item, list) else item for item in value]
+
+    def field(name, kind, *shape):  # its name may be [title, name], its type a structure
+        return (tuple(name) if isinstance(name, list) else name,
+                fields(kind) if isinstance(kind, list) else kind,
+                *(tuple(extent) if isinstance(extent, list) else extent for extent in shape))
 
     try:
-        dtype = npformat.descr_to_dtype(tuples(descr))
+        dtype = npformat.descr_to_dtype(fields(descr) if isinstance(descr, list) else descr)
     except (TypeError, ValueError, IndexError) as error:
         raise CorruptFileError(f'{where}: not a dtype: {descr!r} ({error})') from None
     if dtype.hasobject:

@@ -45,7 +45,7 @@ from gpuserial.distributed.index import (
 )
 from gpuserial.distributed.reading import ReadStats, ShardedReader, read_index
 from gpuserial.engine import transfer
-from gpuserial.errors import KeyNotFoundError, MismatchError
+from gpuserial.errors import KeyCollisionError, KeyNotFoundError, MismatchError
 from gpuserial.formats import _npy, _zipstream, loading, npz
 from gpuserial.serializer import child_path, entry_key
 from gpuserial.storage.folders import Folder, folder_of
@@ -129,11 +129,12 @@ def _rewrap(original: dict, plain: dict) -> None:
             original[key] = value
 
 
-def _target(obj, shards: Shards | None) -> tuple[Any, dict, dict | None]:
-    """The object to serialize, the shards by full key, and the plain copy of a dict."""
+def _target(obj, shards: Shards | None, path: str = '') -> tuple[Any, dict, dict | None]:
+    """The object to serialize, the shards by full key (a dict's under ``path``, where a load
+    starts), and the plain copy of a dict."""
     boxes = dict(shards or {})
     if isinstance(obj, dict):
-        plain = _unwrap(obj, '', boxes)
+        plain = _unwrap(obj, path, boxes)
         return plain, boxes, plain
     return obj, boxes, None
 
@@ -244,7 +245,10 @@ def save_sharded(directory: str | os.PathLike, obj, comm=None, *, shards: Shards
         error, f'saving {folder.name!r}')
     entries = status.payload[0]
     token = gathered[0][1]
-    plan = plan_save([metas for metas, _ in gathered])
+    try:  # on every rank alike: each raises the same error
+        plan = plan_save([metas for metas, _ in gathered])
+    except (MismatchError, KeyCollisionError) as refused:
+        raise type(refused)(f'{folder.name!r}, {refused}') from None
     name = file_name(rank, token)
     items = [(member, entries[key]) for key, member in plan.writes[rank]]
     status, error = _run(rank, lambda: _write(folder, name, items, durable) if items
@@ -252,10 +256,10 @@ def save_sharded(directory: str | os.PathLike, obj, comm=None, *, shards: Shards
     written = _share(comm, status, error, f'saving {folder.name!r}',
                      cleanup=lambda: folder.remove([name]))
     status = _Status(rank)
-    if rank == 0:
-        document = plan.document(comm.size, token, {r: w[0] for r, w in enumerate(written)},
-                                 {r: w[1] for r, w in enumerate(written)})
-        status, error = _run(rank, _commit, folder, document, durable)
+    if rank == 0:  # whatever fails here, the other ranks hear of it
+        status, error = _run(rank, lambda: _commit(folder, plan.document(
+            comm.size, token, {r: w[0] for r, w in enumerate(written)},
+            {r: w[1] for r, w in enumerate(written)}), durable))
     result = comm.bcast(status, root=0)
     if result.failure is not None:
         folder.remove([name])
@@ -325,15 +329,26 @@ def load_sharded(directory: str | os.PathLike, obj, comm=None, *, shards: Shards
     if failure is not None:
         raise failure
 
-    def load():
-        target, boxes, plain = _target(obj, shards)
-        with ShardedReader(folder, index, rank, boxes) as reader:
-            loading.ReaderDeserializer(reader, path, strict, ignore_names,
-                                       device=device).load(target)
-        if plain is not None:
-            _rewrap(obj, plain)
-        return reader.stats
+    with contextlib.ExitStack() as open_files:
 
-    status, error = _run(rank, load)
-    _share(comm, dataclasses.replace(status, payload=None), error, f'loading {folder.name!r}')
+        def check():  # every key, shape and dtype; nothing filled
+            target, boxes, plain = _target(obj, shards, path)
+            reader = open_files.enter_context(ShardedReader(folder, index, rank, boxes))
+            return reader, loading.ReaderDeserializer(
+                reader, path, strict, ignore_names, device=device).prepare(target), plain
+
+        status, error = _run(rank, check)
+        _share(comm, dataclasses.replace(status, payload=None), error,
+               f'loading {folder.name!r}')
+        reader, fill, plain = status.payload  # every rank's checks passed
+
+        def load():
+            fill()
+            if plain is not None:
+                _rewrap(obj, plain)
+            return reader.stats
+
+        status, error = _run(rank, load)
+        _share(comm, dataclasses.replace(status, payload=None), error,
+               f'loading {folder.name!r}')
     return status.payload

@@ -213,7 +213,7 @@ class Header:
 def encode_header(dtype: numpy.dtype, shape: tuple[int, ...]) -> bytes:
     """The header of a C-order ``.npy`` of ``dtype`` and ``shape``, padded as numpy pads it
     (a dtype's metadata, such as h5py's string encoding, is not stored)."""
-    descr = npformat.dtype_to_descr(_without_metadata(numpy.dtype(dtype)))
+    descr = npformat.dtype_to_descr(without_metadata(numpy.dtype(dtype)))
     text = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {tuple(shape)!r}, }}"
     body = text.encode('latin1')
     for version, length_format in ((b'\x01\x00', '<H'), (b'\x02\x00', '<I')):  # noqa: B007
@@ -225,7 +225,7 @@ def encode_header(dtype: numpy.dtype, shape: tuple[int, ...]) -> bytes:
     return MAGIC + version + struct.pack(length_format, length) + body + b' ' * padding + b'\n'
 
 
-def _without_metadata(dtype: numpy.dtype) -> numpy.dtype:
+def without_metadata(dtype: numpy.dtype) -> numpy.dtype:
     """``dtype`` without the metadata on it or on its fields (h5py marks its strings and enums
     so), which a ``.npy`` header cannot hold (numpy warns of it); ``dtype`` itself when it has
     none."""
@@ -233,12 +233,12 @@ def _without_metadata(dtype: numpy.dtype) -> numpy.dtype:
         return dtype
     if dtype.subdtype is not None:  # an array of a dtype, as a field's type
         base, shape = dtype.subdtype
-        return numpy.dtype((_without_metadata(base), shape))
+        return numpy.dtype((without_metadata(base), shape))
     if dtype.names is None or dtype.fields is None:
         return numpy.dtype(dtype.str)
     fields = [dtype.fields[name] for name in dtype.names]
     return numpy.dtype({'names': list(dtype.names), 'itemsize': dtype.itemsize,
-                        'formats': [_without_metadata(field[0]) for field in fields],
+                        'formats': [without_metadata(field[0]) for field in fields],
                         'offsets': [field[1] for field in fields],
                         'titles': [field[2] if len(field) > 2 else None for field in fields]})
 

@@ -23,7 +23,7 @@ import dataclasses
 import functools
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy
@@ -324,6 +324,12 @@ class ReaderDeserializer(Deserializer):
             TypeError: ``device=`` was given for an object that neither keeps the arrays a
                 load returns nor has ``to_device``.
         """
+        self.prepare(obj)()
+
+    def prepare(self, obj) -> Callable[[], None]:
+        """The first half of :meth:`load`: calls ``serialize``, which checks every entry, and
+        returns the second half, which fills the arrays (a sharded load runs it on every rank
+        only once every rank's checks have passed)."""
         target = as_serializable(obj)
         keeps = keeps_returned_arrays(target)
         if self.device is not None and not keeps and not hasattr(obj, 'to_device'):
@@ -336,12 +342,16 @@ class ReaderDeserializer(Deserializer):
         deferring = object.__new__(type(self))  # this deserializer, deferring its fills
         deferring.__dict__.update(self.__dict__, _pending=pending, _new_arrays_on_device=keeps)
         target.serialize(deferring)
-        pending.run(self.reader, self.progress)
-        if isinstance(target, DictTarget):
-            target.apply_updates()
-        if self.device is not None and hasattr(obj, 'to_device'):
-            # whatever the load did not carry (gradients, arrays it did not load)
-            obj.to_device(devices.device_spec_for(obj, self.device))
+
+        def finish() -> None:
+            pending.run(self.reader, self.progress)
+            if isinstance(target, DictTarget):
+                target.apply_updates()
+            if self.device is not None and hasattr(obj, 'to_device'):
+                # whatever the load did not carry (gradients, arrays it did not load)
+                obj.to_device(devices.device_spec_for(obj, self.device))
+
+        return finish
 
     def where(self, key: str) -> str:
         """How messages name entry ``key`` under this deserializer's path: the file and the

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator
 from typing import BinaryIO, cast
 
+from gpuserial.errors import naming
 from gpuserial.storage import remote
 
 TEMP_SUFFIX = '.gpuserial-tmp'
@@ -165,7 +166,7 @@ def atomic_path(path, *, durable: bool, size_hint: int | None = None) -> Iterato
             if error.filename == temp:
                 raise type(error)(error.errno, f'{error.strerror} (creating a temporary file '
                                   f'beside it to save to)', path) from None
-            named = _naming(error, path, 'writing the file')
+            named = naming(error, path, 'writing the file')
             if named is not error:
                 raise named from None
             raise
@@ -174,7 +175,7 @@ def atomic_path(path, *, durable: bool, size_hint: int | None = None) -> Iterato
             try:
                 os.fsync(fd)
             except OSError as error:
-                raise _naming(error, path, 'flushing the file to the disk') from None
+                raise naming(error, path, 'flushing the file to the disk') from None
             finally:
                 os.close(fd)
         with contextlib.suppress(OSError):  # keep the old file's permission bits
@@ -188,18 +189,6 @@ def atomic_path(path, *, durable: bool, size_hint: int | None = None) -> Iterato
     if durable:
         _fsync_directory(os.path.dirname(path))
 
-
-# The errors of a failed write or read that name no file, as the OS raises them
-_NAMELESS = (OSError, BlockingIOError, InterruptedError, PermissionError, TimeoutError)
-
-
-def _naming(error: OSError, path: str, doing: str) -> OSError:
-    """``error``, of a call that names no file (a write, an fsync), as the same error naming
-    ``path`` and what was being done, with its traceback; any other error as it is."""
-    if error.filename is not None or error.errno is None or type(error) not in _NAMELESS:
-        return error
-    named = type(error)(error.errno, f'{error.strerror} ({doing})', path)
-    return named.with_traceback(error.__traceback__)
 
 WRITEBACK_STEP = 8 << 20  # bytes the early writeback hands the disk at a time, at least
 WRITEBACK_MIN = 2 * WRITEBACK_STEP  # smaller saves: the thread would cost more than it saves

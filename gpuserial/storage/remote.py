@@ -39,6 +39,8 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+from gpuserial.errors import naming
+
 __all__ = ['FETCHES_IN_FLIGHT', 'FETCH_PIECE', 'SPOOL_DIR_VARIABLE', 'TRANSACTIONAL',
            'UPLOAD_BLOCK', 'Location', 'is_remote', 'is_url', 'location_of', 'remote_input',
            'remote_output', 'spool_directory']
@@ -54,8 +56,9 @@ COPY_PIECE = 8 << 20  # bytes copied at a time between a spool file and an objec
 SPOOL_DIR_VARIABLE = 'GPUSERIAL_SPOOL_DIR'  # where HDF5 spool files go (default: the temp dir)
 TEMP_MARK = '.gpuserial-tmp-'  # in the temporary keys of non-transactional filesystems
 # Filesystems whose files opened with autocommit=False publish nothing until commit() and
-# leave nothing after discard(): S3 (a multipart upload, aborted), memory, local files.
-TRANSACTIONAL = frozenset({'s3', 's3a', 'memory', 'file', 'local'})
+# leave nothing after discard(): S3 (a multipart upload, aborted), local files.
+TRANSACTIONAL = frozenset({'s3', 's3a', 'file', 'local'})  # not memory: fsspec's puts the
+#                              object in its store when opened, empty, and discard() keeps it
 _SCHEME = re.compile(r'[A-Za-z][A-Za-z0-9+.\-]+://')  # two letters at least: not C:\
 
 
@@ -164,8 +167,10 @@ def remote_output(location: Location, size_hint: int | None = None, *,
             yield Upload(f, location.url)
             f.close()
             f.commit()
-        except BaseException:
+        except BaseException as error:
             _discard(f)
+            if isinstance(error, OSError):
+                raise naming(error, location.url, 'writing the object') from None
             raise
         return
     temp = path if fresh else f'{path}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(6)}'
@@ -174,9 +179,11 @@ def remote_output(location: Location, size_hint: int | None = None, *,
             yield Upload(f, location.url)
         if temp != path:
             fs.mv(temp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(Exception):
             fs.rm(temp)
+        if isinstance(error, OSError):
+            raise naming(error, location.url, 'writing the object') from None
         raise
 
 
