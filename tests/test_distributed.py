@@ -465,9 +465,11 @@ def test_loads_and_consolidation_leave_no_file_open(tmp_path):
 def test_a_reader_closed_twice_closes_its_files_once(tmp_path):
     save_sharded(tmp_path, {'w': W}, SoloComm())
     reader = reading.ShardedReader(str(tmp_path), read_index(tmp_path), 0)
+    before = open_fds()
     with reader:
         value = numpy.empty_like(W)
         reader.read_into(reader.entry('w'), value)
+    assert open_fds() == before  # closed on leaving the block, the reader still referenced
     held = os.open(tmp_path / 'index.json', os.O_RDONLY)  # may get the number the reader had
     try:
         reader.close()
@@ -527,6 +529,16 @@ def test_inspect_describes_a_sharded_checkpoint(tmp_path, capsys):
     assert described['nbytes'] == W.nbytes + 2 * G.nbytes + 8  # nothing for the None
     assert described['entries']['cols']['chunks'][1] == {
         'offsets': [0, 5], 'shape': [37, 6], 'file': f'rank-00000-{token}.npz'}  # rank 0's
+
+
+def test_inspect_lists_the_values_of_each_rank_of_a_local_key(tmp_path, capsys):
+    run_ranks(2, lambda comm: save_sharded(tmp_path, {'rng': numpy.full(2, comm.rank)}, comm))
+    token = read_index(tmp_path).token
+    assert cli.main(['inspect', str(tmp_path)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:5]]
+    assert rows == [['rng', 'local', '2', 'rank(s)'],
+                    *(['rank', str(rank), 'array', '(2,)', 'int64', '1', 'in',
+                       f'rank-0000{rank}-{token}.npz'] for rank in (0, 1))]
 
 
 @pytest.mark.chainer
