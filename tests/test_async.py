@@ -299,6 +299,34 @@ def test_wait_all_raises_an_error_no_call_has_raised(tmp_path):
     gpuserial.wait_all()
 
 
+class _GatedFailingFile(io.BytesIO):
+    """Fails its first write with ``error``, once ``gate`` is set."""
+
+    def __init__(self, gate: threading.Event, error: OSError):
+        super().__init__()
+        self.gate, self.error = gate, error
+
+    def write(self, data) -> int:
+        assert self.gate.wait(timeout=30)
+        raise self.error
+
+
+def test_each_failed_save_is_raised_by_one_call_none_dropped():
+    gate = threading.Event()
+    handles = [gpuserial.save_async(_GatedFailingFile(gate, error), {'x': numpy.arange(10)})
+               for error in (OSError(28, 'No space left on device'),
+                             OSError(5, 'Input/output error'))]
+    gate.set()
+    concurrent.futures.wait([handle.committed for handle in handles])
+    raised = []
+    for _ in handles:
+        with pytest.raises(OSError) as error:
+            gpuserial.wait_all()
+        raised.append(error.value.errno)
+    assert sorted(raised) == [5, 28]
+    gpuserial.wait_all()  # each raised once
+
+
 @pytest.mark.parametrize('fmt', ['npz', 'hdf5'])
 def test_a_failed_save_leaves_the_old_file_and_no_temporary(tmp_path, fmt, monkeypatch):
     path = tmp_path / f'm{EXT[fmt]}'

@@ -124,7 +124,9 @@ def save_async(file, obj, format: str = 'npz', *, compression: bool | int | None
 
 
 def wait_all() -> None:
-    """Waits for every save in flight; raises the first error no call has raised yet."""
+    """Waits for every save in flight; raises the first writer's error that no
+    :func:`save_async` or :func:`wait_all` has raised yet (one a call: the next call raises
+    the next)."""
     concurrent.futures.wait(_fileio.saves_in_flight())
     _raise_unreported()
 
@@ -360,11 +362,12 @@ _unreported_lock = threading.Lock()
 
 
 def _raise_unreported() -> None:
+    """Raises the first writer's error not raised yet; the others wait for the next call (or
+    are printed at exit)."""
     with _unreported_lock:
-        errors = _unreported[:]
-        _unreported.clear()
-    if errors:
-        raise errors[0]
+        error = _unreported.pop(0) if _unreported else None
+    if error is not None:
+        raise error
 
 
 def _forget_in_child() -> None:
