@@ -12,6 +12,7 @@ from gpuserial.engine.transfer import configure, release_pool
 from gpuserial.errors import (
                               CorruptFileError,
                               DeviceError,
+                              DtypeMismatchError,
                               GpuserialError,
                               InvalidKeyError,
                               KeyCollisionError,
@@ -63,6 +64,7 @@ __version__ = '0.1.0'
 __all__ = [
     'SGD', 'AbstractSerializer', 'Adam', 'BatchNormalization', 'Chain', 'ChainList',
     'CorruptFileError', 'Deserializer', 'Device', 'DeviceError', 'DictionarySerializer',
+    'DtypeMismatchError',
     'EntryMetadata', 'LazyFile', 'LoadReport', 'latest', 'load', 'load_into', 'save',
     'GpuserialError', 'GradientMethod', 'HDF5Deserializer', 'HDF5Serializer', 'InvalidKeyError',
     'KeyCollisionError', 'KeyNotFoundError', 'Linear', 'Link', 'MismatchError', 'MomentumSGD',

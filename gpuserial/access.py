@@ -64,8 +64,7 @@ def save(file, mapping: Mapping, *, format: str | None = None, compression: bool
         npz.save_npz(file, mapping, bool(compression), durable=durable, progress=progress,
                      sync=sync, storage_options=storage_options)
     else:
-        level = 4 if compression is True else int(compression)
-        hdf5.save_hdf5(file, mapping, level, durable=durable, progress=progress, sync=sync,
+        hdf5.save_hdf5(file, mapping, compression, durable=durable, progress=progress, sync=sync,
                        storage_options=storage_options)
 
 

@@ -20,6 +20,11 @@ class MismatchError(GpuserialError, ValueError):
     """A stored array's shape or dtype does not fit the target."""
 
 
+class DtypeMismatchError(MismatchError, TypeError):
+    """A stored array's dtype does not cast to the target's: also a ``TypeError``, which
+    ``numpy.copyto`` raises in Chainer's loads."""
+
+
 class InvalidKeyError(GpuserialError, ValueError):
     """A key is not a string, or is empty."""
 

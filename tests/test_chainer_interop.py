@@ -24,6 +24,7 @@ VARIANTS = {'npz': (['chainer', 'gpuserial'], 'npz'),
 CASES = [f'{variant}/{name}/{saver}->{loader}' for variant, (parties, _) in VARIANTS.items()
          for name in OPTIMIZERS for saver in parties for loader in parties]
 CHECKS = ['classes', 'device_specs', 'uninitialized_link_with_device',
+          'dtype_mismatch_is_a_type_error', 'hdf5_compression_as_chainer',
           'import_does_not_import_chainer']
 
 pytestmark = pytest.mark.chainer

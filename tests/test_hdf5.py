@@ -40,6 +40,24 @@ def test_compression_level(tmp_path, level):
         assert f['one'].compression is None  # a single element is never compressed
 
 
+@pytest.mark.parametrize('compression, level', [
+    (True, 4), ('gzip', 4), (numpy.int64(2), 2), (None, None), (False, None)])
+def test_compression_as_h5py_takes_it(tmp_path, compression, level):
+    path = tmp_path / 'm.h5'
+    serializers.save_hdf5(path, {'w': numpy.zeros(1000)}, compression=compression)
+    with h5py.File(path, 'r') as f:  # True was level 1; 'gzip' was refused
+        assert (f['w'].compression, f['w'].compression_opts) == (level and 'gzip', level)
+
+
+@pytest.mark.parametrize('compression', ['lzf', 10, -1, 2.0])
+def test_other_compression_is_refused_before_writing(tmp_path, compression):
+    path = tmp_path / 'm.h5'
+    with pytest.raises(ValueError, match=re.escape(f"'{path}': compression {compression!r}: "
+                                                   f"expected a gzip level 0-9")):
+        serializers.save_hdf5(path, {'w': numpy.zeros(1000)}, compression=compression)
+    assert os.listdir(tmp_path) == []
+
+
 def test_serializer_on_an_open_group(tmp_path):
     with h5py.File(tmp_path / 'm.h5', 'w') as f:
         serializer = serializers.HDF5Serializer(f.create_group('model'), compression=1)

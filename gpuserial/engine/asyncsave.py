@@ -111,8 +111,8 @@ def save_async(file, obj, format: str = 'npz', *, compression: bool | int | None
                                size_hint=nbytes) as out:
                 npz.write_npz(out, entries, compressed, name=display_name(file))
     else:
-        serializer, plan = hdf5.collect(file, obj, 4 if compression is None else compression,
-                                        progress=False)
+        level = hdf5.GZIP_DEFAULT if compression is None else compression
+        serializer, plan = hdf5.collect(file, obj, level, progress=False)
         items = plan.entries
 
         def write(entries: Iterator[tuple]) -> None:

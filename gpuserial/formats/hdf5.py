@@ -11,6 +11,7 @@ import contextlib
 import functools
 import io
 import math
+import numbers
 import os
 import re
 from collections.abc import Collection, Iterable
@@ -50,6 +51,7 @@ MIN_HOST_BLOCK_BYTES = 1 << 20  # host arrays are written and read in blocks at 
 HDF5_ENTRY_BYTES = 4 << 10  # what a dataset costs beyond its data, at most (headers, indexes)
 HDF5_FILE_BYTES = 1 << 20  # and the file itself
 HDF5_SPARE_BYTES = 256 << 20  # free space left beyond twice the file's: room for others' writes
+GZIP_DEFAULT = 4  # Chainer's default level, and h5py's for compression=True or 'gzip'
 
 
 class HDF5Serializer(Serializer):
@@ -61,18 +63,22 @@ class HDF5Serializer(Serializer):
 
     Args:
         group: the h5py file or group to write into.
-        compression: the gzip level (0 to 9) for entries of more than one element.
+        compression: the gzip level (0 to 9; 0 is none) for entries of more than one element,
+            or as h5py takes it: ``'gzip'`` or True for level 4, None or False for none.
         progress: keyword-only; a progress bar for :meth:`save` (None: on a terminal for large
             saves).
         name: keyword-only; how messages name the file (by default the h5py file's name).
+
+    Raises:
+        ValueError: ``compression`` is none of these (h5py's other filters are not written).
     """
 
-    def __init__(self, group: h5py.Group, compression: int = 4, *,
+    def __init__(self, group: h5py.Group, compression: int | str | None = GZIP_DEFAULT, *,
                  progress: bool | None = None, name: str | None = None):
         self.group = group
-        self.compression = compression
         self.progress = progress
         self.name = _file_name(group) if name is None else name
+        self.compression = gzip_level(compression, self.name)
         self._plan: _Plan | None = None  # while collecting: the groups and entries stored
 
     def _path(self) -> str:
@@ -173,6 +179,22 @@ class _Planned:
 
     def require_group(self, name: str) -> _Planned:
         return _Planned(_dataset_path(self, name))  # as HDF5 will name it
+
+
+def gzip_level(compression, name: str) -> int:
+    """The gzip level (0: none) of a ``compression`` argument as Chainer passes it to h5py.
+
+    Raises:
+        ValueError: ``compression`` is not a level 0-9, 'gzip', a bool or None.
+    """
+    if compression is None or compression is False:
+        return 0
+    if compression is True or compression == 'gzip':
+        return GZIP_DEFAULT
+    if isinstance(compression, numbers.Integral) and 0 <= int(compression) <= 9:
+        return int(compression)
+    raise ValueError(f'{name!r}: compression {compression!r}: expected a gzip level 0-9 (0 for '
+                     f'none), \'gzip\' or True (level {GZIP_DEFAULT}), None or False (none)')
 
 
 def _file_name(group) -> str:
@@ -555,8 +577,8 @@ class HDF5Deserializer(loading.ReaderDeserializer):
         return found if isinstance(found, h5py.Group) else None
 
 
-def save_hdf5(filename, obj, compression: int = 4, *, durable: bool = True,
-              progress: bool | None = None, sync: bool = False,
+def save_hdf5(filename, obj, compression: int | str | None = GZIP_DEFAULT, *,
+              durable: bool = True, progress: bool | None = None, sync: bool = False,
               storage_options: dict | None = None) -> None:
     """Saves an object to a file in HDF5 format.
 
@@ -564,7 +586,8 @@ def save_hdf5(filename, obj, compression: int = 4, *, durable: bool = True,
         filename: a path (str or os.PathLike), a URL (``s3://bucket/key``, ...; an fsspec
             ``OpenFile`` too) or a binary file object to write into.
         obj: a serializable object, or a dict of arrays (nested dicts become groups).
-        compression: the gzip level (0 to 9; 0 is none) for entries of more than one element.
+        compression: the gzip level (0 to 9; 0 is none) for entries of more than one element,
+            or as h5py takes it: ``'gzip'`` or True for level 4, None or False for none.
         durable: for a path, fsync the file and its directory so the save survives a machine
             crash; ``False`` still replaces the file atomically but skips the fsyncs.
         progress: a progress bar on stderr: None (the default) for one on a terminal when the
@@ -589,7 +612,7 @@ def save_hdf5(filename, obj, compression: int = 4, *, durable: bool = True,
                   durable=durable)
 
 
-def collect(filename, obj, compression: int, *, progress: bool | None = None
+def collect(filename, obj, compression: int | str | None, *, progress: bool | None = None
             ) -> tuple[HDF5Serializer, _Plan]:
     """What a save of ``obj`` to ``filename`` stores: ``serialize`` called once, nothing
     written yet; the serializer writes the plan (:func:`write_planned`)."""

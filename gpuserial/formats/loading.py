@@ -31,6 +31,7 @@ import numpy
 from gpuserial.engine import devices, progress, transfer
 from gpuserial.errors import (
     DeviceError,
+    DtypeMismatchError,
     GpuserialError,
     KeyNotFoundError,
     MismatchError,
@@ -493,9 +494,9 @@ class ReaderDeserializer(Deserializer):
         else:
             stored, what = entry.dtype, f'dtype {entry.dtype}'
         if not _casts(stored, dtype):
-            raise MismatchError(f'{self.reader.where(entry.key)}: stored {what} does not cast '
-                                f'to the target dtype {dtype} (same_kind; text only into text '
-                                f'at least as wide)')
+            raise DtypeMismatchError(f'{self.reader.where(entry.key)}: stored {what} does not '
+                                     f'cast to the target dtype {dtype} (same_kind; text only '
+                                     f'into text at least as wide)')
 
     def _load_scalar(self, entry: Entry, value):
         """The stored value as ``type(value)``, by a safe cast: numbers into numbers (any

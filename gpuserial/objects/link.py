@@ -16,7 +16,7 @@ import numpy
 
 from gpuserial.engine import devices
 from gpuserial.engine.devices import Device
-from gpuserial.errors import MismatchError
+from gpuserial.errors import DtypeMismatchError, MismatchError
 
 if TYPE_CHECKING:
     from gpuserial.objects.optimizers import UpdateRule
@@ -384,7 +384,7 @@ class Link:
                     where = getattr(serializer, 'where', None)
                     if where is None:
                         raise
-                    raise MismatchError(f'{where(name)}: {error}') from None
+                    raise type(error)(f'{where(name)}: {error}') from None
         for name in self._persistent:
             value = d[name]
             if not devices.is_array(value) and callable(getattr(value, 'serialize', None)):
@@ -410,9 +410,9 @@ def _install(param: Parameter, data, name: str) -> None:
     backend, device = devices.backend_of(data), devices.device_of(data)
     assert backend is not None  # a deserializer hands back arrays
     if data.dtype.names is not None and data.dtype != param.dtype:  # NumPy would cast the bits
-        raise MismatchError(f'parameter {name!r}: stored values of dtype {data.dtype} do not '
-                            f'convert to its dtype {param.dtype} (bfloat16 and float8 values '
-                            f'do where ml_dtypes is installed)')
+        raise DtypeMismatchError(f'parameter {name!r}: stored values of dtype {data.dtype} do '
+                                 f'not convert to its dtype {param.dtype} (bfloat16 and float8 '
+                                 f'values do where ml_dtypes is installed)')
     if data.dtype != param.dtype:
         cast = backend.empty(data.shape, param.dtype, device)
         backend.assign(cast, data)

@@ -234,6 +234,37 @@ def _check_uninitialized_link_with_device(directory):
     assert (target.W.array == source.W.array).all() and (target.b.array == source.b.array).all()
 
 
+def _check_dtype_mismatch_is_a_type_error(directory):
+    path = os.path.join(directory, 'complex.npz')
+    numpy.savez(path, W=numpy.ones((2, 3), numpy.complex64), b=numpy.ones(2, numpy.complex64))
+    for load in (serializers.load_npz, gpuserial.serializers.load_npz):
+        try:
+            load(path, L.Linear(3, 2))
+        except TypeError:  # Chainer's numpy.copyto raises it; callers catch it
+            continue
+        raise AssertionError(f'{load.__module__}.load_npz raised no TypeError')
+    h5 = os.path.join(directory, 'complex.h5')
+    gpuserial.serializers.save_hdf5(h5, {'W': numpy.ones((2, 3), numpy.complex64),
+                                         'b': numpy.ones(2, numpy.complex64)})
+    try:
+        gpuserial.serializers.load_hdf5(h5, L.Linear(3, 2))
+    except TypeError:
+        return
+    raise AssertionError('load_hdf5 raised no TypeError')
+
+
+def _check_hdf5_compression_as_chainer(directory):
+    import h5py
+    for compression in (True, 'gzip', 9, None):
+        made = []
+        for save in (serializers.save_hdf5, gpuserial.serializers.save_hdf5):
+            path = os.path.join(directory, f'{save.__module__}.h5')
+            save(path, L.Linear(30, 20), compression=compression)
+            with h5py.File(path, 'r') as f:
+                made.append((f['W'].compression, f['W'].compression_opts))
+        assert made[0] == made[1], (compression, made)
+
+
 def _check_import_does_not_import_chainer(directory):
     import subprocess
     code = 'import sys, gpuserial.serializers; print("chainer" in sys.modules)'
