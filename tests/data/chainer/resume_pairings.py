@@ -265,6 +265,32 @@ def _check_hdf5_compression_as_chainer(directory):
         assert made[0] == made[1], (compression, made)
 
 
+def _check_multiprocess_iterator_resumes(directory):
+    """Its order is loaded in place after serialize has returned: a fresh iterator (not yet
+    prefetching, as in a resume) then gives the saved one's batches."""
+    def iterator(seed):
+        numpy.random.seed(seed)
+        return iterators.MultiprocessIterator(list(range(23)), 4, n_processes=1)
+
+    source = iterator(0)
+    for _ in range(3):
+        next(source)
+    paths = {}
+    for (party, fmt), save in SAVERS.items():
+        paths[party, fmt] = os.path.join(directory, f'iterator-{party}.{fmt}')
+        save(paths[party, fmt], source)
+    numpy.random.seed(9)  # the next epoch's shuffle
+    expected = [next(source) for _ in range(8)]
+    source.finalize()
+    for (party, fmt), path in paths.items():
+        target = iterator(5)
+        LOADERS['gpuserial', fmt](path, target)
+        numpy.random.seed(9)
+        got = [next(target) for _ in range(8)]
+        target.finalize()
+        assert got == expected, (party, fmt, got, expected)
+
+
 def _check_import_does_not_import_chainer(directory):
     import subprocess
     code = 'import sys, gpuserial.serializers; print("chainer" in sys.modules)'
