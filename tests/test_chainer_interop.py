@@ -25,7 +25,8 @@ CASES = [f'{variant}/{name}/{saver}->{loader}' for variant, (parties, _) in VARI
          for name in OPTIMIZERS for saver in parties for loader in parties]
 CHECKS = ['classes', 'device_specs', 'uninitialized_link_with_device',
           'dtype_mismatch_is_a_type_error', 'hdf5_compression_as_chainer',
-          'multiprocess_iterator_resumes', 'import_does_not_import_chainer']
+          'partial_loads_as_chainer', 'multiprocess_iterator_resumes',
+          'import_does_not_import_chainer']
 
 pytestmark = pytest.mark.chainer
 

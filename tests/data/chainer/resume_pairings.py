@@ -265,6 +265,38 @@ def _check_hdf5_compression_as_chainer(directory):
         assert made[0] == made[1], (compression, made)
 
 
+def _check_partial_loads_as_chainer(directory):
+    """path=, ignore_names (a name, a callable on the full key, a list) and strict=False, into
+    Chainer links (a lazy one too), give what Chainer's load_npz gives."""
+    def model(seed, extra):
+        numpy.random.seed(seed)
+        predictor = chainer.Sequential(L.Linear(None, 4), F.relu, L.BatchNormalization(4),
+                                       L.Linear(4, 2))
+        if extra:  # not in the file
+            predictor[0].add_persistent('extra', numpy.zeros(2))
+        return L.Classifier(predictor)
+
+    path = os.path.join(directory, 'partial.npz')
+    source = model(6, False)
+    source(numpy.ones((2, 3), numpy.float32), numpy.zeros(2, numpy.int32))
+    serializers.save_npz(path, {'updater/model:main/' + key: value for key, value
+                                in serializers.npz.serialize(source).items()})
+    under = 'updater/model:main/'
+    cases = [({}, False),
+             ({'ignore_names': under + 'predictor/0/b'}, False),
+             ({'ignore_names': lambda key: key.endswith('/W')}, False),
+             ({'ignore_names': ['predictor/0/b', lambda key: 'avg' in key]}, False),
+             ({'strict': False}, True)]
+    for arguments, extra in cases:
+        loaded = []
+        for load in (serializers.load_npz, gpuserial.serializers.load_npz):
+            target = model(7, extra)
+            load(path, target, path=under, **arguments)
+            loaded.append({key: _digest_value(value) for key, value
+                           in serializers.npz.serialize(target).items()})
+        assert loaded[0] == loaded[1], arguments
+
+
 def _check_multiprocess_iterator_resumes(directory):
     """Its order is loaded in place after serialize has returned: a fresh iterator (not yet
     prefetching, as in a resume) then gives the saved one's batches."""
