@@ -106,6 +106,13 @@ def flip(data: bytes, offset: int, mask: int = 0xFF) -> bytes:
     return bytes(out)
 
 
+def close_unpickled(array: numpy.ndarray) -> None:
+    """Closes the files a hostile pickle opened when a control case really unpickled it."""
+    for item in numpy.asarray(array).flat:
+        if hasattr(item, 'close'):
+            item.close()
+
+
 def temporaries(directory) -> list[str]:
     """The temporary files of saves left in ``directory``."""
     from gpuserial.storage._fileio import TEMP_SUFFIX

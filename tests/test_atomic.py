@@ -312,6 +312,7 @@ def test_a_save_removes_the_stale_temporaries_of_its_directory(fmt, old_file):
         assert sleeper.poll() is None  # asked whether it lives, not sent a signal that kills
     finally:
         sleeper.kill()
+        sleeper.wait()
     assert not any(p.exists() for p in stale + [reused])
     assert all(p.exists() for p in kept) and (directory / '.notes.1-x').exists()
     target = kill_saver.zeros()
@@ -533,6 +534,7 @@ def test_a_process_whose_name_holds_a_parenthesis_still_has_a_start_time():
     finally:
         child.kill()
         child.wait()
+        child.stdout.close()
     assert started is not None and abs(started - time.time()) < 10
 
 

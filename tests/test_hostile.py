@@ -100,7 +100,7 @@ def test_a_pickle_that_creates_a_file_never_runs(tmp_path, target, payload, shap
     control_path = _write(tmp_path, crafting.npz_of(
         {'x': crafting.npy_of(_object_array(payload(control), shape))}), 'control.npz')
     with numpy.load(control_path, allow_pickle=True) as npz:
-        npz['x']
+        crafting.close_unpickled(npz['x'])
     assert control.exists()
 
     with pytest.raises(UnsafeFileError, match=_where(path, 'x') + r': holds a pickled object '
