@@ -82,6 +82,17 @@ MODULES = {
     'gpuserial/storage/remote.py': ['test_remote', 'test_remote_sharded'],
     'gpuserial/storage/folders.py': ['test_remote_sharded', 'test_distributed', 'test_io_failures'],
     'gpuserial/checkpoints.py': ['test_remote_sharded', 'test_cli', 'test_io_failures'],
+    'gpuserial/objects/link.py': ['test_link', 'test_optimizers', 'test_training',
+                                  'test_chainer_cases', 'test_hostile', 'test_access',
+                                  'test_distributed'],
+    'gpuserial/objects/optimizers.py': ['test_optimizers', 'test_training', 'test_chainer_cases',
+                                        'test_distributed', 'test_async'],
+    'gpuserial/objects/training.py': ['test_training', 'test_async', 'test_distributed',
+                                      'test_optimizers'],
+    'gpuserial/engine/progress.py': ['test_progress', 'test_formats', 'test_hdf5',
+                                     'test_remote', 'test_cli'],
+    'gpuserial/distributed/extension.py': ['test_distributed', 'test_distributed_mpi',
+                                           'test_remote_sharded'],
 }
 # Code that only runs on a real GPU (CuPy's backend): its mutants are run, and counted, where a
 # GPU is usable; elsewhere they are listed as needing one, outside the score.
