@@ -542,27 +542,28 @@ def test_an_error_at_exit_is_printed(tmp_path):
 # Trainer snapshots
 
 
+def _snapshotting_trainer(out, async_: bool) -> training.Trainer:
+    """A trainer of 4 iterations that snapshots at 2 and 4."""
+    numpy.random.seed(0)  # the same initial weights
+    model = gpuserial.Chain()
+    with model.init_scope():
+        model.fc = gpuserial.Linear(3, 2)
+    optimizer = gpuserial.Adam()
+    optimizer.setup(model)
+    iterator = training.SerialIterator(numpy.arange(12.0).reshape(6, 2), 2, shuffle=False)
+
+    def step(target, batch):  # the optimizer calls it, then updates
+        for param in target.params():
+            param.grad = numpy.full_like(param.array, float(numpy.sum(batch)))
+    trainer = training.Trainer(training.StandardUpdater(iterator, optimizer, step),
+                               (4, 'iteration'), out=str(out))
+    trainer.extend(training.snapshot(async_=async_), trigger=(2, 'iteration'))
+    return trainer
+
+
 def test_a_trainer_snapshot_saved_asynchronously_loads_as_a_synchronous_one(tmp_path):
-    def run(out, async_: bool):
-        numpy.random.seed(0)  # the same initial weights
-        model = gpuserial.Chain()
-        with model.init_scope():
-            model.fc = gpuserial.Linear(3, 2)
-        optimizer = gpuserial.Adam()
-        optimizer.setup(model)
-        iterator = training.SerialIterator(numpy.arange(12.0).reshape(6, 2), 2, shuffle=False)
-
-        def step(target, batch):  # the optimizer calls it, then updates
-            for param in target.params():
-                param.grad = numpy.full_like(param.array, float(numpy.sum(batch)))
-        trainer = training.Trainer(training.StandardUpdater(iterator, optimizer, step),
-                                   (4, 'iteration'), out=str(out))
-        trainer.extend(training.snapshot(async_=async_), trigger=(2, 'iteration'))
-        trainer.run()
-        return trainer
-
-    run(tmp_path / 'sync', False)
-    run(tmp_path / 'async', True)
+    _snapshotting_trainer(tmp_path / 'sync', False).run()
+    _snapshotting_trainer(tmp_path / 'async', True).run()
     assert _fileio.saves_in_flight() == []  # the trainer's end waited for the last snapshot
     for name in ('snapshot_iter_2', 'snapshot_iter_4'):
         with numpy.load(tmp_path / 'sync' / name) as sync, \
@@ -572,6 +573,14 @@ def test_a_trainer_snapshot_saved_asynchronously_loads_as_a_synchronous_one(tmp_
                 if sync[key].dtype.hasobject or key.endswith('elapsed_time'):
                     continue
                 numpy.testing.assert_array_equal(done[key], sync[key], err_msg=key)
+
+
+def test_the_trainers_end_raises_the_error_of_its_last_asynchronous_snapshot(tmp_path):
+    (tmp_path / 'snapshot_iter_4').mkdir()  # the last snapshot cannot take its place
+    with pytest.raises(IsADirectoryError, match='snapshot_iter_4'):
+        _snapshotting_trainer(tmp_path, True).run()
+    assert (tmp_path / 'snapshot_iter_2').is_file()
+    assert crafting.temporaries(tmp_path) == []
 
 
 def test_an_asynchronous_snapshot_takes_the_formats_it_can_write():

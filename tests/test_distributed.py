@@ -596,6 +596,17 @@ def test_multi_node_snapshot_saves_the_trainers_of_every_rank(tmp_path):
     assert kinds <= {'replicated', 'none'}
 
 
+def test_multi_node_snapshot_runs_where_the_snapshot_would(tmp_path):
+    trainer = small_trainer(tmp_path, 8)  # 4 iterations an epoch
+    extension = multi_node_snapshot(SoloComm())
+    trainer.extend(extension)  # its own trigger and priority
+    trainer.extend(multi_node_snapshot(SoloComm(), 'second_{.updater.iteration}',
+                                       condition=lambda: trainer.updater.epoch == 2))
+    trainer.run()
+    assert sorted(os.listdir(tmp_path)) == ['second_8', 'snapshot_iter_4', 'snapshot_iter_8']
+    assert extension.priority == gpuserial.training.snapshot().priority  # after the others
+
+
 def test_importing_gpuserial_does_not_import_mpi4py():
     code = ('import sys, gpuserial, gpuserial.distributed, gpuserial.tools.cli; '
             'print("mpi4py" in sys.modules)')

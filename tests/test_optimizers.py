@@ -68,6 +68,7 @@ def _adam_reference(w, grads, alpha, beta1, beta2, eps, eta=1.0, wd=0.0, amsgrad
 
 
 @pytest.mark.parametrize('kwargs', [{}, {'amsgrad': True}, {'weight_decay_rate': 0.1, 'eta': 0.5},
+                                    {'weight_decay_rate': -2.0, 'eta': 0.5},  # decay factor 2
                                     {'alpha': 0.1, 'beta1': 0.5, 'beta2': 0.9, 'eps': 1e-3}])
 def test_adam_formula_against_float64_reference(kwargs):
     opt = Adam(**kwargs)
@@ -276,6 +277,19 @@ def test_state_loaded_onto_another_device_follows_the_parameter(tmp_path):
     for p in fresh.target.params():
         assert p.update_rule.state['v'].device == device
     assert isinstance(fresh.target.predictor.l1.W.array, numpy.ndarray)  # not loaded: stays
+
+
+@pytest.mark.parametrize('updated', [False, True])  # state created from the file, or in place
+def test_an_update_rule_loads_onto_another_device_by_itself(tmp_path, updated):
+    from tests import standin
+    _, opt = trained('momentum_sgd')
+    rule = opt.target.predictor.l1.W.update_rule
+    serializers.save_npz(tmp_path / 'rule.npz', rule)
+    fresh = trained('momentum_sgd', steps=int(updated))[1].target.predictor.l1.W.update_rule
+    device = standin.StandInDevice(0)
+    serializers.load_npz(tmp_path / 'rule.npz', fresh, device=device)
+    assert fresh.t == rule.t and fresh.state['v'].device == device
+    numpy.testing.assert_array_equal(devices.to_host(fresh.state['v']), rule.state['v'])
 
 
 # -- Chainer's reference files -------------------------------------------------------------------

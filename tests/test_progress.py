@@ -31,6 +31,7 @@ BIG = progress.THRESHOLD_BYTES
 @pytest.mark.parametrize(('total', 'enabled', 'stream', 'shown'), [
     (BIG, None, Terminal, True),
     (BIG - 1, None, Terminal, False),  # too small to be worth a bar
+    (1 << 20, None, Terminal, False),  # a small checkpoint's megabyte: a bar would only flicker
     (BIG, None, io.StringIO, False),  # not a terminal: a log, a pipe
     (BIG, None, Closed, False),
     (0, True, io.StringIO, True),  # forced on
@@ -67,6 +68,8 @@ def test_a_shown_bar_reports_bytes_and_throughput():
     assert 'save x.npz' in text
     assert '3.00M/3.00M' in text  # binary units (unit_divisor=1024): 3 MiB, not 3.15 MB
     assert 'B/s' in text
+    cleared = stream.getvalue().rstrip('\r').rsplit('\r', 1)[-1]
+    assert cleared.strip() == ''  # the block's end leaves a blank line, not the bar
 
 
 def test_the_bar_closes_when_the_block_fails():

@@ -20,6 +20,9 @@ from gpuserial.formats.npz import serialize_refs
 from gpuserial.objects.link import Chain, Linear
 from gpuserial.objects.optimizers import SGD, Adam, MomentumSGD
 from gpuserial.objects.training import (
+    PRIORITY_EDITOR,
+    PRIORITY_READER,
+    PRIORITY_WRITER,
     Extension,
     IntervalTrigger,
     SerialIterator,
@@ -228,14 +231,31 @@ def test_interval_trigger_serialize_and_old_snapshot_fallback():
     trigger = IntervalTrigger(2, 'iteration')
     state = snapshot_state(trigger)
     assert state == {'previous_iteration': 0, 'previous_epoch_detail': 0.0}
-    with pytest.warns(UserWarning, match='previous_(iteration|epoch_detail) is not saved'):
+    with pytest.warns(UserWarning) as caught:
         trigger.serialize(_MissingKeys())
+    assert sorted(str(w.message) for w in caught) == [
+        'IntervalTrigger: previous_epoch_detail is not saved; guessing it',
+        'IntervalTrigger: previous_iteration is not saved; guessing it']
     assert trigger._previous_iteration == -1 and trigger._previous_epoch_detail == -1.0
+    trainer = _FakeTrainer()  # resumed at iteration 3: the guess is 2, in the same period
+    trainer.advance(3)
+    assert not trigger(trainer)
+    trainer.advance()
+    assert trigger(trainer)
 
 
 class _MissingKeys(Echo):
     def __call__(self, key, value):
         raise KeyError(key)
+
+
+@pytest.mark.chainer
+def test_priorities_are_chainers():
+    script = ('import json\nfrom chainer import training as t\n'
+              'print(json.dumps([t.PRIORITY_WRITER, t.PRIORITY_EDITOR, t.PRIORITY_READER]))\n')
+    out = subprocess.run([str(CHAINER_PYTHON), '-c', script], capture_output=True, text=True,
+                         check=True).stdout
+    assert json.loads(out) == [PRIORITY_WRITER, PRIORITY_EDITOR, PRIORITY_READER]
 
 
 def test_get_trigger():
@@ -387,6 +407,25 @@ def test_a_failed_trainer_load_fills_no_array(tmp_path):
         assert now[key] is array and (array == copy).all(), key
 
 
+@pytest.mark.xfail(strict=True, reason='counts, positions and the random state are assigned as '
+                   'serialize() asks for them, before a later key fails')
+def test_a_failed_trainer_load_changes_no_count_nor_random_state(tmp_path):
+    trainer = make_trainer(out=tmp_path)
+    trainer.run()
+    serializers.save_npz(tmp_path / 'snap.npz', trainer)
+    with numpy.load(tmp_path / 'snap.npz') as npz:
+        values = {key: npz[key] for key in npz.files}
+    del values['updater/model:main/predictor/l/b']  # asked for after the counts
+    serializers.save_npz(tmp_path / 'broken.npz', values)
+    fresh = make_trainer(stop=2, out=tmp_path)
+    fresh.run()
+    before = host_state(fresh)
+    with pytest.raises(KeyError, match="'updater/model:main/predictor/l/b': not in the file"):
+        serializers.load_npz(tmp_path / 'broken.npz', fresh)
+    after = host_state(fresh)
+    assert [key for key in before if not numpy.array_equal(before[key], after[key])] == []
+
+
 @pytest.mark.parametrize('options', [  # the random state is not in the file, or is ignored
     {}, {'strict': False}, {'ignore_names': lambda key: 'random_state' in key},
     {'ignore_names': 'updater/iterator:main/random_state/key'}])
@@ -429,6 +468,41 @@ def test_trainer_loads_onto_another_device(tmp_path, ext):
     assert isinstance(iterator.order, numpy.ndarray)  # host-side state stays on the host
     model.to_cpu()
     assert_same_state(host_state(trainer), host_state(fresh))
+
+
+class _Tally(Extension):
+    def __init__(self):
+        self.seen = numpy.zeros(3)
+
+    def __call__(self, trainer):
+        self.seen[trainer.updater.iteration % 3] += 1
+
+    def serialize(self, serializer):
+        self.seen = serializer('seen', self.seen)
+
+
+def test_an_extensions_state_goes_with_the_trainer(tmp_path):
+    trainer, fresh = make_trainer(out=tmp_path), make_trainer(out=tmp_path)
+    tally, loaded = _Tally(), _Tally()
+    trainer.extend(tally)
+    fresh.extend(loaded)
+    trainer.run()
+    serializers.save_npz(tmp_path / 'snap.npz', trainer)
+    serializers.load_npz(tmp_path / 'snap.npz', fresh)
+    assert tally.seen.any() and (loaded.seen == tally.seen).all()
+
+
+def test_an_extension_loads_by_itself_onto_another_device(tmp_path):
+    from tests import standin
+    trainer = make_trainer(out=tmp_path)
+    tally = _Tally()
+    trainer.extend(tally)
+    trainer.run()
+    serializers.save_npz(tmp_path / 'tally.npz', tally)
+    fresh, device = _Tally(), standin.StandInDevice(0)
+    serializers.load_npz(tmp_path / 'tally.npz', fresh, device=device)
+    assert fresh.seen.device == device
+    numpy.testing.assert_array_equal(devices.to_host(fresh.seen), tally.seen)
 
 
 @pytest.mark.chainer

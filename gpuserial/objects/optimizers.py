@@ -187,7 +187,7 @@ class AdamRule(UpdateRule):
     """Adam (with decoupled weight decay and AMSGrad), Chainer's CPU formulas.
 
     ``m += (1 - beta1) * (grad - m)``, ``v += (1 - beta2) * (grad**2 - v)``,
-    ``param -= eta * (alpha_t * m / (sqrt(v) + eps) - weight_decay_rate * param)`` with
+    ``param -= eta * (alpha_t * m / (sqrt(v) + eps) + weight_decay_rate * param)`` with
     ``alpha_t = alpha * sqrt(1 - beta2**t) / (1 - beta1**t)``; ``vhat = max(vhat, v)`` replaces
     ``v`` with AMSGrad. float16 parameters compute in float32.
     """
