@@ -40,7 +40,7 @@ from gpuserial.objects.training import (
                               snapshot,
                               snapshot_object,
 )
-from gpuserial.serializer import AbstractSerializer, Deserializer, Serializer
+from gpuserial.serializer import AbstractSerializer, Deserializer, Serializer, after_load
 from gpuserial.serializers import (
                               DictionarySerializer,
                               HDF5Deserializer,
@@ -63,6 +63,7 @@ __version__ = '0.1.0'
 
 __all__ = [
     'SGD', 'AbstractSerializer', 'Adam', 'BatchNormalization', 'Chain', 'ChainList',
+    'after_load',
     'CorruptFileError', 'Deserializer', 'Device', 'DeviceError', 'DictionarySerializer',
     'DtypeMismatchError',
     'EntryMetadata', 'LazyFile', 'LoadReport', 'latest', 'load', 'load_into', 'save',

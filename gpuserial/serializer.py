@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable
 
 from gpuserial.errors import InvalidKeyError
 
@@ -48,10 +49,23 @@ class Deserializer(AbstractSerializer):
 
     def load(self, obj) -> None:
         """Loads an object (or a dict) by calling its ``serialize`` method with this one."""
-        target = as_serializable(obj)
-        target.serialize(self)
-        if isinstance(target, DictTarget):
-            target.apply_updates()
+        as_serializable(obj).serialize(self)
+
+    def after_load(self, apply: Callable[[], None]) -> None:
+        """Runs ``apply`` once the load has succeeded (see :func:`after_load`); here at once.
+        gpuserial's loads hold it back until every entry is checked and every array filled."""
+        apply()
+
+
+def after_load(serializer: AbstractSerializer, apply: Callable[[], None]) -> None:
+    """How a ``serialize`` sets what a load returned (a count, a new array): ``apply`` runs once
+    the load has succeeded, where ``serializer`` holds such changes back (gpuserial's loads, so
+    that a failed load changes nothing), else at once (a save, Chainer's deserializers)."""
+    hold = getattr(serializer, 'after_load', None)
+    if hold is None:
+        apply()
+    else:
+        hold(apply)
 
 
 _CHAINER_MODULE = 'chainer.serializer'
@@ -131,14 +145,12 @@ class DictTarget:
     """A dict of arrays and scalars, serializable: nested dicts are children (``a/b`` keys).
 
     A load fills arrays in place; other values it returns (scalars, arrays for entries that
-    held None) are kept in :attr:`updates` and set in the dicts by :meth:`apply_updates`, which
-    the load calls once it has succeeded, so that a failed load leaves the dicts as they were.
-    A stored None leaves its entry as it is.
+    held None) are set in the dicts once it has succeeded (:func:`after_load`). A stored None
+    leaves its entry as it is.
     """
 
     def __init__(self, mapping: dict):
         self.mapping = mapping
-        self.updates: list[tuple[dict, str, object]] = []
 
     def serialize(self, serializer: AbstractSerializer) -> None:
         self._serialize(self.mapping, serializer)
@@ -150,12 +162,7 @@ class DictTarget:
                 continue
             result = serializer(key, value)
             if result is not value and result is not None:
-                self.updates.append((mapping, key, result))
-
-    def apply_updates(self) -> None:
-        """Sets the values a load returned into their dicts."""
-        for mapping, key, value in self.updates:
-            mapping[key] = value
+                after_load(serializer, functools.partial(mapping.__setitem__, key, result))
 
 
 def keeps_returned_arrays(obj) -> bool:

@@ -61,6 +61,7 @@ def test_python_blocks_run_in_order(tmp_path, monkeypatch):
             exec(compile(code, f'README.md, the python block at line {line}', 'exec'), namespace)
     out = printed.getvalue().splitlines()
     assert "['layer/W', 'step']" in out
+    assert 'steps 7' in out
     assert "['l1/W', 'l1/b', 'l2/W', 'l2/b']" in out
     assert '<Device @numpy> <Device @numpy>' in out
     assert "'my.model', key 'l3/W': not in the file" in out

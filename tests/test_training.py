@@ -407,8 +407,6 @@ def test_a_failed_trainer_load_fills_no_array(tmp_path):
         assert now[key] is array and (array == copy).all(), key
 
 
-@pytest.mark.xfail(strict=True, reason='counts, positions and the random state are assigned as '
-                   'serialize() asks for them, before a later key fails')
 def test_a_failed_trainer_load_changes_no_count_nor_random_state(tmp_path):
     trainer = make_trainer(out=tmp_path)
     trainer.run()

@@ -11,10 +11,11 @@ the file); the in-place array fills are deferred until ``serialize`` has returne
 So a load that fails on a missing key, a mismatch or a malformed entry has filled no array in
 place. What ``serialize`` was handed before the failure it may have kept: scalars and strings,
 ``None`` for stored Nones, and the new arrays of entries asked for with ``value=None`` (or, with
-``device=``, made on that device). A dict target keeps none of these until the load succeeds.
-A checksum or read error found while streaming the data stops the load there; the error says
-which arrays were already filled (its ``filled``) and which one was being filled, and may hold
-part of the bad data (its ``partly_filled``).
+``device=``, made on that device). Dicts, gpuserial's objects and any object that hands its
+assignments to :func:`~gpuserial.serializer.after_load` keep none of these until the load
+succeeds: those run after the fills. A checksum or read error found while streaming the data
+stops the load there; the error says which arrays were already filled (its ``filled``) and
+which one was being filled, and may hold part of the bad data (its ``partly_filled``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from gpuserial.errors import (
 )
 from gpuserial.serializer import (
     Deserializer,
-    DictTarget,
     as_serializable,
     child_path,
     entry_key,
@@ -166,10 +166,13 @@ class Reader:
 
 
 class _PendingFills:
-    """The in-place fills of one load, run once ``serialize`` has returned."""
+    """The in-place fills of one load, run once ``serialize`` has returned, and what the
+    objects set from the values it returned (:func:`~gpuserial.serializer.after_load`), run
+    after the fills."""
 
     def __init__(self):
         self.fills: list[tuple[Entry, object]] = []
+        self.changes: list[Callable[[], None]] = []
         self.bytes_read_already = 0  # entries read during the pass (value=None, device=)
 
     def run(self, reader: Reader, show_progress: bool | None) -> None:
@@ -346,13 +349,21 @@ class ReaderDeserializer(Deserializer):
 
         def finish() -> None:
             pending.run(self.reader, self.progress)
-            if isinstance(target, DictTarget):
-                target.apply_updates()
+            for change in pending.changes:
+                change()
             if self.device is not None and hasattr(obj, 'to_device'):
                 # whatever the load did not carry (gradients, arrays it did not load)
                 obj.to_device(devices.device_spec_for(obj, self.device))
 
         return finish
+
+    def after_load(self, apply: Callable[[], None]) -> None:
+        """Runs ``apply`` once this load has succeeded: after every entry's checks and every
+        fill (at once where this deserializer is called directly, not through :meth:`load`)."""
+        if self._pending is None:
+            apply()
+        else:
+            self._pending.changes.append(apply)
 
     def where(self, key: str) -> str:
         """How messages name entry ``key`` under this deserializer's path: the file and the

@@ -8,6 +8,7 @@ holds parameters and persistent values and serializes them under Chainer's key l
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterable, Iterator, MutableSequence
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ import numpy
 from gpuserial.engine import devices
 from gpuserial.engine.devices import Device
 from gpuserial.errors import DtypeMismatchError, MismatchError
+from gpuserial.serializer import after_load
 
 if TYPE_CHECKING:
     from gpuserial.objects.optimizers import UpdateRule
@@ -371,7 +373,8 @@ class Link:
 
         A deserializer that hands back a new array (a load onto another device, or into an
         uninitialized parameter) gets that array installed; one that returns the value it was
-        given leaves the link untouched.
+        given leaves the link untouched. What a load returns is set once it has succeeded
+        (:func:`~gpuserial.serializer.after_load`).
         """
         d = self.__dict__
         for name in self._params:
@@ -379,18 +382,21 @@ class Link:
             data = serializer(name, param.array)
             if data is not None and data is not param.array:
                 try:
-                    _install(param, data, name)
+                    data = _installable(param, data, name)
                 except MismatchError as error:  # gpuserial's deserializers name the file
                     where = getattr(serializer, 'where', None)
                     if where is None:
                         raise
                     raise type(error)(f'{where(name)}: {error}') from None
+                after_load(serializer, functools.partial(_install, param, data))
         for name in self._persistent:
             value = d[name]
             if not devices.is_array(value) and callable(getattr(value, 'serialize', None)):
                 value.serialize(serializer[name])
-            else:
-                d[name] = serializer(name, value)
+                continue
+            loaded = serializer(name, value)
+            if loaded is not value:
+                after_load(serializer, functools.partial(d.__setitem__, name, loaded))
         for name, child in self._named_children():
             child.serialize(serializer[name])
 
@@ -401,11 +407,13 @@ class Link:
         raise NotImplementedError(f'{type(self).__name__} has no forward')
 
 
-def _install(param: Parameter, data, name: str) -> None:
-    """Sets a loaded array as ``param``'s data, moving its gradient along.
+def _installable(param: Parameter, data, name: str):
+    """A loaded array as ``param``'s data would be (:func:`_install`): of the parameter's
+    dtype, and for an uninitialized parameter of a link moved off the host, sent to its
+    device, as Chainer initializes it there.
 
-    The array keeps the parameter's dtype. An uninitialized parameter of a link that was moved
-    off the host gets a host array sent to its device, as Chainer initializes it there.
+    Raises:
+        DtypeMismatchError: the array's values do not convert to the parameter's dtype.
     """
     backend, device = devices.backend_of(data), devices.device_of(data)
     assert backend is not None  # a deserializer hands back arrays
@@ -419,6 +427,11 @@ def _install(param: Parameter, data, name: str) -> None:
         data = cast
     if param.array is None and device == devices.CPU and param.device != devices.CPU:
         data = param.device.send(data)
+    return data
+
+
+def _install(param: Parameter, data) -> None:
+    """Sets ``data`` (:func:`_installable`) as ``param``'s data, moving its gradient along."""
     param.array = data
     if param.grad is not None:
         param.grad = param.device.send(param.grad)

@@ -11,6 +11,7 @@ The math goes through the parameter's array module, so it runs on NumPy and CuPy
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,7 @@ import numpy
 
 from gpuserial.engine import devices
 from gpuserial.objects.link import Link, Parameter
-from gpuserial.serializer import Deserializer
+from gpuserial.serializer import Deserializer, after_load
 
 __all__ = ['Adam', 'AdamRule', 'GradientMethod', 'Hyperparameter', 'MomentumSGD',
            'MomentumSGDRule', 'Optimizer', 'SGD', 'SGDRule', 'UpdateRule']
@@ -117,11 +118,15 @@ class UpdateRule:
 
         Loading into a rule that has no state yet creates the state from the file; when the
         file has no state for it (the parameter was never updated), the state stays None.
+        What a load returns is set once it has succeeded
+        (:func:`~gpuserial.serializer.after_load`).
         """
-        self.t = serializer('t', self.t)
+        after_load(serializer, functools.partial(setattr, self, 't', serializer('t', self.t)))
         if self._state is not None:
-            for key in self._state:
-                self._state[key] = serializer(key, self._state[key])
+            state = self._state
+            loaded = {key: serializer(key, value) for key, value in state.items()}
+            if any(loaded[key] is not value for key, value in state.items()):
+                after_load(serializer, functools.partial(state.update, loaded))
             return
         if not isinstance(serializer, Deserializer):
             return
@@ -137,7 +142,7 @@ class UpdateRule:
                 return
             loaded[key] = value
         if loaded:  # a stateless rule (SGD) keeps None, so that a dry run changes nothing
-            self._state = loaded
+            after_load(serializer, functools.partial(setattr, self, '_state', loaded))
 
     def _state_keys(self) -> list[str]:
         """The keys :meth:`init_state` creates, found on a throwaway one-element parameter."""
@@ -290,12 +295,15 @@ class Optimizer:
         The target link's parameters themselves are not included, as in Chainer.
         """
         target = self._set_up_target()
-        self.t = serializer('t', self.t)
-        self.epoch = serializer('epoch', self.epoch)
+        t, epoch = serializer('t', self.t), serializer('epoch', self.epoch)
+        after_load(serializer, functools.partial(self._set_counts, t, epoch))
         for name, param in target.namedparams():
             rule = getattr(param, 'update_rule', None)
             if rule is not None:
                 rule.serialize(serializer[name])
+
+    def _set_counts(self, t: int, epoch: int) -> None:
+        self.t, self.epoch = t, epoch
 
 
 class GradientMethod(Optimizer):

@@ -19,6 +19,7 @@ resume bit-exact across epoch boundaries.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
 import time
 import warnings
@@ -29,7 +30,7 @@ import numpy
 
 from gpuserial import serializers
 from gpuserial.engine import asyncsave, devices
-from gpuserial.serializer import Serializer
+from gpuserial.serializer import Serializer, after_load
 from gpuserial.storage import remote
 from gpuserial.storage.folders import join
 
@@ -137,38 +138,48 @@ class SerialIterator:
         """Nothing to release."""
 
     def serialize(self, serializer) -> None:
-        """Saves or loads the position, epoch, shuffle order and random state."""
-        self.current_position = serializer('current_position', self.current_position)
-        self.epoch = serializer('epoch', self.epoch)
-        self.is_new_epoch = serializer('is_new_epoch', self.is_new_epoch)
-        if self.order is not None:
+        """Saves or loads the position, epoch, shuffle order and random state (what a load
+        returns is set once it has succeeded: :func:`~gpuserial.serializer.after_load`)."""
+        position = serializer('current_position', self.current_position)
+        epoch = serializer('epoch', self.epoch)
+        is_new_epoch = serializer('is_new_epoch', self.is_new_epoch)
+        order, random_state = self.order, None
+        if order is not None:
             try:
-                order = serializer('order', self.order)
+                order = serializer('order', order)
             except KeyError:
-                order = serializer('_order', self.order)
-            self.order = _on_host(order)  # a load with device= hands back a device array
-            self._serialize_random_state(serializer['random_state'])
+                order = serializer('_order', order)
+            order = _on_host(order)  # a load with device= hands back a device array
+            random_state = self._serialize_random_state(serializer['random_state'])
         try:
-            self._previous_epoch_detail = serializer('previous_epoch_detail',
-                                                     self._previous_epoch_detail)
+            previous = serializer('previous_epoch_detail', self._previous_epoch_detail)
         except KeyError:  # an old Chainer snapshot: guess, as Chainer does
-            previous = self.epoch + (self.current_position - self.batch_size) / self._epoch_size
-            self._previous_epoch_detail = max(previous, 0.0) if self.epoch_detail > 0 else -1.0
+            size = self._epoch_size
+            previous = epoch + (position - self.batch_size) / size
+            previous = max(previous, 0.0) if epoch + position / max(size, 1) > 0 else -1.0
 
-    def _serialize_random_state(self, serializer) -> None:
+        def apply() -> None:
+            self.current_position, self.epoch, self.is_new_epoch = position, epoch, is_new_epoch
+            self.order, self._previous_epoch_detail = order, previous
+            if random_state is not None:
+                self._random.set_state(random_state)
+
+        after_load(serializer, apply)
+
+    def _serialize_random_state(self, serializer) -> tuple | None:
+        """Saves the random state, or loads it: the state to set, None to keep this one."""
         kind, key, pos, has_gauss, gauss = self._random.get_state()
         saving = isinstance(serializer, Serializer)
-        try:  # a load reads the key at once (value None): set_state needs it now
+        try:  # a load reads the key at once (value None)
             key = serializer('key', key if saving else None)
             if key is None:  # not in the file (strict=False) or ignored: keep this state
-                return
+                return None
             pos = serializer('pos', int(pos))
             has_gauss = serializer('has_gauss', int(has_gauss))
             gauss = serializer('cached_gaussian', float(gauss))
         except KeyError:  # a Chainer snapshot: keep this iterator's own random state
-            return
-        if not saving:
-            self._random.set_state((kind, _on_host(key), pos, has_gauss, gauss))
+            return None
+        return None if saving else (kind, _on_host(key), pos, has_gauss, gauss)
 
 
 def _on_host(array) -> numpy.ndarray:
@@ -258,7 +269,8 @@ class StandardUpdater:
         for name, optimizer in self._optimizers.items():
             optimizer.serialize(serializer['optimizer:' + name])
             optimizer.target.serialize(serializer['model:' + name])
-        self.iteration = serializer('iteration', self.iteration)
+        after_load(serializer, functools.partial(setattr, self, 'iteration',
+                                                 serializer('iteration', self.iteration)))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -297,18 +309,21 @@ class IntervalTrigger:
 
     def serialize(self, serializer) -> None:
         try:
-            self._previous_iteration = serializer('previous_iteration', self._previous_iteration)
+            iteration = serializer('previous_iteration', self._previous_iteration)
         except KeyError:
             warnings.warn('IntervalTrigger: previous_iteration is not saved; guessing it',
                           stacklevel=2)
-            self._previous_iteration = -1
+            iteration = -1
         try:
-            self._previous_epoch_detail = serializer('previous_epoch_detail',
-                                                     self._previous_epoch_detail)
+            epoch_detail = serializer('previous_epoch_detail', self._previous_epoch_detail)
         except KeyError:
             warnings.warn('IntervalTrigger: previous_epoch_detail is not saved; guessing it',
                           stacklevel=2)
-            self._previous_epoch_detail = -1.0
+            epoch_detail = -1.0
+        after_load(serializer, functools.partial(self._set_previous, iteration, epoch_detail))
+
+    def _set_previous(self, iteration: int, epoch_detail: float) -> None:
+        self._previous_iteration, self._previous_epoch_detail = iteration, epoch_detail
 
     def get_training_length(self) -> tuple:
         return self.period, self.unit
@@ -598,5 +613,6 @@ class Trainer:
         if isinstance(serializer, Serializer):
             serializer('_snapshot_elapsed_time', self.elapsed_time)
         else:
-            self._snapshot_elapsed_time = serializer('_snapshot_elapsed_time',
-                                                     float(self._snapshot_elapsed_time))
+            after_load(serializer, functools.partial(
+                setattr, self, '_snapshot_elapsed_time',
+                serializer('_snapshot_elapsed_time', float(self._snapshot_elapsed_time))))
