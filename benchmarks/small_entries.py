@@ -50,6 +50,11 @@ PAIRS = [
          1 / 1.1),
     Pair('save_npz vs torch.save', 'torch', 'gpuserial.save_npz', 'torch.save', 1.0),
     Pair('load_npz vs torch.load', 'torch', 'gpuserial.load_npz', 'torch.load', 1.0),
+    # Chainer's default, compression=True: deflated members, against numpy's
+    Pair('save_npz compressed vs numpy.savez_compressed', 'compressed',
+         'gpuserial.save_npz compressed', 'numpy.savez_compressed (Chainer)', None),
+    Pair('load_npz compressed vs numpy.load compressed', 'compressed',
+         'gpuserial.load_npz compressed', 'numpy.load compressed (Chainer)', None),
 ]
 GPU_PAIRS = [
     Pair('save_npz vs Chainer (asnumpy + savez)', 'npz', 'gpuserial.save_npz',
@@ -150,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--scale', type=float, default=None,
                         help='GPT-2 widths times this (default 1 on a GPU, 0.25 on the CPU)')
     parser.add_argument('--rounds', type=int, default=5)
-    parser.add_argument('--pairs', nargs='+', default=['npz', 'hdf5', 'torch'])
+    parser.add_argument('--pairs', nargs='+', default=['npz', 'hdf5', 'torch', 'compressed'])
     parser.add_argument('--json', default=None)
     args = parser.parse_args(argv)
     device = devices.get_device(args.device)

@@ -5,6 +5,7 @@ import io
 import struct
 import time
 import zipfile
+import zlib
 
 import numpy
 import pytest
@@ -562,3 +563,86 @@ def test_an_npz_loads_from_a_file_whose_reads_return_bytearrays():
     serializers.load_npz(_ReadsBytearrays(out.getvalue()), loaded)
     for key, value in saved.items():
         numpy.testing.assert_array_equal(loaded[key], value)
+
+
+# Small deflated members: read whole (read_deflated) and streamed (MemberReader) alike
+
+_PAYLOAD = numpy.random.default_rng(2).standard_normal(1000).astype(numpy.float32).tobytes()
+
+
+def _deflated(stream_tail: bytes = b'', **changes) -> tuple[_zipread.WindowedFile,
+                                                              _zipread.Member]:
+    """A deflated member whose data starts at offset 0 of its file: ``_PAYLOAD``'s stream,
+    then ``stream_tail``; ``changes`` to its directory fields."""
+    deflater = zlib.compressobj(6, zlib.DEFLATED, -15)
+    raw = deflater.compress(_PAYLOAD) + deflater.flush() + stream_tail
+    member = _zipread.Member('a.npy', 0, len(raw), len(_PAYLOAD), zlib.crc32(_PAYLOAD),
+                             _zipstream.DEFLATED, 0, b'a.npy')._replace(**changes)
+    return _zipread.WindowedFile(io.BytesIO(raw)), member
+
+
+def _read_streamed(fp, member) -> bytes:
+    reader = _zipread.MemberReader(fp, member, 0)
+    out = reader.read(member.file_size)
+    reader.finish()
+    return out
+
+
+def test_a_small_deflated_member_reads_whole_as_streamed():
+    fp, member = _deflated()
+    out = bytearray(len(_PAYLOAD) - 16)
+    _zipread.read_deflated(fp, member, 0, 16, out)
+    assert bytes(out) == _PAYLOAD[16:] == _read_streamed(fp, member)[16:]
+    assert _zipread.inflated_head(fp, member, 0, 10) == _PAYLOAD[:10]
+    assert _zipread.inflated_head(fp, member, 0, 3000) == _PAYLOAD[:3000]  # several reads
+    assert _zipread.inflated_head(fp, member, 0, 10 ** 6) == _PAYLOAD  # the member is shorter
+    with pytest.raises(_zipread.MemberError, match='asked for 4001 bytes of a member of 4000'):
+        _zipread.read_deflated(fp, member, 0, 1, bytearray(len(_PAYLOAD)))
+
+
+def test_the_head_of_a_deflated_member_reads_no_byte_past_its_stored_bytes():
+    fp, member = _deflated()
+    short = member._replace(compress_size=100)  # the stream goes on past what it says it holds
+    head = _zipread.inflated_head(fp, short, 0, 3000)
+    assert 0 < len(head) < 3000 and head == _PAYLOAD[:len(head)]
+    cut = _zipread.WindowedFile(io.BytesIO(fp.view(0, 100).tobytes()))  # the file ends there
+    with pytest.raises(_zipread.MemberError, match=f'truncated: the file ends '
+                                                   f'{member.compress_size - 100} bytes early'):
+        _zipread.inflated_head(cut, member, 0, 3000)
+
+
+BROKEN_DEFLATED = {
+    'CRC': ({'CRC': zlib.crc32(b'other')}, b'', 'CRC mismatch'),
+    'one byte more claimed': ({'file_size': len(_PAYLOAD) + 1}, b'', 'ends 1 bytes early'),
+    'one byte less claimed': ({'file_size': len(_PAYLOAD) - 1}, b'', 'holds more than'),
+    'bytes after the stream': ({}, b'junk', 'holds 4 bytes after the end of its deflate'),
+    'a second stream after it': ({}, zlib.compress(b'x')[2:-4], 'after the end of its'),
+}
+
+
+@pytest.mark.parametrize('case', list(BROKEN_DEFLATED))
+def test_a_broken_small_deflated_member_fails_whole_as_streamed_and_fills_nothing(case):
+    changes, tail, message = BROKEN_DEFLATED[case]
+    fp, member = _deflated(tail)
+    member = member._replace(**changes)
+    out = bytearray(member.file_size)
+    with pytest.raises(_zipread.MemberError, match=message):
+        _zipread.read_deflated(fp, member, 0, 0, out)
+    assert out == bytearray(member.file_size)  # checked before it changes
+    with pytest.raises(_zipread.MemberError):
+        _read_streamed(fp, member)
+
+
+def test_a_corrupt_or_cut_deflate_stream_is_a_member_error_in_every_reader():
+    fp, member = _deflated()
+    whole = bytes(fp.view(0, member.compress_size))
+    corrupt = _zipread.WindowedFile(io.BytesIO(b'\xff' + whole[1:]))  # block type 3: none such
+    cut = _zipread.WindowedFile(io.BytesIO(whole[:member.compress_size // 2]))
+    for source, message in ((corrupt, 'corrupt deflate data'), (cut, 'truncated')):
+        with pytest.raises(_zipread.MemberError, match=message):
+            _zipread.read_deflated(source, member, 0, 0, bytearray(member.file_size))
+        with pytest.raises(_zipread.MemberError):
+            _read_streamed(source, member)
+    with pytest.raises(_zipread.MemberError, match='corrupt deflate data'):
+        _zipread.inflated_head(corrupt, member, 0, 10)
+    assert len(_zipread.inflated_head(cut, member, 0, 10)) == 10  # the start is whole

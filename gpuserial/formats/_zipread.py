@@ -10,6 +10,7 @@ as its data is read.
 from __future__ import annotations
 
 import struct
+import zlib
 from typing import NamedTuple, Protocol
 
 from gpuserial.formats._zipstream import (
@@ -29,8 +30,8 @@ from gpuserial.formats._zipstream import (
 )
 
 __all__ = ['Input', 'Member', 'MemberError', 'MemberReader', 'NotAZip', 'WindowedFile',
-           'ZipError', 'check_member', 'data_start_of', 'read_directory', 'read_stored',
-           'regular_stored', 'stored_head']
+           'ZipError', 'check_member', 'data_start_of', 'inflated_head', 'read_deflated',
+           'read_directory', 'read_stored', 'regular_stored', 'stored_head']
 
 MAX_EXTRACT_VERSION = 63  # ZIP 6.3: what zipfile reads too
 END_SIGNATURE = b'PK\x05\x06'
@@ -404,6 +405,61 @@ def read_stored(fp: WindowedFile, info, data_start: int, head: int, out) -> None
         raise _crc_mismatch(info, crc)
 
 
+def read_deflated(fp: WindowedFile, info, data_start: int, head: int, out) -> None:
+    """:func:`read_stored` for a small deflated member (stored bytes below :data:`DIRECT`):
+    its bytes from the window, inflated in one call; the sizes, the end of the stream and the
+    CRC are checked before ``out`` changes."""
+    out = memoryview(out).cast('B')
+    if head + len(out) != info.file_size:
+        raise MemberError(f'asked for {head + len(out)} bytes of a member of {info.file_size}')
+    raw = fp.view(data_start, info.compress_size)
+    if len(raw) < info.compress_size:
+        raise MemberError(f'truncated: the file ends {info.compress_size - len(raw)} bytes '
+                          f'early')
+    inflater = deflate_module.decompressobj(-15)
+    try:  # one byte more than the directory says: a longer stream shows, memory stays bound
+        data = inflater.decompress(raw, info.file_size + 1)
+    except DEFLATE_ERRORS as error:
+        raise MemberError(f'corrupt deflate data: {error}') from None
+    if len(data) < info.file_size:
+        raise MemberError(f'the deflate stream ends {info.file_size - len(data)} bytes early')
+    if len(data) > info.file_size or not inflater.eof:
+        raise MemberError('the deflate stream holds more than the directory says')
+    if inflater.unused_data:  # (at the end of the stream, all the input left is here)
+        raise MemberError(f'the member holds {len(inflater.unused_data)} bytes after the end '
+                          f'of its deflate stream')
+    crc = crc32(data)
+    if crc != info.CRC:
+        raise _crc_mismatch(info, crc)
+    out[:] = memoryview(data)[head:]
+
+
+def inflated_head(fp: Input, info, data_start: int, count: int) -> bytes:
+    """Up to ``count`` of a deflated member's first data bytes, for its headers (fewer where
+    its stream ends first), inflated by zlib, which stops once it has them: ISA-L inflates all
+    the input it is given, whatever is asked for. Not checked beyond them (their CRC is, as
+    the member's data is read)."""
+    count = min(count, info.file_size)
+    inflater = zlib.decompressobj(-15)
+    position, left = data_start, info.compress_size
+    pending, out = b'', b''
+    while len(out) < count and not inflater.eof:
+        if not pending:
+            if not left:
+                break
+            fp.seek(position)
+            pending = fp.read(min(HEAD_PIECE, left))
+            if not pending:
+                raise MemberError(f'truncated: the file ends {left} bytes early')
+            position, left = position + len(pending), left - len(pending)
+        try:
+            out += inflater.decompress(pending, count - len(out))
+        except zlib.error as error:
+            raise MemberError(f'corrupt deflate data: {error}') from None
+        pending = inflater.unconsumed_tail
+    return out
+
+
 def _crc_mismatch(info, crc: int) -> MemberError:
     return MemberError(f'CRC mismatch (directory {info.CRC:08x}, data {crc:08x}): the data is '
                        f'corrupt')
@@ -420,15 +476,14 @@ class MemberReader:
             header is then not read again).
     """
 
-    def __init__(self, fp: Input, info, data_start: int | None = None, *, head: bool = False):
+    def __init__(self, fp: Input, info, data_start: int | None = None):
         check_member(info)
         self.fp = fp
         self.info = info
         self.position = data_start_of(fp, info) if data_start is None else data_start
         self.left = info.compress_size  # stored bytes not yet read
-        self.raw_piece = HEAD_PIECE if head else PIECE
         expect = getattr(fp, 'expect', None)  # a remote file reads ahead within the member
-        if expect is not None and not head:
+        if expect is not None:
             expect([(self.position, self.position + self.left)])
         self.produced = 0
         self.crc = 0
@@ -472,7 +527,7 @@ class MemberReader:
             done = 0
             while done < wanted:
                 if not self.pending and self.left:
-                    self.pending = self._raw(self.raw_piece)
+                    self.pending = self._raw(PIECE)
                 try:  # with no input left, this drains what the inflater holds
                     data = self.inflater.decompress(self.pending, min(PIECE, wanted - done))
                 except DEFLATE_ERRORS as error:

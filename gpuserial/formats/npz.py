@@ -367,11 +367,8 @@ class _ZipReader(loading.Reader):
         _zipread.check_member(info)
         if info.compress_type == _zipstream.STORED:
             data_start, head = self._stored_header(info)
-            member = None
         else:
-            data_start = _zipread.data_start_of(self.archive.fp, info)
-            member = _InflatedHead(self.archive.fp, info, data_start)
-            head = member.read_header()
+            data_start, head = self._deflated_header(info)
         header = _npy.decode_header(head)
         if header.dtype.hasobject:
             payload_length = info.file_size - header.length
@@ -379,7 +376,8 @@ class _ZipReader(loading.Reader):
             if payload_length <= _npy.NONE_PICKLE_MAX_LEN:
                 payload = (bytes(self.archive.fp.view(data_start + header.length,
                                                       payload_length))
-                           if member is None else member.read(payload_length))
+                           if info.compress_type == _zipstream.STORED else
+                           self._inflated(info, data_start, info.file_size)[header.length:])
             if _npy.is_chainer_none(header, payload):
                 return loading.Entry(key, None, None, info)
             raise UnsafeFileError(f'{self.where(key)}: holds a pickled object array of dtype '
@@ -407,6 +405,27 @@ class _ZipReader(loading.Reader):
             if len(head) < length:
                 raise _zipread.MemberError('truncated: the file ends within the .npy header')
         return data_start, head[:length]
+
+    def _deflated_header(self, info) -> tuple[int, bytes]:
+        """Where a deflated member's data starts (its local header checked) and its ``.npy``
+        header, inflated."""
+        data_start = _zipread.data_start_of(self.archive.fp, info)
+        head = _zipread.inflated_head(self.archive.fp, info, data_start, HEADER_GUESS)
+        length = _npy.header_length(head)
+        if length > info.file_size:
+            raise _npy.HeaderError(f'a header of {length} bytes in a member of '
+                                   f'{info.file_size}')
+        if length > len(head):
+            head = self._inflated(info, data_start, length)
+        return data_start, head[:length]
+
+    def _inflated(self, info, data_start: int, count: int) -> bytes:
+        """A deflated member's first ``count`` data bytes (it holds that many)."""
+        head = _zipread.inflated_head(self.archive.fp, info, data_start, count)
+        if len(head) < count:
+            raise _zipread.MemberError(f'the deflate stream ends {count - len(head)} bytes '
+                                       f'early')
+        return head
 
     def check_size(self, entry: loading.Entry, allocating: bool = False) -> None:
         info, header, _ = entry.token
@@ -438,6 +457,8 @@ class _ZipReader(loading.Reader):
         try:
             if info.compress_type == _zipstream.STORED:
                 _zipread.read_stored(self.archive.fp, info, data_start, header.length, buffer)
+            elif info.compress_size < _zipread.DIRECT:
+                _zipread.read_deflated(self.archive.fp, info, data_start, header.length, buffer)
             else:
                 member = _zipread.MemberReader(self.archive.fp, info, data_start)
                 member.read(header.length)
@@ -459,10 +480,11 @@ class _ZipReader(loading.Reader):
             info, header, data_start = entry.token
             target = dst.T if header.fortran_order else dst
             try:
-                if (not info.compress_type and header.nbytes <= SMALL_BYTES  # stored
-                        and isinstance(target, numpy.ndarray) and target.flags.c_contiguous
-                        and target.dtype == header.dtype):
-                    read_stored(fp, info, data_start, header.length, host_bytes(target))
+                if (header.nbytes <= SMALL_BYTES and isinstance(target, numpy.ndarray)
+                        and target.flags.c_contiguous and target.dtype == header.dtype
+                        and (not info.compress_type or info.compress_size < _zipread.DIRECT)):
+                    (read_stored if not info.compress_type else _zipread.read_deflated)(
+                        fp, info, data_start, header.length, host_bytes(target))
                     shown.update(header.nbytes)
                 else:
                     self._stream_into(info, header, data_start, target)
@@ -556,26 +578,6 @@ def _skip(member: _zipread.MemberReader, count: int) -> None:
         step = min(count, len(scratch))
         member.readinto(memoryview(scratch)[:step])
         count -= step
-
-
-class _InflatedHead:
-    """The first bytes of a deflated member, for its ``.npy`` header (the data is checked only
-    for its length here; its CRC when the array is read)."""
-
-    def __init__(self, fp, info, data_start: int):
-        self.member = _zipread.MemberReader(fp, info, data_start, head=True)
-        self.size = info.file_size
-
-    def read_header(self) -> bytes:
-        """The whole ``.npy`` header, as long as its first bytes say (at most the member)."""
-        prefix = self.member.read(min(_npy.PREFIX_LEN + 4, self.size))
-        length = _npy.header_length(prefix)
-        if length > self.size:
-            raise _npy.HeaderError(f'a header of {length} bytes in a member of {self.size}')
-        return prefix + self.member.read(length - len(prefix))
-
-    def read(self, count: int) -> bytes:
-        return self.member.read(count)
 
 
 def npy_members(archive: Archive, name: str) -> dict[str, _zipread.Member | zipfile.ZipInfo]:
