@@ -7,6 +7,7 @@ resume tests: it builds fresh objects, loads a snapshot, trains on and writes th
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import warnings
@@ -16,6 +17,7 @@ import pytest
 
 from gpuserial import serializers
 from gpuserial.engine import devices
+from gpuserial.errors import MismatchError
 from gpuserial.formats.npz import serialize_refs
 from gpuserial.objects.link import Chain, Linear
 from gpuserial.objects.optimizers import SGD, Adam, MomentumSGD
@@ -419,6 +421,29 @@ def test_a_failed_trainer_load_changes_no_count_nor_random_state(tmp_path):
     fresh.run()
     before = host_state(fresh)
     with pytest.raises(KeyError, match="'updater/model:main/predictor/l/b': not in the file"):
+        serializers.load_npz(tmp_path / 'broken.npz', fresh)
+    after = host_state(fresh)
+    assert [key for key in before if not numpy.array_equal(before[key], after[key])] == []
+
+
+@pytest.mark.parametrize('key, found', [
+    (numpy.arange(10, dtype=numpy.uint32), 'shape (10,) and dtype uint32'),
+    (numpy.zeros((2, 312), numpy.uint32), 'shape (2, 312) and dtype uint32')])
+def test_a_bad_random_state_fails_the_load_before_anything_is_set(tmp_path, key, found):
+    trainer = make_trainer(out=tmp_path)
+    trainer.run()
+    serializers.save_npz(tmp_path / 'snap.npz', trainer)
+    with numpy.load(tmp_path / 'snap.npz') as npz:
+        values = {key: npz[key] for key in npz.files}
+    values[RANDOM_STATE_KEYS[0]] = key  # set_state refuses it: checked as it is asked for
+    serializers.save_npz(tmp_path / 'broken.npz', values)
+    fresh = make_trainer(stop=2, out=tmp_path)
+    fresh.run()
+    before = host_state(fresh)
+    where = re.escape(f"{str(tmp_path / 'broken.npz')!r}, key {RANDOM_STATE_KEYS[0]!r}: "
+                      f"not an MT19937 random state: stored key of {found}, expected shape "
+                      f"(624,) and dtype uint32")
+    with pytest.raises(MismatchError, match=where):
         serializers.load_npz(tmp_path / 'broken.npz', fresh)
     after = host_state(fresh)
     assert [key for key in before if not numpy.array_equal(before[key], after[key])] == []

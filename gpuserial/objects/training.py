@@ -30,6 +30,7 @@ import numpy
 
 from gpuserial import serializers
 from gpuserial.engine import asyncsave, devices
+from gpuserial.errors import MismatchError
 from gpuserial.serializer import Serializer, after_load
 from gpuserial.storage import remote
 from gpuserial.storage.folders import join
@@ -169,6 +170,7 @@ class SerialIterator:
     def _serialize_random_state(self, serializer) -> tuple | None:
         """Saves the random state, or loads it: the state to set, None to keep this one."""
         kind, key, pos, has_gauss, gauss = self._random.get_state()
+        own = numpy.asarray(key)  # what a key must look like (a message says so)
         saving = isinstance(serializer, Serializer)
         try:  # a load reads the key at once (value None)
             key = serializer('key', key if saving else None)
@@ -179,7 +181,20 @@ class SerialIterator:
             gauss = serializer('cached_gaussian', float(gauss))
         except KeyError:  # a Chainer snapshot: keep this iterator's own random state
             return None
-        return None if saving else (kind, _on_host(key), pos, has_gauss, gauss)
+        if saving:
+            return None
+        stored = _on_host(key)
+        state = (kind, stored, pos, has_gauss, gauss)
+        try:  # set on a scratch one now: a state set_state refuses fails the load, not after it
+            numpy.random.RandomState().set_state(state)
+        except (TypeError, ValueError, IndexError) as error:
+            where = getattr(serializer, 'where', None)
+            if where is None:
+                raise
+            raise MismatchError(f'{where("key")}: not an {kind} random state: stored key of '
+                                f'shape {stored.shape} and dtype {stored.dtype}, expected '
+                                f'shape {own.shape} and dtype {own.dtype} ({error})') from None
+        return state
 
 
 def _on_host(array) -> numpy.ndarray:
