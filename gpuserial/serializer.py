@@ -72,6 +72,23 @@ _CHAINER_MODULE = 'chainer.serializer'
 _chainer_classes: dict[tuple[type, type], type] = {}
 
 
+def saves(serializer: AbstractSerializer) -> bool:
+    """Whether ``serializer`` saves: gpuserial's serializers, and Chainer's (which are not
+    gpuserial's) once the caller has imported Chainer."""
+    return _is_a(serializer, Serializer, 'Serializer')
+
+
+def loads(serializer: AbstractSerializer) -> bool:
+    """Whether ``serializer`` loads: gpuserial's deserializers, and Chainer's."""
+    return _is_a(serializer, Deserializer, 'Deserializer')
+
+
+def _is_a(serializer: AbstractSerializer, ours: type, name: str) -> bool:
+    chainers = getattr(sys.modules.get(_CHAINER_MODULE), name, None)
+    return isinstance(serializer, ours) or (chainers is not None
+                                            and isinstance(serializer, chainers))
+
+
 def _with_chainer_bases(cls: type) -> type:
     """``cls``, or once Chainer is imported, a subclass of ``cls`` and Chainer's matching base."""
     chainer = sys.modules.get(_CHAINER_MODULE)

@@ -683,6 +683,67 @@ def test_chainer_loads_gpuserial_files(tmp_path):
     assert set(json.loads(result.stdout)) == set(written)
 
 
+CHAINER_ROUND_TRIP = """
+import sys
+
+import numpy
+
+import gpuserial
+
+
+def make(out, stop):
+    model = gpuserial.Linear(3, 2)
+    model.W.array[...] = 1
+    optimizer = gpuserial.MomentumSGD(lr=0.1).setup(model)
+    data = [numpy.full(3, i, numpy.float32) for i in range(8)]
+
+    def step(model, batch):
+        model.W.grad = numpy.outer(numpy.ones(2, numpy.float32), numpy.sum(batch, axis=0))
+        model.b.grad = numpy.ones(2, numpy.float32)
+
+    updater = gpuserial.StandardUpdater(gpuserial.SerialIterator(data, 3, seed=0), optimizer, step)
+    return gpuserial.Trainer(updater, stop_trigger=(stop, 'iteration'), out=out)
+
+
+if __name__ == '__main__':  # in Chainer's environment: Chainer loads, trains on, saves
+    import chainer
+    source, target, out = sys.argv[1:]
+    trainer = make(out, 7)
+    load = chainer.serializers.load_hdf5 if source.endswith('.h5') else chainer.serializers.load_npz
+    load(source, trainer)
+    trainer.run()
+    chainer.serializers.save_npz(target, trainer)
+    print(trainer.elapsed_time)
+"""
+
+
+@pytest.mark.chainer
+@pytest.mark.parametrize('ext', ['npz', 'h5'])
+def test_chainer_resumes_and_saves_gpuserial_trainers(tmp_path, ext):
+    """Chainer's load_npz and load_hdf5 give a fresh gpuserial trainer its optimizer's state,
+    and Chainer's save_npz stores its random state and its elapsed time: a run resumed and
+    saved by Chainer is the straight run."""
+    namespace: dict = {}
+    exec(compile(CHAINER_ROUND_TRIP, 'CHAINER_ROUND_TRIP', 'exec'), namespace)
+    make = namespace['make']
+    first = make(str(tmp_path), 5)
+    first.run()
+    FORMATS[ext][0](tmp_path / f'five.{ext}', first)
+    result = subprocess.run(
+        [str(CHAINER_PYTHON), '-c', CHAINER_ROUND_TRIP, str(tmp_path / f'five.{ext}'),
+         str(tmp_path / 'seven.npz'), str(tmp_path)], capture_output=True, text=True,
+        timeout=120, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    straight = make(str(tmp_path), 7)
+    straight.run()
+    resumed = make(str(tmp_path), 7)
+    serializers.load_npz(tmp_path / 'seven.npz', resumed)
+    expected, got = host_state(straight), host_state(resumed)
+    assert sorted(got) == sorted(expected)
+    assert [key for key in expected if not numpy.array_equal(got[key], expected[key])] == []
+    assert resumed._snapshot_elapsed_time == float(result.stdout)
+
+
 if __name__ == '__main__':
     warnings.simplefilter('error')
     if sys.argv[1] == 'resume':

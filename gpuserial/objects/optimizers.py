@@ -19,7 +19,7 @@ import numpy
 
 from gpuserial.engine import devices
 from gpuserial.objects.link import Link, Parameter
-from gpuserial.serializer import Deserializer, after_load
+from gpuserial.serializer import after_load, loads
 
 __all__ = ['Adam', 'AdamRule', 'GradientMethod', 'Hyperparameter', 'MomentumSGD',
            'MomentumSGDRule', 'Optimizer', 'SGD', 'SGDRule', 'UpdateRule']
@@ -128,7 +128,7 @@ class UpdateRule:
             if any(loaded[key] is not value for key, value in state.items()):
                 after_load(serializer, functools.partial(state.update, loaded))
             return
-        if not isinstance(serializer, Deserializer):
+        if not loads(serializer):
             return
         loaded = {}
         for key in self._state_keys():

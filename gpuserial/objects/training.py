@@ -31,7 +31,7 @@ import numpy
 from gpuserial import serializers
 from gpuserial.engine import asyncsave, devices
 from gpuserial.errors import MismatchError
-from gpuserial.serializer import Serializer, after_load
+from gpuserial.serializer import after_load, saves
 from gpuserial.storage import remote
 from gpuserial.storage.folders import join
 
@@ -171,7 +171,7 @@ class SerialIterator:
         """Saves the random state, or loads it: the state to set, None to keep this one."""
         kind, key, pos, has_gauss, gauss = self._random.get_state()
         own = numpy.asarray(key)  # what a key must look like (a message says so)
-        saving = isinstance(serializer, Serializer)
+        saving = saves(serializer)
         try:  # a load reads the key at once (value None)
             key = serializer('key', key if saving else None)
             if key is None:  # not in the file (strict=False) or ignored: keep this state
@@ -625,7 +625,7 @@ class Trainer:
                 entry.extension.serialize(extensions[name])
             if hasattr(entry.trigger, 'serialize'):
                 entry.trigger.serialize(triggers[name])
-        if isinstance(serializer, Serializer):
+        if saves(serializer):
             serializer('_snapshot_elapsed_time', self.elapsed_time)
         else:
             after_load(serializer, functools.partial(
