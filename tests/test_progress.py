@@ -11,6 +11,7 @@ import pytest
 
 from gpuserial import serializers
 from gpuserial.engine import progress
+from tests.conftest import host, make_device
 
 
 class Terminal(io.StringIO):
@@ -133,8 +134,9 @@ class _Recorder:
         yield Shown()
 
 
+@pytest.mark.parametrize('device', ['cpu', 'standin:0'])  # small device arrays: read whole
 @pytest.mark.parametrize('fmt', ['npz', 'npz-stored', 'hdf5'])
-def test_a_load_counts_every_array_byte_of_its_single_pass(tmp_path, monkeypatch, fmt):
+def test_a_load_counts_every_array_byte_of_its_single_pass(tmp_path, monkeypatch, fmt, device):
     save, load = {'npz': (serializers.save_npz, serializers.load_npz),
                   'npz-stored': (lambda path, obj: serializers.save_npz(path, obj, False),
                                  serializers.load_npz),
@@ -143,9 +145,11 @@ def test_a_load_counts_every_array_byte_of_its_single_pass(tmp_path, monkeypatch
     save(path, {'a': numpy.ones(1000), 'b': numpy.ones(24, numpy.float32), 'n': 3})
     recorder = _Recorder()
     monkeypatch.setattr(progress, 'bar', recorder)
-    target = {'a': numpy.zeros(1000), 'b': None, 'n': 0}  # b is read during the pass
+    target = {'a': make_device(device).send(numpy.zeros(1000)), 'b': None,
+              'n': 0}  # b is read during the pass
     load(path, target)
     assert recorder.bars == [{'desc': f'load {path}', 'total': 8000 + 96, 'done': 8000 + 96}]
+    assert host(target['a']).tolist() == [1.0] * 1000
 
 
 def test_a_load_of_hdf5_text_into_str_arrays_counts_what_it_planned(tmp_path, monkeypatch):
