@@ -250,10 +250,11 @@ class LazyFile:
                  storage_options: dict | None = None):
         self.name = display_name(file)
         self._placement = _Placement.of(device, like)
-        self._resources = contextlib.ExitStack()
-        self._reader = self._resources.enter_context(
-            inspection.open_reader(file, format, storage_options))
-        self._keys = self._reader.keys()
+        with contextlib.ExitStack() as resources:  # closed again if listing the keys fails
+            self._reader = resources.enter_context(
+                inspection.open_reader(file, format, storage_options))
+            self._keys = self._reader.keys()
+            self._resources = resources.pop_all()
 
     def keys(self) -> list[str]:
         """Every entry's full key, in the file's order."""

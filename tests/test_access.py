@@ -847,6 +847,37 @@ def test_open_does_not_read_a_large_file(tmp_path):
         assert fp.count < 2 << 20
 
 
+def _open_files_of(path) -> int:
+    """How many of this process's file descriptors are open on ``path``."""
+    links = (os.path.join('/proc/self/fd', fd) for fd in os.listdir('/proc/self/fd'))
+    return sum(1 for link in links if _readlink(link) == str(path))
+
+
+def _readlink(link: str) -> str | None:
+    try:
+        return os.readlink(link)
+    except OSError:  # gone meanwhile (the listing's own descriptor)
+        return None
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self/fd'), reason='needs /proc')
+@pytest.mark.parametrize('suffix', ['.npz', '.h5'])
+def test_open_closes_the_file_when_listing_its_keys_fails(tmp_path, monkeypatch, suffix):
+    from gpuserial.formats import hdf5, npz
+    path = tmp_path / f'a{suffix}'
+    gpuserial.save(path, {'x': numpy.zeros(3)})
+    reader = npz._ZipReader if suffix == '.npz' else hdf5._GroupReader
+
+    def failing_keys(self):
+        raise OSError(5, 'Input/output error')
+
+    monkeypatch.setattr(reader, 'keys', failing_keys)
+    with pytest.raises(OSError, match='Input/output error') as raised:
+        gpuserial.open(path)
+    assert raised.value.__traceback__ is not None  # held, as a caller that keeps the error
+    assert _open_files_of(path) == 0
+
+
 def test_slices_of_hdf5_datasets_read_only_their_part(tmp_path, monkeypatch):
     data = numpy.arange(200 * 50, dtype=numpy.int32).reshape(200, 50)
     gpuserial.save(tmp_path / 'a.h5', {'x': data})
