@@ -834,6 +834,15 @@ def test_data_after_the_deflate_stream_is_refused(tmp_path, trailing):
     assert target['x'].tolist() == list(range(50))
 
 
+@pytest.mark.parametrize('kept', [0, 5, 20])
+def test_a_deflate_stream_that_ends_within_the_npy_header_is_truncated(tmp_path, kept):
+    npy = crafting.npy_of(numpy.arange(50.0))
+    path = _write(tmp_path, crafting.deflated_npz({'x': (npy[:kept], len(npy))}))
+    with pytest.raises(CorruptFileError, match=_where(path, 'x') + r': the deflate stream ends '
+                       r'\d+ bytes early'):
+        serializers.load_npz(path, {'x': numpy.zeros(50)})
+
+
 @pytest.mark.parametrize('shape', [(1,) * _npy.MAX_NDIM, (2,) + (1,) * (_npy.MAX_NDIM - 1)],
                          ids=['ones', 'two then ones'])
 def test_as_many_dimensions_as_numpy_allows_load(tmp_path, shape):

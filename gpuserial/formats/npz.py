@@ -411,6 +411,10 @@ class _ZipReader(loading.Reader):
         header, inflated."""
         data_start = _zipread.data_start_of(self.archive.fp, info)
         head = _zipread.inflated_head(self.archive.fp, info, data_start, HEADER_GUESS)
+        prefix = min(_npy.PREFIX_LEN + 4, info.file_size)  # what says the header's length
+        if len(head) < prefix:
+            raise _zipread.MemberError(f'the deflate stream ends {prefix - len(head)} bytes '
+                                       f'early')
         length = _npy.header_length(head)
         if length > info.file_size:
             raise _npy.HeaderError(f'a header of {length} bytes in a member of '
