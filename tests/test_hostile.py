@@ -152,6 +152,27 @@ def test_chainer_none_is_the_one_pickle_accepted(tmp_path):
     assert serializers.NpzDeserializer(numpy.load(path))('x', numpy.ones(3)) is None
 
 
+_NONE = crafting.npy_of(numpy.asarray(None))
+BROKEN_NONES = {  # Chainer's None in a member that lies: refused as any member is
+    'stored, CRC': (crafting.patch_central(crafting.npz_of({'x': _NONE}), 'x.npy', 'crc', 1),
+                    'CRC mismatch'),
+    'deflated, CRC': (crafting.patch_central(crafting.npz_of({'x': _NONE}, zipfile.ZIP_DEFLATED),
+                                             'x.npy', 'crc', 1), 'CRC mismatch'),
+    'deflated, bytes after the stream': (crafting.deflated_npz({'x': (_NONE, None)}, b'junk'),
+                                         'the member holds 4 bytes after the end of its deflate'),
+    'deflated, a longer stream': (crafting.deflated_npz({'x': (_NONE + b'..', len(_NONE))}),
+                                  'the deflate stream holds more than the directory says'),
+}
+
+
+@pytest.mark.parametrize('case', list(BROKEN_NONES))
+def test_a_broken_member_holding_chainer_none_is_refused(tmp_path, case):
+    data, message = BROKEN_NONES[case]
+    path = _write(tmp_path, data)
+    with pytest.raises(CorruptFileError, match=_where(path, 'x') + ': ' + message):
+        serializers.load_npz(path, {'x': None})
+
+
 # ---------------------------------------------------------------------------------------------
 # Bogus .npy headers
 

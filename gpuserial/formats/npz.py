@@ -374,10 +374,9 @@ class _ZipReader(loading.Reader):
             payload_length = info.file_size - header.length
             payload = b''
             if payload_length <= _npy.NONE_PICKLE_MAX_LEN:
-                payload = (bytes(self.archive.fp.view(data_start + header.length,
-                                                      payload_length))
-                           if info.compress_type == _zipstream.STORED else
-                           self._inflated(info, data_start, info.file_size)[header.length:])
+                read = bytearray(payload_length)  # read whole, checked: it is never read again
+                self._read_member(info, data_start, header.length, read)
+                payload = bytes(read)
             if _npy.is_chainer_none(header, payload):
                 return loading.Entry(key, None, None, info)
             raise UnsafeFileError(f'{self.where(key)}: holds a pickled object array of dtype '
@@ -459,18 +458,23 @@ class _ZipReader(loading.Reader):
     def read_whole(self, entry: loading.Entry, buffer: memoryview) -> None:
         info, header, data_start = entry.token
         try:
-            if info.compress_type == _zipstream.STORED:
-                _zipread.read_stored(self.archive.fp, info, data_start, header.length, buffer)
-            elif info.compress_size < _zipread.DIRECT:
-                _zipread.read_deflated(self.archive.fp, info, data_start, header.length, buffer)
-            else:
-                member = _zipread.MemberReader(self.archive.fp, info, data_start)
-                member.read(header.length)
-                member.readinto(buffer)
-                member.finish()
+            self._read_member(info, data_start, header.length, buffer)
         except READ_ERRORS as error:
             raise _read_error(self.where(entry.key), error) from error
         self.progress.update(header.nbytes)
+
+    def _read_member(self, info, data_start: int, head: int, out) -> None:
+        """Reads a whole member: its first ``head`` bytes skipped, the rest into ``out``
+        (exactly that long), its sizes, end of stream and CRC checked."""
+        if info.compress_type == _zipstream.STORED:
+            _zipread.read_stored(self.archive.fp, info, data_start, head, out)
+        elif info.compress_size < _zipread.DIRECT:  # before ``out`` changes
+            _zipread.read_deflated(self.archive.fp, info, data_start, head, out)
+        else:
+            member = _zipread.MemberReader(self.archive.fp, info, data_start)
+            member.read(head)
+            member.readinto(out)
+            member.finish()
 
     def read_into(self, entry: loading.Entry, dst) -> None:
         self.read_many([(entry, dst)], [])
