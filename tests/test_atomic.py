@@ -794,7 +794,9 @@ def test_a_failed_writeback_fails_the_durable_save_and_leaves_the_old_file(
     real_check = _signals.check
     monkeypatch.setattr(_signals, 'check', lambda: time.sleep(0.002) or real_check())
     path, old = old_file
-    state = dict(kill_saver.state(1), big=numpy.random.default_rng(0).random(1 << 18))  # 2 MiB
+    # 8 MiB: deflated members reach the file a 1 MiB block at a time, and the thread must see
+    # it grow more than once
+    state = dict(kill_saver.state(1), big=numpy.random.default_rng(0).random(1 << 20))
     with transfer.configure(chunk_bytes=64 << 10), \
             pytest.raises(OSError, match=r'\(writing the file back to the disk\)') as raised:
         FORMATS[fmt][0](path, state)

@@ -6,6 +6,7 @@ real Chainer loads them; that half needs Chainer's own environment, which ``ci/t
 and names in GPUSERIAL_CHAINER_PYTHON.
 """
 
+import hashlib
 import json
 import math
 import pathlib
@@ -128,3 +129,30 @@ def test_real_chainer_loads_gpuserial_files(tmp_path):
     assert result.returncode == 0, result.stderr
     loaded = json.loads(result.stdout)
     assert sorted(loaded) == sorted(names)
+
+
+CHAINER_READS = '''
+import hashlib
+import sys
+import chainer
+import numpy
+target = numpy.zeros(int(sys.argv[2]), numpy.float32)
+with numpy.load(sys.argv[1]) as npz:
+    chainer.serializers.NpzDeserializer(npz)('w', target)
+print(hashlib.sha256(target.tobytes()).hexdigest(), int(target.size))
+'''
+
+
+@pytest.mark.chainer
+def test_real_chainer_reads_members_deflated_in_blocks_on_threads(tmp_path):
+    size = 3 * (1 << 20) // 4 + 12345  # float32: 3 blocks and some
+    weights = numpy.random.default_rng(0).standard_normal(size).astype(numpy.float32)
+    path = tmp_path / 'model.npz'
+    serializers.save_npz(path, {'w': weights})
+    with zipfile.ZipFile(path) as archive:  # the block list sits in the directory's extra field
+        assert archive.getinfo('w.npy').extra
+    result = subprocess.run([CHAINER_PYTHON, '-c', CHAINER_READS, str(path), str(size)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    digest, count = result.stdout.split()
+    assert (digest, int(count)) == (hashlib.sha256(weights.tobytes()).hexdigest(), size)

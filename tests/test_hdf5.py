@@ -4,6 +4,7 @@ import io
 import os
 import re
 import resource
+import threading
 
 import h5py
 import numpy
@@ -248,14 +249,83 @@ def test_a_save_through_python_raises_what_failed_when_no_write_did(monkeypatch)
         serializers.save_hdf5(io.BytesIO(), {'W': numpy.zeros(3)})
 
 
-def test_compressed_rows_larger_than_a_chunk_are_chunked_a_block_each(tmp_path, small_chunks):
-    """Rows of 256 bytes with 64-byte staging chunks: each HDF5 chunk is one block, a part of
-    one row, so that no chunk is written twice."""
+def test_compressed_rows_larger_than_a_chunk_are_chunked_a_block_each(tmp_path, monkeypatch):
+    """Rows of 256 bytes with 64-byte HDF5 chunks: each HDF5 chunk is one block, a part of one
+    row, so that no chunk is written twice."""
+    monkeypatch.setattr(hdf5, 'GZIP_CHUNK_BYTES', 64)
     array = numpy.arange(4 * 4 * 8, dtype=numpy.float64).reshape(4, 4, 8)
     serializers.save_hdf5(tmp_path / 'm.h5', {'x': array}, compression=4)
     with h5py.File(tmp_path / 'm.h5') as f:
         assert f['x'].chunks == (1, 1, 8)
         numpy.testing.assert_array_equal(f['x'][()], array)
+
+
+RNG = numpy.random.default_rng(0)
+GZIPPED = {  # edge chunks, rows wider than a chunk, byte orders, every kind h5py stores as is
+    'rows': RNG.standard_normal((3001, 257)).astype(numpy.float32),
+    'flat': RNG.standard_normal(300_003),
+    'wide': RNG.standard_normal((2, 3, 300_001)).astype(numpy.float32),
+    'big_endian': RNG.standard_normal((700, 1000)).astype('>f8'),
+    'bool': RNG.integers(0, 2, (3000, 1000)).astype(bool),
+    'complex': (RNG.standard_normal((400, 500)) + 1j).astype(numpy.complex128),
+    'half': RNG.standard_normal(1_000_001).astype(numpy.float16),
+    'int8': RNG.integers(-100, 100, 2_500_000).astype(numpy.int8),
+    'transposed': RNG.standard_normal((1000, 700)).astype(numpy.float32).T,
+}
+
+
+@pytest.mark.parametrize('threads', [1, 3])
+def test_gzipped_chunks_are_libhdf5s_own_whatever_the_threads_device_and_staging(
+        tmp_path, monkeypatch, threads):
+    """Chunks of at most GZIP_CHUNK_BYTES, gzipped on the worker threads: the same chunk
+    shapes and bytes as h5py (libhdf5's filter) writes, whatever the staging chunks and the
+    array's device."""
+    from gpuserial.engine import workers
+    monkeypatch.setattr(workers, 'count', lambda: threads)
+    device = StandInDevice(0)
+    with transfer.configure(chunk_bytes=100_000):
+        serializers.save_hdf5(tmp_path / 'host.h5', GZIPPED)
+        serializers.save_hdf5(tmp_path / 'device.h5', {  # devices hold native byte order
+            key: device.send(value) for key, value in GZIPPED.items() if value.dtype.isnative})
+    with h5py.File(tmp_path / 'host.h5') as ours, h5py.File(tmp_path / 'device.h5') as sent, \
+            h5py.File(tmp_path / 'h5py.h5', 'w') as theirs:
+        for key, value in GZIPPED.items():
+            dataset = ours[key]
+            assert (dataset.compression, dataset.compression_opts) == ('gzip', 4)
+            assert dataset.dtype == value.dtype
+            chunk_bytes = value.itemsize * numpy.prod(dataset.chunks)
+            assert hdf5.GZIP_CHUNK_BYTES // 2 < chunk_bytes <= hdf5.GZIP_CHUNK_BYTES, key
+            numpy.testing.assert_array_equal(dataset[()], value)
+            reference = theirs.create_dataset(key, data=value, chunks=dataset.chunks,
+                                              compression=4)
+            copies = [dataset, reference] + ([sent[key]] if value.dtype.isnative else [])
+            assert {copy.chunks for copy in copies} == {dataset.chunks}
+            count = dataset.id.get_num_chunks()
+            assert {copy.id.get_num_chunks() for copy in copies} == {count} and count > 1
+            for index in range(count):
+                offset = dataset.id.get_chunk_info(index).chunk_offset
+                chunks = {copy.id.read_direct_chunk(offset) for copy in copies}
+                assert len(chunks) == 1, (key, offset)
+
+
+def test_gzipped_chunks_deflate_on_the_worker_threads(tmp_path, monkeypatch):
+    from gpuserial.engine import workers
+    monkeypatch.setattr(workers, 'count', lambda: 3)
+    where = []
+    compress = hdf5.zlib.compress
+
+    class Zlib:
+        @staticmethod
+        def compress(data, level):
+            where.append(threading.current_thread().name)
+            return compress(data, level)
+
+    monkeypatch.setattr(hdf5, 'zlib', Zlib)
+    serializers.save_hdf5(tmp_path / 'm.h5', {'x': GZIPPED['flat']})
+    assert len(where) == 3 and all(name.startswith('gpuserial-worker') for name in where)
+    target = {'x': numpy.zeros_like(GZIPPED['flat'])}
+    serializers.load_hdf5(tmp_path / 'm.h5', target)
+    numpy.testing.assert_array_equal(target['x'], GZIPPED['flat'])
 
 
 def test_a_file_object_that_takes_no_bytes_fails_the_save():

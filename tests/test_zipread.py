@@ -2,7 +2,10 @@
 back the same way; and the records a broken directory gets refused by."""
 
 import io
+import os
+import signal
 import struct
+import threading
 import time
 import zipfile
 import zlib
@@ -13,6 +16,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gpuserial import serializers
+from gpuserial.engine import workers
 from gpuserial.errors import CorruptFileError
 from gpuserial.formats import _npy, _zipread, _zipstream
 from tests import crafting
@@ -174,14 +178,16 @@ def test_members_with_comments_read_as_zipfile_reads_them():
 
 def test_zip64_fields_fill_only_the_fields_that_say_so():
     extra = struct.pack('<HH', 0x5455, 5) + b'12345' + struct.pack('<HHQQ', 1, 16, 7, 8)
-    assert _zipread._zip64(extra, 0xFFFFFFFF, 5, 0xFFFFFFFF) == (7, 5, 8)
-    assert _zipread._zip64(extra, 1, 0xFFFFFFFF, 3) == (1, 7, 3)
+    assert _zipread._extra_fields(extra, 0xFFFFFFFF, 5, 0xFFFFFFFF) == (7, 5, 8, None)
+    assert _zipread._extra_fields(extra, 1, 0xFFFFFFFF, 3) == (1, 7, 3, None)
     with pytest.raises(_zipread.ZipError, match='too few ZIP64 values'):
-        _zipread._zip64(struct.pack('<HHQ', 1, 8, 7), 0xFFFFFFFF, 0xFFFFFFFF, 3)
+        _zipread._extra_fields(struct.pack('<HHQ', 1, 8, 7), 0xFFFFFFFF, 0xFFFFFFFF, 3)
     with pytest.raises(_zipread.ZipError, match='Corrupt extra field'):
-        _zipread._zip64(struct.pack('<HHQ', 1, 16, 7), 0xFFFFFFFF, 5, 6)
+        _zipread._extra_fields(struct.pack('<HHQ', 1, 16, 7), 0xFFFFFFFF, 5, 6)
     with pytest.raises(_zipread.ZipError, match='no ZIP64 extra field'):
-        _zipread._zip64(b'', 0xFFFFFFFF, 5, 6)
+        _zipread._extra_fields(b'', 0xFFFFFFFF, 5, 6)
+    with pytest.raises(_zipread.ZipError, match='Corrupt extra field'):  # as zipfile says
+        _zipread._extra_fields(extra + struct.pack('<HH', 0x7875, 9), 0xFFFFFFFF, 5, 6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -646,3 +652,166 @@ def test_a_corrupt_or_cut_deflate_stream_is_a_member_error_in_every_reader():
     with pytest.raises(_zipread.MemberError, match='corrupt deflate data'):
         _zipread.inflated_head(corrupt, member, 0, 10)
     assert len(_zipread.inflated_head(cut, member, 0, 10)) == 10  # the start is whole
+
+
+# ---------------------------------------------------------------------------------------------
+# Deflated members in blocks: deflated and inflated on threads, one stream that any reader reads
+
+BLOCK = _zipstream.BLOCK
+SIZES = [BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 12345]
+
+
+def _threads(monkeypatch, count: int) -> None:
+    monkeypatch.setattr(workers, 'count', lambda: count)
+
+
+def _payload(size: int) -> bytes:
+    """Half noise, half runs: blocks that deflate to different sizes."""
+    noise = numpy.random.default_rng(size).integers(0, 256, size // 2, numpy.uint8).tobytes()
+    return noise + (b'run' * size)[:size - len(noise)]
+
+
+def _in_blocks(chunk: int, monkeypatch) -> bytes:
+    monkeypatch.setattr(time, 'localtime', lambda: time.struct_time((2026, 12, 7, 12, 0, 0, 0,
+                                                                     341, 0)))
+    out = io.BytesIO()
+    with _zipstream.ZipWriter(out, compression=True) as writer:
+        for size in SIZES:
+            data = memoryview(_payload(size))
+            writer.write_member(f'{size}.npy', [data[start:start + chunk]
+                                                for start in range(0, size, chunk)])
+    return out.getvalue()
+
+
+@pytest.mark.parametrize('threads', [1, 3])
+def test_deflated_blocks_are_the_same_bytes_whatever_the_threads_and_chunks(monkeypatch,
+                                                                           threads):
+    _threads(monkeypatch, 1)
+    expected = _in_blocks(BLOCK * 4, monkeypatch)
+    _threads(monkeypatch, threads)
+    for chunk in (7777, BLOCK, BLOCK + 3, 3 * BLOCK):
+        assert _in_blocks(chunk, monkeypatch) == expected, chunk
+    with zipfile.ZipFile(io.BytesIO(expected)) as archive:  # one deflate stream each
+        for size in SIZES:
+            assert archive.read(f'{size}.npy') == _payload(size)
+    for member in _zipread.read_directory(io.BytesIO(expected)):
+        size = member.file_size
+        if size < BLOCK:
+            assert member.blocks is None
+        else:
+            assert member.blocks is not None
+            assert (member.blocks.size, len(member.blocks.deflated)) == (BLOCK, size // BLOCK)
+
+
+def _read_all(data: bytes, name: str) -> bytes:
+    fp = _zipread.WindowedFile(io.BytesIO(data))
+    member = next(m for m in _zipread.read_directory(fp) if m.filename == name)
+    reader = _zipread.MemberReader(fp, member, whole=True)
+    out = bytearray(member.file_size)
+    view = memoryview(out)
+    for start in range(0, len(out), 300_000):  # reads across the blocks' ends
+        reader.readinto(view[start:start + 300_000])
+    reader.finish()
+    return bytes(out)
+
+
+@pytest.mark.parametrize('threads', [1, 3])
+def test_blocks_inflate_on_the_pools_threads_or_as_one_stream_alike(monkeypatch, threads):
+    _threads(monkeypatch, 3)
+    data = _in_blocks(BLOCK, monkeypatch)
+    _threads(monkeypatch, threads)
+    where: list[str] = []
+    inflate = _zipread._inflate_block
+    monkeypatch.setattr(_zipread, '_inflate_block', lambda *args: where.append(
+        threading.current_thread().name) or inflate(*args))
+    for size in SIZES:
+        assert _read_all(data, f'{size}.npy') == _payload(size)
+    if threads == 1:
+        assert where == []
+    else:  # every block and the stream's end, on the pool's threads
+        assert len(where) == sum(size // BLOCK + 1 for size in SIZES if size >= BLOCK)
+        assert all(name.startswith('gpuserial-worker') for name in where)
+
+
+def _with_block_list(data: bytes, name: str, change) -> bytes:
+    """``data`` with the block list of member ``name`` changed by ``change`` (a function of
+    the list's sizes that returns new ones, as many)."""
+    member = next(m for m in _zipread.read_directory(io.BytesIO(data)) if m.filename == name)
+    old = struct.pack(f'<I{len(member.blocks.deflated)}I', BLOCK, *member.blocks.deflated)
+    new = struct.pack(f'<I{len(member.blocks.deflated)}I', BLOCK,
+                      *change(list(member.blocks.deflated)))
+    assert data.count(old) == 1
+    return data.replace(old, new)
+
+
+def test_a_block_list_that_lies_is_an_error_and_one_that_does_not_fit_is_ignored(monkeypatch):
+    _threads(monkeypatch, 3)
+    data = _in_blocks(BLOCK, monkeypatch)
+    name = f'{SIZES[-1]}.npy'
+    shifted = _with_block_list(data, name, lambda sizes: [sizes[0] + 1, sizes[1] - 1,
+                                                          *sizes[2:]])
+    with pytest.raises(_zipread.MemberError, match='corrupt deflate data|does not break where'):
+        _read_all(shifted, name)
+    with zipfile.ZipFile(io.BytesIO(shifted)) as archive:  # the stream itself is whole
+        assert archive.read(name) == _payload(SIZES[-1])
+    for unfit in (lambda sizes: [0, *sizes[1:]],  # no block is that short
+                  lambda sizes: [1 << 30, *sizes[1:]]):  # longer than the member
+        assert _read_all(_with_block_list(data, name, unfit), name) == _payload(SIZES[-1])
+
+
+def test_a_block_cut_or_corrupt_fails_the_read(monkeypatch):
+    _threads(monkeypatch, 3)
+    data = _in_blocks(BLOCK, monkeypatch)
+    name = f'{SIZES[-1]}.npy'
+    member = next(m for m in _zipread.read_directory(io.BytesIO(data)) if m.filename == name)
+    start = _zipread.data_start_of(io.BytesIO(data), member)
+    second = start + member.blocks.deflated[0]
+    corrupt = data[:second] + b'\xff' + data[second + 1:]  # block type 3: none such
+    with pytest.raises(_zipread.MemberError, match='corrupt deflate data'):
+        _read_all(corrupt, name)
+    flipped = bytearray(data)
+    flipped[second + 1000] ^= 0x10
+    with pytest.raises(_zipread.MemberError):  # whatever it inflates to, the CRC disagrees
+        _read_all(bytes(flipped), name)
+
+
+def test_a_failed_deflated_write_leaves_no_thread_reading_its_chunks(monkeypatch):
+    _threads(monkeypatch, 3)
+    running = []
+    deflate = _zipstream._deflated
+
+    def slow(block, last):
+        running.append(1)
+        time.sleep(0.05)
+        result = deflate(block, last)
+        running.pop()
+        return result
+
+    monkeypatch.setattr(_zipstream, '_deflated', slow)
+
+    class Failing(io.BytesIO):
+        def write(self, data):
+            if self.tell() > 1000:  # past the local header: the first block fails
+                raise OSError(28, 'No space left on device')
+            return super().write(data)
+
+    with pytest.raises(OSError, match='No space left'):
+        with _zipstream.ZipWriter(Failing(), compression=True) as writer:
+            writer.write_member('a.npy', [bytes(8 * BLOCK)])
+    assert running == []
+
+
+def test_a_forked_child_deflates_with_its_own_threads(tmp_path):
+    serializers.save_npz(tmp_path / 'parent.npz', {'w': numpy.ones(BLOCK)})  # the pool started
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        signal.alarm(60)  # a child waiting on its parent's threads would hang
+        try:
+            serializers.save_npz(tmp_path / 'child.npz', {'w': numpy.arange(BLOCK)})
+            target = {'w': numpy.zeros(BLOCK, numpy.int64)}
+            serializers.load_npz(tmp_path / 'child.npz', target)
+            os._exit(0 if (target['w'] == numpy.arange(BLOCK)).all() else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -4,16 +4,21 @@ The directory is parsed here, not by zipfile, in one read and a few microseconds
 (checkpoints hold thousands). Reads go through a read-ahead window, so that a run of small
 members (local headers, ``.npy`` headers, small arrays) costs one read of the file per window,
 while large reads go straight into the caller's buffer. Every member's size and CRC are checked
-as its data is read.
+as its data is read. A member that gpuserial deflated in blocks (:class:`Blocks`) is inflated
+a block a thread, ahead of the reader.
 """
 
 from __future__ import annotations
 
+import collections
 import struct
 import zlib
+from concurrent.futures import Future
 from typing import NamedTuple, Protocol
 
+from gpuserial.engine import workers
 from gpuserial.formats._zipstream import (
+    BLOCKS_TAG,
     CENTRAL,
     DEFLATE_ERRORS,
     DEFLATED,
@@ -44,6 +49,8 @@ WINDOW = 256 << 10  # bytes read ahead for small reads
 DIRECT = 64 << 10  # reads this large skip the window: straight into the caller's buffer
 HEAD_GUESS = 256  # local header name and extra field bytes read with it, at a guess
 HEAD_PIECE = 1 << 10  # deflated bytes read at a time for a member's first bytes (its header)
+BLOCK_SIZES = (64 << 10, 64 << 20)  # the block sizes a block list may give (memory stays bound)
+SYNC_FLUSH_END = b'\x00\x00\xff\xff'  # how a sync flush ends: an empty stored block
 
 
 class ZipError(ValueError):
@@ -69,9 +76,18 @@ class Input(Protocol):
     def seek(self, offset: int, whence: int = 0, /) -> int: ...
 
 
+class Blocks(NamedTuple):
+    """A deflated member's blocks, as the directory lists them (gpuserial writes them, see
+    ``_zipstream.ZipWriter``): each ``size`` bytes of data deflated alone, ending with a sync
+    flush, ``deflated`` bytes each; the rest (under ``size``) ends the stream."""
+
+    size: int
+    deflated: tuple[int, ...]
+
+
 class Member(NamedTuple):
-    """A member as the central directory describes it (zipfile.ZipInfo's attribute names, and
-    its name's bytes)."""
+    """A member as the central directory describes it (zipfile.ZipInfo's attribute names, its
+    name's bytes, and where gpuserial wrote it in blocks, their list)."""
 
     filename: str
     header_offset: int
@@ -81,6 +97,7 @@ class Member(NamedTuple):
     compress_type: int
     flag_bits: int
     raw_name: bytes
+    blocks: Blocks | None = None
 
     def is_dir(self) -> bool:
         return self.filename.endswith('/')
@@ -161,24 +178,30 @@ def _members(data: bytes, concat: int) -> list[Member]:
             name = raw_name.decode('ascii')
         else:
             name = raw_name.decode('utf-8' if flags & UTF8_FLAG else 'cp437')
-        if size == MARKER32 or compressed == MARKER32 or offset == MARKER32:
-            size, compressed, offset = _zip64(
+        blocks = None
+        if extra_length or size == MARKER32 or compressed == MARKER32 or offset == MARKER32:
+            size, compressed, offset, blocks = _extra_fields(
                 data[start + name_length:start + name_length + extra_length],
                 size, compressed, offset)
+            if blocks is not None and not _fits(blocks, method, size, compressed):
+                blocks = None  # not ours: read as one stream, as any reader would
         add(new(Member, (name, offset + concat, compressed, size, crc, method, flags,
-                         raw_name)))
+                         raw_name, blocks)))
         position = start + name_length + extra_length + comment_length
     return members
 
 
-def _zip64(extra: bytes, size: int, compressed: int, offset: int) -> tuple[int, int, int]:
-    """The 64-bit values of the ZIP64 extra field for the 32-bit fields that say so."""
-    position = 0
+def _extra_fields(extra: bytes, size: int, compressed: int, offset: int
+                  ) -> tuple[int, int, int, Blocks | None]:
+    """The 64-bit values of the ZIP64 extra field for the 32-bit fields that say so, and the
+    member's block list where it has one."""
+    position, zip64, blocks = 0, False, None
     while position + 4 <= len(extra):
         tag, length = struct.unpack_from('<HH', extra, position)
         if position + 4 + length > len(extra):
             raise ZipError('Corrupt extra field')
-        if tag == 1:
+        if tag == 1 and not zip64:
+            zip64 = True
             values = list(struct.unpack_from(f'<{length // 8}Q', extra, position + 4))
             wanted = [size, compressed, offset].count(MARKER32)
             if len(values) < wanted:
@@ -189,9 +212,21 @@ def _zip64(extra: bytes, size: int, compressed: int, offset: int) -> tuple[int, 
                 compressed = values.pop(0)
             if offset == MARKER32:
                 offset = values.pop(0)
-            return size, compressed, offset
+        elif tag == BLOCKS_TAG and length >= 4 and length % 4 == 0:
+            block_size, *deflated = struct.unpack_from(f'<{length // 4}I', extra, position + 4)
+            blocks = Blocks(block_size, tuple(deflated))
         position += 4 + length
-    raise ZipError('a field says ZIP64, but there is no ZIP64 extra field')
+    if not zip64 and MARKER32 in (size, compressed, offset):
+        raise ZipError('a field says ZIP64, but there is no ZIP64 extra field')
+    return size, compressed, offset, blocks
+
+
+def _fits(blocks: Blocks, method: int, size: int, compressed: int) -> bool:
+    """Whether a block list fits its member: deflated, a block for each whole block size of
+    its data, each ending in a sync flush (5 bytes at least), the stream's end after them."""
+    return (method == DEFLATED and BLOCK_SIZES[0] <= blocks.size <= BLOCK_SIZES[1]
+            and len(blocks.deflated) == size // blocks.size
+            and min(blocks.deflated, default=5) >= 5 and sum(blocks.deflated) < compressed)
 
 
 class WindowedFile:
@@ -332,7 +367,7 @@ def regular_stored(fp: WindowedFile, info, count: int) -> tuple[bytes, int, int]
     other member (:func:`stored_head` then checks it and says what is wrong)."""
     if type(info) is not Member:  # a zipfile.ZipInfo: no name bytes to compare
         return None
-    _, offset, compress_size, file_size, _, method, flags, raw_name = info
+    _, offset, compress_size, file_size, _, method, flags, raw_name, _ = info
     if method != STORED or flags & ENCRYPTED_FLAG or compress_size != file_size or offset < 0:
         return None
     window, at = fp.window_at(offset, LOCAL.size + HEAD_GUESS + count)
@@ -474,9 +509,12 @@ class MemberReader:
             ``zipfile.ZipInfo``).
         data_start: where its data starts, when an earlier reader of it found out (the local
             header is then not read again).
+        whole: the member is to be read whole: where it was deflated in blocks, they are
+            inflated ahead of the reader on the worker threads (else a piece at a time, as
+            asked for: its first bytes, a slice).
     """
 
-    def __init__(self, fp: Input, info, data_start: int | None = None):
+    def __init__(self, fp: Input, info, data_start: int | None = None, *, whole: bool = False):
         check_member(info)
         self.fp = fp
         self.info = info
@@ -489,6 +527,10 @@ class MemberReader:
         self.crc = 0
         self.inflater = deflate_module.decompressobj(-15) if info.compress_type else None
         self.pending = b''  # inflater input not yet consumed
+        blocks = getattr(info, 'blocks', None)  # a zipfile.ZipInfo has none
+        self.blocks = (_BlockInflater(self._raw, blocks, info.file_size, info.compress_size)
+                       if whole and blocks is not None and info.compress_type
+                       and workers.count() > 1 else None)
 
     def _raw(self, limit: int) -> bytes:
         count = min(limit, self.left)
@@ -507,7 +549,10 @@ class MemberReader:
         if self.produced + wanted > self.info.file_size:
             raise MemberError(f'asked for {self.produced + wanted} bytes of a member of '
                               f'{self.info.file_size}')
-        if self.inflater is None:
+        if self.blocks is not None:
+            self.blocks.readinto(buffer)
+            self.crc = crc32(buffer, self.crc)
+        elif self.inflater is None:
             if wanted > self.left:
                 raise MemberError('stored sizes disagree')
             self.fp.seek(self.position)
@@ -551,7 +596,9 @@ class MemberReader:
         """Checks that the whole member was read and that its CRC matches the directory's."""
         if self.produced != self.info.file_size:
             raise MemberError(f'read {self.produced} of {self.info.file_size} bytes')
-        if self.inflater is not None and not self.inflater.eof:
+        if self.blocks is not None:
+            self.blocks.finish()
+        elif self.inflater is not None and not self.inflater.eof:
             try:
                 extra = self.inflater.decompress(self.pending + self._raw(self.left), 1)
             except DEFLATE_ERRORS as error:
@@ -559,7 +606,7 @@ class MemberReader:
             if extra or not self.inflater.eof:
                 raise MemberError('the deflate stream holds more than the directory says')
             self.pending = self.inflater.unconsumed_tail
-        if self.inflater is not None:
+        if self.inflater is not None and self.blocks is None:
             trailing = len(self.pending) + len(self.inflater.unused_data) + self.left
             if trailing:
                 raise MemberError(f'the member holds {trailing} bytes after the end of its '
@@ -567,6 +614,72 @@ class MemberReader:
         if self.crc != self.info.CRC:
             raise MemberError(f'CRC mismatch (directory {self.info.CRC:08x}, data '
                               f'{self.crc:08x}): the data is corrupt')
+
+
+class _BlockInflater:
+    """A deflated member's data from its blocks (see :class:`Blocks`), inflated in order on the
+    worker threads (``engine.workers``), up to :func:`workers.count` ``+ 1`` blocks ahead of the
+    reader. ``raw`` reads the member's next deflated bytes."""
+
+    def __init__(self, raw, blocks: Blocks, file_size: int, compress_size: int):
+        self.raw = raw
+        last = (compress_size - sum(blocks.deflated), file_size % blocks.size, True)
+        self.blocks = collections.deque([*((deflated, blocks.size, False)
+                                           for deflated in blocks.deflated), last])
+        self.ahead: collections.deque[Future | bytes] = collections.deque()
+        self.data = memoryview(b'')  # the block being read, from where the reader stands
+
+    def readinto(self, buffer: memoryview) -> None:
+        """Fills ``buffer`` with the next data bytes (the caller checks that the member holds
+        them)."""
+        done = 0
+        while done < len(buffer):
+            if not self.data:
+                self.data = self._next()
+            count = min(len(self.data), len(buffer) - done)
+            buffer[done:done + count] = self.data[:count]
+            self.data = self.data[count:]
+            done += count
+
+    def _next(self) -> memoryview:
+        """The next block's data, the blocks after it put under way."""
+        while self.blocks and len(self.ahead) <= workers.count():
+            deflated, size, last = self.blocks.popleft()
+            data = self.raw(deflated)
+            self.ahead.append(workers.submit(_inflate_block, data, size, last)
+                              or _inflate_block(data, size, last))
+        if not self.ahead:
+            raise MemberError('the deflate stream holds more than the directory says')
+        done = self.ahead.popleft()
+        return memoryview(done.result() if isinstance(done, Future) else done)
+
+    def finish(self) -> None:
+        """Checks that the blocks not read yet hold nothing (the stream's end)."""
+        while self.blocks or self.ahead or self.data:
+            if self.data or self._next():
+                raise MemberError('the deflate stream holds more than the directory says')
+
+
+def _inflate_block(data: bytes, size: int, last: bool) -> bytes:
+    """A block of ``size`` bytes inflated alone from ``data``: a whole block ends with a sync
+    flush, the last ends the stream; MemberError otherwise."""
+    inflater = deflate_module.decompressobj(-15)
+    try:  # one byte more than the block holds: a longer stream shows, memory stays bound
+        inflated = inflater.decompress(data, size + 1)
+    except DEFLATE_ERRORS as error:
+        raise MemberError(f'corrupt deflate data: {error}') from None
+    if len(inflated) > size or inflater.unconsumed_tail:
+        raise MemberError('the deflate stream holds more than the directory says')
+    if last and (len(inflated) < size or not inflater.eof):
+        raise MemberError(f'the deflate stream ends {size - len(inflated)} bytes early'
+                          if len(inflated) < size else 'the deflate stream does not end')
+    if last and inflater.unused_data:
+        raise MemberError(f'the member holds {len(inflater.unused_data)} bytes after the end '
+                          f'of its deflate stream')
+    if not last and (len(inflated) < size or inflater.eof or data[-4:] != SYNC_FLUSH_END):
+        raise MemberError('its deflate stream does not break where the directory\'s block list '
+                          'says')
+    return inflated
 
 
 def _read(fp, count: int) -> bytes:

@@ -7,6 +7,7 @@ read in C-contiguous hyperslabs through the staging engine.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import io
@@ -14,13 +15,15 @@ import math
 import numbers
 import os
 import re
+import zlib
 from collections.abc import Collection, Iterable
+from concurrent.futures import Future
 from types import ModuleType
 
 import h5py
 import numpy
 
-from gpuserial.engine import devices, transfer
+from gpuserial.engine import devices, transfer, workers
 from gpuserial.engine import progress as _progress
 from gpuserial.errors import (
     CorruptFileError,
@@ -48,6 +51,7 @@ __all__ = ['HDF5Deserializer', 'HDF5Serializer', 'load_hdf5', 'save_hdf5']
 MAX_FILTER_RATIO = 1032  # gzip cannot expand data more than this: bounds a dataset's claims
 FREE_ALLOCATION_BYTES = 64 << 20  # a dataset whose chunks are unwritten may claim this much
 MIN_HOST_BLOCK_BYTES = 1 << 20  # host arrays are written and read in blocks at least this large
+GZIP_CHUNK_BYTES = 1 << 20  # a compressed dataset's HDF5 chunks hold this much at most
 HDF5_ENTRY_BYTES = 4 << 10  # what a dataset costs beyond its data, at most (headers, indexes)
 HDF5_FILE_BYTES = 1 << 20  # and the file itself
 HDF5_SPARE_BYTES = 256 << 20  # free space left beyond twice the file's: room for others' writes
@@ -278,7 +282,9 @@ def write_dataset(group: h5py.Group, key: str, array, compression: int | None,
     """Creates dataset ``key`` holding ``array``, written in hyperslabs of at most a chunk.
 
     Device arrays stream through the staging engine; with compression, each block is one HDF5
-    chunk (no chunk is rewritten). Between blocks a pending Ctrl-C is raised (see ``_signals``).
+    chunk of at most :data:`GZIP_CHUNK_BYTES` (no chunk is rewritten), gzipped on the worker
+    threads (see :func:`_write_gzipped_chunks`). Between blocks a pending Ctrl-C is raised (see
+    ``_signals``).
     """
     compression = compression if array.size > 1 and compression else None
     if array.size == 0:
@@ -287,9 +293,9 @@ def write_dataset(group: h5py.Group, key: str, array, compression: int | None,
     backend = devices.backend_of(array)
     assert backend is not None  # write_entry checked is_array
     host = backend.is_host
-    # Compressed, each block is one HDF5 chunk (no chunk is rewritten), a staging chunk
-    # whatever the array's device and layout: the file does not depend on them.
-    block_bytes = transfer.settings().chunk_bytes if compression else _block_bytes(host)
+    # Compressed, each block is one HDF5 chunk (no chunk is rewritten), the same whatever the
+    # array's device and layout and the staging settings: the file does not depend on them.
+    block_bytes = GZIP_CHUNK_BYTES if compression else _block_bytes(host)
     if host and array.nbytes <= block_bytes:  # one block: the whole array, one HDF5 chunk
         data = array if array.flags.c_contiguous else array.copy(order='C')  # at most a block
         if data.dtype.kind in PLAIN_KINDS:
@@ -306,6 +312,9 @@ def write_dataset(group: h5py.Group, key: str, array, compression: int | None,
         chunk_shape = (1,) * (len(index) - 1) + transfer.block_shape(array.shape, index)
     dataset = group.create_dataset(key, shape=array.shape, dtype=array.dtype,
                                    compression=compression, chunks=chunk_shape)
+    if compression and chunk_shape and array.dtype.kind in PLAIN_KINDS:
+        _write_gzipped_chunks(dataset, array, blocks, chunk_shape, compression, shown)
+        return
     with contextlib.closing(transfer.host_chunks(array, blocks=blocks)) as chunks:
         for (index, _, _), chunk in zip(blocks, chunks, strict=True):
             _signals.check()
@@ -316,6 +325,40 @@ def write_dataset(group: h5py.Group, key: str, array, compression: int | None,
 
 
 PLAIN_KINDS = frozenset('biufc')  # numbers and bools: h5py stores their arrays as they are
+
+
+def _write_gzipped_chunks(dataset: h5py.Dataset, array, blocks: list, chunk_shape: tuple,
+                          level: int, shown: _progress.Progress) -> None:
+    """Writes ``array`` into ``dataset``, one HDF5 chunk a block, each gzipped as libhdf5's
+    filter gzips it (zlib at ``level``, an edge chunk padded with zeros, the fill value) on the
+    worker threads, and written in order as it is (``write_direct_chunk``): at most
+    :func:`workers.count` ``+ 1`` chunks in flight."""
+    chunk_bytes = math.prod(chunk_shape) * array.dtype.itemsize
+    in_flight: collections.deque[tuple[tuple, int, Future | bytes]] = collections.deque()
+
+    def write_until(count: int) -> None:
+        while len(in_flight) > count:
+            offsets, size, done = in_flight[0]
+            data = done.result() if isinstance(done, Future) else done
+            in_flight.popleft()  # after its result: a Ctrl-C meanwhile leaves it to wait for
+            dataset.id.write_direct_chunk(offsets, data)
+            shown.update(size)
+
+    try:
+        with contextlib.closing(transfer.host_chunks(array, blocks=blocks)) as chunks:
+            for (index, _, _), chunk in zip(blocks, chunks, strict=True):
+                _signals.check()
+                data = bytes(chunk).ljust(chunk_bytes, b'\0')  # a copy: its memory is reused
+                write_until(workers.count())
+                future = workers.submit(zlib.compress, data, level)
+                offsets = tuple(i if isinstance(i, int) else i.start for i in index)
+                in_flight.append((offsets + (0,) * (array.ndim - len(offsets)), len(chunk),
+                                  zlib.compress(data, level) if future is None else future))
+            write_until(0)
+    finally:
+        for _, _, done in in_flight:  # on failure: no thread left working for nothing
+            if isinstance(done, Future):
+                done.cancel()
 
 
 def _create_plain_dataset(group: h5py.Group, key: str, data: numpy.ndarray,

@@ -471,7 +471,7 @@ class _ZipReader(loading.Reader):
         elif info.compress_size < _zipread.DIRECT:  # before ``out`` changes
             _zipread.read_deflated(self.archive.fp, info, data_start, head, out)
         else:
-            member = _zipread.MemberReader(self.archive.fp, info, data_start)
+            member = _zipread.MemberReader(self.archive.fp, info, data_start, whole=True)
             member.read(head)
             member.readinto(out)
             member.finish()
@@ -501,7 +501,7 @@ class _ZipReader(loading.Reader):
             filled.append(entry.key)
 
     def _stream_into(self, info, header: _npy.Header, data_start: int, target) -> None:
-        member = _zipread.MemberReader(self.archive.fp, info, data_start)
+        member = _zipread.MemberReader(self.archive.fp, info, data_start, whole=True)
         member.read(header.length)
 
         def read_into(buffer: memoryview) -> None:
