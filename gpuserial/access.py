@@ -183,12 +183,13 @@ class _Placement:
             return loading.read_text(reader, entry), False
         self._check_holds(entry.dtype, reader.where(entry.key))
         reader.check_size(entry, allocating=True)
-        on = self.device if entry.dtype.kind != 'V' else devices.CPU  # NumPy alone holds those
+        kind = entry.dtype.kind  # NumPy alone holds extension encodings ('V'), text and dates
+        on = devices.CPU if kind == 'V' or kind in devices.HOST_ONLY_KINDS else self.device
         dtype = entry.dtype if on.backend.is_host else entry.dtype.newbyteorder('=')
         return on.backend.empty(entry.shape, dtype, on), True
 
     def convert(self, value, where: str):
-        if not devices.is_array(value) or value.dtype.kind in 'USO':
+        if not devices.is_array(value) or value.dtype.kind in devices.HOST_ONLY_KINDS + 'O':
             return value
         if self.framework is not None:
             return self.framework.from_engine(value, self.device)

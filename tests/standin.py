@@ -133,6 +133,8 @@ class StandInBackend(devices.Backend):
         dtype = numpy.dtype(dtype)
         if dtype.names is not None:
             raise StandInError(f'a device array of the structured dtype {dtype}')
+        if dtype.kind in 'USMmO':  # CuPy 14: 'Unsupported dtype <U3' (no C type for its kernels)
+            raise StandInError(f'a device array of {dtype}, which CuPy cannot make')
         if devices.extension_of(dtype) and not self.extension_dtypes:
             raise StandInError(f'a device array of {dtype}, which this device does not hold')
 

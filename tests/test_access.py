@@ -136,6 +136,28 @@ def test_load_onto_a_device(tmp_path, kind, device):
         numpy.testing.assert_array_equal(host(value), STATE[key])
 
 
+def test_text_and_dates_stay_on_the_host_in_a_load_onto_a_device(tmp_path):
+    """No GPU array holds text or dates (CuPy 14: 'Unsupported dtype <U2', which the stand-in
+    says too): loads onto a device give them as NumPy arrays, as they give HDF5's text."""
+    from tests.standin import StandInDevice
+    device = StandInDevice(0)
+    state = {'names': numpy.array(['ab', 'c']), 'raw': numpy.array([b'xy', b'z']),
+             'when': numpy.array(['2026-12-07'], 'M8[D]'), 'took': numpy.array([3], 'm8[s]'),
+             'w': numpy.arange(3.0)}
+    path = tmp_path / 'a.npz'
+    gpuserial.save(path, state)
+    loaded = gpuserial.load(path, device=device)
+    with gpuserial.open(path, device=device) as f:
+        got = {key: f.get(key) for key in state}
+    target = dict.fromkeys(state)
+    serializers.load_npz(path, target, device=device)
+    for each in (loaded, got, target):
+        assert devices.device_of(each['w']) == device
+        for key in ('names', 'raw', 'when', 'took'):
+            assert type(each[key]) is numpy.ndarray, key
+            numpy.testing.assert_array_equal(each[key], state[key])
+
+
 def test_large_new_host_arrays_get_their_own_mapping(tmp_path, kind):
     import mmap
     data = numpy.arange(devices.OWN_MAPPING_BYTES // 4 + 3, dtype=numpy.float32)

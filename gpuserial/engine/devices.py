@@ -25,6 +25,8 @@ import numpy
 from gpuserial.errors import DeviceError
 
 OWN_MAPPING_BYTES = 4 << 20  # new host arrays this large get their own mapping (see empty)
+HOST_ONLY_KINDS = 'USMm'  # text, bytes, dates, durations: no device array holds them (CuPy 14
+# refuses to make one: 'Unsupported dtype <U2'), so loads keep them on the host
 _POPULATE = getattr(mmap, 'MAP_POPULATE', 0)  # Linux only
 
 __all__ = ['Backend', 'CpuDevice', 'CudaDevice', 'Device', 'backend_of', 'get_array_module',

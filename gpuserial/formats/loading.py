@@ -413,11 +413,12 @@ class ReaderDeserializer(Deserializer):
 
     def _new_array(self, entry: Entry, dtype: numpy.dtype, device: devices.Device | None = None):
         """A new array on ``device`` (by default the load's, else the CPU), read at once; an
-        extension dtype (bfloat16, ...) is read on the host, in its stored encoding."""
+        extension dtype (bfloat16, ...) is read on the host, in its stored encoding, and text
+        and dates stay there (see :data:`~gpuserial.engine.devices.HOST_ONLY_KINDS`)."""
         self.reader.check_size(entry, allocating=True)
         assert entry.shape is not None  # not a stored None
         device = device or self.device or devices.CPU
-        if dtype.kind == 'V':
+        if dtype.kind == 'V' or dtype.kind in devices.HOST_ONLY_KINDS:
             device = devices.CPU
         if not device.backend.is_host:
             dtype = dtype.newbyteorder('=')  # device arrays are native: swapped on the host
@@ -479,8 +480,9 @@ class ReaderDeserializer(Deserializer):
         dtype = value.dtype if holds is None else holds
         if dtype != entry.dtype or value.shape != entry.shape:  # else it fits
             self._check_fits(entry, value.shape, dtype)
-        if self.device is not None and dtype.kind not in 'US' and self._moves(value):
-            return self._new_array(entry, dtype)  # (text stays on the host, filled in place)
+        if (self.device is not None and dtype.kind not in devices.HOST_ONLY_KINDS
+                and self._moves(value)):
+            return self._new_array(entry, dtype)  # (text, dates stay on the host, filled in place)
         why = devices.why_not_fillable(value)
         if why is not None:
             raise MismatchError(f'{self.reader.where(entry.key)}: the target array cannot be '
