@@ -406,8 +406,7 @@ class _CupyBackend(Backend):
 
     def record(self, stream):
         cupy = _cupy()
-        device_id = next(key for key, value in self._streams.items() if value is stream)
-        with cupy.cuda.Device(device_id):  # an event of the stream's device
+        with cupy.cuda.Device(stream.device_id):  # an event of the stream's device
             return stream.record(cupy.cuda.Event(block=False, disable_timing=True))
 
     def wait(self, event):
