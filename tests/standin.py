@@ -45,6 +45,8 @@ class StandInArray:
     ndim = property(lambda self: self._data.ndim)
     nbytes = property(lambda self: self._data.nbytes)
     flags = property(lambda self: self._data.flags)
+    strides = property(lambda self: self._data.strides)  # as CuPy's: bytes
+    itemsize = property(lambda self: self._data.itemsize)
     T = property(lambda self: StandInArray(self._data.T, self.device))
 
     def reshape(self, *shape) -> StandInArray:

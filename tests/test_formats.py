@@ -79,6 +79,18 @@ def test_load_into_non_contiguous_targets(tmp_path, small_chunks, fmt):
     numpy.testing.assert_array_equal(base.T, values)
 
 
+def test_load_into_strided_targets_on_every_device(tmp_path, device, small_chunks, fmt):
+    """A target neither C- nor F-contiguous (every other column of a wider array): filled in
+    place, block by block, its neighbours untouched (as test_gpu.py does on a real GPU)."""
+    save, load, ext = fmt
+    values = numpy.arange(30, dtype=numpy.float32).reshape(5, 6)
+    save(tmp_path / f'm{ext}', {'w': values})
+    base = device.send(numpy.full((5, 12), -1.0, numpy.float32))
+    load(tmp_path / f'm{ext}', {'w': base[:, ::2]})
+    numpy.testing.assert_array_equal(host(base)[:, ::2], values)
+    numpy.testing.assert_array_equal(host(base)[:, 1::2], -1.0)
+
+
 def test_scalars_strings_and_none(tmp_path, fmt):
     save, load, ext = fmt
     source = {'i': 7, 'f': 2.5, 'b': True, 's': 'hello', 'n': None, 'np': numpy.float32(1.5)}
