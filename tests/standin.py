@@ -11,7 +11,8 @@ keeps CUDA's rules strictly enough that an engine breaking them gets wrong data 
   the other stream's work up to the event first.
 - CuPy's own checks: async copies only to or from pinned buffers (from ``pinned()``; a test
   that makes pinning fail allows pageable ones, which CUDA copies at once), of the right size;
-  arrays, streams and copies on one device; no arrays of non-native byte order.
+  arrays, streams and copies on one device; no arrays of non-native byte order, nor of text
+  or dates (CuPy 14's cupy.empty refuses them).
 - ``get()`` (the tests' view of an array) waits for everything on its device.
 """
 
