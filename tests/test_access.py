@@ -341,6 +341,22 @@ def test_an_expanded_torch_tensor_is_refused_not_filled(tmp_path, kind, dtype):
     assert expanded.float().eq(0).all()
 
 
+def test_a_lazy_conjugate_or_negative_torch_view_is_refused_not_filled(tmp_path, kind):
+    """torch hands out such a view's values as a resolved copy: a load through it would fill
+    the copy and leave the tensor as it was."""
+    torch = _torch()
+    path = path_for(tmp_path, kind)
+    save(path, kind, {'c': torch.tensor([1 + 2j, 3 - 4j]), 'i': torch.tensor([5.0, 6.0])})
+    owner = torch.zeros(2, dtype=torch.complex128)
+    for key, view in (('c', owner.conj()), ('i', owner.conj().imag)):
+        with pytest.raises(MismatchError, match=f"'{key}': the target array cannot be loaded in "
+                                                f"place: it is a lazy conjugate or negative view"):
+            gpuserial.load_into(path, {key: view}, strict=False)
+    assert owner.eq(0).all()
+    loaded = gpuserial.load_into(path, {'c': owner}, strict=False)  # its owner loads
+    assert loaded.unexpected_keys == ['i'] and owner.tolist() == [1 + 2j, 3 - 4j]
+
+
 def test_torch_cpu_tensors_load_in_place_where_dlpack_views_are_read_only(tmp_path, kind,
                                                                           monkeypatch):
     torch = _torch()

@@ -670,6 +670,11 @@ class Framework:
         """The Device that ``spec``, a device object of this framework, names; else None."""
         return None
 
+    def why_not_fillable(self, value) -> str | None:
+        """Why ``value`` cannot be filled through :meth:`engine_array`'s view (that view would
+        be a copy), else None."""
+        return None
+
     def stored_dtype(self, value) -> numpy.dtype:
         """The dtype ``value`` is stored as (extension dtypes in their encoding)."""
         return self.engine_array(value).dtype
@@ -738,6 +743,12 @@ class _Torch(Framework):
 
     def extension(self, tensor) -> str | None:
         return self._extensions(sys.modules['torch']).get(tensor.dtype)
+
+    def why_not_fillable(self, tensor) -> str | None:
+        if tensor.is_conj() or tensor.is_neg():  # its view is of a resolved copy
+            return ('it is a lazy conjugate or negative view (torch resolves it into a copy); '
+                    'load into a tensor that owns its values, then conj() it')
+        return None
 
     def device_of(self, tensor) -> Device:
         return self.device(tensor.device)

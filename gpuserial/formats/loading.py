@@ -468,6 +468,10 @@ class ReaderDeserializer(Deserializer):
             self._check_fits(entry, value.shape, holds)
             return self._new_placed(entry, entry.dtype)
         view = devices.engine_array(value, writable=True)
+        why = None if framework is None or self._moves(view) else framework.why_not_fillable(value)
+        if why is not None:
+            raise MismatchError(f'{self.reader.where(entry.key)}: the target array cannot be '
+                                f'loaded in place: {why}')
         loaded = self._load_array(entry, view, holds)
         if loaded is view:
             return value
