@@ -14,15 +14,31 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-__all__ = ['MAX_THREADS', 'count', 'submit', 'submitting']
+__all__ = ['MAX_THREADS', 'THREADS_VARIABLE', 'count', 'submit', 'submitting']
 
-MAX_THREADS = 8  # at most this many threads (fewer where fewer CPUs are ours)
+MAX_THREADS = 8  # at most this many threads by default (fewer where fewer CPUs are ours)
+THREADS_VARIABLE = 'GPUSERIAL_THREADS'  # the environment variable that sets the count instead
 
 
 @functools.cache
 def count() -> int:
-    """How many threads the pool has: the CPUs this process may run on, at most
-    :data:`MAX_THREADS`."""
+    """How many threads the pool has: :data:`THREADS_VARIABLE` where it is set (1: none, the
+    caller's thread does the work), else the CPUs this process may run on, at most
+    :data:`MAX_THREADS`.
+
+    Raises:
+        ValueError: the variable is set to something other than a positive integer.
+    """
+    named = os.environ.get(THREADS_VARIABLE)
+    if named is not None:
+        try:
+            threads = int(named)
+        except ValueError:
+            threads = 0
+        if threads < 1:
+            raise ValueError(f'{THREADS_VARIABLE}={named!r}: expected a positive number of '
+                             f'threads')
+        return threads
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not on Linux
