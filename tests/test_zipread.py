@@ -733,6 +733,21 @@ def test_blocks_inflate_on_the_pools_threads_or_as_one_stream_alike(monkeypatch,
         assert all(name.startswith('gpuserial-worker') for name in where)
 
 
+def test_blocks_written_to_a_stream_that_cannot_seek_read_back_alike(monkeypatch):
+    """Sizes and CRC in a data descriptor after the blocks; the block list in the directory."""
+    _threads(monkeypatch, 3)
+    out = crafting.Unseekable()
+    size = SIZES[-1]
+    with _zipstream.ZipWriter(out, compression=True) as writer:
+        writer.write_member('a.npy', [_payload(size)])
+    data = bytes(out.data)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        assert archive.getinfo('a.npy').flag_bits & _zipstream.DESCRIPTOR_FLAG
+        assert archive.read('a.npy') == _payload(size)
+    assert _zipread.read_directory(io.BytesIO(data))[0].blocks is not None
+    assert _read_all(data, 'a.npy') == _payload(size)
+
+
 def _with_block_list(data: bytes, name: str, change) -> bytes:
     """``data`` with the block list of member ``name`` changed by ``change`` (a function of
     the list's sizes that returns new ones, as many)."""
