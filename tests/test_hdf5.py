@@ -4,6 +4,8 @@ import io
 import os
 import re
 import resource
+import subprocess
+import sys
 import threading
 
 import h5py
@@ -347,6 +349,29 @@ def test_a_file_object_that_takes_no_bytes_fails_the_save():
 
     with pytest.raises(OSError, match='made no progress'):
         serializers.save_hdf5(Stuck(), {'x': numpy.arange(3)})
+
+
+REFUSING_WRITER = """
+import io, numpy
+from gpuserial import serializers
+class Refusing(io.RawIOBase):
+    def writable(self): return True
+    def seekable(self): return True
+    def seek(self, offset, whence=0): return 0
+    def tell(self): return 0
+    def write(self, data): raise ValueError('this store takes no bytes')
+try:
+    serializers.save_hdf5(Refusing(), {'x': numpy.arange(3)})
+except ValueError as error:
+    print('raised:', error)
+"""
+
+
+def test_a_file_objects_write_error_of_any_type_fails_the_save_not_the_process():
+    """Only an OSError was kept from libhdf5, and anything else crashed the process."""
+    run = subprocess.run([sys.executable, '-c', REFUSING_WRITER], capture_output=True, text=True,
+                         timeout=120)
+    assert (run.returncode, run.stdout) == (0, 'raised: this store takes no bytes\n'), run.stderr
 
 
 def test_a_dataset_where_a_group_of_that_name_already_holds_entries_is_refused(tmp_path):

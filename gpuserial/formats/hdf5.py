@@ -733,16 +733,17 @@ def _write_guarded(out, serializer: HDF5Serializer, plan: _Plan,
 class _KeptErrorFile(io.RawIOBase):
     """The file h5py writes through: a write error is kept for the caller, not passed to HDF5.
 
-    h5py (3.16, HDF5 2.0) crashes the process when a write fails (a full disk), at the latest
-    when the objects of the failed file are freed. Through this file HDF5 never sees a failed
-    write, truncate or flush: after the first error, writes are dropped, and the save raises that
-    error once h5py is done. (Unbuffered files fail only there; a buffered one may also fail in
-    ``seek``, flushing its buffer, and that error still reaches HDF5.)
+    h5py (3.16, HDF5 2.0) crashes the process when a write fails (a full disk, or a file
+    object's own error of any type), at the latest when the objects of the failed file are
+    freed. Through this file HDF5 never sees a failed write, truncate or flush: after the first
+    error, writes are dropped, and the save raises that error once h5py is done. (Unbuffered
+    files fail only there; a buffered one may also fail in ``seek``, flushing its buffer, and
+    that error still reaches HDF5.)
     """
 
     def __init__(self, raw):
         self.raw = raw
-        self.error: OSError | None = None
+        self.error: Exception | None = None
 
     def readable(self) -> bool:
         return True
@@ -790,7 +791,7 @@ class _KeptErrorFile(io.RawIOBase):
         if self.error is None:
             try:
                 operation(*args)
-            except OSError as error:
+            except Exception as error:  # not only OSError: a file object may raise anything
                 self.error = error
 
 
