@@ -112,6 +112,22 @@ def test_load_of_what_is_no_checkpoint_names_the_file(tmp_path):
         gpuserial.open(tmp_path / 'text.npz')
 
 
+@pytest.mark.parametrize('call', ['load', 'open', 'load_into', 'save', 'save_async'])
+def test_a_file_object_in_text_mode_is_refused_naming_it(tmp_path, kind, call):
+    path = path_for(tmp_path, kind)
+    save(path, kind, {'w': numpy.arange(3)})
+    writing, format = call.startswith('save'), 'hdf5' if kind == 'hdf5' else 'npz'
+    run = {'load': gpuserial.load, 'open': gpuserial.open,
+           'load_into': lambda f: gpuserial.load_into(f, {'w': numpy.zeros(3, int)}),
+           'save': lambda f: gpuserial.save(f, {'w': numpy.arange(3)}, format=format),
+           'save_async': lambda f: gpuserial.save_async(f, {'w': numpy.arange(3)},
+                                                        format=format)}[call]
+    with open(path, 'w' if writing else 'r') as f, pytest.raises(
+            TypeError, match=rf"^{re.escape(repr(str(path)))}: the file object is open in text "
+                             rf"mode; open it in binary mode \('{'wb' if writing else 'rb'}'\)$"):
+        run(f)
+
+
 def test_load_gives_hdf5_text_as_str_arrays(tmp_path):
     gpuserial.save(tmp_path / 'a.h5', {'name': numpy.array(['ab', 'c']), 'one': 'xyz'})
     loaded = gpuserial.load(tmp_path / 'a.h5')

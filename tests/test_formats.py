@@ -1,6 +1,7 @@
 """Both formats on every device: round trips, in-place loads, device=, paths, file objects."""
 
 import io
+import re
 
 import numpy
 import pytest
@@ -174,6 +175,31 @@ def test_file_objects(fmt):
     target = {'w': numpy.zeros(5, int)}
     load(buffer, target)
     numpy.testing.assert_array_equal(target['w'], numpy.arange(5))
+
+
+def test_a_file_object_that_cannot_take_bytes_is_refused_naming_it(tmp_path, fmt):
+    """Text mode reached the formats as decoding errors (loads) or a TypeError from inside the
+    zip writer (saves), and an HDF5 save through it crashed the process in libhdf5; a closed
+    or write-only file was called a corrupt one."""
+    save, load, ext = fmt
+    path = tmp_path / f'm{ext}'
+    save(path, {'w': numpy.arange(3)})
+    name = re.escape(repr(str(path)))
+    binary = 'the file object is open in text mode; open it in binary mode'
+    with open(path) as f, pytest.raises(TypeError, match=rf"^{name}: {binary} \('rb'\)$"):
+        load(f, {'w': numpy.zeros(3, int)})
+    with open(path, 'w') as f, pytest.raises(TypeError, match=rf"^{name}: {binary} \('wb'\)$"):
+        save(f, {'w': numpy.arange(3)})
+    with open(path, 'wb') as f, pytest.raises(io.UnsupportedOperation,
+                                              match=rf"^{name}: .* not open for reading"):
+        load(f, {'w': numpy.zeros(3, int)})
+    with open(path, 'rb') as f, pytest.raises(io.UnsupportedOperation,
+                                              match=rf"^{name}: .* not open for writing"):
+        save(f, {'w': numpy.arange(3)})
+    with open(path, 'rb') as f:
+        pass
+    with pytest.raises(ValueError, match=rf"^{name}: the file object is closed$"):
+        load(f, {'w': numpy.zeros(3, int)})
 
 
 def test_str_and_pathlike_paths(tmp_path, fmt):

@@ -98,6 +98,7 @@ def save_async(file, obj, format: str = 'npz', *, compression: bool | int | None
     if max_host_bytes < 1:
         raise ValueError(f'max_host_bytes must be positive, not {max_host_bytes!r}')
     location = remote.location_of(file, storage_options)  # checked before anything starts
+    _fileio.check_file_object(file, writing=True)
     _fileio.wait_for_save(file)
     _raise_unreported()
     if format == 'npz':

@@ -38,7 +38,13 @@ from gpuserial.errors import (
 from gpuserial.formats import loading
 from gpuserial.serializer import Serializer, as_serializable, child_path, entry_key
 from gpuserial.storage import _signals, remote
-from gpuserial.storage._fileio import atomic_path, display_name, is_path, wait_for_save
+from gpuserial.storage._fileio import (
+    atomic_path,
+    check_file_object,
+    display_name,
+    is_path,
+    wait_for_save,
+)
 
 resource: ModuleType | None
 try:
@@ -678,6 +684,7 @@ def write_planned(filename, serializer: HDF5Serializer, plan: _Plan, *, durable:
             remote.upload_file(spool, location)  # Ctrl-C aborts the upload
         return
     if not is_path(filename):
+        check_file_object(filename, writing=True)
         with _signals.deferred():
             _write_guarded(filename, serializer, plan, entries)
         return
@@ -822,6 +829,8 @@ def open_hdf5(filename, storage_options: dict | None = None) -> h5py.File:
             raise FileNotFoundError(f'{name!r}: no such file') from None
         except IsADirectoryError:
             raise IsADirectoryError(f'{name!r}: is a directory, not an HDF5 file') from None
+    else:
+        check_file_object(filename, writing=False)
     try:
         return h5py.File(filename, 'r')
     except (OSError, ValueError) as error:

@@ -32,6 +32,7 @@ from gpuserial.formats import _npy, _zipread, _zipstream, loading
 from gpuserial.serializer import Serializer, as_serializable, child_path, entry_key
 from gpuserial.storage._fileio import (
     atomic_output,
+    check_file_object,
     display_name,
     is_path,
     open_input,
@@ -699,6 +700,7 @@ class NpzDeserializer(loading.ReaderDeserializer):
 def open_npz(file) -> Archive:
     """Opens an NPZ file (a path or a seekable binary file object), with clear errors."""
     name = display_name(file)
+    check_file_object(file, writing=False)
     try:
         fp = open(os.fspath(file), 'rb') if is_path(file) else file
     except FileNotFoundError:

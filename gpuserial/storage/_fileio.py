@@ -8,6 +8,7 @@ import ctypes
 import dataclasses
 import errno
 import hashlib
+import io
 import os
 import secrets
 import socket
@@ -36,6 +37,33 @@ def display_name(file) -> str:
         return os.fsdecode(file)
     name = getattr(file, 'name', None)
     return name if isinstance(name, str) else f'<{type(file).__name__}>'
+
+
+def check_file_object(file, *, writing: bool) -> None:
+    """Refuses, naming it, a file object that cannot be read (``writing``: written) as bytes.
+
+    Paths and URLs pass. Left alone, a text-mode file's bytes would reach the formats as
+    decoding errors (or, for HDF5's writes, crash the process inside libhdf5), and a closed or
+    read-only file would look like a corrupt one.
+
+    Raises:
+        TypeError: a file open in text mode.
+        ValueError: a closed file.
+        io.UnsupportedOperation: a file not open for reading (``writing``: for writing).
+    """
+    if is_path(file) or remote.is_remote(file):
+        return
+    mode = 'wb' if writing else 'rb'
+    if isinstance(file, io.TextIOBase):
+        raise TypeError(f'{display_name(file)!r}: the file object is open in text mode; '
+                        f'open it in binary mode ({mode!r})')
+    if getattr(file, 'closed', False) is True:
+        raise ValueError(f'{display_name(file)!r}: the file object is closed')
+    able = getattr(file, 'writable' if writing else 'readable', None)
+    if callable(able) and able() is False:
+        raise io.UnsupportedOperation(
+            f'{display_name(file)!r}: the file object is not open for '
+            f'{"writing" if writing else "reading"} (open it with {mode!r})')
 
 
 def _temp_prefix(path: str) -> str:
@@ -321,6 +349,7 @@ def atomic_output(file, *, durable: bool, storage_options: dict | None = None,
             yield cast(BinaryIO, out)
         return
     if not is_path(file):
+        check_file_object(file, writing=True)
         yield file
         return
     with atomic_path(file, durable=durable, size_hint=size_hint) as temp, \
@@ -349,6 +378,7 @@ def open_input(file, storage_options: dict | None = None) -> Iterator[BinaryIO]:
             yield cast(BinaryIO, f)
         return
     if not is_path(file):
+        check_file_object(file, writing=False)
         yield file
         return
     with open(file, 'rb') as f:

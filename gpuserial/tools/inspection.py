@@ -28,7 +28,14 @@ from gpuserial.engine.progress import bar, counted
 from gpuserial.errors import CorruptFileError, ReadFailedError
 from gpuserial.formats import _npy, _zipread, _zipstream, hdf5, loading, npz
 from gpuserial.storage import _signals, remote
-from gpuserial.storage._fileio import atomic_output, atomic_path, display_name, is_path, open_input
+from gpuserial.storage._fileio import (
+    atomic_output,
+    atomic_path,
+    check_file_object,
+    display_name,
+    is_path,
+    open_input,
+)
 
 __all__ = ['ConvertResult', 'DiffResult', 'EntryInfo', 'FileInfo', 'KeyDiff', 'compression_level',
            'convert', 'detect_format', 'diff_files', 'dtype_name', 'format_for_path',
@@ -310,6 +317,7 @@ def open_reader(file, format: str | None = None, storage_options: dict | None = 
             yield hdf5._GroupReader(f, display_name(file))
         return
     remote.location_of(file, storage_options)  # storage_options only with a URL
+    check_file_object(file, writing=False)
     if format is None:
         format = detect_format(file) if is_path(file) else _format_of_stream(file)
     format_for_path('', format)  # a known one
