@@ -101,6 +101,16 @@ def test_load_of_a_file_object_without_a_name(tmp_path, kind):
     numpy.testing.assert_array_equal(loaded['f32'], STATE['f32'])
 
 
+def test_load_of_a_file_object_just_written_needs_no_rewind(kind):
+    """As load_npz and load_hdf5 read one: the format was told from the bytes at the file's
+    position, here its end, and the file called no checkpoint."""
+    buffer = io.BytesIO()
+    gpuserial.save(buffer, {'w': numpy.arange(3)}, format='hdf5' if kind == 'hdf5' else 'npz')
+    numpy.testing.assert_array_equal(gpuserial.load(buffer)['w'], numpy.arange(3))
+    with gpuserial.open(buffer) as f:
+        assert f.keys() == ['w']
+
+
 def test_load_of_what_is_no_checkpoint_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"missing\.npz'?: no such file"):
         gpuserial.load(tmp_path / 'missing.npz')

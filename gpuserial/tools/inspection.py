@@ -330,7 +330,10 @@ def open_reader(file, format: str | None = None, storage_options: dict | None = 
 
 
 def _format_of_stream(fp) -> str:
+    """The format of a file object, from its first bytes (whatever its position: both formats
+    read at absolute offsets)."""
     start = fp.tell()
+    fp.seek(0)
     head = fp.read(8)
     fp.seek(start)
     if head.startswith(ZIP_SIGNATURES):
