@@ -296,6 +296,11 @@ class LazyFile:
             loading.run_fills(self._reader, [(entry, value)], False)
         return placement.convert(value, self._reader.where(key))
 
+    def __getitem__(self, key: str):
+        """``f[key]`` is ``f.get(key)``, so that ``dict(f)`` reads the whole file, as with
+        ``numpy.load`` and h5py."""
+        return self.get(key)
+
     def get_slice(self, key: str) -> LazySlice:
         """The entry, to be indexed: ``get_slice(key)[a:b, ..., c]`` reads only that part."""
         entry = self._entry(key)

@@ -835,6 +835,10 @@ def test_open_lists_and_describes_without_reading_data(tmp_path, kind):
             f.metadata('nope')
         numpy.testing.assert_array_equal(f.get('f32'), STATE['f32'])
         assert f.get('none') is None
+        numpy.testing.assert_array_equal(f['f32'], STATE['f32'])  # a mapping, as numpy.load's
+        assert dict(f).keys() == set(f.keys())
+        with pytest.raises(KeyNotFoundError, match="'nope': not in the file"):
+            f['nope']
         assert 'entries>' in repr(f)
 
 
