@@ -697,6 +697,16 @@ def test_local_use_never_imports_fsspec(tmp_path):
     assert out.stdout.strip() == '[]'
 
 
+def test_a_url_without_fsspec_says_what_to_install(monkeypatch):
+    """It said pip install gpuserial[remote], which PyPI has not: gpuserial installs from a
+    checkout."""
+    monkeypatch.setitem(sys.modules, 'fsspec', None)  # import fsspec fails
+    with pytest.raises(ImportError, match=r"^URLs need fsspec: pip install fsspec \(gpuserial's "
+                                          r"extra: pip install -e '\.\[remote\]' in its "
+                                          r"checkout\), and the store's package, such as s3fs"):
+        gpuserial.load('s3://bucket/step-1.npz')
+
+
 def test_the_cli_inspects_converts_and_diffs_urls(bucket, tmp_path, capsys):
     from gpuserial.tools import cli
     options = ['--storage-options', json.dumps(bucket.options)]

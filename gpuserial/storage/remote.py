@@ -16,8 +16,8 @@ large reads and members' data go as ranged GETs of :data:`FETCH_PIECE` bytes, se
 flight at once (bounded memory).
 
 fsspec is imported only here, and only when a URL or an fsspec file is seen: ``import
-gpuserial`` and local use never import it. Install it with ``pip install gpuserial[remote]``
-(plus the store's package: ``s3fs``, ``gcsfs``, ...).
+gpuserial`` and local use never import it. Install it with ``pip install fsspec`` (the extra
+``remote``) plus the store's package: ``s3fs``, ``gcsfs``, ...
 
 Layouts of several objects (sharded checkpoints: data objects first, an index object
 committed last) go through :mod:`gpuserial.storage.folders`, which builds on this module.
@@ -101,8 +101,9 @@ def _fsspec():
         import fsspec
         import fsspec.core
     except ImportError:
-        raise ImportError('URLs need fsspec: pip install gpuserial[remote] (and the store\'s '
-                          'package, such as s3fs for s3://)') from None
+        raise ImportError("URLs need fsspec: pip install fsspec (gpuserial's extra: pip "
+                          "install -e '.[remote]' in its checkout), and the store's package, "
+                          'such as s3fs for s3://') from None
     return fsspec
 
 

@@ -328,7 +328,7 @@ def _pyplot():
         import matplotlib.pyplot as pyplot
     except ImportError:
         raise ImportError("--plot needs matplotlib, which is not installed "
-                          "(pip install 'gpuserial[plot]')") from None
+                          "(pip install matplotlib)") from None
     return pyplot
 
 

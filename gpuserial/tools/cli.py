@@ -338,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         'several array sizes, on the CPU and on GPU 0 when one is usable, and print a table.')
     bench.add_argument('--json', action='store_true', help='print JSON instead of the table')
     bench.add_argument('--plot', metavar='FILE.png', help='also plot throughput against array '
-                       "size (needs matplotlib: pip install 'gpuserial[plot]')")
+                       "size (needs matplotlib: pip install matplotlib)")
     bench.add_argument('--sizes', type=lambda t: [parse_size(s) for s in t.split(',')],
                        metavar='SIZES', help='comma-separated array sizes (e.g. 1MiB,16MiB)')
     bench.add_argument('--repeat', type=int, help='timings per operation; the best is shown')
