@@ -202,6 +202,18 @@ def test_a_file_object_that_cannot_take_bytes_is_refused_naming_it(tmp_path, fmt
         load(f, {'w': numpy.zeros(3, int)})
 
 
+def test_what_is_no_file_is_refused_as_no_file(fmt):
+    """A load's arguments swapped was a CorruptFileError ('reading it needs a seekable file'),
+    and a save to an int an AttributeError from inside the writer."""
+    save, load, _ = fmt
+    with pytest.raises(TypeError, match=r"^'<dict>': not a path, a URL or a binary file object "
+                                        r"\('dict' object has no read\(\)\)$"):
+        load({'w': numpy.zeros(3)}, 'm.npz')
+    with pytest.raises(TypeError, match=r"^'<int>': not a path, a URL or a binary file object "
+                                        r"\('int' object has no write\(\)\)$"):
+        save(3, {'w': numpy.arange(3)})
+
+
 def test_str_and_pathlike_paths(tmp_path, fmt):
     save, load, ext = fmt
     save(str(tmp_path / f'm{ext}'), {'w': numpy.arange(3)})

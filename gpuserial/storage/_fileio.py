@@ -47,7 +47,7 @@ def check_file_object(file, *, writing: bool) -> None:
     read-only file would look like a corrupt one.
 
     Raises:
-        TypeError: a file open in text mode.
+        TypeError: a file open in text mode, or no file object at all (arguments swapped).
         ValueError: a closed file.
         io.UnsupportedOperation: a file not open for reading (``writing``: for writing).
     """
@@ -57,6 +57,10 @@ def check_file_object(file, *, writing: bool) -> None:
     if isinstance(file, io.TextIOBase):
         raise TypeError(f'{display_name(file)!r}: the file object is open in text mode; '
                         f'open it in binary mode ({mode!r})')
+    needed = 'write' if writing else 'read'
+    if not callable(getattr(file, needed, None)):
+        raise TypeError(f'{display_name(file)!r}: not a path, a URL or a binary file object '
+                        f'({type(file).__name__!r} object has no {needed}())')
     if getattr(file, 'closed', False) is True:
         raise ValueError(f'{display_name(file)!r}: the file object is closed')
     able = getattr(file, 'writable' if writing else 'readable', None)
