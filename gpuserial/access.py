@@ -100,7 +100,11 @@ def load(file, device=None, keys: Iterable[str] | None = None, *, like=None,
 
     Raises:
         gpuserial.errors.KeyNotFoundError: a listed key is missing (with ``strict``).
+        TypeError: ``keys`` is one string (its characters would be taken for keys).
     """
+    if isinstance(keys, (str, bytes)):
+        raise TypeError(f'{display_name(file)!r}: keys= takes a list of keys '
+                        f'(keys=[{keys!r}]), not a {type(keys).__name__}')
     place = _Placement.of(device, like)
     with inspection.open_reader(file, format, storage_options) as reader:
         wanted = reader.keys() if keys is None else list(keys)

@@ -86,6 +86,15 @@ def test_load_keys_picks_entries_in_the_order_asked(tmp_path, kind):
     numpy.testing.assert_array_equal(loaded['f32'], STATE['f32'])
 
 
+def test_load_keys_as_one_string_is_refused(tmp_path):
+    """Its characters were taken for keys: keys='w' loaded 'w', keys='l1/W' said 'l' was
+    missing."""
+    gpuserial.save(tmp_path / 'a.npz', {'w': numpy.ones(3)})
+    with pytest.raises(TypeError, match=r"a\.npz': keys= takes a list of keys \(keys=\['w'\]\), "
+                                        r"not a str$"):
+        gpuserial.load(tmp_path / 'a.npz', keys='w')
+
+
 def test_load_of_a_missing_key_names_the_file_and_the_key(tmp_path, kind):
     path = path_for(tmp_path, kind)
     save(path, kind, STATE)
