@@ -239,6 +239,15 @@ def test_path_loads_a_subtree(tmp_path, fmt):
     numpy.testing.assert_array_equal(target['w'], numpy.arange(3.0))
 
 
+def test_a_path_without_its_slash_says_so_when_a_key_is_missing(tmp_path, fmt):
+    """As in Chainer, path='outer' asks for 'outerw'; the error now says why."""
+    save, load, ext = fmt
+    save(tmp_path / f'm{ext}', {'outer': {'w': numpy.arange(3.0)}})
+    with pytest.raises(KeyError, match=r"key 'outerw': not in the file \(path='outer' does not "
+                                       r"end with '/': a key is path \+ name, as in Chainer\)"):
+        load(tmp_path / f'm{ext}', {'w': numpy.zeros(3)}, path='outer')
+
+
 def test_ignore_names(tmp_path, fmt):
     save, load, ext = fmt
     save(tmp_path / f'm{ext}', {'a': numpy.ones(2), 'b': numpy.ones(2)})

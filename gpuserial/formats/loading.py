@@ -391,7 +391,9 @@ class ReaderDeserializer(Deserializer):
         entry = self.reader.entry(key)
         if entry is None:
             if self.strict:
-                raise KeyNotFoundError(f'{self.reader.where(key)}: not in the file')
+                hint = (f" (path={self.path!r} does not end with '/': a key is path + name, as "
+                        f'in Chainer)' if not self.path.endswith('/') and self.path else '')
+                raise KeyNotFoundError(f'{self.reader.where(key)}: not in the file{hint}')
             if self._tracking is not None:
                 self._tracking.missing.append(key)
             return value
