@@ -407,6 +407,12 @@ def test_convert_format_option_and_unknown_extension(capsys, tmp_path):
     assert "unknown compression 'lz4'" in capsys.readouterr().err
 
 
+def test_convert_to_a_directory_says_it_is_one(capsys, tmp_path):
+    """It said the format could not be told from the extension ''."""
+    status, out, err = run(capsys, 'convert', CHAINER / 'bn.npz', tmp_path)
+    assert_one_line_error(status, out, err, f"cannot save to '{tmp_path}': it is a directory")
+
+
 def test_convert_strings(capsys, tmp_path):
     serializers.save_hdf5(tmp_path / 'a.h5', {'name': 'adam', 'x': numpy.arange(6).reshape(2, 3)})
     assert run(capsys, 'convert', tmp_path / 'a.h5', tmp_path / 'b.npz')[0] == 0

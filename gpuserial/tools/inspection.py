@@ -89,12 +89,15 @@ def format_for_path(path, format: str | None = None) -> str:
 
     Raises:
         ValueError: an unknown format, or an extension that names none.
+        IsADirectoryError: no format, and ``path`` is a directory.
     """
     if format is not None:
         if format not in FORMATS:
             raise ValueError(f'unknown format {format!r}: expected one of {", ".join(FORMATS)}')
         return format
     extension = os.path.splitext(os.fsdecode(path))[1].lower()
+    if extension not in EXTENSIONS and os.path.isdir(path):  # as a save to it says
+        raise IsADirectoryError(f'cannot save to {os.fsdecode(path)!r}: it is a directory')
     if extension not in EXTENSIONS:
         raise ValueError(f'{os.fsdecode(path)!r}: cannot tell the format from the extension '
                          f'{extension!r}; use .npz, .h5 or .hdf5, or give the format')
