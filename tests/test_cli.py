@@ -21,6 +21,7 @@ import h5py
 import numpy
 import pytest
 
+import gpuserial
 from gpuserial import serializers
 from gpuserial.engine import devices
 from gpuserial.tools import cli
@@ -107,6 +108,14 @@ def test_every_subcommand_has_help(capsys, command):
     out = capsys.readouterr().out
     assert out.startswith(f'usage: gpuserial {command}')
     assert '--verbose' in out
+
+
+def test_version(capsys):
+    """gpuserial --version was a usage error: 'the following arguments are required'."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(['--version'])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f'gpuserial {gpuserial.__version__}\n'
 
 
 def test_no_command_is_a_usage_error(capsys):

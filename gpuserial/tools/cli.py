@@ -242,6 +242,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # Parser and entry point
 
 
+def _version() -> str:
+    import gpuserial  # imported already: this module is in its package
+    return gpuserial.__version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``gpuserial`` argument parser, one subparser per command."""
     verbose = argparse.ArgumentParser(add_help=False)
@@ -258,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
         'models (Chainer-compatible NPZ and HDF5).')
     parser.add_argument('-v', '--verbose', action='store_true',
                         help='show the traceback of an error')
+    parser.add_argument('--version', action='version', version=f'{PROG} {_version()}')
     commands = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
 
     demo = commands.add_parser(
