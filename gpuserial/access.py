@@ -57,8 +57,11 @@ def save(file, mapping: Mapping, *, format: str | None = None, compression: bool
         ValueError: no format given and none told by the extension.
     """
     if not isinstance(mapping, Mapping):
-        raise TypeError(f'gpuserial.save takes a mapping of arrays, got {type(mapping).__name__}; '
-                        f'save serializable objects with save_npz or save_hdf5')
+        hint = ("; save a torch module's state_dict()" if callable(
+            getattr(mapping, 'state_dict', None)) else '')
+        raise TypeError(f'{display_name(file)!r}: gpuserial.save takes a mapping of arrays, got '
+                        f'{type(mapping).__name__}; save serializable objects with save_npz or '
+                        f'save_hdf5{hint}')
     format = _format(file, format)
     if format == 'npz':
         npz.save_npz(file, mapping, bool(compression), durable=durable, progress=progress,

@@ -225,8 +225,18 @@ def test_a_large_new_host_array_is_resident_before_it_is_written():
 
 
 def test_save_refuses_what_is_not_a_mapping(tmp_path):
-    with pytest.raises(TypeError, match='takes a mapping of arrays, got list'):
+    with pytest.raises(TypeError, match=r"x\.npz': gpuserial\.save takes a mapping of arrays, "
+                                        r"got list; save serializable objects with save_npz or "
+                                        r"save_hdf5$"):
         gpuserial.save(tmp_path / 'x.npz', [numpy.zeros(1)])
+
+    class Module:  # as torch.nn.Module, whose state_dict() is the mapping to save
+        def state_dict(self):
+            return {}
+
+    with pytest.raises(TypeError, match=r"got Module; .* save_hdf5; save a torch module's "
+                                        r"state_dict\(\)$"):
+        gpuserial.save(tmp_path / 'x.npz', Module())
 
 
 def test_save_tells_the_format_by_suffix_or_argument(tmp_path):
