@@ -6,7 +6,9 @@ import re
 import numpy
 import pytest
 
+from gpuserial import serializers
 from gpuserial.engine import devices
+from gpuserial.errors import CorruptFileError
 from tests.conftest import FORMATS, host, make_device
 from tests.standin import StandInArray, StandInDevice
 
@@ -289,6 +291,20 @@ def test_not_a_file_of_the_format(tmp_path, fmt):
     path.write_bytes(b'this is not a checkpoint' * 10)
     with pytest.raises(ValueError, match=rf"{path.name}'.*not an? (NPZ|HDF5)"):
         load(path, {'a': numpy.zeros(2)})
+
+
+def test_a_file_of_the_other_format_says_which_load_reads_it(tmp_path):
+    """load_hdf5 of an NPZ file said only HDF5's 'file signature not found'."""
+    serializers.save_npz(tmp_path / 'm.npz', {'a': numpy.zeros(2)})
+    serializers.save_hdf5(tmp_path / 'm.h5', {'a': numpy.zeros(2)})
+    with pytest.raises(CorruptFileError, match=r"m\.npz': not an HDF5 file: it starts with "
+                                               r"b'PK\\x03\\x04', as an NPZ \(zip\) file does: "
+                                               r"load it with load_npz \(or gpuserial\.load"):
+        serializers.load_hdf5(tmp_path / 'm.npz', {'a': numpy.zeros(2)})
+    with pytest.raises(CorruptFileError, match=r"m\.h5': not an NPZ \(zip\) file: it starts with "
+                                               r"b'\\x89HDF', as an HDF5 file does: load it with "
+                                               r"load_hdf5 \(or gpuserial\.load"):
+        serializers.load_npz(tmp_path / 'm.h5', {'a': numpy.zeros(2)})
 
 
 def test_missing_file(tmp_path, fmt):

@@ -834,7 +834,25 @@ def open_hdf5(filename, storage_options: dict | None = None) -> h5py.File:
     try:
         return h5py.File(filename, 'r')
     except (OSError, ValueError) as error:
+        head = _head(filename)
+        if head in (b'PK\x03\x04', b'PK\x05\x06'):  # a zip: the other format, most likely
+            raise CorruptFileError(f'{name!r}: not an HDF5 file: it starts with {head!r}, as an '
+                                   f'NPZ (zip) file does: load it with load_npz (or '
+                                   f'gpuserial.load, which tells the format by content)'
+                                   ) from None
         raise read_error(repr(name), error, 'not an HDF5 file: ', size) from None
+
+
+def _head(filename) -> bytes:
+    """The first 4 bytes of the file at a path (b'' for a file object, or where they cannot be
+    read: the error h5py gave then stands)."""
+    if not is_path(filename):
+        return b''
+    try:
+        with open(filename, 'rb') as f:
+            return f.read(4)
+    except OSError:
+        return b''
 
 
 def load_hdf5(filename, obj, *, path: str = '', strict: bool = True, ignore_names=None,

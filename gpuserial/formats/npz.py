@@ -740,6 +740,9 @@ def _why_not_a_zip(file) -> str:
     if head == b'PK\x03\x04':
         return (f'truncated: it starts as a zip, but the zip directory that ends a zip is '
                 f'missing ({size} bytes)')
+    if head == b'\x89HDF':  # the other format, most likely
+        return (f'it starts with {head!r}, as an HDF5 file does: load it with load_hdf5 (or '
+                f'gpuserial.load, which tells the format by content)')
     return f'it starts with {head!r}'
 
 
