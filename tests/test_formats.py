@@ -2,6 +2,7 @@
 
 import io
 import re
+import tempfile
 
 import numpy
 import pytest
@@ -191,6 +192,9 @@ def test_a_file_object_that_cannot_take_bytes_is_refused_naming_it(tmp_path, fmt
     with open(path) as f, pytest.raises(TypeError, match=rf"^{name}: {binary} \('rb'\)$"):
         load(f, {'w': numpy.zeros(3, int)})
     with open(path, 'w') as f, pytest.raises(TypeError, match=rf"^{name}: {binary} \('wb'\)$"):
+        save(f, {'w': numpy.arange(3)})
+    with tempfile.NamedTemporaryFile('w+', dir=tmp_path) as f, pytest.raises(  # a wrapper
+            TypeError, match=rf"{binary} \('wb'\)$"):
         save(f, {'w': numpy.arange(3)})
     with open(path, 'wb') as f, pytest.raises(io.UnsupportedOperation,
                                               match=rf"^{name}: .* not open for reading"):

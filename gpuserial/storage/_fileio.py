@@ -54,7 +54,8 @@ def check_file_object(file, *, writing: bool) -> None:
     if is_path(file) or remote.is_remote(file):
         return
     mode = 'wb' if writing else 'rb'
-    if isinstance(file, io.TextIOBase):
+    # .file: what tempfile.NamedTemporaryFile wraps
+    if isinstance(file, io.TextIOBase) or isinstance(getattr(file, 'file', None), io.TextIOBase):
         raise TypeError(f'{display_name(file)!r}: the file object is open in text mode; '
                         f'open it in binary mode ({mode!r})')
     needed = 'write' if writing else 'read'
