@@ -167,6 +167,17 @@ def test_configure_refuses_bad_settings(kwargs, message):
         transfer.configure(**kwargs)
 
 
+@pytest.mark.parametrize('kwargs', [{'chunk_bytes': 1.5e6}, {'chunk_bytes': '16MiB'},
+                                    {'buffers': 3.0}], ids=['float', 'str', 'float-buffers'])
+def test_configure_refuses_what_is_no_int(kwargs):
+    """A float was taken, and every save then failed deep inside ('float' object cannot be
+    interpreted as an integer); a str failed with '<' not supported."""
+    (name, value), = kwargs.items()
+    with pytest.raises(TypeError, match=rf"^{name} must be an int .*, got {value!r}$"):
+        transfer.configure(**kwargs)
+    transfer.configure(chunk_bytes=numpy.int64(1 << 20)).__exit__(None, None, None)  # NumPy's
+
+
 @pytest.mark.parametrize('shape', [(), (0,), (5,), (3, 0, 2), (4, 5), (2, 3, 40), (3, 100),
                                    (2, 2, 2, 50)])
 def test_hyperslabs_tile_the_array_in_order(shape):
