@@ -403,6 +403,14 @@ def test_bad_arguments_are_refused(tmp_path, kwargs, message):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_host_budget_that_is_no_number_is_refused(tmp_path):
+    """'1GiB' failed with "'<' not supported between instances of 'str' and 'int'"."""
+    with pytest.raises(TypeError, match=r"^max_host_bytes must be a number of bytes \(such as "
+                                        r"1 << 30\), not '1GiB'$"):
+        gpuserial.save_async(tmp_path / 'm.npz', {'x': numpy.arange(3)}, max_host_bytes='1GiB')
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # One save per file; loads wait; threads, forks and exits
 

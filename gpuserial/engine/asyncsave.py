@@ -25,6 +25,7 @@ import atexit
 import collections
 import concurrent.futures
 import copy
+import numbers
 import os
 import sys
 import threading
@@ -95,6 +96,9 @@ def save_async(file, obj, format: str = 'npz', *, compression: bool | int | None
         raise ValueError(f'format must be one of {FORMATS}, not {format!r}')
     if staging is not None and staging not in STAGINGS:
         raise ValueError(f'staging must be one of {STAGINGS} or None, not {staging!r}')
+    if not isinstance(max_host_bytes, numbers.Real):  # '1GiB' failed with "'<' not supported"
+        raise TypeError(f'max_host_bytes must be a number of bytes (such as 1 << 30), not '
+                        f'{max_host_bytes!r}')
     if max_host_bytes < 1:
         raise ValueError(f'max_host_bytes must be positive, not {max_host_bytes!r}')
     location = remote.location_of(file, storage_options)  # checked before anything starts
