@@ -56,13 +56,12 @@ class Settings:
     buffers: int = 3
 
     def __post_init__(self):
-        for name in ('chunk_bytes', 'buffers'):
+        for name, such in (('chunk_bytes', 'bytes, such as 16 << 20'), ('buffers', 'such as 3')):
             value = getattr(self, name)
             try:
                 operator.index(value)
             except TypeError:  # a float or '16MiB' failed later, deep in a save or load
-                raise TypeError(f'{name} must be an int (chunk_bytes: a number of bytes, such '
-                                f'as 16 << 20), got {value!r}') from None
+                raise TypeError(f'{name} must be an int ({such}), got {value!r}') from None
         if self.chunk_bytes < 1:
             raise ValueError(f'chunk_bytes must be positive, got {self.chunk_bytes!r}')
         if self.buffers < 2:
