@@ -67,7 +67,8 @@ def _modified(folder: Folder, item: Item) -> float:
 
 
 def latest(prefix, storage_options: dict | None = None) -> str | None:
-    """The newest committed checkpoint directly under ``prefix``, or None where there is none.
+    """The newest committed checkpoint directly under ``prefix``, or None where there is none
+    (a ``prefix`` that does not exist yet included: a run's first start, or a misspelt name).
 
     Checkpoints are single NPZ or HDF5 files (recognised by their first bytes, whatever their
     name) and sharded checkpoint directories holding their index. Left out: directories

@@ -10,6 +10,7 @@ exist before), so ``import gpuserial`` does not pay for importing Chainer.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 
@@ -199,5 +200,7 @@ def as_serializable(obj):
         return obj
     if isinstance(obj, dict):
         return DictTarget(obj)
+    swapped = (f' ({obj!r} looks like a file: the file comes first, as in save_npz(file, '
+               f'obj))' if isinstance(obj, (str, bytes, os.PathLike)) else '')
     raise TypeError(f'cannot serialize {type(obj).__name__}: it has no serialize() method '
-                    f'and is not a dict')
+                    f'and is not a dict{swapped}')

@@ -352,3 +352,21 @@ def test_the_base_classes_leave_their_abstract_methods_to_subclasses():
     for call in calls:
         with pytest.raises(NotImplementedError):
             call()
+
+
+@pytest.mark.parametrize('save', [serializers.save_npz, serializers.save_hdf5],
+                         ids=['npz', 'hdf5'])
+def test_a_save_with_its_arguments_swapped_says_the_file_comes_first(tmp_path, save):
+    """A Chainer user's slip: save(model, 'model.npz'). Nothing is written."""
+    class Model:
+        def serialize(self, serializer):
+            serializer('w', numpy.ones(2))
+
+    path = str(tmp_path / 'model.npz')
+    with pytest.raises(TypeError, match=re.escape(f"cannot serialize str: it has no serialize() "
+                                                  f"method and is not a dict ({path!r} looks "
+                                                  f"like a file: the file comes first")):
+        save(Model(), path)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(TypeError, match=r'cannot serialize int: .* is not a dict$'):
+        save(str(tmp_path / 'other.npz'), 3)
