@@ -790,8 +790,35 @@ def test_a_block_cut_or_corrupt_fails_the_read(monkeypatch):
         _read_all(bytes(flipped), name)
 
 
-def test_a_failed_deflated_write_leaves_no_thread_reading_its_chunks(monkeypatch):
-    _threads(monkeypatch, 3)
+def test_at_most_one_block_more_than_the_threads_is_deflated_ahead_of_the_file(monkeypatch):
+    """Memory stays bound: a block is handed to the threads only once all but ``count`` of
+    those before it are in the file, within a chunk too."""
+    _threads(monkeypatch, 2)
+    submitted, written, ahead = [], [], []
+    deflate = _zipstream._deflate
+
+    def counted(block):
+        submitted.append(1)
+        ahead.append(len(submitted) - len(written))
+        return deflate(block)
+
+    monkeypatch.setattr(_zipstream, '_deflate', counted)
+
+    class Counting(io.BytesIO):
+        def write(self, data):
+            if len(data) > 1000:  # a block, not the local header
+                written.append(len(data))
+            return super().write(data)
+
+    data = _payload(8 * BLOCK)
+    with _zipstream.ZipWriter(Counting(), compression=True) as writer:
+        writer.write_member('a.npy', [data])  # one chunk of eight blocks
+    assert len(submitted) == 8 and max(ahead) == 3
+
+
+@pytest.mark.parametrize('threads', [1, 3])
+def test_a_failed_deflated_write_leaves_no_thread_reading_its_chunks(monkeypatch, threads):
+    _threads(monkeypatch, threads)
     running = []
     deflate = _zipstream._deflated
 
