@@ -748,6 +748,28 @@ def test_blocks_written_to_a_stream_that_cannot_seek_read_back_alike(monkeypatch
     assert _read_all(data, 'a.npy') == _payload(size)
 
 
+@pytest.mark.parametrize('zip64_limit, zip64_bytes', [(0xFFFFFFFF, 0), (100, 20)])
+def test_a_block_list_goes_into_the_directory_only_where_the_extra_field_holds_it(
+        monkeypatch, zip64_limit, zip64_bytes):
+    """An extra field holds 64 KiB at most (a member of some 16 GiB has more blocks): past
+    that, the member is written and read as one stream, with no list."""
+    _threads(monkeypatch, 3)
+    monkeypatch.setattr(_zipstream, 'ZIP64_LIMIT', zip64_limit)  # sizes in a ZIP64 field
+    data = _payload(5 * BLOCK + 7)
+    needed = zip64_bytes + 8 + 4 * 5  # the ZIP64 field, the list's header and block size, 5
+    for room, listed in ((needed, True), (needed - 1, False)):
+        monkeypatch.setattr(_zipstream, 'MAX_EXTRA', room)
+        out = io.BytesIO()
+        with _zipstream.ZipWriter(out, compression=True) as writer:
+            writer.write_member('a.npy', [data])
+        member = _zipread.read_directory(io.BytesIO(out.getvalue()))[0]
+        assert (member.blocks is not None) == listed
+        with zipfile.ZipFile(io.BytesIO(out.getvalue())) as archive:
+            assert len(archive.getinfo('a.npy').extra) == (needed if listed else zip64_bytes)
+            assert archive.read('a.npy') == data
+        assert _read_all(out.getvalue(), 'a.npy') == data
+
+
 def _with_block_list(data: bytes, name: str, change) -> bytes:
     """``data`` with the block list of member ``name`` changed by ``change`` (a function of
     the list's sizes that returns new ones, as many)."""
