@@ -770,6 +770,47 @@ def test_a_block_list_goes_into_the_directory_only_where_the_extra_field_holds_i
         assert _read_all(out.getvalue(), 'a.npy') == data
 
 
+def test_at_most_one_block_more_than_the_threads_is_inflated_ahead_of_the_reader(monkeypatch):
+    _threads(monkeypatch, 3)
+    data = _in_blocks(BLOCK, monkeypatch)
+    _threads(monkeypatch, 2)
+    name = f'{SIZES[-1]}.npy'
+    fp = _zipread.WindowedFile(io.BytesIO(data))
+    member = next(m for m in _zipread.read_directory(fp) if m.filename == name)
+    reader = _zipread.MemberReader(fp, member, whole=True)
+    fetched, ahead = [], []
+    raw = reader.blocks.raw
+    reader.blocks.raw = lambda count: fetched.append(count) or raw(count)
+    out = memoryview(bytearray(member.file_size))
+    for start in range(0, len(out), 64 << 10):
+        reader.readinto(out[start:start + (64 << 10)])
+        ahead.append(len(fetched) - reader.produced // BLOCK)
+    reader.finish()
+    assert bytes(out) == _payload(SIZES[-1])
+    assert max(ahead) == 3  # the block being read and two more: the threads
+
+
+def test_a_stream_that_does_not_end_after_its_last_whole_block_is_refused(monkeypatch):
+    """A member of exactly two blocks: its stream's end is the last segment, which holds no
+    data; it is read and checked all the same, as the stream is when read as one."""
+    _threads(monkeypatch, 3)
+    payload = _payload(2 * BLOCK)
+    out = io.BytesIO()
+    with _zipstream.ZipWriter(out, compression=True) as writer:
+        writer.write_member('a.npy', [payload])
+    data = out.getvalue()
+    member = _zipread.read_directory(io.BytesIO(data))[0]
+    end = _zipread.data_start_of(io.BytesIO(data), member) + member.compress_size
+    assert data[end - 2:end] == b'\x03\x00'  # an empty final block: the stream's end
+    assert _read_all(data, 'a.npy') == payload
+    broken = data[:end - 2] + b'\x00\x00' + data[end:]  # a stored block, cut short
+    with pytest.raises(_zipread.MemberError, match='deflate stream does not end|truncated'):
+        _read_all(broken, 'a.npy')
+    _threads(monkeypatch, 1)  # as one stream: the same
+    with pytest.raises(_zipread.MemberError, match='the deflate stream'):
+        _read_all(broken, 'a.npy')
+
+
 def _with_block_list(data: bytes, name: str, change) -> bytes:
     """``data`` with the block list of member ``name`` changed by ``change`` (a function of
     the list's sizes that returns new ones, as many)."""
