@@ -39,7 +39,7 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EQUIVALENT_FILE = ROOT / 'ci' / 'mutants-equivalent.txt'
-COPIED = ['gpuserial', 'tests', 'benchmarks', 'pyproject.toml']
+COPIED = ['gpuserial', 'tests', 'benchmarks', 'pyproject.toml', 'README.md']  # README: test_readme
 NOT_IN_THE_QUICK_RUN = 'not over_4_gib and not sigkill'  # minutes of tests that add no kills
 
 # The core modules and the tests that cover each.
@@ -271,6 +271,20 @@ def _copy_checkout() -> pathlib.Path:
     return directory
 
 
+def check_collects(directory: pathlib.Path, modules: list[str]) -> None:
+    """Refuses to go on when the tests of ``modules`` do not even collect in the copy (a file
+    they read that the copy lacks): every mutant would count as killed by that error."""
+    tests = sorted({f'tests/{name}.py' for module in modules for name in MODULES[module]})
+    collected = subprocess.run(
+        [sys.executable, '-m', 'pytest', '--collect-only', '-qq', '-p', 'no:cacheprovider',
+         *tests], cwd=directory, env=dict(os.environ, PYTHONPATH=str(directory),
+                                          PYTHONDONTWRITEBYTECODE='1'),
+        capture_output=True, text=True)
+    if collected.returncode != 0:
+        raise SystemExit(f'the unmutated tests do not collect in the copy {directory}, so every '
+                         f'mutant would count as killed:\n{collected.stdout[-3000:]}')
+
+
 NEEDS_A_GPU = 'needs a GPU'
 
 
@@ -350,6 +364,12 @@ def main(argv=None) -> int:
             check=True).stdout.strip()
         if not imported.startswith(str(directory)):
             raise SystemExit(f'the tests would import {imported}, not the copy in {directory}')
+    try:
+        check_collects(copies[0], args.modules)
+    except SystemExit:
+        for directory in copies:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
     free = list(copies)
     results: dict[str, dict] = {}
 

@@ -3,8 +3,11 @@ the mutation script's list of equivalent mutants."""
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -86,3 +89,26 @@ def test_lines_choose_the_mutants_that_start_on_them():
     refused = subprocess.run([sys.executable, 'ci/mutate.py', '--list', '--lines', 'x.py:1-2'],
                              cwd=ROOT, capture_output=True, text=True)
     assert refused.returncode != 0 and "got 'x.py:1-2'" in refused.stderr
+
+
+def _mutate_module():
+    sys.path.insert(0, str(ROOT / 'ci'))
+    try:
+        import mutate
+    finally:
+        sys.path.remove(str(ROOT / 'ci'))
+    return mutate
+
+
+def test_the_mutants_copy_holds_what_the_tests_read():
+    """Tests that error in the copy (a file they read left out of it) would count every mutant
+    as killed: the copy collects every covering test, and the script refuses one that does not."""
+    mutate = _mutate_module()
+    directory = mutate._copy_checkout()
+    try:
+        mutate.check_collects(directory, list(mutate.MODULES))
+        (directory / 'README.md').unlink()
+        with pytest.raises(SystemExit, match='(?s)do not collect in the copy.*README.md'):
+            mutate.check_collects(directory, ['gpuserial/access.py'])
+    finally:
+        shutil.rmtree(directory)
