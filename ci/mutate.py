@@ -42,7 +42,7 @@ EQUIVALENT_FILE = ROOT / 'ci' / 'mutants-equivalent.txt'
 COPIED = ['gpuserial', 'tests', 'benchmarks', 'pyproject.toml', 'README.md']  # README: test_readme
 NOT_IN_THE_QUICK_RUN = 'not over_4_gib and not sigkill'  # minutes of tests that add no kills
 
-# The core modules and the tests that cover each.
+# The core modules, the user-facing tools, and the tests that cover each.
 MODULES = {
     'gpuserial/serializer.py': ['test_protocol', 'test_chainer_cases', 'test_formats',
                                 'test_link', 'test_hostile'],
@@ -93,6 +93,10 @@ MODULES = {
                                      'test_remote', 'test_cli'],
     'gpuserial/distributed/extension.py': ['test_distributed', 'test_distributed_mpi',
                                            'test_remote_sharded'],
+    'gpuserial/tools/cli.py': ['test_cli', 'test_distributed', 'test_demo', 'test_bench',
+                               'test_readme', 'test_remote', 'test_remote_sharded'],
+    'gpuserial/tools/inspection.py': ['test_cli', 'test_hostile', 'test_io_failures',
+                                      'test_access', 'test_readme', 'test_remote'],
 }
 # Code that only runs on a real GPU (CuPy's backend): its mutants are run, and counted, where a
 # GPU is usable; elsewhere they are listed as needing one, outside the score.
