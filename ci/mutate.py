@@ -39,7 +39,9 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EQUIVALENT_FILE = ROOT / 'ci' / 'mutants-equivalent.txt'
-COPIED = ['gpuserial', 'tests', 'benchmarks', 'pyproject.toml', 'README.md']  # README: test_readme
+# What the tests read: test_readme reads README.md and checks its links and ci/'s scripts
+COPIED = ['gpuserial', 'tests', 'benchmarks', 'pyproject.toml', 'README.md',
+          'BENCHMARKS.md', 'ci']
 NOT_IN_THE_QUICK_RUN = 'not over_4_gib and not sigkill'  # minutes of tests that add no kills
 
 # The core modules, the user-facing tools, and the tests that cover each.
@@ -234,22 +236,32 @@ def restore(mutant: Mutant, directory: pathlib.Path) -> None:
     (directory / mutant.module).write_text(source_of(mutant.module))
 
 
-def run_tests(mutant: Mutant, directory: pathlib.Path, timeout: float) -> tuple[str, float]:
-    tests = [f'tests/{name}.py' for name in MODULES[mutant.module]]
+def _pytest(tests: list[str], directory: pathlib.Path, timeout: float, capture: bool = False
+            ) -> tuple[int | None, str]:
+    """Runs ``tests`` (names in tests/) in ``directory``: pytest's exit status (None past
+    ``timeout``) and, with ``capture``, its output."""
     command = [sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider',
-               '--benchmark-disable', '-k', NOT_IN_THE_QUICK_RUN, *tests]
+               '--benchmark-disable', '-k', NOT_IN_THE_QUICK_RUN,
+               *[f'tests/{name}.py' for name in tests]]
     env = dict(os.environ, PYTHONPATH=str(directory), PYTHONDONTWRITEBYTECODE='1')
-    start = time.monotonic()
+    output = subprocess.PIPE if capture else subprocess.DEVNULL
     # A session of its own: a mutant that hangs a forked child leaves nothing running after it
-    with subprocess.Popen(command, cwd=directory, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, start_new_session=True) as process:
+    with subprocess.Popen(command, cwd=directory, env=env, stdout=output,
+                          stderr=subprocess.STDOUT, start_new_session=True, text=True) as process:
         try:
-            returncode = process.wait(timeout)
+            out = process.communicate(timeout=timeout)[0] or ''
+            returncode: int | None = process.returncode
         except subprocess.TimeoutExpired:
-            returncode = None
+            out, returncode = '', None
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
+    return returncode, out
+
+
+def run_tests(mutant: Mutant, directory: pathlib.Path, timeout: float) -> tuple[str, float]:
+    start = time.monotonic()
+    returncode, _ = _pytest(MODULES[mutant.module], directory, timeout)
     elapsed = time.monotonic() - start
     if returncode is None:
         return 'timeout', elapsed
@@ -275,18 +287,15 @@ def _copy_checkout() -> pathlib.Path:
     return directory
 
 
-def check_collects(directory: pathlib.Path, modules: list[str]) -> None:
-    """Refuses to go on when the tests of ``modules`` do not even collect in the copy (a file
-    they read that the copy lacks): every mutant would count as killed by that error."""
-    tests = sorted({f'tests/{name}.py' for module in modules for name in MODULES[module]})
-    collected = subprocess.run(
-        [sys.executable, '-m', 'pytest', '--collect-only', '-qq', '-p', 'no:cacheprovider',
-         *tests], cwd=directory, env=dict(os.environ, PYTHONPATH=str(directory),
-                                          PYTHONDONTWRITEBYTECODE='1'),
-        capture_output=True, text=True)
-    if collected.returncode != 0:
-        raise SystemExit(f'the unmutated tests do not collect in the copy {directory}, so every '
-                         f'mutant would count as killed:\n{collected.stdout[-3000:]}')
+def check_baseline(directory: pathlib.Path, modules: list[str], timeout: float) -> None:
+    """Refuses to go on when the tests of ``modules`` fail in the copy before any mutation (a
+    file they read that the copy lacks, say): every mutant would count as killed by it."""
+    tests = sorted({name for module in modules for name in MODULES[module]})
+    returncode, output = _pytest(tests, directory, timeout, capture=True)
+    if returncode != 0:
+        raise SystemExit(f'the tests fail in the copy {directory} with no mutant (pytest exit '
+                         f'{returncode}), so every mutant would count as killed:\n'
+                         f'{output[-3000:]}')
 
 
 NEEDS_A_GPU = 'needs a GPU'
@@ -369,7 +378,7 @@ def main(argv=None) -> int:
         if not imported.startswith(str(directory)):
             raise SystemExit(f'the tests would import {imported}, not the copy in {directory}')
     try:
-        check_collects(copies[0], args.modules)
+        check_baseline(copies[0], args.modules, args.timeout * len(args.modules))
     except SystemExit:
         for directory in copies:
             shutil.rmtree(directory, ignore_errors=True)
