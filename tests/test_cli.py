@@ -343,6 +343,20 @@ def test_diff_tolerances(capsys, tmp_path):
     assert status == 1 and '1 element(s) differ' in out
 
 
+@pytest.mark.parametrize(('options', 'said'), [
+    ([], ''), (['--atol', '0.2'], '; equal means within rtol=0, atol=0.2'),
+    (['--rtol', '1e-2'], '; equal means within rtol=0.01, atol=0'),
+    (['--rtol', '1e-2', '--atol', '0.5'], '; equal means within rtol=0.01, atol=0.5')])
+def test_diff_summary_names_the_tolerances_given(capsys, tmp_path, options, said):
+    serializers.save_npz(tmp_path / 'a.npz', {'w': numpy.array([1.0, 100.0])})
+    serializers.save_npz(tmp_path / 'b.npz', {'w': numpy.array([1.0, 100.1])})
+    status, out, _ = run(capsys, 'diff', *options, tmp_path / 'a.npz', tmp_path / 'b.npz')
+    summary = out.splitlines()[-1]
+    assert summary.endswith(f'0 only in {tmp_path / "b.npz"}{said}')
+    assert summary.startswith('equal: ' if options else 'different: ')
+    assert status == (0 if options else 1)
+
+
 def test_diff_through_the_module_entry_point(tmp_path):
     same = run_module('diff', CHAINER / 'chain.npz', CHAINER / 'chain.h5', cwd=tmp_path)
     different = run_module('diff', CHAINER / 'adam.npz', CHAINER / 'momentum_sgd.npz',
@@ -380,7 +394,8 @@ def test_convert_chainer_hdf5_to_npz(capsys, tmp_path, name):
 
 
 @pytest.mark.parametrize(('option', 'compression'), [
-    ('none', 'stored'), ('deflate', 'deflate'), ('0', 'stored'), ('6', 'deflate')])
+    ('none', 'stored'), ('stored', 'stored'), ('deflate', 'deflate'), ('0', 'stored'),
+    ('6', 'deflate')])
 def test_convert_npz_compression(capsys, tmp_path, option, compression):
     dst = tmp_path / 'out.npz'
     assert run(capsys, 'convert', CHAINER / 'chain.h5', dst, '--compression', option)[0] == 0
@@ -391,7 +406,8 @@ def test_convert_npz_compression(capsys, tmp_path, option, compression):
 
 
 @pytest.mark.parametrize(('option', 'compression'), [
-    (None, 'gzip:4'), ('none', 'none'), ('gzip', 'gzip:4'), ('9', 'gzip:9')])
+    (None, 'gzip:4'), ('none', 'none'), ('stored', 'none'), ('gzip', 'gzip:4'),
+    ('default', 'gzip:4'), ('9', 'gzip:9')])
 def test_convert_hdf5_compression(capsys, tmp_path, option, compression):
     dst = tmp_path / 'out.hdf5'
     extra = [] if option is None else ['--compression', option]

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import warnings
+import zipfile
 
 import numpy
 import pytest
@@ -509,6 +510,21 @@ def test_consolidate_writes_one_ordinary_npz(tmp_path, capsys):
     assert capsys.readouterr().out == (f'{tmp_path / "ckpt"} -> {tmp_path / "cli.npz"}: 5 '
                                        f'entries, 3.3 KiB, NPZ (stored)\n')
 
+
+
+@pytest.mark.parametrize(('option', 'method', 'shown'), [
+    ('none', zipfile.ZIP_STORED, 'stored'), ('0', zipfile.ZIP_STORED, 'stored'),
+    ('deflate', zipfile.ZIP_DEFLATED, 'deflate'), ('6', zipfile.ZIP_DEFLATED, 'deflate')])
+def test_consolidate_compression_option(tmp_path, capsys, option, method, shown):
+    save_sharded(tmp_path / 'ckpt', {'w': W, 'step': 3}, SoloComm())
+    out = tmp_path / 'one.npz'
+    assert cli.main(['consolidate', str(tmp_path / 'ckpt'), str(out), '--compression',
+                     option]) == 0
+    assert capsys.readouterr().out == (f'{tmp_path / "ckpt"} -> {out}: 2 entries, '
+                                       f'{cli.format_bytes(W.nbytes + 8)}, NPZ ({shown})\n')
+    with zipfile.ZipFile(out) as archive:
+        assert {info.compress_type for info in archive.infolist()} == {method}
+        assert archive.testzip() is None
 
 def test_inspect_describes_a_sharded_checkpoint(tmp_path, capsys):
     run_ranks(2, lambda comm: save_sharded(tmp_path, state(2, comm.rank, devices_cpu), comm))
