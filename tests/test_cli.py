@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shlex
 import subprocess
 import sys
 import tracemalloc
@@ -673,25 +674,87 @@ def test_output_helpers():
 # Exit statuses that say what happened, whoever reads the output
 
 
-def _piped(command: str, cwd) -> tuple[int, str]:
-    """``python -m gpuserial ... | head ...`` in bash: gpuserial's exit status, head's output."""
-    script = (f'{sys.executable} -m gpuserial {command}; '
+def _environment(stdout: str) -> dict:
+    """The environment of ``python -m gpuserial``: stdout ``'buffered'`` (a pipe's default) or
+    ``'unbuffered'`` (``PYTHONUNBUFFERED``, as some CI runners set it)."""
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONUNBUFFERED'}
+    return dict(env, PYTHONPATH=str(ROOT), **({'PYTHONUNBUFFERED': '1'}
+                                                if stdout == 'unbuffered' else {}))
+
+
+def _piped(command: str, cwd, stdout: str, stderr: str = '',
+           program: str = '-m gpuserial') -> tuple[int, str]:
+    """``python -m gpuserial ... | head ...`` in bash: gpuserial's exit status, head's output;
+    its stderr must be ``stderr``."""
+    script = (f'{sys.executable} {program} {command}; '
               'echo "status=${PIPESTATUS[0]}"')
     result = subprocess.run(['bash', '-c', script], cwd=cwd, capture_output=True, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+                            env=_environment(stdout), timeout=120)
     *shown, status = result.stdout.splitlines()
-    assert 'Error' not in result.stderr and 'Traceback' not in result.stderr, result.stderr
+    assert result.stderr == stderr
     return int(status.split('=')[1]), '\n'.join(shown)
 
 
-def test_a_reader_that_leaves_early_does_not_change_the_exit_status(tmp_path):
+# ``gpuserial``, with Ctrl-C arriving as ``clean`` starts on the prefix ``ctrl-c``
+CTRL_C = '''
+import sys
+from gpuserial import checkpoints
+from gpuserial.tools import cli
+
+def clean(prefix, **options):
+    if prefix == 'ctrl-c':
+        raise KeyboardInterrupt
+    return real(prefix, **options)
+
+real, checkpoints.clean = checkpoints.clean, clean
+sys.exit(cli.main(sys.argv[1:]))
+'''
+FAILURES = {'error': ('nowhere', '-m gpuserial', 2,
+                      "gpuserial: error: 'nowhere': no such directory\n"),
+            'interrupt': ('ctrl-c', f'-c {shlex.quote(CTRL_C)}', 130,
+                          'gpuserial: interrupted\n')}
+
+
+@pytest.mark.parametrize('stdout', ['buffered', 'unbuffered'])
+def test_a_reader_that_leaves_early_does_not_change_the_exit_status(tmp_path, stdout):
     numpy.savez(tmp_path / 'a.npz', **{f'k{i}': numpy.arange(i) for i in range(300)})
     numpy.savez(tmp_path / 'b.npz', **{f'k{i}': numpy.arange(i) + 1 for i in range(300)})
-    assert _piped('diff a.npz a.npz | head -c 0', tmp_path) == (0, '')
-    status, shown = _piped('diff a.npz b.npz | head -1', tmp_path)
+    assert _piped('diff a.npz a.npz | head -c 0', tmp_path, stdout) == (0, '')
+    status, shown = _piped('diff a.npz b.npz | head -1', tmp_path, stdout)
     assert status == 1 and shown.startswith('values differ: k1 ')
-    status, shown = _piped('demo --size 1MiB --device -1 | head -1', tmp_path)
+    status, shown = _piped('demo --size 1MiB --device -1 | head -1', tmp_path, stdout)
     assert status == 0 and shown.startswith('gpuserial demo: a 1 MiB model')
+
+
+@pytest.mark.parametrize('failure', FAILURES)
+@pytest.mark.parametrize('stdout', ['buffered', 'unbuffered'])
+def test_a_command_that_fails_after_its_reader_left_keeps_its_exit_status(tmp_path, stdout,
+                                                                          failure):
+    """``gpuserial clean stale nowhere | head -c 0``: the lines printed for ``stale`` went
+    nowhere, then ``nowhere`` failed (or Ctrl-C came): exit status 2 (130) and the one-line
+    message, not Python's 120 and a BrokenPipeError from its last flush."""
+    prefix, program, code, message = FAILURES[failure]
+    stale = _temporary_file(tmp_path, 'snapshot_iter_100', _dead_pid())
+    status, shown = _piped(f'clean --dry-run {shlex.quote(str(tmp_path))} {prefix} | head -c 0',
+                           tmp_path, stdout, message, program)
+    assert (status, shown) == (code, '')
+    assert stale.exists()
+
+
+@pytest.mark.parametrize('failure', FAILURES)
+def test_a_failed_command_prints_its_error_after_its_output(tmp_path, failure):
+    """With stdout and stderr in one log (``> log 2>&1``), what a command printed before it
+    failed (or Ctrl-C came) comes before the message, as it happened."""
+    prefix, program, code, message = FAILURES[failure]
+    stale = _temporary_file(tmp_path, 'snapshot_iter_100', _dead_pid())
+    result = subprocess.run(
+        ['bash', '-c', f'{sys.executable} {program} clean --dry-run '
+         f'{shlex.quote(str(tmp_path))} {prefix} 2>&1'], cwd=tmp_path, capture_output=True,
+        text=True, env=_environment('buffered'), timeout=120)
+    assert result.returncode == code
+    assert result.stdout.splitlines() == [
+        f'would remove {stale} (10 B, process {stale.name.split(".")[-2].split("-")[0]} is '
+        f'gone)', message.rstrip('\n')]
 
 
 def test_demo_takes_an_int_device(capsys, tmp_path):

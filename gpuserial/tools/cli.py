@@ -9,6 +9,7 @@ rest of the output is dropped and the command finishes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -418,6 +419,14 @@ class _ReaderMayLeave:
         return getattr(self.stream, name)
 
 
+def _flush_what_was_printed() -> None:
+    """Before a failed command's error: its output so far goes out first (or is dropped, its
+    reader gone), so that the interpreter's last flush cannot fail on it and change the exit
+    status; a failure to write it is not the error being reported."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the ``gpuserial`` command line; returns the exit status.
 
@@ -432,9 +441,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
         return status
     except KeyboardInterrupt:
+        _flush_what_was_printed()
         print(f'{PROG}: interrupted', file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as error:
+        _flush_what_was_printed()
         if args.verbose:
             traceback.print_exc()
         print(f'{PROG}: error: {_one_line(error)}', file=sys.stderr)
