@@ -253,6 +253,18 @@ def test_save_tells_the_format_by_suffix_or_argument(tmp_path):
     numpy.testing.assert_array_equal(numpy.load(io.BytesIO(out.getvalue()))['x'], numpy.ones(2))
 
 
+
+@pytest.mark.parametrize('where', ['path', 'url', 'file object'])
+def test_reads_refuse_an_unknown_format(tmp_path, memory, where):
+    gpuserial.save(tmp_path / 'a.npz', {'x': numpy.ones(2)})
+    gpuserial.save('memory://a/a.npz', {'x': numpy.ones(2)})
+    file = {'path': tmp_path / 'a.npz', 'url': 'memory://a/a.npz',
+            'file object': io.BytesIO((tmp_path / 'a.npz').read_bytes())}[where]
+    for read in (lambda: gpuserial.load(file, format='zip'),
+                 lambda: gpuserial.open(file, format='zip').close()):
+        with pytest.raises(ValueError, match="unknown format 'zip': expected one of npz, hdf5"):
+            read()
+
 def test_save_compression_off_by_default_and_on_request(tmp_path):
     state = {'zeros': numpy.zeros(1 << 16, numpy.float32)}
     gpuserial.save(tmp_path / 'plain.npz', state)

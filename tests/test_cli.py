@@ -316,6 +316,18 @@ def test_diff_shape_dtype_none_and_values(capsys, tmp_path):
     assert lines[-1].startswith('different: 8 common keys (2 equal, 6 differ)')
 
 
+
+@pytest.mark.parametrize('dtype', ['float64', 'int32'])
+def test_diff_relative_differences_where_values_are_zero_or_one_apart(capsys, tmp_path, dtype):
+    """An element that is 0 in both files is no difference at all (not 0/0); one 1 apart has
+    its own relative difference, like any other."""
+    serializers.save_npz(tmp_path / 'a.npz', {'w': numpy.array([0, 1, 3, 6], dtype)})
+    serializers.save_npz(tmp_path / 'b.npz', {'w': numpy.array([0, 2, 3, 8], dtype)})
+    status, out, _ = run(capsys, 'diff', tmp_path / 'a.npz', tmp_path / 'b.npz')
+    assert status == 1
+    assert out.splitlines()[0] == (f'values differ: w (4,) {dtype}: 2 element(s) differ, max '
+                                   f'abs diff 2, max rel diff 0.5')
+
 def test_bfloat16_and_float8_are_shown_and_compared_as_their_types(capsys, tmp_path):
     ml_dtypes = pytest.importorskip('ml_dtypes')
     a = {'w': numpy.array([[1.0, 1.0], [1.0, 2.0]], ml_dtypes.bfloat16),
