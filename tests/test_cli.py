@@ -198,6 +198,17 @@ def test_inspect_stored_and_compressed_sizes(capsys, tmp_path):
     assert out.splitlines()[-1].endswith('% of raw')
 
 
+
+@pytest.mark.parametrize(('raw', 'ratio'), [(64 << 10, ', 100% of raw'), ((64 << 10) - 1, '')])
+def test_inspect_shows_the_share_of_raw_from_64_kib(capsys, tmp_path, raw, ratio):
+    """Below 64 KiB of raw data the .npy headers dominate and the ratio would say nothing."""
+    serializers.save_npz(tmp_path / 'a.npz', {'b': numpy.zeros(raw, numpy.uint8)},
+                         compression=False)
+    status, out, _ = run(capsys, 'inspect', tmp_path / 'a.npz')
+    assert status == 0
+    assert out.splitlines()[-1] == (f'total: 1 entries (0 None), {cli.format_bytes(raw)} raw, '
+                                    f'{cli.format_bytes(raw + 128)} stored{ratio}')
+
 def test_inspect_never_unpickles(capsys, tmp_path):
     """An object array holding a pickle that would run code is listed, not executed."""
     marker = tmp_path / 'pwned'
@@ -411,20 +422,25 @@ def test_convert_chainer_hdf5_to_npz(capsys, tmp_path, name):
     ('6', 'deflate')])
 def test_convert_npz_compression(capsys, tmp_path, option, compression):
     dst = tmp_path / 'out.npz'
-    assert run(capsys, 'convert', CHAINER / 'chain.h5', dst, '--compression', option)[0] == 0
+    status, out, _ = run(capsys, 'convert', CHAINER / 'chain.h5', dst, '--compression', option)
+    assert status == 0
+    assert out.endswith(f', NPZ ({compression})\n')
     entries = json.loads(run(capsys, 'inspect', '--json', dst)[1])['entries']
     assert {e['compression'] for e in entries} == {compression}
     with zipfile.ZipFile(dst) as archive:
         assert archive.testzip() is None
 
 
-@pytest.mark.parametrize(('option', 'compression'), [
-    (None, 'gzip:4'), ('none', 'none'), ('stored', 'none'), ('gzip', 'gzip:4'),
-    ('default', 'gzip:4'), ('9', 'gzip:9')])
-def test_convert_hdf5_compression(capsys, tmp_path, option, compression):
+@pytest.mark.parametrize(('option', 'compression', 'said'), [
+    (None, 'gzip:4', 'gzip 4'), ('none', 'none', 'uncompressed'),
+    ('stored', 'none', 'uncompressed'), ('gzip', 'gzip:4', 'gzip 4'),
+    ('default', 'gzip:4', 'gzip 4'), ('9', 'gzip:9', 'gzip 9')])
+def test_convert_hdf5_compression(capsys, tmp_path, option, compression, said):
     dst = tmp_path / 'out.hdf5'
     extra = [] if option is None else ['--compression', option]
-    assert run(capsys, 'convert', CHAINER / 'chain.npz', dst, *extra)[0] == 0
+    status, out, _ = run(capsys, 'convert', CHAINER / 'chain.npz', dst, *extra)
+    assert status == 0
+    assert out.endswith(f', HDF5 ({said})\n')
     entries = json.loads(run(capsys, 'inspect', '--json', dst)[1])['entries']
     assert {e['compression'] for e in entries} == {compression}
 
@@ -570,6 +586,17 @@ def test_corrupt_file(capsys, tmp_path, kind, command):
     assert_one_line_error(status, out, err, path.name)
     assert not (tmp_path / 'out.npz').exists()
 
+
+
+@pytest.mark.parametrize(('content', 'start'), [(b'not a checkpoint\n', b'not a ch'),
+                                                 (b'PK', b'PK'), (b'', b'')])
+def test_a_file_that_is_neither_npz_nor_hdf5_is_named_with_its_first_bytes(capsys, tmp_path,
+                                                                            content, start):
+    (tmp_path / 'notes.npz').write_bytes(content)
+    status, out, err = run(capsys, 'inspect', tmp_path / 'notes.npz')
+    assert_one_line_error(status, out, err)
+    assert err == (f"gpuserial: error: '{tmp_path / 'notes.npz'}': not an NPZ or HDF5 file (it "
+                   f"starts with {start!r})\n")
 
 def test_convert_into_a_missing_directory(capsys, tmp_path):
     status, out, err = run(capsys, 'convert', CHAINER / 'bn.npz', tmp_path / 'no' / 'bn.h5')

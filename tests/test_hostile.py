@@ -257,18 +257,31 @@ def test_bogus_npy_prefix(tmp_path, target, case):
         serializers.load_npz(path, target)
 
 
-def test_header_claims_cannot_drive_a_huge_allocation(tmp_path):
-    """A tiny deflated member whose directory and header both claim 800 MB is refused."""
+
+@pytest.mark.parametrize('case', list(BAD_PREFIXES))
+def test_inspect_refuses_a_bogus_npy_prefix_as_a_load_does(tmp_path, case):
+    member, message = BAD_PREFIXES[case]
+    path = _write(tmp_path, crafting.npz_of({'x': member}))
+    with pytest.raises(CorruptFileError, match=_where(path, 'x') + ': .*' + message):
+        inspection.inspect_file(path)
+
+@pytest.mark.parametrize('read', ['load_npz', 'diff', 'convert'])
+def test_header_claims_cannot_drive_a_huge_allocation(tmp_path, read):
+    """A tiny deflated member whose directory and header both claim 800 MB is refused, by a
+    load and by the diff and convert commands."""
     nbytes = 10 ** 8 * 8
     header = crafting.npy_member(crafting.header_text('<f8', (10 ** 8,)))
     data = crafting.npz_of({'x': header + bytes(4096)}, zipfile.ZIP_DEFLATED)
     data = crafting.patch_central(data, 'x.npy', 'file_size', len(header) + nbytes)
     path = _write(tmp_path, data)
+    run = {'load_npz': lambda: serializers.load_npz(path, {'x': None}),
+           'diff': lambda: inspection.diff_files(path, path),
+           'convert': lambda: inspection.convert(path, tmp_path / 'out.h5')}[read]
     tracemalloc.start()
     try:
         with pytest.raises(CorruptFileError, match=_where(path, 'x') + r': header claims '
                            r'800000000 bytes, more than \d+ stored bytes can hold'):
-            serializers.load_npz(path, {'x': None})
+            run()
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

@@ -660,6 +660,23 @@ def test_errors_name_the_url(bucket, tmp_path):
         gpuserial.save(str(tmp_path / 'x.npz'), {}, storage_options={'anon': True})
 
 
+
+def test_storage_options_with_a_local_file_are_refused_by_the_tools(tmp_path, capsys):
+    from gpuserial.tools import cli, inspection
+
+    path = tmp_path / 'x.npz'
+    gpuserial.save(path, {'a': numpy.arange(3)})
+    message = r"storage_options= goes with a URL, not with '.*x\.npz'"
+    for read in (lambda: inspection.inspect_file(path, storage_options={'anon': True}),
+                 lambda: inspection.open_source(path, {'anon': True}).__enter__(),
+                 lambda: inspection.open_reader(path, None, {'anon': True}).__enter__()):
+        with pytest.raises(TypeError, match=message):
+            read()
+    assert cli.main(['inspect', str(path), '--storage-options', '{"anon": true}']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('gpuserial: error: ') and err.count('\n') == 1
+    assert err.endswith(f"storage_options= goes with a URL, not with '{path}'\n")
+
 def test_errors_name_the_url_as_it_was_written(memory):
     """memory:// keeps its paths as /a/x: the messages show the URL the caller wrote."""
     with pytest.raises(FileNotFoundError, match=r"^'memory://a/missing\.npz': no such object"):
