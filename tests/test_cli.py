@@ -605,7 +605,9 @@ def test_convert_into_a_missing_directory(capsys, tmp_path):
 
 def test_a_directory_is_not_a_file(capsys, tmp_path):
     status, out, err = run(capsys, 'inspect', tmp_path)
-    assert_one_line_error(status, out, err, 'is a directory')
+    assert_one_line_error(status, out, err)
+    assert err == (f"gpuserial: error: '{tmp_path}': is a directory, not an NPZ or HDF5 file, "
+                   f"nor a sharded checkpoint (no index.json in it)\n")
 
 
 def test_verbose_shows_the_traceback(capsys, tmp_path):

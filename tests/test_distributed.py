@@ -512,6 +512,17 @@ def test_consolidate_writes_one_ordinary_npz(tmp_path, capsys):
 
 
 
+
+def test_consolidate_keeps_rank_0s_value_of_a_local_key_unless_told(tmp_path, capsys):
+    run_ranks(2, lambda comm: save_sharded(tmp_path / 'ckpt', {'rng': numpy.full(2, comm.rank)},
+                                           comm))
+    for options, rank in (([], 0), (['--rank', '1'], 1)):
+        out = tmp_path / f'rank{rank}.npz'
+        assert cli.main(['consolidate', str(tmp_path / 'ckpt'), str(out), *options]) == 0
+        with numpy.load(out) as z:
+            assert z['rng'].tolist() == [rank, rank]
+    capsys.readouterr()
+
 @pytest.mark.parametrize(('option', 'method', 'shown'), [
     ('none', zipfile.ZIP_STORED, 'stored'), ('0', zipfile.ZIP_STORED, 'stored'),
     ('deflate', zipfile.ZIP_DEFLATED, 'deflate'), ('6', zipfile.ZIP_DEFLATED, 'deflate')])

@@ -265,6 +265,16 @@ def test_inspect_refuses_a_bogus_npy_prefix_as_a_load_does(tmp_path, case):
     with pytest.raises(CorruptFileError, match=_where(path, 'x') + ': .*' + message):
         inspection.inspect_file(path)
 
+
+@pytest.mark.parametrize('data', [bytes(12), bytes(20)], ids=['short', 'long'])
+def test_inspect_refuses_a_member_whose_size_is_not_its_headers(tmp_path, data):
+    member = crafting.npy_member(crafting.header_text('<f4', (4,)), data)
+    path = _write(tmp_path, crafting.npz_of({'x': member}))
+    claimed = len(member) - len(data) + 4 * 4
+    with pytest.raises(CorruptFileError, match=_where(path, 'x') + f': the member holds '
+                       f'{len(member)} bytes but its header claims {claimed}$'):
+        inspection.inspect_file(path)
+
 @pytest.mark.parametrize('read', ['load_npz', 'diff', 'convert'])
 def test_header_claims_cannot_drive_a_huge_allocation(tmp_path, read):
     """A tiny deflated member whose directory and header both claim 800 MB is refused, by a
