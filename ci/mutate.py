@@ -95,6 +95,7 @@ MODULES = {
                                      'test_remote', 'test_cli'],
     'gpuserial/distributed/extension.py': ['test_distributed', 'test_distributed_mpi',
                                            'test_remote_sharded'],
+    'gpuserial/engine/workers.py': ['test_workers', 'test_zipread', 'test_hdf5'],
     'gpuserial/tools/cli.py': ['test_cli', 'test_distributed', 'test_demo', 'test_bench',
                                'test_readme', 'test_remote', 'test_remote_sharded'],
     'gpuserial/tools/inspection.py': ['test_cli', 'test_hostile', 'test_io_failures',
