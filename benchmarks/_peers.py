@@ -190,6 +190,13 @@ def _h5py_write(ctx: Context, path: str) -> None:
             f.create_dataset(key, data=array)
 
 
+def _h5py_write_gzip(ctx: Context, path: str) -> None:
+    """Chainer's HDF5Serializer: h5py's own chunks, gzip level 4 (its default)."""
+    with h5py.File(path, 'w') as f:
+        for key, array in ctx.model.items():
+            f.create_dataset(key, data=array, compression=4)
+
+
 def _h5py_read(ctx: Context, path: str) -> None:
     with h5py.File(path, 'r') as f:
         for key, array in ctx.target.items():
@@ -315,6 +322,8 @@ SAVES = [
     Op('gpuserial.save_hdf5', 'save', '.h5',
        lambda ctx, path: gpuserial.save_hdf5(path, ctx.model, compression=0, durable=False),
        _check_h5),
+    Op('gpuserial.save_hdf5 gzip', 'save', '.h5',
+       lambda ctx, path: gpuserial.save_hdf5(path, ctx.model, durable=False), _check_h5),
     Op('gpuserial.save_hdf5 +fsync', 'save', '.h5',
        lambda ctx, path: gpuserial.save_hdf5(path, ctx.model, compression=0), _check_h5),
     Op('gpuserial.save_npz of a host copy', 'save', '.npz', _host_model_save, _check_npz),
@@ -325,6 +334,8 @@ SAVES = [
     Op('raw write +fsync', 'save', '.bin', lambda ctx, path: _raw_write(ctx, path, fsync=True),
        _check_raw, host_only=True),
     Op('h5py create_dataset', 'save', '.h5', _h5py_write, _check_h5, host_only=True),
+    Op('h5py create_dataset gzip (Chainer)', 'save', '.h5', _h5py_write_gzip, _check_h5,
+       host_only=True),
     Op('h5py create_dataset +fsync', 'save', '.h5', _fsynced(_h5py_write), _check_h5,
        host_only=True),
     Op('torch.save', 'save', '.pt', _torch_save, _check_torch, needs='torch'),
@@ -348,6 +359,11 @@ LOADS = [
        lambda ctx, path: gpuserial.load_hdf5(path, ctx.target),
        prepare=lambda ctx, path: gpuserial.save_hdf5(path, ctx.host, compression=0,
                                                      durable=False)),
+    Op('gpuserial.load_hdf5 gzip', 'load', '.h5',
+       lambda ctx, path: gpuserial.load_hdf5(path, ctx.target),
+       prepare=lambda ctx, path: gpuserial.save_hdf5(path, ctx.host, durable=False)),
+    Op('h5py read_direct gzip (Chainer)', 'load', '.h5', _h5py_read, prepare=_h5py_write_gzip,
+       host_only=True),
     Op('numpy.load + copyto (Chainer)', 'load', '.npz', _chainer_load,
        prepare=lambda ctx, path: numpy.savez(path, **ctx.host)),
     Op('numpy.load compressed (Chainer)', 'load', '.npz', _chainer_load,

@@ -57,7 +57,8 @@ __all__ = ['HDF5Deserializer', 'HDF5Serializer', 'load_hdf5', 'save_hdf5']
 MAX_FILTER_RATIO = 1032  # gzip cannot expand data more than this: bounds a dataset's claims
 FREE_ALLOCATION_BYTES = 64 << 20  # a dataset whose chunks are unwritten may claim this much
 MIN_HOST_BLOCK_BYTES = 1 << 20  # host arrays are written and read in blocks at least this large
-GZIP_CHUNK_BYTES = 1 << 20  # a compressed dataset's HDF5 chunks hold this much at most
+GZIP_CHUNK_BYTES = 64 << 10  # a compressed dataset's HDF5 chunks hold this much at most (zlib runs
+#                               faster on small inputs; h5py picks 32-128 KiB for such data)
 HDF5_ENTRY_BYTES = 4 << 10  # what a dataset costs beyond its data, at most (headers, indexes)
 HDF5_FILE_BYTES = 1 << 20  # and the file itself
 HDF5_SPARE_BYTES = 256 << 20  # free space left beyond twice the file's: room for others' writes
