@@ -819,7 +819,7 @@ def open_hdf5(filename, storage_options: dict | None = None) -> h5py.File:
             remote.download_file(location, spool)
             size = os.path.getsize(spool)
             try:
-                return h5py.File(spool, 'r')
+                return h5py.File(spool, 'r', rdcc_nbytes=0)
             except (OSError, ValueError) as error:
                 raise read_error(repr(name), error, 'not an HDF5 file: ', size) from None
     if is_path(filename):
@@ -832,8 +832,9 @@ def open_hdf5(filename, storage_options: dict | None = None) -> h5py.File:
             raise IsADirectoryError(f'{name!r}: is a directory, not an HDF5 file') from None
     else:
         check_file_object(filename, writing=False)
-    try:
-        return h5py.File(filename, 'r')
+    try:  # no chunk cache: reads take whole chunks, each once, and an open dataset's cache
+        #   stayed allocated (a gzip load of 1 GiB held 109 MiB, one of 8 datasets 81 MiB)
+        return h5py.File(filename, 'r', rdcc_nbytes=0)
     except (OSError, ValueError) as error:
         head = _head(filename)
         if head in (b'PK\x03\x04', b'PK\x05\x06'):  # a zip: the other format, most likely
