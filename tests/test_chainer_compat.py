@@ -18,6 +18,7 @@ import numpy
 import pytest
 
 from gpuserial import serializers
+from gpuserial.formats import _zipstream
 from tests.conftest import CHAINER_PYTHON, flatten
 
 DATA = pathlib.Path(__file__).parent / 'data' / 'chainer'
@@ -145,7 +146,7 @@ print(hashlib.sha256(target.tobytes()).hexdigest(), int(target.size))
 
 @pytest.mark.chainer
 def test_real_chainer_reads_members_deflated_in_blocks_on_threads(tmp_path):
-    size = 3 * (1 << 20) // 4 + 12345  # float32: 3 blocks and some
+    size = 3 * _zipstream.BLOCK // 4 + 12345  # float32: 3 blocks and some
     weights = numpy.random.default_rng(0).standard_normal(size).astype(numpy.float32)
     path = tmp_path / 'model.npz'
     serializers.save_npz(path, {'w': weights})

@@ -16,7 +16,9 @@ from typing import Any
 
 __all__ = ['MAX_THREADS', 'THREADS_VARIABLE', 'count', 'submit', 'submitting']
 
-MAX_THREADS = 8  # at most this many threads by default (fewer where fewer CPUs are ours)
+MAX_THREADS = 6  # at most this many threads by default (fewer where fewer CPUs are ours): each
+#                 holds some MiB (its deflate state, its allocator's arena), and a save stays
+#                 within 32 MiB of extra host memory
 THREADS_VARIABLE = 'GPUSERIAL_THREADS'  # the environment variable that sets the count instead
 
 

@@ -51,7 +51,7 @@ FILE_ATTRIBUTES = 0o100644 << 16  # a regular file, rw-r--r-- (as zipfile writes
 PIECE = 1 << 18  # data is checksummed and (de)compressed in pieces that stay in the CPU's cache
 WRITE_PIECE = 1 << 20  # a chunk checksummed on a thread is written in pieces this size (larger
 #                        writes measured slower and prone to stalls)
-BLOCK = 1 << 20  # a deflated member's data is deflated in blocks this size, on several threads
+BLOCK = 256 << 10  # a deflated member's data is deflated in blocks this size, on several threads
 BLOCKS_TAG = 0x6753  # the directory's extra field listing a member's deflated blocks: the
 #                      block size, then each whole block's deflated size (32-bit each)
 MAX_EXTRA = 0xFFFF  # an extra field's bytes at most
