@@ -920,3 +920,39 @@ def test_a_forked_child_deflates_with_its_own_threads(tmp_path):
             os._exit(2)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _deflate_as(data: bytes, flush: int, tail: bytes = b'') -> bytes:
+    deflater = zlib.compressobj(1, zlib.DEFLATED, -15)
+    return deflater.compress(data) + deflater.flush(flush) + tail
+
+
+BLOCK_DATA = bytes(range(256)) * 64  # 16 KiB
+BROKEN_BLOCKS = {  # (deflated bytes, the size the list gives, last) -> the message
+    'a whole block holding more': ((_deflate_as(BLOCK_DATA * 2, zlib.Z_SYNC_FLUSH),
+                                    len(BLOCK_DATA), False), 'holds more than the directory'),
+    'the last block holding more': ((_deflate_as(BLOCK_DATA * 2, zlib.Z_FINISH),
+                                     len(BLOCK_DATA), True), 'holds more than the directory'),
+    'the last block short': ((_deflate_as(BLOCK_DATA[:-10], zlib.Z_FINISH), len(BLOCK_DATA),
+                              True), 'the deflate stream ends 10 bytes early'),
+    'the last block not ending the stream': ((_deflate_as(BLOCK_DATA, zlib.Z_SYNC_FLUSH),
+                                              len(BLOCK_DATA), True),
+                                             'the deflate stream does not end'),
+    'bytes after the stream': ((_deflate_as(BLOCK_DATA, zlib.Z_FINISH, b'junk'),
+                                len(BLOCK_DATA), True), '4 bytes after the end of its deflate'),
+    'a whole block ending the stream': ((_deflate_as(BLOCK_DATA, zlib.Z_FINISH),
+                                         len(BLOCK_DATA), False), 'does not break where'),
+    'a whole block short': ((_deflate_as(BLOCK_DATA[:-1], zlib.Z_SYNC_FLUSH), len(BLOCK_DATA),
+                             False), 'does not break where'),
+    'a whole block with no sync flush': ((_deflate_as(BLOCK_DATA, zlib.Z_PARTIAL_FLUSH),
+                                          len(BLOCK_DATA), False), 'does not break where'),
+}
+
+
+@pytest.mark.parametrize('case', list(BROKEN_BLOCKS))
+def test_each_block_is_checked_as_it_is_inflated(case):
+    (data, size, last), message = BROKEN_BLOCKS[case]
+    with pytest.raises(_zipread.MemberError, match=message):
+        _zipread._inflate_block(data, size, last)
+    whole = _deflate_as(BLOCK_DATA, zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+    assert _zipread._inflate_block(whole, len(BLOCK_DATA), last) == BLOCK_DATA
