@@ -480,3 +480,44 @@ def test_files_are_read_with_no_chunk_cache(tmp_path):
     with hdf5.open_hdf5(tmp_path / 'm.h5') as f:
         assert f.id.get_access_plist().get_cache()[2] == 0  # rdcc_nbytes
         numpy.testing.assert_array_equal(f['w'][1000:1010], numpy.arange(1000, 1010))
+
+
+def test_at_most_one_chunk_more_than_the_threads_is_gzipped_ahead_and_each_is_counted(
+        tmp_path, monkeypatch):
+    """Memory stays bound: a chunk is handed to the threads only once all but ``count`` of
+    those before it are written; the progress counts each chunk's bytes once written."""
+    from gpuserial.engine import progress, workers
+    monkeypatch.setattr(workers, 'count', lambda: 2)
+    submitted, written, ahead = [], [], []
+    compress = hdf5.zlib.compress
+
+    class Zlib:
+        @staticmethod
+        def compress(data, level):
+            return compress(data, level)
+
+    real_submit = workers.submit
+
+    def submit(function, *args):
+        submitted.append(1)
+        ahead.append(len(submitted) - len(written))
+        return real_submit(function, *args)
+
+    monkeypatch.setattr(hdf5, 'zlib', Zlib)
+    monkeypatch.setattr(workers, 'submit', submit)
+
+    class Bar:
+        def update(self, nbytes):
+            written.append(nbytes)
+
+    class Recorder:
+        def __call__(self, total, desc, enabled=None, *, stream=None):
+            import contextlib
+            return contextlib.nullcontext(Bar())
+
+    monkeypatch.setattr(progress, 'bar', Recorder())
+    array = GZIPPED['flat']
+    serializers.save_hdf5(tmp_path / 'm.h5', {'x': array}, progress=True)
+    chunks = -(-array.nbytes // hdf5.GZIP_CHUNK_BYTES)
+    assert len(submitted) == chunks and max(ahead) == 3
+    assert sum(written) == array.nbytes and len([n for n in written if n]) == chunks
