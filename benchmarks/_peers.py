@@ -192,8 +192,12 @@ def _h5py_write(ctx: Context, path: str) -> None:
 
 def _h5py_write_gzip(ctx: Context, path: str) -> None:
     """Chainer's HDF5Serializer: h5py's own chunks, gzip level 4 (its default)."""
+    _chainer_hdf5(ctx.model, path)
+
+
+def _chainer_hdf5(arrays: dict, path: str) -> None:
     with h5py.File(path, 'w') as f:
-        for key, array in ctx.model.items():
+        for key, array in arrays.items():
             f.create_dataset(key, data=array, compression=4)
 
 
@@ -362,6 +366,9 @@ LOADS = [
     Op('gpuserial.load_hdf5 gzip', 'load', '.h5',
        lambda ctx, path: gpuserial.load_hdf5(path, ctx.target),
        prepare=lambda ctx, path: gpuserial.save_hdf5(path, ctx.host, durable=False)),
+    Op('gpuserial.load_hdf5 gzip (Chainer file)', 'load', '.h5',
+       lambda ctx, path: gpuserial.load_hdf5(path, ctx.target),
+       prepare=lambda ctx, path: _chainer_hdf5(ctx.host, path)),
     Op('h5py read_direct gzip (Chainer)', 'load', '.h5', _h5py_read, prepare=_h5py_write_gzip,
        host_only=True),
     Op('numpy.load + copyto (Chainer)', 'load', '.npz', _chainer_load,

@@ -63,6 +63,8 @@ CPU_PAIRS = [
          'h5py create_dataset gzip (Chainer)', None, 1.01),
     Pair('load_hdf5 gzip vs h5py read_direct gzip', 'compressed', 'gpuserial.load_hdf5 gzip',
          'h5py read_direct gzip (Chainer)', None),
+    Pair("load_hdf5 gzip of Chainer's file vs h5py read_direct gzip", 'compressed',
+         'gpuserial.load_hdf5 gzip (Chainer file)', 'h5py read_direct gzip (Chainer)', None),
     Pair('save_npz durable vs raw write+fsync', 'durable', 'gpuserial.save_npz +fsync',
          'raw write +fsync', None),
     Pair('save_hdf5 durable vs h5py+fsync', 'durable', 'gpuserial.save_hdf5 +fsync',

@@ -1,5 +1,6 @@
 """HDF5 specifics: Chainer's layout (groups, gzip, Empty for None), chunked device writes."""
 
+import contextlib
 import io
 import os
 import re
@@ -7,6 +8,7 @@ import resource
 import subprocess
 import sys
 import threading
+import zlib
 
 import h5py
 import numpy
@@ -14,7 +16,7 @@ import pytest
 
 from gpuserial import serializers
 from gpuserial.engine import transfer
-from gpuserial.errors import KeyCollisionError, MismatchError
+from gpuserial.errors import CorruptFileError, KeyCollisionError, MismatchError
 from gpuserial.formats import hdf5
 from tests.conftest import host
 from tests.standin import StandInDevice
@@ -521,3 +523,259 @@ def test_at_most_one_chunk_more_than_the_threads_is_gzipped_ahead_and_each_is_co
     chunks = -(-array.nbytes // hdf5.GZIP_CHUNK_BYTES)
     assert len(submitted) == chunks and max(ahead) == 3
     assert sum(written) == array.nbytes and len([n for n in written if n]) == chunks
+
+
+# Gzipped datasets as h5py writes them (Chainer's save_hdf5): guessed chunks, edge chunks in
+# every axis, chunks one deep in the leading axes, every kind stored as it is
+INFLATED = {
+    'guessed': (RNG.standard_normal((300, 500)).astype(numpy.float32), True),
+    'edges': (RNG.standard_normal((10, 11, 13)), (3, 5, 7)),
+    'leading_ones': (RNG.standard_normal((5, 40, 13)).astype(numpy.float32), (1, 4, 13)),
+    'flat': (RNG.standard_normal(100_003), (1000,)),
+    'complex': ((RNG.standard_normal((60, 70)) + 1j).astype(numpy.complex64), (7, 9)),
+    'bool': (RNG.integers(0, 2, (300, 77)).astype(bool), True),
+    'int8': (RNG.integers(-100, 100, (2, 50_001)).astype(numpy.int8), (1, 4096)),
+    'half': (RNG.standard_normal(30_001).astype(numpy.float16), True),
+}
+
+
+def _h5py_gzipped(path, arrays: dict) -> None:
+    """``arrays`` ({key: (values, chunks)}) written by h5py, gzip at level 4, as Chainer does."""
+    with h5py.File(path, 'w') as f:
+        for key, (values, chunks) in arrays.items():
+            f.create_dataset(key, data=values, chunks=chunks, compression=4)
+
+
+def _inflated_here(monkeypatch) -> list:
+    """Records each chunk gpuserial inflates itself (not libhdf5's filter); every dataset of
+    any size is inflated so."""
+    inflated = []
+    inflate = hdf5.inflate_chunk
+
+    def spy(data, filter_mask, nbytes):
+        inflated.append(threading.current_thread().name)
+        return inflate(data, filter_mask, nbytes)
+
+    monkeypatch.setattr(hdf5, 'inflate_chunk', spy)
+    monkeypatch.setattr(hdf5, 'INFLATE_MIN_BYTES', 0)
+    return inflated
+
+
+def _target(values, where: str):
+    """Zeros shaped as ``values``: contiguous on the host, strided on the host, or on the
+    stand-in device."""
+    if where == 'standin':
+        return StandInDevice(0).send(numpy.zeros_like(values))
+    if where == 'strided':
+        return numpy.zeros(values.shape[::-1], values.dtype).T
+    return numpy.zeros_like(values)
+
+
+@pytest.mark.parametrize('threads', [1, 3])
+@pytest.mark.parametrize('where', ['host', 'strided', 'standin'])
+def test_gzipped_chunks_inflate_on_the_worker_threads_into_any_target(tmp_path, monkeypatch,
+                                                                      threads, where):
+    """Each chunk read as stored and inflated by gpuserial, on the worker threads where there
+    are several, then put in its place: the values are h5py's, whatever the chunk shapes, the
+    target's layout and device and the staging blocks."""
+    from gpuserial.engine import workers
+    monkeypatch.setattr(workers, 'count', lambda: threads)
+    inflated = _inflated_here(monkeypatch)
+    _h5py_gzipped(tmp_path / 'm.h5', INFLATED)
+    target = {key: _target(values, where) for key, (values, _) in INFLATED.items()}
+    with transfer.configure(chunk_bytes=100_000), h5py.File(tmp_path / 'm.h5') as f:
+        chunks = sum(f[key].id.get_num_chunks() for key in INFLATED)
+        serializers.load_hdf5(tmp_path / 'm.h5', target)
+    for key, (values, _) in INFLATED.items():
+        numpy.testing.assert_array_equal(host(target[key]), values, err_msg=key)
+    assert len(inflated) == chunks
+    on_workers = [name.startswith('gpuserial-worker') for name in inflated]
+    assert all(on_workers) if threads > 1 else not any(on_workers)
+
+
+def test_gpuserials_own_gzipped_files_inflate_here(tmp_path, monkeypatch):
+    inflated = _inflated_here(monkeypatch)
+    native = {key: value for key, value in GZIPPED.items() if value.dtype.isnative}
+    serializers.save_hdf5(tmp_path / 'm.h5', native)
+    target = {key: numpy.zeros_like(value) for key, value in native.items()}
+    serializers.load_hdf5(tmp_path / 'm.h5', target)
+    for key, value in native.items():
+        numpy.testing.assert_array_equal(target[key], value, err_msg=key)
+    with h5py.File(tmp_path / 'm.h5') as f:
+        assert len(inflated) == sum(f[key].id.get_num_chunks() for key in native)
+
+
+def _shuffled(f, values):
+    f.create_dataset('x', data=values, chunks=(10, 10), compression=4, shuffle=True)
+
+
+def _unwritten(f, values):
+    f.create_dataset('x', shape=values.shape, dtype=values.dtype, chunks=(10, 10),
+                     compression=4, fillvalue=7)
+    f['x'][:50] = values[:50]
+
+
+@pytest.mark.parametrize('write, stored, target_dtype', [
+    (_shuffled, 'f4', 'f4'),  # another filter before gzip
+    (_unwritten, 'f4', 'f4'),  # unwritten chunks: the fill value
+    (lambda f, values: f.create_dataset('x', data=values, chunks=(10, 10), compression=4),
+     '>f4', 'f4'),  # stored in the other byte order: libhdf5 converts
+    (lambda f, values: f.create_dataset('x', data=values, chunks=(10, 10), compression=4),
+     'f4', 'f8'),  # into another dtype: libhdf5 converts
+    (lambda f, values: f.create_dataset('x', data=values, chunks=(100, 100), compression=4),
+     'f4', 'f4'),  # chunks larger than MAX_INFLATE_CHUNK_BYTES (patched to 1000 bytes)
+], ids=['shuffle', 'unwritten', 'big-endian', 'cast', 'large-chunks'])
+@pytest.mark.parametrize('where', ['host', 'standin'])
+def test_datasets_gpuserial_does_not_inflate_are_libhdf5s(tmp_path, monkeypatch, write, stored,
+                                                          target_dtype, where):
+    inflated = _inflated_here(monkeypatch)
+    monkeypatch.setattr(hdf5, 'MAX_INFLATE_CHUNK_BYTES', 1000)
+    values = RNG.standard_normal((100, 100)).astype(stored)
+    with h5py.File(tmp_path / 'm.h5', 'w') as f:
+        write(f, values)
+    with h5py.File(tmp_path / 'm.h5') as f:
+        expected = f['x'][()].astype(target_dtype)
+    target = {'x': _target(expected, where)}
+    serializers.load_hdf5(tmp_path / 'm.h5', target)
+    numpy.testing.assert_array_equal(host(target['x']), expected)
+    assert inflated == []
+
+
+def test_small_gzipped_datasets_are_read_by_libhdf5_in_one_call(tmp_path, monkeypatch):
+    """Below INFLATE_MIN_BYTES a dataset is one read: handing its chunks to the threads costs
+    more than it gains."""
+    inflated = _inflated_here(monkeypatch)
+    monkeypatch.setattr(hdf5, 'INFLATE_MIN_BYTES', 100 * 100 * 4 + 1)
+    values = RNG.standard_normal((100, 100)).astype(numpy.float32)
+    _h5py_gzipped(tmp_path / 'm.h5', {'x': (values, (10, 10))})
+    target = {'x': numpy.zeros_like(values)}
+    serializers.load_hdf5(tmp_path / 'm.h5', target)
+    numpy.testing.assert_array_equal(target['x'], values)
+    assert inflated == []
+
+
+def test_a_band_of_chunks_larger_than_a_staging_chunk_is_read_by_libhdf5(tmp_path,
+                                                                         monkeypatch):
+    """Chunks 10 deep in the first axis take 4000-byte bands: with 1000-byte staging chunks
+    the device's blocks cannot hold whole chunks, and libhdf5 reads them."""
+    inflated = _inflated_here(monkeypatch)
+    values = RNG.standard_normal((100, 100)).astype(numpy.float32)
+    _h5py_gzipped(tmp_path / 'm.h5', {'x': (values, (10, 10))})
+    target = {'x': StandInDevice(0).send(numpy.zeros_like(values))}
+    with transfer.configure(chunk_bytes=1000):
+        serializers.load_hdf5(tmp_path / 'm.h5', target)
+    numpy.testing.assert_array_equal(host(target['x']), values)
+    assert inflated == []
+
+
+@pytest.mark.parametrize('shape, chunks, block_bytes, expected', [
+    ((10,), (4,), 8 * 8, [(0, 8), (8, 10)]),  # whole chunks: 8 of the 9 elements that fit
+    ((10,), (4,), 3 * 8, None),  # not one chunk fits
+    ((6, 5), (4, 2), 39 * 8, [(0, 4), (4, 6)]),  # bands of 4 rows (20 elements), one a block
+    ((6, 5), (4, 2), 40 * 8, [(0, 6)]),  # two bands a block: the whole
+    ((6, 5), (4, 2), 19 * 8, None),  # a band is 20 elements
+    ((2, 6, 5), (1, 4, 5), 20 * 8, [(0, 0, 4), (0, 4, 6), (1, 0, 4), (1, 4, 6)]),
+    ((2, 6, 5), (2, 4, 5), 20 * 8, None),  # two deep in the first axis: not rows of it
+])
+def test_chunk_bands(shape, chunks, block_bytes, expected):
+    bands = hdf5.chunk_bands(shape, chunks, 8, block_bytes)
+    if expected is None:
+        assert bands is None
+        return
+    assert [(*index[:-1], index[-1].start, index[-1].stop) for index, _, _ in bands] == [
+        (*lead, start, stop) for *lead, start, stop in expected]
+    flat = numpy.arange(numpy.prod(shape)).reshape(shape)
+    for index, start, stop in bands:  # the elements each block holds, in C order
+        numpy.testing.assert_array_equal(flat[index].ravel(), numpy.arange(start, stop))
+    assert [start for _, start, _ in bands[1:]] == [stop for _, _, stop in bands[:-1]]
+
+
+def _rewrite_chunk(path, offset: tuple, data: bytes, filter_mask: int = 0) -> None:
+    with h5py.File(path, 'r+') as f:
+        f['x'].id.write_direct_chunk(offset, data, filter_mask)
+
+
+VALUES = RNG.standard_normal((100, 100)).astype(numpy.float32)  # 10 x 10 chunks of 400 bytes
+RAW = VALUES[10:20, 30:40].tobytes()  # the chunk at (10, 30)
+
+
+@pytest.mark.parametrize('data, message', [
+    (zlib.compress(RAW)[:-1] + bytes([zlib.compress(RAW)[-1] ^ 1]), ''),  # its Adler-32
+    (zlib.compress(RAW)[:-4], 'its gzip stream ends early'),
+    (b'\xff' * 20, ''),  # not a zlib stream
+    (zlib.compress(RAW[:396]), 'it holds 396 bytes where its chunk shape holds 400'),
+    (zlib.compress(RAW + b'\0'), 'it holds more than the 400 bytes of its chunk shape'),
+], ids=['checksum', 'truncated', 'garbage', 'short', 'long'])
+@pytest.mark.parametrize('where', ['host', 'standin'])
+def test_a_corrupt_gzipped_chunk_names_the_file_the_key_and_the_chunk(tmp_path, monkeypatch,
+                                                                      data, message, where):
+    _inflated_here(monkeypatch)
+    _h5py_gzipped(tmp_path / 'm.h5', {'x': (VALUES, (10, 10))})
+    _rewrite_chunk(tmp_path / 'm.h5', (10, 30), data)
+    target = {'x': _target(VALUES, where)}
+    expected = re.escape(f"{str(tmp_path / 'm.h5')!r}, key 'x': the HDF5 chunk at (10, 30): "
+                         f"{message}")
+    with pytest.raises(CorruptFileError, match=expected) as caught:
+        serializers.load_hdf5(tmp_path / 'm.h5', target)
+    assert caught.value.partly_filled == 'x'
+
+
+def test_a_chunk_stored_without_its_filter_is_taken_as_it_is(tmp_path, monkeypatch):
+    """libhdf5 skips an optional filter that fails on a chunk and marks the chunk so (bit 0 of
+    its filter mask): its bytes are the values."""
+    inflated = _inflated_here(monkeypatch)
+    _h5py_gzipped(tmp_path / 'm.h5', {'x': (VALUES, (10, 10))})
+    raw = numpy.full((10, 10), 5, numpy.float32)
+    _rewrite_chunk(tmp_path / 'm.h5', (10, 30), raw.tobytes(), filter_mask=1)
+    expected = VALUES.copy()
+    expected[10:20, 30:40] = raw
+    with h5py.File(tmp_path / 'm.h5') as f:
+        numpy.testing.assert_array_equal(f['x'][()], expected)  # as libhdf5 reads it
+    target = {'x': numpy.zeros_like(VALUES)}
+    serializers.load_hdf5(tmp_path / 'm.h5', target)
+    numpy.testing.assert_array_equal(target['x'], expected)
+    assert len(inflated) == 100
+
+
+def test_at_most_one_chunk_more_than_the_threads_is_inflated_ahead_and_each_is_counted(
+        tmp_path, monkeypatch):
+    """Memory stays bound: a chunk is read and handed to the threads only once all but
+    ``count`` of those before it are in the target; the progress counts every byte once."""
+    from gpuserial.engine import progress, workers
+    monkeypatch.setattr(workers, 'count', lambda: 2)
+    _inflated_here(monkeypatch)
+    submitted, placed, ahead = [], [], []
+    real_submit = workers.submit
+
+    def submit(function, *args):
+        submitted.append(1)
+        return real_submit(function, *args)
+
+    real_frombuffer = numpy.frombuffer
+
+    class Numpy:  # the chunks handed out: numpy.frombuffer of each inflated one, as placed
+        def __getattr__(self, name):
+            return getattr(numpy, name)
+
+        @staticmethod
+        def frombuffer(data, dtype):
+            if len(data) == 400:
+                placed.append(1)
+                ahead.append(len(submitted) - len(placed))
+            return real_frombuffer(data, dtype)
+
+    monkeypatch.setattr(workers, 'submit', submit)
+    monkeypatch.setattr(hdf5, 'numpy', Numpy())
+    counted = []
+
+    class Bar:
+        def update(self, nbytes):
+            counted.append(nbytes)
+
+    monkeypatch.setattr(progress, 'bar', lambda *args, **kwargs: contextlib.nullcontext(Bar()))
+    _h5py_gzipped(tmp_path / 'm.h5', {'x': (VALUES, (10, 10))})
+    target = {'x': numpy.zeros_like(VALUES)}
+    serializers.load_hdf5(tmp_path / 'm.h5', target, progress=True)
+    numpy.testing.assert_array_equal(target['x'], VALUES)
+    assert len(submitted) == len(placed) == 100 and max(ahead) == 2
+    assert sum(counted) == VALUES.nbytes

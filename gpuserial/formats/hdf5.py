@@ -2,7 +2,8 @@
 
 One group per path, one dataset per entry, gzip at the given level for entries larger than one
 element, ``None`` as ``h5py.Empty('f')``, as Chainer writes them. Device arrays are written and
-read in C-contiguous hyperslabs through the staging engine.
+read in C-contiguous hyperslabs through the staging engine. Gzipped chunks are compressed, and
+read back, on the worker threads (``engine.workers``): libhdf5's filter runs on one.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import collections
 import contextlib
 import functools
 import io
+import itertools
 import math
 import numbers
 import os
 import re
 import zlib
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Generator, Iterable
 from concurrent.futures import Future
 from types import ModuleType
 
@@ -36,6 +38,7 @@ from gpuserial.errors import (
     UnsafeFileError,
 )
 from gpuserial.formats import loading
+from gpuserial.formats._zipstream import DEFLATE_ERRORS, deflate_module
 from gpuserial.serializer import Serializer, as_serializable, child_path, entry_key
 from gpuserial.storage import _signals, remote
 from gpuserial.storage._fileio import (
@@ -63,6 +66,10 @@ HDF5_ENTRY_BYTES = 4 << 10  # what a dataset costs beyond its data, at most (hea
 HDF5_FILE_BYTES = 1 << 20  # and the file itself
 HDF5_SPARE_BYTES = 256 << 20  # free space left beyond twice the file's: room for others' writes
 GZIP_DEFAULT = 4  # Chainer's default level, and h5py's for compression=True or 'gzip'
+INFLATE_MIN_BYTES = 256 << 10  # a gzip dataset this large is inflated chunk by chunk on the
+#                                worker threads (below it libhdf5's filter reads it in one call)
+MAX_INFLATE_CHUNK_BYTES = 1 << 20  # ... when its chunks hold at most this (h5py's largest
+#                                    guess; gpuserial writes 64 KiB): each thread holds one
 
 
 class HDF5Serializer(Serializer):
@@ -499,6 +506,17 @@ class _GroupReader(loading.Reader):
             return
         backend = devices.backend_of(dst)
         assert backend is not None  # an array of some backend
+        # what h5py reads into: the target's dtype (h5py converts), or the stored encoding
+        # whose bits the target holds (see devices.holds_bits_of)
+        assert entry.dtype is not None  # not a stored None
+        read_as = entry.dtype if devices.holds_bits_of(dst.dtype, entry.dtype) else dst.dtype
+        if read_as == entry.dtype and dst.nbytes >= INFLATE_MIN_BYTES:
+            size = self._inflatable_chunks(entry)
+            bands = size and chunk_bands(dst.shape, size, read_as.itemsize,
+                                         _block_bytes(backend.is_host))
+            if size and bands:
+                self._read_inflating(entry, dst, size, bands)
+                return
         host = backend.is_host and dst.flags.c_contiguous
         blocks = _read_blocks(dataset, dst.shape, dst.dtype.itemsize, host)
         if host and len(blocks) == 1:  # the whole dataset in one read, as h5py's read_direct
@@ -514,10 +532,6 @@ class _GroupReader(loading.Reader):
                 self.progress.update(dst[index].nbytes if index else dst.nbytes)
             return
         position = iter(blocks)
-        # what h5py reads into: the target's dtype (h5py converts), or the stored encoding
-        # whose bits the target holds (see devices.holds_bits_of)
-        assert entry.dtype is not None  # not a stored None
-        read_as = entry.dtype if devices.holds_bits_of(dst.dtype, entry.dtype) else dst.dtype
 
         def read_into(buffer: memoryview) -> None:
             index, _, _ = next(position)
@@ -530,6 +544,98 @@ class _GroupReader(loading.Reader):
             self.progress.update(block.nbytes)
 
         transfer.fill(dst, read_into, dst.dtype, blocks=blocks)
+
+    def _inflatable_chunks(self, entry: loading.Entry) -> tuple | None:
+        """The dataset's chunk shape when gpuserial may inflate its chunks itself: gzip is its
+        only filter (as Chainer's and gpuserial's saves make it), it stores numbers as the
+        target's memory holds them, every chunk is written, and none is larger than
+        :data:`MAX_INFLATE_CHUNK_BYTES`; else None (libhdf5's filter reads it)."""
+        assert entry.shape is not None and entry.dtype is not None  # not a stored None
+        if entry.dtype.kind not in PLAIN_KINDS:
+            return None
+        dataset, dtype, shape = entry.token, entry.dtype, entry.shape
+
+        def chunks() -> tuple | None:
+            plist = dataset.get_create_plist()
+            if (plist.get_layout() != h5py.h5d.CHUNKED or plist.get_nfilters() != 1
+                    or plist.get_filter(0)[0] != h5py.h5z.FILTER_DEFLATE
+                    or not dataset.get_type().equal(h5py.h5t.py_create(dtype))):
+                return None
+            size = plist.get_chunk()
+            if dtype.itemsize * math.prod(size) > MAX_INFLATE_CHUNK_BYTES:
+                return None
+            grid = math.prod(-(-extent // step) for extent, step in zip(shape, size, strict=True))
+            return size if dataset.get_num_chunks() == grid else None  # else: unwritten ones
+
+        return self._guard(entry, chunks)
+
+    def _read_inflating(self, entry: loading.Entry, dst, size: tuple, bands: list) -> None:
+        """Fills ``dst`` from the dataset's gzipped chunks (of shape ``size``), read here in
+        order and inflated on the worker threads (:meth:`_inflated_chunks`), block by block
+        (``bands``, from :func:`chunk_bands`)."""
+        assert entry.shape is not None and entry.dtype is not None  # not a stored None
+        shape, dtype = entry.shape, entry.dtype
+        with contextlib.closing(self._inflated_chunks(entry, size)) as chunks:
+
+            def read_into(buffer: memoryview) -> None:
+                index, _, _ = next(position)
+                axis, rows = len(index) - 1, index[-1]  # the block: rows of this axis
+                block = numpy.frombuffer(buffer, dtype).reshape(
+                    transfer.block_shape(shape, index))
+                count = -(-(rows.stop - rows.start) // size[axis]) * math.prod(
+                    -(-extent // step) for extent, step in zip(shape[axis + 1:],
+                                                              size[axis + 1:], strict=True))
+                ends = (rows.stop, *shape[axis + 1:])  # of the block, in the dataset
+                starts = (rows.start, *[0] * len(ends[1:]))
+                for offsets, chunk in itertools.islice(chunks, count):
+                    into = tuple(slice(o - start, min(o + step, end) - start)
+                                 for o, step, start, end
+                                 in zip(offsets[axis:], size[axis:], starts, ends, strict=True))
+                    block[into] = chunk.reshape(size[axis:])[
+                        tuple(slice(0, i.stop - i.start) for i in into)]
+                self.progress.update(block.nbytes)
+
+            position = iter(bands)
+            transfer.fill(dst, read_into, dtype, blocks=bands)
+
+    def _inflated_chunks(self, entry: loading.Entry, size: tuple
+                         ) -> Generator[tuple[tuple, numpy.ndarray], None, None]:
+        """The dataset's chunks (of shape ``size``) in C order of their grid, as ``(offsets,
+        values)``: read here (libhdf5 reads a chunk as it is stored), inflated on the worker
+        threads, at most :func:`workers.count` ``+ 1`` ahead of the caller."""
+        assert entry.shape is not None and entry.dtype is not None  # not a stored None
+        dataset, dtype = entry.token, entry.dtype
+        nbytes = dtype.itemsize * math.prod(size)
+        in_flight: collections.deque[tuple[tuple, Future | functools.partial]] = (
+            collections.deque())
+
+        def first() -> tuple[tuple, numpy.ndarray]:
+            offsets, job = in_flight[0]
+            try:
+                data = job.result() if isinstance(job, Future) else job()
+            except (ValueError, *DEFLATE_ERRORS) as error:
+                raise CorruptFileError(f'{self.where(entry.key)}: the HDF5 chunk at '
+                                       f'{offsets}: {error}') from None
+            in_flight.popleft()
+            return offsets, numpy.frombuffer(data, dtype).reshape(size)
+
+        try:
+            for offsets in itertools.product(*(range(0, extent, step) for extent, step
+                                               in zip(entry.shape, size, strict=True))):
+                _signals.check()
+                mask, data = self._guard(entry, functools.partial(dataset.read_direct_chunk,
+                                                                  offsets))
+                future = workers.submit(inflate_chunk, data, mask, nbytes)
+                in_flight.append((offsets, future or functools.partial(inflate_chunk, data,
+                                                                       mask, nbytes)))
+                if len(in_flight) > workers.count():
+                    yield first()
+            while in_flight:
+                yield first()
+        finally:
+            for _, job in in_flight:  # on failure: no thread left working for nothing
+                if isinstance(job, Future):
+                    job.cancel()
 
     def stored_size(self, entry: loading.Entry) -> tuple[int, bool]:
         storage = self._guard(entry, entry.token.get_storage_size)
@@ -587,6 +693,52 @@ def _failed_read(text: str) -> tuple[int, str, int] | None:
     ``KeyError`` while opening an object, an ``OSError`` without errno); else None."""
     found = _FAILED_READ.search(text)
     return None if found is None else (int(found[1]), found[2], int(found[3]))
+
+
+def chunk_bands(shape: tuple, chunks: tuple, itemsize: int, block_bytes: int
+                ) -> list[tuple[tuple, int, int]] | None:
+    """Hyperslabs of an array of ``shape`` stored in HDF5 chunks of ``chunks``, as
+    :func:`transfer.hyperslabs` makes them, each at most ``block_bytes`` and whole bands of
+    chunks: along the first axis whose band (one chunk deep, whole in the axes after it) fits,
+    where the chunks are one deep in every axis before it; else None."""
+    for axis, step in enumerate(chunks):
+        row_size = math.prod(shape[axis + 1:])
+        band = step * row_size * itemsize
+        if band <= block_bytes:
+            break
+        if step != 1:
+            return None
+    else:
+        return None
+    rows = block_bytes // band * chunks[axis]
+    blocks = []
+    for lead in itertools.product(*map(range, shape[:axis])):
+        base = sum(i * math.prod(shape[j + 1:]) for j, i in enumerate(lead))
+        for start in range(0, shape[axis], rows):
+            stop = min(start + rows, shape[axis])
+            blocks.append(((*lead, slice(start, stop)), base + start * row_size,
+                           base + stop * row_size))
+    return blocks
+
+
+def inflate_chunk(data: bytes, filter_mask: int, nbytes: int) -> bytes:
+    """An HDF5 chunk of ``nbytes`` from the bytes its dataset stores: inflated (a zlib stream,
+    its Adler-32 checked), unless its filter mask says the filter was skipped.
+
+    Raises:
+        ValueError: the stream does not end, or the chunk is not ``nbytes`` long.
+        zlib.error: (or ISA-L's error) corrupt data.
+    """
+    if not filter_mask & 1:
+        inflater = deflate_module.decompressobj()
+        data = inflater.decompress(data, nbytes + 1)  # a longer chunk shows, memory stays bound
+        if not inflater.eof and len(data) <= nbytes:
+            raise ValueError('its gzip stream ends early (a truncated chunk)')
+    if len(data) > nbytes:
+        raise ValueError(f'it holds more than the {nbytes} bytes of its chunk shape')
+    if len(data) < nbytes:
+        raise ValueError(f'it holds {len(data)} bytes where its chunk shape holds {nbytes}')
+    return data
 
 
 def _chunks(dataset: h5py.h5d.DatasetID) -> tuple | None:
