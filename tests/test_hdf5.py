@@ -18,7 +18,7 @@ from gpuserial import serializers
 from gpuserial.engine import transfer
 from gpuserial.errors import CorruptFileError, KeyCollisionError, MismatchError
 from gpuserial.formats import hdf5
-from tests.conftest import host
+from tests.conftest import host, make_device
 from tests.standin import StandInDevice
 
 
@@ -562,17 +562,20 @@ def _inflated_here(monkeypatch) -> list:
 
 
 def _target(values, where: str):
-    """Zeros shaped as ``values``: contiguous on the host, strided on the host, or on the
-    stand-in device."""
-    if where == 'standin':
-        return StandInDevice(0).send(numpy.zeros_like(values))
+    """Zeros shaped as ``values``: contiguous on the host, strided on the host, or on a
+    device (a spec)."""
     if where == 'strided':
         return numpy.zeros(values.shape[::-1], values.dtype).T
-    return numpy.zeros_like(values)
+    if where == 'host':
+        return numpy.zeros_like(values)
+    return make_device(where).send(numpy.zeros_like(values))
+
+
+TARGETS = ['host', 'standin:0', pytest.param('cuda:0', marks=pytest.mark.gpu)]
 
 
 @pytest.mark.parametrize('threads', [1, 3])
-@pytest.mark.parametrize('where', ['host', 'strided', 'standin'])
+@pytest.mark.parametrize('where', ['strided', *TARGETS])
 def test_gzipped_chunks_inflate_on_the_worker_threads_into_any_target(tmp_path, monkeypatch,
                                                                       threads, where):
     """Each chunk read as stored and inflated by gpuserial, on the worker threads where there
@@ -625,7 +628,7 @@ def _unwritten(f, values):
     (lambda f, values: f.create_dataset('x', data=values, chunks=(100, 100), compression=4),
      'f4', 'f4'),  # chunks larger than MAX_INFLATE_CHUNK_BYTES (patched to 1000 bytes)
 ], ids=['shuffle', 'unwritten', 'big-endian', 'cast', 'large-chunks'])
-@pytest.mark.parametrize('where', ['host', 'standin'])
+@pytest.mark.parametrize('where', TARGETS)
 def test_datasets_gpuserial_does_not_inflate_are_libhdf5s(tmp_path, monkeypatch, write, stored,
                                                           target_dtype, where):
     inflated = _inflated_here(monkeypatch)
@@ -706,7 +709,7 @@ RAW = VALUES[10:20, 30:40].tobytes()  # the chunk at (10, 30)
     (zlib.compress(RAW[:396]), 'it holds 396 bytes where its chunk shape holds 400'),
     (zlib.compress(RAW + b'\0'), 'it holds more than the 400 bytes of its chunk shape'),
 ], ids=['checksum', 'truncated', 'garbage', 'short', 'long'])
-@pytest.mark.parametrize('where', ['host', 'standin'])
+@pytest.mark.parametrize('where', TARGETS)
 def test_a_corrupt_gzipped_chunk_names_the_file_the_key_and_the_chunk(tmp_path, monkeypatch,
                                                                       data, message, where):
     _inflated_here(monkeypatch)
