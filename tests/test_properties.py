@@ -14,6 +14,7 @@ import tempfile
 import tracemalloc
 from datetime import timedelta
 from pathlib import Path
+from unittest import mock
 
 import numpy
 import pytest
@@ -24,6 +25,7 @@ from hypothesis.extra import numpy as hnp
 from gpuserial import serializers
 from gpuserial.engine import devices, transfer
 from gpuserial.errors import GpuserialError
+from gpuserial.formats import hdf5
 from tests.conftest import host, make_device
 
 try:
@@ -189,7 +191,16 @@ FORMATS = {
     'npz-stored': (lambda f, o: serializers.save_npz(f, o, compression=False, durable=False),
                    serializers.load_npz),
     'hdf5': (lambda f, o: serializers.save_hdf5(f, o, durable=False), serializers.load_hdf5),
+    'hdf5-inflated': (lambda f, o: serializers.save_hdf5(f, o, durable=False),
+                      lambda f, o: _load_hdf5_inflating(f, o)),
 }
+
+
+def _load_hdf5_inflating(file, obj) -> None:
+    """``load_hdf5``, every gzip dataset's chunks inflated by gpuserial, however small (not
+    by libhdf5's filter)."""
+    with mock.patch.object(hdf5, 'INFLATE_MIN_BYTES', 0):
+        serializers.load_hdf5(file, obj)
 
 
 def _to_bytes(fmt: str, obj) -> bytes:
@@ -286,7 +297,8 @@ def _load_damaged(fmt, data, target, device_spec):
     tracemalloc.start()
     try:
         with transfer.configure(chunk_bytes=64, buffers=2):
-            load(path if fmt == 'hdf5' or device_spec == 'cpu' else io.BytesIO(data), target)
+            by_path = fmt.startswith('hdf5') or device_spec == 'cpu'
+            load(path if by_path else io.BytesIO(data), target)
         event('loaded')
         return None
     except CLEAN_ERRORS as error:
@@ -308,7 +320,7 @@ def _load_damaged(fmt, data, target, device_spec):
 @given(data=st.data())
 def test_damaged_files_load_correctly_or_fail_cleanly(fmt, device_spec, targets, data):
     device = make_device(device_spec)
-    tree = data.draw(trees(HDF5_LEAVES if fmt == 'hdf5' else ALL_LEAVES))
+    tree = data.draw(trees(HDF5_LEAVES if fmt.startswith('hdf5') else ALL_LEAVES))
     good = _to_bytes(fmt, _source(tree, devices.CPU))
     how = data.draw(damage(len(good)))
     target = _zeros(tree, device) if targets == 'zeros' else _nones(tree)
@@ -317,7 +329,7 @@ def test_damaged_files_load_correctly_or_fail_cleanly(fmt, device_spec, targets,
     if error is not None:  # nothing changed but the arrays the error says it filled
         touched = getattr(error, 'filled', []) + [getattr(error, 'partly_filled', None)]
         _assert_untouched(target, before, touched)
-    elif fmt == 'hdf5' and how[0] == 'flip':  # no checksums: a flipped data byte loads
+    elif fmt.startswith('hdf5') and how[0] == 'flip':  # no checksums: a flipped data byte loads
         _assert_tree_shaped(target, tree)
     else:  # a zip checks every member's CRC, and a cut HDF5 file cannot give wrong bytes
         _assert_tree_equal(target, tree)
@@ -347,3 +359,55 @@ def _assert_untouched(target: dict, before: dict, filled: list) -> None:
         else:
             assert type(value) is type(before[key]) and (value == before[key] or (
                 value != value and before[key] != before[key])), key  # NaN is NaN
+
+
+@st.composite
+def gzipped_datasets(draw):
+    """(values, chunks): a numeric array of up to 2 KB and a chunk shape for it."""
+    dtype = draw(st.sampled_from(['i1', 'u2', 'f4', 'f8', 'c8']))
+    shape = draw(hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=12))
+    values = draw(hnp.arrays(dtype, shape, elements={'allow_nan': False}
+                             if dtype[0] in 'fc' else None))
+    chunks = tuple(draw(st.integers(1, side)) for side in shape)
+    return values, chunks
+
+
+@pytest.mark.parametrize('device_spec', ['cpu', 'standin:0'], ids=['cpu', 'standin'])
+@DAMAGE
+@given(dataset=gzipped_datasets(), data=st.data())
+def test_damaged_gzipped_chunks_fail_where_libhdf5_fails(device_spec, dataset, data):
+    """A gzip dataset whose chunks gpuserial inflates itself, with bytes of its stored chunks
+    flipped: where libhdf5 (h5py) reads it, the values are the same or the error is clean;
+    where libhdf5 fails, so does the load, cleanly, saying which chunk."""
+    import h5py
+    values, chunks = dataset
+    path = _directory() / 'chunks.h5'
+    with h5py.File(path, 'w') as f:
+        f.create_dataset('x', data=values, chunks=chunks, compression=4)
+        stored = [f['x'].id.get_chunk_info(i) for i in range(f['x'].id.get_num_chunks())]
+    chunk = data.draw(st.sampled_from(stored))
+    flips = data.draw(st.lists(st.tuples(st.integers(0, chunk.size - 1), st.integers(1, 255)),
+                               min_size=1, max_size=3))
+    damaged = bytearray(path.read_bytes())
+    for offset, mask in flips:
+        damaged[chunk.byte_offset + offset] ^= mask
+    path.write_bytes(damaged)
+    try:
+        with h5py.File(path) as f:
+            theirs = f['x'][()]
+    except OSError:  # libhdf5's filter failed
+        theirs = None
+    target = {'x': make_device(device_spec).send(numpy.zeros_like(values))}
+    staging = data.draw(st.integers(64, 1 << 14))  # bands of chunks a block: else libhdf5's
+    if hdf5.chunk_bands(values.shape, chunks, values.itemsize, staging) is None:
+        staging = 1 << 14  # the whole array
+    try:
+        with transfer.configure(chunk_bytes=staging):
+            _load_hdf5_inflating(path, target)
+    except GpuserialError as error:
+        event('refused' if theirs is None else 'refused where libhdf5 read it')
+        assert f'the HDF5 chunk at {chunk.chunk_offset}: ' in str(error)
+        return
+    event('loaded')
+    assert theirs is not None  # loaded where libhdf5 failed
+    numpy.testing.assert_array_equal(host(target['x']), theirs)
