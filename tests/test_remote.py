@@ -677,6 +677,45 @@ def test_storage_options_with_a_local_file_are_refused_by_the_tools(tmp_path, ca
     assert err.startswith('gpuserial: error: ') and err.count('\n') == 1
     assert err.endswith(f"storage_options= goes with a URL, not with '{path}'\n")
 
+@pytest.mark.parametrize('command', ['diff', 'convert', 'consolidate'])
+def test_storage_options_with_no_url_among_two_files_are_refused(tmp_path, capsys, memory,
+                                                                 command):
+    """diff, convert and consolidate pass the options to the URLs among their two files;
+    where neither was one, the options went nowhere and the command ran as if they had been
+    used (inspect and clean refuse them for their local file)."""
+    from gpuserial.distributed import reading, save_sharded
+    from gpuserial.tools import cli, inspection
+
+    class OneRank:
+        rank, size = 0, 1
+
+        def allgather(self, value):
+            return [value]
+
+        def bcast(self, value, root=0):
+            return value
+
+    a, out = tmp_path / 'a.npz', tmp_path / 'out.h5'
+    gpuserial.save(a, {'x': numpy.arange(3)})
+    save_sharded(str(tmp_path / 'ck'), {'x': numpy.arange(3)}, OneRank())
+    first = tmp_path / 'ck' if command == 'consolidate' else a
+    second = a if command == 'diff' else out
+    assert cli.main([command, str(first), str(second), '--storage-options', '{}']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('gpuserial: error: ') and err.count('\n') == 1
+    assert err.endswith(f"storage_options= goes with a URL, not with '{first}' nor '{second}'\n")
+    assert not out.exists()
+    call = {'diff': inspection.diff_files, 'convert': inspection.convert,
+            'consolidate': reading.consolidate}[command]
+    with pytest.raises(TypeError, match=r"^storage_options= goes with a URL, not with '.*' "
+                                        r"nor '.*'$"):
+        call(first, second, storage_options={})
+    gpuserial.save('memory://tools/a.npz', {'x': numpy.arange(3)})  # with a URL: as before
+    second = 'memory://tools/a.npz' if command == 'diff' else 'memory://tools/out.npz'
+    assert cli.main([command, str(first), second, '--storage-options', '{}']) == 0
+    assert gpuserial.load(second)['x'].tolist() == [0, 1, 2]
+
+
 def test_errors_name_the_url_as_it_was_written(memory):
     """memory:// keeps its paths as /a/x: the messages show the URL the caller wrote."""
     with pytest.raises(FileNotFoundError, match=r"^'memory://a/missing\.npz': no such object"):

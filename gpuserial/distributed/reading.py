@@ -39,7 +39,7 @@ from gpuserial.errors import CorruptFileError, MismatchError, ReadFailedError
 from gpuserial.formats import _zipstream, loading, npz
 from gpuserial.formats.loading import Entry
 from gpuserial.storage import remote
-from gpuserial.storage._fileio import atomic_output
+from gpuserial.storage._fileio import atomic_output, check_options_have_a_url
 from gpuserial.storage.folders import RemoteFolder, folder_of
 
 MAX_INDEX_BYTES = 1 << 30  # an index larger than this is not one
@@ -277,7 +277,9 @@ def consolidate(directory, out, *, rank: int = 0, compression: bool = False,
     Raises:
         FileNotFoundError: no committed checkpoint in ``directory``.
         gpuserial.errors.CorruptFileError: the index or a data file is not valid.
+        TypeError: ``storage_options`` given and neither is a URL.
     """
+    check_options_have_a_url(storage_options, directory, out)
     folder = folder_of(directory, storage_options if remote.is_url(directory) else None)
     index = read_index(folder)
     counted = {'entries': 0, 'nbytes': 0}

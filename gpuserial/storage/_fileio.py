@@ -39,6 +39,19 @@ def display_name(file) -> str:
     return name if isinstance(name, str) else f'<{type(file).__name__}>'
 
 
+def check_options_have_a_url(storage_options: dict | None, *files) -> None:
+    """For calls on several files (diff, convert, consolidate), where ``storage_options``
+    serve the URLs among them: refuses options that no URL would take (silently ignored,
+    they would hide a mistake, as they would for one local file).
+
+    Raises:
+        TypeError: ``storage_options`` given and none of ``files`` is a URL.
+    """
+    if storage_options is not None and not any(remote.is_url(file) for file in files):
+        names = ' nor '.join(repr(display_name(file)) for file in files)
+        raise TypeError(f'storage_options= goes with a URL, not with {names}')
+
+
 def check_file_object(file, *, writing: bool) -> None:
     """Refuses, naming it, a file object that cannot be read (``writing``: written) as bytes.
 

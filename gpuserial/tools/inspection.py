@@ -32,6 +32,7 @@ from gpuserial.storage._fileio import (
     atomic_output,
     atomic_path,
     check_file_object,
+    check_options_have_a_url,
     display_name,
     is_path,
     open_input,
@@ -429,7 +430,9 @@ def diff_files(a, b, *, rtol: float = 0.0, atol: float = 0.0,
 
     Raises:
         FileNotFoundError, gpuserial.errors.CorruptFileError: a file cannot be read.
+        TypeError: ``storage_options`` given and neither file is a URL.
     """
+    check_options_have_a_url(storage_options, a, b)
     changed = []
     first_options = storage_options if remote.is_url(a) else None
     second_options = storage_options if remote.is_url(b) else None
@@ -558,7 +561,9 @@ def convert(src, dst, *, format: str | None = None, compression: int | bool | No
         ValueError: an unknown format or compression level, or keys HDF5 cannot hold (``a`` and
             ``a/b`` both).
         FileNotFoundError, gpuserial.errors.CorruptFileError: ``src`` cannot be read.
+        TypeError: ``storage_options`` given and neither file is a URL.
     """
+    check_options_have_a_url(storage_options, src, dst)
     format = format_for_path(display_name(dst), format)
     level = compression_level(format, compression)
     dst_options = storage_options if remote.is_url(dst) else None
