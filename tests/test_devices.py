@@ -29,6 +29,16 @@ def test_unknown_specs_are_named(spec):
         gpuserial.get_device(spec)
 
 
+@pytest.mark.parametrize('spec, spelling', [('gpu', "'cuda:N'"), ('gpu:1', "'cuda:1'"),
+                                             ('GPU:0', "'cuda:0'")])
+def test_gpu_is_no_spec_and_its_error_gives_the_spelling_that_is(spec, spelling):
+    """'gpu' was taken as GPU 0 since the first commit, by accident (no docs, no test):
+    neither torch nor Chainer takes it, and it read as the current GPU, which 'cuda' is not."""
+    with pytest.raises(DeviceError, match=f"^unknown device {spec!r}: name GPU .* as "
+                                          f"{spelling} "):
+        gpuserial.get_device(spec)
+
+
 @pytest.mark.skipif(devices.gpu_available(), reason='checks the no-GPU fallback')
 @pytest.mark.parametrize('spec', ['cuda', 'cuda:0', '@cupy:1', 0, 3])
 def test_gpu_specs_without_a_gpu_are_clear_errors(spec):

@@ -135,7 +135,10 @@ class CudaDevice(Device):
         return _cupy().cuda.Device(self.id)
 
 
-_SPEC = re.compile(r'(?:cuda|@cupy|gpu)(?::(\d+))?')
+_SPEC = re.compile(r'(?:cuda|@cupy)(?::(\d+))?')
+# 'gpu' and 'gpu:N' are no spec (neither torch nor Chainer takes them; 'gpu' would be GPU 0,
+# not the current one): refused with the spellings that are
+_NOT_A_SPEC = re.compile(r'gpu(?::\d+)?', re.IGNORECASE)
 
 
 def get_device(spec) -> Device:
@@ -147,7 +150,9 @@ def get_device(spec) -> Device:
             device, or a Device.
 
     Raises:
-        DeviceError: the spec is unknown, or names a GPU that is not usable here.
+        DeviceError: the spec is unknown, or names a GPU that is not usable here. ``'gpu'``
+            and ``'gpu:N'`` are unknown (neither torch nor Chainer takes them): the error
+            gives ``'cuda:N'``.
     """
     if isinstance(spec, Device):
         return spec
@@ -170,6 +175,10 @@ def get_device(spec) -> Device:
         device = framework.device(spec)
         if device is not None:
             return device
+    if isinstance(spec, str) and _NOT_A_SPEC.fullmatch(spec):
+        number = spec.partition(':')[2] or 'N'
+        raise DeviceError(f"unknown device {spec!r}: name GPU {number} as 'cuda:{number}' (or "
+                          f"'@cupy:{number}', or the int {number}); 'cuda' is GPU 0")
     raise DeviceError(f"unknown device {spec!r}: expected 'cpu', '@numpy', 'cuda', 'cuda:N', "
                       f"'@cupy:N', an int, a cupy.cuda.Device, a torch.device, a JAX device or "
                       f"a Device")
