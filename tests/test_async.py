@@ -403,6 +403,21 @@ def test_bad_arguments_are_refused(tmp_path, kwargs, message):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize('name, expected', [
+    ('ckpt.h5', 'hdf5'), ('ckpt.HDF5', 'hdf5'), ('ckpt.hdf', 'hdf5'), ('ckpt.npz', 'npz'),
+    ('snapshot_iter_100', 'npz'), ('memory://async/ckpt.h5', 'hdf5')])
+def test_the_format_comes_from_the_name_unless_given(tmp_path, memory, name, expected):
+    """save_async('ckpt.h5', ...) wrote an NPZ under that name, which load_hdf5 refused."""
+    file = name if '://' in name else tmp_path / name
+    from gpuserial.tools.inspection import inspect_file
+
+    gpuserial.save_async(file, {'x': numpy.arange(3)}).result()
+    assert inspect_file(file).format == expected
+    other = {'npz': 'hdf5', 'hdf5': 'npz'}[expected]
+    gpuserial.save_async(file, {'x': numpy.arange(3)}, other).result()  # format= wins
+    assert inspect_file(file).format == other
+
+
 def test_a_host_budget_that_is_no_number_is_refused(tmp_path):
     """'1GiB' failed with "'<' not supported between instances of 'str' and 'int'"."""
     with pytest.raises(TypeError, match=r"^max_host_bytes must be a number of bytes \(such as "

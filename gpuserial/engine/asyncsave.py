@@ -41,6 +41,7 @@ from gpuserial.storage._fileio import atomic_output, display_name
 __all__ = ['SaveHandle', 'save_async', 'wait_all']
 
 FORMATS = ('npz', 'hdf5')
+HDF5_EXTENSIONS = ('.h5', '.hdf5', '.hdf')  # with no format given, these save HDF5
 STAGINGS = ('host', 'device')
 DEFAULT_MAX_HOST_BYTES = 1 << 30
 
@@ -69,7 +70,7 @@ class SaveHandle:
         return f'<SaveHandle {self.name!r}: {state}>'
 
 
-def save_async(file, obj, format: str = 'npz', *, compression: bool | int | None = None,
+def save_async(file, obj, format: str | None = None, *, compression: bool | int | None = None,
                durable: bool = True, staging: str | None = None,
                max_host_bytes: int = DEFAULT_MAX_HOST_BYTES, sync: bool = False,
                storage_options: dict | None = None) -> SaveHandle:
@@ -80,7 +81,8 @@ def save_async(file, obj, format: str = 'npz', *, compression: bool | int | None
         file: a path, a URL (``s3://bucket/key``, ...: streamed to the object, committed
             last), or a binary file object the caller leaves alone until committed.
         obj: a serializable object, or a dict of arrays.
-        format: ``'npz'`` or ``'hdf5'``.
+        format: ``'npz'`` or ``'hdf5'`` (None: HDF5 for a name ending in ``.h5``, ``.hdf5``
+            or ``.hdf``, else NPZ, as for Chainer's snapshots, whose names have no extension).
         compression: as the format's save takes it (None: its default).
         durable: fsync the file and its directory before ``committed`` is done.
         staging: ``'device'`` or ``'host'`` for device arrays (None: ``'device'``).
@@ -92,6 +94,8 @@ def save_async(file, obj, format: str = 'npz', *, compression: bool | int | None
         ValueError: a bad argument. Errors of ``serialize`` and of staging raise here, and
             nothing is written; so does the error of an earlier save not yet raised.
     """
+    if format is None:  # 'ckpt.h5' saved an NPZ there, which load_hdf5 then refused
+        format = 'hdf5' if display_name(file).lower().endswith(HDF5_EXTENSIONS) else 'npz'
     if format not in FORMATS:
         raise ValueError(f'format must be one of {FORMATS}, not {format!r}')
     if staging is not None and staging not in STAGINGS:
