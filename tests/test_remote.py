@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import importlib.util
 import io
 import json
 import subprocess
@@ -757,10 +758,66 @@ def test_a_url_without_fsspec_says_what_to_install(monkeypatch):
     """It said pip install gpuserial[remote], which PyPI has not: gpuserial installs from a
     checkout."""
     monkeypatch.setitem(sys.modules, 'fsspec', None)  # import fsspec fails
-    with pytest.raises(ImportError, match=r"^URLs need fsspec: pip install fsspec \(gpuserial's "
+    with pytest.raises(ImportError, match=r"^'s3://bucket/step-1\.npz': URLs need fsspec: pip "
+                                          r"install fsspec \(gpuserial's "
                                           r"extra: pip install -e '\.\[remote\]' in its "
                                           r"checkout\), and the store's package, such as s3fs"):
         gpuserial.load('s3://bucket/step-1.npz')
+
+
+@pytest.mark.skipif(importlib.util.find_spec('gcsfs') is not None, reason='gcsfs installed')
+def test_a_url_whose_store_package_is_missing_names_the_url():
+    """fsspec's own message named neither the URL nor the call."""
+    for call in (lambda: gpuserial.save('gs://bucket/run/x.npz', {'a': numpy.arange(3)}),
+                 lambda: gpuserial.load('gs://bucket/run/x.npz'),
+                 lambda: gpuserial.latest('gs://bucket/run')):
+        with pytest.raises(ImportError, match=r"^'gs://bucket/run(/x\.npz)?': .*gcsfs"):
+            call()
+
+
+def test_an_unknown_protocol_and_options_that_are_no_dict_name_the_url(memory):
+    with pytest.raises(ValueError, match=r"^'foo://x/y\.npz': Protocol not known: foo$"):
+        gpuserial.save('foo://x/y.npz', {'a': numpy.arange(3)})
+    with pytest.raises(TypeError, match=r"^'memory://x/y\.npz': storage_options= takes a dict "
+                                        r"of the filesystem's options, not a str$"):
+        gpuserial.save('memory://x/y.npz', {'a': numpy.arange(3)}, storage_options='anon')
+    assert memory.store == {}
+
+
+@pytest.mark.parametrize('how', ['save', 'save_async'])
+def test_a_missing_bucket_names_the_object(bucket, how):
+    """s3fs's FileNotFoundError('The specified bucket does not exist') has no errno, and it
+    reached the caller naming nothing."""
+    url = f's3://no-{bucket.name}/run/x.npz'
+    save = getattr(gpuserial, how)
+    with pytest.raises(FileNotFoundError, match=rf"^'{url}': The specified bucket does not "
+                                                r"exist \(writing the object\)$"):
+        result = save(url, {'a': numpy.arange(3)}, storage_options=bucket.options)
+        if how == 'save_async':
+            try:
+                result.result()
+            finally:
+                with pytest.raises(FileNotFoundError):
+                    asyncsave.wait_all()  # raised once more, as documented
+
+
+@pytest.mark.parametrize('name', ['run', 'run/'])
+def test_loading_a_prefix_on_s3_says_it_is_a_directory(bucket, name, capsys):
+    """s3fs opens a prefix as an empty file: 'not an NPZ or HDF5 file (it starts with b'')'."""
+    from gpuserial.tools import cli
+
+    gpuserial.save(bucket.url('run/x.npz'), {'a': numpy.arange(3)},
+                   storage_options=bucket.options)
+    message = rf"^'{bucket.url(name)}': is a directory \(a prefix of objects\), not a file$"
+    with pytest.raises(IsADirectoryError, match=message):
+        gpuserial.load(bucket.url(name), storage_options=bucket.options)
+    with pytest.raises(IsADirectoryError, match=message):
+        gpuserial.load_npz(bucket.url(name), {}, storage_options=bucket.options)
+    assert cli.main(['inspect', bucket.url(name), '--storage-options',
+                     json.dumps(bucket.options)]) == 2
+    assert 'is a directory' in capsys.readouterr().err
+    with pytest.raises(ValueError, match=rf"^'s3://{bucket.name}': "):  # a bucket: no key
+        gpuserial.load(f's3://{bucket.name}', storage_options=bucket.options)
 
 
 def test_the_cli_inspects_converts_and_diffs_urls(bucket, tmp_path, capsys):

@@ -36,7 +36,7 @@ import re
 import secrets
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from gpuserial.errors import naming
@@ -112,10 +112,18 @@ def location_of(file, storage_options: dict | None = None) -> Location | None:
     or None for a local path or a file object.
 
     Raises:
-        TypeError: ``storage_options`` with something other than a URL.
+        TypeError: ``storage_options`` with something other than a URL, or not a mapping.
+        ImportError: fsspec, or the store's package (``s3fs``, ``gcsfs``), is not installed.
+        ValueError: fsspec knows no such protocol.
     """
     if is_url(file):
-        fs, path = _fsspec().core.url_to_fs(file, **(storage_options or {}))
+        if storage_options is not None and not isinstance(storage_options, Mapping):
+            raise TypeError(f"{file!r}: storage_options= takes a dict of the filesystem's "
+                            f'options, not a {type(storage_options).__name__}')
+        try:
+            fs, path = _fsspec().core.url_to_fs(file, **(storage_options or {}))
+        except (ImportError, ValueError) as error:  # no fsspec, or the store's package; or
+            raise type(error)(f'{file!r}: {error}') from None  # "Protocol not known: foo"
         return Location(fs, path)
     if storage_options is not None:
         raise TypeError(f'storage_options= goes with a URL, not with {display(file)!r}')
@@ -171,7 +179,7 @@ def remote_output(location: Location, size_hint: int | None = None, *,
         except BaseException as error:
             _discard(f)
             if isinstance(error, OSError):
-                raise naming(error, location.url, 'writing the object') from None
+                raise _naming(error, location.url) from None
             raise
         return
     temp = path if fresh else f'{path}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(6)}'
@@ -184,8 +192,23 @@ def remote_output(location: Location, size_hint: int | None = None, *,
         with contextlib.suppress(Exception):
             fs.rm(temp)
         if isinstance(error, OSError):
-            raise naming(error, location.url, 'writing the object') from None
+            raise _naming(error, location.url) from None
         raise
+
+
+def _naming(error: OSError, url: str) -> OSError:
+    """An upload's ``error`` naming the object: with :func:`naming` where it has an errno,
+    else (the store's packages raise ``FileNotFoundError('The specified bucket does not
+    exist')``) as the same type with the URL in front."""
+    named = naming(error, url, 'writing the object')
+    if named is not error or error.errno is not None or error.filename is not None \
+            or url in str(error):
+        return named
+    try:
+        named = type(error)(f'{url!r}: {error} (writing the object)')
+    except Exception:  # noqa: BLE001 - a subclass that takes other arguments: as it is
+        return error
+    return named.with_traceback(error.__traceback__)
 
 
 def _discard(f) -> None:
@@ -245,6 +268,11 @@ def remote_input(location: Location, name: str | None = None) -> Iterator[Ranged
         raise FileNotFoundError(f'{name!r}: no such object') from None
     except IsADirectoryError:
         raise IsADirectoryError(f'{name!r}: is a directory, not a file') from None
+    except ValueError as error:  # s3fs: "Attempt to open non key-like path: bucket"
+        raise ValueError(f'{name!r}: {error}') from None
+    if getattr(f, 'details', {}).get('type') == 'directory':  # s3fs opens a prefix: 0 bytes
+        f.close()
+        raise IsADirectoryError(f'{name!r}: is a directory (a prefix of objects), not a file')
     ranged = Ranged(f, location, name)
     try:
         yield ranged
