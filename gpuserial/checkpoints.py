@@ -24,6 +24,7 @@ __all__ = ['CLEAN_AGE', 'Leftover', 'clean', 'latest']
 
 CLEAN_AGE = 3600.0  # seconds: clean() leaves younger leftovers alone (a save may be writing them)
 SIGNATURE_BYTES = 8  # the first bytes that tell an NPZ or HDF5 file
+HEAD_BYTES = 30 + 1024  # read to tell them: a zip's first local header and its member's name
 EXTENSIONS = re.compile(r'\.(npz|h5|hdf5|hdf)$')  # left out when looking for a name's number
 
 
@@ -50,10 +51,23 @@ def _committed(folder: Folder, item: Item) -> bool:
     if FILE_NAME.fullmatch(item.name) or item.size < len(ZIP_SIGNATURES[0]):
         return False
     try:
-        head = folder.read_bytes(item.name, SIGNATURE_BYTES - 1)
+        head = folder.read_bytes(item.name, HEAD_BYTES - 1)
     except (FileNotFoundError, IsADirectoryError):  # removed meanwhile
         return False
-    return head.startswith(ZIP_SIGNATURES) or head == HDF5_SIGNATURE
+    if head.startswith(ZIP_SIGNATURES[0]):
+        return _is_npz_head(head)
+    return head.startswith(ZIP_SIGNATURES[1]) or head[:SIGNATURE_BYTES] == HDF5_SIGNATURE
+
+
+def _is_npz_head(head: bytes) -> bool:
+    """Whether a zip that starts with ``head`` is an NPZ: its first member is a ``.npy``
+    (torch.save's files are zips too, as are archives of logs). A name longer than ``head``
+    is taken to be one."""
+    if len(head) < 30:
+        return False
+    length = int.from_bytes(head[26:28], 'little')
+    name = head[30:30 + length]
+    return len(name) < length or name.endswith(b'.npy')
 
 
 def _modified(folder: Folder, item: Item) -> float:
@@ -71,10 +85,10 @@ def latest(prefix, storage_options: dict | None = None) -> str | None:
     (a ``prefix`` that does not exist yet included: a run's first start, or a misspelt name).
 
     Checkpoints are single NPZ or HDF5 files (recognised by their first bytes, whatever their
-    name) and sharded checkpoint directories holding their index. Left out: directories
-    without an index (a sharded save that did not commit), temporary files and keys of saves
-    (in flight or killed), other files (logs), and uploads in flight (which object stores do
-    not show).
+    name; a zip whose first member is no ``.npy``, as ``torch.save`` writes, is none) and
+    sharded checkpoint directories holding their index. Left out: directories without an
+    index (a sharded save that did not commit), temporary files and keys of saves (in flight
+    or killed), other files (logs), and uploads in flight (which object stores do not show).
 
     Newest means: when the name of every committed checkpoint carries a number (the last run
     of digits once ``.npz``/``.h5``/``.hdf5`` is gone: ``snapshot_iter_1200``, ``step-7.npz``),

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import fsspec
 import numpy
@@ -350,6 +351,30 @@ def test_latest_is_the_committed_checkpoint_with_the_largest_number(prefix):
     gpuserial.save(join(root, 'snapshot_iter_12.h5'), {'a': numpy.arange(3)},
                    storage_options=options)  # HDF5, told by its first 8 bytes
     assert gpuserial.latest(root, options) == join(root, 'snapshot_iter_12.h5')
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, 'w') as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_latest_takes_no_zip_that_is_not_an_npz(prefix):
+    """Any zip passed for an NPZ: a run's torch.save files (model_epoch_5000.pt, zips whose
+    first member is archive/data.pkl) or an archive of logs won over the snapshots."""
+    root, options, put = prefix
+    save(join(root, 'snapshot_iter_200'), 1, options)
+    put('model_epoch_5000.pt', _zip({'archive/data.pkl': b'\x80\x02}q\x00.', 'archive/v': b'3'}))
+    put('logs_3000.zip', _zip({'log.txt': b'{}'}))
+    assert gpuserial.latest(root, options) == join(root, 'snapshot_iter_200')
+    buffer = io.BytesIO()
+    numpy.savez(buffer, **{'k' * 2000: numpy.arange(3)})  # a name longer than is read: an NPZ
+    put('snapshot_iter_300', buffer.getvalue())
+    assert gpuserial.latest(root, options) == join(root, 'snapshot_iter_300')
+    gpuserial.save(join(root, 'snapshot_iter_400.npz'), {}, storage_options=options)  # empty
+    assert gpuserial.latest(root, options) == join(root, 'snapshot_iter_400.npz')
 
 
 def test_latest_sees_what_another_writer_committed_after_it_looked(bucket):
