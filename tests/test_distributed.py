@@ -430,6 +430,33 @@ def test_damage_is_reported_with_the_file_and_key(tmp_path, problem):
         raise results[0]
 
 
+@pytest.mark.parametrize('call', [save_sharded, load_sharded])
+def test_swapped_arguments_and_a_comm_that_is_none_are_named(tmp_path, call):
+    """They failed deep inside: "expected str, bytes or os.PathLike object, not dict" and
+    "'str' object has no attribute 'rank'"."""
+    name = call.__name__
+    with pytest.raises(TypeError, match=rf'^{name}\(directory, obj, comm\): directory is a path '
+                                        r'or a URL, not a dict \(the directory comes first\)$'):
+        call({'w': numpy.ones(3)}, str(tmp_path / 'ck'), SoloComm())
+    with pytest.raises(TypeError, match=rf'^{name}: comm is an mpi4py communicator \(or anything '
+                                        r'with rank, size, allgather and bcast\), not a str '
+                                        r'\(it has no rank, size, allgather, bcast\)$'):
+        call(tmp_path / 'ck', {'w': numpy.ones(3)}, 'world')
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sharded_load_of_one_file_says_so(tmp_path):
+    """It said "[Errno 20] Not a directory: '.../m.npz/index.json'"."""
+    gpuserial.save(tmp_path / 'm.npz', {'w': numpy.ones(3)})
+    target = {'w': numpy.zeros(3)}
+    with pytest.raises(NotADirectoryError, match=r"^'.*m\.npz': a file, not a sharded "
+                                                 r"checkpoint's directory \(load one NPZ or "
+                                                 r"HDF5 file with gpuserial\.load, load_npz or "
+                                                 r"load_hdf5\)$"):
+        load_sharded(tmp_path / 'm.npz', target, SoloComm())
+    assert target['w'].tolist() == [0, 0, 0]
+
+
 def test_shards_that_do_not_fit_are_refused(tmp_path):
     with pytest.raises(MismatchError, match=r"key 'w': the shard .* has shape \(2,\), the "
                                             r"array \(3,\)"):

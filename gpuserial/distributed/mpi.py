@@ -48,19 +48,37 @@ from gpuserial.engine import transfer
 from gpuserial.errors import KeyCollisionError, KeyNotFoundError, MismatchError
 from gpuserial.formats import _npy, _zipstream, loading, npz
 from gpuserial.serializer import child_path, entry_key
-from gpuserial.storage.folders import Folder, folder_of
+from gpuserial.storage import remote
+from gpuserial.storage.folders import Folder, LocalFolder, RemoteFolder, folder_of
 
 __all__ = ['load_sharded', 'save_sharded']
 
 Shards = Mapping[str, tuple[tuple[int, ...], Any]]  # full key: (global shape, index)
 
 
-def _world(comm):
-    if comm is not None:
-        return comm
-    from mpi4py import MPI  # only here: gpuserial never imports mpi4py unless asked to
+COMMUNICATOR = ('rank', 'size', 'allgather', 'bcast')  # what a communicator has
 
-    return MPI.COMM_WORLD
+
+def _world(call: str, directory, obj, comm):
+    """``comm``, or ``MPI.COMM_WORLD`` for None, once the arguments are checked: a swapped
+    pair failed deep inside (``expected str, bytes or os.PathLike object, not dict``), and a
+    communicator that is none with ``'str' object has no attribute 'rank'``."""
+    if not isinstance(directory, (str, bytes, os.PathLike, LocalFolder, RemoteFolder)) \
+            and not remote.is_remote(directory):
+        first = (' (the directory comes first)' if isinstance(obj, (str, os.PathLike))
+                 else '')
+        raise TypeError(f'{call}(directory, obj, comm): directory is a path or a URL, not a '
+                        f'{type(directory).__name__}{first}')
+    if comm is None:
+        from mpi4py import MPI  # only here: gpuserial never imports mpi4py unless asked to
+
+        return MPI.COMM_WORLD
+    missing = [name for name in COMMUNICATOR if not hasattr(comm, name)]
+    if missing:
+        raise TypeError(f'{call}: comm is an mpi4py communicator (or anything with rank, size, '
+                        f'allgather and bcast), not a {type(comm).__name__} (it has no '
+                        f'{", ".join(missing)})')
+    return comm
 
 
 @dataclasses.dataclass
@@ -236,7 +254,7 @@ def save_sharded(directory: str | os.PathLike, obj, comm=None, *, shards: Shards
             removed, and the previous checkpoint is intact.
         gpuserial.errors.MismatchError: (on every rank) ranks disagree about a shard.
     """
-    comm = _world(comm)
+    comm = _world('save_sharded', directory, obj, comm)
     rank = comm.rank
     folder = folder_of(directory, storage_options)
     status, error = _run(rank, _describe, obj, shards, folder, rank)
@@ -316,7 +334,7 @@ def load_sharded(directory: str | os.PathLike, obj, comm=None, *, shards: Shards
         gpuserial.distributed.RankFailedError: on the other ranks, when a rank failed; the
             failed rank raises its own error (``KeyNotFoundError``, ``MismatchError``, ...).
     """
-    comm = _world(comm)
+    comm = _world('load_sharded', directory, obj, comm)
     rank = comm.rank
     folder = folder_of(directory, storage_options)
     shared: tuple[Any, BaseException | None] = (None, None)

@@ -50,6 +50,7 @@ def read_index(directory, storage_options: dict | None = None) -> Index:
 
     Raises:
         FileNotFoundError: no committed checkpoint there (no index).
+        NotADirectoryError: ``directory`` is a file.
         gpuserial.errors.CorruptFileError: the index is not valid.
     """
     folder = folder_of(directory, storage_options)
@@ -58,6 +59,10 @@ def read_index(directory, storage_options: dict | None = None) -> Index:
     except FileNotFoundError:
         raise FileNotFoundError(f'{folder.name!r}: no sharded checkpoint here (no {INDEX_NAME}: '
                                 f'never saved, or a save that did not commit)') from None
+    except NotADirectoryError:  # said "Not a directory: 'x.npz/index.json'"
+        raise NotADirectoryError(f"{folder.name!r}: a file, not a sharded checkpoint's "
+                                 f'directory (load one NPZ or HDF5 file with gpuserial.load, '
+                                 f'load_npz or load_hdf5)') from None
     path = folder.show(INDEX_NAME)
     if len(text) > MAX_INDEX_BYTES:
         raise CorruptFileError(f'{path!r}: larger than {MAX_INDEX_BYTES} bytes')
