@@ -457,6 +457,23 @@ def test_a_sharded_load_of_one_file_says_so(tmp_path):
     assert target['w'].tolist() == [0, 0, 0]
 
 
+def test_a_single_file_load_of_a_sharded_checkpoint_says_what_loads_it(tmp_path):
+    """latest() returns sharded checkpoints too; load_npz of one said only "[Errno 21] Is a
+    directory: 'ck'"."""
+    save_sharded(tmp_path / 'ck', {'w': numpy.ones(3)}, SoloComm())
+    (tmp_path / 'plain').mkdir()
+    hint = ' (a sharded checkpoint: load it with gpuserial.distributed.load_sharded)'
+    for load, what in ((lambda f: gpuserial.load_npz(f, {'w': numpy.zeros(3)}), 'a file'),
+                       (gpuserial.load, 'an NPZ or HDF5 file'),
+                       (gpuserial.open, 'an NPZ or HDF5 file')):
+        with pytest.raises(IsADirectoryError, match=re.escape(
+                f"'{tmp_path / 'ck'}': is a directory, not {what}{hint}") + '$'):
+            load(tmp_path / 'ck')
+        with pytest.raises(IsADirectoryError, match=re.escape(
+                f"'{tmp_path / 'plain'}': is a directory, not {what}") + '$'):
+            load(tmp_path / 'plain')
+
+
 def test_shards_that_do_not_fit_are_refused(tmp_path):
     with pytest.raises(MismatchError, match=r"key 'w': the shard .* has shape \(2,\), the "
                                             r"array \(3,\)"):

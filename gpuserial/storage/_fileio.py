@@ -399,8 +399,23 @@ def open_input(file, storage_options: dict | None = None) -> Iterator[BinaryIO]:
         check_file_object(file, writing=False)
         yield file
         return
-    with open(file, 'rb') as f:
-        yield f
+    try:
+        local = open(file, 'rb')
+    except IsADirectoryError:  # said "[Errno 21] Is a directory: 'x'"
+        raise IsADirectoryError(f'{display_name(file)!r}: is a directory, not a file'
+                                f'{sharded_hint(file)}') from None
+    with local:
+        yield local
+
+
+def sharded_hint(directory) -> str:
+    """For a message about a local directory given as a file: what to load it with, where it
+    is a sharded checkpoint (``latest`` returns those too), else nothing."""
+    from gpuserial.distributed.index import INDEX_NAME  # a constant: no cycle at import
+
+    if os.path.isfile(os.path.join(os.fsdecode(directory), INDEX_NAME)):
+        return ' (a sharded checkpoint: load it with gpuserial.distributed.load_sharded)'
+    return ''
 
 
 # ---------------------------------------------------------------------------------------------

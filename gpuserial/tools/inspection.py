@@ -36,6 +36,7 @@ from gpuserial.storage._fileio import (
     display_name,
     is_path,
     open_input,
+    sharded_hint,
 )
 
 __all__ = ['ConvertResult', 'DiffResult', 'EntryInfo', 'FileInfo', 'KeyDiff', 'compression_level',
@@ -60,7 +61,8 @@ def _check_readable(path: str) -> None:
     if not os.path.exists(path):
         raise FileNotFoundError(f'{path!r}: no such file')
     if os.path.isdir(path):
-        raise IsADirectoryError(f'{path!r}: is a directory, not an NPZ or HDF5 file')
+        raise IsADirectoryError(f'{path!r}: is a directory, not an NPZ or HDF5 file'
+                                f'{sharded_hint(path)}')
 
 
 def detect_format(path) -> str:
