@@ -418,6 +418,20 @@ def test_the_format_comes_from_the_name_unless_given(tmp_path, memory, name, exp
     assert inspect_file(file).format == other
 
 
+def test_a_path_in_no_directory_or_a_directory_is_refused_at_the_call(tmp_path):
+    """The error came from the handle, or from the next save_async, wait_all or the exit:
+    a run saving every 1000 iterations learned of a missing directory only then."""
+    missing = tmp_path / 'checkpoints' / 'm.npz'
+    with pytest.raises(FileNotFoundError, match=rf"^cannot save to '{missing}': no such "
+                                                rf"directory '{missing.parent}'$"):
+        gpuserial.save_async(missing, {'x': numpy.arange(3)})
+    with pytest.raises(IsADirectoryError, match=rf"^cannot save to '{tmp_path}': it is a "
+                                                r"directory$"):
+        gpuserial.save_async(tmp_path, {'x': numpy.arange(3)}, 'hdf5')
+    gpuserial.wait_all()  # nothing left to raise
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_host_budget_that_is_no_number_is_refused(tmp_path):
     """'1GiB' failed with "'<' not supported between instances of 'str' and 'int'"."""
     with pytest.raises(TypeError, match=r"^max_host_bytes must be a number of bytes \(such as "

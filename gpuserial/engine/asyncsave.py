@@ -93,6 +93,7 @@ def save_async(file, obj, format: str | None = None, *, compression: bool | int 
     Raises:
         ValueError: a bad argument. Errors of ``serialize`` and of staging raise here, and
             nothing is written; so does the error of an earlier save not yet raised.
+        FileNotFoundError, IsADirectoryError: a path in no directory, or a directory.
     """
     if format is None:  # 'ckpt.h5' saved an NPZ there, which load_hdf5 then refused
         format = 'hdf5' if display_name(file).lower().endswith(HDF5_EXTENSIONS) else 'npz'
@@ -107,6 +108,8 @@ def save_async(file, obj, format: str | None = None, *, compression: bool | int 
         raise ValueError(f'max_host_bytes must be positive, not {max_host_bytes!r}')
     location = remote.location_of(file, storage_options)  # checked before anything starts
     _fileio.check_file_object(file, writing=True)
+    if _fileio.is_path(file):  # a missing directory raised from the handle, at best
+        _fileio.save_target(file)
     _fileio.wait_for_save(file)
     _raise_unreported()
     if format == 'npz':

@@ -177,6 +177,25 @@ def _fsync_directory(directory: str) -> None:
             os.close(fd)
 
 
+def save_target(path) -> str:
+    """The file a save to the local ``path`` writes (through a link, as numpy does, keeping
+    the link), once it is known that it can be: no directory, and in one that exists.
+
+    Raises:
+        IsADirectoryError: ``path`` is a directory.
+        FileNotFoundError: its directory does not exist.
+    """
+    path = os.fsdecode(path)
+    if os.path.islink(path):
+        path = os.path.realpath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f'cannot save to {path!r}: it is a directory')
+    directory = os.path.dirname(path) or '.'
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f'cannot save to {path!r}: no such directory {directory!r}')
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path, *, durable: bool, size_hint: int | None = None) -> Iterator[str]:
     """A fresh temporary path beside ``path`` that replaces it only when the block succeeds.
@@ -192,14 +211,8 @@ def atomic_path(path, *, durable: bool, size_hint: int | None = None) -> Iterato
     ``size_hint`` bytes or more (or of an unknown size) hands its bytes to the disk as it
     writes them (:func:`_early_writeback`).
     """
-    path = os.fsdecode(path)
-    if os.path.islink(path):  # write through the link, as numpy does, keeping the link
-        path = os.path.realpath(path)
-    if os.path.isdir(path):
-        raise IsADirectoryError(f'cannot save to {path!r}: it is a directory')
+    path = save_target(path)
     directory = os.path.dirname(path) or '.'
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f'cannot save to {path!r}: no such directory {directory!r}')
     remove_stale_temporaries(directory)
     temp = f'{_temp_prefix(path)}{os.getpid()}-{HOST}-{secrets.token_hex(6)}{TEMP_SUFFIX}'
     try:
