@@ -464,6 +464,8 @@ def test_a_single_file_load_of_a_sharded_checkpoint_says_what_loads_it(tmp_path)
     (tmp_path / 'plain').mkdir()
     hint = ' (a sharded checkpoint: load it with gpuserial.distributed.load_sharded)'
     for load, what in ((lambda f: gpuserial.load_npz(f, {'w': numpy.zeros(3)}), 'a file'),
+                       (lambda f: gpuserial.load_hdf5(f, {'w': numpy.zeros(3)}),
+                        'an HDF5 file'),
                        (gpuserial.load, 'an NPZ or HDF5 file'),
                        (gpuserial.open, 'an NPZ or HDF5 file')):
         with pytest.raises(IsADirectoryError, match=re.escape(

@@ -46,6 +46,7 @@ from gpuserial.storage._fileio import (
     check_file_object,
     display_name,
     is_path,
+    sharded_hint,
     wait_for_save,
 )
 
@@ -981,7 +982,8 @@ def open_hdf5(filename, storage_options: dict | None = None) -> h5py.File:
         except FileNotFoundError:
             raise FileNotFoundError(f'{name!r}: no such file') from None
         except IsADirectoryError:
-            raise IsADirectoryError(f'{name!r}: is a directory, not an HDF5 file') from None
+            raise IsADirectoryError(f'{name!r}: is a directory, not an HDF5 file'
+                                    f'{sharded_hint(filename)}') from None
     else:
         check_file_object(filename, writing=False)
     try:  # no chunk cache: reads take whole chunks, each once, and an open dataset's cache
