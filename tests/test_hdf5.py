@@ -627,7 +627,9 @@ def _unwritten(f, values):
      'f4', 'f8'),  # into another dtype: libhdf5 converts
     (lambda f, values: f.create_dataset('x', data=values, chunks=(100, 100), compression=4),
      'f4', 'f4'),  # chunks larger than MAX_INFLATE_CHUNK_BYTES (patched to 1000 bytes)
-], ids=['shuffle', 'unwritten', 'big-endian', 'cast', 'large-chunks'])
+    (lambda f, values: f.create_dataset('x', data=values, chunks=(10, 10), compression='lzf'),
+     'f4', 'f4'),  # one filter, not gzip
+], ids=['shuffle', 'unwritten', 'big-endian', 'cast', 'large-chunks', 'lzf'])
 @pytest.mark.parametrize('where', TARGETS)
 def test_datasets_gpuserial_does_not_inflate_are_libhdf5s(tmp_path, monkeypatch, write, stored,
                                                           target_dtype, where):
@@ -644,17 +646,19 @@ def test_datasets_gpuserial_does_not_inflate_are_libhdf5s(tmp_path, monkeypatch,
     assert inflated == []
 
 
-def test_small_gzipped_datasets_are_read_by_libhdf5_in_one_call(tmp_path, monkeypatch):
+@pytest.mark.parametrize('least, inflated_here', [(40_000, True), (40_001, False)])
+def test_small_gzipped_datasets_are_read_by_libhdf5_in_one_call(tmp_path, monkeypatch, least,
+                                                                inflated_here):
     """Below INFLATE_MIN_BYTES a dataset is one read: handing its chunks to the threads costs
     more than it gains."""
     inflated = _inflated_here(monkeypatch)
-    monkeypatch.setattr(hdf5, 'INFLATE_MIN_BYTES', 100 * 100 * 4 + 1)
+    monkeypatch.setattr(hdf5, 'INFLATE_MIN_BYTES', least)  # the dataset's 40,000 bytes
     values = RNG.standard_normal((100, 100)).astype(numpy.float32)
     _h5py_gzipped(tmp_path / 'm.h5', {'x': (values, (10, 10))})
     target = {'x': numpy.zeros_like(values)}
     serializers.load_hdf5(tmp_path / 'm.h5', target)
     numpy.testing.assert_array_equal(target['x'], values)
-    assert inflated == []
+    assert len(inflated) == (100 if inflated_here else 0)
 
 
 def test_a_band_of_chunks_larger_than_a_staging_chunk_is_read_by_libhdf5(tmp_path,
