@@ -539,6 +539,10 @@ INFLATED = {
 }
 
 
+VALUES = RNG.standard_normal((100, 100)).astype(numpy.float32)  # 10 x 10 chunks of 400 bytes
+RAW = VALUES[10:20, 30:40].tobytes()  # the chunk at (10, 30)
+
+
 def _h5py_gzipped(path, arrays: dict) -> None:
     """``arrays`` ({key: (values, chunks)}) written by h5py, gzip at level 4, as Chainer does."""
     with h5py.File(path, 'w') as f:
@@ -661,6 +665,18 @@ def test_small_gzipped_datasets_are_read_by_libhdf5_in_one_call(tmp_path, monkey
     assert len(inflated) == (100 if inflated_here else 0)
 
 
+@pytest.mark.parametrize('most, inflated_here', [(400, True), (399, False)])
+def test_chunks_of_at_most_max_inflate_chunk_bytes_are_inflated_here(tmp_path, monkeypatch,
+                                                                     most, inflated_here):
+    inflated = _inflated_here(monkeypatch)
+    monkeypatch.setattr(hdf5, 'MAX_INFLATE_CHUNK_BYTES', most)  # chunks of 10 x 10 float32
+    _h5py_gzipped(tmp_path / 'm.h5', {'x': (VALUES, (10, 10))})
+    target = {'x': numpy.zeros_like(VALUES)}
+    serializers.load_hdf5(tmp_path / 'm.h5', target)
+    numpy.testing.assert_array_equal(target['x'], VALUES)
+    assert len(inflated) == (100 if inflated_here else 0)
+
+
 def test_a_band_of_chunks_larger_than_a_staging_chunk_is_read_by_libhdf5(tmp_path,
                                                                          monkeypatch):
     """Chunks 10 deep in the first axis take 4000-byte bands: with 1000-byte staging chunks
@@ -700,10 +716,6 @@ def test_chunk_bands(shape, chunks, block_bytes, expected):
 def _rewrite_chunk(path, offset: tuple, data: bytes, filter_mask: int = 0) -> None:
     with h5py.File(path, 'r+') as f:
         f['x'].id.write_direct_chunk(offset, data, filter_mask)
-
-
-VALUES = RNG.standard_normal((100, 100)).astype(numpy.float32)  # 10 x 10 chunks of 400 bytes
-RAW = VALUES[10:20, 30:40].tobytes()  # the chunk at (10, 30)
 
 
 @pytest.mark.parametrize('data, message', [
