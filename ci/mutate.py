@@ -74,7 +74,7 @@ MODULES = {
                                     'test_formats', 'test_async', 'test_protocol',
                                     'test_access'],
     'gpuserial/engine/asyncsave.py': ['test_async', 'test_atomic', 'test_engine_rules'],
-    'gpuserial/access.py': ['test_access', 'test_readme'],
+    'gpuserial/access.py': ['test_access', 'test_readme', 'test_remote'],
     'gpuserial/distributed/index.py': ['test_distributed', 'test_distributed_mpi',
                                        'test_remote_sharded'],
     'gpuserial/distributed/mpi.py': ['test_distributed', 'test_distributed_mpi',
