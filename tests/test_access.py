@@ -131,6 +131,34 @@ def test_load_of_what_is_no_checkpoint_names_the_file(tmp_path):
         gpuserial.open(tmp_path / 'text.npz')
 
 
+def _claims_more_than_it_holds(path) -> str:
+    """Writes at ``path`` an entry 'x' that claims 2 MiB its file cannot hold; returns what the
+    refusal says of it."""
+    if path.suffix == '.npz':  # a deflated member of a header and no data
+        from tests import crafting
+        header = crafting.npy_of(numpy.zeros(1 << 18))[:128]
+        path.write_bytes(crafting.deflated_npz({'x': (header, 128 + (2 << 20))}))
+        return r'header claims 2097152 bytes, more than \d+ stored bytes can hold$'
+    import h5py
+    with h5py.File(path, 'w') as f:  # contiguous, never written: no storage at all
+        f.create_dataset('x', shape=(1 << 18,), dtype='f8')
+    return (r'the dataset claims 2097152 bytes \(dtype float64, shape \(262144,\)\) but stores '
+            r'only 0; a new array of that size is not made for it')
+
+
+@pytest.mark.parametrize('suffix', ['.npz', '.h5'])
+@pytest.mark.parametrize('call', ['load', 'get'])
+def test_a_claim_the_file_cannot_hold_is_refused_before_allocating(tmp_path, suffix, call):
+    path = tmp_path / f'hostile{suffix}'
+    message = _claims_more_than_it_holds(path)
+    with pytest.raises(CorruptFileError, match=re.escape(f"{str(path)!r}, key 'x': ") + message):
+        if call == 'load':
+            gpuserial.load(path)
+        else:
+            with gpuserial.open(path) as f:
+                f.get('x')
+
+
 @pytest.mark.parametrize('call', ['load', 'open', 'load_into', 'save', 'save_async'])
 def test_a_file_object_in_text_mode_is_refused_naming_it(tmp_path, kind, call):
     path = path_for(tmp_path, kind)
@@ -152,6 +180,24 @@ def test_load_gives_hdf5_text_as_str_arrays(tmp_path):
     loaded = gpuserial.load(tmp_path / 'a.h5')
     assert loaded['name'].tolist() == ['ab', 'c'] and loaded['name'].dtype.kind == 'U'
     assert loaded['one'].tolist() == 'xyz'
+
+
+def test_load_and_get_read_hdf5_text_once(tmp_path, monkeypatch):
+    """Text is read whole when its entry comes up, not again with the arrays."""
+    from gpuserial.formats import hdf5
+    gpuserial.save(tmp_path / 'a.h5', {'name': numpy.array(['ab', 'c']), 'one': 'xyz',
+                                       'w': numpy.arange(3.0)})
+    read = []
+    real_read_scalar = hdf5._GroupReader.read_scalar
+    monkeypatch.setattr(hdf5._GroupReader, 'read_scalar',
+                        lambda self, entry: read.append(entry.key) or real_read_scalar(self, entry))
+    loaded = gpuserial.load(tmp_path / 'a.h5')
+    assert loaded['name'].tolist() == ['ab', 'c'] and loaded['one'].tolist() == 'xyz'
+    assert sorted(read) == ['name', 'one']
+    read.clear()
+    with gpuserial.open(tmp_path / 'a.h5') as f:
+        assert f.get('name').tolist() == ['ab', 'c']
+    assert read == ['name']
 
 
 def test_load_reads_numpy_and_chainer_style_files(tmp_path):
@@ -253,6 +299,49 @@ def test_save_tells_the_format_by_suffix_or_argument(tmp_path):
     numpy.testing.assert_array_equal(numpy.load(io.BytesIO(out.getvalue()))['x'], numpy.ones(2))
 
 
+@pytest.mark.parametrize(('name', 'signature'), [('a.npz', b'PK\x03\x04'), ('a.h5', b'\x89HDF')])
+def test_save_tells_the_format_of_an_open_file_by_its_name(tmp_path, name, signature):
+    """A file object with a name is told by its extension, as its path would be."""
+    with open(tmp_path / name, 'wb') as f:
+        gpuserial.save(f, {'x': numpy.ones(2)})
+    assert (tmp_path / name).read_bytes().startswith(signature)
+    numpy.testing.assert_array_equal(gpuserial.load(tmp_path / name)['x'], numpy.ones(2))
+    with open(tmp_path / 'a.bin', 'wb') as f, pytest.raises(ValueError, match=re.escape(
+            f"{str(tmp_path / 'a.bin')!r}: cannot tell the format from the extension '.bin'")):
+        gpuserial.save(f, {'x': numpy.ones(2)})
+
+
+@pytest.mark.parametrize('suffix', ['.npz', '.h5'])
+@pytest.mark.parametrize('durable', [None, True, False], ids=['default', 'durable', 'not'])
+def test_save_is_durable_unless_told_otherwise(tmp_path, monkeypatch, suffix, durable):
+    """The file's data, then its directory entry, reach the disk before save returns."""
+    fsynced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, 'fsync',
+                        lambda fd: fsynced.append(os.fstat(fd).st_ino) or real_fsync(fd))
+    path = tmp_path / f'a{suffix}'
+    options = {} if durable is None else {'durable': durable}
+    gpuserial.save(path, {'x': numpy.ones(2)}, **options)
+    assert fsynced == ([] if durable is False else [os.stat(path).st_ino,
+                                                     os.stat(tmp_path).st_ino])
+
+
+@pytest.mark.parametrize('suffix', ['.npz', '.h5'])
+def test_save_waits_for_other_streams_only_when_told_to(tmp_path, suffix):
+    """As save_npz: a save orders after the current stream only (``sync=False``, the
+    default); ``sync=True`` first waits for every stream of the arrays' devices."""
+    from tests.standin import BACKEND, StandInDevice
+    device = StandInDevice(0)
+    path = tmp_path / f'a{suffix}'
+    for sync in (None, False, True):
+        array = device.send(numpy.zeros(4, numpy.float32))
+        with BACKEND.using(device, 'writer'):  # written on a stream not current at the save
+            BACKEND.launch(device, lambda a=array: a._data.__setitem__(Ellipsis, 5.0))
+        gpuserial.save(path, {'w': array}, **({} if sync is None else {'sync': sync}))
+        assert gpuserial.load(path)['w'].tolist() == [5.0 if sync else 0.0] * 4, sync
+        BACKEND.synchronize_device(device)
+
+
 
 @pytest.mark.parametrize('where', ['path', 'url', 'file object'])
 def test_reads_refuse_an_unknown_format(tmp_path, memory, where):
@@ -289,6 +378,24 @@ def test_bfloat16_onto_a_device_without_the_dtype_is_a_clear_error(tmp_path, mon
     with gpuserial.open(tmp_path / 'a.npz', device=standin.StandInDevice(0)) as f:
         with pytest.raises(DeviceError, match="'b': bfloat16 has no dtype on @standin:0"):
             f.get_slice('b')[1:]
+
+
+@pytest.mark.parametrize('call', ['load', 'get'])
+def test_bfloat16_onto_a_device_without_the_dtype_fails_before_reading_it(
+        tmp_path, monkeypatch, call):
+    ml_dtypes = pytest.importorskip('ml_dtypes')
+    from tests import standin
+    monkeypatch.setattr(standin.BACKEND, 'extension_dtypes', False)  # as CuPy before 14
+    gpuserial.save(tmp_path / 'a.npz', {'b': numpy.ones(1 << 22, ml_dtypes.bfloat16)})  # 8 MiB
+    on_0 = standin.StandInDevice(0)
+    with CountingFile(tmp_path / 'a.npz') as fp:
+        with pytest.raises(DeviceError, match="'b': bfloat16 has no dtype on @standin:0"):
+            if call == 'load':
+                gpuserial.load(fp, device=on_0)
+            else:
+                with gpuserial.open(fp, device=on_0) as f:
+                    f.get('b')
+        assert fp.count < 1 << 20  # the zip's directory and the header, not the data
 
 
 @pytest.mark.parametrize('like', ['numpy', numpy])
@@ -827,6 +934,32 @@ def test_load_into_reports_missing_and_unexpected_keys(tmp_path, kind, caplog):
     assert report.missing_keys == ['model/extra']
     assert report.unexpected_keys == ['model/v']  # 'iteration' is outside the path
     assert "1 missing keys ['model/extra'], 1 unexpected keys ['model/v']" in caplog.text
+
+
+@pytest.mark.parametrize(('stored', 'logged'), [
+    ({'w', 'extra'}, None),
+    ({'w'}, "1 missing keys ['extra'], 0 unexpected keys []"),
+    ({'w', 'extra', 'v'}, "0 missing keys [], 1 unexpected keys ['v']"),
+], ids=['neither', 'missing', 'unexpected'])
+def test_load_into_logs_a_report_that_is_not_empty(tmp_path, kind, caplog, stored, logged):
+    path = path_for(tmp_path, kind)
+    save(path, kind, {key: numpy.ones(1 if key == 'extra' else 3) for key in sorted(stored)})
+    with caplog.at_level(logging.INFO, logger='gpuserial'):
+        gpuserial.load_into(path, Owner(), strict=False)
+    messages = [r.getMessage() for r in caplog.records if r.name == 'gpuserial']
+    assert messages == ([] if logged is None else [f'loaded {str(path)!r}: {logged}'])
+
+
+def test_load_into_logs_the_first_eight_keys_of_each_kind(tmp_path, caplog):
+    gpuserial.save(tmp_path / 'a.npz', {f'u{i}': numpy.ones(1) for i in range(10)})
+    with caplog.at_level(logging.INFO, logger='gpuserial'):
+        report = gpuserial.load_into(tmp_path / 'a.npz',
+                                     {f'm{i}': numpy.ones(1) for i in range(10)}, strict=False)
+    assert len(report.missing_keys) == len(report.unexpected_keys) == 10
+    first = [f'{i}' for i in range(8)]
+    assert caplog.messages == [
+        f"loaded {str(tmp_path / 'a.npz')!r}: 10 missing keys {['m' + i for i in first]}, "
+        f"10 unexpected keys {['u' + i for i in first]}"]
 
 
 def test_load_into_counts_ignored_names_as_asked_for(tmp_path):
