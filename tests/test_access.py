@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -1006,6 +1007,22 @@ def test_open_lists_and_describes_without_reading_data(tmp_path, kind):
         assert 'entries>' in repr(f)
 
 
+def test_metadata_is_an_immutable_value(tmp_path):
+    gpuserial.save(tmp_path / 'a.npz', {'x': numpy.ones(3)})
+    with gpuserial.open(tmp_path / 'a.npz') as f:
+        meta, again = f.metadata('x'), f.metadata('x')
+    assert meta == again and len({meta, again}) == 1  # hashable: a set, a dict's key
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        meta.shape = (4,)  # type: ignore[misc]
+
+
+def test_get_draws_no_progress_bar(tmp_path, capsys):
+    gpuserial.save(tmp_path / 'a.npz', {'x': numpy.ones(3)})
+    with gpuserial.open(tmp_path / 'a.npz') as f:
+        assert f.get('x').tolist() == [1, 1, 1]
+    assert capsys.readouterr().err == ''
+
+
 def test_open_on_a_device_and_as_torch(tmp_path, device):
     gpuserial.save(tmp_path / 'a.npz', {'x': numpy.arange(6.0).reshape(2, 3)})
     with gpuserial.open(tmp_path / 'a.npz', device=device) as f:
@@ -1118,13 +1135,36 @@ def test_slices_of_hdf5_datasets_read_only_their_part(tmp_path, monkeypatch):
         numpy.testing.assert_array_equal(f.get_slice('x')[-1], data[-1])
 
 
-@pytest.mark.parametrize('index', [
-    (slice(None, None, -1),), (0, 0, 0), (7,), ([0, 1],), (None,), (Ellipsis, Ellipsis), (True,),
+@pytest.mark.parametrize(('index', 'message'), [
+    ((slice(None, None, -1),), 'slices take steps of 1 or more, not -1'),
+    ((0, 0, 0), r'too many indices \(3\) for shape \(3, 4\)'),
+    ((0, Ellipsis, 0, 0), r'too many indices \(3\) for shape \(3, 4\)'),
+    ((7,), 'index 7 is out of bounds for a dimension of size 3'),
+    ((0, -5), 'index -5 is out of bounds for a dimension of size 4'),
+    (([0, 1],), 'get_slice takes integers, slices and an Ellipsis, not list'),
+    ((None,), 'get_slice takes integers, slices and an Ellipsis, not NoneType'),
+    ((True,), 'get_slice takes integers, slices and an Ellipsis, not bool'),
+    ((Ellipsis, Ellipsis), 'an index can only have a single ellipsis'),
+    ((Ellipsis, 0, Ellipsis), 'an index can only have a single ellipsis'),
 ])
-def test_bad_slices_name_the_file_and_key(tmp_path, index):
+def test_bad_slices_name_the_file_and_key(tmp_path, index, message):
     gpuserial.save(tmp_path / 'a.npz', {'x': numpy.zeros((3, 4))})
-    with gpuserial.open(tmp_path / 'a.npz') as f, pytest.raises(IndexError, match="'x'"):
+    where = re.escape(f"{str(tmp_path / 'a.npz')!r}, key 'x': ")
+    with gpuserial.open(tmp_path / 'a.npz') as f, pytest.raises(IndexError,
+                                                                 match=f'^{where}{message}$'):
         f.get_slice('x')[index]
+
+
+@pytest.mark.parametrize('index', [
+    Ellipsis, (Ellipsis,), (1, Ellipsis), (Ellipsis, 2), (0, Ellipsis, 1),
+    (slice(1, 3), Ellipsis, slice(None, None, 2)), (1, 0, 2, Ellipsis), (Ellipsis, 1, 0, 2),
+])
+def test_slices_with_an_ellipsis_match_numpy_indexing(tmp_path, kind, index):
+    data = numpy.arange(2 * 3 * 4, dtype=numpy.int32).reshape(2, 3, 4)
+    path = path_for(tmp_path, kind)
+    save(path, kind, {'x': data})
+    with gpuserial.open(path) as f:
+        numpy.testing.assert_array_equal(f.get_slice('x')[index], data[index])
 
 
 def test_a_stored_none_cannot_be_sliced(tmp_path):
