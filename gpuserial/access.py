@@ -257,6 +257,7 @@ class LazyFile:
     def __init__(self, file, *, device=None, like=None, format: str | None = None,
                  storage_options: dict | None = None):
         self.name = display_name(file)
+        self._device, self._like = device, like
         self._placement = _Placement.of(device, like)
         with contextlib.ExitStack() as resources:  # closed again if listing the keys fails
             self._reader = resources.enter_context(
@@ -293,10 +294,10 @@ class LazyFile:
         return EntryMetadata(entry.shape, entry.dtype, name, entry.nbytes, stored, compressed)
 
     def get(self, key: str, device=None, like=None):
-        """The whole entry as a new array (its CRC checked), on ``device`` as ``like`` (by
+        """The whole entry as a new array (its CRC checked), on ``device`` as ``like`` (each by
         default the file's)."""
         placement = self._placement if device is None and like is None else _Placement.of(
-            device, like)
+            self._device if device is None else device, self._like if like is None else like)
         entry = self._entry(key)
         value, fill = placement.new(self._reader, entry)
         if fill:

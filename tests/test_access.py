@@ -1032,6 +1032,23 @@ def test_open_on_a_device_and_as_torch(tmp_path, device):
         assert devices.device_of(f.get('x', device='cpu')) == devices.CPU
 
 
+def test_get_keeps_the_files_device_or_library_where_it_names_only_the_other(tmp_path):
+    """open(..., like='torch').get(key, device='cpu') gave a NumPy array, and
+    open(..., device=d).get(key, like='cupy') CuPy's default GPU, not d."""
+    torch = _torch()
+    from tests.standin import StandInDevice
+    gpuserial.save(tmp_path / 'a.npz', {'x': numpy.arange(3.0)})
+    with gpuserial.open(tmp_path / 'a.npz', like='torch') as f:
+        tensor = f.get('x', device='cpu')
+        assert isinstance(tensor, torch.Tensor) and tensor.tolist() == [0, 1, 2]
+    on_0 = StandInDevice(0)
+    with gpuserial.open(tmp_path / 'a.npz', device=on_0) as f:
+        assert devices.device_of(f.get('x', like='cupy')) == on_0
+        with pytest.raises(ValueError, match="like='numpy' cannot hold arrays on @standin:0"):
+            f.get('x', like='numpy')
+        assert type(f.get('x', device='cpu', like='numpy')) is numpy.ndarray
+
+
 def test_get_checks_the_crc_and_slices_read_around_it(tmp_path):
     data = numpy.arange(1000, dtype=numpy.float32)
     gpuserial.save(tmp_path / 'a.npz', {'x': data})
