@@ -798,3 +798,25 @@ def test_at_most_one_chunk_more_than_the_threads_is_inflated_ahead_and_each_is_c
     numpy.testing.assert_array_equal(target['x'], VALUES)
     assert len(submitted) == len(placed) == 100 and max(ahead) == 2
     assert sum(counted) == VALUES.nbytes
+
+
+def test_a_ctrl_c_during_an_inflating_read_stops_it_at_the_next_chunk(tmp_path, monkeypatch):
+    """SIGINT while HDF5 works only sets a flag (see ``_signals``): the chunk reader raises it
+    before it reads the next chunk, not at the end of the load."""
+    from gpuserial.engine import workers
+    from gpuserial.storage import _signals
+    monkeypatch.setattr(workers, 'count', lambda: 1)
+    inflated = _inflated_here(monkeypatch)
+    real = hdf5.inflate_chunk
+
+    def interrupted(data, filter_mask, nbytes):
+        if len(inflated) == 2:  # on the third chunk
+            _signals._remember(None, None)  # what the SIGINT handler does
+        return real(data, filter_mask, nbytes)
+
+    monkeypatch.setattr(hdf5, 'inflate_chunk', interrupted)
+    _h5py_gzipped(tmp_path / 'm.h5', {'x': (VALUES, (10, 10))})
+    target = {'x': numpy.zeros_like(VALUES)}
+    with pytest.raises(KeyboardInterrupt):
+        serializers.load_hdf5(tmp_path / 'm.h5', target)
+    assert len(inflated) == 3
