@@ -820,3 +820,41 @@ def test_a_ctrl_c_during_an_inflating_read_stops_it_at_the_next_chunk(tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         serializers.load_hdf5(tmp_path / 'm.h5', target)
     assert len(inflated) == 3
+
+
+def test_a_failed_inflating_read_cancels_the_chunks_it_handed_out(tmp_path, monkeypatch):
+    """A corrupt chunk stops the read: the chunks handed to the threads after it and not
+    started are cancelled, not left to run for nothing."""
+    from concurrent.futures import Future
+
+    from gpuserial.engine import workers
+
+    class Deferred(Future):  # runs when its result is asked for: cancellable until then
+        def __init__(self, function, *args):
+            super().__init__()
+            self.call = function, args
+
+        def result(self, timeout=None):
+            if not self.done():
+                function, args = self.call
+                try:
+                    self.set_result(function(*args))
+                except Exception as error:  # noqa: BLE001 - handed to the reader, as a pool does
+                    self.set_exception(error)
+            return super().result(timeout)
+
+    handed_out = []
+
+    def submit(function, *args):
+        handed_out.append(Deferred(function, *args))
+        return handed_out[-1]
+
+    monkeypatch.setattr(workers, 'count', lambda: 2)
+    monkeypatch.setattr(workers, 'submit', submit)
+    _inflated_here(monkeypatch)
+    _h5py_gzipped(tmp_path / 'm.h5', {'x': (VALUES, (10, 10))})
+    _rewrite_chunk(tmp_path / 'm.h5', (10, 30), b'\xff' * 20)  # the 14th chunk in C order
+    with pytest.raises(CorruptFileError, match=r'the HDF5 chunk at \(10, 30\)'):
+        serializers.load_hdf5(tmp_path / 'm.h5', {'x': numpy.zeros_like(VALUES)})
+    assert len(handed_out) == 16  # up to the 14th, and two ahead of it
+    assert [future.cancelled() for future in handed_out] == [False] * 14 + [True] * 2
