@@ -622,9 +622,21 @@ def _unwritten(f, values):
     f['x'][:50] = values[:50]
 
 
+def _unwritten_one_past_the_end(f, values):
+    """As many chunks as the grid holds, one unwritten inside it and one past its end (libhdf5
+    writes a chunk at an offset equal to the extent)."""
+    f.create_dataset('x', shape=values.shape, dtype=values.dtype, chunks=(10, 10),
+                     compression=4, fillvalue=7)
+    f['x'][:90] = values[:90]
+    f['x'][90:, :90] = values[90:, :90]  # the chunk at (90, 90) left unwritten
+    f['x'].id.write_direct_chunk((100, 0), zlib.compress(values[:10, :10].tobytes()))
+    assert f['x'].id.get_num_chunks() == 100
+
+
 @pytest.mark.parametrize('write, stored, target_dtype', [
     (_shuffled, 'f4', 'f4'),  # another filter before gzip
     (_unwritten, 'f4', 'f4'),  # unwritten chunks: the fill value
+    (_unwritten_one_past_the_end, 'f4', 'f4'),  # the same, with as many chunks as the grid
     (lambda f, values: f.create_dataset('x', data=values, chunks=(10, 10), compression=4),
      '>f4', 'f4'),  # stored in the other byte order: libhdf5 converts
     (lambda f, values: f.create_dataset('x', data=values, chunks=(10, 10), compression=4),
@@ -633,7 +645,8 @@ def _unwritten(f, values):
      'f4', 'f4'),  # chunks larger than MAX_INFLATE_CHUNK_BYTES (patched to 1000 bytes)
     (lambda f, values: f.create_dataset('x', data=values, chunks=(10, 10), compression='lzf'),
      'f4', 'f4'),  # one filter, not gzip
-], ids=['shuffle', 'unwritten', 'big-endian', 'cast', 'large-chunks', 'lzf'])
+], ids=['shuffle', 'unwritten', 'unwritten-one-past-the-end', 'big-endian', 'cast',
+        'large-chunks', 'lzf'])
 @pytest.mark.parametrize('where', TARGETS)
 def test_datasets_gpuserial_does_not_inflate_are_libhdf5s(tmp_path, monkeypatch, write, stored,
                                                           target_dtype, where):
@@ -663,6 +676,19 @@ def test_small_gzipped_datasets_are_read_by_libhdf5_in_one_call(tmp_path, monkey
     serializers.load_hdf5(tmp_path / 'm.h5', target)
     numpy.testing.assert_array_equal(target['x'], values)
     assert len(inflated) == (100 if inflated_here else 0)
+
+
+def test_a_chunk_past_the_extent_beside_every_chunk_inside_it_is_no_obstacle(tmp_path,
+                                                                            monkeypatch):
+    """Every chunk inside the extent written, and one past it (libhdf5 writes one at an offset
+    equal to the extent): more chunks than the grid, each of the grid's inflated here."""
+    inflated = _inflated_here(monkeypatch)
+    _h5py_gzipped(tmp_path / 'm.h5', {'x': (VALUES, (10, 10))})
+    _rewrite_chunk(tmp_path / 'm.h5', (100, 0), zlib.compress(RAW))
+    target = {'x': numpy.zeros_like(VALUES)}
+    serializers.load_hdf5(tmp_path / 'm.h5', target)
+    numpy.testing.assert_array_equal(target['x'], VALUES)
+    assert len(inflated) == 100
 
 
 @pytest.mark.parametrize('most, inflated_here', [(400, True), (399, False)])

@@ -566,7 +566,18 @@ class _GroupReader(loading.Reader):
             if dtype.itemsize * math.prod(size) > MAX_INFLATE_CHUNK_BYTES:
                 return None
             grid = math.prod(-(-extent // step) for extent, step in zip(shape, size, strict=True))
-            return size if dataset.get_num_chunks() == grid else None  # else: unwritten ones
+            if dataset.get_num_chunks() < grid or not hasattr(dataset, 'chunk_iter'):
+                return None  # unwritten ones (or an h5py that cannot tell which are written)
+            inside = 0  # chunks may lie past the extent (libhdf5 writes one at an offset equal
+            #             to it), so a full count may still miss some inside: count those
+
+            def count(chunk) -> None:
+                nonlocal inside
+                inside += all(offset < extent for offset, extent
+                              in zip(chunk.chunk_offset, shape, strict=True))
+
+            dataset.chunk_iter(count)
+            return size if inside == grid else None
 
         return self._guard(entry, chunks)
 
