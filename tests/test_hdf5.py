@@ -1,6 +1,7 @@
 """HDF5 specifics: Chainer's layout (groups, gzip, Empty for None), chunked device writes."""
 
 import contextlib
+import ctypes
 import io
 import os
 import re
@@ -633,10 +634,28 @@ def _unwritten_one_past_the_end(f, values):
     assert f['x'].id.get_num_chunks() == 100
 
 
+def _unfiltered_edges(f, values):
+    """Partial edge chunks stored as they are, their filter mask clear: H5Pset_chunk_opts'
+    H5D_CHUNK_DONT_FILTER_PARTIAL_CHUNKS, which h5py neither sets nor shows."""
+    set_chunk_opts = ctypes.CDLL(h5py.h5p.__file__).H5Pset_chunk_opts  # h5py's libhdf5
+    set_chunk_opts.argtypes = [ctypes.c_int64, ctypes.c_uint]
+    plist = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    plist.set_chunk((10, 15))
+    plist.set_deflate(4)
+    assert set_chunk_opts(plist.id, 2) >= 0  # H5D_CHUNK_DONT_FILTER_PARTIAL_CHUNKS
+    dataset = h5py.h5d.create(f.id, b'x', h5py.h5t.py_create(values.dtype),
+                              h5py.h5s.create_simple(values.shape), dcpl=plist)
+    dataset.write(h5py.h5s.ALL, h5py.h5s.ALL, values)
+    edge = numpy.zeros((10, 15), values.dtype)
+    edge[:, :10] = values[:10, 90:]
+    assert dataset.read_direct_chunk((0, 90)) == (0, edge.tobytes())  # as it is, mask clear
+
+
 @pytest.mark.parametrize('write, stored, target_dtype', [
     (_shuffled, 'f4', 'f4'),  # another filter before gzip
     (_unwritten, 'f4', 'f4'),  # unwritten chunks: the fill value
     (_unwritten_one_past_the_end, 'f4', 'f4'),  # the same, with as many chunks as the grid
+    (_unfiltered_edges, 'f4', 'f4'),  # partial edge chunks not gzipped
     (lambda f, values: f.create_dataset('x', data=values, chunks=(10, 10), compression=4),
      '>f4', 'f4'),  # stored in the other byte order: libhdf5 converts
     (lambda f, values: f.create_dataset('x', data=values, chunks=(10, 10), compression=4),
@@ -645,8 +664,8 @@ def _unwritten_one_past_the_end(f, values):
      'f4', 'f4'),  # chunks larger than MAX_INFLATE_CHUNK_BYTES (patched to 1000 bytes)
     (lambda f, values: f.create_dataset('x', data=values, chunks=(10, 10), compression='lzf'),
      'f4', 'f4'),  # one filter, not gzip
-], ids=['shuffle', 'unwritten', 'unwritten-one-past-the-end', 'big-endian', 'cast',
-        'large-chunks', 'lzf'])
+], ids=['shuffle', 'unwritten', 'unwritten-one-past-the-end', 'unfiltered-edges', 'big-endian',
+        'cast', 'large-chunks', 'lzf'])
 @pytest.mark.parametrize('where', TARGETS)
 def test_datasets_gpuserial_does_not_inflate_are_libhdf5s(tmp_path, monkeypatch, write, stored,
                                                           target_dtype, where):
@@ -780,6 +799,41 @@ def test_a_chunk_stored_without_its_filter_is_taken_as_it_is(tmp_path, monkeypat
     serializers.load_hdf5(tmp_path / 'm.h5', target)
     numpy.testing.assert_array_equal(target['x'], expected)
     assert len(inflated) == 100
+
+
+def test_a_partial_edge_chunk_stored_without_its_filter_is_taken_as_it_is(tmp_path,
+                                                                          monkeypatch):
+    """A partial edge chunk of its full size with bit 0 of its filter mask set (libhdf5 skipped
+    gzip on it) is no sign of edge chunks left unfiltered: the dataset is inflated here."""
+    inflated = _inflated_here(monkeypatch)
+    _h5py_gzipped(tmp_path / 'm.h5', {'x': (VALUES, (10, 15))})
+    raw = numpy.full((10, 15), 5, numpy.float32)
+    _rewrite_chunk(tmp_path / 'm.h5', (0, 90), raw.tobytes(), filter_mask=1)
+    expected = VALUES.copy()
+    expected[:10, 90:] = raw[:, :10]
+    with h5py.File(tmp_path / 'm.h5') as f:
+        numpy.testing.assert_array_equal(f['x'][()], expected)  # as libhdf5 reads it
+    target = {'x': numpy.zeros_like(VALUES)}
+    serializers.load_hdf5(tmp_path / 'm.h5', target)
+    numpy.testing.assert_array_equal(target['x'], expected)
+    assert len(inflated) == 70
+
+
+def test_a_whole_chunk_stored_at_its_full_size_is_inflated_here(tmp_path, monkeypatch):
+    """Only partial edge chunks may be left unfiltered: a whole chunk (here the last of its
+    axis) whose gzip stream, with what follows it, is the chunk's size is inflated."""
+    inflated = _inflated_here(monkeypatch)
+    _h5py_gzipped(tmp_path / 'm.h5', {'x': (VALUES, (10, 15))})
+    stream = zlib.compress(bytes(600))
+    _rewrite_chunk(tmp_path / 'm.h5', (90, 0), stream + bytes(600 - len(stream)))
+    expected = VALUES.copy()
+    expected[90:, :15] = 0
+    with h5py.File(tmp_path / 'm.h5') as f:
+        numpy.testing.assert_array_equal(f['x'][()], expected)  # as libhdf5 reads it
+    target = {'x': numpy.zeros_like(VALUES)}
+    serializers.load_hdf5(tmp_path / 'm.h5', target)
+    numpy.testing.assert_array_equal(target['x'], expected)
+    assert len(inflated) == 70
 
 
 def test_at_most_one_chunk_more_than_the_threads_is_inflated_ahead_and_each_is_counted(

@@ -563,21 +563,29 @@ class _GroupReader(loading.Reader):
                     or not dataset.get_type().equal(h5py.h5t.py_create(dtype))):
                 return None
             size = plist.get_chunk()
-            if dtype.itemsize * math.prod(size) > MAX_INFLATE_CHUNK_BYTES:
+            nbytes = dtype.itemsize * math.prod(size)
+            if nbytes > MAX_INFLATE_CHUNK_BYTES:
                 return None
             grid = math.prod(-(-extent // step) for extent, step in zip(shape, size, strict=True))
             if dataset.get_num_chunks() < grid or not hasattr(dataset, 'chunk_iter'):
                 return None  # unwritten ones (or an h5py that cannot tell which are written)
             inside = 0  # chunks may lie past the extent (libhdf5 writes one at an offset equal
             #             to it), so a full count may still miss some inside: count those
+            unfiltered_edge = False  # a partial edge chunk of its full size, its filter mask
+            # clear: libhdf5 does not inflate those where the dataset says so (H5Pset_chunk_opts'
+            # H5D_CHUNK_DONT_FILTER_PARTIAL_CHUNKS, which h5py does not show)
 
             def count(chunk) -> None:
-                nonlocal inside
-                inside += all(offset < extent for offset, extent
-                              in zip(chunk.chunk_offset, shape, strict=True))
+                nonlocal inside, unfiltered_edge
+                spans = list(zip(chunk.chunk_offset, size, shape, strict=True))
+                if all(offset < extent for offset, _, extent in spans):
+                    inside += 1
+                    if (chunk.size == nbytes and not chunk.filter_mask & 1
+                            and any(offset + step > extent for offset, step, extent in spans)):
+                        unfiltered_edge = True
 
             dataset.chunk_iter(count)
-            return size if inside == grid else None
+            return size if inside == grid and not unfiltered_edge else None
 
         return self._guard(entry, chunks)
 
