@@ -90,6 +90,8 @@ GPU_PAIRS = [
     Pair('load_npz vs safetensors', 'peers', 'gpuserial.load_npz', 'safetensors load_file', 1.0),
     Pair('save_npz(compression) vs numpy.savez_compressed', 'compressed',
          'gpuserial.save_npz compressed', 'numpy.savez_compressed (Chainer)', 10.0, 1.01),
+    Pair("load_hdf5 gzip of Chainer's file vs Chainer's load_hdf5", 'compressed',
+         'gpuserial.load_hdf5 gzip (Chainer file)', 'Chainer load_hdf5 gzip', None),
 ]
 
 WHOLE_FILE_PAIRS = [  # issue 17: gpuserial.save / gpuserial.load, new arrays, any library
