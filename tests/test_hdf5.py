@@ -17,7 +17,12 @@ import pytest
 
 from gpuserial import serializers
 from gpuserial.engine import transfer
-from gpuserial.errors import CorruptFileError, KeyCollisionError, MismatchError
+from gpuserial.errors import (
+    CorruptFileError,
+    KeyCollisionError,
+    MismatchError,
+    ReadFailedError,
+)
 from gpuserial.formats import hdf5
 from tests.conftest import host, make_device
 from tests.standin import StandInDevice
@@ -938,3 +943,97 @@ def test_a_failed_inflating_read_cancels_the_chunks_it_handed_out(tmp_path, monk
         serializers.load_hdf5(tmp_path / 'm.h5', {'x': numpy.zeros_like(VALUES)})
     assert len(handed_out) == 16  # up to the 14th, and two ahead of it
     assert [future.cancelled() for future in handed_out] == [False] * 14 + [True] * 2
+
+
+def _reads_here(monkeypatch) -> list:
+    """Records each chunk read from the file's descriptor by gpuserial (not by libhdf5)."""
+    reads = []
+    real = hdf5.read_chunk
+
+    def spy(*args):
+        reads.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(hdf5, 'read_chunk', spy)
+    return reads
+
+
+@pytest.mark.parametrize('threads', [1, 3])
+def test_a_files_chunks_are_read_from_its_descriptor_on_the_worker_threads(
+        tmp_path, monkeypatch, threads):
+    """A path libhdf5 opened read-only: each chunk is read at its offset (os.pread) and
+    inflated on the threads; libhdf5 reads none."""
+    from gpuserial.engine import workers
+    monkeypatch.setattr(workers, 'count', lambda: threads)
+    _inflated_here(monkeypatch)
+    reads = _reads_here(monkeypatch)
+    _h5py_gzipped(tmp_path / 'm.h5', {'x': (VALUES, (10, 10))})
+    target = {'x': numpy.zeros_like(VALUES)}
+    serializers.load_hdf5(tmp_path / 'm.h5', target)
+    numpy.testing.assert_array_equal(target['x'], VALUES)
+    assert len(reads) == 100
+    on_workers = [name.startswith('gpuserial-worker') for name in reads]
+    assert all(on_workers) if threads > 1 else not any(on_workers)
+
+
+def test_a_userblock_moves_no_chunk(tmp_path, monkeypatch):
+    _inflated_here(monkeypatch)
+    reads = _reads_here(monkeypatch)
+    with h5py.File(tmp_path / 'm.h5', 'w', userblock_size=4096) as f:
+        f.create_dataset('x', data=VALUES, chunks=(10, 10), compression=4)
+    target = {'x': numpy.zeros_like(VALUES)}
+    serializers.load_hdf5(tmp_path / 'm.h5', target)
+    numpy.testing.assert_array_equal(target['x'], VALUES)
+    assert len(reads) == 100
+
+
+def test_files_libhdf5_may_hold_chunks_of_in_memory_are_read_through_it(tmp_path,
+                                                                        monkeypatch):
+    """A file object, and a file the caller opened for writing (chunks it wrote may still be
+    in libhdf5's cache, not in the file): libhdf5 reads each chunk as it is stored."""
+    inflated = _inflated_here(monkeypatch)
+    reads = _reads_here(monkeypatch)
+    data = io.BytesIO()
+    _h5py_gzipped(data, {'x': (VALUES, (10, 10))})
+    target = {'x': numpy.zeros_like(VALUES)}
+    serializers.load_hdf5(io.BytesIO(data.getvalue()), target)
+    numpy.testing.assert_array_equal(target['x'], VALUES)
+    with h5py.File(tmp_path / 'm.h5', 'w') as f:  # written, not flushed, then read
+        f.create_dataset('x', data=VALUES, chunks=(10, 10), compression=4)
+        target = {'x': numpy.zeros_like(VALUES)}
+        serializers.HDF5Deserializer(f).load(target)
+    numpy.testing.assert_array_equal(target['x'], VALUES)
+    assert len(inflated) == 200 and reads == []
+
+
+def test_a_chunk_read_from_a_descriptor_is_read_whole(tmp_path, monkeypatch):
+    """Reads that return fewer bytes are continued; a file that ends first is corrupt."""
+    path = tmp_path / 'chunk'
+    path.write_bytes(b'..' + zlib.compress(RAW))
+    stored = path.stat().st_size - 2
+    real = os.pread
+    monkeypatch.setattr(os, 'pread', lambda fd, count, offset: real(fd, min(count, 7), offset))
+    with open(path, 'rb') as f:
+        assert hdf5.read_chunk(f.fileno(), 2, stored, 0, len(RAW)) == RAW
+        with pytest.raises(ValueError, match=rf"^the file ends 5 bytes into the chunk's "
+                                             rf"{stored + 5} stored bytes$"):
+            hdf5.read_chunk(f.fileno(), 2, stored + 5, 0, len(RAW))
+
+
+def test_a_failed_chunk_read_keeps_its_errno_and_names_the_chunk(tmp_path, monkeypatch):
+    _inflated_here(monkeypatch)
+    _h5py_gzipped(tmp_path / 'm.h5', {'x': (VALUES, (10, 10))})
+    real, calls = os.pread, []
+
+    def failing(fd, count, offset):
+        calls.append(offset)
+        if len(calls) == 5:  # after the check of the first chunk, the fourth chunk
+            raise OSError(5, 'Input/output error')
+        return real(fd, count, offset)
+
+    monkeypatch.setattr(os, 'pread', failing)
+    with pytest.raises(ReadFailedError, match=re.escape(
+            f"{str(tmp_path / 'm.h5')!r}, key 'x': reading failed: the HDF5 chunk at (0, 30): "
+            f"[Errno 5] Input/output error")) as caught:
+        serializers.load_hdf5(tmp_path / 'm.h5', {'x': numpy.zeros_like(VALUES)})
+    assert caught.value.errno == 5

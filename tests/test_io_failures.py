@@ -31,8 +31,11 @@ import json, os, sys
 import numpy
 import gpuserial
 from gpuserial import serializers
+from gpuserial.formats import hdf5
 from gpuserial.tools import inspection
 
+if os.environ.get('INFLATE_ALL'):  # every gzip dataset's chunks read and inflated by gpuserial
+    hdf5.INFLATE_MIN_BYTES = 0
 path, offsets = sys.argv[1], [int(a) for a in sys.argv[2:]]
 load = serializers.load_hdf5 if path.endswith('.h5') else serializers.load_npz
 outcomes = []
@@ -76,23 +79,24 @@ def _model() -> dict:
     return {'a': {'w': numpy.arange(1000.0), 'b': numpy.ones(10)}, 'c': numpy.arange(5000.0)}
 
 
-def _outcomes(shim: str, path, offsets) -> list:
-    env = dict(os.environ, LD_PRELOAD=shim, FAIL_NAME=os.path.basename(path))
+def _outcomes(shim: str, path, offsets, **environ) -> list:
+    env = dict(os.environ, LD_PRELOAD=shim, FAIL_NAME=os.path.basename(path), **environ)
     run = subprocess.run([sys.executable, '-c', CHILD, str(path), *map(str, offsets)],
                          env=env, capture_output=True, text=True, timeout=120, check=True)
     return json.loads(run.stdout)
 
 
-@pytest.mark.parametrize('save, name', [(serializers.save_hdf5, 'failing.h5'),
-                                        (serializers.save_npz, 'failing.npz')],
-                         ids=['hdf5', 'npz'])
+@pytest.mark.parametrize('save, name, environ', [
+    (serializers.save_hdf5, 'failing.h5', {}),
+    (serializers.save_hdf5, 'failing.h5', {'INFLATE_ALL': '1'}),  # chunks read with os.pread
+    (serializers.save_npz, 'failing.npz', {})], ids=['hdf5', 'hdf5-inflated', 'npz'])
 def test_reads_that_fail_anywhere_in_the_file_fail_the_load_and_say_so(tmp_path, shim, save,
-                                                                       name):
+                                                                       name, environ):
     path = tmp_path / name
     save(path, _model())
     size = os.path.getsize(path)
     offsets = sorted({0, 100, *range(512, size, 512)})
-    outcomes = _outcomes(shim, path, offsets)
+    outcomes = _outcomes(shim, path, offsets, **environ)
     assert len(outcomes) == 4 * len(offsets)
     failed = [outcome for *_, outcome in outcomes if outcome != 'loaded']
     for outcome in failed:

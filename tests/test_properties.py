@@ -401,12 +401,16 @@ def test_damaged_gzipped_chunks_fail_where_libhdf5_fails(device_spec, dataset, d
     staging = data.draw(st.integers(64, 1 << 14))  # bands of chunks a block: else libhdf5's
     if hdf5.chunk_bands(values.shape, chunks, values.itemsize, staging) is None:
         staging = 1 << 14  # the whole array
+    inflated = []
+    inflate = hdf5.inflate_chunk
     try:
-        with transfer.configure(chunk_bytes=staging):
+        with transfer.configure(chunk_bytes=staging), mock.patch.object(
+                hdf5, 'inflate_chunk', lambda *args: inflated.append(1) or inflate(*args)):
             _load_hdf5_inflating(path, target)
     except GpuserialError as error:
         event('refused' if theirs is None else 'refused where libhdf5 read it')
-        assert f'the HDF5 chunk at {chunk.chunk_offset}: ' in str(error)
+        if inflated:  # (a gzipped edge chunk as long as its values leaves it to libhdf5)
+            assert f'the HDF5 chunk at {chunk.chunk_offset}: ' in str(error)
         return
     event('loaded')
     assert theirs is not None  # loaded where libhdf5 failed

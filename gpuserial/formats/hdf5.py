@@ -512,11 +512,11 @@ class _GroupReader(loading.Reader):
         assert entry.dtype is not None  # not a stored None
         read_as = entry.dtype if devices.holds_bits_of(dst.dtype, entry.dtype) else dst.dtype
         if read_as == entry.dtype and dst.nbytes >= INFLATE_MIN_BYTES:
-            size = self._inflatable_chunks(entry)
-            bands = size and chunk_bands(dst.shape, size, read_as.itemsize,
-                                         _block_bytes(backend.is_host))
-            if size and bands:
-                self._read_inflating(entry, dst, size, bands)
+            chunks = self._inflatable_chunks(entry)
+            bands = chunks and chunk_bands(dst.shape, chunks[0], read_as.itemsize,
+                                           _block_bytes(backend.is_host))
+            if chunks and bands:
+                self._read_inflating(entry, dst, *chunks, bands)
                 return
         host = backend.is_host and dst.flags.c_contiguous
         blocks = _read_blocks(dataset, dst.shape, dst.dtype.itemsize, host)
@@ -546,17 +546,19 @@ class _GroupReader(loading.Reader):
 
         transfer.fill(dst, read_into, dst.dtype, blocks=blocks)
 
-    def _inflatable_chunks(self, entry: loading.Entry) -> tuple | None:
-        """The dataset's chunk shape when gpuserial may inflate its chunks itself: gzip is its
-        only filter (as Chainer's and gpuserial's saves make it), it stores numbers as the
-        target's memory holds them, every chunk is written, and none is larger than
-        :data:`MAX_INFLATE_CHUNK_BYTES`; else None (libhdf5's filter reads it)."""
+    def _inflatable_chunks(self, entry: loading.Entry) -> tuple[tuple, numpy.ndarray] | None:
+        """The dataset's chunk shape, and where each chunk is stored (its file offset, size
+        and filter mask, a row a chunk in C order of their grid), when gpuserial may inflate
+        its chunks itself: gzip is its only filter (as Chainer's and gpuserial's saves make
+        it), it stores numbers as the target's memory holds them, every chunk is written, and
+        none is larger than :data:`MAX_INFLATE_CHUNK_BYTES`; else None (libhdf5's filter reads
+        it)."""
         assert entry.shape is not None and entry.dtype is not None  # not a stored None
         if entry.dtype.kind not in PLAIN_KINDS:
             return None
         dataset, dtype, shape = entry.token, entry.dtype, entry.shape
 
-        def chunks() -> tuple | None:
+        def chunks() -> tuple[tuple, numpy.ndarray] | None:
             plist = dataset.get_create_plist()
             if (plist.get_layout() != h5py.h5d.CHUNKED or plist.get_nfilters() != 1
                     or plist.get_filter(0)[0] != h5py.h5z.FILTER_DEFLATE
@@ -566,9 +568,12 @@ class _GroupReader(loading.Reader):
             nbytes = dtype.itemsize * math.prod(size)
             if nbytes > MAX_INFLATE_CHUNK_BYTES:
                 return None
-            grid = math.prod(-(-extent // step) for extent, step in zip(shape, size, strict=True))
+            counts = [-(-extent // step) for extent, step in zip(shape, size, strict=True)]
+            grid = math.prod(counts)
             if dataset.get_num_chunks() < grid or not hasattr(dataset, 'chunk_iter'):
                 return None  # unwritten ones (or an h5py that cannot tell which are written)
+            strides = [math.prod(counts[axis + 1:]) for axis in range(len(counts))]
+            table = numpy.full((grid, 3), -1, numpy.int64)  # offset, size, mask: a chunk's
             inside = 0  # chunks may lie past the extent (libhdf5 writes one at an offset equal
             #             to it), so a full count may still miss some inside: count those
             unfiltered_edge = False  # a partial edge chunk of its full size, its filter mask
@@ -580,22 +585,26 @@ class _GroupReader(loading.Reader):
                 spans = list(zip(chunk.chunk_offset, size, shape, strict=True))
                 if all(offset < extent for offset, _, extent in spans):
                     inside += 1
+                    table[sum(offset // step * stride for (offset, step, _), stride
+                              in zip(spans, strides, strict=True))] = (
+                        chunk.byte_offset, chunk.size, chunk.filter_mask)
                     if (chunk.size == nbytes and not chunk.filter_mask & 1
                             and any(offset + step > extent for offset, step, extent in spans)):
                         unfiltered_edge = True
 
             dataset.chunk_iter(count)
-            return size if inside == grid and not unfiltered_edge else None
+            return (size, table) if inside == grid and not unfiltered_edge else None
 
         return self._guard(entry, chunks)
 
-    def _read_inflating(self, entry: loading.Entry, dst, size: tuple, bands: list) -> None:
-        """Fills ``dst`` from the dataset's gzipped chunks (of shape ``size``), read here in
-        order and inflated on the worker threads (:meth:`_inflated_chunks`), block by block
-        (``bands``, from :func:`chunk_bands`)."""
+    def _read_inflating(self, entry: loading.Entry, dst, size: tuple, table: numpy.ndarray,
+                        bands: list) -> None:
+        """Fills ``dst`` from the dataset's gzipped chunks (of shape ``size``, stored where
+        ``table`` says), read and inflated on the worker threads (:meth:`_inflated_chunks`),
+        block by block (``bands``, from :func:`chunk_bands`)."""
         assert entry.shape is not None and entry.dtype is not None  # not a stored None
         shape, dtype = entry.shape, entry.dtype
-        with contextlib.closing(self._inflated_chunks(entry, size)) as chunks:
+        with contextlib.closing(self._inflated_chunks(entry, size, table)) as chunks:
 
             def read_into(buffer: memoryview) -> None:
                 index, _, _ = next(position)
@@ -618,14 +627,17 @@ class _GroupReader(loading.Reader):
             position = iter(bands)
             transfer.fill(dst, read_into, dtype, blocks=bands)
 
-    def _inflated_chunks(self, entry: loading.Entry, size: tuple
+    def _inflated_chunks(self, entry: loading.Entry, size: tuple, table: numpy.ndarray
                          ) -> Generator[tuple[tuple, numpy.ndarray], None, None]:
         """The dataset's chunks (of shape ``size``) in C order of their grid, as ``(offsets,
-        values)``: read here (libhdf5 reads a chunk as it is stored), inflated on the worker
-        threads, at most :func:`workers.count` ``+ 1`` ahead of the caller."""
+        values)``: read and inflated on the worker threads, at most :func:`workers.count`
+        ``+ 1`` ahead of the caller. A file libhdf5 reads from a descriptor, opened read-only,
+        is read there at the offsets of ``table`` (libhdf5 looks each chunk up again, on the
+        caller's thread); else libhdf5 reads each chunk as it is stored, here."""
         assert entry.shape is not None and entry.dtype is not None  # not a stored None
         dataset, dtype = entry.token, entry.dtype
         nbytes = dtype.itemsize * math.prod(size)
+        fd = self._descriptor(entry, table)
         in_flight: collections.deque[tuple[tuple, Future | functools.partial]] = (
             collections.deque())
 
@@ -636,18 +648,27 @@ class _GroupReader(loading.Reader):
             except (ValueError, *DEFLATE_ERRORS) as error:
                 raise CorruptFileError(f'{self.where(entry.key)}: the HDF5 chunk at '
                                        f'{offsets}: {error}') from None
+            except OSError as error:  # the read failed: the file may be whole
+                failure = ReadFailedError(f'{self.where(entry.key)}: reading failed: the '
+                                          f'HDF5 chunk at {offsets}: {error}')
+                failure.errno = error.errno
+                raise failure from None
             in_flight.popleft()
             return offsets, numpy.frombuffer(data, dtype).reshape(size)
 
         try:
-            for offsets in itertools.product(*(range(0, extent, step) for extent, step
-                                               in zip(entry.shape, size, strict=True))):
+            for index, offsets in enumerate(itertools.product(*(
+                    range(0, extent, step)
+                    for extent, step in zip(entry.shape, size, strict=True)))):
                 _signals.check()
-                mask, data = self._guard(entry, functools.partial(dataset.read_direct_chunk,
-                                                                  offsets))
-                future = workers.submit(inflate_chunk, data, mask, nbytes)
-                in_flight.append((offsets, future or functools.partial(inflate_chunk, data,
-                                                                       mask, nbytes)))
+                if fd is None:
+                    mask, data = self._guard(entry, functools.partial(
+                        dataset.read_direct_chunk, offsets))
+                    work = functools.partial(inflate_chunk, data, mask, nbytes)
+                else:
+                    at, stored, mask = table[index].tolist()
+                    work = functools.partial(read_chunk, fd, at, stored, mask, nbytes)
+                in_flight.append((offsets, workers.submit(work) or work))
                 if len(in_flight) > workers.count():
                     yield first()
             while in_flight:
@@ -656,6 +677,22 @@ class _GroupReader(loading.Reader):
             for _, job in in_flight:  # on failure: no thread left working for nothing
                 if isinstance(job, Future):
                     job.cancel()
+
+    def _descriptor(self, entry: loading.Entry, table: numpy.ndarray) -> int | None:
+        """The file descriptor libhdf5 reads the file from, where the file is open read-only
+        (no chunk of it waits in libhdf5's memory) and ``table``'s first chunk is where its
+        offset says (libhdf5 lays out files so; this checks it); else None."""
+        file = self.group.file
+        if file.driver != 'sec2' or file.mode != 'r' or not hasattr(os, 'pread'):
+            return None
+        fd = file.id.get_vfd_handle()
+        at, stored, _ = table[0].tolist()
+        _, data = self._guard(entry, functools.partial(entry.token.read_direct_chunk,
+                                                       (0,) * len(entry.token.shape)))
+        try:
+            return fd if isinstance(fd, int) and os.pread(fd, stored, at) == data else None
+        except OSError:
+            return None  # libhdf5 reads it (and says why it cannot)
 
     def stored_size(self, entry: loading.Entry) -> tuple[int, bool]:
         storage = self._guard(entry, entry.token.get_storage_size)
@@ -739,6 +776,24 @@ def chunk_bands(shape: tuple, chunks: tuple, itemsize: int, block_bytes: int
             blocks.append(((*lead, slice(start, stop)), base + start * row_size,
                            base + stop * row_size))
     return blocks
+
+
+def read_chunk(fd: int, offset: int, stored: int, filter_mask: int, nbytes: int) -> bytes:
+    """An HDF5 chunk of ``nbytes``, read from ``stored`` bytes at ``offset`` of file ``fd``
+    and inflated (:func:`inflate_chunk`).
+
+    Raises:
+        ValueError: the file ends first, or the chunk is corrupt (as :func:`inflate_chunk`).
+        OSError: the read failed.
+    """
+    data = os.pread(fd, stored, offset)
+    while len(data) < stored:  # a short read: the rest
+        more = os.pread(fd, stored - len(data), offset + len(data))
+        if not more:
+            raise ValueError(f'the file ends {stored - len(data)} bytes into the chunk\'s '
+                             f'{stored} stored bytes')
+        data += more
+    return inflate_chunk(data, filter_mask, nbytes)
 
 
 def inflate_chunk(data: bytes, filter_mask: int, nbytes: int) -> bytes:

@@ -269,6 +269,8 @@ def _stopped(error: GpuserialError, key: str, filled: list[str], count: int
                           f'hold part of that data; {len(filled)} of {count} arrays were already '
                           f'filled in place: {named}; the others are as they were)')
     stopped.filled, stopped.partly_filled = list(filled), key
+    if isinstance(error, OSError) and isinstance(stopped, OSError):  # a failed read's errno
+        stopped.errno = error.errno  # (ReadFailedError) says what failed
     return stopped
 
 
