@@ -556,6 +556,13 @@ def _h5py_gzipped(path, arrays: dict) -> None:
             f.create_dataset(key, data=values, chunks=chunks, compression=4)
 
 
+def _loads(path, expected: numpy.ndarray) -> None:
+    """``load_hdf5`` of dataset ``x`` into host zeros gives ``expected``."""
+    target = {'x': numpy.zeros_like(expected)}
+    serializers.load_hdf5(path, target)
+    numpy.testing.assert_array_equal(target['x'], expected)
+
+
 def _inflated_here(monkeypatch) -> list:
     """Records each chunk gpuserial inflates itself (not libhdf5's filter); every dataset of
     any size is inflated so."""
@@ -694,11 +701,8 @@ def test_small_gzipped_datasets_are_read_by_libhdf5_in_one_call(tmp_path, monkey
     more than it gains."""
     inflated = _inflated_here(monkeypatch)
     monkeypatch.setattr(hdf5, 'INFLATE_MIN_BYTES', least)  # the dataset's 40,000 bytes
-    values = RNG.standard_normal((100, 100)).astype(numpy.float32)
-    _h5py_gzipped(tmp_path / 'm.h5', {'x': (values, (10, 10))})
-    target = {'x': numpy.zeros_like(values)}
-    serializers.load_hdf5(tmp_path / 'm.h5', target)
-    numpy.testing.assert_array_equal(target['x'], values)
+    _h5py_gzipped(tmp_path / 'm.h5', {'x': (VALUES, (10, 10))})
+    _loads(tmp_path / 'm.h5', VALUES)
     assert len(inflated) == (100 if inflated_here else 0)
 
 
@@ -709,9 +713,7 @@ def test_a_chunk_past_the_extent_beside_every_chunk_inside_it_is_no_obstacle(tmp
     inflated = _inflated_here(monkeypatch)
     _h5py_gzipped(tmp_path / 'm.h5', {'x': (VALUES, (10, 10))})
     _rewrite_chunk(tmp_path / 'm.h5', (100, 0), zlib.compress(RAW))
-    target = {'x': numpy.zeros_like(VALUES)}
-    serializers.load_hdf5(tmp_path / 'm.h5', target)
-    numpy.testing.assert_array_equal(target['x'], VALUES)
+    _loads(tmp_path / 'm.h5', VALUES)
     assert len(inflated) == 100
 
 
@@ -721,9 +723,7 @@ def test_chunks_of_at_most_max_inflate_chunk_bytes_are_inflated_here(tmp_path, m
     inflated = _inflated_here(monkeypatch)
     monkeypatch.setattr(hdf5, 'MAX_INFLATE_CHUNK_BYTES', most)  # chunks of 10 x 10 float32
     _h5py_gzipped(tmp_path / 'm.h5', {'x': (VALUES, (10, 10))})
-    target = {'x': numpy.zeros_like(VALUES)}
-    serializers.load_hdf5(tmp_path / 'm.h5', target)
-    numpy.testing.assert_array_equal(target['x'], VALUES)
+    _loads(tmp_path / 'm.h5', VALUES)
     assert len(inflated) == (100 if inflated_here else 0)
 
 
@@ -800,9 +800,7 @@ def test_a_chunk_stored_without_its_filter_is_taken_as_it_is(tmp_path, monkeypat
     expected[10:20, 30:40] = raw
     with h5py.File(tmp_path / 'm.h5') as f:
         numpy.testing.assert_array_equal(f['x'][()], expected)  # as libhdf5 reads it
-    target = {'x': numpy.zeros_like(VALUES)}
-    serializers.load_hdf5(tmp_path / 'm.h5', target)
-    numpy.testing.assert_array_equal(target['x'], expected)
+    _loads(tmp_path / 'm.h5', expected)
     assert len(inflated) == 100
 
 
@@ -818,9 +816,7 @@ def test_a_partial_edge_chunk_stored_without_its_filter_is_taken_as_it_is(tmp_pa
     expected[:10, 90:] = raw[:, :10]
     with h5py.File(tmp_path / 'm.h5') as f:
         numpy.testing.assert_array_equal(f['x'][()], expected)  # as libhdf5 reads it
-    target = {'x': numpy.zeros_like(VALUES)}
-    serializers.load_hdf5(tmp_path / 'm.h5', target)
-    numpy.testing.assert_array_equal(target['x'], expected)
+    _loads(tmp_path / 'm.h5', expected)
     assert len(inflated) == 70
 
 
@@ -835,9 +831,7 @@ def test_a_whole_chunk_stored_at_its_full_size_is_inflated_here(tmp_path, monkey
     expected[90:, :15] = 0
     with h5py.File(tmp_path / 'm.h5') as f:
         numpy.testing.assert_array_equal(f['x'][()], expected)  # as libhdf5 reads it
-    target = {'x': numpy.zeros_like(VALUES)}
-    serializers.load_hdf5(tmp_path / 'm.h5', target)
-    numpy.testing.assert_array_equal(target['x'], expected)
+    _loads(tmp_path / 'm.h5', expected)
     assert len(inflated) == 70
 
 
@@ -968,9 +962,7 @@ def test_a_files_chunks_are_read_from_its_descriptor_on_the_worker_threads(
     _inflated_here(monkeypatch)
     reads = _reads_here(monkeypatch)
     _h5py_gzipped(tmp_path / 'm.h5', {'x': (VALUES, (10, 10))})
-    target = {'x': numpy.zeros_like(VALUES)}
-    serializers.load_hdf5(tmp_path / 'm.h5', target)
-    numpy.testing.assert_array_equal(target['x'], VALUES)
+    _loads(tmp_path / 'm.h5', VALUES)
     assert len(reads) == 100
     on_workers = [name.startswith('gpuserial-worker') for name in reads]
     assert all(on_workers) if threads > 1 else not any(on_workers)
@@ -981,9 +973,7 @@ def test_a_userblock_moves_no_chunk(tmp_path, monkeypatch):
     reads = _reads_here(monkeypatch)
     with h5py.File(tmp_path / 'm.h5', 'w', userblock_size=4096) as f:
         f.create_dataset('x', data=VALUES, chunks=(10, 10), compression=4)
-    target = {'x': numpy.zeros_like(VALUES)}
-    serializers.load_hdf5(tmp_path / 'm.h5', target)
-    numpy.testing.assert_array_equal(target['x'], VALUES)
+    _loads(tmp_path / 'm.h5', VALUES)
     assert len(reads) == 100
 
 
