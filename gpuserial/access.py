@@ -110,7 +110,7 @@ def load(file, device=None, keys: Iterable[str] | None = None, *, like=None,
                         f'(keys=[{keys!r}]), not a {type(keys).__name__}')
     place = _Placement.of(device, like)
     with inspection.open_reader(file, format, storage_options) as reader:
-        wanted = reader.keys() if keys is None else list(keys)
+        wanted = reader.keys() if keys is None else list(dict.fromkeys(keys))  # once each
         reader.expect_entries(wanted)  # an object in a store fetches their headers ahead
         found, fills = {}, []
         for key in wanted:

@@ -1324,3 +1324,20 @@ def test_a_star_import_keeps_the_builtin_open():
     namespace: dict = {}
     exec('from gpuserial import *', namespace)
     assert 'open' not in namespace and 'load' in namespace and 'LazyFile' in namespace
+
+
+@pytest.mark.parametrize('name', ['m.npz', 'm.h5'])
+def test_a_key_listed_twice_is_read_once(tmp_path, monkeypatch, name):
+    from gpuserial import access
+    gpuserial.save(tmp_path / name, {'a': numpy.arange(3.0), 'b': numpy.ones(2)})
+    made = []
+    real = access._Placement.new
+
+    def new(self, reader, entry):
+        made.append(entry.key)
+        return real(self, reader, entry)
+
+    monkeypatch.setattr(access._Placement, 'new', new)
+    loaded = gpuserial.load(tmp_path / name, keys=['b', 'a', 'b'])
+    assert list(loaded) == ['b', 'a'] and made == ['b', 'a']
+    numpy.testing.assert_array_equal(loaded['b'], numpy.ones(2))
