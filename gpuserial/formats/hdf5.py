@@ -409,13 +409,8 @@ def _read_blocks(dataset: h5py.h5d.DatasetID, shape: tuple, itemsize: int, host:
     if itemsize * math.prod(shape) <= chunk_bytes:
         return list(transfer.hyperslabs(shape, itemsize, chunk_bytes))
     chunks = _chunks(dataset)
-    if chunks and len(shape) > 1:
-        band = itemsize * chunks[0]
-        for extent in shape[1:]:
-            band *= extent
-        if 0 < band <= chunk_bytes:
-            chunk_bytes = chunk_bytes // band * band
-    return list(transfer.hyperslabs(shape, itemsize, chunk_bytes))
+    bands = chunks and chunk_bands(shape, chunks, itemsize, chunk_bytes)
+    return bands or list(transfer.hyperslabs(shape, itemsize, chunk_bytes))
 
 
 class _GroupReader(loading.Reader):
