@@ -761,6 +761,28 @@ def _failing_writeback(monkeypatch, error: int, on_flags: int) -> list:
     return calls
 
 
+def _pace_the_save_to_the_writeback(monkeypatch, directory, calls: list, failing: int) -> None:
+    """Each interrupt check of the save waits until the writeback thread has
+    handed over every whole step of the temporary file in ``directory``, or its call with
+    ``failing`` flags came: the thread sees the file grow step by step, however loaded the
+    machine (a fixed sleep here let a busy machine's save end before the thread looked twice)."""
+    real_check = _signals.check
+
+    def handed_over() -> bool:
+        if any(flags == failing for _, _, flags in calls):
+            return True  # the thread has failed, and stopped
+        names = crafting.temporaries(directory)
+        written = max((os.stat(directory / name).st_size for name in names), default=0)
+        whole = written // _fileio.WRITEBACK_STEP * _fileio.WRITEBACK_STEP
+        return max((o + n for o, n, _ in calls), default=0) >= whole
+
+    def paced_check():
+        _until(handed_over)
+        real_check()
+
+    monkeypatch.setattr(_signals, 'check', paced_check)
+
+
 @pytest.mark.parametrize('error', [errno.EINVAL, errno.ENOSYS, errno.ESPIPE],
                          ids=['einval', 'enosys', 'espipe'])
 def test_where_the_writeback_call_is_unsupported_the_save_goes_on_without_it(
@@ -791,9 +813,8 @@ def test_a_failed_writeback_fails_the_durable_save_and_leaves_the_old_file(
     calls = _failing_writeback(monkeypatch, error, flags)
     monkeypatch.setattr(_fileio, 'WRITEBACK_STEP', 64 << 10)
     monkeypatch.setattr(_fileio, 'WRITEBACK_MIN', 0)
-    real_check = _signals.check
-    monkeypatch.setattr(_signals, 'check', lambda: time.sleep(0.002) or real_check())
     path, old = old_file
+    _pace_the_save_to_the_writeback(monkeypatch, path.parent, calls, flags)
     # 8 MiB: deflated members reach the file a 1 MiB block at a time, and the thread must see
     # it grow more than once
     state = dict(kill_saver.state(1), big=numpy.random.default_rng(0).random(1 << 20))
