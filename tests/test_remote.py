@@ -23,8 +23,9 @@ import pytest
 from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 
 import gpuserial
+from gpuserial import serializers
 from gpuserial.engine import asyncsave
-from gpuserial.formats import npz
+from gpuserial.formats import _zipread, npz
 from gpuserial.storage import remote
 
 MiB = 1 << 20
@@ -191,8 +192,9 @@ def test_a_large_member_is_read_in_bounded_pieces(bucket, monkeypatch):
 
 @pytest.mark.parametrize('sizes', [[4 * MiB], [MiB // 2 + 8] * 7 + [3000]])
 def test_a_load_fetches_its_members_ahead_several_gets_at_once(memory, monkeypatch, sizes):
-    """First each member's headers (a window's bytes at its local header), then the data:
-    pieces across the members, each byte once, several GETs in flight."""
+    """First each member's headers (a window's bytes at its local header; a small member's
+    whole bytes too), then the data of the others: pieces across the members, each byte
+    once, several GETs in flight."""
     piece = 512 * 1024  # more than the zip reader's window
     monkeypatch.setattr(remote, 'FETCH_PIECE', piece)
     model = {f'm{index}': numpy.full(size // 8, index, numpy.float64)
@@ -200,7 +202,8 @@ def test_a_load_fetches_its_members_ahead_several_gets_at_once(memory, monkeypat
     gpuserial.save('memory://a/big.npz', model)
     size = memory.size('/a/big.npz')
     with zipfile.ZipFile(io.BytesIO(memory.cat_file('/a/big.npz'))) as archive:
-        offsets = sorted(info.header_offset for info in archive.infolist())
+        members = sorted((info.header_offset, info.compress_size) for info in archive.infolist())
+    offsets = [offset for offset, _ in members]
     both_in_flight = threading.Barrier(2, timeout=10)  # broken unless 2 GETs overlap
     fetched, in_flight, most = [], [0], [0]
     lock = threading.Lock()
@@ -223,13 +226,15 @@ def test_a_load_fetches_its_members_ahead_several_gets_at_once(memory, monkeypat
     monkeypatch.setattr(MemoryFileSystem, 'cat_file', counting)
     _assert_bits(gpuserial.load('memory://a/big.npz'), model)
     headers, data = fetched[:len(offsets)], sorted(fetched[len(offsets):])
-    assert headers == [(offset, min(size, offset + npz.REMOTE_WINDOW)) for offset in offsets]
+    assert headers == [(offset, min(size, offset + npz.REMOTE_WINDOW
+                                    + (stored if stored < _zipread.DIRECT else 0)))
+                       for offset, stored in members]
     assert 2 <= most[0] <= remote.FETCHES_IN_FLIGHT
-    # the members' data and the headers between them, each byte once
+    # the large members' data and the headers between them, each byte once
     assert all(end == next_start for (_, end), (next_start, _) in zip(data, data[1:],
                                                                        strict=False))
     span = data[-1][1] - data[0][0]
-    payload = sum(value.nbytes for value in model.values())
+    payload = sum(value.nbytes for value in model.values() if value.nbytes >= _zipread.DIRECT)
     assert payload <= span < payload + 256 * len(model)
     assert len(data) == -(-span // piece)  # whole pieces across the members' boundaries
 
@@ -289,6 +294,92 @@ def test_a_load_fetches_the_members_headers_ahead_many_at_once(memory, monkeypat
     data = sorted(gets.ranges[len(headers):])
     assert all(end == start for (_, end), (start, _) in zip(data, data[1:], strict=False))
     assert data[0][0] < offsets[0] + npz.REMOTE_WINDOW and data[-1][1] > offsets[-1]
+
+
+def _many_small(compression: bool, count: int = 300) -> dict:
+    rng = numpy.random.default_rng(1)  # incompressible: about 4 KiB a member either way
+    return {f'layer{index:03d}/W': rng.random(500 + index % 7) for index in range(count)}
+
+
+def _no_byte_twice(ranges: list[tuple[int, int]]) -> bool:
+    ordered = sorted(ranges)
+    return all(end <= start for (_, end), (start, _) in zip(ordered, ordered[1:], strict=False))
+
+
+@pytest.mark.parametrize('compression', [False, True], ids=['stored', 'deflated'])
+@pytest.mark.parametrize('how', ['load', 'load_npz', 'load_npz cast', 'load strided',
+                                 'load onto a device', 'load_npz onto a device'])
+def test_small_members_are_fetched_once_with_their_headers(memory, monkeypatch, how,
+                                                           compression):
+    """A load of many small members fetches each byte of the object once: their whole bytes
+    come with their headers and are kept for the fills (every path a fill takes: whole into
+    host arrays, streamed into casts and strided arrays, whole into device arrays)."""
+    from tests.standin import StandInDevice
+    monkeypatch.setattr(remote, 'FETCH_PIECE', 256 << 10)  # pieces read past are let go
+    model = _many_small(compression)
+    gpuserial.save('memory://a/small.npz', model, compression=compression)
+    with zipfile.ZipFile(io.BytesIO(memory.cat_file('/a/small.npz'))) as archive:
+        stored = sum(info.compress_size for info in archive.infolist())
+    gets = _Gets(monkeypatch)
+    device = StandInDevice(0)
+    if how == 'load':
+        loaded = gpuserial.load('memory://a/small.npz')
+    elif how == 'load onto a device':
+        loaded = {key: value.get()
+                  for key, value in gpuserial.load('memory://a/small.npz', device=device).items()}
+    elif how == 'load_npz onto a device':
+        target = {key: device.send(numpy.zeros_like(value)) for key, value in model.items()}
+        serializers.load_npz('memory://a/small.npz', target)
+        loaded = {key: value.get() for key, value in target.items()}
+    else:
+        dtype = numpy.float32 if how == 'load_npz cast' else numpy.float64
+        loaded = {key: numpy.zeros(value.shape + (2,), dtype)[..., 0]
+                  if how == 'load strided' else numpy.zeros(value.shape, dtype)
+                  for key, value in model.items()}
+        serializers.load_npz('memory://a/small.npz', loaded)
+        loaded = {key: value.astype(numpy.float64) for key, value in loaded.items()}
+    if how == 'load_npz cast':
+        assert all(numpy.array_equal(loaded[key], model[key].astype(numpy.float32))
+                   for key in model)
+    else:
+        _assert_bits(loaded, model)
+    assert _no_byte_twice(gets.ranges)
+    assert stored < sum(end - start for start, end in gets.ranges) < memory.size(
+        '/a/small.npz')
+
+
+def test_small_members_kept_past_their_budget_are_fetched_again(memory, monkeypatch):
+    """The kept bytes are bounded (:data:`npz.REMOTE_KEPT_BYTES`): the members past it are
+    fetched again for their fills, and load as well."""
+    model = _many_small(False)
+    gpuserial.save('memory://a/small.npz', model)
+    monkeypatch.setattr(npz, 'REMOTE_KEPT_BYTES', 100 << 10)  # about 24 of the 300 members
+    gets = _Gets(monkeypatch)
+    _assert_bits(gpuserial.load('memory://a/small.npz'), model)
+    assert not _no_byte_twice(gets.ranges)
+    fetched = sum(end - start for start, end in gets.ranges)
+    size = memory.size('/a/small.npz')
+    assert size + 0.8 * size < fetched < 2 * size  # nearly all of it twice, but not all
+
+
+@pytest.mark.parametrize('compression', [False, True], ids=['stored', 'deflated'])
+def test_a_kept_member_is_checked_before_its_array_changes(memory, compression):
+    """Kept bytes are checked as the file's are: a flipped byte fails the load, naming the
+    object and key, before that member's array changes (those before it are filled, as the
+    error says)."""
+    model = _many_small(compression, count=20)
+    gpuserial.save('memory://a/small.npz', model, compression=compression)
+    data = bytearray(memory.cat_file('/a/small.npz'))
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as archive:
+        info = archive.getinfo('layer007/W.npy')
+    data[info.header_offset + 30 + len(info.filename) + len(info.extra) + info.compress_size
+         - 20] ^= 0xFF  # in the member's last bytes
+    memory.pipe_file('/a/small.npz', bytes(data))
+    target = {key: numpy.zeros_like(value) for key, value in model.items()}
+    with pytest.raises(gpuserial.CorruptFileError,
+                       match=r"'memory://a/small.npz', key 'layer007/W'"):
+        serializers.load_npz('memory://a/small.npz', target)
+    assert [key for key, value in target.items() if value.any()] == list(model)[:7]
 
 
 def test_small_members_between_large_ones_are_fetched_once(memory, monkeypatch):

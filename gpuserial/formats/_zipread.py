@@ -11,6 +11,7 @@ a block a thread, ahead of the reader.
 from __future__ import annotations
 
 import collections
+import io
 import struct
 import zlib
 from concurrent.futures import Future
@@ -34,9 +35,9 @@ from gpuserial.formats._zipstream import (
     deflate_module,
 )
 
-__all__ = ['Input', 'Member', 'MemberError', 'MemberReader', 'NotAZip', 'WindowedFile',
-           'ZipError', 'check_member', 'data_start_of', 'inflated_head', 'read_deflated',
-           'read_directory', 'read_stored', 'regular_stored', 'stored_head']
+__all__ = ['Input', 'KeptBytes', 'Member', 'MemberError', 'MemberReader', 'NotAZip',
+           'WindowedFile', 'ZipError', 'check_member', 'data_start_of', 'inflated_head',
+           'read_deflated', 'read_directory', 'read_stored', 'regular_stored', 'stored_head']
 
 MAX_EXTRACT_VERSION = 63  # ZIP 6.3: what zipfile reads too
 END_SIGNATURE = b'PK\x05\x06'
@@ -326,6 +327,45 @@ class WindowedFile:
 
 
 
+class KeptBytes:
+    """Bytes of the file read before, at their offset in it (a member's, kept from an earlier
+    pass): read again as :class:`WindowedFile` reads them, with no read of the file."""
+
+    def __init__(self, start: int, data: bytes):
+        self.start = start
+        self.data = memoryview(data)
+        self.position = start
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence != 0:
+            raise io.UnsupportedOperation('kept bytes seek to an offset only')
+        self.position = offset
+        return offset
+
+    def tell(self) -> int:
+        return self.position
+
+    def view(self, position: int, count: int) -> memoryview:
+        """Up to ``count`` bytes at ``position`` (none before or past the kept bytes)."""
+        self.position = position
+        at = position - self.start
+        return self.data[at:at + count] if at >= 0 else self.data[:0]
+
+    def read(self, count: int) -> bytes:
+        data = bytes(self.view(self.position, count))
+        self.position += len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.view(self.position, len(memoryview(buffer).cast('B')))
+        memoryview(buffer).cast('B')[:len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+
+Viewable = WindowedFile | KeptBytes  # what reads a small member whole from its bytes at hand
+
+
 def check_member(info) -> None:
     """Raises for a member this reader cannot read: encrypted, an unknown method, or stored
     sizes that disagree."""
@@ -409,7 +449,7 @@ def stored_head(fp: WindowedFile, info, count: int) -> tuple[int, bytes]:
     return start, head
 
 
-def read_stored(fp: WindowedFile, info, data_start: int, head: int, out) -> None:
+def read_stored(fp: Viewable, info, data_start: int, head: int, out) -> None:
     """Reads a whole stored member: its first ``head`` bytes are skipped, the rest go into
     ``out`` (exactly that long); checks the CRC of all of it."""
     if (type(out) is not memoryview or out.format != 'B' or out.ndim != 1
@@ -440,7 +480,7 @@ def read_stored(fp: WindowedFile, info, data_start: int, head: int, out) -> None
         raise _crc_mismatch(info, crc)
 
 
-def read_deflated(fp: WindowedFile, info, data_start: int, head: int, out) -> None:
+def read_deflated(fp: Viewable, info, data_start: int, head: int, out) -> None:
     """:func:`read_stored` for a small deflated member (stored bytes below :data:`DIRECT`):
     its bytes from the window, inflated in one call; the sizes, the end of the stream and the
     CRC are checked before ``out`` changes."""

@@ -7,6 +7,7 @@ whole-file or whole-model buffer, and every member's checksum is checked on read
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import io
 import itertools
@@ -49,6 +50,7 @@ READ_ERRORS = (_zipread.ZipError, OSError, EOFError)  # a member's, named with t
 SMALL_MEMBER_BYTES = 64 << 10  # arrays up to this size are written whole, with neighbours
 MEMBER_OVERHEAD_BYTES = 512  # a member's zip headers and .npy header, at a guess (upload sizes)
 REMOTE_WINDOW = 4 << 10  # bytes fetched at each member's local header for its headers
+REMOTE_KEPT_BYTES = 64 << 20  # small members' bytes kept from a remote load's header pass
 
 
 class DictionarySerializer(Serializer):
@@ -316,26 +318,58 @@ class _ZipReader(loading.Reader):
         self.name = name
         self._infos = npy_members(archive, name)
         self._entries: dict[str, loading.Entry | None] = {}
+        self._kept: dict[str, _zipread.KeptBytes] = {}  # small members read with their headers
 
     def expect_entries(self, keys: Iterable[str] | None = None, under: str = '') -> None:
         """For an object in a store: parses these members' headers now, in the file's order,
         the store told first all their ranges (:data:`REMOTE_WINDOW` at each local header), so
         that they are fetched ahead, several at once (else one round trip each, in whatever
-        order they are asked for). A member that fails is left to fail again when asked
+        order they are asked for). Small members (a window and their stored bytes below
+        ``_zipread.DIRECT``, :data:`REMOTE_KEPT_BYTES` in all) are fetched whole, read in one
+        window (never going back, which would fetch again) and their bytes kept for the
+        fills, which then fetch nothing. A member that fails is left to fail again when asked
         for."""
         if self.archive.expect is None:
             return
         size = self.archive.size
         wanted = (((key, self._infos.get(key)) for key in keys) if keys is not None else
                   ((key, info) for key, info in self._infos.items() if key.startswith(under)))
-        ordered = sorted((info.header_offset, key) for key, info in wanted
+        ordered = sorted((info.header_offset, key, info) for key, info in wanted
                          if info is not None and key not in self._entries
                          and 0 <= info.header_offset < size)
-        self.archive.expect([(offset, min(size, offset + REMOTE_WINDOW))
-                             for offset, _ in ordered])
-        for _, key in ordered:
-            with contextlib.suppress(GpuserialError):
-                self.entry(key)
+        ranges, budget = [], REMOTE_KEPT_BYTES
+        keeping: dict[str, int] = {}  # key -> the bytes read at its local header at once
+        starts = sorted(member.header_offset for member in self.archive.members)
+        for offset, key, info in ordered:
+            end = min(size, offset + REMOTE_WINDOW)
+            if (REMOTE_WINDOW + info.compress_size < _zipread.DIRECT
+                    and info.compress_size <= budget):
+                budget -= info.compress_size
+                following = bisect.bisect_right(starts, offset)  # its bytes end before it
+                end = min(size, offset + REMOTE_WINDOW + info.compress_size,
+                          *starts[following:following + 1])
+                keeping[key] = end - offset
+            ranges.append((offset, end))
+        self.archive.expect(ranges)
+        for offset, key, info in ordered:
+            with contextlib.suppress(GpuserialError, *READ_ERRORS):
+                if key in keeping:
+                    self.archive.fp.window_at(offset, keeping[key])
+                entry = self.entry(key)
+                if key in keeping and entry is not None and not entry.is_none:
+                    self._keep(key, info, entry.token[2])
+
+    def _keep(self, key: str, info, data_start: int) -> None:
+        """Keeps the member's stored bytes, where the file holds them all (else its fill
+        reads them again, and fails there, naming the key)."""
+        data = bytes(self.archive.fp.view(data_start, info.compress_size))
+        if len(data) == info.compress_size:
+            self._kept[key] = _zipread.KeptBytes(data_start, data)
+
+    def _source(self, key: str) -> _zipread.Viewable:
+        """Where the member's bytes are read from for its fill: those kept (handed over
+        once), else the file."""
+        return self._kept.pop(key, None) or self.archive.fp
 
     def keys(self) -> list[str]:
         return list(self._infos)
@@ -376,7 +410,7 @@ class _ZipReader(loading.Reader):
             payload = b''
             if payload_length <= _npy.NONE_PICKLE_MAX_LEN:
                 read = bytearray(payload_length)  # read whole, checked: it is never read again
-                self._read_member(info, data_start, header.length, read)
+                self._read_member(info, data_start, header.length, read, self.archive.fp)
                 payload = bytes(read)
             if _npy.is_chainer_none(header, payload):
                 return loading.Entry(key, None, None, info)
@@ -445,7 +479,8 @@ class _ZipReader(loading.Reader):
         ordered = sorted(fills, key=lambda fill: fill[0].token[0].header_offset)
         if self.archive.expect is not None:  # none for a local file
             self.archive.expect([(data_start, data_start + info.compress_size)
-                                 for info, _, data_start in (entry.token for entry, _ in ordered)])
+                                 for entry, _ in ordered if entry.key not in self._kept
+                                 for info, _, data_start in [entry.token]])
         return ordered
 
     def reads_whole(self, entry: loading.Entry, dst) -> bool:
@@ -459,20 +494,23 @@ class _ZipReader(loading.Reader):
     def read_whole(self, entry: loading.Entry, buffer: memoryview) -> None:
         info, header, data_start = entry.token
         try:
-            self._read_member(info, data_start, header.length, buffer)
+            self._read_member(info, data_start, header.length, buffer,
+                              self._source(entry.key))
         except READ_ERRORS as error:
             raise _read_error(self.where(entry.key), error) from error
         self.progress.update(header.nbytes)
 
-    def _read_member(self, info, data_start: int, head: int, out) -> None:
-        """Reads a whole member: its first ``head`` bytes skipped, the rest into ``out``
-        (exactly that long), its sizes, end of stream and CRC checked."""
+    def _read_member(self, info, data_start: int, head: int, out,
+                     source: _zipread.Viewable) -> None:
+        """Reads a whole member from ``source`` (the file, or its bytes kept): its first
+        ``head`` bytes skipped, the rest into ``out`` (exactly that long), its sizes, end of
+        stream and CRC checked."""
         if info.compress_type == _zipstream.STORED:
-            _zipread.read_stored(self.archive.fp, info, data_start, head, out)
+            _zipread.read_stored(source, info, data_start, head, out)
         elif info.compress_size < _zipread.DIRECT:  # before ``out`` changes
-            _zipread.read_deflated(self.archive.fp, info, data_start, head, out)
+            _zipread.read_deflated(source, info, data_start, head, out)
         else:
-            member = _zipread.MemberReader(self.archive.fp, info, data_start, whole=True)
+            member = _zipread.MemberReader(source, info, data_start, whole=True)
             member.read(head)
             member.readinto(out)
             member.finish()
@@ -485,24 +523,27 @@ class _ZipReader(loading.Reader):
         stored member into a host array of its dtype in one read from the window, the rest
         streamed through the staging engine."""
         fp, shown, read_stored = self.archive.fp, self.progress, _zipread.read_stored
+        take_kept = self._kept.pop
         for entry, dst in fills:
             info, header, data_start = entry.token
             target = dst.T if header.fortran_order else dst
+            source = take_kept(entry.key, None) or fp
             try:
                 if (header.nbytes <= SMALL_BYTES and isinstance(target, numpy.ndarray)
                         and target.flags.c_contiguous and target.dtype == header.dtype
                         and (not info.compress_type or info.compress_size < _zipread.DIRECT)):
                     (read_stored if not info.compress_type else _zipread.read_deflated)(
-                        fp, info, data_start, header.length, host_bytes(target))
+                        source, info, data_start, header.length, host_bytes(target))
                     shown.update(header.nbytes)
                 else:
-                    self._stream_into(info, header, data_start, target)
+                    self._stream_into(info, header, data_start, target, source)
             except READ_ERRORS as error:
                 raise _read_error(self.where(entry.key), error) from error
             filled.append(entry.key)
 
-    def _stream_into(self, info, header: _npy.Header, data_start: int, target) -> None:
-        member = _zipread.MemberReader(self.archive.fp, info, data_start, whole=True)
+    def _stream_into(self, info, header: _npy.Header, data_start: int, target,
+                     source: _zipread.Viewable) -> None:
+        member = _zipread.MemberReader(source, info, data_start, whole=True)
         member.read(header.length)
 
         def read_into(buffer: memoryview) -> None:
