@@ -263,6 +263,7 @@ class LazyFile:
             self._reader = resources.enter_context(
                 inspection.open_reader(file, format, storage_options))
             self._keys = self._reader.keys()
+            self._key_set = frozenset(self._keys)
             self._resources = resources.pop_all()
 
     def keys(self) -> list[str]:
@@ -276,7 +277,9 @@ class LazyFile:
         return len(self._keys)
 
     def __contains__(self, key) -> bool:
-        return self._reader.entry(key) is not None if isinstance(key, str) else False
+        """Whether :meth:`keys` lists ``key`` (no entry is read: a damaged one fails when
+        read)."""
+        return key in self._key_set
 
     def _entry(self, key: str) -> loading.Entry:
         entry = self._reader.entry(key)

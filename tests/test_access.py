@@ -985,6 +985,28 @@ def test_the_chainer_calls_keep_returning_none(tmp_path):
 # Lazy access
 
 
+def test_in_answers_as_keys_lists_without_reading_the_entry(tmp_path, kind):
+    """``key in f`` is ``key in f.keys()``: a group or a path prefix is not in the file (HDF5
+    said 'is an HDF5 group' before), and a damaged entry is in it (its header is read, and
+    fails, only when the entry is read)."""
+    path = path_for(tmp_path, kind)
+    save(path, kind, {'l1/W': numpy.arange(4.0), 'l1/b': numpy.zeros(2), 'top': numpy.ones(3)})
+    data = bytearray(path.read_bytes())
+    if kind != 'hdf5':  # the member's npy magic: its header no longer reads
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo('l1/b.npy')
+        data[info.header_offset + 30 + len(info.filename) + len(info.extra)] ^= 0xFF
+        path.write_bytes(bytes(data))
+    with gpuserial.open(path) as f:
+        assert all(key in f for key in f.keys())
+        assert ['l1' in f, 'l1/' in f, '/l1/W' in f, 'l1/W/x' in f, 'W' in f, 7 in f] == [
+            False] * 6
+        if kind != 'hdf5':
+            assert 'l1/b' in f
+            with pytest.raises(CorruptFileError, match=r"'l1/b'"):
+                f.get('l1/b')
+
+
 def test_open_lists_and_describes_without_reading_data(tmp_path, kind):
     path = path_for(tmp_path, kind)
     save(path, kind, STATE)
