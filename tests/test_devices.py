@@ -33,7 +33,7 @@ def test_unknown_specs_are_named(spec):
                                              ('GPU:0', "'cuda:0'")])
 def test_gpu_is_no_spec_and_its_error_gives_the_spelling_that_is(spec, spelling):
     """'gpu' was taken as GPU 0 since the first commit, by accident (no docs, no test):
-    neither torch nor Chainer takes it, and it read as the current GPU, which 'cuda' is not."""
+    neither torch nor Chainer takes it."""
     with pytest.raises(DeviceError, match=f"^unknown device {spec!r}: name GPU .* as "
                                           f"{spelling} "):
         gpuserial.get_device(spec)
@@ -44,6 +44,29 @@ def test_gpu_is_no_spec_and_its_error_gives_the_spelling_that_is(spec, spelling)
 def test_gpu_specs_without_a_gpu_are_clear_errors(spec):
     with pytest.raises(DeviceError, match=f'device {spec!r} is not usable: no GPU'):
         gpuserial.get_device(spec)
+
+
+class _FakeRuntime:
+    """cupy.cuda.runtime of a machine with 4 GPUs whose current one is GPU 2."""
+
+    @staticmethod
+    def getDeviceCount():
+        return 4
+
+    @staticmethod
+    def getDevice():
+        return 2
+
+
+@pytest.mark.parametrize('spec, gpu', [('cuda', 2), ('@cupy', 2), ('cuda:0', 0), ('@cupy:3', 3),
+                                       (1, 1)])
+def test_cuda_is_the_current_gpu_and_cuda_n_is_gpu_n(monkeypatch, spec, gpu):
+    """As torch takes 'cuda' (and gpuserial takes torch.device('cuda')): with one process per
+    GPU, each naming its own current GPU 'cuda', a load onto 'cuda' lands on that process's
+    GPU, not on GPU 0 for all. (A fake cupy: a machine with 4 GPUs, GPU 2 current.)"""
+    cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=_FakeRuntime))
+    monkeypatch.setattr(devices, '_usable_cupy', lambda: cupy)
+    assert gpuserial.get_device(spec) == devices.CudaDevice(gpu)
 
 
 @pytest.mark.gpu

@@ -136,8 +136,8 @@ class CudaDevice(Device):
 
 
 _SPEC = re.compile(r'(?:cuda|@cupy)(?::(\d+))?')
-# 'gpu' and 'gpu:N' are no spec (neither torch nor Chainer takes them; 'gpu' would be GPU 0,
-# not the current one): refused with the spellings that are
+# 'gpu' and 'gpu:N' are no spec (neither torch nor Chainer takes them): refused with the
+# spellings that are
 _NOT_A_SPEC = re.compile(r'gpu(?::\d+)?', re.IGNORECASE)
 
 
@@ -145,9 +145,9 @@ def get_device(spec) -> Device:
     """The Device a spec names.
 
     Args:
-        spec: ``'cpu'``, ``'@numpy'``, ``'cuda'``, ``'cuda:N'``, ``'@cupy:N'``, an int (``-1`` is
-            the CPU, ``N >= 0`` is GPU N), a ``cupy.cuda.Device``, a ``torch.device``, a JAX
-            device, or a Device.
+        spec: ``'cpu'``, ``'@numpy'``, ``'cuda'`` (the calling thread's current GPU, as torch
+            takes it), ``'cuda:N'``, ``'@cupy:N'``, an int (``-1`` is the CPU, ``N >= 0`` is
+            GPU N), a ``cupy.cuda.Device``, a ``torch.device``, a JAX device, or a Device.
 
     Raises:
         DeviceError: the spec is unknown, or names a GPU that is not usable here. ``'gpu'``
@@ -170,7 +170,7 @@ def get_device(spec) -> Device:
             return CPU
         match = _SPEC.fullmatch(spec)
         if match:
-            return _cuda_device(int(match.group(1) or 0), spec)
+            return _cuda_device(None if match.group(1) is None else int(match.group(1)), spec)
     for framework in FRAMEWORKS.values():
         device = framework.device(spec)
         if device is not None:
@@ -178,17 +178,20 @@ def get_device(spec) -> Device:
     if isinstance(spec, str) and _NOT_A_SPEC.fullmatch(spec):
         number = spec.partition(':')[2] or 'N'
         raise DeviceError(f"unknown device {spec!r}: name GPU {number} as 'cuda:{number}' (or "
-                          f"'@cupy:{number}', or the int {number}); 'cuda' is GPU 0")
+                          f"'@cupy:{number}', or the int {number}); 'cuda' is the current GPU")
     raise DeviceError(f"unknown device {spec!r}: expected 'cpu', '@numpy', 'cuda', 'cuda:N', "
                       f"'@cupy:N', an int, a cupy.cuda.Device, a torch.device, a JAX device or "
                       f"a Device")
 
 
-def _cuda_device(id: int, spec) -> CudaDevice:
+def _cuda_device(id: int | None, spec) -> CudaDevice:
+    """GPU ``id`` (None: the calling thread's current GPU), where it is usable."""
     cupy = _usable_cupy()
     if cupy is None:
         raise DeviceError(f'device {spec!r} is not usable: no GPU is available '
                           f'(cupy missing, or cupy.is_available() is False)')
+    if id is None:
+        return CudaDevice(cupy.cuda.runtime.getDevice())
     count = cupy.cuda.runtime.getDeviceCount()
     if id >= count:
         raise DeviceError(f'device {spec!r} is not usable: this machine has {count} GPU(s)')
