@@ -18,6 +18,7 @@ import h5py
 import numpy
 import pytest
 
+import gpuserial
 from gpuserial import serializers
 from gpuserial.errors import (
     CorruptFileError,
@@ -699,6 +700,21 @@ def test_bad_keys_are_named_with_the_file(tmp_path, saver, obj, key, message):
     with pytest.raises(InvalidKeyError, match=_where(path) + ', key ' + re.escape(repr(key))
                        + '.*' + message):
         save(path, obj)
+    assert not path.exists() and crafting.temporaries(tmp_path) == []
+
+
+@pytest.mark.parametrize(('save', 'ext'), [
+    (serializers.save_npz, '.npz'), (serializers.save_hdf5, '.h5'),
+    (lambda p, o: gpuserial.save_async(p, o).result(), '.npz'),
+    (lambda p, o: gpuserial.save_async(p, o).result(), '.h5'),
+], ids=['npz', 'hdf5', 'async-npz', 'async-hdf5'])
+def test_a_ragged_list_is_named_with_the_file_and_key(tmp_path, save, ext):
+    """A list NumPy makes no array of (a JAX or torch user's list of layers) raised NumPy's
+    bare ValueError, naming neither the file nor the key."""
+    path = tmp_path / f'm{ext}'
+    with pytest.raises(TypeError, match=_where(path, 'g/layers') + ': a list that NumPy makes no '
+                       r'array of \(setting an array element.*save a list of arrays as a dict'):
+        save(path, {'g': {'layers': [numpy.ones(2), numpy.zeros(3)]}})
     assert not path.exists() and crafting.temporaries(tmp_path) == []
 
 

@@ -266,7 +266,13 @@ def check_paths(sources: dict[str, str], name: str, groups: Collection[str] = fr
 def _check_storable(group: h5py.Group, key: str, value, name: str) -> None:
     """Raises for a value no dataset can hold: objects other than strings and None."""
     if value is not None and not isinstance(value, str):
-        if (value.dtype if devices.is_array(value) else numpy.asarray(value).dtype).hasobject:
+        try:
+            dtype = value.dtype if devices.is_array(value) else numpy.asarray(value).dtype
+        except (TypeError, ValueError) as error:  # a ragged list: NumPy makes no array
+            raise TypeError(f'{_where(name, group, key)}: a {type(value).__name__} that NumPy '
+                            f'makes no array of ({error}) cannot be saved (arrays, numbers, '
+                            f'strings and None can; save a list of arrays as a dict)') from None
+        if dtype.hasobject:
             raise TypeError(f'{_where(name, group, key)}: a {type(value).__name__} of objects '
                             f'cannot be saved (arrays, numbers, strings and None can)')
 

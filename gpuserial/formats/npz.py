@@ -93,11 +93,22 @@ class DictionarySerializer(Serializer):
         except DeviceError as error:
             raise DeviceError(f'key {full_key!r}: {error}') from None
         if not devices.is_array(stored):
-            stored = numpy.asarray(stored)
+            try:
+                stored = numpy.asarray(stored)
+            except (TypeError, ValueError) as error:  # a ragged list: NumPy makes no array
+                raise UnstorableValueError(
+                    f'key {full_key!r}: a {type(value).__name__} that NumPy makes no array of '
+                    f'({error}) cannot be saved (arrays, numbers, strings and None can; save '
+                    f'a list of arrays as a dict)') from None
         elif not self.keep_device:
             stored = devices.to_host(stored)
         self.target[full_key] = stored
         return value
+
+
+class UnstorableValueError(TypeError):
+    """A value NumPy makes no array of (a ragged list): a ``TypeError`` that
+    :func:`collect` gives the file's name."""
 
 
 def serialize_refs(obj) -> dict:
@@ -119,7 +130,7 @@ def collect(file, obj) -> dict:
     the file."""
     try:
         return serialize_refs(obj)
-    except (InvalidKeyError, KeyCollisionError, DeviceError) as error:
+    except (InvalidKeyError, KeyCollisionError, DeviceError, UnstorableValueError) as error:
         raise type(error)(f'{display_name(file)!r}, {error}') from None
 
 
