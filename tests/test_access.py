@@ -471,7 +471,23 @@ def test_bfloat16_does_not_load_into_float32(tmp_path, kind):
     path = path_for(tmp_path, kind)
     save(path, kind, {'w': torch.ones(2, dtype=torch.bfloat16)})
     target = {'w': numpy.zeros(2, numpy.float32)}
-    with pytest.raises(MismatchError, match="'w'.*does not cast to the target dtype float32"):
+    with pytest.raises(MismatchError, match=r"'w': stored dtype bfloat16 does not cast to the "
+                       r"target dtype float32 \(same_kind; bfloat16 and float8 only into the "
+                       r"same type\)$"):
+        gpuserial.load_into(path, target)
+    assert target['w'].tolist() == [0.0, 0.0]
+
+
+def test_float32_does_not_load_into_bfloat16_and_the_error_names_it(tmp_path, kind):
+    """The error named the target's dtype as its stored encoding, [('bfloat16', '<u2')], which a
+    torch user with a bfloat16 model does not recognise."""
+    torch = _torch()
+    path = path_for(tmp_path, kind)
+    save(path, kind, {'w': torch.ones(2)})
+    target = {'w': torch.zeros(2, dtype=torch.bfloat16)}
+    with pytest.raises(MismatchError, match=r"'w': stored dtype float32 does not cast to the "
+                       r"target dtype bfloat16 \(same_kind; bfloat16 and float8 only into the "
+                       r"same type\)$"):
         gpuserial.load_into(path, target)
     assert target['w'].tolist() == [0.0, 0.0]
 

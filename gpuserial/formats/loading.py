@@ -513,11 +513,13 @@ class ReaderDeserializer(Deserializer):
             stored = read_text(self.reader, entry).dtype  # its longest string: read to know
             what = f'text ({stored})'
         else:
-            stored, what = entry.dtype, f'dtype {entry.dtype}'
+            stored, what = entry.dtype, f'dtype {_dtype_name(entry.dtype)}'
         if not _casts(stored, dtype):
+            rule = ('bfloat16 and float8 only into the same type' if devices.extension_of(stored)
+                    or devices.extension_of(dtype) else 'text only into text at least as wide')
             raise DtypeMismatchError(f'{self.reader.where(entry.key)}: stored {what} does not '
-                                     f'cast to the target dtype {dtype} (same_kind; text only '
-                                     f'into text at least as wide)')
+                                     f'cast to the target dtype {_dtype_name(dtype)} '
+                                     f'(same_kind; {rule})')
 
     def _load_scalar(self, entry: Entry, value):
         """The stored value as ``type(value)``, by a safe cast: numbers into numbers (any
@@ -549,3 +551,8 @@ class ReaderDeserializer(Deserializer):
             raise UnsafeCastError(f'{where}: stored {stored.dtype} array of shape '
                                   f'{entry.shape} does not convert to {value_type.__name__}: '
                                   f'{error}') from error
+
+
+def _dtype_name(dtype: numpy.dtype) -> str:
+    """``bfloat16`` (and float8's names) for their stored encodings, else NumPy's name."""
+    return devices.extension_of(dtype) or str(dtype)
