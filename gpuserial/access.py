@@ -373,10 +373,11 @@ def normalize_index(index, shape: tuple[int, ...], where: str) -> list:
     """``index`` (ints, slices, one Ellipsis) as one non-negative int or a slice with explicit
     start, stop and a step >= 1 per dimension."""
     items = list(index) if isinstance(index, tuple) else [index]
-    if sum(item is Ellipsis for item in items) > 1:
+    ellipses = [at for at, item in enumerate(items) if item is Ellipsis]  # not ==: an array's
+    if len(ellipses) > 1:                                                 # is elementwise
         raise IndexError(f'{where}: an index can only have a single ellipsis')
-    if Ellipsis in items:
-        at = items.index(Ellipsis)
+    if ellipses:
+        at = ellipses[0]
         items[at:at + 1] = [slice(None)] * (len(shape) - len(items) + 1)
     if len(items) > len(shape):
         raise IndexError(f'{where}: too many indices ({len(items)}) for shape {shape}')
@@ -384,7 +385,10 @@ def normalize_index(index, shape: tuple[int, ...], where: str) -> list:
     selection: list = []
     for item, size in zip(items, shape, strict=True):
         if isinstance(item, slice):
-            start, stop, step = item.indices(size)
+            try:
+                start, stop, step = item.indices(size)
+            except (TypeError, ValueError) as error:  # a step of 0, a float bound
+                raise type(error)(f'{where}: {item}: {error}') from None
             if step < 1:
                 raise IndexError(f'{where}: slices take steps of 1 or more, not {step}')
             selection.append(slice(start, max(start, stop), step))

@@ -1201,11 +1201,20 @@ def test_slices_of_hdf5_datasets_read_only_their_part(tmp_path, monkeypatch):
     ((True,), 'get_slice takes integers, slices and an Ellipsis, not bool'),
     ((Ellipsis, Ellipsis), 'an index can only have a single ellipsis'),
     ((Ellipsis, 0, Ellipsis), 'an index can only have a single ellipsis'),
+    # a bool mask (an array: 'Ellipsis in items' compared it elementwise, NumPy's bare
+    # "truth value of an array ... is ambiguous"), a step of 0 and a float bound (slice's own
+    # ValueError and TypeError, naming no file or key)
+    ((numpy.array([True, False, True]),), 'get_slice takes integers, slices and an Ellipsis, '
+                                          'not ndarray'),
+    ((0, numpy.array([0, 1])), 'get_slice takes integers, slices and an Ellipsis, not ndarray'),
+    ((slice(0, 3, 0),), r'slice\(0, 3, 0\): slice step cannot be zero'),
+    ((slice(0.5, 2),), r'slice\(0.5, 2, None\): slice indices must be integers .*'),
 ])
 def test_bad_slices_name_the_file_and_key(tmp_path, index, message):
     gpuserial.save(tmp_path / 'a.npz', {'x': numpy.zeros((3, 4))})
     where = re.escape(f"{str(tmp_path / 'a.npz')!r}, key 'x': ")
-    with gpuserial.open(tmp_path / 'a.npz') as f, pytest.raises(IndexError,
+    with gpuserial.open(tmp_path / 'a.npz') as f, pytest.raises((IndexError, ValueError,
+                                                                  TypeError),
                                                                  match=f'^{where}{message}$'):
         f.get_slice('x')[index]
 
