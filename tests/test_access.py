@@ -478,6 +478,35 @@ def test_bfloat16_does_not_load_into_float32(tmp_path, kind):
     assert target['w'].tolist() == [0.0, 0.0]
 
 
+@pytest.mark.parametrize('dtype', ['float8_e4m3fnuz', 'complex32', 'uint4'])
+def test_torch_dtypes_numpy_lacks_are_refused_naming_the_file_and_key(tmp_path, kind, dtype):
+    """torch's own bare TypeError ('Got unsupported ScalarType ...') named no file or key,
+    on a save and on a load into such a tensor."""
+    torch = _torch()
+    path = path_for(tmp_path, kind)
+    message = (f"^{re.escape(repr(str(path)))}, key 'g/x': a torch tensor of dtype torch.{dtype} "
+               f"has no NumPy view .*: gpuserial stores NumPy's dtypes and bfloat16, ")
+    with pytest.raises(TypeError, match=message):
+        save(path, kind, {'g': {'x': torch.zeros(2, dtype=getattr(torch, dtype))}})
+    assert not path.exists()
+    save(path, kind, {'g': {'x': numpy.zeros(2, numpy.uint8)}})
+    with pytest.raises(MismatchError, match=message):
+        gpuserial.load_into(path, {'g': {'x': torch.zeros(2, dtype=getattr(torch, dtype))}})
+
+
+@pytest.mark.parametrize('dtype', ['int4', 'float8_e4m3fnuz', 'float4_e2m1fn'])
+def test_ml_dtypes_without_an_encoding_are_refused_not_saved_as_raw_bytes(tmp_path, kind, dtype):
+    """ml_dtypes' types other than bfloat16 and float8_e4m3fn/e5m2 were saved as NumPy
+    writes them, raw bytes ('|V1'): the file loaded back as void, the type lost."""
+    ml_dtypes = pytest.importorskip('ml_dtypes')
+    path = path_for(tmp_path, kind)
+    with pytest.raises(TypeError, match=f"^{re.escape(repr(str(path)))}, key 'x': an array of "
+                       f"dtype {dtype} cannot be saved: gpuserial stores NumPy's dtypes and "
+                       r"bfloat16, .*\.view\(numpy\.uint8\)\)$"):
+        save(path, kind, {'x': numpy.zeros(2, getattr(ml_dtypes, dtype))})
+    assert not path.exists()
+
+
 def test_float32_does_not_load_into_bfloat16_and_the_error_names_it(tmp_path, kind):
     """The error named the target's dtype as its stored encoding, [('bfloat16', '<u2')], which a
     torch user with a bfloat16 model does not recognise."""

@@ -596,6 +596,17 @@ def synchronize_devices_of(arrays: Iterable) -> None:
 EXTENSION_DTYPES = {'bfloat16': 2, 'float8_e4m3fn': 1, 'float8_e5m2': 1}
 
 
+def why_not_storable(dtype: numpy.dtype) -> str | None:
+    """Why arrays of ``dtype`` (as :func:`engine_array` gives it) cannot be stored: a type
+    defined outside NumPy that has no encoding here (ml_dtypes' int4), which NumPy would write
+    as raw bytes (``'|V1'``), its type lost. Else None."""
+    if dtype.isbuiltin != 2:
+        return None
+    return (f'an array of dtype {dtype.name} cannot be saved: gpuserial stores NumPy\'s dtypes '
+            f'and {", ".join(EXTENSION_DTYPES)}; convert it (or save its bits with '
+            f'.view(numpy.uint{dtype.itemsize * 8}))')
+
+
 @functools.cache
 def encoded_dtype(name: str) -> numpy.dtype:
     """The stored encoding of the extension dtype ``name`` (see :data:`EXTENSION_DTYPES`)."""
@@ -739,7 +750,12 @@ class _Torch(Framework):
         if extension is not None:
             as_ints = tensor.view({1: torch.uint8, 2: torch.int16}[EXTENSION_DTYPES[extension]])
         if tensor.device.type == 'cpu':
-            array = as_ints.numpy()  # writable: numpy.from_dlpack's are not before NumPy 2.3
+            try:
+                array = as_ints.numpy()  # writable: numpy.from_dlpack's are not before NumPy 2.3
+            except TypeError as error:  # float8_e4m3fnuz, complex32, quantized: NumPy has none
+                raise TypeError(f'a torch tensor of dtype {tensor.dtype} has no NumPy view '
+                                f'({error}): gpuserial stores NumPy\'s dtypes and '
+                                f'{", ".join(EXTENSION_DTYPES)}') from None
         elif tensor.device.type != 'cuda':
             raise DeviceError(f'torch tensors on {tensor.device} are not supported: move them to '
                               f'the CPU or a CUDA device')

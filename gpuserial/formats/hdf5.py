@@ -136,6 +136,11 @@ class HDF5Serializer(Serializer):
         except DeviceError as error:
             raise DeviceError(f'{self.name!r}, key {_dataset_path(self.group, key)[1:]!r}: '
                               f'{error}') from None
+        except TypeError as error:  # a torch dtype NumPy lacks (float8_e4m3fnuz)
+            raise TypeError(f'{_where(self.name, self.group, key)}: {error}') from None
+        why = devices.why_not_storable(stored.dtype) if devices.is_array(stored) else None
+        if why is not None:  # ml_dtypes' int4
+            raise TypeError(f'{_where(self.name, self.group, key)}: {why}')
         if self._plan is not None:  # checked now: the writes may come later (save_async)
             _check_storable(self.group, key, stored, self.name)
             self._plan.entries.append((self.group, key, _dataset_path(self.group, key), stored))

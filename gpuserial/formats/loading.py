@@ -471,7 +471,10 @@ class ReaderDeserializer(Deserializer):
             assert holds is not None and entry.dtype is not None  # an extension; not a None
             self._check_fits(entry, value.shape, holds)
             return self._new_placed(entry, entry.dtype)
-        view = devices.engine_array(value, writable=True)
+        try:
+            view = devices.engine_array(value, writable=True)
+        except TypeError as error:  # a torch dtype NumPy lacks (float8_e4m3fnuz)
+            raise DtypeMismatchError(f'{self.reader.where(entry.key)}: {error}') from None
         why = None if framework is None or self._moves(view) else framework.why_not_fillable(value)
         if why is not None:
             raise MismatchError(f'{self.reader.where(entry.key)}: the target array cannot be '

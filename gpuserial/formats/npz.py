@@ -92,6 +92,11 @@ class DictionarySerializer(Serializer):
             stored = devices.engine_array(value)  # torch, JAX: views of their memory
         except DeviceError as error:
             raise DeviceError(f'key {full_key!r}: {error}') from None
+        except TypeError as error:  # a torch dtype NumPy lacks (float8_e4m3fnuz)
+            raise UnstorableValueError(f'key {full_key!r}: {error}') from None
+        why = devices.why_not_storable(stored.dtype) if devices.is_array(stored) else None
+        if why is not None:  # ml_dtypes' int4
+            raise UnstorableValueError(f'key {full_key!r}: {why}')
         if not devices.is_array(stored):
             try:
                 stored = numpy.asarray(stored)
