@@ -1219,6 +1219,22 @@ def test_slices_of_hdf5_datasets_read_only_their_part(tmp_path, monkeypatch):
         numpy.testing.assert_array_equal(f.get_slice('x')[-1], data[-1])
 
 
+@pytest.mark.parametrize(('key', 'index'), [
+    ('words', ()), ('words', (slice(0, 1),)), ('words', (1,)), ('word', ()), ('word', Ellipsis),
+])
+def test_slices_of_text_give_str_as_get_does(tmp_path, kind, key, index):
+    """HDF5 text sliced came back as an object array of bytes, and a scalar string's slice
+    raised AttributeError ('bytes' object has no attribute 'nbytes')."""
+    path = path_for(tmp_path, kind)
+    save(path, kind, {'words': numpy.array(['ab', 'ç']), 'word': 'héllo'})
+    with gpuserial.open(path) as f:
+        whole = f.get(key)
+        part = f.get_slice(key)[index]
+    assert whole.dtype.kind == 'U'
+    assert isinstance(part, (numpy.ndarray, numpy.str_)) and part.dtype.kind == 'U'
+    numpy.testing.assert_array_equal(part, whole[index])
+
+
 @pytest.mark.parametrize(('index', 'message'), [
     ((slice(None, None, -1),), 'slices take steps of 1 or more, not -1'),
     ((0, 0, 0), r'too many indices \(3\) for shape \(3, 4\)'),

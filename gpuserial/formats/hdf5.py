@@ -708,7 +708,12 @@ class _GroupReader(loading.Reader):
         if any(stop <= start for start, stop, _ in box):
             return numpy.empty([len(range(*b)) for b in box], entry.dtype)
         dataset = h5py.Dataset(entry.token)
-        values = self._guard(entry, lambda: dataset[tuple(slice(*b) for b in box)])
+        selection = tuple(slice(*b) for b in box)
+        string = h5py.check_string_dtype(entry.dtype)
+        if string is not None and (string.encoding, string.length is None) != ('ascii', False):
+            # text as read_scalar gives it (str, not bytes objects; a 0-d array, not bytes)
+            return numpy.asarray(self._guard(entry, lambda: dataset.asstr()[selection]), str)
+        values = self._guard(entry, lambda: dataset[selection])
         self.progress.update(values.nbytes)
         return values
 
