@@ -199,7 +199,11 @@ class _Placement:
         if not devices.is_array(value) or value.dtype.kind in devices.HOST_ONLY_KINDS + 'O':
             return value
         if self.framework is not None:
-            return self.framework.from_engine(value, self.device)
+            try:
+                return self.framework.from_engine(value, self.device)
+            except TypeError as error:  # a dtype the library lacks (float128, structured)
+                raise TypeError(f'{where}: stored dtype {value.dtype} has no {self.framework.name} '
+                                f'dtype ({error}); load it with like=\'numpy\'') from None
         if isinstance(value, numpy.ndarray) and not self.device.backend.is_host:
             self._check_holds(value.dtype, where)  # read on the host: an extension dtype, a slice
             return self.device.send(devices.decoded(value))

@@ -507,6 +507,24 @@ def test_ml_dtypes_without_an_encoding_are_refused_not_saved_as_raw_bytes(tmp_pa
     assert not path.exists()
 
 
+@pytest.mark.parametrize('like', ['torch', 'jax'])
+@pytest.mark.parametrize('how', ['load', 'get', 'slice'])
+def test_a_dtype_the_library_lacks_names_the_file_and_key(tmp_path, like, how):
+    """like='torch' or 'jax' for a dtype the library lacks (a structured array) raised the
+    library's bare TypeError ("can't convert np.ndarray of type numpy.void"), naming neither
+    the file nor the key."""
+    pytest.importorskip(like)
+    path = tmp_path / 'a.npz'
+    gpuserial.save(path, {'ok': numpy.ones(2), 'v': numpy.zeros(2, [('a', '<i4'), ('b', '<f4')])})
+    read = {'load': lambda: gpuserial.load(path, like=like),
+            'get': lambda: gpuserial.open(path).get('v', like=like),
+            'slice': lambda: gpuserial.open(path, like=like).get_slice('v')[:1]}[how]
+    with pytest.raises(TypeError, match=rf"^{re.escape(repr(str(path)))}, key 'v': stored dtype "
+                       rf"\[\('a', '<i4'\), \('b', '<f4'\)\] has no {like} dtype \(.*\); "
+                       r"load it with like='numpy'$"):
+        read()
+
+
 def test_float32_does_not_load_into_bfloat16_and_the_error_names_it(tmp_path, kind):
     """The error named the target's dtype as its stored encoding, [('bfloat16', '<u2')], which a
     torch user with a bfloat16 model does not recognise."""
