@@ -45,6 +45,23 @@ def test_plot_without_matplotlib_is_a_clear_import_error(monkeypatch, tmp_path):
     assert not (tmp_path / 'plot.png').exists()
 
 
+@pytest.mark.parametrize(('name', 'error', 'message'), [
+    ('plot.txt', ValueError, r"'plot.txt': --plot writes an image named for its format "
+                             r"\(.*png.*\), not 'txt'$"),
+    ('missing/plot.png', FileNotFoundError, r"'missing/plot.png': directory '.*missing' does "
+                                            r"not exist$"),
+])
+def test_a_plot_path_that_cannot_be_written_fails_before_the_benchmark(
+        tmp_path, monkeypatch, name, error, message):
+    """matplotlib refused the format (or the directory was missing) only once every timing had
+    run, in an error that did not name the file."""
+    pytest.importorskip('matplotlib')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, 'transfer_rows', lambda *a: pytest.fail('the benchmark ran'))
+    with pytest.raises(error, match=message):
+        bench.run(plot=name, sizes=[4096], repeat=1, out=io.StringIO())
+
+
 def test_plot_draws_an_image(tmp_path):
     pytest.importorskip('matplotlib')
     _run(plot=str(tmp_path / 'plot.png'))

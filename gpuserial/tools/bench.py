@@ -332,6 +332,21 @@ def _pyplot():
     return pyplot
 
 
+def _check_plot_path(path: str) -> None:
+    """Raises unless matplotlib is installed, writes ``path``'s format and its directory
+    exists (else the error came after the whole benchmark, without the file's name)."""
+    _pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = os.path.splitext(path)[1][1:].lower()
+    if suffix and suffix not in formats:  # no suffix: matplotlib's default format (png)
+        raise ValueError(f'{path!r}: --plot writes an image named for its format '
+                         f'({", ".join(sorted(formats))}), not {suffix!r}')
+    directory = os.path.dirname(path) or '.'
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f'{path!r}: directory {directory!r} does not exist')
+
+
 def plot_rows(rows: list[Row], path: str) -> None:
     """Draws throughput against array size, one line per operation and device, into ``path``."""
     pyplot = _pyplot()
@@ -379,7 +394,7 @@ def run(*, json: bool = False, plot: str | None = None, sizes: Iterable[int] | N
     """
     out = sys.stdout if out is None else out
     if plot is not None:
-        _pyplot()  # fail before spending time
+        _check_plot_path(plot)  # fail before spending time
     sizes = [int(s) for s in (sizes if sizes is not None else DEFAULT_SIZES)]
     if not sizes or min(sizes) < 4:
         raise ValueError(f'sizes must be at least 4 bytes (one float32), got {sizes!r}')
