@@ -63,12 +63,20 @@ def save(file, mapping: Mapping, *, format: str | None = None, compression: bool
                         f'{type(mapping).__name__}; save serializable objects with save_npz or '
                         f'save_hdf5{hint}')
     format = _format(file, format)
+    mapping = _as_dicts(mapping)
     if format == 'npz':
         npz.save_npz(file, mapping, bool(compression), durable=durable, progress=progress,
                      sync=sync, storage_options=storage_options)
     else:
         hdf5.save_hdf5(file, mapping, compression, durable=durable, progress=progress, sync=sync,
                        storage_options=storage_options)
+
+
+def _as_dicts(mapping: Mapping) -> dict:
+    """``mapping`` and the mappings in it as dicts, which the serializers walk (a
+    ``MappingProxyType``, flax's ``FrozenDict``); the values are not copied."""
+    return {key: _as_dicts(value) if isinstance(value, Mapping) else value
+            for key, value in mapping.items()}
 
 
 def _format(file, format: str | None) -> str:

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 import zipfile
 
 import numpy
@@ -269,6 +270,17 @@ def test_a_large_new_host_array_is_resident_before_it_is_written():
         words = numpy.frombuffer(pagemap.read((last - first + 1) * 8), '<u8')
     assert len(words) == last - first + 1
     assert bool(numpy.all(words >> 63 == 1))  # every page made up front, none left to fault in
+
+
+def test_save_takes_mappings_that_are_not_dicts(tmp_path, kind):
+    """A mapping that is not a dict (MappingProxyType, flax's FrozenDict) was refused ('it
+    has no serialize() method and is not a dict'), and nested, it was taken for an object
+    array, though save is documented to take a flat or nested mapping."""
+    path = path_for(tmp_path, kind)
+    save(path, kind, types.MappingProxyType({
+        'a': numpy.ones(2), 'g': types.MappingProxyType({'b': numpy.arange(3)})}))
+    loaded = gpuserial.load(path)
+    assert sorted(loaded) == ['a', 'g/b'] and loaded['g/b'].tolist() == [0, 1, 2]
 
 
 def test_save_refuses_what_is_not_a_mapping(tmp_path):
@@ -670,6 +682,7 @@ def test_a_tensor_the_engine_cannot_stage_names_the_file_and_key_and_keeps_the_o
 
 SPREAD_JAX_SCRIPT = r"""
 import sys
+import types
 import jax, jax.numpy as jnp, ml_dtypes, numpy
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import gpuserial
