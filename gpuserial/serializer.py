@@ -201,6 +201,8 @@ def as_serializable(obj):
     if isinstance(obj, dict):
         return DictTarget(obj)
     swapped = (f' ({obj!r} looks like a file: the file comes first, as in save_npz(file, '
-               f'obj))' if isinstance(obj, (str, bytes, os.PathLike)) else '')
+               f'obj))' if isinstance(obj, (str, bytes, os.PathLike)) else
+               ' (a torch module: pass its state_dict(), whose tensors load in place)'
+               if callable(getattr(obj, 'state_dict', None)) else '')
     raise TypeError(f'cannot serialize {type(obj).__name__}: it has no serialize() method '
                     f'and is not a dict{swapped}')

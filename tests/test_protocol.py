@@ -7,6 +7,7 @@ import types
 import numpy
 import pytest
 
+import gpuserial
 from gpuserial import serializers
 from gpuserial.errors import KeyNotFoundError, MismatchError, UnsafeCastError
 from gpuserial.serializer import (
@@ -370,3 +371,18 @@ def test_a_save_with_its_arguments_swapped_says_the_file_comes_first(tmp_path, s
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(TypeError, match=r'cannot serialize int: .* is not a dict$'):
         save(str(tmp_path / 'other.npz'), 3)
+
+
+def test_a_torch_module_is_pointed_to_its_state_dict(tmp_path):
+    """load_into(file, model) with a torch module said only that it has no serialize()
+    method; its state_dict() is what loads (in place)."""
+    class Module:  # as torch.nn.Module
+        def state_dict(self):
+            return {}
+
+    serializers.save_npz(tmp_path / 'm.npz', {'w': numpy.ones(2)})
+    with pytest.raises(TypeError, match=re.escape('cannot serialize Module: it has no serialize() '
+                                                  'method and is not a dict (a torch module: pass '
+                                                  'its state_dict(), whose tensors load in '
+                                                  'place)')):
+        gpuserial.load_into(tmp_path / 'm.npz', Module())
