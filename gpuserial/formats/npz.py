@@ -94,9 +94,6 @@ class DictionarySerializer(Serializer):
             raise DeviceError(f'key {full_key!r}: {error}') from None
         except TypeError as error:  # a torch dtype NumPy lacks (float8_e4m3fnuz)
             raise UnstorableValueError(f'key {full_key!r}: {error}') from None
-        why = devices.why_not_storable(stored.dtype) if devices.is_array(stored) else None
-        if why is not None:  # ml_dtypes' int4
-            raise UnstorableValueError(f'key {full_key!r}: {why}')
         if not devices.is_array(stored):
             try:
                 stored = numpy.asarray(stored)
@@ -107,6 +104,9 @@ class DictionarySerializer(Serializer):
                     f'a list of arrays as a dict)') from None
         elif not self.keep_device:
             stored = devices.to_host(stored)
+        why = devices.why_not_storable(stored.dtype)
+        if why is not None:  # ml_dtypes' int4
+            raise UnstorableValueError(f'key {full_key!r}: {why}')
         self.target[full_key] = stored
         return value
 
