@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import functools
 import os
 import re
@@ -80,7 +81,8 @@ def _modified(folder: Folder, item: Item) -> float:
     return folder.modified(item.name)
 
 
-def latest(prefix, storage_options: dict | None = None) -> str | None:
+def latest(prefix, storage_options: dict | None = None, *, pattern: str | None = None
+           ) -> str | None:
     """The newest committed checkpoint directly under ``prefix``, or None where there is none
     (a ``prefix`` that does not exist yet included: a run's first start, or a misspelt name).
 
@@ -101,13 +103,16 @@ def latest(prefix, storage_options: dict | None = None) -> str | None:
     Args:
         prefix: a local directory, or a URL (``s3://bucket/run``) read as a directory.
         storage_options: for a URL, the options of its fsspec filesystem.
+        pattern: only names that match this shell pattern (``'snapshot_iter_*'``: a trainer's
+            snapshots, not the ``snapshot_object`` files beside them), case-sensitive.
 
     Returns:
         The checkpoint's path (under ``prefix``) or URL; load it with :func:`gpuserial.load`
         or, for a directory, :func:`gpuserial.distributed.load_sharded`.
     """
     folder = folder_of(prefix, storage_options)
-    items = [item for item in folder.items() if not _is_leftover_name(item.name)]
+    items = [item for item in folder.items() if not _is_leftover_name(item.name)
+             and (pattern is None or fnmatch.fnmatchcase(item.name, pattern))]
     unnumbered = [item for item in items
                   if _number(item.name) is None and _committed(folder, item)]
     numbered = sorted((item for item in items if _number(item.name) is not None),

@@ -377,6 +377,23 @@ def test_latest_takes_no_zip_that_is_not_an_npz(prefix):
     assert gpuserial.latest(root, options) == join(root, 'snapshot_iter_400.npz')
 
 
+def test_latest_with_a_pattern_looks_only_at_names_that_match(prefix):
+    """A trainer snapshot every 1000 iterations and a model snapshot_object every 500, in one
+    directory: resuming the trainer needs the newest trainer snapshot, not the newest file."""
+    root, options, _ = prefix
+    for name in ('model_iter_500', 'model_iter_1000', 'model_iter_1500', 'snapshot_iter_1000'):
+        gpuserial.save(join(root, name), {'a': numpy.arange(3)}, format='npz',
+                       storage_options=options)  # Chainer's snapshot names have no suffix
+    assert gpuserial.latest(root, options) == join(root, 'model_iter_1500')
+    assert gpuserial.latest(root, options, pattern='snapshot_iter_*') == join(
+        root, 'snapshot_iter_1000')
+    assert gpuserial.latest(root, options, pattern='model_iter_*') == join(
+        root, 'model_iter_1500')
+    assert gpuserial.latest(root, options, pattern='Snapshot_iter_*') is None  # case counts
+    assert gpuserial.latest(root, options, pattern='*_iter_1000') == join(
+        root, 'snapshot_iter_1000')  # the larger name on a tie
+
+
 def test_latest_sees_what_another_writer_committed_after_it_looked(bucket):
     import s3fs  # here, as in conftest: a module that imports it fails the collection of
     # every test where s3fs is missing (the lent GPU machine), gpu-marked ones too
