@@ -126,8 +126,8 @@ def _string_entry_key(path: str, key: str) -> str:
 
 def _checked(key, path: str) -> str:
     if not isinstance(key, str):
-        raise InvalidKeyError(f'key {key!r} under path {path!r} is a {type(key).__name__}: '
-                              f'keys are strings')
+        raise InvalidKeyError(f'key {key!r} under path {path!r} is not a string (it is of '
+                              f'type {type(key).__name__}): keys are strings')
     if not key.strip('/'):
         raise InvalidKeyError(f'key {key!r} under path {path!r} is empty')
     if '\x00' in key:  # HDF5 and numpy.load would cut the name there

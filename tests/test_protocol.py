@@ -311,7 +311,8 @@ def test_keys_that_are_not_strings_are_refused_and_str_subclasses_taken_as_str()
         pass
 
     serializer = serializers.DictionarySerializer()
-    with pytest.raises(InvalidKeyError, match=r"key \['a'\] under path '' is a list"):
+    with pytest.raises(InvalidKeyError,
+                       match=r"key \['a'\] under path '' is not a string \(it is of type list\)"):
         serializer(['a'], numpy.zeros(1))  # unhashable, too
     serializer(Name('/w'), numpy.zeros(1))
     assert [type(key) for key in serializer.target] == [str]
