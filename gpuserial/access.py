@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import operator
 from collections.abc import Iterable, Iterator, Mapping
 
 import numpy
@@ -404,12 +405,22 @@ def normalize_index(index, shape: tuple[int, ...], where: str) -> list:
             if step < 1:
                 raise IndexError(f'{where}: slices take steps of 1 or more, not {step}')
             selection.append(slice(start, max(start, stop), step))
-        elif isinstance(item, (int, numpy.integer)) and not isinstance(item, bool):
-            if not -size <= item < size:
-                raise IndexError(f'{where}: index {item} is out of bounds for a dimension of '
+        elif (not isinstance(item, (bool, numpy.bool_))
+              and (number := _as_index(item)) is not None):
+            if not -size <= number < size:
+                raise IndexError(f'{where}: index {number} is out of bounds for a dimension of '
                                  f'size {size}')
-            selection.append(int(item) % size)
+            selection.append(number % size)
         else:
             raise IndexError(f'{where}: get_slice takes integers, slices and an Ellipsis, not '
                              f'{type(item).__name__}')
     return selection
+
+
+def _as_index(item) -> int | None:
+    """``item`` as an int where it is one (a NumPy integer, a 0-d integer array or tensor:
+    whatever has ``__index__``), else None."""
+    try:
+        return operator.index(item)
+    except TypeError:
+        return None

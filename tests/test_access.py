@@ -1283,6 +1283,8 @@ def test_slices_of_text_give_str_as_get_does(tmp_path, kind, key, index):
     ((numpy.array([True, False, True]),), 'get_slice takes integers, slices and an Ellipsis, '
                                           'not ndarray'),
     ((0, numpy.array([0, 1])), 'get_slice takes integers, slices and an Ellipsis, not ndarray'),
+    ((numpy.array(True),), 'get_slice takes integers, slices and an Ellipsis, not ndarray'),
+    ((numpy.array(7),), 'index 7 is out of bounds for a dimension of size 3'),
     ((slice(0, 3, 0),), r'slice\(0, 3, 0\): slice step cannot be zero'),
     ((slice(0.5, 2),), r'slice\(0.5, 2, None\): slice indices must be integers .*'),
 ])
@@ -1305,6 +1307,19 @@ def test_slices_with_an_ellipsis_match_numpy_indexing(tmp_path, kind, index):
     save(path, kind, {'x': data})
     with gpuserial.open(path) as f:
         numpy.testing.assert_array_equal(f.get_slice('x')[index], data[index])
+
+
+def test_integers_of_any_kind_index_slices_as_numpy_takes_them(tmp_path, kind):
+    """NumPy integers, 0-d integer arrays and torch's 0-d integer tensors (whatever has
+    ``__index__``), as NumPy indexing takes them."""
+    torch = pytest.importorskip('torch')
+    data = numpy.arange(2 * 3 * 4, dtype=numpy.int32).reshape(2, 3, 4)
+    path = path_for(tmp_path, kind)
+    save(path, kind, {'x': data})
+    with gpuserial.open(path) as f:
+        for index in [numpy.int64(1), (numpy.array(1), slice(None), numpy.uint8(3)),
+                      (torch.tensor(-1), torch.tensor(2))]:
+            numpy.testing.assert_array_equal(f.get_slice('x')[index], data[index])
 
 
 def test_a_stored_none_cannot_be_sliced(tmp_path):
