@@ -267,10 +267,15 @@ class WindowedFile:
         if count >= DIRECT:
             return None
         fetching = getattr(self.fp, 'fetching_ahead', None)  # an object in a store
-        size = count if fetching is not None and fetching(self.position) else max(self.window,
-                                                                                   count)
-        self.fp.seek(self.position)
-        data = self.fp.read(size)
+        if fetching is not None and fetching(self.position):
+            # no read-ahead, nor a read again of what the window holds: going back, the
+            # store's fetches ahead would start afresh (fetching pieces again)
+            held = self.data[at:] if 0 <= at < len(self.data) else b''
+            self.fp.seek(self.position + len(held))
+            data = bytes(held) + self.fp.read(count - len(held))
+        else:
+            self.fp.seek(self.position)
+            data = self.fp.read(max(self.window, count))
         self.bytes = data if type(data) is bytes else bytes(data)  # sliced into headers to hash
         self.data = memoryview(self.bytes)
         self.start = self.position
