@@ -365,6 +365,17 @@ def test_tiny_members_are_fetched_once(memory, monkeypatch, compression):
     assert sum(end - start for start, end in gets.ranges) < size
 
 
+@pytest.mark.parametrize('compression', [False, True], ids=['stored', 'deflated'])
+def test_keys_longer_than_the_window_at_each_header_load(memory, compression):
+    """A member's name longer than :data:`npz.REMOTE_WINDOW` (and the zip reader's guess at
+    a header) runs past the bytes fetched with its header: they are read again, whole."""
+    long = 'k' * (npz.REMOTE_WINDOW + 1000)
+    model = {'a': numpy.arange(5.0), long: numpy.arange(7), 'b': numpy.arange(3.0)}
+    gpuserial.save('memory://a/long.npz', model, compression=compression)
+    _assert_bits(gpuserial.load('memory://a/long.npz'), model)
+    _assert_bits(gpuserial.load('memory://a/long.npz', keys=[long]), {long: model[long]})
+
+
 def test_small_members_kept_past_their_budget_are_fetched_again(memory, monkeypatch):
     """The kept bytes are bounded (:data:`npz.REMOTE_KEPT_BYTES`): the members past it are
     fetched again for their fills, and load as well."""

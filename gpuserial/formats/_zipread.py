@@ -441,6 +441,8 @@ def stored_head(fp: WindowedFile, info, count: int) -> tuple[int, bytes]:
         raise MemberError(f'truncated: {len(view)} of {LOCAL.size} header bytes')
     signature, flags, name_length, extra_length = LOCAL_CHECKED.unpack_from(view)
     name_end = LOCAL.size + name_length
+    if len(view) < name_end:  # a name longer than the guess: read again, whole
+        view = fp.view(info.header_offset, name_end)
     if len(view) < name_end:
         raise MemberError(f'truncated: {len(view)} of {name_end} header bytes')
     start = _checked_local(info, signature, flags, view[LOCAL.size:name_end], extra_length)
