@@ -390,6 +390,22 @@ def test_small_members_kept_past_their_budget_are_fetched_again(memory, monkeypa
     assert size + 0.8 * size < fetched < 2 * size  # nearly all of it twice, but not all
 
 
+@pytest.mark.parametrize('short', [0, 1])
+def test_a_budget_of_exactly_the_members_bytes_keeps_them_all(memory, monkeypatch, short):
+    """:data:`npz.REMOTE_KEPT_BYTES` counts the members' stored bytes: a budget of exactly
+    theirs keeps every member (each byte fetched once); one byte less, the last is fetched
+    again for its fill."""
+    monkeypatch.setattr(remote, 'FETCH_PIECE', 256 << 10)
+    model = _many_small(False, count=20)
+    gpuserial.save('memory://a/small.npz', model)
+    with zipfile.ZipFile(io.BytesIO(memory.cat_file('/a/small.npz'))) as archive:
+        stored = sum(info.compress_size for info in archive.infolist())
+    monkeypatch.setattr(npz, 'REMOTE_KEPT_BYTES', stored - short)
+    gets = _Gets(monkeypatch)
+    _assert_bits(gpuserial.load('memory://a/small.npz'), model)
+    assert _no_byte_twice(gets.ranges) == (not short)
+
+
 @pytest.mark.parametrize('compression', [False, True], ids=['stored', 'deflated'])
 def test_a_kept_member_is_checked_before_its_array_changes(memory, compression):
     """Kept bytes are checked as the file's are: a flipped byte fails the load, naming the

@@ -225,6 +225,49 @@ def test_the_window_gives_the_files_bytes_for_every_read(window):
     assert bytes(buffer[:count]) == data[10:10 + count]
 
 
+class _FetchingAhead(io.BytesIO):
+    """An object in a store, as the window sees it: every byte fetched ahead, and its reads
+    recorded."""
+
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.reads: list[tuple[int, int]] = []
+
+    def fetching_ahead(self, position: int) -> bool:
+        return True
+
+    def read(self, count=-1) -> bytes:
+        self.reads.append((self.tell(), count))
+        return super().read(count)
+
+
+def test_where_the_store_fetches_ahead_the_window_reads_each_byte_once():
+    """No read-ahead (the store fetches ahead), and a refill that starts within the window
+    reads only what it lacks: going back would start the store's fetches afresh."""
+    data = bytes(range(256)) * 8
+    source = _FetchingAhead(data)
+    windowed = _zipread.WindowedFile(source)
+    held, at = windowed.window_at(100, 50)
+    assert held[at:at + 50] == data[100:150]
+    held, at = windowed.window_at(120, 80)  # from within the window, past its end
+    assert held[at:at + 80] == data[120:200]
+    assert bytes(windowed.view(300, 10)) == data[300:310]  # not in it: read from there
+    assert source.reads == [(100, 50), (150, 50), (300, 10)]
+
+
+def test_kept_bytes_read_as_the_file_holds_them_and_nothing_outside():
+    kept = _zipread.KeptBytes(1000, bytes(range(100)))
+    assert bytes(kept.view(1010, 5)) == bytes(range(10, 15)) and kept.tell() == 1010
+    assert bytes(kept.view(1095, 10)) == bytes(range(95, 100))  # up to their end
+    assert bytes(kept.view(999, 10)) == b''  # none before them
+    kept.seek(1090)
+    buffer = bytearray(20)
+    assert kept.readinto(buffer) == 10 and bytes(buffer[:10]) == bytes(range(90, 100))
+    assert kept.tell() == 1100 and kept.read(5) == b''
+    with pytest.raises(io.UnsupportedOperation, match='seek to an offset only'):
+        kept.seek(0, 2)  # they do not know where the file ends
+
+
 # ---------------------------------------------------------------------------------------------
 # The writer's records
 
