@@ -390,6 +390,48 @@ def test_small_members_kept_past_their_budget_are_fetched_again(memory, monkeypa
     assert size + 0.8 * size < fetched < 2 * size  # nearly all of it twice, but not all
 
 
+def test_a_member_is_kept_below_the_limit_and_its_range_ends_at_the_next_header(memory,
+                                                                                monkeypatch):
+    """The header pass fetches a member whole where a window and its stored bytes are below
+    ``_zipread.DIRECT`` (its range ends at the next member's header, the last's past its
+    data), else only the window; the fills announce only the others' data."""
+    limit = _zipread.DIRECT - npz.REMOTE_WINDOW
+    header = 128  # numpy's .npy header of a 1-d array
+    model = {'a': numpy.zeros(limit - 1 - header, numpy.uint8),
+             'b': numpy.zeros(limit - header, numpy.uint8), 'c': numpy.arange(10.0)}
+    gpuserial.save('memory://a/limit.npz', model)
+    data = memory.cat_file('/a/limit.npz')
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        a, b, c = archive.infolist()
+    assert (a.compress_size, b.compress_size) == (limit - 1, limit)
+    announced = []
+    expect = remote.Ranged.expect
+    monkeypatch.setattr(remote.Ranged, 'expect',
+                        lambda self, ranges: announced.append(ranges) or expect(self, ranges))
+    _assert_bits(gpuserial.load('memory://a/limit.npz'), model)
+    b_data = b.header_offset + 30 + len(b.filename) + len(b.extra)
+    assert announced == [[(0, b.header_offset), (b.header_offset,
+                                                  b.header_offset + npz.REMOTE_WINDOW),
+                          (c.header_offset, min(len(data), c.header_offset + npz.REMOTE_WINDOW
+                                                + c.compress_size))],
+                         [(b_data, b_data + b.compress_size)]]
+
+
+@pytest.mark.parametrize('compression', [False, True], ids=['stored', 'deflated'])
+def test_each_small_member_is_one_read_of_the_object(memory, monkeypatch, compression):
+    """The header pass reads a small member's headers and bytes in one read of the object's
+    file (a read each for its headers, its .npy header, its deflated pieces and its bytes,
+    else): a few more for the zip directory."""
+    model = _many_small(compression)
+    gpuserial.save('memory://a/small.npz', model, compression=compression)
+    reads = []
+    readinto = remote.Ranged.readinto
+    monkeypatch.setattr(remote.Ranged, 'readinto',
+                        lambda self, buffer: reads.append(1) or readinto(self, buffer))
+    _assert_bits(gpuserial.load('memory://a/small.npz'), model)
+    assert len(model) <= len(reads) <= len(model) + 8
+
+
 @pytest.mark.parametrize('short', [0, 1])
 def test_a_budget_of_exactly_the_members_bytes_keeps_them_all(memory, monkeypatch, short):
     """:data:`npz.REMOTE_KEPT_BYTES` counts the members' stored bytes: a budget of exactly
