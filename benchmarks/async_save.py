@@ -194,16 +194,20 @@ def _status(field: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--device', default='cpu')
-    parser.add_argument('--bytes', default='1GiB')
-    parser.add_argument('--rounds', type=int, default=7)
-    parser.add_argument('--compute-ms', type=float, default=20.0)
+    parser.add_argument('--device', default='cpu', help="where the model lives: 'cpu' "
+                        "(default) or 'cuda:N'")
+    parser.add_argument('--bytes', default='1GiB', help='model size (default 1GiB)')
+    parser.add_argument('--rounds', type=int, default=7,
+                        help='timed rounds per case (default 7)')
+    parser.add_argument('--compute-ms', type=float, default=20.0,
+                        help='the training step each save overlaps, in ms (default 20)')
     parser.add_argument('--max-host-bytes', default=None,
                         help='the staging budget of the timed rounds (default: the model)')
     parser.add_argument('--peak-budget', default='256MiB',
                         help='the staging budget of the peak-memory round')
-    parser.add_argument('--dir', default=None)
-    parser.add_argument('--json', default=None)
+    parser.add_argument('--dir', default=None, help='where the files go (default: a '
+                        'temporary directory)')
+    parser.add_argument('--json', default=None, help='also write the results to this file')
     args = parser.parse_args(argv)
     args.bytes = bench.parse_size(args.bytes)
     args.max_host_bytes = bench.parse_size(args.max_host_bytes) if args.max_host_bytes else None

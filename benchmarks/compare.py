@@ -224,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--bytes', default=os.environ.get('GPUSERIAL_BENCH_BYTES'),
                         help='model size (default $GPUSERIAL_BENCH_BYTES, else 1GiB on the '
                              'CPU and 4GiB on a GPU)')
-    parser.add_argument('--rounds', type=int, default=7)
-    parser.add_argument('--warmup', type=int, default=1)
+    parser.add_argument('--rounds', type=int, default=7,
+                        help='timed rounds of each pair, both sides alternating (default 7)')
+    parser.add_argument('--warmup', type=int, default=1,
+                        help='untimed rounds of each pair first (default 1)')
     parser.add_argument('--pairs', nargs='+', default=list(DEFAULT_GROUPS),
                         help='groups (npz, hdf5, compressed, durable, peers) or pair names')
     parser.add_argument('--dir', default=None, help='where the files go (a temporary '

@@ -180,13 +180,16 @@ def _verdict(result: dict, on_gpu: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--device', default='cpu', help="'cpu' (default) or 'cuda:N'")
     parser.add_argument('--bytes', default=os.environ.get('GPUSERIAL_BENCH_BYTES'),
                         help='model size (default $GPUSERIAL_BENCH_BYTES, else 1GiB on the '
                              'CPU and 4GiB on a GPU)')
-    parser.add_argument('--cases', nargs='+', default=DEFAULT_CASES)
-    parser.add_argument('--dir', default=None)
-    parser.add_argument('--json', default=None)
+    parser.add_argument('--cases', nargs='+', default=DEFAULT_CASES, metavar='CASE',
+                        help='the operations to measure, each in a fresh process (default: '
+                             'all of them: ' + ', '.join(repr(c) for c in DEFAULT_CASES) + ')')
+    parser.add_argument('--dir', default=None, help='where the files go (default: a '
+                        'temporary directory)')
+    parser.add_argument('--json', default=None, help='also write the results to this file')
     parser.add_argument('--child', default=None, help=argparse.SUPPRESS)
     parser.add_argument('--prepare', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

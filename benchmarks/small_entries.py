@@ -150,13 +150,17 @@ def make(shapes: dict[str, tuple], device) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--device', default='cpu')
-    parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
+    parser.add_argument('--device', default='cpu', help="'cpu' (default) or 'cuda:N'")
+    parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS),
+                        help='the checkpoints to save and load (default: all)')
     parser.add_argument('--scale', type=float, default=None,
                         help='GPT-2 widths times this (default 1 on a GPU, 0.25 on the CPU)')
-    parser.add_argument('--rounds', type=int, default=5)
-    parser.add_argument('--pairs', nargs='+', default=['npz', 'hdf5', 'torch', 'compressed'])
-    parser.add_argument('--json', default=None)
+    parser.add_argument('--rounds', type=int, default=5,
+                        help='rounds of each pair, both sides alternating (default 5)')
+    parser.add_argument('--pairs', nargs='+', default=['npz', 'hdf5', 'torch', 'compressed'],
+                        help='groups (npz, hdf5, torch, compressed; default all) or pair names: '
+                             + '; '.join(pair.name for pair in PAIRS + GPU_PAIRS))
+    parser.add_argument('--json', default=None, help='also write the results to this file')
     args = parser.parse_args(argv)
     device = devices.get_device(args.device)
     on_gpu = not device.backend.is_host
