@@ -239,7 +239,8 @@ class EntryMetadata:
         shape: the array's shape (None for a stored None).
         dtype: the stored NumPy dtype (None for a stored None); extension dtypes in their
             encoding, named by ``dtype_name``.
-        dtype_name: ``'float32'``, ``'bfloat16'``, ...
+        dtype_name: ``'float32'``, ``'bfloat16'``, ``'str'`` (text: NumPy's, or HDF5's,
+            which ``get`` gives as ``str``), ... (as ``gpuserial inspect`` shows it).
         nbytes: the array's size in memory.
         stored_bytes: what it takes in the file (compressed size, or the dataset's storage).
         compressed: whether the data is deflated (NPZ) or filtered (HDF5).
@@ -304,9 +305,7 @@ class LazyFile:
         """The entry's shape, dtype and sizes, from the file's metadata."""
         entry = self._entry(key)
         stored, compressed = self._reader.stored_size(entry)
-        name = None
-        if entry.dtype is not None:
-            name = devices.extension_of(entry.dtype) or str(entry.dtype)
+        name = None if entry.dtype is None else inspection.dtype_name(entry.dtype)
         return EntryMetadata(entry.shape, entry.dtype, name, entry.nbytes, stored, compressed)
 
     def get(self, key: str, device=None, like=None):

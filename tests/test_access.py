@@ -1105,6 +1105,18 @@ def test_open_lists_and_describes_without_reading_data(tmp_path, kind):
         assert 'entries>' in repr(f)
 
 
+def test_metadata_names_dtypes_as_inspect_does(tmp_path, kind):
+    """Text is 'str' in every format (HDF5 stores it as an object dtype, and 'object' is what
+    metadata said), as `get` gives it and `gpuserial inspect` shows it."""
+    path = path_for(tmp_path, kind)
+    save(path, kind, {'names': numpy.array(['ab', 'c']), 'w': numpy.arange(3, dtype='>i4'),
+                      'b': numpy.zeros(2, numpy.bool_)})
+    with gpuserial.open(path) as f:
+        assert [f.metadata(key).dtype_name for key in ('names', 'w', 'b')] == [
+            'str', 'int32', 'bool']
+        assert f.get('names').dtype.kind == 'U'
+
+
 def test_metadata_is_an_immutable_value(tmp_path):
     gpuserial.save(tmp_path / 'a.npz', {'x': numpy.ones(3)})
     with gpuserial.open(tmp_path / 'a.npz') as f:
