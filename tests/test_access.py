@@ -1105,6 +1105,21 @@ def test_open_lists_and_describes_without_reading_data(tmp_path, kind):
         assert 'entries>' in repr(f)
 
 
+@pytest.mark.skipif(not hasattr(numpy.dtypes, 'StringDType'), reason="NumPy 2's dtype")
+def test_numpy_string_dtype_text_saves_as_str(tmp_path, kind):
+    """NumPy 2's variable-width StringDType was refused as an object array, though strings can
+    be saved: it is stored as fixed-width str (what a load gives back), in every format."""
+    text = numpy.dtypes.StringDType()
+    state = {'names': numpy.array(['a', 'bbé', ''], dtype=text),
+             'one': numpy.array('xyz', dtype=text), 'none': numpy.array([], dtype=text)}
+    path = path_for(tmp_path, kind)
+    save(path, kind, state)
+    loaded = gpuserial.load(path)
+    for key, value in state.items():
+        assert loaded[key].dtype.kind == 'U' and loaded[key].shape == value.shape
+        assert loaded[key].tolist() == value.tolist()
+
+
 def test_metadata_names_dtypes_as_inspect_does(tmp_path, kind):
     """Text is 'str' in every format (HDF5 stores it as an object dtype, and 'object' is what
     metadata said), as `get` gives it and `gpuserial inspect` shows it."""

@@ -905,6 +905,9 @@ def engine_array(value, writable: bool = False):
     their size, to be filled (``writable``; see :func:`holds_bits_of`); anything else as it
     is."""
     if type(value) is numpy.ndarray:
+        if value.dtype.kind == 'T' and not writable:  # NumPy 2's StringDType: as str
+            width = int(numpy.strings.str_len(value).max(initial=1))
+            return value.astype(f'<U{width}')
         name = extension_of(value.dtype)
         return value if name is None else value.view(encoded_dtype(name))
     framework = framework_of(value)

@@ -269,7 +269,8 @@ def check_paths(sources: dict[str, str], name: str, groups: Collection[str] = fr
 
 
 def _check_storable(group: h5py.Group, key: str, value, name: str) -> None:
-    """Raises for a value no dataset can hold: objects other than strings and None."""
+    """Raises for a value no dataset can hold: objects other than strings and None, dates and
+    times."""
     if value is not None and not isinstance(value, str):
         try:
             dtype = value.dtype if devices.is_array(value) else numpy.asarray(value).dtype
@@ -277,9 +278,13 @@ def _check_storable(group: h5py.Group, key: str, value, name: str) -> None:
             raise TypeError(f'{_where(name, group, key)}: a {type(value).__name__} that NumPy '
                             f'makes no array of ({error}) cannot be saved (arrays, numbers, '
                             f'strings and None can; save a list of arrays as a dict)') from None
-        if dtype.hasobject:
-            raise TypeError(f'{_where(name, group, key)}: a {type(value).__name__} of objects '
-                            f'cannot be saved (arrays, numbers, strings and None can)')
+        if dtype.hasobject:  # as NPZ says it
+            raise TypeError(f'{_where(name, group, key)}: object arrays other than None cannot '
+                            f'be saved (arrays, numbers, strings and None can)')
+        if dtype.kind in 'mM':
+            raise TypeError(f'{_where(name, group, key)}: {dtype} arrays cannot be saved to HDF5 '
+                            f'(h5py has no type for dates and times): save to NPZ, or save '
+                            f'their .view(\'int64\') and the unit')
 
 
 def write_entry(group: h5py.Group, key: str, value, compression: int | None, name: str,
