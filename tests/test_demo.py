@@ -64,6 +64,17 @@ def test_demo_default_device(capsys):
         assert 'the CPU (NumPy; no usable GPU' in out.splitlines()[0]
 
 
+@pytest.mark.parametrize('where', ['a file', 'missing/dir'])
+def test_demo_dir_must_be_a_directory_or_one_it_can_make(capsys, tmp_path, where):
+    """--dir of a file said 'File exists'; --dir under a missing directory made every missing
+    parent (a misspelt path too): both are errors naming the path, before any timing."""
+    (tmp_path / 'a file').write_bytes(b'x')
+    status, out, err = run(capsys, 'demo', '--size', '1MiB', '--dir', tmp_path / where)
+    assert status != 0 and 'gpuserial demo' in out and 'files in' not in out
+    assert str(tmp_path / where) in err
+    assert sorted(os.listdir(tmp_path)) == ['a file']
+
+
 def test_demo_keeps_its_files_in_dir(capsys, tmp_path):
     status, out, _ = run(capsys, 'demo', '--size', '1MiB', '--dir', tmp_path / 'files',
                          '--compress')

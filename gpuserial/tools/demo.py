@@ -200,7 +200,10 @@ def run(size: int = DEFAULT_SIZE, device=None, directory: str | None = None, *,
           f'{_describe_device(target, device is not None)}', file=out)
     with tempfile.TemporaryDirectory(prefix='gpuserial-demo-') as temp:
         where = temp if directory is None else os.fsdecode(directory)
-        os.makedirs(where, exist_ok=True)
+        if not os.path.isdir(where):
+            if os.path.exists(where):
+                raise NotADirectoryError(f'{where!r}: not a directory')
+            os.mkdir(where)  # not its parents: a misspelt path fails here, naming itself
         print(f'files in {where}' + (' (removed afterwards)' if directory is None else ''),
               file=out)
         results = [_round_trip(name, call, os.path.join(where, file), save, load, model, size,
