@@ -1118,6 +1118,11 @@ def test_numpy_string_dtype_text_saves_as_str(tmp_path, kind):
     for key, value in state.items():
         assert loaded[key].dtype.kind == 'U' and loaded[key].shape == value.shape
         assert loaded[key].tolist() == value.tolist()
+    missing = numpy.array(['a', None], dtype=numpy.dtypes.StringDType(na_object=None))
+    with pytest.raises(TypeError, match=re.escape(f"{str(path)!r}, key 'g/s': a StringDType "
+                                                  f"array with missing values cannot be saved")):
+        save(path, kind, {'g': {'s': missing}})
+    assert gpuserial.load(path).keys() == state.keys()  # the file as it was
 
 
 def test_metadata_names_dtypes_as_inspect_does(tmp_path, kind):

@@ -906,7 +906,11 @@ def engine_array(value, writable: bool = False):
     is."""
     if type(value) is numpy.ndarray:
         if value.dtype.kind == 'T' and not writable:  # NumPy 2's StringDType: as str
-            width = int(numpy.strings.str_len(value).max(initial=1))
+            try:
+                width = int(numpy.strings.str_len(value).max(initial=1))
+            except ValueError as error:  # a missing value (its na_object)
+                raise TypeError(f'a StringDType array with missing values cannot be saved '
+                                f'({error}): fill them first') from None
             return value.astype(f'<U{width}')
         name = extension_of(value.dtype)
         return value if name is None else value.view(encoded_dtype(name))
