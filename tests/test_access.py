@@ -1298,6 +1298,23 @@ def test_slices_of_text_give_str_as_get_does(tmp_path, kind, key, index):
     numpy.testing.assert_array_equal(part, whole[index])
 
 
+@pytest.mark.parametrize(('key', 'index'), [
+    ('raw', ()), ('raw', (slice(1, 2),)), ('raw', (0,)), ('one', ()), ('one', Ellipsis),
+])
+def test_slices_of_bytes_give_bytes_as_get_does(tmp_path, kind, key, index):
+    """Bytes (numpy.bytes_, fixed-length ASCII in HDF5) stay bytes when sliced, as get gives
+    them; a scalar's slice in HDF5 raised TypeError ('byte indices must be integers or slices,
+    not tuple')."""
+    path = path_for(tmp_path, kind)
+    save(path, kind, {'raw': numpy.array([b'ab', b'c']), 'one': numpy.bytes_(b'xy')})
+    with gpuserial.open(path) as f:
+        whole = f.get(key)
+        part = f.get_slice(key)[index]
+    assert whole.dtype == numpy.dtype('S2')
+    assert isinstance(part, (numpy.ndarray, numpy.bytes_)) and part.dtype == numpy.dtype('S2')
+    numpy.testing.assert_array_equal(part, whole[index])
+
+
 @pytest.mark.parametrize(('index', 'message'), [
     ((slice(None, None, -1),), 'slices take steps of 1 or more, not -1'),
     ((0, 0, 0), r'too many indices \(3\) for shape \(3, 4\)'),

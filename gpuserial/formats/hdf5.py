@@ -718,7 +718,8 @@ class _GroupReader(loading.Reader):
         if string is not None and (string.encoding, string.length is None) != ('ascii', False):
             # text as read_scalar gives it (str, not bytes objects; a 0-d array, not bytes)
             return numpy.asarray(self._guard(entry, lambda: dataset.asstr()[selection]), str)
-        values = self._guard(entry, lambda: dataset[selection])
+        # an array: a scalar reads as a NumPy scalar, and numpy.bytes_ takes no tuple index
+        values = numpy.asarray(self._guard(entry, lambda: dataset[selection]))
         self.progress.update(values.nbytes)
         return values
 
