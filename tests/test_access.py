@@ -1315,6 +1315,25 @@ def test_slices_of_bytes_give_bytes_as_get_does(tmp_path, kind, key, index):
     numpy.testing.assert_array_equal(part, whole[index])
 
 
+@pytest.mark.parametrize(('key', 'index'), [
+    ('names', ()), ('names', (slice(1, 2),)), ('names', (0,)), ('name', Ellipsis),
+])
+def test_slices_of_variable_length_ascii_text_give_str_as_get_does(tmp_path, key, index):
+    """Variable-length ASCII strings (h5py.string_dtype('ascii'), as other HDF5 writers store
+    text) are text, not bytes: sliced, they read as str, as get gives them."""
+    import h5py
+    path = tmp_path / 'ascii.h5'
+    with h5py.File(path, 'w') as f:
+        f.create_dataset('names', data=['ab', 'c'], dtype=h5py.string_dtype('ascii'))
+        f.create_dataset('name', data='xy', dtype=h5py.string_dtype('ascii'))
+    with gpuserial.open(path) as f:
+        whole = f.get(key)
+        part = f.get_slice(key)[index]
+    assert whole.dtype.kind == 'U'
+    assert isinstance(part, (numpy.ndarray, numpy.str_)) and part.dtype.kind == 'U'
+    numpy.testing.assert_array_equal(part, whole[index])
+
+
 @pytest.mark.parametrize(('index', 'message'), [
     ((slice(None, None, -1),), 'slices take steps of 1 or more, not -1'),
     ((0, 0, 0), r'too many indices \(3\) for shape \(3, 4\)'),
