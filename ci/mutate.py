@@ -100,6 +100,7 @@ MODULES = {
                                'test_readme', 'test_remote', 'test_remote_sharded'],
     'gpuserial/tools/inspection.py': ['test_cli', 'test_hostile', 'test_io_failures',
                                       'test_access', 'test_readme', 'test_remote'],
+    'gpuserial/tools/bench.py': ['test_bench', 'test_cli'],
 }
 # Code that only runs on a real GPU (CuPy's backend): its mutants are run, and counted, where a
 # GPU is usable; elsewhere they are listed as needing one, outside the score.
