@@ -68,6 +68,19 @@ def test_plot_draws_an_image(tmp_path):
     assert (tmp_path / 'plot.png').stat().st_size > 0
 
 
+@pytest.mark.parametrize(('name', 'written'), [
+    ('plot.png', 'plot.png'), ('plot', 'plot.png'), ('Plot.SVG', 'Plot.SVG'),
+])
+def test_plot_draws_an_image_named_in_the_working_directory(tmp_path, monkeypatch, name, written):
+    """A bare name is a file in the working directory, and a name without a suffix gets
+    matplotlib's default format (png); the check before the benchmark refuses neither."""
+    pytest.importorskip('matplotlib')
+    monkeypatch.chdir(tmp_path)
+    _run(plot=name)
+    assert [path.name for path in tmp_path.iterdir()] == [written]
+    assert (tmp_path / written).stat().st_size > 0
+
+
 @pytest.mark.parametrize('text, expected', [
     ('4096', 4096), ('16MiB', 16 << 20), ('1GiB', 1 << 30), ('1.5G', 3 << 29), ('2 kb', 2000),
 ])
