@@ -35,7 +35,7 @@ def test_gpu_is_no_spec_and_its_error_gives_the_spelling_that_is(spec, spelling)
     """'gpu' was taken as GPU 0 since the first commit, by accident (no docs, no test):
     neither torch nor Chainer takes it."""
     with pytest.raises(DeviceError, match=f"^unknown device {spec!r}: name GPU .* as "
-                                          f"{spelling} "):
+                                          f"{spelling} .*; 'cuda' is the current GPU$"):
         gpuserial.get_device(spec)
 
 
