@@ -1290,9 +1290,17 @@ def test_slices_of_text_give_str_as_get_does(tmp_path, kind, key, index):
     raised AttributeError ('bytes' object has no attribute 'nbytes')."""
     path = path_for(tmp_path, kind)
     save(path, kind, {'words': numpy.array(['ab', 'ç']), 'word': 'héllo'})
+    _assert_text_slices_as_get(path, key, index)
+
+
+def _whole_and_sliced(path, key: str, index):
+    """The entry read whole, and its slice ``[index]`` read as a slice."""
     with gpuserial.open(path) as f:
-        whole = f.get(key)
-        part = f.get_slice(key)[index]
+        return f.get(key), f.get_slice(key)[index]
+
+
+def _assert_text_slices_as_get(path, key: str, index) -> None:
+    whole, part = _whole_and_sliced(path, key, index)
     assert whole.dtype.kind == 'U'
     assert isinstance(part, (numpy.ndarray, numpy.str_)) and part.dtype.kind == 'U'
     numpy.testing.assert_array_equal(part, whole[index])
@@ -1307,9 +1315,7 @@ def test_slices_of_bytes_give_bytes_as_get_does(tmp_path, kind, key, index):
     not tuple')."""
     path = path_for(tmp_path, kind)
     save(path, kind, {'raw': numpy.array([b'ab', b'c']), 'one': numpy.bytes_(b'xy')})
-    with gpuserial.open(path) as f:
-        whole = f.get(key)
-        part = f.get_slice(key)[index]
+    whole, part = _whole_and_sliced(path, key, index)
     assert whole.dtype == numpy.dtype('S2')
     assert isinstance(part, (numpy.ndarray, numpy.bytes_)) and part.dtype == numpy.dtype('S2')
     numpy.testing.assert_array_equal(part, whole[index])
@@ -1326,12 +1332,7 @@ def test_slices_of_variable_length_ascii_text_give_str_as_get_does(tmp_path, key
     with h5py.File(path, 'w') as f:
         f.create_dataset('names', data=['ab', 'c'], dtype=h5py.string_dtype('ascii'))
         f.create_dataset('name', data='xy', dtype=h5py.string_dtype('ascii'))
-    with gpuserial.open(path) as f:
-        whole = f.get(key)
-        part = f.get_slice(key)[index]
-    assert whole.dtype.kind == 'U'
-    assert isinstance(part, (numpy.ndarray, numpy.str_)) and part.dtype.kind == 'U'
-    numpy.testing.assert_array_equal(part, whole[index])
+    _assert_text_slices_as_get(path, key, index)
 
 
 @pytest.mark.parametrize(('index', 'message'), [
