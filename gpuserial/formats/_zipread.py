@@ -362,8 +362,9 @@ class KeptBytes:
         return data
 
     def readinto(self, buffer) -> int:
-        data = self.view(self.position, len(memoryview(buffer).cast('B')))
-        memoryview(buffer).cast('B')[:len(data)] = data
+        out = memoryview(buffer).cast('B')
+        data = self.view(self.position, len(out))
+        out[:len(data)] = data
         self.position += len(data)
         return len(data)
 

@@ -138,9 +138,6 @@ class HDF5Serializer(Serializer):
                               f'{error}') from None
         except TypeError as error:  # a torch dtype NumPy lacks (float8_e4m3fnuz)
             raise TypeError(f'{_where(self.name, self.group, key)}: {error}') from None
-        why = devices.why_not_storable(stored.dtype) if devices.is_array(stored) else None
-        if why is not None:  # ml_dtypes' int4
-            raise TypeError(f'{_where(self.name, self.group, key)}: {why}')
         if self._plan is not None:  # checked now: the writes may come later (save_async)
             _check_storable(self.group, key, stored, self.name)
             self._plan.entries.append((self.group, key, _dataset_path(self.group, key), stored))
@@ -270,7 +267,7 @@ def check_paths(sources: dict[str, str], name: str, groups: Collection[str] = fr
 
 def _check_storable(group: h5py.Group, key: str, value, name: str) -> None:
     """Raises for a value no dataset can hold: objects other than strings and None, dates and
-    times."""
+    times, types NumPy does not define (ml_dtypes' int4)."""
     if value is not None and not isinstance(value, str):
         try:
             dtype = value.dtype if devices.is_array(value) else numpy.asarray(value).dtype
@@ -281,6 +278,9 @@ def _check_storable(group: h5py.Group, key: str, value, name: str) -> None:
         if dtype.hasobject:  # as NPZ says it
             raise TypeError(f'{_where(name, group, key)}: object arrays other than None cannot '
                             f'be saved (arrays, numbers, strings and None can)')
+        why = devices.why_not_storable(dtype)
+        if why is not None:
+            raise TypeError(f'{_where(name, group, key)}: {why}')
         if dtype.kind in 'mM':
             raise TypeError(f'{_where(name, group, key)}: {dtype} arrays cannot be saved to HDF5 '
                             f'(h5py has no type for dates and times): save to NPZ, or save '

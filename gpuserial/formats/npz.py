@@ -112,8 +112,8 @@ class DictionarySerializer(Serializer):
 
 
 class UnstorableValueError(TypeError):
-    """A value NumPy makes no array of (a ragged list): a ``TypeError`` that
-    :func:`collect` gives the file's name."""
+    """A value no member can hold (a ragged list, a dtype NumPy or gpuserial has no type for):
+    a ``TypeError`` that :func:`collect` gives the file's name."""
 
 
 def serialize_refs(obj) -> dict:
@@ -538,12 +538,11 @@ class _ZipReader(loading.Reader):
         """Fills each array in turn (see :meth:`loading.Reader.read_many`), in one loop: a small
         stored member into a host array of its dtype in one read from the window, the rest
         streamed through the staging engine."""
-        fp, shown, read_stored = self.archive.fp, self.progress, _zipread.read_stored
-        take_kept = self._kept.pop
+        shown, read_stored = self.progress, _zipread.read_stored
         for entry, dst in fills:
             info, header, data_start = entry.token
             target = dst.T if header.fortran_order else dst
-            source = take_kept(entry.key, None) or fp
+            source = self._source(entry.key)
             try:
                 if (header.nbytes <= SMALL_BYTES and isinstance(target, numpy.ndarray)
                         and target.flags.c_contiguous and target.dtype == header.dtype
