@@ -35,7 +35,7 @@ def _zipfile_members(data: bytes) -> list[tuple]:
 
 def _our_members(data: bytes) -> list[tuple]:
     return [tuple(getattr(m, field) for field in FIELDS)
-            for m in _zipread.read_directory(io.BytesIO(data))]
+            for m in _zipread.read_directory(io.BytesIO(data)).members]
 
 
 def _ours(members: dict, compression: bool, seekable: bool) -> bytes:
@@ -67,6 +67,41 @@ def test_the_directory_reads_as_zipfile_reads_it(members, compression, seekable,
         assert {name: archive.read(name) for name in archive.namelist()} == members
 
 
+class _RecordedReads(io.BytesIO):
+    """A file that records the byte ranges read from it."""
+
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.reads: list[tuple[int, int]] = []
+
+    def read(self, count=-1, /) -> bytes:
+        start = self.tell()
+        data = super().read(count)
+        self.reads.append((start, start + len(data)))
+        return data
+
+
+@pytest.mark.parametrize('count', [3, 3000], ids=['in the last 64 KiB', 'before them'])
+@pytest.mark.parametrize('zip64_limit', [0xFFFFFFFF, 100], ids=['zip', 'zip64'])
+@pytest.mark.parametrize('prefix', [b'', b'#!/bin/sh\nexit 0\n'], ids=['', 'prefixed'])
+def test_the_directory_is_read_once_and_says_where_it_starts(monkeypatch, count, zip64_limit,
+                                                             prefix):
+    """The end records and the directory take what they can from the file's last 64 KiB,
+    read first (a read of an object in a store is a GET): no byte is read twice."""
+    monkeypatch.setattr(_zipstream, 'ZIP64_LIMIT', zip64_limit)
+    members = {f'm{index:04d}.npy': bytes([index % 256]) * (index % 50) for index in range(count)}
+    data = prefix + _ours(members, False, True)
+    assert (b'PK\x06\x06' in data) == (zip64_limit == 100)
+    fp = _RecordedReads(data)
+    directory = _zipread.read_directory(fp)
+    assert [member.filename for member in directory.members] == list(members)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        assert directory.start == archive.start_dir
+    ordered = sorted(fp.reads)
+    assert all(end <= start for (_, end), (start, _) in zip(ordered, ordered[1:], strict=False))
+    assert len(fp.reads) == (1 if len(data) - directory.start <= _zipread.END_SEARCH else 2)
+
+
 def _zipfile_written(members: dict, compression: int, comment: bytes) -> bytes:
     out = io.BytesIO()
     with zipfile.ZipFile(out, 'w', compression) as archive:
@@ -95,13 +130,14 @@ def test_zips_that_zipfile_writes_read_the_same(members, compression, comment):
                                      b'PK\x05\x06' + bytes(18) + b'tail'])
 def test_an_end_signature_in_the_comment_is_not_taken_for_the_end_record(comment):
     data = _zipfile_written({'a.npy': b'abc', 'b.npy': b''}, zipfile.ZIP_STORED, comment)
-    assert [member.filename for member in _zipread.read_directory(io.BytesIO(data))] == [
-        'a.npy', 'b.npy']
+    members = _zipread.read_directory(io.BytesIO(data)).members
+    assert [member.filename for member in members] == ['a.npy', 'b.npy']
 
 
 def test_bytes_appended_after_a_zip_do_not_hide_its_end_record():
     data = _zipfile_written({'a.npy': b'abc'}, zipfile.ZIP_STORED, b'') + b'appended'
-    assert [member.filename for member in _zipread.read_directory(io.BytesIO(data))] == ['a.npy']
+    members = _zipread.read_directory(io.BytesIO(data)).members
+    assert [member.filename for member in members] == ['a.npy']
 
 
 def _ended(data: bytes, **fields) -> bytes:
@@ -322,7 +358,7 @@ def test_a_directory_whose_last_record_ends_the_directory_exactly():
     out = io.BytesIO()
     with _zipstream.ZipWriter(out, compression=False) as writer:
         writer.write_small_member('', b'no name')  # a central record of the fixed part only
-    members = _zipread.read_directory(io.BytesIO(out.getvalue()))
+    members = _zipread.read_directory(io.BytesIO(out.getvalue())).members
     assert [(m.filename, m.file_size) for m in members] == [('', 7)]
 
 
@@ -352,7 +388,7 @@ def test_a_save_flushes_a_buffered_file_object_it_was_handed():
 
 
 def _member(data: bytes, **changes) -> _zipread.Member:
-    info = _zipread.read_directory(io.BytesIO(data))[0]
+    info = _zipread.read_directory(io.BytesIO(data)).members[0]
     return info._replace(**changes)
 
 
@@ -394,7 +430,7 @@ def test_a_member_that_needs_a_newer_reader_than_zip_6_3_is_refused():
     for needed, readable in ((63, True), (64, False)):
         struct.pack_into('<H', data, record + 6, needed)  # version needed to extract
         if readable:
-            assert len(_zipread.read_directory(io.BytesIO(bytes(data)))) == 1
+            assert len(_zipread.read_directory(io.BytesIO(bytes(data))).members) == 1
         else:
             with pytest.raises(_zipread.ZipError, match='zip file version 6.4'):
                 _zipread.read_directory(io.BytesIO(bytes(data)))
@@ -514,7 +550,7 @@ def test_a_directory_as_large_as_the_zip64_limit_gets_zip64_end_records(monkeypa
     data = written()
     members = names
     assert b'PK\x06\x06' in data
-    assert [m.filename for m in _zipread.read_directory(io.BytesIO(data))] == list(members)
+    assert [m.filename for m in _zipread.read_directory(io.BytesIO(data)).members] == list(members)
 
 
 def test_a_file_object_at_its_start_is_seekable_and_gets_no_data_descriptors():
@@ -534,7 +570,7 @@ def test_a_zip64_end_record_on_another_disk_is_refused(monkeypatch):
 
 def test_a_large_stored_member_cut_short_is_truncated():
     data = _written({'big.npy': bytes(range(256)) * 1000})
-    (member,) = _zipread.read_directory(io.BytesIO(data))
+    (member,) = _zipread.read_directory(io.BytesIO(data)).members
     start = _zipread.data_start_of(io.BytesIO(data), member)
     cut = _zipread.WindowedFile(io.BytesIO(data[:start + 100_000]))
     with pytest.raises(_zipread.MemberError, match='truncated'):
@@ -544,7 +580,7 @@ def test_a_large_stored_member_cut_short_is_truncated():
 def test_a_deflated_member_reads_in_parts_larger_than_a_piece():
     payload = numpy.random.default_rng(0).integers(0, 256, 600_000, dtype=numpy.uint8).tobytes()
     data = _written({'r.npy': payload}, compression=True)
-    (member,) = _zipread.read_directory(io.BytesIO(data))
+    (member,) = _zipread.read_directory(io.BytesIO(data)).members
     reader = _zipread.MemberReader(io.BytesIO(data), member)
     out = bytearray(len(payload))
     view = memoryview(out)
@@ -559,7 +595,7 @@ def test_a_deflated_member_reads_in_parts_larger_than_a_piece():
 def test_read_stored_fills_any_contiguous_buffer_with_the_members_bytes(size):
     payload = numpy.random.default_rng(1).integers(0, 256, size, dtype=numpy.uint8).tobytes()
     data = _written({'a.npy': payload})
-    (member,) = _zipread.read_directory(io.BytesIO(data))
+    (member,) = _zipread.read_directory(io.BytesIO(data)).members
     start = _zipread.data_start_of(io.BytesIO(data), member)
     head = 16
     for out in (numpy.zeros((size - head) // 4, numpy.float32),  # read as float32, 4 bytes each
@@ -571,7 +607,7 @@ def test_read_stored_fills_any_contiguous_buffer_with_the_members_bytes(size):
 
 def test_read_stored_refuses_a_buffer_with_gaps():
     data = _written({'a.npy': bytes(range(200))})
-    (member,) = _zipread.read_directory(io.BytesIO(data))
+    (member,) = _zipread.read_directory(io.BytesIO(data)).members
     start = _zipread.data_start_of(io.BytesIO(data), member)
     every_other = memoryview(bytearray(400))[::2]  # 200 bytes, one in two
     with pytest.raises(TypeError, match='C-contiguous'):
@@ -737,7 +773,7 @@ def test_deflated_blocks_are_the_same_bytes_whatever_the_threads_and_chunks(monk
     with zipfile.ZipFile(io.BytesIO(expected)) as archive:  # one deflate stream each
         for size in SIZES:
             assert archive.read(f'{size}.npy') == _payload(size)
-    for member in _zipread.read_directory(io.BytesIO(expected)):
+    for member in _zipread.read_directory(io.BytesIO(expected)).members:
         size = member.file_size
         if size < BLOCK:
             assert member.blocks is None
@@ -748,7 +784,7 @@ def test_deflated_blocks_are_the_same_bytes_whatever_the_threads_and_chunks(monk
 
 def _read_all(data: bytes, name: str) -> bytes:
     fp = _zipread.WindowedFile(io.BytesIO(data))
-    member = next(m for m in _zipread.read_directory(fp) if m.filename == name)
+    member = next(m for m in _zipread.read_directory(fp).members if m.filename == name)
     reader = _zipread.MemberReader(fp, member, whole=True)
     out = bytearray(member.file_size)
     view = memoryview(out)
@@ -787,7 +823,7 @@ def test_blocks_written_to_a_stream_that_cannot_seek_read_back_alike(monkeypatch
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         assert archive.getinfo('a.npy').flag_bits & _zipstream.DESCRIPTOR_FLAG
         assert archive.read('a.npy') == _payload(size)
-    assert _zipread.read_directory(io.BytesIO(data))[0].blocks is not None
+    assert _zipread.read_directory(io.BytesIO(data)).members[0].blocks is not None
     assert _read_all(data, 'a.npy') == _payload(size)
 
 
@@ -805,7 +841,7 @@ def test_a_block_list_goes_into_the_directory_only_where_the_extra_field_holds_i
         out = io.BytesIO()
         with _zipstream.ZipWriter(out, compression=True) as writer:
             writer.write_member('a.npy', [data])
-        member = _zipread.read_directory(io.BytesIO(out.getvalue()))[0]
+        member = _zipread.read_directory(io.BytesIO(out.getvalue())).members[0]
         assert (member.blocks is not None) == listed
         with zipfile.ZipFile(io.BytesIO(out.getvalue())) as archive:
             assert len(archive.getinfo('a.npy').extra) == (needed if listed else zip64_bytes)
@@ -819,7 +855,7 @@ def test_at_most_one_block_more_than_the_threads_is_inflated_ahead_of_the_reader
     _threads(monkeypatch, 2)
     name = f'{SIZES[-1]}.npy'
     fp = _zipread.WindowedFile(io.BytesIO(data))
-    member = next(m for m in _zipread.read_directory(fp) if m.filename == name)
+    member = next(m for m in _zipread.read_directory(fp).members if m.filename == name)
     reader = _zipread.MemberReader(fp, member, whole=True)
     fetched, ahead = [], []
     raw = reader.blocks.raw
@@ -842,7 +878,7 @@ def test_a_stream_that_does_not_end_after_its_last_whole_block_is_refused(monkey
     with _zipstream.ZipWriter(out, compression=True) as writer:
         writer.write_member('a.npy', [payload])
     data = out.getvalue()
-    member = _zipread.read_directory(io.BytesIO(data))[0]
+    member = _zipread.read_directory(io.BytesIO(data)).members[0]
     end = _zipread.data_start_of(io.BytesIO(data), member) + member.compress_size
     assert data[end - 2:end] == b'\x03\x00'  # an empty final block: the stream's end
     assert _read_all(data, 'a.npy') == payload
@@ -857,7 +893,8 @@ def test_a_stream_that_does_not_end_after_its_last_whole_block_is_refused(monkey
 def _with_block_list(data: bytes, name: str, change) -> bytes:
     """``data`` with the block list of member ``name`` changed by ``change`` (a function of
     the list's sizes that returns new ones, as many)."""
-    member = next(m for m in _zipread.read_directory(io.BytesIO(data)) if m.filename == name)
+    member = next(m for m in _zipread.read_directory(io.BytesIO(data)).members
+                  if m.filename == name)
     old = struct.pack(f'<I{len(member.blocks.deflated)}I', BLOCK, *member.blocks.deflated)
     new = struct.pack(f'<I{len(member.blocks.deflated)}I', BLOCK,
                       *change(list(member.blocks.deflated)))
@@ -884,7 +921,8 @@ def test_a_block_cut_or_corrupt_fails_the_read(monkeypatch):
     _threads(monkeypatch, 3)
     data = _in_blocks(BLOCK, monkeypatch)
     name = f'{SIZES[-1]}.npy'
-    member = next(m for m in _zipread.read_directory(io.BytesIO(data)) if m.filename == name)
+    member = next(m for m in _zipread.read_directory(io.BytesIO(data)).members
+                  if m.filename == name)
     start = _zipread.data_start_of(io.BytesIO(data), member)
     second = start + member.blocks.deflated[0]
     corrupt = data[:second] + b'\xff' + data[second + 1:]  # block type 3: none such

@@ -35,9 +35,10 @@ from gpuserial.formats._zipstream import (
     deflate_module,
 )
 
-__all__ = ['Input', 'KeptBytes', 'Member', 'MemberError', 'MemberReader', 'NotAZip',
-           'WindowedFile', 'ZipError', 'check_member', 'data_start_of', 'inflated_head',
-           'read_deflated', 'read_directory', 'read_stored', 'regular_stored', 'stored_head']
+__all__ = ['Directory', 'Input', 'KeptBytes', 'Member', 'MemberError', 'MemberReader',
+           'NotAZip', 'WindowedFile', 'ZipError', 'check_member', 'data_start_of',
+           'inflated_head', 'read_deflated', 'read_directory', 'read_stored', 'regular_stored',
+           'stored_head']
 
 MAX_EXTRACT_VERSION = 63  # ZIP 6.3: what zipfile reads too
 END_SIGNATURE = b'PK\x05\x06'
@@ -104,9 +105,18 @@ class Member(NamedTuple):
         return self.filename.endswith('/')
 
 
-def read_directory(fp: Input) -> list[Member]:
+class Directory(NamedTuple):
+    """A zip's central directory: its members, and where it starts (the members' bytes all lie
+    before it)."""
+
+    members: list[Member]
+    start: int
+
+
+def read_directory(fp: Input) -> Directory:
     """The members of the zip in ``fp``, from its central directory (ZIP64 included; data
-    prepended to the zip is allowed, as zipfile allows it).
+    prepended to the zip is allowed, as zipfile allows it). The bytes of its last 64 KiB are
+    read once: the end records and the directory take what they can from them.
 
     Raises:
         NotAZip: no end record.
@@ -122,15 +132,13 @@ def read_directory(fp: Input) -> list[Member]:
     _, disk, directory_disk, _, _, directory_size, directory_offset, _ = END.unpack_from(tail, at)
     end = tail_start + at
     if end >= END64_LOCATOR.size + END64.size:
-        fp.seek(end - END64_LOCATOR.size)
-        locator = fp.read(END64_LOCATOR.size)
+        locator = _read_span(fp, tail, tail_start, end - END64_LOCATOR.size, END64_LOCATOR.size)
         if locator[:4] == b'PK\x06\x07':
             _, locator_disk, _, disks = END64_LOCATOR.unpack(locator)
             if locator_disk or disks > 1:
                 raise ZipError('zipfiles that span multiple disks are not supported')
             end = end - END64_LOCATOR.size - END64.size
-            fp.seek(end)
-            fields = END64.unpack(fp.read(END64.size))
+            fields = END64.unpack(_read_span(fp, tail, tail_start, end, END64.size))
             if fields[0] != b'PK\x06\x06':
                 raise ZipError('Corrupt ZIP64 end of central directory record')
             disk, directory_disk = fields[4], fields[5]
@@ -141,8 +149,20 @@ def read_directory(fp: Input) -> list[Member]:
     start = directory_offset + concat
     if start < 0 or directory_size < 0 or start + directory_size > size:
         raise ZipError('Truncated central directory')
+    data = _read_span(fp, tail, tail_start, start, directory_size)
+    return Directory(_members(data, concat), start)
+
+
+def _read_span(fp: Input, tail: bytes, tail_start: int, start: int, count: int) -> bytes:
+    """``count`` bytes of ``fp`` from ``start`` (fewer where it ends), those from
+    ``tail_start`` on taken from ``tail``, which holds the file's end."""
+    if start >= tail_start:
+        return tail[start - tail_start:start - tail_start + count]
     fp.seek(start)
-    return _members(fp.read(directory_size), concat)
+    head = fp.read(min(count, tail_start - start))
+    if start + count <= tail_start or len(head) < tail_start - start:  # all, or a short read
+        return head
+    return head + tail[:start + count - tail_start]
 
 
 def _end_record_at(tail: bytes) -> int:

@@ -292,16 +292,20 @@ class Archive:
 
     Args:
         fp: the zip's binary file object (seekable).
-        members: the members (default: read from ``fp``'s central directory).
+        members: the members (default: read from ``fp``'s central directory, before which
+            their bytes end: ``data_end``, else the file's size).
         owned: close ``fp`` with the archive.
     """
 
     def __init__(self, fp: ArchiveFile, members: list | None = None, owned: bool = False):
         self.raw = fp
-        self.members = _zipread.read_directory(fp) if members is None else members
+        self.size = fp.seek(0, os.SEEK_END)
+        if members is None:
+            self.members, self.data_end = _zipread.read_directory(fp)
+        else:
+            self.members, self.data_end = members, self.size
         self.expect = getattr(fp, 'expect', None)  # an object in a store fetches ahead
         self.fp = _zipread.WindowedFile(fp)
-        self.size = fp.seek(0, os.SEEK_END)
         self.owned = owned
 
     def infolist(self) -> list:
@@ -347,7 +351,7 @@ class _ZipReader(loading.Reader):
         for."""
         if self.archive.expect is None:
             return
-        size = self.archive.size
+        size = self.archive.data_end  # no window runs into the directory, read already
         wanted = (((key, self._infos.get(key)) for key in keys) if keys is not None else
                   ((key, info) for key, info in self._infos.items() if key.startswith(under)))
         ordered = sorted((info.header_offset, key, info) for key, info in wanted
