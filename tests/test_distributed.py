@@ -529,7 +529,7 @@ def test_a_reader_closed_twice_closes_its_files_once(tmp_path):
 def test_a_piece_gives_no_more_bytes_than_it_holds(tmp_path):
     save_sharded(tmp_path, {'w': W}, SoloComm())
     (name,) = read_index(tmp_path).files
-    with reading.open_checkpoint(tmp_path) as reader:
+    with reading.ShardedReader(tmp_path, read_index(tmp_path), 0) as reader:
         entry = reader.entry('w')
         (piece,) = entry.token
         stream = reading._RunStream(reader, piece, entry.dtype, 'w')

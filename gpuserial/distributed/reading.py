@@ -381,12 +381,3 @@ def _shape(shape) -> str:
         return 'None'
     return '(' + ', '.join(map(str, shape)) + (',)' if len(shape) == 1 else ')')
 
-
-@contextlib.contextmanager
-def open_checkpoint(directory, rank: int = 0, storage_options: dict | None = None
-                    ) -> Iterator[ShardedReader]:
-    """A reader of the checkpoint in ``directory`` (a path or a URL) as rank ``rank`` sees it
-    (whole arrays)."""
-    folder = folder_of(directory, storage_options)
-    with ShardedReader(folder, read_index(folder), rank) as reader:
-        yield reader
