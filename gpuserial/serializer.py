@@ -194,6 +194,20 @@ def keeps_returned_arrays(obj) -> bool:
     return isinstance(obj, DictTarget) or getattr(type(obj), 'keeps_returned_arrays', None) is True
 
 
+def object_as_value_error(where: str, obj) -> TypeError | None:
+    """The error for ``obj`` handed to a serializer as a value when it is an object that holds
+    values (a link or a torch module in a dict), saying how to save it; else None."""
+    if hasattr(obj, 'serialize'):
+        how = ('save it with save_npz(file, obj) or save_hdf5, or as a child of the object '
+               'saved')
+    elif callable(getattr(obj, 'state_dict', None)):
+        how = 'save its state_dict()'
+    else:
+        return None
+    return TypeError(f'{where}: an object ({type(obj).__name__}), not a value: {how}; a dict '
+                     f'holds arrays, numbers, strings, None and dicts')
+
+
 def as_serializable(obj):
     """``obj`` itself when it has ``serialize``, a :class:`DictTarget` when it is a dict."""
     if hasattr(obj, 'serialize'):

@@ -718,6 +718,28 @@ def test_a_ragged_list_is_named_with_the_file_and_key(tmp_path, save, ext):
     assert not path.exists() and crafting.temporaries(tmp_path) == []
 
 
+class _TorchLikeModule:
+    """What the message goes by: a ``state_dict()`` (torch stays optional here)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+@pytest.mark.parametrize(('value', 'how'), [
+    (gpuserial.Linear(2, 3), r'an object \(Linear\), not a value: save it with '
+                             r'save_npz\(file, obj\) or save_hdf5, or as a child'),
+    (_TorchLikeModule(), r'an object \(_TorchLikeModule\), not a value: save its '
+                         r'state_dict\(\)')], ids=['link', 'torch-module'])
+@pytest.mark.parametrize('suffix', ['npz', 'h5'])
+def test_an_object_in_a_dict_is_refused_saying_how_to_save_it(tmp_path, value, how, suffix):
+    """A link or a torch module is not a value: a dict of them (the way torch checkpoints
+    hold ``{'model': ..., 'optimizer': ...}``) is refused saying what to save instead."""
+    path = tmp_path / f'm.{suffix}'
+    with pytest.raises(TypeError, match=_where(path, 'run/model') + ': ' + how):
+        gpuserial.save(path, {'run': {'model': value}, 'epoch': 3})
+    assert not path.exists() and crafting.temporaries(tmp_path) == []
+
+
 @pytest.mark.parametrize('value', [numpy.array([1, 'a'], object), 10**30],
                          ids=['object-array', 'int-beyond-64-bits'])
 def test_object_arrays_are_named_with_the_file_and_key(tmp_path, value):

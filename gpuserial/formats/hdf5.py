@@ -39,7 +39,13 @@ from gpuserial.errors import (
 )
 from gpuserial.formats import loading
 from gpuserial.formats._zipstream import DEFLATE_ERRORS, deflate_module
-from gpuserial.serializer import Serializer, as_serializable, child_path, entry_key
+from gpuserial.serializer import (
+    Serializer,
+    as_serializable,
+    child_path,
+    entry_key,
+    object_as_value_error,
+)
 from gpuserial.storage import _signals, remote
 from gpuserial.storage._fileio import (
     atomic_path,
@@ -268,6 +274,9 @@ def check_paths(sources: dict[str, str], name: str, groups: Collection[str] = fr
 def _check_storable(group: h5py.Group, key: str, value, name: str) -> None:
     """Raises for a value no dataset can hold: objects other than strings and None, dates and
     times, types NumPy does not define (ml_dtypes' int4)."""
+    error = object_as_value_error(_where(name, group, key), value)
+    if error is not None:
+        raise error
     if value is not None and not isinstance(value, str):
         try:
             dtype = value.dtype if devices.is_array(value) else numpy.asarray(value).dtype

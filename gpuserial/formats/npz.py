@@ -30,7 +30,13 @@ from gpuserial.errors import (
     UnsafeFileError,
 )
 from gpuserial.formats import _npy, _zipread, _zipstream, loading
-from gpuserial.serializer import Serializer, as_serializable, child_path, entry_key
+from gpuserial.serializer import (
+    Serializer,
+    as_serializable,
+    child_path,
+    entry_key,
+    object_as_value_error,
+)
 from gpuserial.storage._fileio import (
     atomic_output,
     check_file_object,
@@ -210,7 +216,7 @@ def write_npz(out: BinaryIO, entries: Mapping[str, object] | Iterable[tuple[str,
             for key, array in run:
                 if array.dtype.hasobject:
                     if not _is_stored_none(array):
-                        raise _unstorable(name, key)
+                        raise _unstorable(name, key, array)
                     archive.write_small_member(key + SUFFIX, _npy.none_member())
                 else:
                     header = _npy.encode_header(array.dtype, array.shape)
@@ -269,12 +275,15 @@ def check_storable(entries: Iterable[tuple[str, Any]], name: str) -> None:
     before the save starts (a save checks as it writes)."""
     for key, value in entries:
         if value.dtype.hasobject and not _is_stored_none(value):
-            raise _unstorable(name, key)
+            raise _unstorable(name, key, value)
 
 
-def _unstorable(name: str, key: str) -> TypeError:
-    return TypeError(f'{name!r}, key {key!r}: object arrays other than None cannot be saved '
-                     f'(arrays, numbers, strings and None can)')
+def _unstorable(name: str, key: str, array: numpy.ndarray) -> TypeError:
+    where = f'{name!r}, key {key!r}'
+    held = array[()] if array.shape == () else None
+    return object_as_value_error(where, held) or TypeError(
+        f'{where}: object arrays other than None cannot be saved (arrays, numbers, strings and '
+        f'None can)')
 
 
 # ---------------------------------------------------------------------------------------------
