@@ -126,8 +126,10 @@ def _string_entry_key(path: str, key: str) -> str:
 
 def _checked(key, path: str) -> str:
     if not isinstance(key, str):
+        hint = (" (a torch optimizer's state_dict() has int keys and lists of settings: it is "
+                "not a dict of values gpuserial saves)" if isinstance(key, int) else '')
         raise InvalidKeyError(f'key {key!r} under path {path!r} is not a string (it is of '
-                              f'type {type(key).__name__}): keys are strings')
+                              f'type {type(key).__name__}): keys are strings{hint}')
     if not key.strip('/'):
         raise InvalidKeyError(f'key {key!r} under path {path!r} is empty')
     if '\x00' in key:  # HDF5 and numpy.load would cut the name there

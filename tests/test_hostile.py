@@ -691,7 +691,8 @@ def test_hdf5_refuses_a_dataset_where_a_group_must_go(tmp_path):
 
 @pytest.mark.parametrize(('obj', 'key', 'message'), [
     ({'': numpy.zeros(2)}, '', 'is empty'),
-    ({1: numpy.zeros(2)}, 1, r'is not a string \(it is of type int\): keys are strings'),
+    ({1: numpy.zeros(2)}, 1, r"is not a string \(it is of type int\): keys are strings \(a "
+                             r"torch optimizer's state_dict\(\) has int keys"),
     ({'a': {'/': numpy.zeros(2)}}, '/', 'is empty'),
 ])
 def test_bad_keys_are_named_with_the_file(tmp_path, saver, obj, key, message):
