@@ -15,6 +15,7 @@ import h5py
 import numpy
 import pytest
 
+import gpuserial
 from gpuserial import serializers
 from gpuserial.engine import transfer
 from gpuserial.errors import (
@@ -38,6 +39,22 @@ def test_layout_is_chainers(tmp_path):
         assert f['l1/b'].shape is None and f['l1/b'].dtype == numpy.float32  # h5py.Empty('f')
         assert f['t'].compression is None and f['t'][()] == 3
         assert f['one'].compression is None
+
+
+@pytest.mark.parametrize('save', [serializers.save_hdf5, gpuserial.save],
+                         ids=['save_hdf5', 'save'])
+def test_a_none_array_is_stored_as_none(tmp_path, save):
+    """A 0-d object array holding None is Chainer's None as ``npz.serialize`` gives it (the dict
+    its snapshot writers hand to ``savefun``): stored as Empty, as in NPZ. It was refused as
+    'object arrays other than None cannot be saved'."""
+    path = tmp_path / 'm.h5'
+    save(path, {'W': numpy.array(None), 'b': numpy.ones(2, numpy.float32)})
+    with h5py.File(path, 'r') as f:
+        assert f['W'].shape is None and f['W'].dtype == numpy.float32  # h5py.Empty('f')
+    target = {'W': numpy.zeros(3), 'b': numpy.zeros(2, numpy.float32)}
+    serializers.load_hdf5(path, target)
+    assert (target['W'] == 0).all() and (target['b'] == 1).all()
+    assert gpuserial.load(path)['W'] is None
 
 
 @pytest.mark.parametrize('level', [0, 1, 9])
@@ -363,6 +380,7 @@ def test_a_file_object_that_takes_no_bytes_fails_the_save():
 
 REFUSING_WRITER = """
 import io, numpy
+import gpuserial
 from gpuserial import serializers
 class Refusing(io.RawIOBase):
     def writable(self): return True

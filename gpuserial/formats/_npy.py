@@ -384,6 +384,12 @@ def _dtype_of(descr) -> numpy.dtype:
         raise HeaderError(f'bad dtype {descr!r:.200} in .npy header') from error
 
 
+def is_none_array(value) -> bool:
+    """Whether ``value`` is Chainer's ``None`` as an array: a 0-d object array holding None,
+    as ``DictionarySerializer`` stores it (and Chainer's snapshot writers are handed it)."""
+    return isinstance(value, numpy.ndarray) and value.shape == () and value[()] is None
+
+
 def is_chainer_none(header: Header, payload: bytes) -> bool:
     """Whether an object member is Chainer's ``None`` (its pickle is walked, never run)."""
     return (header.is_object and header.dtype == numpy.dtype(object) and header.shape == ()

@@ -37,7 +37,7 @@ from gpuserial.errors import (
     ReadFailedError,
     UnsafeFileError,
 )
-from gpuserial.formats import loading
+from gpuserial.formats import _npy, loading
 from gpuserial.formats._zipstream import DEFLATE_ERRORS, deflate_module
 from gpuserial.serializer import (
     Serializer,
@@ -144,6 +144,8 @@ class HDF5Serializer(Serializer):
                               f'{error}') from None
         except TypeError as error:  # a torch dtype NumPy lacks (float8_e4m3fnuz)
             raise TypeError(f'{_where(self.name, self.group, key)}: {error}') from None
+        if _npy.is_none_array(stored):  # a dict from Chainer's npz.serialize holds None so
+            stored = None
         if self._plan is not None:  # checked now: the writes may come later (save_async)
             _check_storable(self.group, key, stored, self.name)
             self._plan.entries.append((self.group, key, _dataset_path(self.group, key), stored))

@@ -215,7 +215,7 @@ def write_npz(out: BinaryIO, entries: Mapping[str, object] | Iterable[tuple[str,
                 continue
             for key, array in run:
                 if array.dtype.hasobject:
-                    if not _is_stored_none(array):
+                    if not _npy.is_none_array(array):
                         raise _unstorable(name, key, array)
                     archive.write_small_member(key + SUFFIX, _npy.none_member())
                 else:
@@ -266,15 +266,11 @@ def _chain(*iterables):
         yield from iterable
 
 
-def _is_stored_none(array) -> bool:
-    return isinstance(array, numpy.ndarray) and array.shape == () and array[()] is None
-
-
 def check_storable(entries: Iterable[tuple[str, Any]], name: str) -> None:
     """Raises for an entry a save cannot store (an object array other than a stored None),
     before the save starts (a save checks as it writes)."""
     for key, value in entries:
-        if value.dtype.hasobject and not _is_stored_none(value):
+        if value.dtype.hasobject and not _npy.is_none_array(value):
             raise _unstorable(name, key, value)
 
 

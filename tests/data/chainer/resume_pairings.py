@@ -34,6 +34,7 @@ import chainer.links as L
 import numpy
 from chainer import iterators, optimizer_hooks, optimizers, serializers, training
 from chainer.training import extensions
+from chainer.training.extensions import snapshot_writers
 
 import gpuserial.serializers
 
@@ -321,6 +322,27 @@ def _check_multiprocess_iterator_resumes(directory):
         got = [next(target) for _ in range(8)]
         target.finalize()
         assert got == expected, (party, fmt, got, expected)
+
+
+def _check_snapshot_writers_save_hdf5_with_a_lazy_link(directory):
+    """Chainer's snapshots hand savefun the dict of npz.serialize, where a lazy link's None is a
+    0-d object array: gpuserial's save_hdf5 stores it as None, through each writer."""
+    for writer in (snapshot_writers.SimpleWriter, snapshot_writers.ThreadWriter,
+                   snapshot_writers.ProcessWriter):
+        numpy.random.seed(8)
+        model = chainer.Sequential(L.Linear(3, 2), L.Linear(None, 4))  # before any forward
+        train = iterators.SerialIterator([numpy.zeros(3, numpy.float32)], 1)
+        updater = training.updaters.StandardUpdater(train, optimizers.SGD().setup(model))
+        trainer = training.Trainer(updater, out=os.path.join(directory, writer.__name__))
+        os.makedirs(trainer.out)  # as trainer.run makes it
+        snapshot = extensions.snapshot_object(
+            model, 'model.h5', writer=writer(savefun=gpuserial.serializers.save_hdf5))
+        snapshot(trainer)
+        snapshot.finalize()  # waits for a thread's or a process's save
+        target = chainer.Sequential(L.Linear(3, 2), L.Linear(None, 4))
+        gpuserial.serializers.load_hdf5(os.path.join(trainer.out, 'model.h5'), target)
+        assert (target[0].W.array == model[0].W.array).all(), writer.__name__
+        assert target[1].W.array is None, writer.__name__
 
 
 def _check_import_does_not_import_chainer(directory):
