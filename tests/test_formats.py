@@ -254,6 +254,23 @@ def test_a_path_without_its_slash_says_so_when_a_key_is_missing(tmp_path, fmt):
         load(tmp_path / f'm{ext}', {'w': numpy.zeros(3)}, path='outer')
 
 
+def test_a_missing_key_names_the_paths_that_hold_it(tmp_path, fmt):
+    """A model loaded from a trainer's snapshot without path= said only 'not in the file'."""
+    save, load, ext = fmt
+    save(tmp_path / f'm{ext}', {'updater': {'model:main': {'l1': {'W': numpy.ones(2)}},
+                                            'model:dis': {'l1': {'W': numpy.ones(2)}}},
+                                'other': {'l1': {'Wx': numpy.ones(2)}}})
+    with pytest.raises(KeyError, match=r"key 'l1/W': not in the file \(the file has it under "
+                                       r"path='updater/model:dis/', "
+                                       r"path='updater/model:main/'\)$"):
+        load(tmp_path / f'm{ext}', {'l1': {'W': numpy.zeros(2)}})
+    with pytest.raises(KeyError, match=r"key 'updater/model:gen/l1/W': not in the file "
+                                       r"\(the file has it under path='updater/model:dis/', "):
+        load(tmp_path / f'm{ext}', {'l1': {'W': numpy.zeros(2)}}, path='updater/model:gen/')
+    with pytest.raises(KeyError, match=r"key 'l1/b': not in the file$"):
+        load(tmp_path / f'm{ext}', {'l1': {'b': numpy.zeros(2)}})
+
+
 def test_ignore_names(tmp_path, fmt):
     save, load, ext = fmt
     save(tmp_path / f'm{ext}', {'a': numpy.ones(2), 'b': numpy.ones(2)})

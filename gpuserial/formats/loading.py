@@ -310,6 +310,7 @@ class ReaderDeserializer(Deserializer):
                  *, device=None, progress: bool | None = None):
         self.reader = reader
         self.path = path
+        self._root = path  # the path the load starts from (a child's path goes on from it)
         self.strict = strict
         self.ignore_names = ignore_names
         self.device = None if device is None else devices.get_device(device)
@@ -394,7 +395,8 @@ class ReaderDeserializer(Deserializer):
         if entry is None:
             if self.strict:
                 hint = (f" (path={self.path!r} does not end with '/': a key is path + name, as "
-                        f'in Chainer)' if not self.path.endswith('/') and self.path else '')
+                        f'in Chainer)' if not self.path.endswith('/') and self.path
+                        else self._elsewhere(key[len(self._root):]))
                 raise KeyNotFoundError(f'{self.reader.where(key)}: not in the file{hint}')
             if self._tracking is not None:
                 self._tracking.missing.append(key)
@@ -414,6 +416,16 @@ class ReaderDeserializer(Deserializer):
         if framework is not None:
             return self._load_view(entry, value, framework)
         return self._load_scalar(entry, value)
+
+    def _elsewhere(self, name: str) -> str:
+        """A hint naming the paths under which the file holds ``name`` (a model loaded from a
+        trainer's snapshot without ``path='updater/model:main/'``), or ''."""
+        paths = sorted({key[:len(key) - len(name)] for key in self.reader.keys()
+                        if isinstance(key, str) and (key == name or key.endswith('/' + name))})
+        if not paths:
+            return ''
+        shown = ', '.join(f'path={path!r}' for path in paths[:3])
+        return f" (the file has it under {shown}{', ...' if len(paths) > 3 else ''})"
 
     def _new_array(self, entry: Entry, dtype: numpy.dtype, device: devices.Device | None = None):
         """A new array on ``device`` (by default the load's, else the CPU), read at once; an
