@@ -421,7 +421,8 @@ class ReaderDeserializer(Deserializer):
         """A hint naming the paths under which the file holds ``name`` (a model loaded from a
         trainer's snapshot without ``path='updater/model:main/'``), or ''."""
         paths = sorted({key[:len(key) - len(name)] for key in self.reader.keys()
-                        if isinstance(key, str) and (key == name or key.endswith('/' + name))})
+                        if isinstance(key, str) and (key == name or key.endswith('/' + name))}
+                       - {self._root})  # listed but not readable here (a sharded load's rank)
         if not paths:
             return ''
         shown = ', '.join(f'path={path!r}' for path in paths[:3])
