@@ -429,6 +429,13 @@ def _block_bytes(host: bool) -> int:
     return max(chunk_bytes, MIN_HOST_BLOCK_BYTES) if host else chunk_bytes
 
 
+def _converts(stored: numpy.dtype, target: numpy.dtype) -> bool:
+    """Whether libhdf5 converts values of ``stored`` into ``target`` as it reads: not a real
+    number into a complex one (h5py's complex type is a compound of two floats, which libhdf5
+    makes only from another such compound), which the engine casts instead."""
+    return target.kind != 'c' or stored.kind == 'c'
+
+
 def _read_blocks(dataset: h5py.h5d.DatasetID, shape: tuple, itemsize: int, host: bool) -> list:
     """Hyperslabs of at most a block, whole bands of the dataset's HDF5 chunks where they fit,
     so that no HDF5 chunk is read (and decompressed) twice."""
@@ -532,7 +539,8 @@ class _GroupReader(loading.Reader):
         # what h5py reads into: the target's dtype (h5py converts), or the stored encoding
         # whose bits the target holds (see devices.holds_bits_of)
         assert entry.dtype is not None  # not a stored None
-        read_as = entry.dtype if devices.holds_bits_of(dst.dtype, entry.dtype) else dst.dtype
+        read_as = (entry.dtype if devices.holds_bits_of(dst.dtype, entry.dtype)
+                   or not _converts(entry.dtype, dst.dtype) else dst.dtype)
         if read_as == entry.dtype and dst.nbytes >= INFLATE_MIN_BYTES:
             chunks = self._inflatable_chunks(entry)
             bands = chunks and chunk_bands(dst.shape, chunks[0], read_as.itemsize,
@@ -540,7 +548,7 @@ class _GroupReader(loading.Reader):
             if chunks and bands:
                 self._read_inflating(entry, dst, *chunks, bands)
                 return
-        host = backend.is_host and dst.flags.c_contiguous
+        host = backend.is_host and dst.flags.c_contiguous and _converts(entry.dtype, dst.dtype)
         blocks = _read_blocks(dataset, dst.shape, dst.dtype.itemsize, host)
         if host and len(blocks) == 1:  # the whole dataset in one read, as h5py's read_direct
             self._guard(entry, lambda: dataset.read(h5py.h5s.ALL, h5py.h5s.ALL, dst))
@@ -566,7 +574,7 @@ class _GroupReader(loading.Reader):
                 block[...] = self._guard(entry, lambda: dataset[()])
             self.progress.update(block.nbytes)
 
-        transfer.fill(dst, read_into, dst.dtype, blocks=blocks)
+        transfer.fill(dst, read_into, read_as, blocks=blocks)
 
     def _inflatable_chunks(self, entry: loading.Entry) -> tuple[tuple, numpy.ndarray] | None:
         """The dataset's chunk shape, and where each chunk is stored (its file offset, size
