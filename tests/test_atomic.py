@@ -27,6 +27,7 @@ import traceback
 import numpy
 import pytest
 
+import gpuserial
 from gpuserial import serializers
 from gpuserial.errors import ReadFailedError
 from gpuserial.formats import _zipstream, hdf5
@@ -900,3 +901,32 @@ def test_where_no_thread_can_start_a_durable_save_goes_on_without_the_writeback(
     target = kill_saver.zeros()
     serializers.load_npz(tmp_path / 'm.npz', target)
     assert target['which'] == 1
+
+
+@pytest.mark.parametrize('stem', ['m' * 250, 'é' * 125, 'm' + 'é' * 124],
+                         ids=['ascii', 'two-byte', 'two-byte-odd'])
+def test_a_name_as_long_as_names_may_be_saves_through_a_shorter_temporary_name(fmt, tmp_path,
+                                                                               stem):
+    """A temporary name adds about 45 bytes to the target's: cut short (between characters),
+    it still fits, where it failed with ENAMETOOLONG though the target's name was valid."""
+    save, load, ext = FORMATS[fmt]
+    path = tmp_path / (stem[:(255 - len(ext)) // len(stem[-1].encode())] + ext)
+    assert 250 <= len(os.fsencode(path.name)) <= 255
+    save(path, kill_saver.state(1))
+    save(path, kill_saver.state(0))  # over the file: a second temporary name, swapped in
+    assert os.listdir(tmp_path) == [path.name]
+    target = kill_saver.zeros()
+    load(path, target)
+    assert target['which'] == 0
+
+
+def test_a_name_longer_than_names_may_be_is_refused_before_anything_is_written(fmt, tmp_path):
+    path = tmp_path / ('m' * 253 + FORMATS[fmt][2])
+    message = (f"[Errno {errno.ENAMETOOLONG}] File name too long (its name has "
+               f"{len(path.name)} bytes; names in its directory have at most 255): {str(path)!r}")
+    with pytest.raises(OSError, match=re.escape(message)) as raised:
+        FORMATS[fmt][0](path, kill_saver.state(0))
+    assert raised.value.errno == errno.ENAMETOOLONG
+    with pytest.raises(OSError, match=re.escape(message)):  # at the call
+        gpuserial.save_async(path, kill_saver.state(0))
+    assert os.listdir(tmp_path) == []

@@ -84,9 +84,23 @@ def check_file_object(file, *, writing: bool) -> None:
             f'{"writing" if writing else "reading"} (open it with {mode!r})')
 
 
-def _temp_prefix(path: str) -> str:
+def _temp_path(path: str) -> str:
+    """A fresh temporary name beside ``path``, ``.NAME.PID-HOST-TOKEN.gpuserial-tmp``, NAME cut
+    short where the whole would be longer than a name in that directory may be."""
     directory, name = os.path.split(path)
-    return os.path.join(directory, f'.{name}.')
+    tag = f'{os.getpid()}-{HOST}-{secrets.token_hex(6)}{TEMP_SUFFIX}'
+    room = _name_max(directory) - len(os.fsencode(f'..{tag}'))
+    while len(os.fsencode(name)) > room:
+        name = name[:-1]
+    return os.path.join(directory, f'.{name}.{tag}')
+
+
+def _name_max(directory: str) -> int:
+    """The most bytes a name in ``directory`` may have (255 where the system does not say)."""
+    try:
+        return os.pathconf(directory or '.', 'PC_NAME_MAX')
+    except (OSError, ValueError, AttributeError):  # AttributeError: no pathconf (Windows)
+        return 255
 
 
 HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # in temporary names
@@ -184,6 +198,7 @@ def save_target(path) -> str:
     Raises:
         IsADirectoryError: ``path`` is a directory.
         FileNotFoundError: its directory does not exist.
+        OSError: ``ENAMETOOLONG``, its name is longer than a name there may be.
     """
     path = os.fsdecode(path)
     if os.path.islink(path):
@@ -193,6 +208,10 @@ def save_target(path) -> str:
     directory = os.path.dirname(path) or '.'
     if not os.path.isdir(directory):
         raise FileNotFoundError(f'cannot save to {path!r}: no such directory {directory!r}')
+    length, most = len(os.fsencode(os.path.basename(path))), _name_max(directory)
+    if length > most:
+        raise OSError(errno.ENAMETOOLONG, f'{os.strerror(errno.ENAMETOOLONG)} (its name has '
+                      f'{length} bytes; names in its directory have at most {most})', path)
     return path
 
 
@@ -214,7 +233,7 @@ def atomic_path(path, *, durable: bool, size_hint: int | None = None) -> Iterato
     path = save_target(path)
     directory = os.path.dirname(path) or '.'
     remove_stale_temporaries(directory)
-    temp = f'{_temp_prefix(path)}{os.getpid()}-{HOST}-{secrets.token_hex(6)}{TEMP_SUFFIX}'
+    temp = _temp_path(path)
     try:
         try:
             with (_early_writeback(temp, path) if durable and (size_hint is None
