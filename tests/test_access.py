@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import logging
 import os
@@ -131,6 +132,20 @@ def test_load_of_what_is_no_checkpoint_names_the_file(tmp_path):
     (tmp_path / 'text.npz').write_text('not a zip at all')
     with pytest.raises(CorruptFileError, match="text.npz'?: not an NPZ or HDF5 file"):
         gpuserial.open(tmp_path / 'text.npz')
+
+
+@pytest.mark.parametrize('name, error, why', [
+    ('m' * 300 + '.npz', errno.ENAMETOOLONG, 'File name too long'),
+    ('text.npz/m.npz', errno.ENOTDIR, 'Not a directory'),
+])
+@pytest.mark.parametrize('call', [gpuserial.load, gpuserial.open])
+def test_a_path_that_cannot_be_looked_at_says_why_not_that_there_is_no_such_file(
+        tmp_path, name, error, why, call):
+    (tmp_path / 'text.npz').write_text('a file where a directory would be')
+    path = str(tmp_path / name)
+    with pytest.raises(OSError, match=re.escape(f'[Errno {error}] {why}: {path!r}')) as raised:
+        call(path)
+    assert raised.value.errno == error  # as numpy.load says
 
 
 def _claims_more_than_it_holds(path) -> str:

@@ -58,8 +58,12 @@ COMPARE_BLOCK = 1 << 22  # elements compared at a time: bounds diff's temporary 
 
 
 def _check_readable(path: str) -> None:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f'{path!r}: no such file')
+    """Refuses a missing path and a directory; Python's own error, naming ``path``, for one
+    that cannot be looked at (a name too long, a file where a directory should be)."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f'{path!r}: no such file') from None
     if os.path.isdir(path):
         raise IsADirectoryError(f'{path!r}: is a directory, not an NPZ or HDF5 file'
                                 f'{sharded_hint(path)}')
