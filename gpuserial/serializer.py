@@ -134,6 +134,13 @@ def _checked(key, path: str) -> str:
         raise InvalidKeyError(f'key {key!r} under path {path!r} is empty')
     if '\x00' in key:  # HDF5 and numpy.load would cut the name there
         raise InvalidKeyError(f'key {key!r} under path {path!r} holds a NUL character')
+    if not key.isascii():
+        try:
+            key.encode('utf-8')
+        except UnicodeEncodeError as error:  # NPZ and HDF5 store names as UTF-8
+            raise InvalidKeyError(f'key {key!r} under path {path!r} is not UTF-8 text: it '
+                                  f'holds {error.object[error.start]!r}, a lone surrogate (a '
+                                  f'name decoded with errors=\'surrogateescape\'?)') from None
     return key
 
 

@@ -331,6 +331,20 @@ def test_a_key_holding_nul_is_refused_not_cut_short(tmp_path, save, state):
     assert not path.exists()
 
 
+@pytest.mark.parametrize('save', [serializers.save_npz, serializers.save_hdf5])
+@pytest.mark.parametrize('state', [{'w\udcffeights': numpy.ones(1)},  # an entry, a child
+                                   {'a\ud800': {'w': numpy.ones(1)}}])
+def test_a_key_that_is_not_utf8_text_is_refused_naming_the_file(tmp_path, save, state):
+    """A lone surrogate (os.listdir's name of undecodable bytes) has no UTF-8 form for a zip
+    or HDF5 name: it was a bare UnicodeEncodeError (NPZ) or TypeError (HDF5)."""
+    from gpuserial.errors import InvalidKeyError
+    path = tmp_path / 'm'
+    with pytest.raises(InvalidKeyError, match=re.escape(f"{str(path)!r}, key ") + ".* is not "
+                       "UTF-8 text: it holds '\\\\ud[8c][0f][0f]', a lone surrogate"):
+        save(path, state)
+    assert not path.exists()
+
+
 def test_the_base_classes_leave_their_abstract_methods_to_subclasses():
     """A serializer, format reader or array backend that forgets a method fails loudly."""
     from gpuserial.engine import devices
