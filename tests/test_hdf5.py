@@ -1067,3 +1067,18 @@ def test_real_numbers_load_into_complex_arrays_as_in_npz(tmp_path, shape, compre
     serializers.load_hdf5(path, {'x': target})
     assert host(target).dtype == numpy.dtype(target_dtype)
     numpy.testing.assert_array_equal(host(target), values.astype(target_dtype))
+
+
+@pytest.mark.parametrize('value', ['a\udcff', numpy.array(['ok', 'x\ud800y'])])
+def test_text_that_is_not_utf8_is_refused_naming_the_file_and_key(tmp_path, value):
+    """h5py's UnicodeEncodeError became a bare TypeError ('function takes exactly 5
+    arguments'); the old file stays."""
+    path = tmp_path / 'm.h5'
+    serializers.save_hdf5(path, {'w': numpy.ones(2)})
+    old = path.read_bytes()
+    with pytest.raises(ValueError, match=re.escape(
+            f"{str(path)!r}, key 's': text that is not UTF-8 (it holds ") + r"'\\ud[8c][0f]"
+            r"[0f]': surrogates not allowed\) cannot be saved to HDF5, which stores text as "
+            r"UTF-8 \(NPZ stores it\)"):
+        serializers.save_hdf5(path, {'w': numpy.ones(2), 's': value})
+    assert path.read_bytes() == old and os.listdir(tmp_path) == ['m.h5']

@@ -315,6 +315,10 @@ def write_entry(group: h5py.Group, key: str, value, compression: int | None, nam
             write_dataset(group, key, value, compression, shown)
         else:
             group.create_dataset(key, data=numpy.asarray(value))
+    except UnicodeEncodeError as error:  # text h5py cannot encode (a lone surrogate)
+        raise ValueError(f'{_where(name, group, key)}: text that is not UTF-8 (it holds '
+                         f'{error.object[error.start:error.end]!r}: {error.reason}) cannot be '
+                         f'saved to HDF5, which stores text as UTF-8 (NPZ stores it)') from None
     except (ValueError, TypeError) as error:  # h5py's, such as a name that is taken
         raise type(error)(f'{_where(name, group, key)}: {error}') from None
 
