@@ -5,6 +5,7 @@ import dataclasses
 import io
 import multiprocessing
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -22,8 +23,9 @@ from hypothesis import strategies as st
 import gpuserial
 from gpuserial import serializers
 from gpuserial.engine import transfer
-from gpuserial.errors import CorruptFileError
+from gpuserial.errors import CorruptFileError, InvalidKeyError
 from gpuserial.formats import _npy, _zipread, _zipstream, npz
+from gpuserial.tools import inspection
 from tests import crafting, standin
 from tests.conftest import host, make_device
 
@@ -702,3 +704,30 @@ def test_structured_dtypes_keep_their_titles_and_padding():
         target = {'v': numpy.zeros(3, dtype)}
         serializers.load_npz(io.BytesIO(out.getvalue()), target)
         assert target['v'].tobytes() == values.tobytes()
+
+
+@pytest.mark.parametrize('key', ['k' * (0xFFFF - 3), 'é' * 32766, 'a/' + 'k' * 65530])
+def test_a_key_too_long_for_a_zip_name_is_refused_naming_the_file_and_key(tmp_path, key):
+    """A zip member's name has at most 65535 bytes: beyond, the save was a bare struct.error
+    halfway through the file; now it is refused before anything is written, and so is a
+    conversion of an HDF5 file holding such a key."""
+    path = tmp_path / 'long.npz'
+    size = len((key + '.npy').encode())
+    message = re.escape(f"{str(path)!r}, key {key[:40]!r}... ({len(key)} characters): too long "
+                        f"for NPZ: its member name would have {size} bytes, and a zip takes at "
+                        f"most 65535")
+    for save in (serializers.save_npz, gpuserial.save_async, gpuserial.save):
+        with pytest.raises(InvalidKeyError, match=message):
+            save(path, {key: numpy.ones(2)})
+    serializers.save_hdf5(tmp_path / 'long.h5', {key: numpy.ones(2)})
+    with pytest.raises(InvalidKeyError, match=message):
+        inspection.convert(tmp_path / 'long.h5', path)
+    assert sorted(os.listdir(tmp_path)) == ['long.h5']
+
+
+def test_a_key_as_long_as_a_zip_name_may_be_saves_and_loads(tmp_path):
+    key = 'é' * 32765 + 'k'  # 65535 bytes with '.npy'
+    serializers.save_npz(tmp_path / 'long.npz', {key: numpy.arange(2)})
+    with numpy.load(tmp_path / 'long.npz') as npz:
+        assert npz.files == [key]
+    assert list(gpuserial.load(tmp_path / 'long.npz')) == [key]

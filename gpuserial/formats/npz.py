@@ -49,6 +49,7 @@ from gpuserial.storage._fileio import (
 __all__ = ['DictionarySerializer', 'NpzDeserializer', 'load_npz', 'save_npz', 'serialize']
 
 SUFFIX = '.npy'
+MAX_NAME_BYTES = 0xFFFF  # a zip's name lengths are 16 bits
 MAX_DEFLATE_RATIO = 1032  # deflate cannot expand data more than this: bounds a member's claims
 SMALL_BYTES = 1 << 20  # arrays up to this size load in one read, without the staging engine
 HEADER_GUESS = 256  # bytes read for a member's .npy header, which numpy pads to 128
@@ -140,9 +141,26 @@ def collect(file, obj) -> dict:
     """What a save of ``obj`` to ``file`` stores (:func:`serialize_refs`), key errors naming
     the file."""
     try:
-        return serialize_refs(obj)
+        entries = serialize_refs(obj)
     except (InvalidKeyError, KeyCollisionError, DeviceError, UnstorableValueError) as error:
         raise type(error)(f'{display_name(file)!r}, {error}') from None
+    for key in entries:
+        check_member_name(file, key)
+    return entries
+
+
+def check_member_name(file, key: str) -> None:
+    """Raises, naming ``file`` and ``key``, for a key too long to name a zip member.
+
+    Raises:
+        InvalidKeyError: ``key`` and the suffix are more than :data:`MAX_NAME_BYTES` in UTF-8.
+    """
+    if len(key) > (MAX_NAME_BYTES - len(SUFFIX)) // 4:  # else it fits, whatever its characters
+        size = len((key + SUFFIX).encode('utf-8'))
+        if size > MAX_NAME_BYTES:
+            raise InvalidKeyError(f'{display_name(file)!r}, key {key[:40]!r}... ({len(key)} '
+                                  f'characters): too long for NPZ: its member name would have '
+                                  f'{size} bytes, and a zip takes at most {MAX_NAME_BYTES}')
 
 
 def save_npz(file, obj, compression: bool = True, *, durable: bool = True,

@@ -591,6 +591,8 @@ def convert(src, dst, *, format: str | None = None, compression: int | bool | No
 
 def _write_npz(source: _Source, entries, dst, level: int, shown, durable: bool,
                storage_options: dict | None) -> None:
+    for entry in entries:
+        npz.check_member_name(dst, entry.key)
     size_hint = sum(entry.nbytes for entry in entries) + len(entries) * npz.MEMBER_OVERHEAD_BYTES
     with (atomic_output(dst, durable=durable, storage_options=storage_options,
                         size_hint=size_hint) as out,
