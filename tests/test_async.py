@@ -734,3 +734,32 @@ def test_staged_raises_when_the_device_copies_fail(tmp_path):
         standin.BACKEND.failing_waits = 0
         asyncsave._unreported.clear()
     assert not (tmp_path / 'm.npz').exists()
+
+
+@pytest.mark.parametrize('name', ['m.npz', 'm.h5'])
+def test_a_relative_path_names_the_file_of_the_working_directory_of_the_call(tmp_path,
+                                                                             monkeypatch, name):
+    """The writer runs later: a change of working directory meanwhile (a training script's
+    os.chdir) made it fail ('No such file or directory' for its temporary file) or write
+    elsewhere."""
+    (tmp_path / 'here').mkdir()
+    (tmp_path / 'elsewhere').mkdir()
+    monkeypatch.chdir(tmp_path / 'here')
+    moved = threading.Event()
+    if name.endswith('.npz'):
+        original, owner, attribute = asyncsave.atomic_output, asyncsave, 'atomic_output'
+    else:
+        original, owner, attribute = hdf5.write_planned, hdf5, 'write_planned'
+
+    def after_the_move(*args, **kwargs):
+        moved.wait(10)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, attribute, after_the_move)
+    handle = gpuserial.save_async(name, {'w': numpy.arange(3.0)})
+    os.chdir(tmp_path / 'elsewhere')
+    moved.set()
+    handle.result()
+    assert os.listdir(tmp_path / 'here') == [name] and os.listdir(tmp_path / 'elsewhere') == []
+    numpy.testing.assert_array_equal(gpuserial.load(tmp_path / 'here' / name)['w'],
+                                     numpy.arange(3.0))

@@ -930,3 +930,30 @@ def test_a_name_longer_than_names_may_be_is_refused_before_anything_is_written(f
     with pytest.raises(OSError, match=re.escape(message)):  # at the call
         gpuserial.save_async(path, kill_saver.state(0))
     assert os.listdir(tmp_path) == []
+
+
+def test_a_change_of_working_directory_during_a_save_changes_nothing(fmt, tmp_path, monkeypatch):
+    """Another thread's os.chdir while a save to a relative path writes: the file goes where
+    the save began, as numpy.save's (which opens it once); it failed, or left its temporary."""
+    (tmp_path / 'here').mkdir()
+    (tmp_path / 'elsewhere').mkdir()
+    monkeypatch.chdir(tmp_path / 'here')
+    if fmt.startswith('npz'):
+        owner, attribute = _zipstream.ZipWriter, 'write_small_members'
+    else:
+        owner, attribute = hdf5, 'write_entry'
+    original = getattr(owner, attribute)
+
+    def moving(*args, **kwargs):
+        os.chdir(tmp_path / 'elsewhere')
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, attribute, moving)
+    save, load, ext = FORMATS[fmt]
+    save('model' + ext, kill_saver.state(1))
+    assert os.listdir(tmp_path / 'elsewhere') == []
+    assert os.listdir(tmp_path / 'here') == ['model' + ext]
+    monkeypatch.undo()
+    target = kill_saver.zeros()
+    load(tmp_path / 'here' / ('model' + ext), target)
+    assert target['which'] == 1

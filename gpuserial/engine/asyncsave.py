@@ -108,8 +108,10 @@ def save_async(file, obj, format: str | None = None, *, compression: bool | int 
         raise ValueError(f'max_host_bytes must be positive, not {max_host_bytes!r}')
     location = remote.location_of(file, storage_options)  # checked before anything starts
     _fileio.check_file_object(file, writing=True)
+    target = file
     if _fileio.is_path(file):  # a missing directory raised from the handle, at best
-        _fileio.save_target(file)
+        # and the file named now: the writer runs later, maybe in another working directory
+        target = os.path.abspath(_fileio.save_target(file))
     _fileio.wait_for_save(file)
     _raise_unreported()
     if format == 'npz':
@@ -119,7 +121,7 @@ def save_async(file, obj, format: str | None = None, *, compression: bool | int 
         nbytes = sum(value.nbytes for _, value in items) + len(items) * npz.MEMBER_OVERHEAD_BYTES
 
         def write(entries: Iterator[tuple]) -> None:
-            with atomic_output(file, durable=durable, storage_options=storage_options,
+            with atomic_output(target, durable=durable, storage_options=storage_options,
                                size_hint=nbytes) as out:
                 npz.write_npz(out, entries, compressed, name=display_name(file))
     else:
@@ -128,7 +130,7 @@ def save_async(file, obj, format: str | None = None, *, compression: bool | int 
         items = plan.entries
 
         def write(entries: Iterator[tuple]) -> None:
-            hdf5.write_planned(file if location is None else location, serializer, plan,
+            hdf5.write_planned(target if location is None else location, serializer, plan,
                                durable=durable, entries=entries)
     if sync:
         devices.synchronize_devices_of(item[-1] for item in items)

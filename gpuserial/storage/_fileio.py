@@ -230,21 +230,22 @@ def atomic_path(path, *, durable: bool, size_hint: int | None = None) -> Iterato
     ``size_hint`` bytes or more (or of an unknown size) hands its bytes to the disk as it
     writes them (:func:`_early_writeback`).
     """
-    path = save_target(path)
-    directory = os.path.dirname(path) or '.'
+    shown = save_target(path)  # as messages name it
+    path = os.path.abspath(shown)  # every step, whatever the working directory becomes
+    directory = os.path.dirname(path)
     remove_stale_temporaries(directory)
     temp = _temp_path(path)
     try:
         try:
-            with (_early_writeback(temp, path) if durable and (size_hint is None
+            with (_early_writeback(temp, shown) if durable and (size_hint is None
                                                          or size_hint >= WRITEBACK_MIN)
                   else contextlib.nullcontext()):
                 yield temp
         except OSError as error:
             if error.filename == temp:
                 raise type(error)(error.errno, f'{error.strerror} (creating a temporary file '
-                                  f'beside it to save to)', path) from None
-            named = naming(error, path, 'writing the file')
+                                  f'beside it to save to)', shown) from None
+            named = naming(error, shown, 'writing the file')
             if named is not error:
                 raise named from None
             raise
@@ -253,7 +254,7 @@ def atomic_path(path, *, durable: bool, size_hint: int | None = None) -> Iterato
             try:
                 os.fsync(fd)
             except OSError as error:
-                raise naming(error, path, 'flushing the file to the disk') from None
+                raise naming(error, shown, 'flushing the file to the disk') from None
             finally:
                 os.close(fd)
         with contextlib.suppress(OSError):  # keep the old file's permission bits
