@@ -1082,3 +1082,15 @@ def test_text_that_is_not_utf8_is_refused_naming_the_file_and_key(tmp_path, valu
             r"UTF-8 \(NPZ stores it\)"):
         serializers.save_hdf5(path, {'w': numpy.ones(2), 's': value})
     assert path.read_bytes() == old and os.listdir(tmp_path) == ['m.h5']
+
+
+@pytest.mark.parametrize('key', ['a//b', './a/b', 'a/./b', '/a/b'])
+def test_a_key_spelt_as_libhdf5_reads_it_is_no_unexpected_key_once_loaded(tmp_path, key):
+    """libhdf5 finds 'a/b' under each spelling: the report listed the entry it had just
+    loaded as never asked for."""
+    path = tmp_path / 'm.h5'
+    serializers.save_hdf5(path, {'a': {'b': numpy.arange(3.0)}, 'c': numpy.ones(1)})
+    target = {key: numpy.zeros(3)}
+    report = gpuserial.load_into(path, target)
+    assert report == gpuserial.LoadReport(missing_keys=[], unexpected_keys=['c'])
+    numpy.testing.assert_array_equal(target[key], numpy.arange(3.0))

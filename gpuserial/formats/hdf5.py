@@ -468,6 +468,9 @@ class _GroupReader(loading.Reader):
             raise read_error(repr(self.name), error) from None
         return keys
 
+    def stored_key(self, key: str) -> str:
+        return _dataset_path(_Planned(), key)[1:]  # libhdf5 reads 'a//b' as 'a/b', './a' as 'a'
+
     def entry(self, key: str) -> loading.Entry | None:
         if key not in self._entries:
             self._entries[key] = self._lookup(key)

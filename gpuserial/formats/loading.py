@@ -110,6 +110,11 @@ class Reader:
         """The entry under ``key``, checked against the file, or None when there is none."""
         raise NotImplementedError
 
+    def stored_key(self, key: str) -> str:
+        """The key, as :meth:`keys` lists it, of the entry :meth:`entry` finds under ``key``
+        (by default ``key`` itself)."""
+        return key
+
     def expect_entries(self, keys: Iterable[str] | None = None, under: str = '') -> None:
         """Says which entries :meth:`entry` is about to be asked for (these keys, else all
         those under this path), so that a file that can fetch ahead (an object in a store)
@@ -381,8 +386,9 @@ class ReaderDeserializer(Deserializer):
         reporting = object.__new__(type(self))
         reporting.__dict__.update(self.__dict__, _tracking=tracking)
         reporting.load(obj)
+        requested = {self.reader.stored_key(key) for key in tracking.requested}
         unexpected = [key for key in self.reader.keys()
-                      if key.startswith(self.path) and key not in tracking.requested]
+                      if key.startswith(self.path) and key not in requested]
         return LoadReport(tracking.missing, unexpected)
 
     def __call__(self, key: str, value):
