@@ -1563,3 +1563,35 @@ def test_a_key_listed_twice_is_read_once(tmp_path, monkeypatch, name):
     loaded = gpuserial.load(tmp_path / name, keys=['b', 'a', 'b'])
     assert list(loaded) == ['b', 'a'] and made == ['b', 'a']
     numpy.testing.assert_array_equal(loaded['b'], numpy.ones(2))
+
+
+TILDE_CALLS = {
+    'save': lambda path: gpuserial.save(path, {'w': numpy.ones(2)}),
+    'save_async': lambda path: gpuserial.save_async(path, {'w': numpy.ones(2)}),
+    'save_hdf5': lambda path: serializers.save_hdf5(path, {'w': numpy.ones(2)}),
+    'load': gpuserial.load,
+    'open': gpuserial.open,
+    'load_npz': lambda path: serializers.load_npz(path, {}),
+    'load_hdf5': lambda path: serializers.load_hdf5(path, {}),
+}
+
+
+@pytest.mark.parametrize('call', list(TILDE_CALLS))
+def test_a_missing_path_that_starts_with_a_tilde_says_it_is_not_expanded(tmp_path, monkeypatch,
+                                                                        call):
+    """As in numpy, torch and h5py, '~' is a name like any other (a directory named '~' is
+    where it saves); where nothing is there, the error says so."""
+    monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+    monkeypatch.chdir(tmp_path)
+    path = '~/run/m.npz'
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"(~ is not expanded: pass os.path.expanduser({path!r}))")):
+        TILDE_CALLS[call](path)
+    (tmp_path / '~' / 'run').mkdir(parents=True)  # a directory named '~': taken as it is
+    if call.startswith('save'):
+        TILDE_CALLS[call](path)
+        gpuserial.wait_all()
+        assert os.listdir(tmp_path / '~' / 'run') == ['m.npz']
+    with pytest.raises(FileNotFoundError) as raised:
+        TILDE_CALLS[call]('missing/m.npz')
+    assert 'expanduser' not in str(raised.value)

@@ -53,6 +53,7 @@ from gpuserial.storage._fileio import (
     display_name,
     is_path,
     sharded_hint,
+    tilde_hint,
     wait_for_save,
 )
 
@@ -1097,7 +1098,7 @@ def open_hdf5(filename, storage_options: dict | None = None) -> h5py.File:
             with open(filename, 'rb') as f:
                 size = f.seek(0, os.SEEK_END)
         except FileNotFoundError:
-            raise FileNotFoundError(f'{name!r}: no such file') from None
+            raise FileNotFoundError(f'{name!r}: no such file{tilde_hint(filename)}') from None
         except IsADirectoryError:
             raise IsADirectoryError(f'{name!r}: is a directory, not an HDF5 file'
                                     f'{sharded_hint(filename)}') from None

@@ -43,6 +43,7 @@ from gpuserial.storage._fileio import (
     display_name,
     is_path,
     open_input,
+    tilde_hint,
     wait_for_save,
 )
 
@@ -787,7 +788,7 @@ def open_npz(file) -> Archive:
     try:
         fp = open(os.fspath(file), 'rb') if is_path(file) else file
     except FileNotFoundError:
-        raise FileNotFoundError(f'{name!r}: no such file') from None
+        raise FileNotFoundError(f'{name!r}: no such file{tilde_hint(file)}') from None
     except IsADirectoryError:
         raise IsADirectoryError(f'{name!r}: is a directory, not an NPZ file') from None
     try:

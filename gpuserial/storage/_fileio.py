@@ -207,7 +207,8 @@ def save_target(path) -> str:
         raise IsADirectoryError(f'cannot save to {path!r}: it is a directory')
     directory = os.path.dirname(path) or '.'
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f'cannot save to {path!r}: no such directory {directory!r}')
+        raise FileNotFoundError(f'cannot save to {path!r}: no such directory {directory!r}'
+                                f'{tilde_hint(path)}')
     length, most = len(os.fsencode(os.path.basename(path))), _name_max(directory)
     if length > most:
         raise OSError(errno.ENAMETOOLONG, f'{os.strerror(errno.ENAMETOOLONG)} (its name has '
@@ -434,11 +435,26 @@ def open_input(file, storage_options: dict | None = None) -> Iterator[BinaryIO]:
         return
     try:
         local = open(file, 'rb')
+    except FileNotFoundError as error:  # Python's own, with a hint where it helps
+        if not tilde_hint(file):
+            raise
+        raise FileNotFoundError(error.errno, f'{error.strerror}{tilde_hint(file)}',
+                                error.filename) from None
     except IsADirectoryError:  # said "[Errno 21] Is a directory: 'x'"
         raise IsADirectoryError(f'{display_name(file)!r}: is a directory, not a file'
                                 f'{sharded_hint(file)}') from None
     with local:
         yield local
+
+
+def tilde_hint(path) -> str:
+    """For a message about a local path that is not there: that ``~`` is not expanded, where the
+    path starts with it (as numpy, torch and h5py take it: a directory named ``~``), else
+    nothing."""
+    path = os.fsdecode(path)
+    if path.startswith('~') and os.path.expanduser(path) != path:
+        return f' (~ is not expanded: pass os.path.expanduser({path!r}))'
+    return ''
 
 
 def sharded_hint(directory) -> str:

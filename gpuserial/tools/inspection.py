@@ -37,6 +37,7 @@ from gpuserial.storage._fileio import (
     is_path,
     open_input,
     sharded_hint,
+    tilde_hint,
 )
 
 __all__ = ['ConvertResult', 'DiffResult', 'EntryInfo', 'FileInfo', 'KeyDiff', 'compression_level',
@@ -63,7 +64,7 @@ def _check_readable(path: str) -> None:
     try:
         os.stat(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f'{path!r}: no such file') from None
+        raise FileNotFoundError(f'{path!r}: no such file{tilde_hint(path)}') from None
     if os.path.isdir(path):
         raise IsADirectoryError(f'{path!r}: is a directory, not an NPZ or HDF5 file'
                                 f'{sharded_hint(path)}')
@@ -576,7 +577,8 @@ def convert(src, dst, *, format: str | None = None, compression: int | bool | No
     if not remote.is_remote(dst):
         directory = os.path.dirname(os.fsdecode(dst)) or '.'
         if not os.path.isdir(directory):
-            raise FileNotFoundError(f'{os.fsdecode(dst)!r}: no such directory {directory!r}')
+            raise FileNotFoundError(f'{os.fsdecode(dst)!r}: no such directory {directory!r}'
+                                    f'{tilde_hint(dst)}')
     with open_source(src, storage_options if remote.is_url(src) else None) as source:
         entries = [source.entry(key) for key in source.keys]
         total = sum(e.size * e.dtype.itemsize for e in entries
