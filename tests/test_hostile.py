@@ -741,6 +741,29 @@ def test_an_object_in_a_dict_is_refused_saying_how_to_save_it(tmp_path, value, h
     assert not path.exists() and crafting.temporaries(tmp_path) == []
 
 
+@pytest.mark.parametrize(('save', 'ext'), [
+    (serializers.save_npz, '.npz'), (serializers.save_hdf5, '.h5'),
+    (lambda p, o: gpuserial.save_async(p, o).result(), '.npz'),
+    (lambda p, o: gpuserial.save_async(p, o).result(), '.h5'),
+], ids=['npz', 'hdf5', 'async-npz', 'async-hdf5'])
+def test_a_masked_array_is_refused_rather_than_saved_without_its_mask(tmp_path, save, ext):
+    """NPZ failed with NumPy's bare 'cannot reshape array of size 3 into shape (24,)'; HDF5
+    saved the data and dropped the mask, as numpy.savez and h5py do."""
+    path = tmp_path / f'm{ext}'
+    value = numpy.ma.masked_array([1.0, 2.0, 3.0], mask=[False, True, False])
+    with pytest.raises(TypeError, match=_where(path, 'g/m') + re.escape(
+            ': a masked array cannot be saved: its mask would be lost (numpy.savez and h5py '
+            'drop it); save its .data and numpy.ma.getmaskarray() of it as two entries, or its '
+            '.filled() values')):
+        save(path, {'g': {'m': value}})
+    assert not path.exists() and crafting.temporaries(tmp_path) == []
+    save(path, {'g': {'m': value.data}})
+    target = numpy.ma.masked_array(numpy.zeros(3), mask=[False, True, False])
+    gpuserial.load_into(path, {'g': {'m': target}})  # a masked target: its data, in place
+    numpy.testing.assert_array_equal(target.data, [1.0, 2.0, 3.0])
+    assert target.mask.tolist() == [False, True, False]
+
+
 @pytest.mark.parametrize('value', [numpy.array([1, 'a'], object), 10**30],
                          ids=['object-array', 'int-beyond-64-bits'])
 def test_object_arrays_are_named_with_the_file_and_key(tmp_path, value):

@@ -914,6 +914,11 @@ def engine_array(value, writable: bool = False):
             return value.astype(f'<U{width}')
         name = extension_of(value.dtype)
         return value if name is None else value.view(encoded_dtype(name))
+    masked = sys.modules.get('numpy.ma')  # imported where a masked array exists
+    if not writable and masked is not None and isinstance(value, masked.MaskedArray):
+        raise TypeError('a masked array cannot be saved: its mask would be lost (numpy.savez and '
+                        'h5py drop it); save its .data and numpy.ma.getmaskarray() of it as two '
+                        'entries, or its .filled() values')
     framework = framework_of(value)
     if framework is not None:
         return framework.engine_array(value, writable)
