@@ -280,16 +280,47 @@ class _FailingFile(io.BytesIO):
 
 
 @pytest.mark.parametrize('fmt', ['npz', 'hdf5'])
-def test_a_writer_error_raises_from_the_handle_and_from_the_next_save(tmp_path, fmt):
+def test_a_writer_error_no_one_was_handed_raises_from_the_next_save(tmp_path, fmt):
+    """Fire and forget: the next save_async raises it, and does not start."""
     handle = gpuserial.save_async(_FailingFile(), {'x': numpy.arange(10)}, fmt)
-    with pytest.raises(OSError, match='No space left'):
-        handle.result(timeout=30)
-    assert 'failed' in repr(handle)
+    concurrent.futures.wait([handle.committed])  # waits, hands nothing over
+    assert 'failed' in repr(handle)  # nor does repr
     with pytest.raises(OSError, match='No space left'):
         gpuserial.save_async(tmp_path / 'next.npz', {'x': numpy.arange(3)})
     assert not (tmp_path / 'next.npz').exists()  # the save that raised it did not start
+    with pytest.raises(OSError, match='No space left'):
+        handle.result(timeout=30)  # the handle still says so
     gpuserial.save_async(tmp_path / 'next.npz', {'x': numpy.arange(3)}).result(timeout=30)
     gpuserial.wait_all()  # raised once already: not again
+
+
+@pytest.mark.parametrize('fmt', ['npz', 'hdf5'])
+@pytest.mark.parametrize('how', ['result', 'committed.result', 'committed.exception'])
+def test_a_writer_error_a_handle_handed_over_is_not_raised_again(tmp_path, fmt, how):
+    """A caller that caught the error (a retry, a log line) saves again: the next save_async
+    neither raises it again nor skips its own save, and wait_all and the exit stay quiet."""
+    handle = gpuserial.save_async(_FailingFile(), {'x': numpy.arange(10)}, fmt)
+    owner, _, call = how.rpartition('.')
+    future = getattr(handle, owner) if owner else handle
+    if call == 'exception':
+        assert 'No space left' in str(future.exception(timeout=30))
+    else:
+        with pytest.raises(OSError, match='No space left'):
+            future.result(timeout=30)
+    gpuserial.save_async(tmp_path / 'next.npz', {'x': numpy.arange(3)}).result(timeout=30)
+    assert numpy.load(tmp_path / 'next.npz')['x'].tolist() == [0, 1, 2]
+    gpuserial.wait_all()
+    assert asyncsave._unreported == []
+
+
+def test_a_save_cannot_be_cancelled(tmp_path):
+    out = _HeldFile()
+    handle = gpuserial.save_async(out, {'x': numpy.arange(3)})
+    assert not handle.committed.cancel() and not handle.staged.cancel()
+    out.go.set()
+    handle.result(timeout=30)  # the writer could still say how it ended
+    (tmp_path / 'm.npz').write_bytes(out.getvalue())
+    assert numpy.load(tmp_path / 'm.npz')['x'].tolist() == [0, 1, 2]
 
 
 def test_wait_all_raises_an_error_no_call_has_raised(tmp_path):
@@ -728,6 +759,7 @@ def test_staged_raises_when_the_device_copies_fail(tmp_path):
         handle = gpuserial.save_async(tmp_path / 'm.npz', {'x': device.send(numpy.arange(3.0))})
         with pytest.raises(standin.StandInError, match='a wait made to fail'):
             handle.staged.result(timeout=30)
+        assert asyncsave._unreported == []  # handed over: no later call raises it again
         with pytest.raises(standin.StandInError):
             handle.result(timeout=30)
     finally:

@@ -46,15 +46,38 @@ STAGINGS = ('host', 'device')
 DEFAULT_MAX_HOST_BYTES = 1 << 30
 
 
+class _Outcome(concurrent.futures.Future):
+    """A handle's future. Its error, once handed to the caller (by ``result`` or
+    ``exception``), has been raised: no later :func:`save_async` or :func:`wait_all` raises it
+    again. It cannot be cancelled: the save goes on whatever the caller does."""
+
+    def cancel(self) -> bool:
+        return False
+
+    def result(self, timeout: float | None = None):
+        try:
+            return super().result(timeout)
+        except BaseException as error:
+            _handed_over(error)
+            raise
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        error = super().exception(timeout)
+        if error is not None:
+            _handed_over(error)
+        return error
+
+
 class SaveHandle:
     """An asynchronous save. ``staged``: the state is captured, the caller may change any array
     or value. ``committed``: the file is complete and in place. Both are
-    :class:`concurrent.futures.Future`; a failed save raises its error from both."""
+    :class:`concurrent.futures.Future`; a failed save raises its error from both (and from the
+    next :func:`save_async` or :func:`wait_all` where neither has handed it to the caller)."""
 
     def __init__(self, name: str):
         self.name = name
-        self.staged: concurrent.futures.Future = concurrent.futures.Future()
-        self.committed: concurrent.futures.Future = concurrent.futures.Future()
+        self.staged: concurrent.futures.Future = _Outcome()
+        self.committed: concurrent.futures.Future = _Outcome()
 
     def result(self, timeout: float | None = None) -> None:
         """Waits until the file is committed; raises the save's error."""
@@ -64,8 +87,8 @@ class SaveHandle:
         return self.committed.done()
 
     def __repr__(self) -> str:
-        state = ('committed' if self.committed.done() and not self.committed.exception()
-                 else 'failed' if self.committed.done()
+        failed = self.committed.done() and concurrent.futures.Future.exception(self.committed)
+        state = ('failed' if failed else 'committed' if self.committed.done()
                  else 'writing' if self.staged.done() else 'staging')
         return f'<SaveHandle {self.name!r}: {state}>'
 
@@ -92,7 +115,8 @@ def save_async(file, obj, format: str | None = None, *, compression: bool | int 
 
     Raises:
         ValueError: a bad argument. Errors of ``serialize`` and of staging raise here, and
-            nothing is written; so does the error of an earlier save not yet raised.
+            nothing is written; so does the error of an earlier save that nothing has raised
+            yet (its handle's futures included).
         FileNotFoundError, IsADirectoryError: a path in no directory, or a directory.
     """
     if format is None:  # 'ckpt.h5' saved an NPZ there, which load_hdf5 then refused
@@ -138,9 +162,9 @@ def save_async(file, obj, format: str | None = None, *, compression: bool | int 
 
 
 def wait_all() -> None:
-    """Waits for every save in flight; raises the first writer's error that no
-    :func:`save_async` or :func:`wait_all` has raised yet (one a call: the next call raises
-    the next)."""
+    """Waits for every save in flight; raises the first writer's error that nothing has raised
+    yet: no :func:`save_async` or :func:`wait_all`, nor a handle's future that handed it to the
+    caller (one a call: the next call raises the next)."""
     concurrent.futures.wait(_fileio.saves_in_flight())
     _raise_unreported()
 
@@ -361,18 +385,24 @@ def _write(handle: SaveHandle, write: Callable, pipe: _Pipe, copied: Callable[[]
             pipe.fail()  # the caller stops staging, if it has not finished
             arena.done()
     except BaseException as error:  # noqa: BLE001 - kept for the caller, raised there
+        if pipe.aborted is None:  # else the caller raises it
+            with _unreported_lock:  # before a future can hand it over
+                _unreported.append(error)
         if not handle.staged.done():
             handle.staged.set_exception(error)
-        if pipe.aborted is None:  # else the caller raises it
-            with _unreported_lock:
-                _unreported.append(error)
         handle.committed.set_exception(error)
     else:
         handle.committed.set_result(None)
 
 
-_unreported: list[BaseException] = []  # writers' errors no save_async or wait_all has raised
+_unreported: list[BaseException] = []  # writers' errors nothing has raised to the caller
 _unreported_lock = threading.Lock()
+
+
+def _handed_over(error: BaseException) -> None:
+    """A handle's future gave ``error`` to the caller: it is not raised again."""
+    with _unreported_lock:
+        _unreported[:] = [kept for kept in _unreported if kept is not error]
 
 
 def _raise_unreported() -> None:
