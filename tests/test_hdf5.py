@@ -21,11 +21,13 @@ from gpuserial import serializers
 from gpuserial.engine import transfer
 from gpuserial.errors import (
     CorruptFileError,
+    InvalidKeyError,
     KeyCollisionError,
     MismatchError,
     ReadFailedError,
 )
 from gpuserial.formats import hdf5
+from gpuserial.tools import inspection
 from tests.conftest import host, make_device
 from tests.standin import StandInDevice
 
@@ -197,7 +199,6 @@ def test_keys_that_name_one_hdf5_path_collide_before_anything_is_written(tmp_pat
 
 @pytest.mark.parametrize('key', ['a/b/', 'a/.', '.'])
 def test_a_key_that_names_its_group_is_refused_by_hdf5(tmp_path, key):
-    from gpuserial.errors import InvalidKeyError
     with pytest.raises(InvalidKeyError, match=re.escape(f"m.h5', key {key!r} of group '/': the "
                                                         f"name of an HDF5 dataset cannot end")):
         serializers.save_hdf5(tmp_path / 'm.h5', {key: numpy.ones(1)})
@@ -206,7 +207,6 @@ def test_a_key_that_names_its_group_is_refused_by_hdf5(tmp_path, key):
 
 def test_key_errors_name_the_file_and_the_group_path_however_the_serializer_was_made(
         tmp_path):
-    from gpuserial.errors import InvalidKeyError
     path = tmp_path / 'm.h5'
     with pytest.raises(InvalidKeyError, match=re.escape(f"{str(path)!r}, key '' under path "
                                                         f"'a/' is empty")):
@@ -1094,3 +1094,56 @@ def test_a_key_spelt_as_libhdf5_reads_it_is_no_unexpected_key_once_loaded(tmp_pa
     report = gpuserial.load_into(path, target)
     assert report == gpuserial.LoadReport(missing_keys=[], unexpected_keys=['c'])
     numpy.testing.assert_array_equal(target[key], numpy.arange(3.0))
+
+
+@pytest.mark.parametrize('key', ['a/./b', 'a/././b', './a/./b'])
+def test_a_key_with_dot_parts_saves_as_libhdf5_reads_it(tmp_path, key):
+    """HDF5 reads past '.' parts, which h5py cannot make groups of: 'a/./b' failed to save
+    with libhdf5's "name already exists". It saves as 'a/b', as 'a//b' does, from a dict,
+    from a serializer on an open file and from convert."""
+    path = tmp_path / 'm.h5'
+    gpuserial.save(path, {key: numpy.arange(3.0), 'c': numpy.ones(1)})
+    assert list(gpuserial.load(path)) == ['a/b', 'c']
+    with h5py.File(tmp_path / 'open.h5', 'w') as f:
+        serializers.HDF5Serializer(f)['g/./h'](key, numpy.arange(2))
+        serializers.HDF5Serializer(f)['.']('w', numpy.arange(2))
+    assert gpuserial.open(tmp_path / 'open.h5').keys() == ['g/h/a/b', 'w']
+    gpuserial.save(tmp_path / 'm.npz', {key: numpy.arange(3.0)})
+    inspection.convert(tmp_path / 'm.npz', tmp_path / 'converted.h5')
+    numpy.testing.assert_array_equal(gpuserial.load(tmp_path / 'converted.h5')['a/b'],
+                                     numpy.arange(3.0))
+
+
+def _nested(depth: int) -> str:
+    return '/'.join(['a'] * depth)
+
+
+@pytest.mark.parametrize('how', ['save', 'serializer', 'convert'])
+def test_a_key_nested_deeper_than_hdf5_reads_is_refused_before_the_file_changes(tmp_path,
+                                                                                 how):
+    """libhdf5 writes paths of any depth, then crashes every process that reads one nested
+    some 16,000 groups deep. More than MAX_DEPTH groups are refused, naming the file and key;
+    MAX_DEPTH itself saves and loads."""
+    path = tmp_path / 'm.h5'
+    fits = {_nested(hdf5.MAX_DEPTH + 1): numpy.arange(3)}  # the dataset in MAX_DEPTH groups
+    deep = {_nested(hdf5.MAX_DEPTH + 2): numpy.arange(3)}
+    message = (re.escape(f"{str(path)!r}, key 'a/a/a") + '.*' + re.escape(
+        f'nested {hdf5.MAX_DEPTH + 1} groups deep; HDF5 takes at most {hdf5.MAX_DEPTH} here'))
+    if how == 'save':
+        gpuserial.save(path, fits)
+        numpy.testing.assert_array_equal(gpuserial.load(path)[_nested(hdf5.MAX_DEPTH + 1)],
+                                         numpy.arange(3))
+        old = path.read_bytes()
+        with pytest.raises(InvalidKeyError, match=message):
+            gpuserial.save(path, deep)
+        assert path.read_bytes() == old and sorted(os.listdir(tmp_path)) == ['m.h5']
+    elif how == 'serializer':
+        with h5py.File(path, 'w') as f:
+            with pytest.raises(InvalidKeyError, match=message):
+                serializers.HDF5Serializer(f)(_nested(hdf5.MAX_DEPTH + 2), numpy.arange(3))
+            assert list(f) == []
+    else:
+        gpuserial.save(tmp_path / 'deep.npz', deep)
+        with pytest.raises(InvalidKeyError, match=message):
+            inspection.convert(tmp_path / 'deep.npz', path)
+        assert sorted(os.listdir(tmp_path)) == ['deep.npz']

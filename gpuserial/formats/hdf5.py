@@ -73,6 +73,8 @@ GZIP_CHUNK_BYTES = 64 << 10  # a compressed dataset's HDF5 chunks hold this much
 HDF5_ENTRY_BYTES = 4 << 10  # what a dataset costs beyond its data, at most (headers, indexes)
 HDF5_FILE_BYTES = 1 << 20  # and the file itself
 HDF5_SPARE_BYTES = 256 << 20  # free space left beyond twice the file's: room for others' writes
+MAX_DEPTH = 1000  # groups a dataset's path may pass through: libhdf5 crashes the process (a
+# segfault) reading paths nested about 16,000 deep (measured; fewer where threads have less stack)
 GZIP_DEFAULT = 4  # Chainer's default level, and h5py's for compression=True or 'gzip'
 INFLATE_MIN_BYTES = 256 << 10  # a gzip dataset this large is inflated chunk by chunk on the
 #                                worker threads (below it libhdf5's filter reads it in one call)
@@ -115,7 +117,7 @@ class HDF5Serializer(Serializer):
     def __getitem__(self, key: str) -> HDF5Serializer:
         path = self._path()
         try:
-            name = child_path(path, key)[len(path):].rstrip('/')
+            name = plain_key(child_path(path, key)[len(path):]) or '.'  # '.': this group
         except InvalidKeyError as error:
             raise InvalidKeyError(f'{self.name!r}, {error}') from None
         try:
@@ -138,6 +140,8 @@ class HDF5Serializer(Serializer):
         if key.rsplit('/', 1)[-1] in ('', '.'):  # HDF5 would take it for its group
             raise InvalidKeyError(f'{self.name!r}, key {key!r} of group {self.group.name!r}: '
                                   f'the name of an HDF5 dataset cannot end with \'/\' or \'/.\'')
+        key = plain_key(key)
+        _check_depth(self.group, key, self.name)
         try:
             stored = devices.engine_array(value)  # torch, JAX: views of their memory
         except DeviceError as error:
@@ -239,10 +243,26 @@ def _where(name: str, group, key: str) -> str:
 
 
 def _dataset_path(group, key: str) -> str:
-    """The path HDF5 gives dataset ``key`` of ``group``: ``'a//b'`` and ``'./a/b'`` name
-    ``'/a/b'`` there (``'..'`` is a name like any other)."""
-    return '/' + '/'.join(part for part in f'{group.name}/{key}'.split('/')
-                          if part not in ('', '.'))
+    """The path HDF5 gives dataset ``key`` of ``group``: ``'a//b'``, ``'./a/b'`` and
+    ``'a/./b'`` name ``'/a/b'`` there (``'..'`` is a name like any other)."""
+    return '/' + plain_key(f'{group.name}/{key}')
+
+
+def plain_key(key: str) -> str:
+    """``key`` without the empty and ``'.'`` parts HDF5 reads past (which h5py cannot make
+    groups of: ``'a/./b'`` failed as "name already exists")."""
+    return '/'.join(part for part in key.split('/') if part not in ('', '.'))
+
+
+def _check_depth(group, key: str, name: str) -> None:
+    """Raises for a key nested deeper than :data:`MAX_DEPTH` groups, before anything is
+    written: libhdf5 would write the file, then crash every process that reads it."""
+    path = _dataset_path(group, key)
+    depth = path.count('/') - 1
+    if depth > MAX_DEPTH:
+        raise InvalidKeyError(f'{name!r}, key {path[1:41]!r}...: nested {depth} groups deep; '
+                              f'HDF5 takes at most {MAX_DEPTH} here (libhdf5 crashes reading '
+                              f'paths some 16,000 deep): save it to NPZ')
 
 
 def _check_keys(plan: _Plan, name: str) -> None:
@@ -303,6 +323,7 @@ def write_entry(group: h5py.Group, key: str, value, compression: int | None, nam
                  shown: _progress.Progress = _progress.SILENT) -> None:
     """Creates dataset ``key`` in ``group`` for one entry, as Chainer writes it."""
     is_array = devices.is_array(value)
+    _check_depth(group, key, name)
     _check_storable(group, key, value, name)
     try:
         if value is None:

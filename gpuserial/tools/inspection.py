@@ -614,7 +614,8 @@ def _write_npz(source: _Source, entries, dst, level: int, shown, durable: bool,
 def _write_hdf5(source: _Source, entries, dst, level: int, shown, durable: bool,
                 storage_options: dict | None) -> None:
     name = display_name(dst)
-    hdf5.check_paths({'/' + entry.key: f'key {entry.key!r}' for entry in entries}, name)
+    hdf5.check_paths({'/' + hdf5.plain_key(entry.key): f'key {entry.key!r}'
+                      for entry in entries}, name)
     location = remote.location_of(dst, storage_options)
     if location is not None:  # HDF5 needs to seek: a local spool file, then streamed
         with remote.spool_path('.h5') as spool:
@@ -626,6 +627,7 @@ def _write_hdf5(source: _Source, entries, dst, level: int, shown, durable: bool,
         for entry in entries:
             value = source.read(entry)
             parent, _, key = entry.key.rpartition('/')
+            parent = hdf5.plain_key(parent)  # h5py makes no group of 'a/.'
             hdf5.write_entry(f.require_group(parent) if parent else f, key, value, level, name,
                              shown)
             del value
