@@ -957,3 +957,38 @@ def test_a_change_of_working_directory_during_a_save_changes_nothing(fmt, tmp_pa
     target = kill_saver.zeros()
     load(tmp_path / 'here' / ('model' + ext), target)
     assert target['which'] == 1
+
+
+@pytest.mark.parametrize('how', ['relative', 'absolute'])
+def test_a_path_through_a_link_and_up_saves_where_the_system_reads_it(fmt, tmp_path,
+                                                                     monkeypatch, how):
+    """``link/../m`` names the file beside the link's target, as open() and numpy.save read
+    it; os.path.abspath took it for ``./m`` and saved there, beside the link, where the load of
+    the same path then read another file."""
+    (tmp_path / 'real' / 'sub').mkdir(parents=True)
+    (tmp_path / 'work').mkdir()
+    (tmp_path / 'work' / 'link').symlink_to(tmp_path / 'real' / 'sub')
+    monkeypatch.chdir(tmp_path / 'work')
+    save, load, ext = FORMATS[fmt]
+    name = os.path.join('link', '..', 'model' + ext)
+    save(name if how == 'relative' else str(tmp_path / 'work' / name), kill_saver.state(1))
+    assert os.listdir(tmp_path / 'work') == ['link']
+    assert sorted(os.listdir(tmp_path / 'real')) == ['model' + ext, 'sub']
+    target = kill_saver.zeros()
+    load(name, target)
+    assert target['which'] == 1
+
+
+@pytest.mark.parametrize('how', ['relative', 'absolute'])
+@pytest.mark.parametrize('ext', ['.npz', '.h5'])
+def test_an_asynchronous_save_through_a_link_and_up_saves_where_the_system_reads_it(
+        tmp_path, monkeypatch, how, ext):
+    (tmp_path / 'real' / 'sub').mkdir(parents=True)
+    (tmp_path / 'work').mkdir()
+    (tmp_path / 'work' / 'link').symlink_to(tmp_path / 'real' / 'sub')
+    monkeypatch.chdir(tmp_path / 'work')
+    name = os.path.join('link', '..', 'model' + ext)
+    gpuserial.save_async(name if how == 'relative' else str(tmp_path / 'work' / name),
+                         {'w': numpy.arange(3.0)}).result(timeout=30)
+    assert os.listdir(tmp_path / 'work') == ['link']
+    assert gpuserial.load(tmp_path / 'real' / ('model' + ext))['w'].tolist() == [0, 1, 2]

@@ -135,7 +135,7 @@ def save_async(file, obj, format: str | None = None, *, compression: bool | int 
     target = file
     if _fileio.is_path(file):  # a missing directory raised from the handle, at best
         # and the file named now: the writer runs later, maybe in another working directory
-        target = os.path.abspath(_fileio.save_target(file))
+        target = _fileio.absolute(_fileio.save_target(file))
     _fileio.wait_for_save(file)
     _raise_unreported()
     if format == 'npz':

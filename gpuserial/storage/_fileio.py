@@ -103,6 +103,13 @@ def _name_max(directory: str) -> int:
         return 255
 
 
+def absolute(path: str) -> str:
+    """``path`` joined to the working directory, its ``..`` parts left for the system to read:
+    ``os.path.abspath`` would take ``link/../m.npz`` for ``./m.npz``, where the system reads the
+    parent of the link's target."""
+    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+
+
 HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # in temporary names
 
 
@@ -232,7 +239,7 @@ def atomic_path(path, *, durable: bool, size_hint: int | None = None) -> Iterato
     writes them (:func:`_early_writeback`).
     """
     shown = save_target(path)  # as messages name it
-    path = os.path.abspath(shown)  # every step, whatever the working directory becomes
+    path = absolute(shown)  # every step, whatever the working directory becomes
     directory = os.path.dirname(path)
     remove_stale_temporaries(directory)
     temp = _temp_path(path)
