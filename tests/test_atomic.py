@@ -992,3 +992,42 @@ def test_an_asynchronous_save_through_a_link_and_up_saves_where_the_system_reads
                          {'w': numpy.arange(3.0)}).result(timeout=30)
     assert os.listdir(tmp_path / 'work') == ['link']
     assert gpuserial.load(tmp_path / 'real' / ('model' + ext))['w'].tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize('limit', [-1, 0], ids=['indeterminate', 'zero'])
+def test_a_directory_whose_name_limit_the_system_does_not_know_takes_saves(fmt, tmp_path,
+                                                                          monkeypatch, limit):
+    """pathconf says -1 where a limit is indeterminate: every save was refused as 'File name
+    too long (its name has 9 bytes; names in its directory have at most -1)'."""
+    monkeypatch.setattr(os, 'pathconf', lambda path, name: limit)
+    save, load, ext = FORMATS[fmt]
+    save(tmp_path / ('model' + ext), kill_saver.state(1))
+    monkeypatch.undo()
+    target = kill_saver.zeros()
+    load(tmp_path / ('model' + ext), target)
+    assert target['which'] == 1 and os.listdir(tmp_path) == ['model' + ext]
+
+
+def test_a_name_limit_shorter_than_the_temporary_tag_ends(tmp_path, monkeypatch):
+    """A file system whose names are short (14 or 30 bytes): the temporary name's NAME is cut
+    to nothing and the name made as it is (the system says if it is too long); cutting it
+    looped for ever."""
+    monkeypatch.setattr(os, 'pathconf', lambda path, name: 30)
+    made = []
+    thread = threading.Thread(target=lambda: made.append(_fileio._temp_path(
+        str(tmp_path / 'model.npz'))), daemon=True)
+    thread.start()
+    thread.join(30)
+    assert len(made) == 1 and os.path.basename(made[0]).startswith('..')
+    assert made[0].endswith(_fileio.TEMP_SUFFIX)
+
+
+def test_where_the_system_has_no_pathconf_a_long_name_is_left_to_it(tmp_path, monkeypatch):
+    """No pathconf (Windows): NTFS's names have 255 UTF-16 units, not 255 UTF-8 bytes, so a
+    name of 100 CJK characters (300 bytes) is not refused, and the temporary name is cut to
+    255 bytes, which is fewer units."""
+    monkeypatch.delattr(os, 'pathconf')
+    path = str(tmp_path / ('字' * 100 + '.npz'))
+    assert _fileio.save_target(path) == path
+    temp = os.path.basename(_fileio._temp_path(path))
+    assert 240 < len(temp.encode()) <= 255 and temp.startswith('.字')

@@ -89,18 +89,24 @@ def _temp_path(path: str) -> str:
     short where the whole would be longer than a name in that directory may be."""
     directory, name = os.path.split(path)
     tag = f'{os.getpid()}-{HOST}-{secrets.token_hex(6)}{TEMP_SUFFIX}'
-    room = _name_max(directory) - len(os.fsencode(f'..{tag}'))
-    while len(os.fsencode(name)) > room:
+    room = (_name_max(directory) or UNKNOWN_NAME_MAX) - len(os.fsencode(f'..{tag}'))
+    while name and len(os.fsencode(name)) > room:  # no room at all: creating it says so
         name = name[:-1]
     return os.path.join(directory, f'.{name}.{tag}')
 
 
-def _name_max(directory: str) -> int:
-    """The most bytes a name in ``directory`` may have (255 where the system does not say)."""
+UNKNOWN_NAME_MAX = 255  # bytes a temporary name may have where the system does not say: NTFS's
+#                         255 UTF-16 units take at least as many characters
+
+
+def _name_max(directory: str) -> int | None:
+    """The most bytes a name in ``directory`` may have, or None where the system does not say
+    (no ``pathconf``, as on Windows, or no limit it knows: -1, 0)."""
     try:
-        return os.pathconf(directory or '.', 'PC_NAME_MAX')
+        most = os.pathconf(directory or '.', 'PC_NAME_MAX')
     except (OSError, ValueError, AttributeError):  # AttributeError: no pathconf (Windows)
-        return 255
+        return None
+    return most if most > 0 else None
 
 
 def absolute(path: str) -> str:
@@ -217,7 +223,7 @@ def save_target(path) -> str:
         raise FileNotFoundError(f'cannot save to {path!r}: no such directory {directory!r}'
                                 f'{tilde_hint(path)}')
     length, most = len(os.fsencode(os.path.basename(path))), _name_max(directory)
-    if length > most:
+    if most is not None and length > most:
         raise OSError(errno.ENAMETOOLONG, f'{os.strerror(errno.ENAMETOOLONG)} (its name has '
                       f'{length} bytes; names in its directory have at most {most})', path)
     return path
