@@ -141,7 +141,7 @@ class HDF5Serializer(Serializer):
             raise InvalidKeyError(f'{self.name!r}, key {key!r} of group {self.group.name!r}: '
                                   f'the name of an HDF5 dataset cannot end with \'/\' or \'/.\'')
         key = plain_key(key)
-        _check_depth(self.group, key, self.name)
+        _check_depth(path + key, self.name)  # path: the group's, as HDF5 spells it
         try:
             stored = devices.engine_array(value)  # torch, JAX: views of their memory
         except DeviceError as error:
@@ -254,13 +254,13 @@ def plain_key(key: str) -> str:
     return '/'.join(part for part in key.split('/') if part not in ('', '.'))
 
 
-def _check_depth(group, key: str, name: str) -> None:
-    """Raises for a key nested deeper than :data:`MAX_DEPTH` groups, before anything is
-    written: libhdf5 would write the file, then crash every process that reads it."""
-    path = _dataset_path(group, key)
-    depth = path.count('/') - 1
+def _check_depth(path: str, name: str) -> None:
+    """Raises for a dataset path (``'a/b'``, as :func:`plain_key` spells it) nested deeper than
+    :data:`MAX_DEPTH` groups, before anything is written: libhdf5 would write the file, then
+    crash every process that reads it."""
+    depth = path.count('/')
     if depth > MAX_DEPTH:
-        raise InvalidKeyError(f'{name!r}, key {path[1:41]!r}...: nested {depth} groups deep; '
+        raise InvalidKeyError(f'{name!r}, key {path[:40]!r}...: nested {depth} groups deep; '
                               f'HDF5 takes at most {MAX_DEPTH} here (libhdf5 crashes reading '
                               f'paths some 16,000 deep): save it to NPZ')
 
@@ -280,8 +280,11 @@ def _check_keys(plan: _Plan, name: str) -> None:
 
 def check_paths(sources: dict[str, str], name: str, groups: Collection[str] = frozenset()
                 ) -> None:
-    """Raises if a dataset path (``'/a/b'``: its source, for messages) would have to be a group
-    for another path, or is one of ``groups``."""
+    """Raises if a dataset path (``'/a/b'``: its source, for messages) is nested too deep
+    (:func:`_check_depth`), would have to be a group for another path, or is one of
+    ``groups``."""
+    for path in sources:
+        _check_depth(path[1:], name)
     for path, source in sources.items():
         parent = path.rsplit('/', 1)[0]
         while parent:
@@ -297,33 +300,35 @@ def check_paths(sources: dict[str, str], name: str, groups: Collection[str] = fr
 def _check_storable(group: h5py.Group, key: str, value, name: str) -> None:
     """Raises for a value no dataset can hold: objects other than strings and None, dates and
     times, types NumPy does not define (ml_dtypes' int4)."""
-    error = object_as_value_error(_where(name, group, key), value)
-    if error is not None:
-        raise error
-    if value is not None and not isinstance(value, str):
-        try:
-            dtype = value.dtype if devices.is_array(value) else numpy.asarray(value).dtype
-        except (TypeError, ValueError) as error:  # a ragged list: NumPy makes no array
-            raise TypeError(f'{_where(name, group, key)}: a {type(value).__name__} that NumPy '
-                            f'makes no array of ({error}) cannot be saved (arrays, numbers, '
-                            f'strings and None can; save a list of arrays as a dict)') from None
-        if dtype.hasobject:  # as NPZ says it
-            raise TypeError(f'{_where(name, group, key)}: object arrays other than None cannot '
-                            f'be saved (arrays, numbers, strings and None can)')
-        why = devices.why_not_storable(dtype)
-        if why is not None:
-            raise TypeError(f'{_where(name, group, key)}: {why}')
-        if dtype.kind in 'mM':
-            raise TypeError(f'{_where(name, group, key)}: {dtype} arrays cannot be saved to HDF5 '
-                            f'(h5py has no type for dates and times): save to NPZ, or save '
-                            f'their .view(\'int64\') and the unit')
+    if value is None or isinstance(value, str):
+        return
+    is_array = devices.is_array(value)
+    if not is_array:  # its message made only here: a dataset's path costs libhdf5 a call
+        error = object_as_value_error(_where(name, group, key), value)
+        if error is not None:
+            raise error
+    try:
+        dtype = value.dtype if is_array else numpy.asarray(value).dtype
+    except (TypeError, ValueError) as error:  # a ragged list: NumPy makes no array
+        raise TypeError(f'{_where(name, group, key)}: a {type(value).__name__} that NumPy '
+                        f'makes no array of ({error}) cannot be saved (arrays, numbers, '
+                        f'strings and None can; save a list of arrays as a dict)') from None
+    if dtype.hasobject:  # as NPZ says it
+        raise TypeError(f'{_where(name, group, key)}: object arrays other than None cannot '
+                        f'be saved (arrays, numbers, strings and None can)')
+    why = devices.why_not_storable(dtype)
+    if why is not None:
+        raise TypeError(f'{_where(name, group, key)}: {why}')
+    if dtype.kind in 'mM':
+        raise TypeError(f'{_where(name, group, key)}: {dtype} arrays cannot be saved to HDF5 '
+                        f'(h5py has no type for dates and times): save to NPZ, or save '
+                        f'their .view(\'int64\') and the unit')
 
 
 def write_entry(group: h5py.Group, key: str, value, compression: int | None, name: str,
                  shown: _progress.Progress = _progress.SILENT) -> None:
     """Creates dataset ``key`` in ``group`` for one entry, as Chainer writes it."""
     is_array = devices.is_array(value)
-    _check_depth(group, key, name)
     _check_storable(group, key, value, name)
     try:
         if value is None:
