@@ -323,6 +323,7 @@ class ReaderDeserializer(Deserializer):
         self._pending: _PendingFills | None = None
         self._new_arrays_on_device = True
         self._tracking: Tracking | None = None  # see load_reporting
+        self._holders: dict[int, dict[str, list[str]]] = {}  # see _elsewhere (children share it)
 
     def __getitem__(self, key: str) -> ReaderDeserializer:
         child = object.__new__(type(self))
@@ -426,13 +427,31 @@ class ReaderDeserializer(Deserializer):
     def _elsewhere(self, name: str) -> str:
         """A hint naming the paths under which the file holds ``name`` (a model loaded from a
         trainer's snapshot without ``path='updater/model:main/'``), or ''."""
-        paths = sorted({key[:len(key) - len(name)] for key in self.reader.keys()
-                        if isinstance(key, str) and (key == name or key.endswith('/' + name))}
+        paths = sorted(set(self._holders_of(name))
                        - {self._root})  # listed but not readable here (a sharded load's rank)
         if not paths:
             return ''
         shown = ', '.join(f'path={path!r}' for path in paths[:3])
         return f" (the file has it under {shown}{', ...' if len(paths) > 3 else ''})"
+
+    def _holders_of(self, name: str) -> list[str]:
+        """The paths under which the file holds ``name``: keys are indexed by their last parts,
+        as many as ``name`` has, once for the load (a serialize that catches the KeyError of
+        each entry it finds missing, as Chainer's optimizers do for frozen parameters, else
+        looked through every key for each)."""
+        count = name.count('/') + 1
+        holders = self._holders.get(count)
+        if holders is None:
+            holders = self._holders[count] = {}
+            for key in self.reader.keys():
+                if not isinstance(key, str):
+                    continue
+                parts = key.rsplit('/', count)
+                if len(parts) == count:
+                    holders.setdefault(key, []).append('')
+                elif len(parts) > count:
+                    holders.setdefault(key[len(parts[0]) + 1:], []).append(parts[0] + '/')
+        return holders.get(name, [])
 
     def _new_array(self, entry: Entry, dtype: numpy.dtype, device: devices.Device | None = None):
         """A new array on ``device`` (by default the load's, else the CPU), read at once; an
