@@ -313,6 +313,45 @@ def test_a_writer_error_a_handle_handed_over_is_not_raised_again(tmp_path, fmt, 
     assert asyncsave._unreported == []
 
 
+def test_a_writer_that_fails_as_the_caller_finishes_staging_still_says_so(monkeypatch):
+    """The writer's failure wakes a caller waiting for budget, whose last count_down can come
+    between the writer's check that ``staged`` is not done and its setting the error: that
+    raised InvalidStateError in the writer, which never set ``committed``, so result() and
+    wait_all() waited for ever. This makes that interleaving happen."""
+    done, count_down = asyncsave._Outcome.done, asyncsave._Countdown.count_down
+    checked = threading.Event()
+    handles: list = []
+
+    def on_the_writer() -> bool:
+        return threading.current_thread().name.startswith('gpuserial save')
+
+    def the_caller_counts_down_last(countdown):
+        if not on_the_writer():
+            assert checked.wait(timeout=10)
+        count_down(countdown)
+
+    def the_caller_finishes_meanwhile(future):
+        if on_the_writer() and handles and future is handles[0].staged and not done(future):
+            future.set_result(None)  # the caller's count_down, just after the check
+            checked.set()
+            return False
+        return done(future)
+
+    init = asyncsave.SaveHandle.__init__
+    monkeypatch.setattr(asyncsave.SaveHandle, '__init__',
+                        lambda self, name: (init(self, name), handles.append(self))[0])
+    monkeypatch.setattr(asyncsave._Countdown, 'count_down', the_caller_counts_down_last)
+    monkeypatch.setattr(asyncsave._Outcome, 'done', the_caller_finishes_meanwhile)
+    model = {f'a{i}': numpy.ones(1 << 17) for i in range(4)}  # 1 MiB each, 1 MiB of budget
+    handle = gpuserial.save_async(_FailingFile(), model, max_host_bytes=1 << 20)
+    try:
+        with pytest.raises(OSError, match='No space left'):
+            handle.result(timeout=10)
+    finally:
+        if not done(handle.committed):  # else the wait at the test's end would never end
+            handle.committed.set_exception(AssertionError('the writer never said'))
+
+
 def test_a_save_cannot_be_cancelled(tmp_path):
     out = _HeldFile()
     handle = gpuserial.save_async(out, {'x': numpy.arange(3)})

@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import collections
 import concurrent.futures
+import contextlib
 import copy
 import numbers
 import os
@@ -388,8 +389,9 @@ def _write(handle: SaveHandle, write: Callable, pipe: _Pipe, copied: Callable[[]
         if pipe.aborted is None:  # else the caller raises it
             with _unreported_lock:  # before a future can hand it over
                 _unreported.append(error)
-        if not handle.staged.done():
-            handle.staged.set_exception(error)
+        with contextlib.suppress(concurrent.futures.InvalidStateError):  # the caller's last
+            if not handle.staged.done():  # count_down may come between these two lines
+                handle.staged.set_exception(error)
         handle.committed.set_exception(error)
     else:
         handle.committed.set_result(None)
