@@ -145,9 +145,12 @@ def collect(file, obj) -> dict:
         entries = serialize_refs(obj)
     except (InvalidKeyError, KeyCollisionError, DeviceError, UnstorableValueError) as error:
         raise type(error)(f'{display_name(file)!r}, {error}') from None
-    for key in entries:
+    for key in [key for key in entries if len(key) > SURELY_SHORT]:  # nearly always none
         check_member_name(file, key)
     return entries
+
+
+SURELY_SHORT = (MAX_NAME_BYTES - len(SUFFIX)) // 4  # characters: fits, whatever they are
 
 
 def check_member_name(file, key: str) -> None:
@@ -156,7 +159,7 @@ def check_member_name(file, key: str) -> None:
     Raises:
         InvalidKeyError: ``key`` and the suffix are more than :data:`MAX_NAME_BYTES` in UTF-8.
     """
-    if len(key) > (MAX_NAME_BYTES - len(SUFFIX)) // 4:  # else it fits, whatever its characters
+    if len(key) > SURELY_SHORT:
         size = len((key + SUFFIX).encode('utf-8'))
         if size > MAX_NAME_BYTES:
             raise InvalidKeyError(f'{display_name(file)!r}, key {key[:40]!r}... ({len(key)} '
