@@ -134,6 +134,53 @@ def test_an_end_signature_in_the_comment_is_not_taken_for_the_end_record(comment
     assert [member.filename for member in members] == ['a.npy', 'b.npy']
 
 
+@pytest.mark.parametrize('comment_length', [65500, 0xFFFF])
+def test_a_zip64_directory_before_the_last_64_kib_reads_as_zipfile_reads_it(monkeypatch,
+                                                                          comment_length):
+    """A comment of nearly 64 KiB pushes the ZIP64 end record (across the last 64 KiB's start,
+    or before it) and the directory (before it) out of the bytes read first: they are read
+    from the file, nothing more."""
+    monkeypatch.setattr(_zipstream, 'ZIP64_LIMIT', 100)
+    members = {'a.npy': b'abc', 'b.npy': b'x' * 200}
+    data = _ours(members, False, True)
+    assert data[-22:-18] == b'PK\x05\x06' and data[-2:] == b'\0\0'  # no comment yet
+    data = data[:-2] + comment_length.to_bytes(2, 'little') + b'c' * comment_length
+    assert b'PK\x06\x06' in data[:len(data) - _zipread.END_SEARCH + 56]
+    assert _our_members(data) == _zipfile_members(data)
+    assert [member.filename for member in _zipread.read_directory(io.BytesIO(data)).members] \
+        == list(members)
+
+
+class _CutShortAfterItsTail(io.BytesIO):
+    """A file that another process cuts short (rewriting it in place, as numpy.savez does)
+    right after its last 64 KiB were read."""
+
+    def __init__(self, data: bytes, cut: int):
+        super().__init__(data)
+        self.cut = cut
+        self.reads = 0
+
+    def read(self, count=-1, /) -> bytes:
+        data = super().read(count)
+        self.reads += 1
+        if self.reads == 1:
+            self.truncate(self.cut)
+        return data
+
+
+@pytest.mark.parametrize('into', [1, 50, 55, 1000], ids=['in a record', 'in a name',
+                                                          'after a record', 'records later'])
+def test_a_directory_cut_short_as_it_is_read_is_truncated(into):
+    """It listed the members it still held (cut between two records) or a member named by
+    the start of its name ('m000'), as if the zip held only those."""
+    members = {f'm{index:04d}.npy': b'x' for index in range(3000)}  # a directory over 64 KiB
+    data = _ours(members, False, True)
+    start = _zipread.read_directory(io.BytesIO(data)).start
+    assert start + 1000 < len(data) - _zipread.END_SEARCH  # the cut is before the tail
+    with pytest.raises(_zipread.ZipError, match='^Truncated central directory$'):
+        _zipread.read_directory(_CutShortAfterItsTail(data, start + into))
+
+
 def test_bytes_appended_after_a_zip_do_not_hide_its_end_record():
     data = _zipfile_written({'a.npy': b'abc'}, zipfile.ZIP_STORED, b'') + b'appended'
     members = _zipread.read_directory(io.BytesIO(data)).members

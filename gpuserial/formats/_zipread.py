@@ -155,14 +155,14 @@ def read_directory(fp: Input) -> Directory:
 
 def _read_span(fp: Input, tail: bytes, tail_start: int, start: int, count: int) -> bytes:
     """``count`` bytes of ``fp`` from ``start`` (fewer where it ends), those from
-    ``tail_start`` on taken from ``tail``, which holds the file's end."""
+    ``tail_start`` on taken from ``tail``, which holds the file's end (a ZipError if not)."""
     if start >= tail_start:
         return tail[start - tail_start:start - tail_start + count]
     fp.seek(start)
     head = fp.read(min(count, tail_start - start))
-    if start + count <= tail_start or len(head) < tail_start - start:  # all, or a short read
-        return head
-    return head + tail[:start + count - tail_start]
+    if len(head) < min(count, tail_start - start):  # cut short since the tail was read
+        raise ZipError('Truncated central directory')
+    return head if start + count <= tail_start else head + tail[:start + count - tail_start]
 
 
 def _end_record_at(tail: bytes) -> int:
