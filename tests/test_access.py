@@ -1595,3 +1595,14 @@ def test_a_missing_path_that_starts_with_a_tilde_says_it_is_not_expanded(tmp_pat
     with pytest.raises(FileNotFoundError) as raised:
         TILDE_CALLS[call]('missing/m.npz')
     assert 'expanduser' not in str(raised.value)
+
+
+@pytest.mark.parametrize('call', list(TILDE_CALLS))
+def test_a_tilde_that_names_no_user_gets_no_hint(tmp_path, monkeypatch, call):
+    """os.path.expanduser('~nobody-...') leaves it as it is: expanding it would not help."""
+    monkeypatch.chdir(tmp_path)
+    path = '~no-such-user-5c1e/m.npz'
+    assert os.path.expanduser(path) == path
+    with pytest.raises(FileNotFoundError) as raised:
+        TILDE_CALLS[call](path)
+    assert 'no-such-user-5c1e' in str(raised.value) and 'expanduser' not in str(raised.value)

@@ -274,6 +274,17 @@ def test_an_array_larger_than_the_budget_is_written_while_the_caller_waits(tmp_p
 # Errors
 
 
+@pytest.mark.parametrize('fmt', ['npz', 'hdf5'])
+def test_repr_says_how_far_a_save_is_without_waiting_for_it(fmt):
+    out = _HeldFile()
+    handle = gpuserial.save_async(out, {'x': numpy.arange(10)}, fmt)
+    handle.staged.result(timeout=30)
+    assert repr(handle).endswith(': writing>')  # the writer is held: repr does not wait for it
+    out.go.set()
+    handle.result(timeout=30)
+    assert repr(handle).endswith(': committed>')
+
+
 class _FailingFile(io.BytesIO):
     def write(self, data) -> int:
         raise OSError(28, 'No space left on device')

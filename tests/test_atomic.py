@@ -932,6 +932,59 @@ def test_a_name_longer_than_names_may_be_is_refused_before_anything_is_written(f
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize('length', [254, 255])
+def test_a_temporary_name_keeps_as_much_of_the_target_name_as_fits(fmt, tmp_path, monkeypatch,
+                                                                   length):
+    """Cut short no further than needed: the temporary name is as long as a name there may be
+    (255 bytes), so that one left behind says as much as it can of whose it is; and a target
+    name of exactly 255 bytes saves."""
+    save, load, ext = FORMATS[fmt]
+    path = tmp_path / ('m' * (length - len(ext)) + ext)
+    temporaries = []
+    replace = _fileio._replace
+    monkeypatch.setattr(_fileio, '_replace', lambda temp, target: (
+        temporaries.append(os.path.basename(temp)), replace(temp, target))[1])
+    save(path, kill_saver.state(1))
+    assert os.listdir(tmp_path) == [path.name]
+    [name] = temporaries
+    assert len(os.fsencode(name)) == 255 and name.startswith('.mmm')
+    assert name.endswith(_fileio.TEMP_SUFFIX)
+
+
+def _name_max_of(directory: pathlib.Path, most: int | None):
+    """``os.pathconf`` as on a file system whose names in ``directory`` have at most ``most``
+    bytes (eCryptfs: 143), or as where the system does not say (None)."""
+    pathconf = os.pathconf
+
+    def fake(path, name):
+        if most is None:
+            raise OSError(errno.EINVAL, 'Invalid argument')
+        return most if os.path.samefile(path, directory) else pathconf(path, name)
+    return fake
+
+
+@pytest.mark.parametrize(('most', 'length'), [(143, 144), (None, 256)],
+                         ids=['eCryptfs', 'unknown'])
+def test_a_name_longer_than_the_directory_takes_is_refused_naming_its_limit(
+        fmt, tmp_path, monkeypatch, most, length):
+    """The limit is the target directory's (not the working directory's), and 255 where the
+    system does not say."""
+    save, load, ext = FORMATS[fmt]
+    (tmp_path / 'elsewhere').mkdir()
+    monkeypatch.chdir(tmp_path / 'elsewhere')  # another directory, with longer names
+    monkeypatch.setattr(os, 'pathconf', _name_max_of(tmp_path, most))
+    path = tmp_path / ('m' * (length - len(ext)) + ext)
+    with pytest.raises(OSError, match=re.escape(
+            f'(its name has {length} bytes; names in its directory have at most '
+            f'{most or 255}): {str(path)!r}')) as raised:
+        save(path, kill_saver.state(0))
+    assert raised.value.errno == errno.ENAMETOOLONG
+    assert os.listdir(tmp_path) == ['elsewhere']
+    shorter = tmp_path / ('m' * (length - 1 - len(ext)) + ext)
+    save(shorter, kill_saver.state(1))  # a temporary name that fits the limit too
+    assert sorted(os.listdir(tmp_path)) == sorted(['elsewhere', shorter.name])
+
+
 def test_a_change_of_working_directory_during_a_save_changes_nothing(fmt, tmp_path, monkeypatch):
     """Another thread's os.chdir while a save to a relative path writes: the file goes where
     the save began, as numpy.save's (which opens it once); it failed, or left its temporary."""

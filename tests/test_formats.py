@@ -310,6 +310,19 @@ def test_missing_keys_caught_by_serialize_look_through_the_files_keys_once(tmp_p
         load(tmp_path / f'm{ext}', {'l3': {'W': {'msg': numpy.zeros(2)}}})
 
 
+@pytest.mark.parametrize('count', [3, 4])
+def test_a_missing_key_held_under_many_paths_names_the_first_three(tmp_path, fmt, count):
+    """Four generators' snapshots name three paths and '...': the hint stays one line."""
+    save, load, ext = fmt
+    save(tmp_path / f'm{ext}', {f'model:{index}': {'l1': {'W': numpy.ones(2)}}
+                                for index in range(count)})
+    shown = ', '.join(f"path='model:{index}/'" for index in range(3))
+    more = ', ...' if count > 3 else ''
+    with pytest.raises(KeyError, match=re.escape(f"key 'l1/W': not in the file (the file has it "
+                                                 f"under {shown}{more})") + '$'):
+        load(tmp_path / f'm{ext}', {'l1': {'W': numpy.zeros(2)}})
+
+
 def test_ignore_names(tmp_path, fmt):
     save, load, ext = fmt
     save(tmp_path / f'm{ext}', {'a': numpy.ones(2), 'b': numpy.ones(2)})

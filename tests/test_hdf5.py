@@ -1114,33 +1114,41 @@ def test_a_key_with_dot_parts_saves_as_libhdf5_reads_it(tmp_path, key):
                                      numpy.arange(3.0))
 
 
+MAX_DEPTH = 1000  # README: "A key nested more than 1,000 groups deep is refused"
+
+
 def _nested(depth: int) -> str:
     return '/'.join(['a'] * depth)
 
 
-@pytest.mark.parametrize('how', ['save', 'serializer', 'convert'])
+@pytest.mark.parametrize('how', ['save', 'save_async', 'serializer', 'convert'])
 def test_a_key_nested_deeper_than_hdf5_reads_is_refused_before_the_file_changes(tmp_path,
                                                                                  how):
     """libhdf5 writes paths of any depth, then crashes every process that reads one nested
     some 16,000 groups deep. More than MAX_DEPTH groups are refused, naming the file and key;
     MAX_DEPTH itself saves and loads."""
     path = tmp_path / 'm.h5'
-    fits = {_nested(hdf5.MAX_DEPTH + 1): numpy.arange(3)}  # the dataset in MAX_DEPTH groups
-    deep = {_nested(hdf5.MAX_DEPTH + 2): numpy.arange(3)}
+    fits = {_nested(MAX_DEPTH + 1): numpy.arange(3)}  # the dataset in MAX_DEPTH groups
+    deep = {_nested(MAX_DEPTH + 2): numpy.arange(3)}
     message = (re.escape(f"{str(path)!r}, key 'a/a/a") + '.*' + re.escape(
-        f'nested {hdf5.MAX_DEPTH + 1} groups deep; HDF5 takes at most {hdf5.MAX_DEPTH} here'))
+        f'nested {MAX_DEPTH + 1} groups deep; HDF5 takes at most {MAX_DEPTH} here'))
     if how == 'save':
         gpuserial.save(path, fits)
-        numpy.testing.assert_array_equal(gpuserial.load(path)[_nested(hdf5.MAX_DEPTH + 1)],
+        numpy.testing.assert_array_equal(gpuserial.load(path)[_nested(MAX_DEPTH + 1)],
                                          numpy.arange(3))
         old = path.read_bytes()
         with pytest.raises(InvalidKeyError, match=message):
             gpuserial.save(path, deep)
         assert path.read_bytes() == old and sorted(os.listdir(tmp_path)) == ['m.h5']
+    elif how == 'save_async':
+        with pytest.raises(InvalidKeyError, match=message):  # at the call, not from the handle
+            gpuserial.save_async(path, deep)
+        gpuserial.wait_all()
+        assert os.listdir(tmp_path) == []
     elif how == 'serializer':
         with h5py.File(path, 'w') as f:
             with pytest.raises(InvalidKeyError, match=message):
-                serializers.HDF5Serializer(f)(_nested(hdf5.MAX_DEPTH + 2), numpy.arange(3))
+                serializers.HDF5Serializer(f)(_nested(MAX_DEPTH + 2), numpy.arange(3))
             assert list(f) == []
     else:
         gpuserial.save(tmp_path / 'deep.npz', deep)

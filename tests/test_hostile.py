@@ -406,6 +406,19 @@ def test_a_zip_whose_directory_lies(tmp_path, case):
             assert target['a'] is None or not target['a'].any()
 
 
+def test_a_member_one_byte_past_the_end_is_refused_naming_the_file_size(tmp_path):
+    """The check is exact: claims that end one byte past the file are refused before the
+    member's data is read, saying how long the file is."""
+    data = _valid()
+    past = len(data) - crafting.central_field(data, 'x.npy', 'header_offset') + 1
+    for field in ('compress_size', 'file_size'):
+        data = crafting.patch_central(data, 'x.npy', field, past)
+    path = _write(tmp_path, data)
+    with pytest.raises(CorruptFileError, match=_where(path, 'x') + re.escape(
+            f': the member runs past the end of the file ({len(data)} bytes): truncated?')):
+        serializers.load_npz(path, {'x': None})
+
+
 def test_a_missing_member_names_file_and_key(tmp_path):
     path = _write(tmp_path, _valid())
     with pytest.raises(KeyNotFoundError, match=_where(path, 'b') + ': not in the file'):

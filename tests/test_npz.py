@@ -509,6 +509,14 @@ def test_a_directory_is_not_an_npz_file(tmp_path):
         npz.open_npz(tmp_path)
 
 
+@pytest.mark.parametrize('name', ['missing.npz', '~/missing.npz'])
+def test_a_missing_file_is_a_file_not_found_error_naming_it(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    hint = f' (~ is not expanded: pass os.path.expanduser({name!r}))' if name[0] == '~' else ''
+    with pytest.raises(FileNotFoundError, match=re.escape(f'{name!r}: no such file{hint}') + '$'):
+        npz.open_npz(name)
+
+
 @pytest.mark.parametrize('error', [RuntimeError('a bug of the file object'),
                                    PermissionError(13, 'Permission denied')])
 def test_errors_of_a_file_object_that_are_not_about_the_zip_raise_as_they_are(error):
@@ -706,7 +714,9 @@ def test_structured_dtypes_keep_their_titles_and_padding():
         assert target['v'].tobytes() == values.tobytes()
 
 
-@pytest.mark.parametrize('key', ['k' * (0xFFFF - 3), 'é' * 32766, 'a/' + 'k' * 65530])
+@pytest.mark.parametrize('key', ['k' * (0xFFFF - 3), 'é' * 32766, 'a/' + 'k' * 65530,
+                                 '\U0001F600' * 16383],  # 4 bytes a character: 65536
+                         ids=['ascii', 'two-byte', 'nested', 'four-byte'])
 def test_a_key_too_long_for_a_zip_name_is_refused_naming_the_file_and_key(tmp_path, key):
     """A zip member's name has at most 65535 bytes: beyond, the save was a bare struct.error
     halfway through the file; now it is refused before anything is written, and so is a
