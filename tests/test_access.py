@@ -1597,6 +1597,13 @@ def test_a_missing_path_that_starts_with_a_tilde_says_it_is_not_expanded(tmp_pat
     assert 'expanduser' not in str(raised.value)
 
 
+def test_load_npz_of_a_directory_says_it_is_one(tmp_path):
+    """Python's own said "[Errno 21] Is a directory: 'x'"."""
+    with pytest.raises(IsADirectoryError, match=re.escape(
+            f'{str(tmp_path)!r}: is a directory, not a file') + '$'):
+        serializers.load_npz(tmp_path, {})
+
+
 @pytest.mark.parametrize('call', list(TILDE_CALLS))
 def test_a_tilde_that_names_no_user_gets_no_hint(tmp_path, monkeypatch, call):
     """os.path.expanduser('~nobody-...') leaves it as it is: expanding it would not help."""
