@@ -42,6 +42,13 @@ def _under_an_address_space_limit(address_space_limit):
     """Every hostile case runs with little memory to spare (see the fixture)."""
 
 
+EVERY_SAVE = pytest.mark.parametrize(('save', 'ext'), [
+    (serializers.save_npz, '.npz'), (serializers.save_hdf5, '.h5'),
+    (lambda p, o: gpuserial.save_async(p, o).result(), '.npz'),
+    (lambda p, o: gpuserial.save_async(p, o).result(), '.h5'),
+], ids=['npz', 'hdf5', 'async-npz', 'async-hdf5'])
+
+
 def _where(path, key=None) -> str:
     """The regex of the ``'file', key 'k'`` phrase messages start with."""
     text = re.escape(repr(str(path)))
@@ -717,11 +724,7 @@ def test_bad_keys_are_named_with_the_file(tmp_path, saver, obj, key, message):
     assert not path.exists() and crafting.temporaries(tmp_path) == []
 
 
-@pytest.mark.parametrize(('save', 'ext'), [
-    (serializers.save_npz, '.npz'), (serializers.save_hdf5, '.h5'),
-    (lambda p, o: gpuserial.save_async(p, o).result(), '.npz'),
-    (lambda p, o: gpuserial.save_async(p, o).result(), '.h5'),
-], ids=['npz', 'hdf5', 'async-npz', 'async-hdf5'])
+@EVERY_SAVE
 def test_a_ragged_list_is_named_with_the_file_and_key(tmp_path, save, ext):
     """A list NumPy makes no array of (a JAX or torch user's list of layers) raised NumPy's
     bare ValueError, naming neither the file nor the key."""
@@ -754,11 +757,7 @@ def test_an_object_in_a_dict_is_refused_saying_how_to_save_it(tmp_path, value, h
     assert not path.exists() and crafting.temporaries(tmp_path) == []
 
 
-@pytest.mark.parametrize(('save', 'ext'), [
-    (serializers.save_npz, '.npz'), (serializers.save_hdf5, '.h5'),
-    (lambda p, o: gpuserial.save_async(p, o).result(), '.npz'),
-    (lambda p, o: gpuserial.save_async(p, o).result(), '.h5'),
-], ids=['npz', 'hdf5', 'async-npz', 'async-hdf5'])
+@EVERY_SAVE
 def test_a_masked_array_is_refused_rather_than_saved_without_its_mask(tmp_path, save, ext):
     """NPZ failed with NumPy's bare 'cannot reshape array of size 3 into shape (24,)'; HDF5
     saved the data and dropped the mask, as numpy.savez and h5py do."""
