@@ -496,7 +496,7 @@ class _GroupReader(loading.Reader):
         return keys
 
     def stored_key(self, key: str) -> str:
-        return _dataset_path(_Planned(), key)[1:]  # libhdf5 reads 'a//b' as 'a/b', './a' as 'a'
+        return plain_key(key)  # libhdf5 reads 'a//b' and 'a/./b' as 'a/b', './a' as 'a'
 
     def entry(self, key: str) -> loading.Entry | None:
         if key not in self._entries:
