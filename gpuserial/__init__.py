@@ -21,6 +21,7 @@ from gpuserial.errors import (
                               ReadFailedError,
                               UnsafeCastError,
                               UnsafeFileError,
+                              UnstorableValueError,
 )
 from gpuserial.objects import optimizers, training
 from gpuserial.objects.link import BatchNormalization, Chain, ChainList, Linear, Link, Parameter
@@ -71,8 +72,8 @@ __all__ = [
     'KeyCollisionError', 'KeyNotFoundError', 'Linear', 'Link', 'MismatchError', 'MomentumSGD',
     'NpzDeserializer', 'Optimizer', 'Parameter', 'ReadFailedError', 'SaveHandle',
     'SerialIterator', 'Serializer', 'StandardUpdater', 'Trainer', 'UnsafeCastError',
-    'UnsafeFileError', 'UpdateRule', 'configure', 'get_array_module', 'get_device', 'get_trigger',
-    'gpu_available', 'load_hdf5', 'load_npz', 'optimizers', 'release_pool', 'save_hdf5',
-    'save_async', 'save_npz', 'serialize', 'serializers', 'snapshot', 'snapshot_object',
-    'training', 'wait_all',
+    'UnsafeFileError', 'UnstorableValueError', 'UpdateRule', 'configure', 'get_array_module',
+    'get_device', 'get_trigger', 'gpu_available', 'load_hdf5', 'load_npz', 'optimizers',
+    'release_pool', 'save_hdf5', 'save_async', 'save_npz', 'serialize', 'serializers', 'snapshot',
+    'snapshot_object', 'training', 'wait_all',
 ]

@@ -50,6 +50,11 @@ class UnsafeCastError(GpuserialError, TypeError):
     """A stored scalar does not cast safely to the target's type."""
 
 
+class UnstorableValueError(GpuserialError, TypeError):
+    """A value no member or dataset can hold: an object other than an array, a number, a
+    string or None, a ragged list, a dtype the format or NumPy has no type for."""
+
+
 class DeviceError(GpuserialError, ValueError):
     """A device spec is unknown, or names a device that is not usable here."""
 

@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from gpuserial.errors import InvalidKeyError
+from gpuserial.errors import InvalidKeyError, UnstorableValueError
 
 
 class AbstractSerializer:
@@ -203,7 +203,7 @@ def keeps_returned_arrays(obj) -> bool:
     return isinstance(obj, DictTarget) or getattr(type(obj), 'keeps_returned_arrays', None) is True
 
 
-def object_as_value_error(where: str, obj) -> TypeError | None:
+def object_as_value_error(where: str, obj) -> UnstorableValueError | None:
     """The error for ``obj`` handed to a serializer as a value when it is an object that holds
     values (a link or a torch module in a dict), saying how to save it; else None."""
     if hasattr(obj, 'serialize'):
@@ -213,8 +213,8 @@ def object_as_value_error(where: str, obj) -> TypeError | None:
         how = 'save its state_dict()'
     else:
         return None
-    return TypeError(f'{where}: an object ({type(obj).__name__}), not a value: {how}; a dict '
-                     f'holds arrays, numbers, strings, None and dicts')
+    return UnstorableValueError(f'{where}: an object ({type(obj).__name__}), not a value: '
+                                f'{how}; a dict holds arrays, numbers, strings, None and dicts')
 
 
 def as_serializable(obj):

@@ -513,7 +513,7 @@ def test_torch_dtypes_numpy_lacks_are_refused_naming_the_file_and_key(tmp_path, 
     path = path_for(tmp_path, kind)
     message = (f"^{re.escape(repr(str(path)))}, key 'g/x': a torch tensor of dtype torch.{dtype} "
                f"has no NumPy view .*: gpuserial stores NumPy's dtypes and bfloat16, ")
-    with pytest.raises(TypeError, match=message):
+    with pytest.raises(gpuserial.UnstorableValueError, match=message):
         save(path, kind, {'g': {'x': torch.zeros(2, dtype=getattr(torch, dtype))}})
     assert not path.exists()
     save(path, kind, {'g': {'x': numpy.zeros(2, numpy.uint8)}})
@@ -527,8 +527,9 @@ def test_ml_dtypes_without_an_encoding_are_refused_not_saved_as_raw_bytes(tmp_pa
     writes them, raw bytes ('|V1'): the file loaded back as void, the type lost."""
     ml_dtypes = pytest.importorskip('ml_dtypes')
     path = path_for(tmp_path, kind)
-    with pytest.raises(TypeError, match=f"^{re.escape(repr(str(path)))}, key 'x': an array of "
-                       f"dtype {dtype} cannot be saved: gpuserial stores NumPy's dtypes and "
+    with pytest.raises(gpuserial.UnstorableValueError,
+                       match=f"^{re.escape(repr(str(path)))}, key 'x': an array of dtype "
+                       f"{dtype} cannot be saved: gpuserial stores NumPy's dtypes and "
                        r"bfloat16, .*\.view\(numpy\.uint8\)\)$"):
         save(path, kind, {'x': numpy.zeros(2, getattr(ml_dtypes, dtype))})
     assert not path.exists()

@@ -729,7 +729,8 @@ def test_a_ragged_list_is_named_with_the_file_and_key(tmp_path, save, ext):
     """A list NumPy makes no array of (a JAX or torch user's list of layers) raised NumPy's
     bare ValueError, naming neither the file nor the key."""
     path = tmp_path / f'm{ext}'
-    with pytest.raises(TypeError, match=_where(path, 'g/layers') + ': a list that NumPy makes no '
+    with pytest.raises(gpuserial.UnstorableValueError,
+                       match=_where(path, 'g/layers') + ': a list that NumPy makes no '
                        r'array of \(setting an array element.*save a list of arrays as a dict'):
         save(path, {'g': {'layers': [numpy.ones(2), numpy.zeros(3)]}})
     assert not path.exists() and crafting.temporaries(tmp_path) == []
@@ -752,7 +753,8 @@ def test_an_object_in_a_dict_is_refused_saying_how_to_save_it(tmp_path, value, h
     """A link or a torch module is not a value: a dict of them (the way torch checkpoints
     hold ``{'model': ..., 'optimizer': ...}``) is refused saying what to save instead."""
     path = tmp_path / f'm.{suffix}'
-    with pytest.raises(TypeError, match=_where(path, 'run/model') + ': ' + how):
+    with pytest.raises(gpuserial.UnstorableValueError,
+                       match=_where(path, 'run/model') + ': ' + how):
         gpuserial.save(path, {'run': {'model': value}, 'epoch': 3})
     assert not path.exists() and crafting.temporaries(tmp_path) == []
 
@@ -763,7 +765,7 @@ def test_a_masked_array_is_refused_rather_than_saved_without_its_mask(tmp_path, 
     saved the data and dropped the mask, as numpy.savez and h5py do."""
     path = tmp_path / f'm{ext}'
     value = numpy.ma.masked_array([1.0, 2.0, 3.0], mask=[False, True, False])
-    with pytest.raises(TypeError, match=_where(path, 'g/m') + re.escape(
+    with pytest.raises(gpuserial.UnstorableValueError, match=_where(path, 'g/m') + re.escape(
             ': a masked array cannot be saved: its mask would be lost (numpy.savez and h5py '
             'drop it); save its .data and numpy.ma.getmaskarray() of it as two entries, or its '
             '.filled() values')):
@@ -779,17 +781,21 @@ def test_a_masked_array_is_refused_rather_than_saved_without_its_mask(tmp_path, 
 @pytest.mark.parametrize('value', [numpy.array([1, 'a'], object), 10**30],
                          ids=['object-array', 'int-beyond-64-bits'])
 def test_object_arrays_are_named_with_the_file_and_key(tmp_path, value):
-    """In the same words in both formats (HDF5 said 'a int of objects')."""
+    """In the same words and the same error in both formats (HDF5 said 'a int of objects', in
+    a plain TypeError that an ``except GpuserialError`` let through)."""
     message = ': object arrays other than None cannot be saved'
     path = tmp_path / 'm.h5'
-    with pytest.raises(TypeError, match=_where(path, 'g/x') + message):
+    with pytest.raises(gpuserial.UnstorableValueError, match=_where(path, 'g/x') + message):
         serializers.save_hdf5(path, {'g': {'x': value}})
     path = tmp_path / 'm.npz'
-    with pytest.raises(TypeError, match=_where(path, 'g/x') + message):
+    with pytest.raises(gpuserial.UnstorableValueError, match=_where(path, 'g/x') + message):
         serializers.save_npz(path, {'g': {'x': value}})
     assert crafting.temporaries(tmp_path) == []
+    assert issubclass(gpuserial.UnstorableValueError, gpuserial.GpuserialError)
+    assert issubclass(gpuserial.UnstorableValueError, TypeError)  # as NumPy would raise
     with h5py.File(tmp_path / 'open.h5', 'w') as f:  # a serializer made on an open file
-        with pytest.raises(TypeError, match=_where(tmp_path / 'open.h5', 'x') + message):
+        with pytest.raises(gpuserial.UnstorableValueError,
+                           match=_where(tmp_path / 'open.h5', 'x') + message):
             serializers.HDF5Serializer(f)('x', value)
         assert list(f) == []
 
@@ -800,7 +806,7 @@ def test_dates_and_times_are_refused_by_hdf5_naming_the_file_key_and_way_out(tmp
     says what to do; NPZ stores them."""
     value = numpy.array([1, 2]).astype(dtype)
     path = tmp_path / 'm.h5'
-    with pytest.raises(TypeError, match=_where(path, 'g/t') + re.escape(
+    with pytest.raises(gpuserial.UnstorableValueError, match=_where(path, 'g/t') + re.escape(
             f": {value.dtype} arrays cannot be saved to HDF5 (h5py has no type for dates and "
             f"times): save to NPZ, or save their .view('int64') and the unit")):
         serializers.save_hdf5(path, {'g': {'t': value}})

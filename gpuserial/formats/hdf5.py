@@ -36,6 +36,7 @@ from gpuserial.errors import (
     MismatchError,
     ReadFailedError,
     UnsafeFileError,
+    UnstorableValueError,
 )
 from gpuserial.formats import _npy, loading
 from gpuserial.formats._zipstream import DEFLATE_ERRORS, deflate_module
@@ -148,7 +149,7 @@ class HDF5Serializer(Serializer):
             raise DeviceError(f'{self.name!r}, key {_dataset_path(self.group, key)[1:]!r}: '
                               f'{error}') from None
         except TypeError as error:  # a torch dtype NumPy lacks (float8_e4m3fnuz)
-            raise TypeError(f'{_where(self.name, self.group, key)}: {error}') from None
+            raise UnstorableValueError(f'{_where(self.name, self.group, key)}: {error}') from None
         if _npy.is_none_array(stored):  # a dict from Chainer's npz.serialize holds None so
             stored = None
         if self._plan is not None:  # checked now: the writes may come later (save_async)
@@ -310,19 +311,21 @@ def _check_storable(group: h5py.Group, key: str, value, name: str) -> None:
     try:
         dtype = value.dtype if is_array else numpy.asarray(value).dtype
     except (TypeError, ValueError) as error:  # a ragged list: NumPy makes no array
-        raise TypeError(f'{_where(name, group, key)}: a {type(value).__name__} that NumPy '
-                        f'makes no array of ({error}) cannot be saved (arrays, numbers, '
-                        f'strings and None can; save a list of arrays as a dict)') from None
+        raise UnstorableValueError(
+            f'{_where(name, group, key)}: a {type(value).__name__} that NumPy makes no array of '
+            f'({error}) cannot be saved (arrays, numbers, strings and None can; save a list of '
+            f'arrays as a dict)') from None
+    why: str | None
     if dtype.hasobject:  # as NPZ says it
-        raise TypeError(f'{_where(name, group, key)}: object arrays other than None cannot '
-                        f'be saved (arrays, numbers, strings and None can)')
-    why = devices.why_not_storable(dtype)
+        why = ('object arrays other than None cannot be saved (arrays, numbers, strings and '
+               'None can)')
+    elif dtype.kind in 'mM':
+        why = (f'{dtype} arrays cannot be saved to HDF5 (h5py has no type for dates and times): '
+               f"save to NPZ, or save their .view('int64') and the unit")
+    else:
+        why = devices.why_not_storable(dtype)
     if why is not None:
-        raise TypeError(f'{_where(name, group, key)}: {why}')
-    if dtype.kind in 'mM':
-        raise TypeError(f'{_where(name, group, key)}: {dtype} arrays cannot be saved to HDF5 '
-                        f'(h5py has no type for dates and times): save to NPZ, or save '
-                        f'their .view(\'int64\') and the unit')
+        raise UnstorableValueError(f'{_where(name, group, key)}: {why}')
 
 
 def write_entry(group: h5py.Group, key: str, value, compression: int | None, name: str,

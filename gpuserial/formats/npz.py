@@ -28,6 +28,7 @@ from gpuserial.errors import (
     KeyCollisionError,
     ReadFailedError,
     UnsafeFileError,
+    UnstorableValueError,
 )
 from gpuserial.formats import _npy, _zipread, _zipstream, loading
 from gpuserial.serializer import (
@@ -117,11 +118,6 @@ class DictionarySerializer(Serializer):
             raise UnstorableValueError(f'key {full_key!r}: {why}')
         self.target[full_key] = stored
         return value
-
-
-class UnstorableValueError(TypeError):
-    """A value no member can hold (a ragged list, a dtype NumPy or gpuserial has no type for):
-    a ``TypeError`` that :func:`collect` gives the file's name."""
 
 
 def serialize_refs(obj) -> dict:
@@ -296,10 +292,10 @@ def check_storable(entries: Iterable[tuple[str, Any]], name: str) -> None:
             raise _unstorable(name, key, value)
 
 
-def _unstorable(name: str, key: str, array: numpy.ndarray) -> TypeError:
+def _unstorable(name: str, key: str, array: numpy.ndarray) -> UnstorableValueError:
     where = f'{name!r}, key {key!r}'
     held = array[()] if array.shape == () else None
-    return object_as_value_error(where, held) or TypeError(
+    return object_as_value_error(where, held) or UnstorableValueError(
         f'{where}: object arrays other than None cannot be saved (arrays, numbers, strings and '
         f'None can)')
 
