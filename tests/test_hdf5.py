@@ -1121,7 +1121,8 @@ def _nested(depth: int) -> str:
     return '/'.join(['a'] * depth)
 
 
-@pytest.mark.parametrize('how', ['save', 'save_async', 'serializer', 'convert'])
+@pytest.mark.parametrize('how', ['save', 'save_async', 'serializer', 'serializer group',
+                                 'convert'])
 def test_a_key_nested_deeper_than_hdf5_reads_is_refused_before_the_file_changes(tmp_path,
                                                                                  how):
     """libhdf5 writes paths of any depth, then crashes every process that reads one nested
@@ -1150,6 +1151,15 @@ def test_a_key_nested_deeper_than_hdf5_reads_is_refused_before_the_file_changes(
             with pytest.raises(InvalidKeyError, match=message):
                 serializers.HDF5Serializer(f)(_nested(MAX_DEPTH + 2), numpy.arange(3))
             assert list(f) == []
+    elif how == 'serializer group':  # a group its entries could not be in was made empty
+        with h5py.File(path, 'w') as f:
+            serializers.HDF5Serializer(f)[_nested(MAX_DEPTH)]('a', numpy.arange(3))
+            with pytest.raises(InvalidKeyError, match=re.escape(f"{str(path)!r}, key 'b/a/a")
+                               + '.*' + re.escape(f'nested {MAX_DEPTH + 1} groups deep')):
+                serializers.HDF5Serializer(f)['b'][_nested(MAX_DEPTH)]
+            assert list(f) == ['a', 'b'] and list(f['b']) == []
+        numpy.testing.assert_array_equal(gpuserial.load(path)[_nested(MAX_DEPTH + 1)],
+                                         numpy.arange(3))
     else:
         gpuserial.save(tmp_path / 'deep.npz', deep)
         with pytest.raises(InvalidKeyError, match=message):
