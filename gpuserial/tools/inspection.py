@@ -266,7 +266,7 @@ def _inspect_hdf5(path, name: str, storage_options: dict | None = None) -> list[
             kind, nbytes = 'string', stored
         else:
             kind = 'object' if dtype.hasobject else 'array'
-            nbytes = node.size * dtype.itemsize
+            nbytes = int(node.size) * dtype.itemsize  # h5py 3.6 gives a numpy.int64 (not JSON)
         entries.append(EntryInfo(name, kind, tuple(node.shape), dtype_name(dtype), nbytes, stored,
                                  compression))
 
