@@ -76,11 +76,15 @@ HDF5_FILE_BYTES = 1 << 20  # and the file itself
 HDF5_SPARE_BYTES = 256 << 20  # free space left beyond twice the file's: room for others' writes
 MAX_DEPTH = 1000  # groups a dataset's path may pass through: libhdf5 crashes the process (a
 # segfault) reading paths nested about 16,000 deep (measured; fewer where threads have less stack)
+H5PY_FILLS_CHUNKS_AT_ALLOCATION = h5py.version.version_tuple[:2] < (3, 12)  # its
+#                                  create_dataset did so for every chunked dataset before 3.12
 GZIP_DEFAULT = 4  # Chainer's default level, and h5py's for compression=True or 'gzip'
 INFLATE_MIN_BYTES = 256 << 10  # a gzip dataset this large is inflated chunk by chunk on the
 #                                worker threads (below it libhdf5's filter reads it in one call)
 MAX_INFLATE_CHUNK_BYTES = 1 << 20  # ... when its chunks hold at most this (h5py's largest
 #                                    guess; gpuserial writes 64 KiB): each thread holds one
+CAN_LIST_CHUNKS = hasattr(h5py.h5d.DatasetID, 'chunk_iter')  # which gzip reads need: h5py
+#                 built with HDF5 1.12.3 or later (its wheels from 3.10 on); else libhdf5 reads
 
 
 class HDF5Serializer(Serializer):
@@ -450,6 +454,8 @@ def _create_plain_dataset(group: h5py.Group, key: str, data: numpy.ndarray,
     properties = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     if compression:
         properties.set_chunk(data.shape)
+        if H5PY_FILLS_CHUNKS_AT_ALLOCATION:
+            properties.set_fill_time(h5py.h5d.FILL_TIME_ALLOC)
         properties.set_deflate(compression)
     properties.set_obj_track_times(False)
     dataset = h5py.h5d.create(group.id, name, h5py.h5t.py_create(data.dtype, logical=True),
@@ -638,7 +644,7 @@ class _GroupReader(loading.Reader):
                 return None
             counts = [-(-extent // step) for extent, step in zip(shape, size, strict=True)]
             grid = math.prod(counts)
-            if dataset.get_num_chunks() < grid or not hasattr(dataset, 'chunk_iter'):
+            if dataset.get_num_chunks() < grid or not CAN_LIST_CHUNKS:
                 return None  # unwritten ones (or an h5py that cannot tell which are written)
             strides = [math.prod(counts[axis + 1:]) for axis in range(len(counts))]
             table = numpy.full((grid, 3), -1, numpy.int64)  # offset, size, mask: a chunk's
