@@ -198,8 +198,8 @@ BAD_HEADERS = {
                    r'.npy header overflows'),
     'overflow behind a zero': (crafting.header_text('<f8', (0, 2 ** 62, 2 ** 62)), 'overflows'),
     'dim beyond intp': (crafting.header_text('<f8', (0, 2 ** 64)), 'overflows'),
-    'too many dims': (crafting.header_text('<f4', (1,) * 65), 'has 65 dimensions, over the '
-                      'limit of 64'),
+    'too many dims': (crafting.header_text('<f4', (1,) * (_npy.MAX_NDIM + 1)),  # NumPy's
+                      f'has {_npy.MAX_NDIM + 1} dimensions, over the limit of {_npy.MAX_NDIM}'),
     'too many empty dims': (crafting.header_text('<f4', (0,) * 100), 'has 100 dimensions'),
     'unclaimed size': (crafting.header_text('<f8', (2 ** 40,)), r'the member holds \d+ bytes '
                        r'but its header claims 8796093022\d+ \(dtype float64, shape '

@@ -661,10 +661,10 @@ def test_a_member_whose_local_header_would_lie_past_the_end_is_truncated(tmp_pat
         serializers.load_npz(path, {'x': numpy.zeros(3)})
 
 
-@pytest.mark.parametrize('shape', [(3,), (1,) * 63 + (100000,)])  # headers of 128 and 320 bytes
+@pytest.mark.parametrize('shape', [(3,), (1,) * (_npy.MAX_NDIM - 1) + (100000,)])
 def test_a_version_1_header_whole_in_the_window_is_decoded_there(shape):
     header = _npy.encode_header(numpy.dtype('<f4'), shape)
-    assert len(header) == (128 if shape == (3,) else 320)
+    assert len(header) == 128 if shape == (3,) else len(header) >= 192  # 320 in NumPy 2
     for data, at in ((header, 0), (b'xyz' + header + b'payload', 3)):
         decoded = _npy.regular_header(data, at)
         assert decoded == _npy.decode_header(header)
