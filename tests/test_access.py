@@ -1121,7 +1121,8 @@ def test_open_lists_and_describes_without_reading_data(tmp_path, kind):
         assert 'entries>' in repr(f)
 
 
-@pytest.mark.skipif(not hasattr(getattr(numpy, 'dtypes', None), 'StringDType'), reason="NumPy 2's dtype")
+@pytest.mark.skipif(not hasattr(getattr(numpy, 'dtypes', None), 'StringDType'),
+                    reason="NumPy 2's dtype")
 def test_numpy_string_dtype_text_saves_as_str(tmp_path, kind):
     """NumPy 2's variable-width StringDType was refused as an object array, though strings can
     be saved: it is stored as fixed-width str (what a load gives back), in every format."""
