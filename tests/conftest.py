@@ -187,7 +187,7 @@ _buckets = itertools.count()
 @pytest.fixture(scope='session')
 def moto_endpoint():
     """moto's S3 server on 127.0.0.1 (a free port), in this process, for the session."""
-    from moto.server import ThreadedMotoServer
+    ThreadedMotoServer = pytest.importorskip('moto.server').ThreadedMotoServer  # ci/test-oldest
     saved = {name: os.environ.get(name) for name in CREDENTIALS}
     os.environ.update(CREDENTIALS)  # no region_name: s3fs would send a LocationConstraint
     server = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)
