@@ -78,6 +78,7 @@ def test_async_save_reports_blocked_time_and_peak_memory(tmp_path, capsys):
 
 @pytest.mark.mpi
 def test_sharded_save_compares_the_three_ways(tmp_path, capsys):
+    pytest.importorskip('mpi4py')  # and mpiexec beside it: test extras, not ci/test-oldest.sh's
     out = tmp_path / 'sharded.json'
     assert sharded_save.main(['--bytes', '256KiB', '--ranks', '1', '2', '--rounds', '1',
                               '--dir', str(tmp_path), '--json', str(out)]) == 0
@@ -93,6 +94,8 @@ def test_sharded_save_compares_the_three_ways(tmp_path, capsys):
 
 
 def test_remote_compares_peers_on_moto(tmp_path, capsys):
+    for extra in ('moto', 'torch', 'safetensors'):  # test extras, not ci/test-oldest.sh's
+        pytest.importorskip(extra)
     from benchmarks import remote
     out = tmp_path / 'remote.json'
     assert remote.main(['--bytes', '1MiB', '--rounds', '1', '--peak', '--json', str(out)]) == 0
