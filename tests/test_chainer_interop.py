@@ -26,7 +26,7 @@ CASES = [f'{variant}/{name}/{saver}->{loader}' for variant, (parties, _) in VARI
 CHECKS = ['classes', 'device_specs', 'uninitialized_link_with_device',
           'dtype_mismatch_is_a_type_error', 'hdf5_compression_as_chainer',
           'partial_loads_as_chainer', 'multiprocess_iterator_resumes',
-          'snapshot_writers_save_hdf5_with_a_lazy_link',
+          'snapshot_writers_save_hdf5_with_a_lazy_link', 'library_call_patterns',
           'import_does_not_import_chainer']
 
 pytestmark = pytest.mark.chainer

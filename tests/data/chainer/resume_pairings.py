@@ -22,7 +22,9 @@ Trainer time comes from a counting clock, so that snapshots of one run are ident
 saves them.
 """
 
+import contextlib
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -343,6 +345,79 @@ def _check_snapshot_writers_save_hdf5_with_a_lazy_link(directory):
         gpuserial.serializers.load_hdf5(os.path.join(trainer.out, 'model.h5'), target)
         assert (target[0].W.array == model[0].W.array).all(), writer.__name__
         assert target[1].W.array is None, writer.__name__
+
+
+@contextlib.contextmanager
+def _chainer_serializers_are(party):
+    """Point ``chainer.serializers`` (and its ``npz`` module, which Chainer's own snapshot
+    extension and vision models call) at ``party``'s functions, as a user of a library does."""
+    names = ('save_npz', 'load_npz', 'NpzDeserializer', 'serialize')
+    saved = {(module, name): getattr(module, name) for module in (serializers, serializers.npz)
+             for name in names if hasattr(module, name)}
+    if party == 'gpuserial':
+        for module, name in saved:
+            setattr(module, name, getattr(gpuserial.serializers, name))
+    try:
+        yield
+    finally:
+        for (module, name), value in saved.items():
+            setattr(module, name, value)
+
+
+def _check_library_call_patterns(directory):
+    """Two ways libraries built on Chainer call its serializers, with gpuserial's patched in.
+
+    ChainerRL's ``agent.load`` (``load_npz_no_strict``): a strict ``load_npz`` that raises
+    KeyError, then ``NpzDeserializer(numpy.load(f), strict=False)`` on a plain NpzFile (no
+    pickle allowed) holding a lazy link's None. Chainer's ``snapshot(autoload=True)``: its
+    ``initialize`` loads the latest snapshot with ``chainer.serializers.npz.load_npz``; every
+    saver and loader must resume as Chainer does (the snapshot's ``savefun`` is looked up then).
+    """
+    def model(seed):
+        numpy.random.seed(seed)
+        return chainer.Sequential(L.Linear(3, 2), L.Linear(None, 4))
+
+    path = os.path.join(directory, 'agent-model.npz')
+    source = model(10)
+    serializers.save_npz(path, source)
+    target = model(11)
+    target[0].add_persistent('extra', numpy.zeros(2))  # not in the file: the strict load fails
+    with _chainer_serializers_are('gpuserial'):
+        try:
+            serializers.load_npz(path, target)
+            raise AssertionError('the strict load found a key that is not in the file')
+        except KeyError:
+            with numpy.load(path) as f:
+                serializers.NpzDeserializer(f, strict=False).load(target)
+    assert (target[0].W.array == source[0].W.array).all() and target[1].W.array is None
+
+    def trainer(out, seed):
+        numpy.random.seed(seed)
+        classifier = L.Classifier(chainer.Sequential(L.Linear(5, 4), L.BatchNormalization(4),
+                                                     L.Linear(4, 3)))
+        train = iterators.SerialIterator(_dataset(1, 12), 4, shuffle=True)
+        updater = training.updaters.StandardUpdater(train, optimizers.Adam().setup(classifier))
+        made = training.Trainer(updater, (5, 'iteration'), out=out)
+        made.extend(extensions.snapshot(filename='snapshot_{.updater.iteration}', autoload=True),
+                    trigger=(3, 'iteration'))
+        return made
+
+    resumed = {}
+    for saver, loader in itertools.product(('chainer', 'gpuserial'), repeat=2):
+        out = os.path.join(directory, f'autoload-{saver}-{loader}')
+        with _chainer_serializers_are(saver):
+            run(trainer(out, 0), 4)  # snapshot_3
+        with _chainer_serializers_are(loader):
+            resuming = trainer(out, 5)
+            run(resuming, 5)
+        resumed[saver, loader] = {key: _digest_value(value) for key, value
+                                  in serializers.npz.serialize(resuming.updater).items()}
+    fresh = trainer(os.path.join(directory, 'autoload-none'), 5)  # nothing to autoload
+    run(fresh, 5)
+    assert resumed['chainer', 'chainer'] != {key: _digest_value(value) for key, value
+                                             in serializers.npz.serialize(fresh.updater).items()}
+    for pairing, state in resumed.items():
+        assert state == resumed['chainer', 'chainer'], pairing
 
 
 def _check_import_does_not_import_chainer(directory):
