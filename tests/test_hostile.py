@@ -540,6 +540,13 @@ def _h5(tmp_path, build) -> str:
     return path
 
 
+def _three_byte_integers(f) -> None:
+    """A dataset of a valid HDF5 type that NumPy has no dtype for (h5py's TypeError)."""
+    three = h5py.h5t.STD_I32LE.copy()
+    three.set_size(3)
+    h5py.h5d.create(f.id, b'x', three, h5py.h5s.create_simple((3,)))
+
+
 HDF5_CASES = {
     'object references': (
         lambda f: f.create_dataset('x', data=numpy.array([f['a'].ref] * 3, h5py.ref_dtype)),
@@ -566,6 +573,8 @@ HDF5_CASES = {
     'complex into floats': (lambda f: f.create_dataset('x', data=numpy.zeros(3, complex)),
                             {'x': numpy.zeros(3)}, MismatchError,
                             'stored dtype complex128 does not cast'),
+    'a type NumPy has no dtype for': (_three_byte_integers, {'x': numpy.zeros(3)},
+                                      CorruptFileError, "data type '<i3' not understood"),
     'a group, not a dataset': (lambda f: f.create_group('x'), {'x': numpy.zeros(3)},
                                MismatchError, 'is an HDF5 group, not a dataset'),
     'an array into a scalar': (lambda f: f.create_dataset('x', data=numpy.zeros(300000)),

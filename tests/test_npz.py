@@ -149,10 +149,14 @@ def test_numpy_load_result_is_accepted_by_the_deserializer(tmp_path):
     numpy.testing.assert_array_equal(target, numpy.arange(5.0))
 
 
+@pytest.mark.parametrize('count', [1000, 20000], ids=['from-the-window', 'over-DIRECT'])
 @pytest.mark.parametrize('compression', [True, False])
-def test_a_flipped_data_byte_is_a_crc_error_naming_the_member(tmp_path, compression):
+def test_a_flipped_data_byte_is_a_crc_error_naming_the_member(tmp_path, compression, count):
+    """Small stored members are checked in the read-ahead window, larger ones (DIRECT bytes and
+    more) as they are read straight into the array."""
+    assert (count * 8 < _zipread.DIRECT) == (count == 1000)
     path = tmp_path / 'm.npz'
-    values = numpy.arange(1000, dtype=numpy.int64)
+    values = numpy.arange(count, dtype=numpy.int64)
     serializers.save_npz(path, {'w': values}, compression=compression)
     data = bytearray(path.read_bytes())
     with zipfile.ZipFile(path) as archive:
@@ -161,7 +165,7 @@ def test_a_flipped_data_byte_is_a_crc_error_naming_the_member(tmp_path, compress
     data[position] ^= 0x55
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptFileError, match=r"m\.npz', key 'w': .*(CRC|deflate)"):
-        serializers.load_npz(path, {'w': numpy.zeros(1000, numpy.int64)})
+        serializers.load_npz(path, {'w': numpy.zeros(count, numpy.int64)})
 
 
 @pytest.mark.slow
