@@ -67,7 +67,7 @@ MODULES = {
                                   'test_progress', 'test_engine_rules', 'test_async',
                                   'test_access', 'test_io_failures'],
     'gpuserial/storage/_fileio.py': ['test_atomic', 'test_cli', 'test_async', 'test_io_failures',
-                                     'test_access'],
+                                     'test_access', 'test_remote'],
     'gpuserial/storage/_signals.py': ['test_atomic'],
     'gpuserial/engine/transfer.py': ['test_transfer', 'test_engine_rules', 'test_formats',
                                      'test_concurrency', 'test_async', 'test_access'],

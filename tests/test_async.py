@@ -632,6 +632,23 @@ def test_a_fork_while_a_save_is_in_flight_does_not_deadlock_the_child(tmp_path, 
         gpuserial.wait_all()
 
 
+@pytest.mark.skipif(not hasattr(os, 'fork'), reason='needs fork')
+def test_a_forked_child_has_the_staging_memory_a_save_of_its_parent_held(tmp_path, monkeypatch):
+    """The parent's save in flight holds the kept staging memory at the fork; it is not the
+    child's save, and would never give it back there: the child's saves would all make new
+    copies."""
+    go, _ = _held_writes(monkeypatch)
+    handle = gpuserial.save_async(tmp_path / 'm.npz', {'x': numpy.zeros(3)})
+    assert transfer.host_arena.take(8) is None  # held by the save in flight
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if transfer.host_arena.take(8) is not None else 1)
+    _, status = os.waitpid(pid, 0)
+    go.set()
+    handle.result(timeout=30)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 def test_a_process_that_exits_normally_keeps_its_last_save(tmp_path):
     path = tmp_path / 'last.npz'
     code = ('import numpy, gpuserial, sys\n'
