@@ -270,6 +270,24 @@ def test_an_array_larger_than_the_budget_is_written_while_the_caller_waits(tmp_p
     _assert_file_holds('npz', tmp_path / 'm.npz', expected)
 
 
+def test_an_array_over_the_budget_after_a_device_copy_is_written_and_the_call_returns(
+        tmp_path):
+    """A device copy staged on its device takes none of the host budget: given back after it
+    is written, it would leave more than the whole budget free, and the caller waiting for the
+    whole budget to come back would wait for ever."""
+    model = {'d': make_device('standin:0').send(numpy.arange(4.0)),
+             'huge': numpy.arange(1 << 12, dtype=numpy.float64)}
+    expected = _values(model)
+    handles = []
+    saver = threading.Thread(target=lambda: handles.append(gpuserial.save_async(
+        tmp_path / 'm.npz', model, max_host_bytes=1 << 10, staging='device')), daemon=True)
+    saver.start()
+    saver.join(timeout=30)
+    assert handles, 'the call did not return'
+    handles[0].result(timeout=30)
+    _assert_file_holds('npz', tmp_path / 'm.npz', expected)
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 
@@ -322,6 +340,36 @@ def test_a_writer_error_a_handle_handed_over_is_not_raised_again(tmp_path, fmt, 
     assert numpy.load(tmp_path / 'next.npz')['x'].tolist() == [0, 1, 2]
     gpuserial.wait_all()
     assert asyncsave._unreported == []
+
+
+def test_a_failed_save_lets_go_of_the_copies_it_staged_and_never_wrote(tmp_path, monkeypatch):
+    """The writer's error, kept by the handle (and for the next call), holds the writer's
+    frames: the copies still waiting for it go when it fails, not when the error does. The
+    staging memory kept between saves is held by a save in flight, so these are new arrays."""
+    go, _ = _held_writes(monkeypatch)
+    held = gpuserial.save_async(tmp_path / 'm.npz', {'x': numpy.zeros(3)})
+    returned = threading.Event()
+
+    class FailsOnceStaged(io.BytesIO):
+        def write(self, data) -> int:
+            assert returned.wait(timeout=30)  # the four copies are staged
+            raise OSError(28, 'No space left on device')
+
+    model = {f'a{i}': numpy.ones(1 << 17) for i in range(4)}  # 1 MiB each
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        handle = gpuserial.save_async(FailsOnceStaged(), model, max_host_bytes=1 << 30)
+        returned.set()
+        with pytest.raises(OSError, match='No space left'):
+            handle.result(timeout=30)
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+        go.set()
+        held.result(timeout=30)
+    assert kept < 2 << 20  # at most the copy being written when it failed
 
 
 def test_a_writer_that_fails_as_the_caller_finishes_staging_still_says_so(monkeypatch):
