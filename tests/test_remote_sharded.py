@@ -341,8 +341,9 @@ def test_latest_is_the_committed_checkpoint_with_the_largest_number(prefix):
                    storage_options=options)
     put('log', b'{"iteration": 12}')  # no number, and no checkpoint
     put('snapshot_iter_11/rank-00000-0123456789ab.npz', b'PK\x03\x04 data, never committed')
-    put(f'snapshot_iter_13.npz{remote.TEMP_MARK}123-0123456789ab', b'PK\x03\x04 a temporary')
-    put(f'.snapshot_iter_14.npz.123-{_fileio.HOST}-00aa{_fileio.TEMP_SUFFIX}', b'PK\x03\x04')
+    in_flight = _zip({'a.npy': bytes(100)})[:60]  # a save's temporary: an NPZ's first bytes
+    put(f'snapshot_iter_13.npz{remote.TEMP_MARK}123-0123456789ab', in_flight)
+    put(f'.snapshot_iter_14.npz.123-{_fileio.HOST}-00aa{_fileio.TEMP_SUFFIX}', in_flight)
     put('snapshot_iter_15.txt', b'not a checkpoint')
     assert gpuserial.latest(root, options) == join(root, 'snapshot_iter_10.npz')
     save(join(root, 'snapshot_iter_11'), 1, options)  # now committed
