@@ -271,19 +271,26 @@ def test_an_array_larger_than_the_budget_is_written_while_the_caller_waits(tmp_p
 
 
 def test_an_array_over_the_budget_after_a_device_copy_is_written_and_the_call_returns(
-        tmp_path):
+        tmp_path, monkeypatch):
     """A device copy staged on its device takes none of the host budget: given back after it
     is written, it would leave more than the whole budget free, and the caller waiting for the
     whole budget to come back would wait for ever."""
+    pipes: list = []
+    init = asyncsave._Pipe.__init__
+    monkeypatch.setattr(asyncsave._Pipe, '__init__',
+                        lambda self, budget: (init(self, budget), pipes.append(self))[0])
     model = {'d': make_device('standin:0').send(numpy.arange(4.0)),
              'huge': numpy.arange(1 << 12, dtype=numpy.float64)}
     expected = _values(model)
     handles = []
     saver = threading.Thread(target=lambda: handles.append(gpuserial.save_async(
-        tmp_path / 'm.npz', model, max_host_bytes=1 << 10, staging='device')), daemon=True)
+        tmp_path / 'm.npz', model, max_host_bytes=1 << 10, staging='device')))
     saver.start()
     saver.join(timeout=30)
-    assert handles, 'the call did not return'
+    if not handles:  # stopped, or the wait for every save at the test's end would never end
+        pipes[0].abort(RuntimeError('the test stopped the save'))
+        saver.join(timeout=30)
+        pytest.fail('the call waited for ever for its budget to come back')
     handles[0].result(timeout=30)
     _assert_file_holds('npz', tmp_path / 'm.npz', expected)
 
