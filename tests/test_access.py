@@ -535,7 +535,7 @@ def test_ml_dtypes_without_an_encoding_are_refused_not_saved_as_raw_bytes(tmp_pa
     assert not path.exists()
 
 
-@pytest.mark.parametrize('like', ['torch', 'jax'])
+@pytest.mark.parametrize('like', ['torch', pytest.param('jax', marks=pytest.mark.jax)])
 @pytest.mark.parametrize('how', ['load', 'get', 'slice'])
 def test_a_dtype_the_library_lacks_names_the_file_and_key(tmp_path, like, how):
     """like='torch' or 'jax' for a dtype the library lacks (a structured array) raised the
