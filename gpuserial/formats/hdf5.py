@@ -83,6 +83,8 @@ INFLATE_MIN_BYTES = 256 << 10  # a gzip dataset this large is inflated chunk by 
 #                                worker threads (below it libhdf5's filter reads it in one call)
 MAX_INFLATE_CHUNK_BYTES = 1 << 20  # ... when its chunks hold at most this (h5py's largest
 #                                    guess; gpuserial writes 64 KiB): each thread holds one
+_PHIL = h5py._objects.phil  # h5py's lock on libhdf5, which its direct-chunk calls took only from
+#                            3.16 on (h5py#2764): HDF5 saves and loads in two threads crashed
 CAN_LIST_CHUNKS = hasattr(h5py.h5d.DatasetID, 'chunk_iter')  # which gzip reads need: h5py
 #                 built with HDF5 1.12.3 or later (its wheels from 3.10 on); else libhdf5 reads
 
@@ -422,7 +424,8 @@ def _write_gzipped_chunks(dataset: h5py.Dataset, array, blocks: list, chunk_shap
             offsets, size, done = in_flight[0]
             data = done.result() if isinstance(done, Future) else done
             in_flight.popleft()  # after its result: a Ctrl-C meanwhile leaves it to wait for
-            dataset.id.write_direct_chunk(offsets, data)
+            with _PHIL:
+                dataset.id.write_direct_chunk(offsets, data)
             shown.update(size)
 
     try:
@@ -440,6 +443,12 @@ def _write_gzipped_chunks(dataset: h5py.Dataset, array, blocks: list, chunk_shap
         for _, _, done in in_flight:  # on failure: no thread left working for nothing
             if isinstance(done, Future):
                 done.cancel()
+
+
+def _read_direct_chunk(dataset: h5py.h5d.DatasetID, offsets: tuple) -> tuple[int, bytes]:
+    """``dataset.read_direct_chunk(offsets)`` under h5py's lock (see :data:`_PHIL`)."""
+    with _PHIL:
+        return dataset.read_direct_chunk(offsets)
 
 
 def _create_plain_dataset(group: h5py.Group, key: str, data: numpy.ndarray,
@@ -737,7 +746,7 @@ class _GroupReader(loading.Reader):
                 _signals.check()
                 if fd is None:
                     mask, data = self._guard(entry, functools.partial(
-                        dataset.read_direct_chunk, offsets))
+                        _read_direct_chunk, dataset, offsets))
                     work = functools.partial(inflate_chunk, data, mask, nbytes)
                 else:
                     at, stored, mask = table[index].tolist()
@@ -761,7 +770,7 @@ class _GroupReader(loading.Reader):
             return None
         fd = file.id.get_vfd_handle()
         at, stored, _ = table[0].tolist()
-        _, data = self._guard(entry, functools.partial(entry.token.read_direct_chunk,
+        _, data = self._guard(entry, functools.partial(_read_direct_chunk, entry.token,
                                                        (0,) * len(entry.token.shape)))
         try:
             return fd if isinstance(fd, int) and os.pread(fd, stored, at) == data else None
