@@ -493,6 +493,19 @@ def test_plain_arrays_made_without_h5py_objects_make_the_same_file(tmp_path, mon
                                                            else (None, None))
 
 
+@pytest.mark.parametrize('allocation', [True, False], ids=['h5py before 3.12', 'since'])
+def test_plain_compressed_datasets_are_filled_when_h5py_fills_its_own(tmp_path, monkeypatch,
+                                                                     allocation):
+    """h5py's create_dataset set FILL_TIME_ALLOC on every chunked dataset before 3.12: the plain
+    path does the same there, so that the file stays h5py's, byte for byte (ci/test-oldest.sh
+    runs the byte-for-byte test above under h5py 3.6)."""
+    monkeypatch.setattr(hdf5, 'H5PY_FILLS_CHUNKS_AT_ALLOCATION', allocation)
+    serializers.save_hdf5(tmp_path / 'm.h5', {'w': numpy.ones((3, 4))}, compression=4)
+    with h5py.File(tmp_path / 'm.h5', 'r') as f:
+        assert (f['w'].id.get_create_plist().get_fill_time() == h5py.h5d.FILL_TIME_ALLOC) is (
+            allocation)
+
+
 def test_a_plain_dataset_where_one_is_already_names_the_key(tmp_path):
     with h5py.File(tmp_path / 'model.h5', 'w') as f:
         f.create_dataset('w', data=numpy.zeros(3))
