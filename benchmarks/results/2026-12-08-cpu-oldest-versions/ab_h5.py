@@ -28,11 +28,12 @@ def best(run, times: int = 5) -> float:
 
 def main(label: str) -> None:
     results = {}
+    path = '/tmp/ab_h5.h5'
     for name, model in (('64MiB gzip', large), ('10000x4KiB gzip', small)):
         target = {key: numpy.empty_like(value) for key, value in model.items()}
-        path = '/tmp/ab_h5.h5'
-        results[f'{name} save'] = best(lambda: serializers.save_hdf5(path, model, compression=4))
-        results[f'{name} load'] = best(lambda: serializers.load_hdf5(path, target))
+        results[f'{name} save'] = best(
+            lambda model=model: serializers.save_hdf5(path, model, compression=4))
+        results[f'{name} load'] = best(lambda target=target: serializers.load_hdf5(path, target))
     print(label, ' '.join(f'{k} {v:.3f}' for k, v in results.items()), 's')
 
 
