@@ -824,6 +824,26 @@ def test_dates_and_times_are_refused_by_hdf5_naming_the_file_key_and_way_out(tmp
     assert gpuserial.load(tmp_path / 'm.npz')['t'].tobytes() == value.tobytes()
 
 
+@pytest.mark.parametrize('field', ['M8[s]', 'U3'], ids=['date', 'text'])
+def test_a_structured_field_hdf5_has_no_type_for_is_refused_naming_the_file_and_key(
+        tmp_path, field):
+    """h5py's bare 'No conversion path for dtype' for a field of dates or text reached the
+    caller as a plain TypeError (not a GpuserialError), and save_async met it only as it
+    wrote; NPZ stores such arrays."""
+    value = numpy.zeros(2, [('step', 'i8'), ('at', field)])
+    path = tmp_path / 'm.h5'
+    message = re.escape(": a structured array h5py has no type for (No conversion path for "
+                        f"dtype: dtype('{numpy.dtype(field).str}')) cannot be saved to HDF5: "
+                        "save to NPZ")
+    with pytest.raises(gpuserial.UnstorableValueError, match=_where(path, 'g/t') + message):
+        serializers.save_hdf5(path, {'g': {'t': value}})
+    with pytest.raises(gpuserial.UnstorableValueError, match=_where(path, 'g/t') + message):
+        gpuserial.save_async(path, {'g': {'t': value}})  # refused before it returns
+    assert not path.exists() and crafting.temporaries(tmp_path) == []
+    gpuserial.save(tmp_path / 'm.npz', {'t': value})
+    assert gpuserial.load(tmp_path / 'm.npz')['t'].tobytes() == value.tobytes()
+
+
 def _encrypted(where: str) -> bytes:
     data = crafting.npz_of({'x': crafting.npy_of(numpy.arange(3.0))})
     if where in ('central', 'both'):

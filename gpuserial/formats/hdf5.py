@@ -331,6 +331,12 @@ def _check_storable(group: h5py.Group, key: str, value, name: str) -> None:
                f"save to NPZ, or save their .view('int64') and the unit")
     else:
         why = devices.why_not_storable(dtype)
+    if why is None and dtype.names is not None:  # a field of dates or text: h5py's type
+        try:
+            h5py.h5t.py_create(dtype, logical=True)  # as create_dataset makes it
+        except TypeError as error:
+            why = (f'a structured array h5py has no type for ({error}) cannot be saved to '
+                   f'HDF5: save to NPZ')
     if why is not None:
         raise UnstorableValueError(f'{_where(name, group, key)}: {why}')
 
