@@ -347,6 +347,20 @@ def test_a_key_that_is_another_keys_shard_member_collides_before_writing(tmp_pat
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize(('value', 'message'), [
+    (numpy.array([1, 'a'], object), 'object arrays other than None cannot be saved (arrays, '
+                                    'numbers, strings and None can)'),
+    (gpuserial.Linear(2, 3), 'an object (Linear), not a value: save it with')],
+    ids=['object-array', 'link'])
+def test_a_value_no_file_holds_is_an_unstorable_value_error(tmp_path, value, message):
+    """As save_npz and save_hdf5 raise it (a plain TypeError here, which an ``except
+    GpuserialError`` let through, and that did not say how to save a link)."""
+    with pytest.raises(gpuserial.UnstorableValueError, match=re.escape(
+            f"{str(tmp_path)!r}, key 'g/x': {message}")):
+        save_sharded(tmp_path, {'g': {'x': value}, 'n': None}, SoloComm())
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_failure_while_rank_0_makes_the_index_fails_every_rank(tmp_path, monkeypatch):
     def failing(*args, **kwargs):
         raise UserWarning('metadata on a dtype is not saved')  # as under -W error

@@ -31,8 +31,6 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 
-import numpy
-
 from gpuserial.distributed.index import (
     INDEX_NAME,
     EntryMeta,
@@ -182,9 +180,7 @@ def _describe(obj, shards: Shards | None, folder: Folder, rank: int):
     for key, array in entries.items():
         where = f'{folder.name!r}, key {key!r}'
         if array.dtype.hasobject:
-            if not (isinstance(array, numpy.ndarray) and array.shape == ()
-                    and array[()] is None):
-                raise TypeError(f'{where}: object arrays other than None cannot be saved')
+            npz.check_storable([(key, array)], folder.name)  # None only, as a save checks
             metas.append(EntryMeta(key, None, None, 0))
             continue
         shape = tuple(array.shape)
