@@ -8,17 +8,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source ci/env.sh
 
-find_python() {  # OLDEST_PYTHON, python3.10, or pyenv's 3.10 (its shim may not be active)
-  local candidate
-  for candidate in "${OLDEST_PYTHON:-}" python3.10 \
-                   "$(pyenv root 2> /dev/null || echo ~/.pyenv)"/versions/3.10*/bin/python3.10; do
-    if [[ -n $candidate ]] && "$candidate" -c \
-        'import sys; sys.exit(sys.version_info[:2] != (3, 10))' 2> /dev/null; then
+find_python() {  # OLDEST_PYTHON, else python3.10 or pyenv's 3.10 (its shim may not be active)
+  local candidate candidates=(python3.10
+    "$(pyenv root 2> /dev/null || echo ~/.pyenv)"/versions/3.10*/bin/python3.10)
+  [[ -n ${OLDEST_PYTHON:-} ]] && candidates=("$OLDEST_PYTHON")
+  for candidate in "${candidates[@]}"; do
+    if "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 10))' 2> /dev/null; then
       echo "$candidate"
       return 0
     fi
   done
-  echo 'ci/test-oldest.sh: no Python 3.10 found (set OLDEST_PYTHON)' >&2
+  echo "ci/test-oldest.sh: no Python 3.10 found (tried: ${candidates[*]}; set OLDEST_PYTHON)" >&2
   return 1
 }
 PYTHON=$(find_python)

@@ -28,4 +28,5 @@ ensure_venv .venv-chainer "$(project_stamp chainer 7.8.1)" install_chainer_env
 
 export GPUSERIAL_CHAINER_PYTHON="$PWD/.venv-chainer/bin/python"
 export GPUSERIAL_REQUIRE_CHAINER=1
+export GPUSERIAL_REQUIRE_EXTRAS=1  # the test extras are installed here: none of their tests skips
 exec .venv/bin/python -m pytest "$@"

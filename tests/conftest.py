@@ -3,6 +3,7 @@ environment the ``chainer`` tests run in, and object storage (moto's S3 server, 
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import itertools
 import json
@@ -45,6 +46,18 @@ def _chainer_python() -> str | None:
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CHAINER_PYTHON = _chainer_python()
+
+
+# The test extras whose tests skip where they are missing (ci/test-oldest.sh leaves them out)
+TEST_EXTRAS = ('torch', 'jax', 'safetensors', 'moto', 's3fs', 'mpi4py', 'ml_dtypes',
+               'matplotlib')
+
+
+def pytest_configure(config):
+    missing = [name for name in TEST_EXTRAS if importlib.util.find_spec(name) is None]
+    if os.environ.get('GPUSERIAL_REQUIRE_EXTRAS') == '1' and missing:
+        raise pytest.UsageError(f'GPUSERIAL_REQUIRE_EXTRAS=1 but these test extras are '
+                                f"missing: {', '.join(missing)} (pip install -e '.[test]')")
 
 
 def pytest_collection_modifyitems(config, items):

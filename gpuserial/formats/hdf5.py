@@ -127,7 +127,8 @@ class HDF5Serializer(Serializer):
             name = plain_key(child_path(path, key)[len(path):]) or '.'  # '.': this group
         except InvalidKeyError as error:
             raise InvalidKeyError(f'{self.name!r}, {error}') from None
-        _check_depth(path + name + '/', self.name)  # its entries' paths would be too deep
+        if name != '.':  # a group its entries could not be in (their paths too deep)
+            _check_depth(path + name + '/', self.name)
         try:
             group = self.group.require_group(name)
         except (TypeError, ValueError) as error:  # a dataset of that name is in the way
